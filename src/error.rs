@@ -1,0 +1,155 @@
+//! The one error type of the crate, with enough context (file, offset, cause) to act on.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a store operation.
+///
+/// Input errors (`EmptyKey`, `KeyTooLong`, ...) are returned before anything is written.
+/// `Poisoned` means an earlier write or fsync failed: the store refuses further writes rather
+/// than pretend the failed data is safe (see "fsyncgate", Rebello et al., ATC '20); reopen the
+/// store to recover from what is on disk.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O error, with what was being done and on which file.
+    Io {
+        /// What the store was doing.
+        context: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: Arc<io::Error>,
+    },
+    /// Another `Store` (in this or another process) holds the directory's lock file.
+    Locked {
+        /// The store directory.
+        dir: PathBuf,
+    },
+    /// The token no longer holds the claim: another claim took it over after the lease ended,
+    /// the key was removed, released, completed, or its window expired.
+    StaleToken,
+    /// A record that is not a torn tail fails its checksum or framing. Nothing was deleted.
+    Corrupt {
+        /// The damaged file.
+        file: PathBuf,
+        /// Byte offset of the first bad record in that file.
+        offset: u64,
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// A file was written by a newer or unknown format version.
+    UnsupportedVersion {
+        /// The file carrying the version.
+        file: PathBuf,
+        /// The version found in its header.
+        found: u32,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
+    /// The key is empty.
+    EmptyKey,
+    /// The key is longer than `Options::max_key_len`.
+    KeyTooLong {
+        /// Length given.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// The outcome or checkpoint is longer than `Options::max_outcome_len`.
+    OutcomeTooLong {
+        /// Length given.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// An option or argument is out of its allowed range.
+    InvalidArgument(&'static str),
+    /// An earlier write or fsync failed; no write is accepted until the store is reopened.
+    Poisoned {
+        /// The original failure, as text.
+        cause: String,
+    },
+    /// The disk (or the simulated disk) has no room for the record; nothing was written.
+    NoSpace {
+        /// The file that could not grow.
+        path: PathBuf,
+    },
+    /// `Options::max_disk_bytes` would be exceeded; replays and reads keep working.
+    DiskBudgetExceeded {
+        /// Bytes the store's files take now.
+        used_bytes: u64,
+        /// The configured budget.
+        max_bytes: u64,
+    },
+    /// The store was opened read-only; writes are refused.
+    ReadOnly,
+}
+
+impl Error {
+    pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        let path = path.into();
+        if is_no_space(&source) {
+            return Error::NoSpace { path };
+        }
+        Error::Io { context, path, source: Arc::new(source) }
+    }
+}
+
+pub(crate) fn is_no_space(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { context, path, source } => {
+                write!(f, "{context} ({}): {source}", path.display())
+            }
+            Error::Locked { dir } => write!(
+                f,
+                "store {} is locked by another open store (in this or another process)",
+                dir.display()
+            ),
+            Error::StaleToken => write!(f, "claim token is stale: the claim is no longer held by it"),
+            Error::Corrupt { file, offset, reason } => {
+                write!(f, "corrupt record in {} at offset {offset}: {reason}", file.display())
+            }
+            Error::UnsupportedVersion { file, found, supported } => write!(
+                f,
+                "{} has format version {found}; this build supports version {supported}",
+                file.display()
+            ),
+            Error::EmptyKey => write!(f, "key is empty"),
+            Error::KeyTooLong { len, max } => write!(f, "key is {len} bytes; the limit is {max}"),
+            Error::OutcomeTooLong { len, max } => {
+                write!(f, "outcome is {len} bytes; the limit is {max}")
+            }
+            Error::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
+            Error::Poisoned { cause } => write!(
+                f,
+                "store is poisoned by an earlier failed write or sync ({cause}); reopen it"
+            ),
+            Error::NoSpace { path } => write!(f, "no space left on device for {}", path.display()),
+            Error::DiskBudgetExceeded { used_bytes, max_bytes } => write!(
+                f,
+                "disk budget exceeded: {used_bytes} bytes used, max_disk_bytes is {max_bytes}"
+            ),
+            Error::ReadOnly => write!(f, "store is open read-only"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source.as_ref()),
+            _ => None,
+        }
+    }
+}

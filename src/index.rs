@@ -1,0 +1,200 @@
+//! The sharded in-memory index: the 64-bit hash of a key -> where its latest record lives.
+//!
+//! Only the location is kept (16 bytes a key plus table overhead); the key, its state and its
+//! times are read from the record itself, so a hash hit is always confirmed against the stored
+//! key and two keys that share a 64-bit hash stay two keys (the second goes to `spill`).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::log::Loc;
+use crate::sync::{Condvar, Mutex};
+
+/// Number of shards; a power of two. Enough that a shard's sweep after a bucket drop is short.
+pub const SHARD_COUNT: usize = 256;
+
+/// The key is already a hash: mix it once (a bijection) so the table's bucket and control bits
+/// are spread even though the shard was chosen from the top bits.
+#[derive(Default, Clone, Copy)]
+pub struct PremixedHasher(u64);
+
+impl Hasher for PremixedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        let x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = x ^ (x >> 29);
+    }
+}
+
+type Table<V> = HashMap<u64, V, BuildHasherDefault<PremixedHasher>>;
+
+/// One shard: the primary table and the rare keys whose hash another key already uses.
+#[derive(Default)]
+pub struct Shard {
+    main: Table<Loc>,
+    spill: Table<Vec<Loc>>,
+}
+
+impl Shard {
+    /// Every location that may hold `hash`'s key, primary first.
+    pub fn candidates(&self, hash: u64) -> impl Iterator<Item = Loc> + '_ {
+        self.main.get(&hash).copied().into_iter().chain(self.spill.get(&hash).into_iter().flatten().copied())
+    }
+
+    /// Points the key that lived at `old` (or a new key, when `old` is `None`) at `new`.
+    pub fn set(&mut self, hash: u64, old: Option<Loc>, new: Loc) {
+        if let Some(old) = old {
+            if self.main.get(&hash) == Some(&old) {
+                self.main.insert(hash, new);
+                return;
+            }
+            if let Some(list) = self.spill.get_mut(&hash)
+                && let Some(slot) = list.iter_mut().find(|l| **l == old)
+            {
+                *slot = new;
+                return;
+            }
+        }
+        match self.main.entry(hash) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(new);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => self.spill.entry(hash).or_default().push(new),
+        }
+    }
+
+    /// Forgets `loc` (its segment was dropped), promoting a spilled key if one waits.
+    pub fn remove(&mut self, hash: u64, loc: Loc) {
+        if self.main.get(&hash) == Some(&loc) {
+            self.main.remove(&hash);
+            if let Some(list) = self.spill.get_mut(&hash) {
+                if let Some(promoted) = list.pop() {
+                    self.main.insert(hash, promoted);
+                }
+                if list.is_empty() {
+                    self.spill.remove(&hash);
+                }
+            }
+        } else if let Some(list) = self.spill.get_mut(&hash) {
+            list.retain(|l| *l != loc);
+            if list.is_empty() {
+                self.spill.remove(&hash);
+            }
+        }
+    }
+
+    /// Drops every entry whose segment `is_live` rejects; returns how many went.
+    pub fn retain_live(&mut self, is_live: impl Fn(u32) -> bool) -> usize {
+        let before = self.len();
+        let mut promote = Vec::new();
+        self.spill.retain(|_, list| {
+            list.retain(|l| is_live(l.segment));
+            !list.is_empty()
+        });
+        self.main.retain(|hash, loc| {
+            let keep = is_live(loc.segment);
+            if !keep {
+                promote.push(*hash);
+            }
+            keep
+        });
+        for hash in promote {
+            if let Some(list) = self.spill.get_mut(&hash) {
+                if let Some(l) = list.pop() {
+                    self.main.insert(hash, l);
+                }
+                if list.is_empty() {
+                    self.spill.remove(&hash);
+                }
+            }
+        }
+        before - self.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.main.len() + self.spill.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Every (hash, location) in the shard.
+    pub fn entries(&self) -> Vec<(u64, Loc)> {
+        let mut all: Vec<(u64, Loc)> = self.main.iter().map(|(h, l)| (*h, *l)).collect();
+        for (h, list) in &self.spill {
+            all.extend(list.iter().map(|l| (*h, *l)));
+        }
+        all
+    }
+}
+
+/// A shard behind its lock, with the condition variable that claim waiters sleep on.
+#[derive(Default)]
+pub struct LockedShard {
+    pub shard: Mutex<Shard>,
+    pub changed: Condvar,
+}
+
+/// The whole index.
+pub struct Index {
+    shards: Box<[LockedShard]>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Index { shards: (0..SHARD_COUNT).map(|_| LockedShard::default()).collect() }
+    }
+}
+
+impl Index {
+    pub fn shard(&self, hash: u64) -> &LockedShard {
+        // The top bits pick the shard; `PremixedHasher` spreads the rest inside it.
+        let i = (hash >> (64 - SHARD_COUNT.trailing_zeros())) as usize;
+        &self.shards[i & (SHARD_COUNT - 1)]
+    }
+
+    pub fn shards(&self) -> impl Iterator<Item = &LockedShard> {
+        self.shards.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.shard.lock().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(segment: u32, offset: u32) -> Loc {
+        Loc { segment, offset }
+    }
+
+    #[test]
+    fn colliding_keys_both_kept_and_promoted_on_removal() {
+        let mut shard = Shard::default();
+        shard.set(7, None, loc(1, 64));
+        shard.set(7, None, loc(1, 200));
+        assert_eq!(shard.candidates(7).collect::<Vec<_>>(), vec![loc(1, 64), loc(1, 200)]);
+        shard.set(7, Some(loc(1, 200)), loc(2, 64));
+        assert_eq!(shard.candidates(7).collect::<Vec<_>>(), vec![loc(1, 64), loc(2, 64)]);
+        shard.remove(7, loc(1, 64));
+        assert_eq!(shard.candidates(7).collect::<Vec<_>>(), vec![loc(2, 64)]);
+        assert_eq!(shard.len(), 1);
+    }
+
+    #[test]
+    fn retain_live_drops_dead_segments() {
+        let mut shard = Shard::default();
+        shard.set(1, None, loc(1, 64));
+        shard.set(1, None, loc(2, 64));
+        shard.set(2, None, loc(1, 128));
+        assert_eq!(shard.retain_live(|s| s == 2), 2);
+        assert_eq!(shard.candidates(1).collect::<Vec<_>>(), vec![loc(2, 64)]);
+        assert_eq!(shard.candidates(2).count(), 0);
+    }
+}

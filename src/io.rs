@@ -1,0 +1,214 @@
+//! The I/O seam. The store touches the disk only through `Io` and `IoFile`, so tests and fuzz
+//! targets can swap the real disk ([`RealIo`]) for a simulated one that tears writes, loses
+//! unsynced bytes, fails fsync and runs out of space (`SimDisk`, feature `sim`).
+//!
+//! Real segment files are preallocated with `fallocate` and accessed through a shared memory
+//! map: a write is a `memcpy` into the page cache (it survives a process crash at once) and a
+//! sync is `fdatasync`. Space is always reserved before it is written, so a full disk shows up
+//! as an error from `reserve`, never as SIGBUS.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// A guard that holds a directory lock until dropped.
+pub trait DirLock: Send + Sync {}
+
+/// Directory-level operations.
+pub trait Io: Send + Sync + fmt::Debug {
+    /// Creates the directory (and parents) if missing.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Takes the exclusive lock of the store in `dir`; `WouldBlock` when someone else holds it.
+    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn DirLock>>;
+    /// Names of the files in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Creates a new file (failing if it exists) whose mapping can grow to `capacity` bytes.
+    fn create(&self, path: &Path, capacity: u64) -> io::Result<Box<dyn IoFile>>;
+    /// Opens an existing file; `writable` false maps it read-only and never changes it.
+    fn open(&self, path: &Path, capacity: u64, writable: bool) -> io::Result<Box<dyn IoFile>>;
+    /// Deletes a file.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Makes creations and deletions in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// One file, read and written at offsets.
+pub trait IoFile: Send + Sync {
+    /// Bytes that may be read and written: the reserved (allocated) length.
+    fn len(&self) -> u64;
+    /// Grows the reserved length to at least `len` with zeroed, allocated space.
+    fn reserve(&self, len: u64) -> io::Result<()>;
+    /// Writes `bytes` at `offset`; the range must lie within `len()`.
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()>;
+    /// Reads `buf.len()` bytes at `offset`; the range must lie within `len()`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// True when the bytes at `offset` equal `expected`.
+    fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool>;
+    /// Makes every write so far durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Gives back allocated space past `len` and shrinks the file to it (best effort).
+    fn truncate(&self, len: u64) -> io::Result<()>;
+}
+
+pub(crate) fn out_of_range() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "access past the reserved length of a file")
+}
+
+/// Checks that `offset..offset+len` lies within `limit`; returns the range as usizes.
+pub(crate) fn checked_range(offset: u64, len: usize, limit: u64) -> io::Result<(usize, usize)> {
+    let end = offset.checked_add(len as u64).ok_or_else(out_of_range)?;
+    if end > limit {
+        return Err(out_of_range());
+    }
+    Ok((offset as usize, end as usize))
+}
+
+/// The operating system's file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealIo;
+
+struct FileLock(#[allow(dead_code)] File);
+impl DirLock for FileLock {}
+
+impl Io for RealIo {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+
+    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn DirLock>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(crate::LOCK_FILE_NAME))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Box::new(FileLock(file))),
+            Err(fs::TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            if let Some(name) = entry?.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn create(&self, path: &Path, capacity: u64) -> io::Result<Box<dyn IoFile>> {
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        Ok(Box::new(MappedFile::new(file, capacity, true)?))
+    }
+
+    fn open(&self, path: &Path, capacity: u64, writable: bool) -> io::Result<Box<dyn IoFile>> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        Ok(Box::new(MappedFile::new(file, capacity, writable)?))
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+/// A file mapped shared into memory over its whole capacity. Only the first `len` bytes are
+/// backed by the file; nothing past them is ever touched, so no access can raise SIGBUS.
+struct MappedFile {
+    file: File,
+    map: MmapRaw,
+    capacity: u64,
+    len: AtomicU64,
+    writable: bool,
+}
+
+impl MappedFile {
+    fn new(file: File, capacity: u64, writable: bool) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        let capacity = capacity.max(len).max(1);
+        let map_len = usize::try_from(capacity).map_err(|_| out_of_range())?;
+        let mut options = MmapOptions::new();
+        options.len(map_len);
+        let map = if writable { options.map_raw(&file)? } else { options.map_raw_read_only(&file)? };
+        Ok(MappedFile { file, map, capacity, len: AtomicU64::new(len), writable })
+    }
+}
+
+impl IoFile for MappedFile {
+    fn len(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
+
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        if len <= self.len() {
+            return Ok(());
+        }
+        if len > self.capacity || !self.writable {
+            return Err(out_of_range());
+        }
+        let size = libc::off_t::try_from(len).map_err(|_| out_of_range())?;
+        // SAFETY: fallocate on a file descriptor we own; no memory is touched.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, size) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.len.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file is read-only"));
+        }
+        let (start, _) = checked_range(offset, bytes.len(), self.len())?;
+        // SAFETY: the range lies within the file's allocated length (checked above), which lies
+        // within the mapping, so no page past EOF is touched. The store never writes a range
+        // that another thread reads or writes at the same time (records are published to the
+        // index only after they are written, and each range is written once).
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.as_mut_ptr().add(start), bytes.len());
+        }
+        Ok(())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let (start, _) = checked_range(offset, buf.len(), self.len())?;
+        // SAFETY: the range lies within the file's length and the mapping (checked above).
+        // Bytes may be concurrently written by another process (a read-only viewer of a live
+        // store); they are copied out and then checked by CRC, never trusted in place.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(start), buf.as_mut_ptr(), buf.len());
+        }
+        Ok(())
+    }
+
+    fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool> {
+        let (start, _) = checked_range(offset, expected.len(), self.len())?;
+        // SAFETY: as in `read_at`; the slice lives only for this comparison.
+        let bytes = unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(start), expected.len()) };
+        Ok(bytes == expected)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        if len < self.len() {
+            self.len.store(len, Ordering::Release);
+            self.file.set_len(len)?;
+        }
+        Ok(())
+    }
+}

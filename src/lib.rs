@@ -1,0 +1,71 @@
+//! # idemstore
+//!
+//! An embedded dedupe storage engine: atomic insert-if-absent *claims* on idempotency keys,
+//! *completion records* that replay the original outcome to every retry, *TTL-segmented
+//! expiry* (whole files dropped when their window passes) and *crash recovery*.
+//!
+//! ```
+//! use idemstore::{Claim, Durability, Options, Store};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let store = Store::open(dir.path(), Options { durability: Durability::None, ..Default::default() })?;
+//! match store.claim("order-42", b"POST /orders {qty: 1}")? {
+//!     Claim::Acquired(token) => store.complete(&token, b"201 Created: order 42")?,
+//!     Claim::Completed(done) => println!("replay: {:?}", done.outcome),
+//!     Claim::InProgress { .. } => println!("someone else is on it"),
+//!     Claim::Mismatch => println!("same key, different request: 409"),
+//! }
+//! // A retry gets the original answer back.
+//! let Claim::Completed(done) = store.claim("order-42", b"POST /orders {qty: 1}")? else { panic!() };
+//! assert_eq!(done.outcome, b"201 Created: order 42");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! See `ARCHITECTURE.md` for the code map, the byte layout and the invariants.
+
+#![deny(missing_docs)]
+#![deny(clippy::unwrap_used)]
+
+mod clock;
+mod commit;
+mod error;
+mod index;
+pub mod io;
+mod log;
+mod options;
+mod record;
+mod recovery;
+mod segment;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+mod stats;
+mod store;
+mod sync;
+mod types;
+
+pub use clock::{Clock, ManualClock, SystemClock, ms_to_system_time, system_time_to_ms};
+pub use error::{Error, Result};
+pub use options::{ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy};
+pub use stats::{RecoveryStats, Stats};
+pub use store::Store;
+pub use types::{Claim, ClaimToken, Completed, Entry, Orphan};
+
+/// Name of the lock file in a store directory.
+pub const LOCK_FILE_NAME: &str = "LOCK";
+
+/// Internals exposed for fuzz targets and tests (not a stable API).
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::commit::{GroupCommit, Syncer};
+    pub use crate::record::{DecodeError, HEADER_LEN, Header, Kind, decode, encode};
+    pub use crate::segment::{SEGMENT_HEADER_LEN, SegmentHeader, segment_file_name};
+}
+
+#[cfg(test)]
+mod static_checks {
+    fn assert_send_sync<T: Send + Sync>() {}
+    #[test]
+    fn store_is_send_and_sync() {
+        assert_send_sync::<crate::Store>();
+    }
+}

@@ -1,0 +1,238 @@
+//! The log: appends records into the segment of their expiry bucket, assigns the global
+//! sequence numbers, remembers which segments are dirty for the next sync, and drops whole
+//! buckets when their window has passed.
+//!
+//! Lock order: index shard -> appender -> segments. The segments lock is a leaf: nothing else
+//! is taken while it is held.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::{Error, Result};
+use crate::io::Io;
+use crate::record::{self, Header};
+use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader};
+
+/// Where a record lives: segment id and byte offset. This, and nothing about the record, is
+/// what the index keeps per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Loc {
+    pub segment: u32,
+    pub offset: u32,
+}
+
+/// Sizes and limits the log works with.
+#[derive(Debug, Clone)]
+pub struct LogLimits {
+    pub bucket_width_ms: u64,
+    pub segment_bytes_max: u64,
+    pub segment_bytes_initial: u64,
+    pub disk_bytes_max: u64,
+}
+
+struct Active {
+    segment: Arc<Segment>,
+    write_pos: u64,
+}
+
+struct Appender {
+    next_seq: u64,
+    next_segment_id: u32,
+    active: HashMap<u64, Active>,
+    dirty: Vec<Arc<Segment>>,
+    unsynced_bytes: u64,
+    scratch: Vec<u8>,
+    needs_dir_sync: bool,
+}
+
+pub struct Log {
+    io: Arc<dyn Io>,
+    dir: PathBuf,
+    limits: LogLimits,
+    appender: Mutex<Appender>,
+    segments: RwLock<HashMap<u32, Arc<Segment>>>,
+}
+
+/// What one sync must cover: every record up to `through_seq`, in these segments.
+pub struct SyncBatch {
+    pub through_seq: u64,
+    pub segments: Vec<Arc<Segment>>,
+    pub dir_sync: bool,
+}
+
+impl Log {
+    pub fn new(
+        io: Arc<dyn Io>,
+        dir: PathBuf,
+        limits: LogLimits,
+        segments: HashMap<u32, Arc<Segment>>,
+        next_seq: u64,
+        next_segment_id: u32,
+    ) -> Self {
+        Log {
+            io,
+            dir,
+            limits,
+            appender: Mutex::new(Appender {
+                next_seq,
+                next_segment_id,
+                active: HashMap::new(),
+                dirty: Vec::new(),
+                unsynced_bytes: 0,
+                scratch: Vec::with_capacity(4096),
+                needs_dir_sync: false,
+            }),
+            segments: RwLock::new(segments),
+        }
+    }
+
+    /// The sequence number of the last record written.
+    pub fn last_seq(&self) -> u64 {
+        self.appender.lock().next_seq - 1
+    }
+
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.appender.lock().unsynced_bytes
+    }
+
+    /// Runs `f` on the segment `id` without cloning its handle; `None` when it was dropped.
+    pub fn with_segment<R>(&self, id: u32, f: impl FnOnce(&Segment) -> R) -> Option<R> {
+        let segments = self.segments.read();
+        segments.get(&id).map(|s| f(s))
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.read().len()
+    }
+
+    /// Bytes reserved on disk by all live segments.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.read().values().map(|s| s.len()).sum()
+    }
+
+    /// Appends a record. `header.seq` is assigned here; a `token` of 0 becomes the new seq
+    /// (a fresh claim is fenced by its own sequence number). Returns the final header and
+    /// where the record lives.
+    pub fn append(&self, mut header: Header, key: &[u8], value: &[u8]) -> Result<(Header, Loc)> {
+        let mut guard = self.appender.lock();
+        let app = &mut *guard;
+        header.seq = app.next_seq;
+        if header.token == 0 {
+            header.token = header.seq;
+        }
+        let len = header.padded_len();
+        let bucket = header.expires_at_ms / self.limits.bucket_width_ms;
+        let needs_new = match app.active.get(&bucket) {
+            Some(a) => a.write_pos + len > self.limits.segment_bytes_max,
+            None => true,
+        };
+        if needs_new {
+            let start = bucket.saturating_mul(self.limits.bucket_width_ms);
+            let header = SegmentHeader {
+                id: app.next_segment_id,
+                bucket_start_ms: start,
+                bucket_end_ms: start.saturating_add(self.limits.bucket_width_ms),
+                created_at_ms: header.written_at_ms,
+            };
+            let initial = self.limits.segment_bytes_initial.max(SEGMENT_HEADER_LEN + len);
+            self.check_budget(initial)?;
+            let segment = Arc::new(Segment::create(
+                self.io.as_ref(),
+                &self.dir,
+                header,
+                self.limits.segment_bytes_max.max(SEGMENT_HEADER_LEN + len),
+                initial,
+            )?);
+            app.next_segment_id += 1;
+            // A new file must be durable as a directory entry before anything in it counts.
+            self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
+            self.segments.write().insert(segment.id(), segment.clone());
+            app.dirty.push(segment.clone());
+            app.active.insert(bucket, Active { segment, write_pos: SEGMENT_HEADER_LEN });
+        }
+        let Some(active) = app.active.get_mut(&bucket) else {
+            return Err(Error::InvalidArgument("internal: active segment vanished"));
+        };
+        let end = active.write_pos + len;
+        let reserved = active.segment.len();
+        if end > reserved {
+            let grown = (reserved.saturating_mul(2)).max(end).min(self.limits.segment_bytes_max.max(end));
+            self.check_budget(grown - reserved)?;
+            active.segment.reserve(grown)?;
+        }
+        let offset = active.write_pos;
+        record::encode(active.segment.id(), &header, key, value, &mut app.scratch);
+        debug_assert_eq!(app.scratch.len() as u64, len);
+        active.segment.write_at(offset, &app.scratch)?;
+        active.write_pos = end;
+        let loc = Loc { segment: active.segment.id(), offset: offset as u32 };
+        if !app.dirty.iter().any(|s| Arc::ptr_eq(s, &active.segment)) {
+            app.dirty.push(active.segment.clone());
+        }
+        app.unsynced_bytes += len;
+        app.next_seq += 1;
+        Ok((header, loc))
+    }
+
+    fn check_budget(&self, more_bytes: u64) -> Result<()> {
+        if self.limits.disk_bytes_max == u64::MAX {
+            return Ok(());
+        }
+        let used_bytes = self.disk_bytes();
+        if used_bytes.saturating_add(more_bytes) > self.limits.disk_bytes_max {
+            return Err(Error::DiskBudgetExceeded { used_bytes, max_bytes: self.limits.disk_bytes_max });
+        }
+        Ok(())
+    }
+
+    /// Takes what the next sync must cover; the caller syncs it without holding any lock.
+    pub fn take_sync_batch(&self) -> SyncBatch {
+        let mut app = self.appender.lock();
+        app.unsynced_bytes = 0;
+        SyncBatch {
+            through_seq: app.next_seq - 1,
+            segments: std::mem::take(&mut app.dirty),
+            dir_sync: std::mem::take(&mut app.needs_dir_sync),
+        }
+    }
+
+    /// Syncs a batch: every dirty segment (fdatasync), then the directory if needed.
+    pub fn sync_batch(&self, batch: &SyncBatch) -> std::io::Result<()> {
+        for segment in &batch.segments {
+            segment.sync()?;
+        }
+        if batch.dir_sync {
+            self.io.sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Drops every bucket whose window ended at or before `now_ms`: unlinks its files and makes
+    /// that durable. Index entries pointing into them become dangling and are cleaned lazily.
+    /// Returns (buckets, segments) dropped.
+    pub fn drop_expired(&self, now_ms: u64) -> Result<(usize, Vec<Arc<Segment>>)> {
+        let dropped: Vec<Arc<Segment>> = {
+            let mut app = self.appender.lock();
+            app.active.retain(|_, a| a.segment.header.bucket_end_ms > now_ms);
+            app.dirty.retain(|s| s.header.bucket_end_ms > now_ms);
+            let mut segments = self.segments.write();
+            let expired: Vec<u32> =
+                segments.values().filter(|s| s.header.bucket_end_ms <= now_ms).map(|s| s.id()).collect();
+            expired.iter().filter_map(|id| segments.remove(id)).collect()
+        };
+        if dropped.is_empty() {
+            return Ok((0, dropped));
+        }
+        for segment in &dropped {
+            self.io.remove(&segment.path).map_err(|e| Error::io("delete expired segment", &segment.path, e))?;
+        }
+        self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
+        let mut buckets: Vec<u64> = dropped.iter().map(|s| s.header.bucket_start_ms).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        Ok((buckets.len(), dropped))
+    }
+}

@@ -1,0 +1,131 @@
+//! Options of a store and of a single claim.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::io::{Io, RealIo};
+
+/// When a write counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// A call returns only after its record is on stable storage (fdatasync, shared by
+    /// concurrent callers through group commit). No call returns a decision or outcome read
+    /// from a record that is not yet durable.
+    #[default]
+    Sync,
+    /// A background thread syncs at least every interval: a power loss may lose that much,
+    /// a process crash loses nothing.
+    Periodic(Duration),
+    /// Written to the OS page cache before the call returns: survives a process crash, not a
+    /// power loss.
+    None,
+}
+
+/// What a claim does with an in-flight claim left by an earlier process (an orphan).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OrphanPolicy {
+    /// Take it over at once: its holder died with its process (the token says `recovered()`).
+    #[default]
+    TakeOver,
+    /// Treat it like a live claim: wait for its lease to end.
+    WaitForLease,
+}
+
+/// A function from key bytes to the 64-bit index hash (a test seam; `None` is xxh3).
+pub type KeyHashFn = fn(&[u8]) -> u64;
+
+/// Options of a store. Build with struct update syntax:
+/// `Options { durability: Durability::None, ..Default::default() }`.
+#[derive(Clone)]
+pub struct Options {
+    /// How long a key is kept from its claim (default 24 h).
+    pub default_ttl: Duration,
+    /// How long an acquired claim is held before another claim may take it over (default 30 s).
+    pub default_lease: Duration,
+    /// When writes count as done (default `Sync`).
+    pub durability: Durability,
+    /// What to do with in-flight claims of an earlier process (default: take over at once).
+    pub orphans: OrphanPolicy,
+    /// Longest key accepted, in bytes (default 1 KiB, at most 65,535).
+    pub max_key_len: usize,
+    /// Longest outcome or checkpoint accepted, in bytes (default 1 MiB, at most 64 MiB).
+    pub max_outcome_len: usize,
+    /// Width of an expiry bucket (default 1 h). Records are grouped by the bucket of their
+    /// expiry and a bucket's files are deleted whole once it has passed: a wider bucket means
+    /// fewer files but keeps expired records on disk up to one width longer.
+    pub bucket_width: Duration,
+    /// Largest segment file, in bytes (default 64 MiB, at most 4 GiB); a bucket that fills one
+    /// continues in another.
+    pub segment_bytes_max: u64,
+    /// Space reserved when a segment file is created (default 1 MiB); it doubles as it fills.
+    pub segment_bytes_initial: u64,
+    /// Under `Sync`, a writer first waits for a sync when this many bytes are unsynced
+    /// (default 4 MiB): the cap on one group-commit batch.
+    pub batch_bytes_max: u64,
+    /// Disk space the store may take; past it claims fail with `DiskBudgetExceeded` while
+    /// replays and reads go on (default: unlimited).
+    pub max_disk_bytes: u64,
+    /// Time source (default: the system clock).
+    pub clock: Arc<dyn Clock>,
+    /// Disk access (default: the real file system; tests pass a simulated disk).
+    pub io: Arc<dyn Io>,
+    /// Index hash of a key (a test seam to force collisions; default xxh3-64).
+    pub key_hash: Option<KeyHashFn>,
+    /// Run the background housekeeping thread (expiry, periodic sync). Default true; tests that
+    /// drive expiry by hand with `Store::maintain` may turn it off.
+    pub background: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            default_ttl: Duration::from_secs(24 * 3600),
+            default_lease: Duration::from_secs(30),
+            durability: Durability::Sync,
+            orphans: OrphanPolicy::TakeOver,
+            max_key_len: 1024,
+            max_outcome_len: 1 << 20,
+            bucket_width: Duration::from_secs(3600),
+            segment_bytes_max: 64 << 20,
+            segment_bytes_initial: 1 << 20,
+            batch_bytes_max: 4 << 20,
+            max_disk_bytes: u64::MAX,
+            clock: Arc::new(SystemClock),
+            io: Arc::new(RealIo),
+            key_hash: None,
+            background: true,
+        }
+    }
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("default_ttl", &self.default_ttl)
+            .field("default_lease", &self.default_lease)
+            .field("durability", &self.durability)
+            .field("orphans", &self.orphans)
+            .field("max_key_len", &self.max_key_len)
+            .field("max_outcome_len", &self.max_outcome_len)
+            .field("bucket_width", &self.bucket_width)
+            .field("segment_bytes_max", &self.segment_bytes_max)
+            .field("max_disk_bytes", &self.max_disk_bytes)
+            .field("clock", &self.clock)
+            .field("io", &self.io)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-claim options; `None` fields take the store's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimOptions {
+    /// How long the key is kept from this claim.
+    pub ttl: Option<Duration>,
+    /// How long this claim is held before another claim may take it over.
+    pub lease: Option<Duration>,
+    /// When the key is in flight, block up to this long for the holder to complete or give up
+    /// (or for its lease to end), instead of returning `InProgress` at once.
+    pub wait: Option<Duration>,
+}

@@ -1,0 +1,181 @@
+//! Opening a store: read every segment, delete expired buckets whole, truncate torn tails,
+//! refuse corruption that is not a tail, and rebuild the index keeping, per key, the record
+//! with the highest sequence number.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::index::Index;
+use crate::io::Io;
+use crate::log::Loc;
+use crate::record::{self, DecodeError, HEADER_LEN, RECORD_ALIGN};
+use crate::segment::{Probe, SEGMENT_HEADER_LEN, Segment, parse_segment_file_name};
+use crate::stats::RecoveryStats;
+
+/// What recovery hands to the store.
+pub struct Recovered {
+    pub segments: HashMap<u32, Arc<Segment>>,
+    pub index: Index,
+    pub next_seq: u64,
+    pub next_segment_id: u32,
+    /// Latest time written in any record: the store's clock never reads earlier than this.
+    pub latest_time_ms: u64,
+    pub stats: RecoveryStats,
+}
+
+/// How recovery may treat the files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The store's writer: deletes expired buckets, zeroes torn tails, trims preallocation.
+    Writer,
+    /// A read-only view: changes no byte; a torn tail is simply not visible yet.
+    ReadOnly,
+}
+
+/// Scans `dir` and rebuilds the state as of `now_ms`.
+pub fn recover(
+    io: &dyn Io,
+    dir: &Path,
+    capacity: u64,
+    now_ms: u64,
+    key_hash: &dyn Fn(&[u8]) -> u64,
+    mode: Mode,
+) -> Result<Recovered> {
+    let names = io.list(dir).map_err(|e| Error::io("list store directory", dir, e))?;
+    let mut ids: Vec<u32> = names.iter().filter_map(|n| parse_segment_file_name(n)).collect();
+    ids.sort_unstable();
+    let mut stats = RecoveryStats::default();
+    let mut segments = HashMap::new();
+    let index = Index::default();
+    let mut max_seq = 0u64;
+    let mut latest_time_ms = 0u64;
+    let mut dir_changed = false;
+    let next_segment_id = ids.last().map_or(1, |id| id + 1);
+    for id in ids {
+        let path = dir.join(crate::segment::segment_file_name(id));
+        let Some(segment) = Segment::open(io, &path, capacity, mode == Mode::Writer)? else {
+            if mode == Mode::Writer {
+                io.remove(&path).map_err(|e| Error::io("remove empty segment", &path, e))?;
+                stats.empty_files_removed += 1;
+                dir_changed = true;
+            }
+            continue;
+        };
+        if segment.header.id != id {
+            return Err(Error::Corrupt { file: path, offset: 12, reason: "segment id does not match file name" });
+        }
+        if segment.header.bucket_end_ms <= now_ms {
+            if mode == Mode::Writer {
+                drop(segment);
+                io.remove(&path).map_err(|e| Error::io("delete expired segment", &path, e))?;
+                stats.expired_buckets_deleted += 1;
+                dir_changed = true;
+            }
+            continue;
+        }
+        let segment = Arc::new(segment);
+        segments.insert(id, segment.clone());
+        let scan = scan_segment(&segment, mode)?;
+        stats.segments += 1;
+        stats.torn_bytes_truncated += scan.torn_bytes;
+        stats.torn_tails += u64::from(scan.torn_bytes > 0);
+        for (offset, header, key) in scan.records {
+            stats.records += 1;
+            max_seq = max_seq.max(header.seq);
+            latest_time_ms = latest_time_ms.max(header.written_at_ms).max(header.claimed_at_ms);
+            let hash = key_hash(&key);
+            let loc = Loc { segment: id, offset: offset as u32 };
+            let mut shard = index.shard(hash).shard.lock();
+            let mut existing = None;
+            let candidates: Vec<Loc> = shard.candidates(hash).collect();
+            for candidate in candidates {
+                let Some(other) = segments.get(&candidate.segment) else { continue };
+                if let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)? {
+                    existing = Some((candidate, h.seq));
+                    break;
+                }
+            }
+            match existing {
+                Some((_, seq)) if seq > header.seq => {}
+                Some((old, _)) => shard.set(hash, Some(old), loc),
+                None => shard.set(hash, None, loc),
+            }
+        }
+    }
+    if dir_changed {
+        io.sync_dir(dir).map_err(|e| Error::io("sync directory", dir, e))?;
+    }
+    Ok(Recovered {
+        segments,
+        index,
+        next_seq: max_seq + 1,
+        next_segment_id,
+        latest_time_ms,
+        stats,
+    })
+}
+
+struct Scan {
+    records: Vec<(u64, record::Header, Vec<u8>)>,
+    torn_bytes: u64,
+}
+
+/// Reads every record of a segment. A bad record followed only by zeros (or garbage that holds
+/// no valid record) is a torn tail: zeroed in writer mode. A bad record followed by a valid one
+/// is corruption: an error, and nothing is changed.
+fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
+    let len = segment.len();
+    let bytes = segment.read_raw(0, usize::try_from(len).map_err(|_| Error::InvalidArgument("segment too large"))?)?;
+    let mut records = Vec::new();
+    let mut pos = SEGMENT_HEADER_LEN as usize;
+    let id = segment.id();
+    let mut last_seq = 0u64;
+    while pos < bytes.len() {
+        match record::decode(id, &bytes[pos..]) {
+            Ok((header, key, _value)) => {
+                if header.seq <= last_seq {
+                    return Err(Error::Corrupt {
+                        file: segment.path.clone(),
+                        offset: pos as u64,
+                        reason: "sequence numbers go backwards within a segment",
+                    });
+                }
+                last_seq = header.seq;
+                records.push((pos as u64, header, key.to_vec()));
+                pos += header.padded_len() as usize;
+            }
+            Err(err) => {
+                if let Some(valid_at) = next_valid_record(id, &bytes, pos) {
+                    let _ = valid_at;
+                    return Err(Error::Corrupt { file: segment.path.clone(), offset: pos as u64, reason: err.reason() });
+                }
+                if err == DecodeError::Zeros && bytes[pos..].iter().all(|&b| b == 0) {
+                    break;
+                }
+                // A torn tail: the last write never completed. Zero it so the file ends cleanly.
+                let end = bytes.iter().rposition(|&b| b != 0).map_or(pos, |i| i + 1);
+                let torn = (end - pos) as u64;
+                if mode == Mode::Writer && torn > 0 {
+                    segment.write_at(pos as u64, &vec![0u8; end - pos])?;
+                    segment.sync().map_err(|e| Error::io("sync truncated segment", &segment.path, e))?;
+                }
+                return Ok(Scan { records, torn_bytes: torn });
+            }
+        }
+    }
+    Ok(Scan { records, torn_bytes: 0 })
+}
+
+/// The offset of the first valid record after `from`, scanning aligned positions.
+fn next_valid_record(id: u32, bytes: &[u8], from: usize) -> Option<usize> {
+    let mut pos = from + RECORD_ALIGN as usize;
+    while pos + HEADER_LEN <= bytes.len() {
+        if bytes[pos + 8] != 0 && record::decode(id, &bytes[pos..]).is_ok() {
+            return Some(pos);
+        }
+        pos += RECORD_ALIGN as usize;
+    }
+    None
+}

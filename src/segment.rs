@@ -1,0 +1,237 @@
+//! One segment file: a 64-byte header naming its expiry bucket, then records.
+//!
+//! Header layout (little endian):
+//!
+//! | off | size | field |
+//! |----:|-----:|-------|
+//! | 0 | 8 | magic `IDEMSEG\0` |
+//! | 8 | 4 | format version |
+//! | 12 | 4 | segment id (also in the file name, and mixed into every record CRC) |
+//! | 16 | 8 | bucket_start_ms |
+//! | 24 | 8 | bucket_end_ms: every record in the file expires before this |
+//! | 32 | 8 | created_at_ms |
+//! | 40 | 20 | reserved (0) |
+//! | 60 | 4 | crc32 of bytes 0..60 |
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::io::{Io, IoFile};
+use crate::record::{self, DecodeError, HEADER_LEN, Header};
+
+/// Bytes of the segment header; records start here.
+pub const SEGMENT_HEADER_LEN: u64 = 64;
+/// Magic bytes opening every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"IDEMSEG\0";
+/// The on-disk format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// File name extension of segment files.
+pub const SEGMENT_EXT: &str = "seg";
+
+/// The file name of segment `id`.
+pub fn segment_file_name(id: u32) -> String {
+    format!("{id:08x}.{SEGMENT_EXT}")
+}
+
+/// The segment id in a segment file name, if it is one.
+pub fn parse_segment_file_name(name: &str) -> Option<u32> {
+    let stem = name.strip_suffix(".seg")?;
+    if stem.len() != 8 {
+        return None;
+    }
+    u32::from_str_radix(stem, 16).ok()
+}
+
+/// The decoded segment header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// Segment id, also in the file name.
+    pub id: u32,
+    /// Start of the expiry bucket.
+    pub bucket_start_ms: u64,
+    /// End of the expiry bucket: every record in the file expires before this.
+    pub bucket_end_ms: u64,
+    /// When the file was created.
+    pub created_at_ms: u64,
+}
+
+impl SegmentHeader {
+    /// The 64 header bytes.
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN as usize] {
+        let mut b = [0u8; SEGMENT_HEADER_LEN as usize];
+        b[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.bucket_start_ms.to_le_bytes());
+        b[24..32].copy_from_slice(&self.bucket_end_ms.to_le_bytes());
+        b[32..40].copy_from_slice(&self.created_at_ms.to_le_bytes());
+        let crc = crc32fast::hash(&b[0..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes a header. `Ok(None)` means the header is all zeros: the file was created but its
+    /// header never reached the disk, so it holds nothing.
+    pub fn decode(path: &Path, b: &[u8; SEGMENT_HEADER_LEN as usize]) -> Result<Option<Self>> {
+        if b.iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        let corrupt = |reason| Error::Corrupt { file: path.to_path_buf(), offset: 0, reason };
+        if b[0..8] != SEGMENT_MAGIC {
+            return Err(corrupt("not a segment file (bad magic)"));
+        }
+        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let u64_at = |at: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[at..at + 8]);
+            u64::from_le_bytes(x)
+        };
+        if crc32fast::hash(&b[0..60]) != u32_at(60) {
+            return Err(corrupt("segment header checksum mismatch"));
+        }
+        let version = u32_at(8);
+        if version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                file: path.to_path_buf(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let header = SegmentHeader {
+            id: u32_at(12),
+            bucket_start_ms: u64_at(16),
+            bucket_end_ms: u64_at(24),
+            created_at_ms: u64_at(32),
+        };
+        if header.bucket_end_ms <= header.bucket_start_ms {
+            return Err(corrupt("segment header has an empty bucket"));
+        }
+        Ok(Some(header))
+    }
+}
+
+/// An open segment file.
+pub struct Segment {
+    pub header: SegmentHeader,
+    pub path: PathBuf,
+    file: Box<dyn IoFile>,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment").field("path", &self.path).field("header", &self.header).finish()
+    }
+}
+
+/// What a read at an index location found.
+pub enum Probe {
+    /// The record there is for the key asked about.
+    Match(Header),
+    /// The record there is for another key with the same hash.
+    OtherKey,
+}
+
+impl Segment {
+    /// Creates a new segment file with `initial_bytes` reserved and its header written.
+    pub fn create(
+        io: &dyn Io,
+        dir: &Path,
+        header: SegmentHeader,
+        capacity: u64,
+        initial_bytes: u64,
+    ) -> Result<Segment> {
+        let path = dir.join(segment_file_name(header.id));
+        let file = io.create(&path, capacity).map_err(|e| Error::io("create segment", &path, e))?;
+        let segment = Segment { header, path: path.clone(), file };
+        let setup = segment
+            .file
+            .reserve(initial_bytes.max(SEGMENT_HEADER_LEN))
+            .and_then(|()| segment.file.write_at(0, &header.encode()));
+        if let Err(e) = setup {
+            // Leave no empty file behind; its removal is best effort (the error is what matters).
+            drop(segment);
+            let _ = io.remove(&path);
+            return Err(Error::io("reserve segment space", path, e));
+        }
+        Ok(segment)
+    }
+
+    /// Opens an existing segment; `Ok(None)` when its header was never written (empty file).
+    pub fn open(io: &dyn Io, path: &Path, capacity: u64, writable: bool) -> Result<Option<Segment>> {
+        let file = io.open(path, capacity, writable).map_err(|e| Error::io("open segment", path, e))?;
+        let mut raw = [0u8; SEGMENT_HEADER_LEN as usize];
+        if file.len() < SEGMENT_HEADER_LEN {
+            return Ok(None);
+        }
+        file.read_at(0, &mut raw).map_err(|e| Error::io("read segment header", path, e))?;
+        let Some(header) = SegmentHeader::decode(path, &raw)? else {
+            return Ok(None);
+        };
+        Ok(Some(Segment { header, path: path.to_path_buf(), file }))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.header.id
+    }
+
+    /// Reserved (readable and writable) length of the file.
+    pub fn len(&self) -> u64 {
+        self.file.len()
+    }
+
+    pub fn reserve(&self, len: u64) -> Result<()> {
+        self.file.reserve(len).map_err(|e| Error::io("reserve segment space", &self.path, e))
+    }
+
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.file.write_at(offset, bytes).map_err(|e| Error::io("write record", &self.path, e))
+    }
+
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync()
+    }
+
+    fn corrupt(&self, offset: u64, e: DecodeError) -> Error {
+        Error::Corrupt { file: self.path.clone(), offset, reason: e.reason() }
+    }
+
+    /// Reads the header of the record at `offset` (a location the index vouches for) and
+    /// checks that it is for `key`.
+    pub fn probe(&self, offset: u64, key: &[u8]) -> Result<Probe> {
+        let mut raw = [0u8; HEADER_LEN];
+        self.file.read_at(offset, &mut raw).map_err(|e| Error::io("read record", &self.path, e))?;
+        let header = record::parse_header(&raw).map_err(|e| self.corrupt(offset, e))?;
+        if usize::from(header.key_len) != key.len() {
+            return Ok(Probe::OtherKey);
+        }
+        let same = self
+            .file
+            .eq_at(offset + HEADER_LEN as u64, key)
+            .map_err(|e| Error::io("read record key", &self.path, e))?;
+        Ok(if same { Probe::Match(header) } else { Probe::OtherKey })
+    }
+
+    /// Reads the value (outcome or checkpoint) of the record at `offset` described by `header`.
+    pub fn read_value(&self, offset: u64, header: &Header) -> Result<Vec<u8>> {
+        let mut value = vec![0u8; header.value_len as usize];
+        let at = offset + HEADER_LEN as u64 + u64::from(header.key_len);
+        self.file.read_at(at, &mut value).map_err(|e| Error::io("read record value", &self.path, e))?;
+        Ok(value)
+    }
+
+    /// Reads the key of the record at `offset`.
+    pub fn read_key(&self, offset: u64, header: &Header) -> Result<Vec<u8>> {
+        let mut key = vec![0u8; usize::from(header.key_len)];
+        self.file
+            .read_at(offset + HEADER_LEN as u64, &mut key)
+            .map_err(|e| Error::io("read record key", &self.path, e))?;
+        Ok(key)
+    }
+
+    /// Reads `len` raw bytes at `offset` (recovery scans use this).
+    pub fn read_raw(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.file.read_at(offset, &mut buf).map_err(|e| Error::io("read segment", &self.path, e))?;
+        Ok(buf)
+    }
+}

@@ -1,0 +1,361 @@
+//! A simulated disk for tests and fuzzing (feature `sim`): it keeps the bytes written and the
+//! bytes synced apart, so a simulated power cut keeps only what was synced (optionally plus a
+//! torn prefix of the unsynced writes), and it can fail fsync or run out of space on demand.
+//!
+//! File creations and deletions become durable only with `sync_dir`, as on a real file system.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::io::{DirLock, Io, IoFile, checked_range};
+
+#[derive(Default)]
+struct FileState {
+    /// What reads see: every write so far.
+    live: Vec<u8>,
+    /// What survives a power cut.
+    durable: Vec<u8>,
+    /// Writes since the last sync, in order: (offset, bytes).
+    pending: Vec<(u64, Vec<u8>)>,
+}
+
+struct SimFile {
+    state: Mutex<FileState>,
+    disk: Arc<Faults>,
+    writable: bool,
+}
+
+#[derive(Default)]
+struct Faults {
+    fail_syncs: AtomicBool,
+    syncs_until_failure: AtomicU64,
+    space_limit_bytes: AtomicU64,
+    used_bytes: AtomicU64,
+    syncs: AtomicU64,
+}
+
+#[derive(Default)]
+struct DiskState {
+    files: HashMap<PathBuf, Arc<SimFile>>,
+    /// Names that survive a power cut (made durable by `sync_dir`), with their file.
+    durable_names: HashMap<PathBuf, Arc<SimFile>>,
+    dirs: HashSet<PathBuf>,
+    locked: HashSet<PathBuf>,
+}
+
+/// An in-memory disk with separate written and synced images; clone it to share it.
+#[derive(Clone, Default)]
+pub struct SimDisk {
+    state: Arc<Mutex<DiskState>>,
+    faults: Arc<Faults>,
+}
+
+impl fmt::Debug for SimDisk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimDisk").field("files", &self.state.lock().files.len()).finish()
+    }
+}
+
+/// A small deterministic generator, so a seed reproduces a power cut.
+struct SplitMix(u64);
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+}
+
+impl SimDisk {
+    /// An empty disk with unlimited space.
+    pub fn new() -> Self {
+        let disk = SimDisk::default();
+        disk.faults.space_limit_bytes.store(u64::MAX, Ordering::SeqCst);
+        disk
+    }
+
+    /// After `n` more successful syncs (file or directory), every sync fails with EIO.
+    pub fn fail_sync_after(&self, n: u64) {
+        self.faults.syncs_until_failure.store(n, Ordering::SeqCst);
+        self.faults.fail_syncs.store(true, Ordering::SeqCst);
+    }
+
+    /// Syncs succeed again.
+    pub fn heal_syncs(&self) {
+        self.faults.fail_syncs.store(false, Ordering::SeqCst);
+    }
+
+    /// Caps the bytes all files may reserve together; past it `reserve` fails with
+    /// `StorageFull`. `u64::MAX` removes the cap.
+    pub fn set_space_limit(&self, bytes: u64) {
+        self.faults.space_limit_bytes.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Bytes reserved by all files.
+    pub fn used_bytes(&self) -> u64 {
+        self.faults.used_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Successful file and directory syncs so far.
+    pub fn syncs(&self) -> u64 {
+        self.faults.syncs.load(Ordering::SeqCst)
+    }
+
+    /// The disk as a power cut at this instant would leave it: only synced bytes and synced
+    /// directory entries survive. With `torn_seed`, each file also keeps a random prefix of its
+    /// unsynced writes, the last of them cut at a random byte. Locks are dropped.
+    pub fn power_cut(&self, torn_seed: Option<u64>) -> SimDisk {
+        let state = self.state.lock();
+        let mut rng = SplitMix(torn_seed.unwrap_or(0));
+        let faults = Arc::new(Faults::default());
+        faults.space_limit_bytes.store(self.faults.space_limit_bytes.load(Ordering::SeqCst), Ordering::SeqCst);
+        let mut files = HashMap::new();
+        let mut names: Vec<_> = state.durable_names.iter().collect();
+        names.sort_by(|a, b| a.0.cmp(b.0));
+        for (path, file) in names {
+            let old = file.state.lock();
+            let mut bytes = old.durable.clone();
+            if torn_seed.is_some() {
+                let keep = rng.below(old.pending.len() as u64 + 1) as usize;
+                for (i, (offset, data)) in old.pending.iter().take(keep).enumerate() {
+                    let cut = if i + 1 == keep { rng.below(data.len() as u64 + 1) as usize } else { data.len() };
+                    let start = *offset as usize;
+                    let end = start + cut;
+                    if bytes.len() < end {
+                        bytes.resize(end, 0);
+                    }
+                    bytes[start..end].copy_from_slice(&data[..cut]);
+                }
+            }
+            faults.used_bytes.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+            let new = SimFile {
+                state: Mutex::new(FileState { live: bytes.clone(), durable: bytes, pending: Vec::new() }),
+                disk: faults.clone(),
+                writable: true,
+            };
+            files.insert(path.clone(), Arc::new(new));
+        }
+        let durable_names = files.clone();
+        SimDisk {
+            state: Arc::new(Mutex::new(DiskState {
+                files,
+                durable_names,
+                dirs: state.dirs.clone(),
+                locked: HashSet::new(),
+            })),
+            faults,
+        }
+    }
+
+    /// The live bytes of a file (for tests that damage or inspect files).
+    pub fn read_file(&self, path: &Path) -> Option<Vec<u8>> {
+        self.state.lock().files.get(path).map(|f| f.state.lock().live.clone())
+    }
+
+    /// Replaces a file's live and durable bytes (for tests and fuzzing that damage files).
+    pub fn write_file(&self, path: &Path, bytes: Vec<u8>) {
+        let mut state = self.state.lock();
+        let file = Arc::new(SimFile {
+            state: Mutex::new(FileState { live: bytes.clone(), durable: bytes, pending: Vec::new() }),
+            disk: self.faults.clone(),
+            writable: true,
+        });
+        if let Some(parent) = path.parent() {
+            state.dirs.insert(parent.to_path_buf());
+        }
+        state.files.insert(path.to_path_buf(), file.clone());
+        state.durable_names.insert(path.to_path_buf(), file);
+    }
+
+    /// Paths of all live files, sorted.
+    pub fn file_paths(&self) -> Vec<PathBuf> {
+        let mut paths: Vec<_> = self.state.lock().files.keys().cloned().collect();
+        paths.sort();
+        paths
+    }
+}
+
+impl Faults {
+    fn sync_allowed(&self) -> io::Result<()> {
+        if self.fail_syncs.load(Ordering::SeqCst) {
+            let left = self.syncs_until_failure.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(io::Error::other("simulated fsync failure (EIO)"));
+            }
+            self.syncs_until_failure.store(left - 1, Ordering::SeqCst);
+        }
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct SimLock {
+    state: Arc<Mutex<DiskState>>,
+    dir: PathBuf,
+}
+impl DirLock for SimLock {}
+impl Drop for SimLock {
+    fn drop(&mut self) {
+        self.state.lock().locked.remove(&self.dir);
+    }
+}
+
+impl Io for SimDisk {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.state.lock().dirs.insert(dir.to_path_buf());
+        Ok(())
+    }
+
+    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn DirLock>> {
+        let mut state = self.state.lock();
+        if !state.locked.insert(dir.to_path_buf()) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(Box::new(SimLock { state: self.state.clone(), dir: dir.to_path_buf() }))
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let state = self.state.lock();
+        if !state.dirs.contains(dir) {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        Ok(state
+            .files
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+            .collect())
+    }
+
+    fn create(&self, path: &Path, _capacity: u64) -> io::Result<Box<dyn IoFile>> {
+        let mut state = self.state.lock();
+        if state.files.contains_key(path) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        let file = Arc::new(SimFile { state: Mutex::new(FileState::default()), disk: self.faults.clone(), writable: true });
+        state.files.insert(path.to_path_buf(), file.clone());
+        Ok(Box::new(SimHandle(file)))
+    }
+
+    fn open(&self, path: &Path, _capacity: u64, writable: bool) -> io::Result<Box<dyn IoFile>> {
+        let state = self.state.lock();
+        let file = state.files.get(path).ok_or(io::ErrorKind::NotFound)?;
+        if writable {
+            Ok(Box::new(SimHandle(file.clone())))
+        } else {
+            let snapshot = file.state.lock().live.clone();
+            Ok(Box::new(SimHandle(Arc::new(SimFile {
+                state: Mutex::new(FileState { live: snapshot.clone(), durable: snapshot, pending: Vec::new() }),
+                disk: Arc::new(Faults::default()),
+                writable: false,
+            }))))
+        }
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.state.lock();
+        let file = state.files.remove(path).ok_or(io::ErrorKind::NotFound)?;
+        let len = file.state.lock().live.len() as u64;
+        self.faults.used_bytes.fetch_sub(len.min(self.faults.used_bytes.load(Ordering::SeqCst)), Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.faults.sync_allowed()?;
+        let mut state = self.state.lock();
+        state.durable_names.retain(|p, _| p.parent() != Some(dir));
+        let entries: Vec<_> =
+            state.files.iter().filter(|(p, _)| p.parent() == Some(dir)).map(|(p, f)| (p.clone(), f.clone())).collect();
+        state.durable_names.extend(entries);
+        Ok(())
+    }
+}
+
+struct SimHandle(Arc<SimFile>);
+
+impl IoFile for SimHandle {
+    fn len(&self) -> u64 {
+        self.0.state.lock().live.len() as u64
+    }
+
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        let mut state = self.0.state.lock();
+        let old = state.live.len() as u64;
+        if len <= old {
+            return Ok(());
+        }
+        if !self.0.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file is read-only"));
+        }
+        let faults = &self.0.disk;
+        let grow = len - old;
+        let used = faults.used_bytes.load(Ordering::SeqCst);
+        if used.saturating_add(grow) > faults.space_limit_bytes.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::StorageFull, "simulated disk full"));
+        }
+        faults.used_bytes.fetch_add(grow, Ordering::SeqCst);
+        state.live.resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        if !self.0.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file is read-only"));
+        }
+        let mut state = self.0.state.lock();
+        let (start, end) = checked_range(offset, bytes.len(), state.live.len() as u64)?;
+        state.live[start..end].copy_from_slice(bytes);
+        state.pending.push((offset, bytes.to_vec()));
+        Ok(())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let state = self.0.state.lock();
+        let (start, end) = checked_range(offset, buf.len(), state.live.len() as u64)?;
+        buf.copy_from_slice(&state.live[start..end]);
+        Ok(())
+    }
+
+    fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool> {
+        let state = self.0.state.lock();
+        let (start, end) = checked_range(offset, expected.len(), state.live.len() as u64)?;
+        Ok(&state.live[start..end] == expected)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.0.disk.sync_allowed()?;
+        let mut guard = self.0.state.lock();
+        let state = &mut *guard;
+        let len = state.live.len();
+        state.durable.resize(len, 0);
+        for (offset, bytes) in state.pending.drain(..) {
+            let start = (offset as usize).min(len);
+            let end = (start + bytes.len()).min(len);
+            state.durable[start..end].copy_from_slice(&state.live[start..end]);
+        }
+        Ok(())
+    }
+
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        let mut state = self.0.state.lock();
+        if (len as usize) < state.live.len() {
+            let shrink = state.live.len() as u64 - len;
+            state.live.truncate(len as usize);
+            state.pending.retain(|(o, _)| *o < len);
+            let faults = &self.0.disk;
+            faults.used_bytes.fetch_sub(shrink.min(faults.used_bytes.load(Ordering::SeqCst)), Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,767 @@
+//! The store: claim, complete, checkpoint, release, get, remove, orphans, sync, close.
+//!
+//! Every decision about a key is made under its index shard's lock, in one step that reads the
+//! key's latest record, compares the request hash, and (when it writes) appends the new record
+//! and repoints the index. Durability waits happen after the shard lock is released.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::clock::{StoreTime, duration_to_ms, ms_to_system_time};
+use crate::commit::GroupCommit;
+use crate::error::{Error, Result};
+use crate::index::{Index, Shard};
+use crate::io::DirLock;
+use crate::log::{Log, LogLimits, Loc};
+use crate::options::{ClaimOptions, Durability, OrphanPolicy, Options};
+use crate::record::{HEADER_LEN, Header, Kind, VALUE_LEN_FORMAT_MAX, align_up};
+use crate::recovery::{self, Mode};
+use crate::segment::{Probe, SEGMENT_HEADER_LEN};
+use crate::stats::{Counters, RecoveryStats, Stats};
+use crate::sync::{Arc, Condvar, Mutex};
+use crate::types::{Claim, ClaimToken, Completed, Entry, Orphan};
+
+/// An open store. `Send + Sync`: share it as `Arc<Store>`.
+pub struct Store {
+    inner: Arc<Inner>,
+    housekeeper: Option<JoinHandle<()>>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    options: Options,
+    time: StoreTime,
+    log: Log,
+    index: Index,
+    commit: GroupCommit,
+    counters: Counters,
+    incarnation: u64,
+    recovery: RecoveryStats,
+    read_only: bool,
+    shutdown: Mutex<bool>,
+    shutdown_signal: Condvar,
+    _lock: Option<Box<dyn DirLock>>,
+}
+
+/// The state of a key as its latest record tells it, at a given time.
+enum Current {
+    Absent,
+    InFlight(Loc, Header),
+    Completed(Loc, Header),
+}
+
+fn validate_options(options: &Options) -> Result<()> {
+    if options.max_key_len == 0 || options.max_key_len > crate::record::KEY_LEN_FORMAT_MAX {
+        return Err(Error::InvalidArgument("max_key_len must be 1..=65535"));
+    }
+    if options.max_outcome_len > VALUE_LEN_FORMAT_MAX {
+        return Err(Error::InvalidArgument("max_outcome_len must be at most 64 MiB"));
+    }
+    if duration_to_ms(options.bucket_width) == 0 {
+        return Err(Error::InvalidArgument("bucket_width must be at least 1 ms"));
+    }
+    if duration_to_ms(options.default_ttl) == 0 || duration_to_ms(options.default_lease) == 0 {
+        return Err(Error::InvalidArgument("default_ttl and default_lease must be at least 1 ms"));
+    }
+    if let Durability::Periodic(interval) = options.durability
+        && interval.is_zero()
+    {
+        return Err(Error::InvalidArgument("a Periodic interval must be positive"));
+    }
+    let largest_record = align_up((HEADER_LEN + options.max_key_len + options.max_outcome_len) as u64);
+    if options.segment_bytes_max > u64::from(u32::MAX) || options.segment_bytes_max < SEGMENT_HEADER_LEN + largest_record {
+        return Err(Error::InvalidArgument(
+            "segment_bytes_max must hold the largest record and be at most 4 GiB",
+        ));
+    }
+    Ok(())
+}
+
+fn new_incarnation() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let local = 0u8;
+    let mut seed = Vec::with_capacity(40);
+    seed.extend_from_slice(&nanos.to_le_bytes());
+    seed.extend_from_slice(&std::process::id().to_le_bytes());
+    seed.extend_from_slice(&(&local as *const u8 as usize).to_le_bytes());
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    seed.extend_from_slice(&COUNTER.fetch_add(1, AtomicOrdering::Relaxed).to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64(&seed) | 1
+}
+
+impl Store {
+    /// Opens (creating if missing) the store in `dir` and recovers its state.
+    ///
+    /// Fails with `Locked` when another open store holds the directory, `UnsupportedVersion`
+    /// for files of another format version, `Corrupt` when a record that is not a torn tail is
+    /// damaged (nothing is deleted then), and `Io` when the directory cannot be created,
+    /// locked or written.
+    pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Store> {
+        validate_options(&options)?;
+        let dir = dir.as_ref().to_path_buf();
+        let io = options.io.clone();
+        io.create_dir_all(&dir).map_err(|e| Error::io("create store directory", &dir, e))?;
+        let lock = match io.lock_dir(&dir) {
+            Ok(lock) => lock,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Error::Locked { dir }),
+            Err(e) => return Err(Error::io("open lock file", dir.join(crate::LOCK_FILE_NAME), e)),
+        };
+        Self::open_inner(dir, options, Some(lock), Mode::Writer)
+    }
+
+    /// Opens a read-only view of the store in `dir`, without taking the writer's lock and
+    /// without changing a byte, even while another process writes it. The view is the state
+    /// at open; a tail being written is not an error, it is simply not visible. Writes fail
+    /// with `Error::ReadOnly`.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<Store> {
+        Self::open_read_only_with(dir, Options { background: false, ..Options::default() })
+    }
+
+    /// [`Store::open_read_only`] with explicit options (clock, I/O, limits).
+    pub fn open_read_only_with(dir: impl AsRef<Path>, options: Options) -> Result<Store> {
+        validate_options(&options)?;
+        Self::open_inner(dir.as_ref().to_path_buf(), Options { background: false, ..options }, None, Mode::ReadOnly)
+    }
+
+    fn open_inner(dir: PathBuf, options: Options, lock: Option<Box<dyn DirLock>>, mode: Mode) -> Result<Store> {
+        let started = Instant::now();
+        let io = options.io.clone();
+        let probe_time = StoreTime::new(options.clock.clone(), 0);
+        let key_hash = options.key_hash;
+        let hasher = move |k: &[u8]| key_hash.map_or_else(|| xxhash_rust::xxh3::xxh3_64(k), |f| f(k));
+        let recovered =
+            recovery::recover(io.as_ref(), &dir, options.segment_bytes_max, probe_time.now_ms(), &hasher, mode)?;
+        let durable_seq = recovered.next_seq - 1;
+        let limits = LogLimits {
+            bucket_width_ms: duration_to_ms(options.bucket_width),
+            segment_bytes_max: options.segment_bytes_max,
+            segment_bytes_initial: options.segment_bytes_initial.clamp(SEGMENT_HEADER_LEN + 1, options.segment_bytes_max),
+            disk_bytes_max: options.max_disk_bytes,
+        };
+        let log = Log::new(io, dir.clone(), limits, recovered.segments, recovered.next_seq, recovered.next_segment_id);
+        let mut recovery = recovered.stats;
+        recovery.duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let inner = Arc::new(Inner {
+            time: StoreTime::new(options.clock.clone(), recovered.latest_time_ms),
+            dir,
+            log,
+            index: recovered.index,
+            commit: GroupCommit::new(durable_seq),
+            counters: Counters::default(),
+            incarnation: new_incarnation(),
+            recovery,
+            read_only: mode == Mode::ReadOnly,
+            shutdown: Mutex::new(false),
+            shutdown_signal: Condvar::new(),
+            _lock: lock,
+            options,
+        });
+        let housekeeper = if inner.options.background && mode == Mode::Writer {
+            let worker = inner.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("idemstore-housekeeper".into())
+                    .spawn(move || worker.housekeep())
+                    .map_err(|e| Error::io("start housekeeper thread", &inner.dir, e))?,
+            )
+        } else {
+            None
+        };
+        Ok(Store { inner, housekeeper })
+    }
+
+    /// Claims `key` for the request `request` (only its 128-bit hash is kept), with the
+    /// store's default TTL and lease. See [`Store::claim_with`].
+    pub fn claim(&self, key: impl AsRef<[u8]>, request: impl AsRef<[u8]>) -> Result<Claim> {
+        self.claim_with(key, request, ClaimOptions::default())
+    }
+
+    /// Claims `key`: exactly one concurrent caller gets `Acquired`; a repeat gets
+    /// `InProgress` while the holder's lease runs, `Completed` with the stored outcome once it
+    /// completed, and `Mismatch` on every branch when its request differs. An in-flight claim
+    /// whose lease ended, or (by default) whose holder died with an earlier process, is taken
+    /// over: the new token says `recovered()` and carries the last checkpoint.
+    ///
+    /// With `options.wait`, an in-flight key blocks the caller (on a condition, no polling)
+    /// until the holder completes, releases, or its lease ends, or the wait runs out.
+    ///
+    /// Fails on an empty or over-long key, a zero TTL or lease, a full disk or disk budget,
+    /// a poisoned or read-only store. Under `Durability::Sync` it returns only once the record
+    /// behind its answer is durable.
+    pub fn claim_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        request: impl AsRef<[u8]>,
+        options: ClaimOptions,
+    ) -> Result<Claim> {
+        self.inner.claim(key.as_ref(), request.as_ref(), &options)
+    }
+
+    /// Completes the claim held by `token`, storing `outcome` for every later repeat. Fails
+    /// with `StaleToken` when the token no longer holds the key (taken over, removed,
+    /// released, already completed, expired), `OutcomeTooLong` over `max_outcome_len`.
+    pub fn complete(&self, token: &ClaimToken, outcome: impl AsRef<[u8]>) -> Result<()> {
+        self.inner.finish(token, Kind::Complete, outcome.as_ref())
+    }
+
+    /// Records how far the holder got (`phase`, bytes of the caller's choosing) and renews
+    /// the lease. A later holder that takes the claim over reads it from its token.
+    pub fn checkpoint(&self, token: &ClaimToken, phase: impl AsRef<[u8]>) -> Result<()> {
+        self.inner.finish(token, Kind::Checkpoint, phase.as_ref())
+    }
+
+    /// Gives the claim up (the effect failed in a retryable way): the key is free again.
+    pub fn release(&self, token: &ClaimToken) -> Result<()> {
+        self.inner.finish(token, Kind::Release, &[])
+    }
+
+    /// The state of `key`: `None` when absent, released, removed or expired.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Entry>> {
+        self.inner.get(key.as_ref())
+    }
+
+    /// Removes `key` (a tombstone that lasts as long as what it removes). Removing an absent
+    /// key is `Ok`. An in-flight holder's token becomes stale.
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<()> {
+        self.inner.remove(key.as_ref())
+    }
+
+    /// In-flight claims whose holder belonged to an earlier process.
+    pub fn orphans(&self) -> Result<Vec<Orphan>> {
+        self.inner.orphans()
+    }
+
+    /// Makes every write so far durable (one fsync round, shared with concurrent callers).
+    pub fn sync(&self) -> Result<()> {
+        self.inner.sync_all()
+    }
+
+    /// Drops every expired bucket now and cleans its index entries (the background thread does
+    /// this on its own about once a second). Returns the number of buckets dropped.
+    pub fn maintain(&self) -> Result<usize> {
+        self.inner.maintain()
+    }
+
+    /// A snapshot of the store's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats()
+    }
+
+    /// The directory of the store.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Stops the background thread, syncs everything written, and releases the lock.
+    pub fn close(mut self) -> Result<()> {
+        self.stop_housekeeper();
+        if self.inner.read_only {
+            return Ok(());
+        }
+        self.inner.sync_all()
+    }
+
+    fn stop_housekeeper(&mut self) {
+        if let Some(handle) = self.housekeeper.take() {
+            *self.inner.shutdown.lock() = true;
+            self.inner.shutdown_signal.notify_all();
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.stop_housekeeper();
+        if !self.inner.read_only && self.inner.commit.poisoned().is_none() {
+            let _ = self.inner.sync_all();
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.inner.dir).field("read_only", &self.inner.read_only).finish()
+    }
+}
+
+impl Inner {
+    fn key_hash(&self, key: &[u8]) -> u64 {
+        match self.options.key_hash {
+            Some(f) => f(key),
+            None => xxhash_rust::xxh3::xxh3_64(key),
+        }
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        if key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        if key.len() > self.options.max_key_len {
+            return Err(Error::KeyTooLong { len: key.len(), max: self.options.max_key_len });
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<()> {
+        if value.len() > self.options.max_outcome_len {
+            return Err(Error::OutcomeTooLong { len: value.len(), max: self.options.max_outcome_len });
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.commit.check()
+    }
+
+    /// The latest record of `key`, confirmed against the stored key; drops index entries whose
+    /// bucket is gone.
+    fn find(&self, shard: &mut Shard, hash: u64, key: &[u8]) -> Result<Option<(Loc, Header)>> {
+        let mut gone: Option<Vec<Loc>> = None;
+        let mut found = None;
+        for loc in shard.candidates(hash) {
+            match self.log.with_segment(loc.segment, |s| s.probe(u64::from(loc.offset), key)) {
+                None => gone.get_or_insert_with(Vec::new).push(loc),
+                Some(Ok(Probe::Match(header))) => {
+                    found = Some((loc, header));
+                    break;
+                }
+                Some(Ok(Probe::OtherKey)) => {}
+                Some(Err(e)) => return Err(e),
+            }
+        }
+        for loc in gone.into_iter().flatten() {
+            shard.remove(hash, loc);
+            Counters::bump(&self.counters.keys_expired);
+        }
+        Ok(found)
+    }
+
+    /// The key's state at `now_ms`, where its latest record lives, and that record's seq.
+    fn current(&self, shard: &mut Shard, hash: u64, key: &[u8], now_ms: u64) -> Result<(Current, Option<Loc>, u64)> {
+        let Some((loc, header)) = self.find(shard, hash, key)? else {
+            return Ok((Current::Absent, None, 0));
+        };
+        debug_assert!(header.seq > 0);
+        let state = if header.expires_at_ms <= now_ms || header.kind.is_absent() {
+            Current::Absent
+        } else if header.kind.is_in_flight() {
+            Current::InFlight(loc, header)
+        } else {
+            Current::Completed(loc, header)
+        };
+        Ok((state, Some(loc), header.seq))
+    }
+
+    fn read_value(&self, loc: Loc, header: &Header) -> Result<Vec<u8>> {
+        if header.value_len == 0 {
+            return Ok(Vec::new());
+        }
+        self.log
+            .with_segment(loc.segment, |s| s.read_value(u64::from(loc.offset), header))
+            .unwrap_or_else(|| Err(Error::StaleToken))
+    }
+
+    /// Under `Sync`, waits until record `seq` (the one an answer was read from or written) is
+    /// durable, leading a group-commit sync if nobody else is.
+    fn settle(&self, seq: u64) -> Result<()> {
+        if self.options.durability != Durability::Sync || seq == 0 {
+            return Ok(());
+        }
+        self.commit.wait_durable(seq, &|| self.sync_batch())
+    }
+
+    fn sync_batch(&self) -> std::io::Result<u64> {
+        let started = Instant::now();
+        let batch = self.log.take_sync_batch();
+        self.log.sync_batch(&batch)?;
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.counters.sync_latency_us_total.fetch_add(us, AtomicOrdering::Relaxed);
+        self.counters.sync_latency_us_max.fetch_max(us, AtomicOrdering::Relaxed);
+        Ok(batch.through_seq)
+    }
+
+    fn sync_all(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let last = self.log.last_seq();
+        self.commit.check()?;
+        if last == 0 {
+            return Ok(());
+        }
+        self.commit.wait_durable(last, &|| self.sync_batch())
+    }
+
+    /// Under `Sync`, keeps one group-commit batch under `batch_bytes_max`.
+    fn backpressure(&self) -> Result<()> {
+        if self.options.durability == Durability::Sync && self.log.unsynced_bytes() > self.options.batch_bytes_max {
+            self.sync_all()?;
+        }
+        Ok(())
+    }
+
+    fn append(&self, header: Header, key: &[u8], value: &[u8]) -> Result<(Header, Loc)> {
+        self.check_writable()?;
+        match self.log.append(header, key, value) {
+            Err(Error::Poisoned { cause }) => {
+                self.commit.poison(cause.clone());
+                Err(Error::Poisoned { cause })
+            }
+            other => other,
+        }
+    }
+
+    fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
+        self.check_key(key)?;
+        let ttl_ms = duration_to_ms(options.ttl.unwrap_or(self.options.default_ttl));
+        let lease_ms = duration_to_ms(options.lease.unwrap_or(self.options.default_lease));
+        if ttl_ms == 0 || lease_ms == 0 {
+            return Err(Error::InvalidArgument("ttl and lease must be at least 1 ms"));
+        }
+        let lease_ms = u32::try_from(lease_ms).map_err(|_| Error::InvalidArgument("lease must be under 49 days"))?;
+        self.backpressure()?;
+        let request_hash = xxhash_rust::xxh3::xxh3_128(request);
+        let hash = self.key_hash(key);
+        let deadline = options.wait.map(|w| Instant::now() + w);
+        let locked = self.index.shard(hash);
+        let mut shard = locked.shard.lock();
+        let mut waited = false;
+        let (answer, seq) = loop {
+            let now_ms = self.time.now_ms();
+            let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms)?;
+            match state {
+                Current::Absent => {
+                    let header = Header {
+                        kind: Kind::Claim,
+                        key_len: key.len() as u16,
+                        value_len: 0,
+                        seq: 0,
+                        expires_at_ms: now_ms.saturating_add(ttl_ms),
+                        claimed_at_ms: now_ms,
+                        lease_until_ms: now_ms.saturating_add(u64::from(lease_ms)),
+                        token: 0,
+                        incarnation: self.incarnation,
+                        request_hash,
+                        written_at_ms: now_ms,
+                        lease_ms,
+                    };
+                    let (written, loc) = self.append(header, key, &[])?;
+                    shard.set(hash, old, loc);
+                    Counters::bump(&self.counters.claims_acquired);
+                    let token = ClaimToken {
+                        key: key.into(),
+                        id: written.token,
+                        recovered: false,
+                        checkpoint: None,
+                        lease_expires_at: ms_to_system_time(written.lease_until_ms),
+                    };
+                    break (Claim::Acquired(token), written.seq);
+                }
+                Current::Completed(loc, header) => {
+                    if header.request_hash != request_hash {
+                        Counters::bump(&self.counters.mismatches);
+                        break (Claim::Mismatch, seen_seq);
+                    }
+                    let outcome = self.read_value(loc, &header)?;
+                    let counter = if waited { &self.counters.claims_waited } else { &self.counters.claims_replayed };
+                    Counters::bump(counter);
+                    break (Claim::Completed(completed_from(&header, outcome)), seen_seq);
+                }
+                Current::InFlight(loc, header) => {
+                    if header.request_hash != request_hash {
+                        Counters::bump(&self.counters.mismatches);
+                        break (Claim::Mismatch, seen_seq);
+                    }
+                    let orphaned = header.incarnation != self.incarnation;
+                    let orphan_takeover = orphaned && self.options.orphans == OrphanPolicy::TakeOver;
+                    let lease_over = now_ms >= header.lease_until_ms;
+                    if orphan_takeover || lease_over {
+                        let checkpoint = self.read_value(loc, &header)?;
+                        let takeover = Header {
+                            kind: Kind::Claim,
+                            key_len: header.key_len,
+                            value_len: checkpoint.len() as u32,
+                            seq: 0,
+                            // A takeover never shortens the window: it shadows the old claim.
+                            expires_at_ms: now_ms.saturating_add(ttl_ms).max(header.expires_at_ms),
+                            claimed_at_ms: now_ms,
+                            lease_until_ms: now_ms.saturating_add(u64::from(lease_ms)),
+                            token: 0,
+                            incarnation: self.incarnation,
+                            request_hash,
+                            written_at_ms: now_ms,
+                            lease_ms,
+                        };
+                        let (written, new_loc) = self.append(takeover, key, &checkpoint)?;
+                        debug_assert!(written.token > header.token, "fencing tokens only grow");
+                        shard.set(hash, Some(loc), new_loc);
+                        Counters::bump(&self.counters.claims_acquired);
+                        if orphan_takeover && !lease_over {
+                            Counters::bump(&self.counters.orphan_takeovers);
+                        } else {
+                            Counters::bump(&self.counters.lease_takeovers);
+                        }
+                        let token = ClaimToken {
+                            key: key.into(),
+                            id: written.token,
+                            recovered: true,
+                            checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
+                            lease_expires_at: ms_to_system_time(written.lease_until_ms),
+                        };
+                        break (Claim::Acquired(token), written.seq);
+                    }
+                    let remaining = deadline.and_then(|d| d.checked_duration_since(Instant::now()));
+                    match remaining {
+                        Some(left) if !left.is_zero() => {
+                            let lease_left = Duration::from_millis(header.lease_until_ms.saturating_sub(now_ms));
+                            crate::sync::wait_for(&locked.changed, &mut shard, left.min(lease_left));
+                            waited = true;
+                        }
+                        _ => {
+                            Counters::bump(&self.counters.claims_in_progress);
+                            let lease_expires_at = ms_to_system_time(header.lease_until_ms);
+                            break (Claim::InProgress { lease_expires_at }, seen_seq);
+                        }
+                    }
+                }
+            }
+        };
+        drop(shard);
+        self.settle(seq)?;
+        Ok(answer)
+    }
+
+    /// complete / checkpoint / release: a write by the holder of `token`.
+    fn finish(&self, token: &ClaimToken, kind: Kind, value: &[u8]) -> Result<()> {
+        self.check_value(value)?;
+        self.check_writable()?;
+        self.backpressure()?;
+        let key = token.key();
+        let hash = self.key_hash(key);
+        let locked = self.index.shard(hash);
+        let mut shard = locked.shard.lock();
+        let now_ms = self.time.now_ms();
+        let (state, _, _) = self.current(&mut shard, hash, key, now_ms)?;
+        let (loc, held) = match state {
+            Current::InFlight(loc, header) if header.token == token.id => (loc, header),
+            _ => {
+                Counters::bump(&self.counters.stale_tokens);
+                return Err(Error::StaleToken);
+            }
+        };
+        let mut header = Header { kind, value_len: value.len() as u32, seq: 0, written_at_ms: now_ms, ..held };
+        let value = match kind {
+            Kind::Checkpoint => {
+                header.lease_until_ms = now_ms.saturating_add(u64::from(held.lease_ms));
+                value.to_vec()
+            }
+            Kind::Release => {
+                header.value_len = 0;
+                Vec::new()
+            }
+            _ => value.to_vec(),
+        };
+        let (written, new_loc) = self.append(header, key, &value)?;
+        shard.set(hash, Some(loc), new_loc);
+        drop(shard);
+        if kind != Kind::Checkpoint {
+            locked.changed.notify_all();
+        }
+        let counter = match kind {
+            Kind::Complete => &self.counters.completes,
+            Kind::Checkpoint => &self.counters.checkpoints,
+            _ => &self.counters.releases,
+        };
+        Counters::bump(counter);
+        self.settle(written.seq)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+        self.check_key(key)?;
+        let hash = self.key_hash(key);
+        let mut shard = self.index.shard(hash).shard.lock();
+        let now_ms = self.time.now_ms();
+        let (state, _, seq) = self.current(&mut shard, hash, key, now_ms)?;
+        let entry = match state {
+            Current::Absent => None,
+            Current::Completed(loc, header) => {
+                Some(Entry::Completed(completed_from(&header, self.read_value(loc, &header)?)))
+            }
+            Current::InFlight(loc, header) => {
+                let checkpoint = self.read_value(loc, &header)?;
+                Some(Entry::InFlight {
+                    claimed_at: ms_to_system_time(header.claimed_at_ms),
+                    lease_expires_at: ms_to_system_time(header.lease_until_ms),
+                    expires_at: ms_to_system_time(header.expires_at_ms),
+                    checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
+                    orphaned: header.incarnation != self.incarnation,
+                })
+            }
+        };
+        drop(shard);
+        self.settle(seq)?;
+        Ok(entry)
+    }
+
+    fn remove(&self, key: &[u8]) -> Result<()> {
+        self.check_key(key)?;
+        self.check_writable()?;
+        let hash = self.key_hash(key);
+        let locked = self.index.shard(hash);
+        let mut shard = locked.shard.lock();
+        let now_ms = self.time.now_ms();
+        let (state, _, seen_seq) = self.current(&mut shard, hash, key, now_ms)?;
+        let (loc, header) = match state {
+            Current::Absent => {
+                drop(shard);
+                return self.settle(seen_seq);
+            }
+            Current::InFlight(loc, header) | Current::Completed(loc, header) => (loc, header),
+        };
+        let tombstone = Header { kind: Kind::Remove, value_len: 0, seq: 0, written_at_ms: now_ms, ..header };
+        let (written, new_loc) = self.append(tombstone, key, &[])?;
+        shard.set(hash, Some(loc), new_loc);
+        drop(shard);
+        locked.changed.notify_all();
+        Counters::bump(&self.counters.removes);
+        self.settle(written.seq)
+    }
+
+    fn orphans(&self) -> Result<Vec<Orphan>> {
+        let now_ms = self.time.now_ms();
+        let mut found = Vec::new();
+        let mut newest_seq = 0;
+        for locked in self.index.shards() {
+            let entries = locked.shard.lock().entries();
+            for (_, loc) in entries {
+                let orphan = self.log.with_segment(loc.segment, |s| -> Result<Option<Orphan>> {
+                    let offset = u64::from(loc.offset);
+                    let raw = s.read_raw(offset, HEADER_LEN)?;
+                    let header = crate::record::parse_header(&raw).map_err(|e| Error::Corrupt {
+                        file: s.path.clone(),
+                        offset,
+                        reason: e.reason(),
+                    })?;
+                    if !header.kind.is_in_flight()
+                        || header.expires_at_ms <= now_ms
+                        || header.incarnation == self.incarnation
+                    {
+                        return Ok(None);
+                    }
+                    newest_seq = newest_seq.max(header.seq);
+                    let checkpoint = s.read_value(offset, &header)?;
+                    Ok(Some(Orphan {
+                        key: s.read_key(offset, &header)?,
+                        claimed_at: ms_to_system_time(header.claimed_at_ms),
+                        lease_expires_at: ms_to_system_time(header.lease_until_ms),
+                        checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
+                    }))
+                });
+                if let Some(Some(orphan)) = orphan.transpose()? {
+                    found.push(orphan);
+                }
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        self.settle(newest_seq)?;
+        Ok(found)
+    }
+
+    fn maintain(&self) -> Result<usize> {
+        if self.read_only {
+            return Ok(0);
+        }
+        let now_ms = self.time.now_ms();
+        let (buckets, dropped) = self.log.drop_expired(now_ms)?;
+        if dropped.is_empty() {
+            return Ok(0);
+        }
+        let dead: std::collections::HashSet<u32> = dropped.iter().map(|s| s.id()).collect();
+        drop(dropped);
+        // One shard at a time, so no claim waits for more than one shard's sweep.
+        let mut swept = 0u64;
+        for locked in self.index.shards() {
+            swept += locked.shard.lock().retain_live(|segment| !dead.contains(&segment)) as u64;
+        }
+        self.counters.keys_expired.fetch_add(swept, AtomicOrdering::Relaxed);
+        self.counters.buckets_expired.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
+        self.counters.segments_expired.fetch_add(dead.len() as u64, AtomicOrdering::Relaxed);
+        Ok(buckets)
+    }
+
+    fn housekeep(&self) {
+        let tick = match self.options.durability {
+            Durability::Periodic(interval) => crate::commit::flush_interval(interval).min(Duration::from_secs(1)),
+            _ => Duration::from_secs(1),
+        };
+        let mut last_flush = Instant::now();
+        loop {
+            {
+                let mut stop = self.shutdown.lock();
+                if *stop {
+                    return;
+                }
+                crate::sync::wait_for(&self.shutdown_signal, &mut stop, tick);
+                if *stop {
+                    return;
+                }
+            }
+            if let Durability::Periodic(interval) = self.options.durability
+                && last_flush.elapsed() >= interval.min(tick)
+            {
+                last_flush = Instant::now();
+                // A failure poisons the store inside the commit; writers see it on their next call.
+                let _ = self.sync_all();
+            }
+            let _ = self.maintain();
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(AtomicOrdering::Relaxed);
+        let (syncs, synced_records) = self.commit.counters();
+        Stats {
+            claims_acquired_total: load(&c.claims_acquired),
+            duplicates_in_progress_total: load(&c.claims_in_progress),
+            duplicates_replayed_total: load(&c.claims_replayed),
+            duplicates_waited_total: load(&c.claims_waited),
+            mismatches_total: load(&c.mismatches),
+            lease_takeovers_total: load(&c.lease_takeovers),
+            orphan_takeovers_total: load(&c.orphan_takeovers),
+            stale_tokens_total: load(&c.stale_tokens),
+            completes_total: load(&c.completes),
+            checkpoints_total: load(&c.checkpoints),
+            releases_total: load(&c.releases),
+            removes_total: load(&c.removes),
+            keys_expired_total: load(&c.keys_expired),
+            buckets_expired_total: load(&c.buckets_expired),
+            index_entries: self.index.len() as u64,
+            segments: self.log.segment_count() as u64,
+            disk_bytes: self.log.disk_bytes(),
+            syncs_total: syncs,
+            synced_records_total: synced_records,
+            sync_latency_us_total: load(&c.sync_latency_us_total),
+            sync_latency_us_max: load(&c.sync_latency_us_max),
+            last_seq: self.log.last_seq(),
+            durable_seq: self.commit.durable_seq(),
+            recovery: self.recovery.clone(),
+            poisoned: self.commit.poisoned(),
+        }
+    }
+}
+
+fn completed_from(header: &Header, outcome: Vec<u8>) -> Completed {
+    Completed {
+        outcome,
+        completed_at: ms_to_system_time(header.written_at_ms),
+        claimed_at: ms_to_system_time(header.claimed_at_ms),
+        expires_at: ms_to_system_time(header.expires_at_ms),
+    }
+}

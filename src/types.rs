@@ -1,0 +1,104 @@
+//! The public result types. They carry no engine internals (a token is a key plus an opaque
+//! number, never a file offset), so another backend could return them too.
+
+use std::time::SystemTime;
+
+/// The decision of a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller holds the key: do the effect, then `complete`, `release` or `checkpoint`.
+    Acquired(ClaimToken),
+    /// Another holder has the key and its lease runs until `lease_expires_at`.
+    InProgress {
+        /// When the holder's lease ends; a claim after it takes the key over.
+        lease_expires_at: SystemTime,
+    },
+    /// The effect already happened: replay this outcome.
+    Completed(Completed),
+    /// The key was used with a different request (answer 409/422).
+    Mismatch,
+}
+
+/// Proof of holding a claim. Stale once another claim took the key over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimToken {
+    pub(crate) key: Box<[u8]>,
+    pub(crate) id: u64,
+    pub(crate) recovered: bool,
+    pub(crate) checkpoint: Option<Vec<u8>>,
+    pub(crate) lease_expires_at: SystemTime,
+}
+
+impl ClaimToken {
+    /// The key this token holds.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// An opaque number that fences this holding: a later holder of the key gets a larger one.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// True when this claim took over an earlier holder's claim: an orphan of a process that
+    /// died, or a holder whose lease ran out. Resume from [`ClaimToken::checkpoint`].
+    pub fn recovered(&self) -> bool {
+        self.recovered
+    }
+
+    /// The last checkpoint recorded for this key's claim (by this or an earlier holder).
+    pub fn checkpoint(&self) -> Option<&[u8]> {
+        self.checkpoint.as_deref()
+    }
+
+    /// When this holding's lease ends.
+    pub fn lease_expires_at(&self) -> SystemTime {
+        self.lease_expires_at
+    }
+}
+
+/// A completed claim: the stored outcome, replayed to every repeat of the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    /// The outcome bytes given to `complete`.
+    pub outcome: Vec<u8>,
+    /// When `complete` was called.
+    pub completed_at: SystemTime,
+    /// When the claim was made.
+    pub claimed_at: SystemTime,
+    /// When the key leaves the window.
+    pub expires_at: SystemTime,
+}
+
+/// What `get` finds for a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// Claimed and not yet completed.
+    InFlight {
+        /// When the claim was made (or taken over).
+        claimed_at: SystemTime,
+        /// When the holder's lease ends.
+        lease_expires_at: SystemTime,
+        /// When the key leaves the window.
+        expires_at: SystemTime,
+        /// The last checkpoint, if any.
+        checkpoint: Option<Vec<u8>>,
+        /// True when the holder belonged to an earlier process (see `Store::orphans`).
+        orphaned: bool,
+    },
+    /// Completed; the outcome is kept until the key expires.
+    Completed(Completed),
+}
+
+/// An in-flight claim whose holder died with an earlier process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    /// The key.
+    pub key: Vec<u8>,
+    /// When the dead holder claimed it.
+    pub claimed_at: SystemTime,
+    /// When its lease ends (or ended).
+    pub lease_expires_at: SystemTime,
+    /// The last checkpoint the dead holder recorded.
+    pub checkpoint: Option<Vec<u8>>,
+}
