@@ -111,35 +111,29 @@ impl fmt::Display for Error {
             Error::Io { context, path, source } => {
                 write!(f, "{context} ({}): {source}", path.display())
             }
-            Error::Locked { dir } => write!(
-                f,
-                "store {} is locked by another open store (in this or another process)",
-                dir.display()
-            ),
+            Error::Locked { dir } => {
+                write!(f, "store {} is locked by another open store (in this or another process)", dir.display())
+            }
             Error::StaleToken => write!(f, "claim token is stale: the claim is no longer held by it"),
             Error::Corrupt { file, offset, reason } => {
                 write!(f, "corrupt record in {} at offset {offset}: {reason}", file.display())
             }
-            Error::UnsupportedVersion { file, found, supported } => write!(
-                f,
-                "{} has format version {found}; this build supports version {supported}",
-                file.display()
-            ),
+            Error::UnsupportedVersion { file, found, supported } => {
+                write!(f, "{} has format version {found}; this build supports version {supported}", file.display())
+            }
             Error::EmptyKey => write!(f, "key is empty"),
             Error::KeyTooLong { len, max } => write!(f, "key is {len} bytes; the limit is {max}"),
             Error::OutcomeTooLong { len, max } => {
                 write!(f, "outcome is {len} bytes; the limit is {max}")
             }
             Error::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
-            Error::Poisoned { cause } => write!(
-                f,
-                "store is poisoned by an earlier failed write or sync ({cause}); reopen it"
-            ),
+            Error::Poisoned { cause } => {
+                write!(f, "store is poisoned by an earlier failed write or sync ({cause}); reopen it")
+            }
             Error::NoSpace { path } => write!(f, "no space left on device for {}", path.display()),
-            Error::DiskBudgetExceeded { used_bytes, max_bytes } => write!(
-                f,
-                "disk budget exceeded: {used_bytes} bytes used, max_disk_bytes is {max_bytes}"
-            ),
+            Error::DiskBudgetExceeded { used_bytes, max_bytes } => {
+                write!(f, "disk budget exceeded: {used_bytes} bytes used, max_disk_bytes is {max_bytes}")
+            }
             Error::ReadOnly => write!(f, "store is open read-only"),
         }
     }

@@ -46,6 +46,7 @@ mod types;
 pub use clock::{Clock, ManualClock, SystemClock, ms_to_system_time, system_time_to_ms};
 pub use error::{Error, Result};
 pub use options::{ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy};
+pub use recovery::{FileReport, VerifyReport};
 pub use stats::{RecoveryStats, Stats};
 pub use store::Store;
 pub use types::{Claim, ClaimToken, Completed, Entry, Orphan};

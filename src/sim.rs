@@ -243,7 +243,8 @@ impl Io for SimDisk {
         if state.files.contains_key(path) {
             return Err(io::ErrorKind::AlreadyExists.into());
         }
-        let file = Arc::new(SimFile { state: Mutex::new(FileState::default()), disk: self.faults.clone(), writable: true });
+        let file =
+            Arc::new(SimFile { state: Mutex::new(FileState::default()), disk: self.faults.clone(), writable: true });
         state.files.insert(path.to_path_buf(), file.clone());
         Ok(Box::new(SimHandle(file)))
     }

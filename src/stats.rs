@@ -169,13 +169,28 @@ impl Stats {
                 ("op=\"remove\"", self.removes_total),
             ],
         );
-        family("idemstore_keys_expired_total", "counter", "Index entries dropped by expiry.", &[("", self.keys_expired_total)]);
-        family("idemstore_buckets_expired_total", "counter", "Expiry buckets dropped whole.", &[("", self.buckets_expired_total)]);
+        family(
+            "idemstore_keys_expired_total",
+            "counter",
+            "Index entries dropped by expiry.",
+            &[("", self.keys_expired_total)],
+        );
+        family(
+            "idemstore_buckets_expired_total",
+            "counter",
+            "Expiry buckets dropped whole.",
+            &[("", self.buckets_expired_total)],
+        );
         family("idemstore_index_entries", "gauge", "Keys in the in-memory index.", &[("", self.index_entries)]);
         family("idemstore_segments", "gauge", "Live segment files.", &[("", self.segments)]);
         family("idemstore_disk_bytes", "gauge", "Bytes reserved on disk by segment files.", &[("", self.disk_bytes)]);
         family("idemstore_syncs_total", "counter", "fdatasync rounds.", &[("", self.syncs_total)]);
-        family("idemstore_synced_records_total", "counter", "Records made durable by syncs.", &[("", self.synced_records_total)]);
+        family(
+            "idemstore_synced_records_total",
+            "counter",
+            "Records made durable by syncs.",
+            &[("", self.synced_records_total)],
+        );
         family(
             "idemstore_sync_latency_microseconds_total",
             "counter",
@@ -190,8 +205,18 @@ impl Stats {
             "Torn tail bytes truncated at open.",
             &[("", self.recovery.torn_bytes_truncated)],
         );
-        family("idemstore_recovery_duration_microseconds", "gauge", "Time the open took.", &[("", self.recovery.duration_us)]);
-        family("idemstore_poisoned", "gauge", "1 when a failed write or sync stopped writes.", &[("", u64::from(self.poisoned.is_some()))]);
+        family(
+            "idemstore_recovery_duration_microseconds",
+            "gauge",
+            "Time the open took.",
+            &[("", self.recovery.duration_us)],
+        );
+        family(
+            "idemstore_poisoned",
+            "gauge",
+            "1 when a failed write or sync stopped writes.",
+            &[("", u64::from(self.poisoned.is_some()))],
+        );
         out
     }
 }

@@ -14,10 +14,10 @@ use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
 use crate::index::{Index, Shard};
 use crate::io::DirLock;
-use crate::log::{Log, LogLimits, Loc};
-use crate::options::{ClaimOptions, Durability, OrphanPolicy, Options};
+use crate::log::{Loc, Log, LogLimits};
+use crate::options::{ClaimOptions, Durability, Options, OrphanPolicy};
 use crate::record::{HEADER_LEN, Header, Kind, VALUE_LEN_FORMAT_MAX, align_up};
-use crate::recovery::{self, Mode};
+use crate::recovery::{self, Mode, VerifyReport};
 use crate::segment::{Probe, SEGMENT_HEADER_LEN};
 use crate::stats::{Counters, RecoveryStats, Stats};
 use crate::sync::{Arc, Condvar, Mutex};
@@ -71,10 +71,10 @@ fn validate_options(options: &Options) -> Result<()> {
         return Err(Error::InvalidArgument("a Periodic interval must be positive"));
     }
     let largest_record = align_up((HEADER_LEN + options.max_key_len + options.max_outcome_len) as u64);
-    if options.segment_bytes_max > u64::from(u32::MAX) || options.segment_bytes_max < SEGMENT_HEADER_LEN + largest_record {
-        return Err(Error::InvalidArgument(
-            "segment_bytes_max must hold the largest record and be at most 4 GiB",
-        ));
+    if options.segment_bytes_max > u64::from(u32::MAX)
+        || options.segment_bytes_max < SEGMENT_HEADER_LEN + largest_record
+    {
+        return Err(Error::InvalidArgument("segment_bytes_max must hold the largest record and be at most 4 GiB"));
     }
     Ok(())
 }
@@ -137,7 +137,9 @@ impl Store {
         let limits = LogLimits {
             bucket_width_ms: duration_to_ms(options.bucket_width),
             segment_bytes_max: options.segment_bytes_max,
-            segment_bytes_initial: options.segment_bytes_initial.clamp(SEGMENT_HEADER_LEN + 1, options.segment_bytes_max),
+            segment_bytes_initial: options
+                .segment_bytes_initial
+                .clamp(SEGMENT_HEADER_LEN + 1, options.segment_bytes_max),
             disk_bytes_max: options.max_disk_bytes,
         };
         let log = Log::new(io, dir.clone(), limits, recovered.segments, recovered.next_seq, recovered.next_segment_id);
@@ -190,12 +192,7 @@ impl Store {
     /// Fails on an empty or over-long key, a zero TTL or lease, a full disk or disk budget,
     /// a poisoned or read-only store. Under `Durability::Sync` it returns only once the record
     /// behind its answer is durable.
-    pub fn claim_with(
-        &self,
-        key: impl AsRef<[u8]>,
-        request: impl AsRef<[u8]>,
-        options: ClaimOptions,
-    ) -> Result<Claim> {
+    pub fn claim_with(&self, key: impl AsRef<[u8]>, request: impl AsRef<[u8]>, options: ClaimOptions) -> Result<Claim> {
         self.inner.claim(key.as_ref(), request.as_ref(), &options)
     }
 
@@ -226,6 +223,20 @@ impl Store {
     /// key is `Ok`. An in-flight holder's token becomes stale.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<()> {
         self.inner.remove(key.as_ref())
+    }
+
+    /// Every key in the window with its entry, sorted by key (absent, released, removed and
+    /// expired keys are left out). Reads the whole index: meant for tools, not hot paths.
+    pub fn keys(&self) -> Result<Vec<(Vec<u8>, Entry)>> {
+        self.inner.keys()
+    }
+
+    /// Checks every checksum of every segment file in `dir` without changing a byte and
+    /// without taking the lock, so it works on a live store. Torn tails are reported, not
+    /// counted as problems.
+    pub fn verify(dir: impl AsRef<Path>) -> Result<VerifyReport> {
+        let options = Options::default();
+        recovery::verify(options.io.as_ref(), dir.as_ref(), options.segment_bytes_max)
     }
 
     /// In-flight claims whose holder belonged to an earlier process.
@@ -631,6 +642,32 @@ impl Inner {
         locked.changed.notify_all();
         Counters::bump(&self.counters.removes);
         self.settle(written.seq)
+    }
+
+    fn keys(&self) -> Result<Vec<(Vec<u8>, Entry)>> {
+        let mut keys = Vec::new();
+        for locked in self.index.shards() {
+            let entries = locked.shard.lock().entries();
+            for (_, loc) in entries {
+                let key = self.log.with_segment(loc.segment, |s| -> Result<Vec<u8>> {
+                    let offset = u64::from(loc.offset);
+                    let raw = s.read_raw(offset, HEADER_LEN)?;
+                    let header = crate::record::parse_header(&raw).map_err(|e| Error::Corrupt {
+                        file: s.path.clone(),
+                        offset,
+                        reason: e.reason(),
+                    })?;
+                    s.read_key(offset, &header)
+                });
+                if let Some(key) = key.transpose()?
+                    && let Some(entry) = self.get(&key)?
+                {
+                    keys.push((key, entry));
+                }
+            }
+        }
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(keys)
     }
 
     fn orphans(&self) -> Result<Vec<Orphan>> {

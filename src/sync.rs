@@ -5,8 +5,8 @@
 #[cfg(not(loom))]
 mod imp {
     pub use parking_lot::{Condvar, Mutex, MutexGuard};
-    pub use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     pub use std::sync::Arc;
+    pub use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     /// Waits on `cv` until notified or `timeout` passes; true when it timed out.
     pub fn wait_for<T>(cv: &Condvar, guard: &mut MutexGuard<'_, T>, timeout: std::time::Duration) -> bool {
