@@ -1,0 +1,574 @@
+//! `idemstore`: the command line for on-call people. It inspects a store directory (`stats`,
+//! `get`, `list`, `dump`, `verify`) through the read-only open, so it works on a live store that
+//! another process is writing, and removes a key (`remove`) through the writer, which needs the
+//! store's lock.
+//!
+//! Keys are given as text, or as `hex:` followed by hex digits for binary keys; keys are shown
+//! the same way (text when it is printable UTF-8 and does not itself start with `hex:`).
+//!
+//! Exit codes: 0 success; 1 a negative answer (`get` of an absent key, `verify` that found a
+//! problem); 2 an error, reported as one line on stderr (`error: ...`) — clap's own usage
+//! errors also exit with 2.
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use idemstore::{Entry, Error, LOCK_FILE_NAME, Options, Store, system_time_to_ms};
+
+/// Inspect and repair an idemstore directory (an embedded idempotency-key store).
+#[derive(Parser, Debug)]
+#[command(name = "idemstore", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Sizes, recovery figures and counters of the store (read-only view).
+    ///
+    /// The `*_total` counters of a read-only view count only since the view was opened, so they
+    /// are zero here: a running service serves its own counters through `Stats::to_prometheus`.
+    Stats {
+        /// The store directory.
+        dir: PathBuf,
+        /// Print the Prometheus text exposition format instead of a table.
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// The state of one key: absent, in flight, orphaned or completed, with its outcome and times.
+    ///
+    /// Exit code 1 when the key is absent (never claimed, released, removed or expired).
+    Get {
+        /// The store directory.
+        dir: PathBuf,
+        /// The key, as text or as `hex:<hex digits>`.
+        key: String,
+        /// Show the outcome and checkpoint in hex even when they are UTF-8 text.
+        #[arg(long)]
+        hex: bool,
+        /// Show times as milliseconds since the Unix epoch instead of UTC dates.
+        #[arg(long)]
+        ms: bool,
+    },
+    /// Every live key, one per line: key, state, expiry (tab-separated), sorted by key.
+    List {
+        /// The store directory.
+        dir: PathBuf,
+        /// Only keys starting with this prefix (text or `hex:<hex digits>`).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Only keys in this state.
+        #[arg(long, value_enum)]
+        state: Option<StateFilter>,
+        /// Show times as milliseconds since the Unix epoch instead of UTC dates.
+        #[arg(long)]
+        ms: bool,
+    },
+    /// Every live key with its full entry (outcome, checkpoint, times), sorted by key.
+    Dump {
+        /// The store directory.
+        dir: PathBuf,
+        /// Print a JSON array (times in ms; byte strings as text when UTF-8, always also as hex).
+        #[arg(long)]
+        json: bool,
+        /// Show outcomes and checkpoints in hex even when they are UTF-8 text (text output).
+        #[arg(long)]
+        hex: bool,
+        /// Show times as milliseconds since the Unix epoch instead of UTC dates (text output).
+        #[arg(long)]
+        ms: bool,
+    },
+    /// Check every checksum of every segment file; say what is torn or corrupt. Changes nothing.
+    ///
+    /// Exit code 0 when no file has a problem (a torn tail, an unfinished last write that the
+    /// next open truncates, is reported but is not a problem), 1 otherwise.
+    Verify {
+        /// The store directory.
+        dir: PathBuf,
+    },
+    /// Remove one key (a tombstone). Needs the writer's lock: fails while a process has the
+    /// store open.
+    Remove {
+        /// The store directory.
+        dir: PathBuf,
+        /// The key, as text or as `hex:<hex digits>`.
+        key: String,
+    },
+}
+
+/// The states `list --state` selects.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum StateFilter {
+    /// Claimed, not completed, holder alive.
+    InFlight,
+    /// Completed: the outcome is stored.
+    Completed,
+    /// Claimed by a process that is gone (the next claim takes it over).
+    Orphaned,
+}
+
+/// A failure of the command: printed as one line.
+struct Failure(String);
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Failure(format!("writing output: {e}"))
+    }
+}
+
+type CliResult = Result<ExitCode, Failure>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let result = run(cli.command, &mut out).and_then(|code| out.flush().map(|()| code).map_err(Failure::from));
+    match result {
+        Ok(code) => code,
+        // A reader that went away (`idemstore list DIR | head`) is not an error.
+        Err(Failure(message)) if message.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            let one_line = message.replace('\n', " ");
+            eprintln!("error: {one_line}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command, out: &mut impl Write) -> CliResult {
+    match command {
+        Command::Stats { dir, prometheus } => stats(&dir, prometheus, out),
+        Command::Get { dir, key, hex, ms } => get(&dir, &key, Show { hex, ms }, out),
+        Command::List { dir, prefix, state, ms } => list(&dir, prefix.as_deref(), state, ms, out),
+        Command::Dump { dir, json, hex, ms } => dump(&dir, json, Show { hex, ms }, out),
+        Command::Verify { dir } => verify(&dir, out),
+        Command::Remove { dir, key } => remove(&dir, &key, out),
+    }
+}
+
+/// How byte strings and times are shown.
+#[derive(Clone, Copy)]
+struct Show {
+    hex: bool,
+    ms: bool,
+}
+
+fn open_view(dir: &Path) -> Result<Store, Failure> {
+    require_store_dir(dir)?;
+    Ok(Store::open_read_only(dir)?)
+}
+
+/// Refuses a path that is not a directory, so that a typo is an error and not an empty store.
+fn require_store_dir(dir: &Path) -> Result<(), Failure> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(Failure(format!("{} is not a directory", dir.display()))),
+        Err(e) => Err(Failure(format!("cannot open store directory {}: {e}", dir.display()))),
+    }
+}
+
+fn stats(dir: &Path, prometheus: bool, out: &mut impl Write) -> CliResult {
+    let store = open_view(dir)?;
+    let stats = store.stats();
+    if prometheus {
+        out.write_all(stats.to_prometheus().as_bytes())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r = &stats.recovery;
+    let rows: [(&str, String); 16] = [
+        ("store", dir.display().to_string()),
+        ("index_entries", stats.index_entries.to_string()),
+        ("segments", stats.segments.to_string()),
+        ("disk_bytes", stats.disk_bytes.to_string()),
+        ("last_seq", stats.last_seq.to_string()),
+        ("recovery_duration_us", r.duration_us.to_string()),
+        ("recovery_records", r.records.to_string()),
+        ("recovery_segments", r.segments.to_string()),
+        ("recovery_torn_tails", r.torn_tails.to_string()),
+        ("recovery_torn_bytes", r.torn_bytes_truncated.to_string()),
+        ("recovery_tables_rebuilt", r.tables_rebuilt.to_string()),
+        ("claims_acquired_total", stats.claims_acquired_total.to_string()),
+        ("duplicates_blocked_total", stats.duplicates_blocked_total().to_string()),
+        ("mismatches_total", stats.mismatches_total.to_string()),
+        ("completes_total", stats.completes_total.to_string()),
+        ("poisoned", stats.poisoned.clone().unwrap_or_else(|| "no".into())),
+    ];
+    for (name, value) in rows {
+        writeln!(out, "{name:<26}{value}")?;
+    }
+    writeln!(out, "(a read-only view: *_total counters count since this view opened; a service serves its own)")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn get(dir: &Path, key_arg: &str, show: Show, out: &mut impl Write) -> CliResult {
+    let key = parse_key(key_arg)?;
+    let store = open_view(dir)?;
+    let Some(entry) = store.get(&key)? else {
+        writeln!(out, "key         {}", display_key(&key))?;
+        writeln!(out, "state       absent")?;
+        return Ok(ExitCode::from(1));
+    };
+    writeln!(out, "key         {}", display_key(&key))?;
+    writeln!(out, "state       {}", state_name(&entry))?;
+    match &entry {
+        Entry::Completed(done) => {
+            writeln!(out, "outcome     {}", display_bytes(&done.outcome, show.hex))?;
+            writeln!(out, "claimed_at  {}", display_time(done.claimed_at, show.ms))?;
+            writeln!(out, "completed_at {}", display_time(done.completed_at, show.ms))?;
+            writeln!(out, "expires_at  {}", display_time(done.expires_at, show.ms))?;
+        }
+        Entry::InFlight { claimed_at, lease_expires_at, expires_at, checkpoint, .. } => {
+            let checkpoint = checkpoint.as_deref().map_or_else(|| "(none)".to_string(), |c| display_bytes(c, show.hex));
+            writeln!(out, "checkpoint  {checkpoint}")?;
+            writeln!(out, "claimed_at  {}", display_time(*claimed_at, show.ms))?;
+            writeln!(out, "lease_until {}", display_time(*lease_expires_at, show.ms))?;
+            writeln!(out, "expires_at  {}", display_time(*expires_at, show.ms))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(dir: &Path, prefix: Option<&str>, state: Option<StateFilter>, ms: bool, out: &mut impl Write) -> CliResult {
+    let prefix = prefix.map(parse_prefix).transpose()?;
+    let store = open_view(dir)?;
+    for (key, entry) in store.keys()? {
+        if prefix.as_ref().is_some_and(|p| !key.starts_with(p)) {
+            continue;
+        }
+        if state.is_some_and(|wanted| state_of(&entry) != wanted) {
+            continue;
+        }
+        writeln!(out, "{}\t{}\t{}", display_key(&key), state_name(&entry), display_time(expires_at(&entry), ms))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dump(dir: &Path, json: bool, show: Show, out: &mut impl Write) -> CliResult {
+    let store = open_view(dir)?;
+    let keys = store.keys()?;
+    if json {
+        writeln!(out, "[")?;
+        let last = keys.len().saturating_sub(1);
+        for (i, (key, entry)) in keys.iter().enumerate() {
+            let comma = if i == last { "" } else { "," };
+            writeln!(out, "{}{comma}", json_entry(key, entry))?;
+        }
+        writeln!(out, "]")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (key, entry) in &keys {
+        let mut line = format!("{} {}", display_key(key), state_name(entry));
+        match entry {
+            Entry::Completed(done) => {
+                let _ = write!(
+                    line,
+                    " claimed_at={} completed_at={} expires_at={} outcome={}",
+                    display_time(done.claimed_at, show.ms),
+                    display_time(done.completed_at, show.ms),
+                    display_time(done.expires_at, show.ms),
+                    display_bytes(&done.outcome, show.hex)
+                );
+            }
+            Entry::InFlight { claimed_at, lease_expires_at, expires_at, checkpoint, .. } => {
+                let _ = write!(
+                    line,
+                    " claimed_at={} lease_until={} expires_at={}",
+                    display_time(*claimed_at, show.ms),
+                    display_time(*lease_expires_at, show.ms),
+                    display_time(*expires_at, show.ms)
+                );
+                if let Some(checkpoint) = checkpoint {
+                    let _ = write!(line, " checkpoint={}", display_bytes(checkpoint, show.hex));
+                }
+            }
+        }
+        writeln!(out, "{line}")?;
+    }
+    writeln!(out, "{} live keys", keys.len())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(dir: &Path, out: &mut impl Write) -> CliResult {
+    require_store_dir(dir)?;
+    let report = Store::verify(dir)?;
+    let mut records = 0u64;
+    let mut torn = 0usize;
+    let mut bad = 0usize;
+    for file in &report.files {
+        let name =
+            file.path.file_name().map_or_else(|| file.path.display().to_string(), |n| n.to_string_lossy().into());
+        records += file.records;
+        match &file.problem {
+            Some((offset, reason)) => {
+                bad += 1;
+                writeln!(
+                    out,
+                    "{name}: CORRUPT at offset {offset}: {reason} ({} valid records before it)",
+                    file.records
+                )?;
+            }
+            None if file.torn_bytes > 0 => {
+                torn += 1;
+                writeln!(
+                    out,
+                    "{name}: ok, {} records; torn tail of {} bytes (an unfinished write, dropped at the next open)",
+                    file.records, file.torn_bytes
+                )?;
+            }
+            None => writeln!(out, "{name}: ok, {} records", file.records)?,
+        }
+    }
+    let verdict = if report.is_clean() { "clean" } else { "NOT clean" };
+    writeln!(
+        out,
+        "{verdict}: {} files, {records} records, {torn} torn tails, {bad} files with problems",
+        report.files.len()
+    )?;
+    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn remove(dir: &Path, key_arg: &str, out: &mut impl Write) -> CliResult {
+    let key = parse_key(key_arg)?;
+    require_store_dir(dir)?;
+    // `Store::open` creates a store where there is none: refuse a directory that holds none.
+    if !dir.join(LOCK_FILE_NAME).exists() {
+        return Err(Failure(format!("{} holds no idemstore store (no {LOCK_FILE_NAME} file)", dir.display())));
+    }
+    let store = match Store::open(dir, Options { background: false, ..Options::default() }) {
+        Ok(store) => store,
+        Err(Error::Locked { .. }) => {
+            return Err(Failure(format!(
+                "cannot remove: store {} is open in another process, which holds its writer lock; \
+                 remove the key through that process or stop it first",
+                dir.display()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let before = store.get(&key)?;
+    store.remove(&key)?;
+    store.close()?;
+    match before {
+        Some(entry) => writeln!(out, "removed {} (it was {})", display_key(&key), state_name(&entry))?,
+        None => writeln!(out, "{} was absent; nothing to remove", display_key(&key))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn state_of(entry: &Entry) -> StateFilter {
+    match entry {
+        Entry::Completed(_) => StateFilter::Completed,
+        Entry::InFlight { orphaned: true, .. } => StateFilter::Orphaned,
+        Entry::InFlight { orphaned: false, .. } => StateFilter::InFlight,
+    }
+}
+
+fn state_name(entry: &Entry) -> &'static str {
+    match state_of(entry) {
+        StateFilter::InFlight => "in-flight",
+        StateFilter::Completed => "completed",
+        StateFilter::Orphaned => "orphaned",
+    }
+}
+
+fn expires_at(entry: &Entry) -> SystemTime {
+    match entry {
+        Entry::Completed(done) => done.expires_at,
+        Entry::InFlight { expires_at, .. } => *expires_at,
+    }
+}
+
+/// A key from the command line: `hex:<digits>` or the text's bytes.
+fn parse_key(arg: &str) -> Result<Vec<u8>, Failure> {
+    let key = parse_prefix(arg)?;
+    if key.is_empty() {
+        return Err(Failure("the key is empty".into()));
+    }
+    Ok(key)
+}
+
+fn parse_prefix(arg: &str) -> Result<Vec<u8>, Failure> {
+    match arg.strip_prefix("hex:") {
+        Some(digits) => decode_hex(digits).ok_or_else(|| {
+            Failure(format!("{arg:?} is not valid hex: give an even number of digits 0-9, a-f after `hex:`"))
+        }),
+        None => Ok(arg.as_bytes().to_vec()),
+    }
+}
+
+fn decode_hex(digits: &str) -> Option<Vec<u8>> {
+    let digits = digits.as_bytes();
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    let nibble = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    digits.chunks_exact(2).map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?)).collect()
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// A key as the command line takes it back: text when printable and unambiguous, else `hex:`.
+fn display_key(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) if !text.starts_with("hex:") && !text.chars().any(char::is_control) => text.to_string(),
+        _ => format!("hex:{}", encode_hex(key)),
+    }
+}
+
+/// An outcome or checkpoint: text (quoted, escaped) when UTF-8, else `hex:...`.
+fn display_bytes(bytes: &[u8], force_hex: bool) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !force_hex => format!("{text:?}"),
+        _ => format!("hex:{}", encode_hex(bytes)),
+    }
+}
+
+/// A time as UTC `YYYY-MM-DDTHH:MM:SS.mmmZ`, or as milliseconds since the epoch.
+fn display_time(t: SystemTime, ms: bool) -> String {
+    let millis = system_time_to_ms(t);
+    if ms { millis.to_string() } else { rfc3339_utc(millis) }
+}
+
+fn rfc3339_utc(millis: u64) -> String {
+    let secs = millis / 1000;
+    let (days, day_secs) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        day_secs / 3600,
+        day_secs / 60 % 60,
+        day_secs % 60,
+        millis % 1000
+    )
+}
+
+/// (year, month, day) of the `days`-th day after 1970-01-01 (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// One key's entry as a JSON object. Byte strings appear as `"<name>_hex"` always and as
+/// `"<name>"` text when they are UTF-8.
+fn json_entry(key: &[u8], entry: &Entry) -> String {
+    let mut obj = String::from("{");
+    json_bytes_field(&mut obj, "key", key);
+    let _ = write!(obj, ",\"state\":\"{}\"", state_name(entry));
+    match entry {
+        Entry::Completed(done) => {
+            let _ = write!(
+                obj,
+                ",\"claimed_at_ms\":{},\"completed_at_ms\":{},\"expires_at_ms\":{},",
+                system_time_to_ms(done.claimed_at),
+                system_time_to_ms(done.completed_at),
+                system_time_to_ms(done.expires_at)
+            );
+            json_bytes_field(&mut obj, "outcome", &done.outcome);
+        }
+        Entry::InFlight { claimed_at, lease_expires_at, expires_at, checkpoint, orphaned } => {
+            let _ = write!(
+                obj,
+                ",\"claimed_at_ms\":{},\"lease_until_ms\":{},\"expires_at_ms\":{},\"orphaned\":{orphaned}",
+                system_time_to_ms(*claimed_at),
+                system_time_to_ms(*lease_expires_at),
+                system_time_to_ms(*expires_at)
+            );
+            match checkpoint {
+                Some(checkpoint) => {
+                    obj.push(',');
+                    json_bytes_field(&mut obj, "checkpoint", checkpoint);
+                }
+                None => obj.push_str(",\"checkpoint\":null"),
+            }
+        }
+    }
+    obj.push('}');
+    obj
+}
+
+fn json_bytes_field(obj: &mut String, name: &str, bytes: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        let _ = write!(obj, "\"{name}\":");
+        json_string(obj, text);
+        obj.push(',');
+    }
+    let _ = write!(obj, "\"{name}_hex\":\"{}\"", encode_hex(bytes));
+}
+
+/// Appends `text` as a JSON string literal (RFC 8259 escaping).
+fn json_string(obj: &mut String, text: &str) {
+    obj.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => obj.push_str("\\\""),
+            '\\' => obj.push_str("\\\\"),
+            '\n' => obj.push_str("\\n"),
+            '\r' => obj.push_str("\\r"),
+            '\t' => obj.push_str("\\t"),
+            '\u{08}' => obj.push_str("\\b"),
+            '\u{0c}' => obj.push_str("\\f"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(obj, "\\u{:04x}", u32::from(c));
+            }
+            c => obj.push(c),
+        }
+    }
+    obj.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_utc_civil_dates() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00.000Z");
+        // 2000-02-29 (a leap day) 12:34:56.789 UTC.
+        assert_eq!(rfc3339_utc(951_827_696_789), "2000-02-29T12:34:56.789Z");
+        assert_eq!(rfc3339_utc(1_700_000_000_000), "2023-11-14T22:13:20.000Z");
+    }
+
+    #[test]
+    fn hex_keys_round_trip_and_bad_hex_is_refused() {
+        assert_eq!(parse_key("hex:00ff10").ok(), Some(vec![0, 255, 16]));
+        assert_eq!(parse_key("hex:ABcd").ok(), Some(vec![0xab, 0xcd]));
+        assert!(parse_key("hex:abc").is_err());
+        assert!(parse_key("hex:zz").is_err());
+        assert!(parse_key("").is_err());
+        assert_eq!(display_key(&[0, 255]), "hex:00ff");
+        assert_eq!(display_key(b"hex:ab"), "hex:6865783a6162");
+        assert_eq!(parse_key(&display_key(b"hex:ab")).ok(), Some(b"hex:ab".to_vec()));
+        assert_eq!(display_key(b"order-42"), "order-42");
+    }
+
+    #[test]
+    fn json_strings_escape_quotes_backslashes_and_controls() {
+        let mut s = String::new();
+        json_string(&mut s, "a\"b\\c\nd\u{1}é");
+        assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
+    }
+}
