@@ -295,3 +295,20 @@ fn every_stats_field_lands_in_its_own_sample() {
     let healthy = Stats { poisoned: None, ..stats };
     assert_eq!(parse(&healthy.to_prometheus()).expect("valid").value("idemstore_poisoned", &[]), 0.0);
 }
+
+/// A duplicate that waited for the holder and then got the stored outcome did not run the
+/// effect: it is a blocked duplicate, in `duplicates_blocked_total()` and in the dashboard
+/// query `sum(idemstore_claims_total{outcome!="acquired"})`.
+#[test]
+fn duplicates_replayed_after_waiting_count_as_blocked() {
+    let stats = Stats { duplicates_waited_total: 4, duplicates_replayed_total: 1, ..Stats::default() };
+    assert_eq!(stats.duplicates_blocked_total(), 5, "waited replays are blocked duplicates");
+    let exposition = parse(&stats.to_prometheus()).expect("valid exposition");
+    let blocked: f64 = exposition.families["idemstore_claims_total"]
+        .samples
+        .iter()
+        .filter(|(labels, _)| *labels != "outcome=\"acquired\"")
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(blocked, 5.0, "the dashboard query sees the waited replays too");
+}
