@@ -29,6 +29,8 @@
 mod clock;
 mod commit;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod index;
 pub mod io;
 mod log;

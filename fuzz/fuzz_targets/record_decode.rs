@@ -1,0 +1,4 @@
+//! Fuzz target: `idemstore::fuzzing::record_decode` (the body and the promise it checks live there).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| idemstore::fuzzing::record_decode(data));
