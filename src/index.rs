@@ -27,6 +27,9 @@ impl Hasher for PremixedHasher {
             self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         }
     }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
     fn write_u64(&mut self, n: u64) {
         let x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         self.0 = x ^ (x >> 29);
@@ -34,6 +37,9 @@ impl Hasher for PremixedHasher {
 }
 
 type Table<V> = HashMap<u64, V, BuildHasherDefault<PremixedHasher>>;
+
+/// A map keyed by an integer id (segments, buckets) with a cheap hasher.
+pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<PremixedHasher>>;
 
 /// One shard: the primary table and the rare keys whose hash another key already uses.
 #[derive(Default)]
@@ -45,7 +51,8 @@ pub struct Shard {
 impl Shard {
     /// Every location that may hold `hash`'s key, primary first.
     pub fn candidates(&self, hash: u64) -> impl Iterator<Item = Loc> + '_ {
-        self.main.get(&hash).copied().into_iter().chain(self.spill.get(&hash).into_iter().flatten().copied())
+        let spilled = if self.spill.is_empty() { None } else { self.spill.get(&hash) };
+        self.main.get(&hash).copied().into_iter().chain(spilled.into_iter().flatten().copied())
     }
 
     /// Points the key that lived at `old` (or a new key, when `old` is `None`) at `new`.

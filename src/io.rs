@@ -53,6 +53,10 @@ pub trait IoFile: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// Gives back allocated space past `len` and shrinks the file to it (best effort).
     fn truncate(&self, len: u64) -> io::Result<()>;
+    /// Closes the file descriptor of a file that will not grow again; reads, writes within
+    /// the reserved length and syncs keep working through the memory map. Bounds the number
+    /// of open descriptors however many files are live.
+    fn release_descriptor(&self) {}
 }
 
 pub(crate) fn out_of_range() -> io::Error {
@@ -126,7 +130,8 @@ impl Io for RealIo {
 /// A file mapped shared into memory over its whole capacity. Only the first `len` bytes are
 /// backed by the file; nothing past them is ever touched, so no access can raise SIGBUS.
 struct MappedFile {
-    file: File,
+    /// Present while the file may grow; syncs go through the map once it is released.
+    file: parking_lot::Mutex<Option<File>>,
     map: MmapRaw,
     capacity: u64,
     len: AtomicU64,
@@ -141,7 +146,7 @@ impl MappedFile {
         let mut options = MmapOptions::new();
         options.len(map_len);
         let map = if writable { options.map_raw(&file)? } else { options.map_raw_read_only(&file)? };
-        Ok(MappedFile { file, map, capacity, len: AtomicU64::new(len), writable })
+        Ok(MappedFile { file: parking_lot::Mutex::new(Some(file)), map, capacity, len: AtomicU64::new(len), writable })
     }
 }
 
@@ -157,11 +162,25 @@ impl IoFile for MappedFile {
         if len > self.capacity || !self.writable {
             return Err(out_of_range());
         }
+        let guard = self.file.lock();
+        let Some(file) = guard.as_ref() else {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file descriptor already released"));
+        };
         let size = libc::off_t::try_from(len).map_err(|_| out_of_range())?;
         // SAFETY: fallocate on a file descriptor we own; no memory is touched.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, size) };
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
+        }
+        // Write the zeros for real: fallocate leaves "unwritten" extents, and the first
+        // fdatasync after writing into one must also commit the extent conversion. Zeroed
+        // blocks make later syncs pure data writes (measured here: ~130 us instead of ~200 us).
+        static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+        let mut at = self.len();
+        while at < len {
+            let n = (len - at).min(ZEROS.len() as u64) as usize;
+            std::os::unix::fs::FileExt::write_all_at(file, &ZEROS[..n], at)?;
+            at += n as u64;
         }
         self.len.store(len, Ordering::Release);
         Ok(())
@@ -201,14 +220,27 @@ impl IoFile for MappedFile {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        if let Some(file) = self.file.lock().as_ref() {
+            return file.sync_data();
+        }
+        // msync(MS_SYNC) on Linux is an fsync of the mapped range of the file the mapping holds.
+        let len = usize::try_from(self.len()).map_err(|_| out_of_range())?;
+        if len == 0 { Ok(()) } else { self.map.flush_range(0, len) }
     }
 
     fn truncate(&self, len: u64) -> io::Result<()> {
         if len < self.len() {
+            let guard = self.file.lock();
+            let Some(file) = guard.as_ref() else {
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file descriptor already released"));
+            };
             self.len.store(len, Ordering::Release);
-            self.file.set_len(len)?;
+            file.set_len(len)?;
         }
         Ok(())
+    }
+
+    fn release_descriptor(&self) {
+        self.file.lock().take();
     }
 }

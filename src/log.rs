@@ -5,13 +5,13 @@
 //! Lock order: index shard -> appender -> segments. The segments lock is a leaf: nothing else
 //! is taken while it is held.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
+use crate::index::IdMap;
 use crate::io::Io;
 use crate::record::{self, Header};
 use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader};
@@ -31,17 +31,20 @@ pub struct LogLimits {
     pub segment_bytes_max: u64,
     pub segment_bytes_initial: u64,
     pub disk_bytes_max: u64,
+    /// Most segments kept open for appends (each holds a file descriptor).
+    pub open_segments_max: usize,
 }
 
 struct Active {
     segment: Arc<Segment>,
     write_pos: u64,
+    last_write_seq: u64,
 }
 
 struct Appender {
     next_seq: u64,
     next_segment_id: u32,
-    active: HashMap<u64, Active>,
+    active: IdMap<u64, Active>,
     dirty: Vec<Arc<Segment>>,
     unsynced_bytes: u64,
     scratch: Vec<u8>,
@@ -53,7 +56,7 @@ pub struct Log {
     dir: PathBuf,
     limits: LogLimits,
     appender: Mutex<Appender>,
-    segments: RwLock<HashMap<u32, Arc<Segment>>>,
+    segments: RwLock<IdMap<u32, Arc<Segment>>>,
 }
 
 /// What one sync must cover: every record up to `through_seq`, in these segments.
@@ -68,7 +71,7 @@ impl Log {
         io: Arc<dyn Io>,
         dir: PathBuf,
         limits: LogLimits,
-        segments: HashMap<u32, Arc<Segment>>,
+        segments: IdMap<u32, Arc<Segment>>,
         next_seq: u64,
         next_segment_id: u32,
     ) -> Self {
@@ -79,7 +82,7 @@ impl Log {
             appender: Mutex::new(Appender {
                 next_seq,
                 next_segment_id,
-                active: HashMap::new(),
+                active: IdMap::default(),
                 dirty: Vec::new(),
                 unsynced_bytes: 0,
                 scratch: Vec::with_capacity(4096),
@@ -147,11 +150,20 @@ impl Log {
                 initial,
             )?);
             app.next_segment_id += 1;
+            if app.active.len() >= self.limits.open_segments_max {
+                // Bound the descriptors: the least recently written bucket gives its file up;
+                // a later write to that bucket opens a new segment.
+                if let Some(&coldest) = app.active.iter().min_by_key(|(_, a)| a.last_write_seq).map(|(b, _)| b)
+                    && let Some(evicted) = app.active.remove(&coldest)
+                {
+                    evicted.segment.release_descriptor();
+                }
+            }
             // A new file must be durable as a directory entry before anything in it counts.
             self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
             self.segments.write().insert(segment.id(), segment.clone());
             app.dirty.push(segment.clone());
-            app.active.insert(bucket, Active { segment, write_pos: SEGMENT_HEADER_LEN });
+            app.active.insert(bucket, Active { segment, write_pos: SEGMENT_HEADER_LEN, last_write_seq: 0 });
         }
         let Some(active) = app.active.get_mut(&bucket) else {
             return Err(Error::InvalidArgument("internal: active segment vanished"));
@@ -159,7 +171,12 @@ impl Log {
         let end = active.write_pos + len;
         let reserved = active.segment.len();
         if end > reserved {
-            let grown = (reserved.saturating_mul(2)).max(end).min(self.limits.segment_bytes_max.max(end));
+            // Grow in fixed steps: each step is zero-filled while the appender lock is held, so a
+            // step bounds that pause (and the first sync after it).
+            let grown = reserved
+                .saturating_add(self.limits.segment_bytes_initial)
+                .max(end)
+                .min(self.limits.segment_bytes_max.max(end));
             self.check_budget(grown - reserved)?;
             active.segment.reserve(grown)?;
         }
@@ -168,6 +185,7 @@ impl Log {
         debug_assert_eq!(app.scratch.len() as u64, len);
         active.segment.write_at(offset, &app.scratch)?;
         active.write_pos = end;
+        active.last_write_seq = header.seq;
         let loc = Loc { segment: active.segment.id(), offset: offset as u32 };
         if !app.dirty.iter().any(|s| Arc::ptr_eq(s, &active.segment)) {
             app.dirty.push(active.segment.clone());
@@ -216,7 +234,13 @@ impl Log {
     pub fn drop_expired(&self, now_ms: u64) -> Result<(usize, Vec<Arc<Segment>>)> {
         let dropped: Vec<Arc<Segment>> = {
             let mut app = self.appender.lock();
-            app.active.retain(|_, a| a.segment.header.bucket_end_ms > now_ms);
+            app.active.retain(|_, a| {
+                let live = a.segment.header.bucket_end_ms > now_ms;
+                if !live {
+                    a.segment.release_descriptor();
+                }
+                live
+            });
             app.dirty.retain(|s| s.header.bucket_end_ms > now_ms);
             let mut segments = self.segments.write();
             let expired: Vec<u32> =

@@ -64,6 +64,10 @@ pub struct Options {
     /// Under `Sync`, a writer first waits for a sync when this many bytes are unsynced
     /// (default 4 MiB): the cap on one group-commit batch.
     pub batch_bytes_max: u64,
+    /// Most segment files kept open for appends at once (default 64). Each holds one file
+    /// descriptor; other segments are read through their memory maps with no descriptor, so
+    /// the store holds at most this many plus the lock file however many buckets are live.
+    pub max_open_files: usize,
     /// Disk space the store may take; past it claims fail with `DiskBudgetExceeded` while
     /// replays and reads go on (default: unlimited).
     pub max_disk_bytes: u64,
@@ -91,6 +95,7 @@ impl Default for Options {
             segment_bytes_max: 64 << 20,
             segment_bytes_initial: 1 << 20,
             batch_bytes_max: 4 << 20,
+            max_open_files: 64,
             max_disk_bytes: u64::MAX,
             clock: Arc::new(SystemClock),
             io: Arc::new(RealIo),
@@ -111,6 +116,7 @@ impl fmt::Debug for Options {
             .field("max_outcome_len", &self.max_outcome_len)
             .field("bucket_width", &self.bucket_width)
             .field("segment_bytes_max", &self.segment_bytes_max)
+            .field("max_open_files", &self.max_open_files)
             .field("max_disk_bytes", &self.max_disk_bytes)
             .field("clock", &self.clock)
             .field("io", &self.io)

@@ -2,21 +2,20 @@
 //! refuse corruption that is not a tail, and rebuild the index keeping, per key, the record
 //! with the highest sequence number.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::index::Index;
+use crate::index::{IdMap, Index};
 use crate::io::Io;
 use crate::log::Loc;
-use crate::record::{self, DecodeError, HEADER_LEN, RECORD_ALIGN};
+use crate::record::{self, HEADER_LEN, RECORD_ALIGN};
 use crate::segment::{Probe, SEGMENT_HEADER_LEN, Segment, parse_segment_file_name};
 use crate::stats::RecoveryStats;
 
 /// What recovery hands to the store.
 pub struct Recovered {
-    pub segments: HashMap<u32, Arc<Segment>>,
+    pub segments: IdMap<u32, Arc<Segment>>,
     pub index: Index,
     pub next_seq: u64,
     pub next_segment_id: u32,
@@ -47,7 +46,7 @@ pub fn recover(
     let mut ids: Vec<u32> = names.iter().filter_map(|n| parse_segment_file_name(n)).collect();
     ids.sort_unstable();
     let mut stats = RecoveryStats::default();
-    let mut segments = HashMap::new();
+    let mut segments = IdMap::default();
     let index = Index::default();
     let mut max_seq = 0u64;
     let mut latest_time_ms = 0u64;
@@ -78,6 +77,13 @@ pub fn recover(
         let segment = Arc::new(segment);
         segments.insert(id, segment.clone());
         let scan = scan_segment(&segment, mode)?;
+        if mode == Mode::Writer {
+            // What a crashed process left in the page cache becomes durable before any answer
+            // is read from it.
+            segment.sync().map_err(|e| Error::io("sync recovered segment", &segment.path, e))?;
+        }
+        // Recovered segments are never appended to again: only the map is needed from now on.
+        segment.release_descriptor();
         stats.segments += 1;
         stats.torn_bytes_truncated += scan.torn_bytes;
         stats.torn_tails += u64::from(scan.torn_bytes > 0);
@@ -148,11 +154,12 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
                         reason: err.reason(),
                     });
                 }
-                if err == DecodeError::Zeros && bytes[pos..].iter().all(|&b| b == 0) {
+                if bytes[pos..].iter().all(|&b| b == 0) {
                     break;
                 }
+                let _ = err;
                 // A torn tail: the last write never completed. Zero it so the file ends cleanly.
-                let end = bytes.iter().rposition(|&b| b != 0).map_or(pos, |i| i + 1);
+                let end = bytes.iter().rposition(|&b| b != 0).map_or(pos, |i| i + 1).max(pos);
                 let torn = (end - pos) as u64;
                 if mode == Mode::Writer && torn > 0 {
                     segment.write_at(pos as u64, &vec![0u8; end - pos])?;

@@ -187,6 +187,11 @@ impl Segment {
         self.file.write_at(offset, bytes).map_err(|e| Error::io("write record", &self.path, e))
     }
 
+    /// Closes the descriptor of a segment that takes no more space (see `IoFile`).
+    pub fn release_descriptor(&self) {
+        self.file.release_descriptor();
+    }
+
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync()
     }

@@ -61,7 +61,9 @@ pub struct Stats {
     pub duplicates_in_progress_total: u64,
     /// Duplicate claims answered with the stored outcome.
     pub duplicates_replayed_total: u64,
-    /// Duplicate claims that waited for the holder (then replayed or took over).
+    /// Duplicate claims that waited for the holder and then got its outcome (not counted in
+    /// `duplicates_replayed_total`; a wait that ends in a takeover counts as acquired, one that
+    /// runs out as in progress).
     pub duplicates_waited_total: u64,
     /// Claims answered `Mismatch`.
     pub mismatches_total: u64,
@@ -110,7 +112,10 @@ pub struct Stats {
 impl Stats {
     /// Duplicate attempts blocked: every claim that did not run the effect again.
     pub fn duplicates_blocked_total(&self) -> u64 {
-        self.duplicates_in_progress_total + self.duplicates_replayed_total + self.mismatches_total
+        self.duplicates_in_progress_total
+            + self.duplicates_replayed_total
+            + self.duplicates_waited_total
+            + self.mismatches_total
     }
 
     /// The Prometheus text exposition format (version 0.0.4), ready to serve on `/metrics`.
@@ -137,6 +142,7 @@ impl Stats {
                 ("outcome=\"acquired\"", self.claims_acquired_total),
                 ("outcome=\"in_progress\"", self.duplicates_in_progress_total),
                 ("outcome=\"replayed\"", self.duplicates_replayed_total),
+                ("outcome=\"waited\"", self.duplicates_waited_total),
                 ("outcome=\"mismatch\"", self.mismatches_total),
             ],
         );

@@ -133,7 +133,6 @@ impl Store {
         let hasher = move |k: &[u8]| key_hash.map_or_else(|| xxhash_rust::xxh3::xxh3_64(k), |f| f(k));
         let recovered =
             recovery::recover(io.as_ref(), &dir, options.segment_bytes_max, probe_time.now_ms(), &hasher, mode)?;
-        let durable_seq = recovered.next_seq - 1;
         let limits = LogLimits {
             bucket_width_ms: duration_to_ms(options.bucket_width),
             segment_bytes_max: options.segment_bytes_max,
@@ -141,8 +140,15 @@ impl Store {
                 .segment_bytes_initial
                 .clamp(SEGMENT_HEADER_LEN + 1, options.segment_bytes_max),
             disk_bytes_max: options.max_disk_bytes,
+            open_segments_max: options.max_open_files.max(1),
         };
-        let log = Log::new(io, dir.clone(), limits, recovered.segments, recovered.next_seq, recovered.next_segment_id);
+        // Sequence numbers (and so fencing tokens) never repeat, even when every segment
+        // expired and was deleted: they start above the wall clock shifted by 20 bits, which
+        // no earlier process can have reached (it would need over a million records per ms).
+        let time_floor_seq = probe_time.now_ms().max(recovered.latest_time_ms).saturating_mul(1 << 20);
+        let next_seq = recovered.next_seq.max(time_floor_seq);
+        let durable_seq = next_seq - 1;
+        let log = Log::new(io, dir.clone(), limits, recovered.segments, next_seq, recovered.next_segment_id);
         let mut recovery = recovered.stats;
         recovery.duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let inner = Arc::new(Inner {
