@@ -1,0 +1,384 @@
+//! Durable claims against the disk's own limit (issue 3, point 7).
+//!
+//! In one run, on one directory, this measures:
+//! - the physical limit: one thread appending 64 B to a growing file + `File::sync_data`
+//!   (fdatasync) in a loop, and the same overwriting a preallocated, zero-filled file in place;
+//! - `Durability::Sync` claims of new random 16-byte keys from 1, 4, 16 and 64 threads
+//!   (group commit shares one fdatasync between concurrent callers);
+//! - `Durability::Periodic(100 ms)` and `Durability::None` claims from 1 and 16 threads.
+//!
+//! It prints one markdown table: ops/s, p50/p99/max latency (hdrhistogram), records per sync,
+//! and for `Sync` the ratio `ops/s ÷ (min(threads, 16) / p50 fdatasync)`, the share of the
+//! group-commit limit reached. The issue's target is a ratio >= 0.8 at 16 threads.
+//!
+//! Run: `cargo bench --bench sync_scaling` (about a minute). Knobs: `-- --secs S` or the env var
+//! `SYNC_SCALING_SECS` (seconds per row, default 2); `IDEMSTORE_BENCH_DIR` (where the temp dirs
+//! go, default the system temp dir; it must be on the disk under test, not a tmpfs).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use idemstore::{Claim, Durability, Options, Store};
+
+/// Bytes of one raw record in the physical-limit loops.
+const RAW_RECORD_BYTES: usize = 64;
+/// Size of the preallocated, zero-filled file of the in-place loop (wraps around when full).
+const INPLACE_FILE_BYTES: u64 = 16 << 20;
+/// Thread counts of the `Sync` rows.
+const SYNC_THREADS: [usize; 4] = [1, 4, 16, 64];
+/// Thread counts of the `Periodic` and `None` rows.
+const RELAXED_THREADS: [usize; 2] = [1, 16];
+/// The thread count at which the issue states its target (and caps the limit).
+const TARGET_THREADS: usize = 16;
+/// The target share of the group-commit limit.
+const TARGET_RATIO: f64 = 0.8;
+/// Request bytes given to every claim (only their hash is stored).
+const REQUEST: &[u8] = b"POST /payments amount=100";
+
+fn main() {
+    let secs = seconds_per_row();
+    let parent = bench_parent_dir();
+    let run_dir = tempfile::tempdir_in(&parent).expect("create bench temp dir");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("# sync_scaling: durable claims vs the disk's fdatasync limit");
+    println!();
+    println!(
+        "workload: claims of new random 16-byte keys, request {} B (hash stored), no outcome; \
+         a fresh store per row; {secs:.1} s per row; {cpus} CPUs; directory {}",
+        REQUEST.len(),
+        run_dir.path().display()
+    );
+    println!(
+        "physical limit: 1 thread, {RAW_RECORD_BYTES} B write + File::sync_data per op, \
+         (a) appended to a growing file, (b) overwriting a zero-filled {} MiB file in place",
+        INPLACE_FILE_BYTES >> 20
+    );
+    println!();
+
+    let duration = Duration::from_secs_f64(secs);
+    let mut rows = Vec::new();
+    rows.push(raw_append_row(run_dir.path(), duration, "start"));
+    rows.push(raw_inplace_row(run_dir.path(), duration, "start"));
+    for threads in SYNC_THREADS {
+        rows.push(claims_row(run_dir.path(), Durability::Sync, threads, duration));
+    }
+    rows.push(raw_append_row(run_dir.path(), duration, "end"));
+    rows.push(raw_inplace_row(run_dir.path(), duration, "end"));
+    // The limit takes the faster of the two measurements of each raw loop (run before and
+    // after the Sync rows), so a disk that was busy during one of them does not flatter the
+    // engine: a faster fdatasync means a higher limit and a lower ratio.
+    let fastest_p50 =
+        |raw: RawKind| rows.iter().filter(|r| r.raw == Some(raw)).map(Row::p50_seconds).fold(f64::INFINITY, f64::min);
+    let append_p50_s = fastest_p50(RawKind::Append);
+    let inplace_p50_s = fastest_p50(RawKind::InPlace);
+    for durability in [Durability::Periodic(Duration::from_millis(100)), Durability::None] {
+        for threads in RELAXED_THREADS {
+            rows.push(claims_row(run_dir.path(), durability, threads, duration));
+        }
+    }
+
+    println!(
+        "| row | durability | threads | ops | ops/s | p50 µs | p99 µs | max µs | records/sync | \
+         mean sync µs | limit ops/s (append) | ratio vs append | ratio vs in-place |"
+    );
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for row in &rows {
+        let (limit, ratio_append, ratio_inplace) = if row.is_sync_claims {
+            let capped = row.threads.min(TARGET_THREADS) as f64;
+            let limit_append = capped / append_p50_s;
+            let limit_inplace = capped / inplace_p50_s;
+            (
+                format!("{limit_append:.0}"),
+                format!("{:.2}", row.ops_per_second() / limit_append),
+                format!("{:.2}", row.ops_per_second() / limit_inplace),
+            )
+        } else {
+            ("—".to_string(), "—".to_string(), "—".to_string())
+        };
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            row.name,
+            row.durability,
+            row.threads,
+            row.ops,
+            row.ops_per_second(),
+            row.quantile_us(0.5),
+            row.quantile_us(0.99),
+            row.hist.max() as f64 / 1000.0,
+            row.records_per_sync.map_or_else(|| "—".to_string(), |r| format!("{r:.1}")),
+            row.mean_sync_us.map_or_else(|| "—".to_string(), |us| format!("{us:.0}")),
+            limit,
+            ratio_append,
+            ratio_inplace,
+        );
+    }
+    println!();
+    println!(
+        "limit = min(threads, {TARGET_THREADS}) / p50 of one raw op, the faster of its two runs \
+         (append: {:.1} µs, in place: {:.1} µs); the ratio is ops/s ÷ limit. \
+         records/sync and mean sync µs come from the store's stats (syncs by group commit or the flusher).",
+        append_p50_s * 1e6,
+        inplace_p50_s * 1e6
+    );
+    if let Some(row) = rows.iter().find(|r| r.is_sync_claims && r.threads == TARGET_THREADS) {
+        let ratio_append = row.ops_per_second() / (TARGET_THREADS as f64 / append_p50_s);
+        let ratio_inplace = row.ops_per_second() / (TARGET_THREADS as f64 / inplace_p50_s);
+        let verdict = |ratio: f64| if ratio >= TARGET_RATIO { "met" } else { "NOT met" };
+        println!(
+            "target (issue 3): Sync with {TARGET_THREADS} threads >= {TARGET_RATIO} x ({TARGET_THREADS} / one fdatasync): \
+             {ratio_append:.2} vs append ({}), {ratio_inplace:.2} vs in-place ({})",
+            verdict(ratio_append),
+            verdict(ratio_inplace)
+        );
+    }
+}
+
+/// One line of the table.
+struct Row {
+    name: String,
+    durability: String,
+    threads: usize,
+    ops: u64,
+    elapsed: Duration,
+    /// Latency of each op in nanoseconds.
+    hist: Histogram<u64>,
+    records_per_sync: Option<f64>,
+    /// Mean fdatasync time: of the store (from its stats), or of the raw loop.
+    mean_sync_us: Option<f64>,
+    is_sync_claims: bool,
+    /// Which raw loop this row is, if it is one.
+    raw: Option<RawKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RawKind {
+    Append,
+    InPlace,
+}
+
+impl Row {
+    fn ops_per_second(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn quantile_us(&self, quantile: f64) -> f64 {
+        self.hist.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    fn p50_seconds(&self) -> f64 {
+        (self.hist.value_at_quantile(0.5) as f64 / 1e9).max(1e-9)
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds")
+}
+
+/// One thread: append 64 B to a growing file, then fdatasync, until `duration` has passed.
+fn raw_append_row(dir: &Path, duration: Duration, when: &str) -> Row {
+    let path = dir.join("raw-append.bin");
+    let mut file = OpenOptions::new().create(true).append(true).open(&path).expect("create raw append file");
+    file.sync_all().expect("sync new file");
+    sync_dir(dir);
+    let record = [0xA5u8; RAW_RECORD_BYTES];
+    let mut hist = new_histogram();
+    let started = Instant::now();
+    let mut last = started;
+    let mut ops = 0u64;
+    while last.duration_since(started) < duration {
+        file.write_all(&record).expect("append raw record");
+        file.sync_data().expect("fdatasync raw file");
+        let now = Instant::now();
+        hist.saturating_record(duration_nanos(now - last));
+        last = now;
+        ops += 1;
+    }
+    let elapsed = last - started;
+    let mean_us = hist.mean() / 1000.0;
+    drop(file);
+    std::fs::remove_file(&path).expect("remove raw append file");
+    Row {
+        name: format!("raw append + fdatasync ({when})"),
+        durability: "fdatasync".into(),
+        threads: 1,
+        ops,
+        elapsed,
+        hist,
+        records_per_sync: Some(1.0),
+        mean_sync_us: Some(mean_us),
+        is_sync_claims: false,
+        raw: Some(RawKind::Append),
+    }
+}
+
+/// One thread: overwrite 64 B at a time of a preallocated zero-filled file, then fdatasync.
+fn raw_inplace_row(dir: &Path, duration: Duration, when: &str) -> Row {
+    let path = dir.join("raw-inplace.bin");
+    let file = File::create(&path).expect("create raw in-place file");
+    let zeros = vec![0u8; 1 << 20];
+    for chunk in 0..(INPLACE_FILE_BYTES >> 20) {
+        file.write_all_at(&zeros, chunk << 20).expect("zero-fill in-place file");
+    }
+    file.sync_all().expect("sync zero-filled file");
+    sync_dir(dir);
+    let record = [0x5Au8; RAW_RECORD_BYTES];
+    let mut hist = new_histogram();
+    let started = Instant::now();
+    let mut last = started;
+    let mut ops = 0u64;
+    while last.duration_since(started) < duration {
+        let offset = (ops * RAW_RECORD_BYTES as u64) % INPLACE_FILE_BYTES;
+        file.write_all_at(&record, offset).expect("overwrite raw record");
+        file.sync_data().expect("fdatasync in-place file");
+        let now = Instant::now();
+        hist.saturating_record(duration_nanos(now - last));
+        last = now;
+        ops += 1;
+    }
+    let elapsed = last - started;
+    let mean_us = hist.mean() / 1000.0;
+    drop(file);
+    std::fs::remove_file(&path).expect("remove raw in-place file");
+    Row {
+        name: format!("raw overwrite in place + fdatasync ({when})"),
+        durability: "fdatasync".into(),
+        threads: 1,
+        ops,
+        elapsed,
+        hist,
+        records_per_sync: Some(1.0),
+        mean_sync_us: Some(mean_us),
+        is_sync_claims: false,
+        raw: Some(RawKind::InPlace),
+    }
+}
+
+/// `threads` threads claim new random keys on a fresh store until `duration` has passed.
+fn claims_row(parent: &Path, durability: Durability, threads: usize, duration: Duration) -> Row {
+    let dir = tempfile::tempdir_in(parent).expect("create store dir");
+    let options = Options { durability, ..Default::default() };
+    let store = Arc::new(Store::open(dir.path(), options).expect("open store"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let store = store.clone();
+            let stop = stop.clone();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let mut keys = KeyGen::new(0x5EED_0000 + t as u64 * 7919 + threads as u64);
+                let mut hist = new_histogram();
+                let mut ops = 0u64;
+                start.wait();
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let key = keys.next_key();
+                    match store.claim(key, REQUEST).expect("claim") {
+                        Claim::Acquired(_) => {}
+                        other => panic!("a new random key was not acquired: {other:?}"),
+                    }
+                    let now = Instant::now();
+                    hist.saturating_record(duration_nanos(now - last));
+                    last = now;
+                    ops += 1;
+                }
+                (ops, hist)
+            })
+        })
+        .collect();
+    start.wait();
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = new_histogram();
+    let mut ops = 0;
+    for worker in workers {
+        let (n, h) = worker.join().expect("claim thread panicked");
+        ops += n;
+        hist.add(h).expect("merge histograms");
+    }
+    let elapsed = started.elapsed();
+    let stats = store.stats();
+    let records_per_sync =
+        (stats.syncs_total > 0).then(|| stats.synced_records_total as f64 / stats.syncs_total as f64);
+    let mean_sync_us = (stats.syncs_total > 0).then(|| stats.sync_latency_us_total as f64 / stats.syncs_total as f64);
+    drop(store);
+    let is_sync_claims = durability == Durability::Sync;
+    Row {
+        name: "claims (new keys)".into(),
+        durability: durability_label(durability),
+        threads,
+        ops,
+        elapsed,
+        hist,
+        records_per_sync,
+        mean_sync_us,
+        is_sync_claims,
+        raw: None,
+    }
+}
+
+fn durability_label(durability: Durability) -> String {
+    match durability {
+        Durability::Sync => "Sync".into(),
+        Durability::Periodic(d) => format!("Periodic({} ms)", d.as_millis()),
+        Durability::None => "None".into(),
+    }
+}
+
+fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+fn sync_dir(dir: &Path) {
+    File::open(dir).and_then(|d| d.sync_all()).expect("fsync directory");
+}
+
+/// Seconds per row: `--secs S` on the command line, else `SYNC_SCALING_SECS`, else 2.
+fn seconds_per_row() -> f64 {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--secs" {
+            let value = args.next().expect("--secs needs a value");
+            return value.parse().expect("--secs takes a number of seconds");
+        }
+    }
+    std::env::var("SYNC_SCALING_SECS").map_or(2.0, |v| v.parse().expect("SYNC_SCALING_SECS takes a number"))
+}
+
+/// Parent of the temp dirs: `IDEMSTORE_BENCH_DIR`, else the system temp dir.
+fn bench_parent_dir() -> PathBuf {
+    std::env::var_os("IDEMSTORE_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from)
+}
+
+/// Random 16-byte keys from a seeded splitmix64 (deterministic, no dependency).
+struct KeyGen {
+    state: u64,
+}
+
+impl KeyGen {
+    fn new(seed: u64) -> KeyGen {
+        KeyGen { state: seed }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn next_key(&mut self) -> [u8; 16] {
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&self.next_u64().to_le_bytes());
+        key[8..].copy_from_slice(&self.next_u64().to_le_bytes());
+        key
+    }
+}
