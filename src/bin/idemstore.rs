@@ -112,18 +112,27 @@ enum StateFilter {
     Orphaned,
 }
 
-/// A failure of the command: printed as one line.
-struct Failure(String);
+/// A failure of the command: printed as one line, or nothing when the reader went away.
+struct Failure {
+    message: String,
+    reader_gone: bool,
+}
+
+impl Failure {
+    fn new(message: impl Into<String>) -> Failure {
+        Failure { message: message.into(), reader_gone: false }
+    }
+}
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        Failure(e.to_string())
+        Failure::new(e.to_string())
     }
 }
 
 impl From<io::Error> for Failure {
     fn from(e: io::Error) -> Self {
-        Failure(format!("writing output: {e}"))
+        Failure { reader_gone: e.kind() == io::ErrorKind::BrokenPipe, message: format!("writing output: {e}") }
     }
 }
 
@@ -136,8 +145,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         // A reader that went away (`idemstore list DIR | head`) is not an error.
-        Err(Failure(message)) if message.contains("Broken pipe") => ExitCode::SUCCESS,
-        Err(Failure(message)) => {
+        Err(Failure { reader_gone: true, .. }) => ExitCode::SUCCESS,
+        Err(Failure { message, .. }) => {
             let one_line = message.replace('\n', " ");
             eprintln!("error: {one_line}");
             ExitCode::from(2)
@@ -172,8 +181,8 @@ fn open_view(dir: &Path) -> Result<Store, Failure> {
 fn require_store_dir(dir: &Path) -> Result<(), Failure> {
     match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(Failure(format!("{} is not a directory", dir.display()))),
-        Err(e) => Err(Failure(format!("cannot open store directory {}: {e}", dir.display()))),
+        Ok(_) => Err(Failure::new(format!("{} is not a directory", dir.display()))),
+        Err(e) => Err(Failure::new(format!("cannot open store directory {}: {e}", dir.display()))),
     }
 }
 
@@ -342,12 +351,12 @@ fn remove(dir: &Path, key_arg: &str, out: &mut impl Write) -> CliResult {
     require_store_dir(dir)?;
     // `Store::open` creates a store where there is none: refuse a directory that holds none.
     if !dir.join(LOCK_FILE_NAME).exists() {
-        return Err(Failure(format!("{} holds no idemstore store (no {LOCK_FILE_NAME} file)", dir.display())));
+        return Err(Failure::new(format!("{} holds no idemstore store (no {LOCK_FILE_NAME} file)", dir.display())));
     }
     let store = match Store::open(dir, Options { background: false, ..Options::default() }) {
         Ok(store) => store,
         Err(Error::Locked { .. }) => {
-            return Err(Failure(format!(
+            return Err(Failure::new(format!(
                 "cannot remove: store {} is open in another process, which holds its writer lock; \
                  remove the key through that process or stop it first",
                 dir.display()
@@ -392,7 +401,7 @@ fn expires_at(entry: &Entry) -> SystemTime {
 fn parse_key(arg: &str) -> Result<Vec<u8>, Failure> {
     let key = parse_prefix(arg)?;
     if key.is_empty() {
-        return Err(Failure("the key is empty".into()));
+        return Err(Failure::new("the key is empty"));
     }
     Ok(key)
 }
@@ -400,7 +409,7 @@ fn parse_key(arg: &str) -> Result<Vec<u8>, Failure> {
 fn parse_prefix(arg: &str) -> Result<Vec<u8>, Failure> {
     match arg.strip_prefix("hex:") {
         Some(digits) => decode_hex(digits).ok_or_else(|| {
-            Failure(format!("{arg:?} is not valid hex: give an even number of digits 0-9, a-f after `hex:`"))
+            Failure::new(format!("{arg:?} is not valid hex: give an even number of digits 0-9, a-f after `hex:`"))
         }),
         None => Ok(arg.as_bytes().to_vec()),
     }
