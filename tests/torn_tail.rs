@@ -1,0 +1,210 @@
+//! Promise: a torn tail is truncated, never an error (DESIGN.md §2, issue 2 points 3 and 8).
+//!
+//! A store writes some records, closes, and then its segment is cut at every byte offset inside
+//! its last record, both as a preallocated file whose bytes after the cut read as zeros and as a
+//! file really truncated there. Each time `Store::open` succeeds, every earlier record is intact,
+//! the last operation is absent, `stats().recovery.torn_bytes_truncated` counts the cut bytes,
+//! and a second open finds a clean file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use idemstore::{Claim, ClaimToken, Durability, Entry, ManualClock, Options, Store};
+
+const START_MS: u64 = 1_700_000_000_000;
+
+fn options(clock: &Arc<ManualClock>) -> Options {
+    Options {
+        durability: Durability::None,
+        background: false,
+        clock: clock.clone(),
+        segment_bytes_initial: 4096,
+        ..Default::default()
+    }
+}
+
+fn acquired(claim: Claim) -> ClaimToken {
+    match claim {
+        Claim::Acquired(token) => token,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+/// What the last operation before the cut was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LastOp {
+    /// A claim of the new key `last`.
+    ClaimOfANewKey,
+    /// The complete of `k3`, with a 100-byte outcome.
+    CompleteOfAnInFlightKey,
+}
+
+/// How the tail is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// The file keeps its length; bytes from the cut on are zero (a preallocated region).
+    ZeroFill,
+    /// The file ends at the cut.
+    Truncate,
+}
+
+/// Writes the earlier records and the last one; returns the segment file, the offset and the
+/// length (without padding) of its last record.
+fn write_records(dir: &Path, clock: &Arc<ManualClock>, last: LastOp) -> (PathBuf, u64, u64) {
+    let store = Store::open(dir, options(clock)).unwrap();
+    let mut tokens = Vec::new();
+    for i in 0..4 {
+        tokens.push(acquired(store.claim(format!("k{i}"), format!("request {i}")).unwrap()));
+    }
+    store.complete(&tokens[0], b"outcome 0").unwrap();
+    store.complete(&tokens[1], b"outcome 1").unwrap();
+    store.checkpoint(&tokens[2], b"phase 2").unwrap();
+    match last {
+        LastOp::ClaimOfANewKey => drop(acquired(store.claim("last", b"last request").unwrap())),
+        LastOp::CompleteOfAnInFlightKey => store.complete(&tokens[3], [0xa5u8; 100]).unwrap(),
+    }
+    store.close().unwrap();
+
+    let segments: Vec<PathBuf> = files(dir).into_keys().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
+    assert_eq!(segments.len(), 1, "all records in one segment: {segments:?}");
+    let bytes = std::fs::read(&segments[0]).unwrap();
+    let records = record_offsets(&bytes);
+    assert_eq!(records.len(), 8, "4 claims, 2 completes, 1 checkpoint, the last op");
+    let (offset, len) = *records.last().unwrap();
+    (segments[0].clone(), offset, len)
+}
+
+/// (offset, length) of every record: 64-byte segment header, then records whose length is the
+/// u32 at +4, each padded to 8 bytes, up to the zeroed preallocated end.
+fn record_offsets(bytes: &[u8]) -> Vec<(u64, u64)> {
+    let mut records = Vec::new();
+    let mut at = 64usize;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        records.push((at as u64, len as u64));
+        at += len.div_ceil(8) * 8;
+    }
+    records
+}
+
+/// Every file of the store directory but the lock file, with its bytes.
+fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().is_some_and(|n| n != idemstore::LOCK_FILE_NAME))
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect()
+}
+
+fn restore(dir: &Path, pristine: &BTreeMap<PathBuf, Vec<u8>>) {
+    for path in files(dir).into_keys() {
+        std::fs::remove_file(path).unwrap();
+    }
+    for (path, bytes) in pristine {
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+fn cut_file(segment: &Path, at: u64, cut: Cut) {
+    match cut {
+        Cut::ZeroFill => {
+            let mut bytes = std::fs::read(segment).unwrap();
+            bytes[at as usize..].fill(0);
+            std::fs::write(segment, bytes).unwrap();
+        }
+        Cut::Truncate => std::fs::OpenOptions::new().write(true).open(segment).unwrap().set_len(at).unwrap(),
+    }
+}
+
+/// Every record before the last is there; the last operation is not.
+fn check_state(store: &Store, last: LastOp, context: &str) {
+    for i in 0..2 {
+        match store.claim(format!("k{i}"), format!("request {i}")).unwrap() {
+            Claim::Completed(done) => assert_eq!(done.outcome, format!("outcome {i}").as_bytes(), "{context}"),
+            other => panic!("{context}: k{i} should replay its outcome, got {other:?}"),
+        }
+    }
+    match store.get("k2").unwrap() {
+        Some(Entry::InFlight { checkpoint, .. }) => {
+            assert_eq!(checkpoint.as_deref(), Some(&b"phase 2"[..]), "{context}")
+        }
+        other => panic!("{context}: k2 should be in flight with its checkpoint, got {other:?}"),
+    }
+    assert!(
+        matches!(store.get("k3").unwrap(), Some(Entry::InFlight { .. })),
+        "{context}: k3 must be in flight (its complete, if it was the last op, is torn)"
+    );
+    if last == LastOp::ClaimOfANewKey {
+        assert_eq!(store.get("last").unwrap(), None, "{context}: the torn claim must be absent");
+    }
+}
+
+fn cut_at_every_offset_of_the_last_record(last: LastOp) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let (segment, record_at, record_len) = write_records(dir.path(), &clock, last);
+    let pristine = files(dir.path());
+    let record = &pristine[&segment][record_at as usize..(record_at + record_len) as usize];
+
+    for cut in [Cut::ZeroFill, Cut::Truncate] {
+        for kept in 0..record_len {
+            let context = format!("{last:?}, {cut:?}, {kept} of {record_len} bytes of the last record kept");
+            restore(dir.path(), &pristine);
+            cut_file(&segment, record_at + kept, cut);
+            let garbage = record[..kept as usize].iter().any(|&b| b != 0);
+
+            let store =
+                Store::open(dir.path(), options(&clock)).unwrap_or_else(|e| panic!("{context}: open failed: {e}"));
+            let recovery = store.stats().recovery;
+            if garbage {
+                assert!(recovery.torn_bytes_truncated > 0, "{context}: torn bytes not counted: {recovery:?}");
+                assert_eq!(recovery.torn_tails, 1, "{context}");
+            }
+            assert!(recovery.torn_bytes_truncated <= kept, "{context}: counted more than was left: {recovery:?}");
+            check_state(&store, last, &context);
+            store.close().unwrap();
+
+            let store =
+                Store::open(dir.path(), options(&clock)).unwrap_or_else(|e| panic!("{context}: reopen failed: {e}"));
+            assert_eq!(store.stats().recovery.torn_bytes_truncated, 0, "{context}: the second open must be clean");
+            check_state(&store, last, &context);
+            // The store takes writes again where the torn record was lost.
+            match last {
+                LastOp::ClaimOfANewKey => drop(acquired(store.claim("last", b"last request").unwrap())),
+                LastOp::CompleteOfAnInFlightKey => {
+                    assert!(acquired(store.claim("k3", b"request 3").unwrap()).recovered(), "{context}");
+                }
+            }
+            store.close().unwrap();
+        }
+    }
+}
+
+#[test]
+fn torn_claim_of_a_new_key_is_truncated_at_every_offset() {
+    cut_at_every_offset_of_the_last_record(LastOp::ClaimOfANewKey);
+}
+
+#[test]
+fn torn_complete_of_an_in_flight_key_is_truncated_at_every_offset() {
+    cut_at_every_offset_of_the_last_record(LastOp::CompleteOfAnInFlightKey);
+}
+
+#[test]
+fn uncut_file_reopens_with_the_last_operation_and_no_torn_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    write_records(dir.path(), &clock, LastOp::CompleteOfAnInFlightKey);
+    let store = Store::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(store.stats().recovery.torn_bytes_truncated, 0);
+    let Some(Entry::Completed(done)) = store.get("k3").unwrap() else { panic!("the last complete survives") };
+    assert_eq!(done.outcome, [0xa5u8; 100]);
+}
