@@ -1,0 +1,222 @@
+//! Promise: corruption that is not a torn tail is refused with a clear error, and nothing is
+//! deleted (DESIGN.md §1 "Bad input and faults", §2, issue 2 points 2 and 3).
+//!
+//! A flipped byte in a record followed by valid records gives `Error::Corrupt` naming the file
+//! and the damaged record's offset; a bad segment magic or header checksum gives `Corrupt`; a
+//! header of another format version (with a valid checksum) gives `UnsupportedVersion`. After
+//! every refused open the directory holds exactly the same files with the same bytes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use idemstore::{Claim, ClaimToken, Durability, Error, ManualClock, Options, Store};
+
+const START_MS: u64 = 1_700_000_000_000;
+
+fn options(clock: &Arc<ManualClock>) -> Options {
+    Options {
+        durability: Durability::None,
+        background: false,
+        clock: clock.clone(),
+        segment_bytes_initial: 4096,
+        ..Default::default()
+    }
+}
+
+fn acquired(claim: Claim) -> ClaimToken {
+    match claim {
+        Claim::Acquired(token) => token,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+/// A closed store with 6 claims and 6 completes in one segment; returns the segment path.
+fn store_with_records(dir: &Path, clock: &Arc<ManualClock>) -> PathBuf {
+    let store = Store::open(dir, options(clock)).unwrap();
+    for i in 0..6 {
+        let token = acquired(store.claim(format!("key-{i}"), b"request").unwrap());
+        store.complete(&token, format!("outcome number {i}")).unwrap();
+    }
+    store.close().unwrap();
+    let segments: Vec<PathBuf> = files(dir).into_keys().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
+    assert_eq!(segments.len(), 1);
+    segments[0].clone()
+}
+
+/// (offset, length) of every record after the 64-byte segment header (length: the u32 at +4;
+/// records padded to 8 bytes; the zeroed preallocated end stops the walk).
+fn record_offsets(bytes: &[u8]) -> Vec<(usize, usize)> {
+    let mut records = Vec::new();
+    let mut at = 64usize;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        records.push((at, len));
+        at += len.div_ceil(8) * 8;
+    }
+    records
+}
+
+/// Every file in the directory with its bytes (the lock file included: nothing may change).
+fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect()
+}
+
+fn patch(path: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(path).unwrap();
+    edit(&mut bytes);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Opens the damaged store, expecting an error; checks that no file changed.
+fn open_refused(dir: &Path, clock: &Arc<ManualClock>) -> Error {
+    let before = files(dir);
+    let err = Store::open(dir, options(clock)).expect_err("a damaged store must not open");
+    assert_eq!(files(dir), before, "a refused open changed or deleted files ({err})");
+    err
+}
+
+fn flip_each_byte_of_record(record_index: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let segment = store_with_records(dir.path(), &clock);
+    let pristine = std::fs::read(&segment).unwrap();
+    let records = record_offsets(&pristine);
+    assert_eq!(records.len(), 12);
+    assert!(record_index + 1 < records.len(), "valid records must follow the damaged one");
+    let (offset, len) = records[record_index];
+
+    for at in offset..offset + len {
+        for mask in [0xffu8, 0x01] {
+            std::fs::write(&segment, &pristine).unwrap();
+            patch(&segment, |b| b[at] ^= mask);
+            let context = format!("byte {} of record at {offset} xor {mask:#x}", at - offset);
+            match open_refused(dir.path(), &clock) {
+                Error::Corrupt { file, offset: reported, reason } => {
+                    assert_eq!(file, segment, "{context}");
+                    assert_eq!(reported, offset as u64, "{context}: {reason}");
+                    assert!(!reason.is_empty());
+                }
+                other => panic!("{context}: expected Corrupt, got {other:?}"),
+            }
+        }
+    }
+    // Undamaged again, the store opens with everything in it.
+    std::fs::write(&segment, &pristine).unwrap();
+    let store = Store::open(dir.path(), options(&clock)).unwrap();
+    for i in 0..6 {
+        let Claim::Completed(done) = store.claim(format!("key-{i}"), b"request").unwrap() else {
+            panic!("key-{i} lost")
+        };
+        assert_eq!(done.outcome, format!("outcome number {i}").as_bytes());
+    }
+}
+
+#[test]
+fn flipped_byte_in_a_middle_record_is_corrupt_at_that_record() {
+    flip_each_byte_of_record(5);
+}
+
+#[test]
+fn flipped_byte_in_the_first_record_is_corrupt_at_that_record() {
+    flip_each_byte_of_record(0);
+}
+
+#[test]
+fn corrupt_error_names_the_file_and_offset_in_its_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let segment = store_with_records(dir.path(), &clock);
+    let (offset, _) = record_offsets(&std::fs::read(&segment).unwrap())[3];
+    patch(&segment, |b| b[offset + 100] ^= 0x20);
+    let message = open_refused(dir.path(), &clock).to_string();
+    assert!(message.contains(&segment.display().to_string()), "{message}");
+    assert!(message.contains(&offset.to_string()), "{message}");
+}
+
+#[test]
+fn bad_segment_magic_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let segment = store_with_records(dir.path(), &clock);
+    patch(&segment, |b| b[0..8].copy_from_slice(b"NOTASEG\0"));
+    match open_refused(dir.path(), &clock) {
+        Error::Corrupt { file, offset, .. } => {
+            assert_eq!(file, segment);
+            assert_eq!(offset, 0);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_segment_header_checksum_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let segment = store_with_records(dir.path(), &clock);
+    for at in [9usize, 13, 20, 28, 36, 45, 61] {
+        let pristine = std::fs::read(&segment).unwrap();
+        patch(&segment, |b| b[at] ^= 0x10);
+        match open_refused(dir.path(), &clock) {
+            Error::Corrupt { file, .. } => assert_eq!(file, segment, "header byte {at}"),
+            other => panic!("header byte {at}: expected Corrupt, got {other:?}"),
+        }
+        std::fs::write(&segment, pristine).unwrap();
+    }
+}
+
+fn set_version(segment: &Path, version: u32) {
+    patch(segment, |b| {
+        b[8..12].copy_from_slice(&version.to_le_bytes());
+        let crc = crc32fast::hash(&b[0..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+    });
+}
+
+#[test]
+fn unknown_format_version_is_unsupported_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let segment = store_with_records(dir.path(), &clock);
+    let pristine = std::fs::read(&segment).unwrap();
+    let supported = u32::from_le_bytes(pristine[8..12].try_into().unwrap());
+    for version in [supported + 1, 0, u32::MAX] {
+        std::fs::write(&segment, &pristine).unwrap();
+        set_version(&segment, version);
+        match open_refused(dir.path(), &clock) {
+            Error::UnsupportedVersion { file, found, supported: reported } => {
+                assert_eq!(file, segment);
+                assert_eq!(found, version);
+                assert_eq!(reported, supported);
+            }
+            other => panic!("version {version}: expected UnsupportedVersion, got {other:?}"),
+        }
+    }
+    // Back to the supported version (checksum recomputed the same way): it opens.
+    set_version(&segment, supported);
+    assert_eq!(std::fs::read(&segment).unwrap(), pristine);
+    Store::open(dir.path(), options(&clock)).unwrap();
+}
+
+#[test]
+fn read_only_open_refuses_corruption_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let segment = store_with_records(dir.path(), &clock);
+    let (offset, _) = record_offsets(&std::fs::read(&segment).unwrap())[4];
+    patch(&segment, |b| b[offset + 50] ^= 0xff);
+    let before = files(dir.path());
+    let err = Store::open_read_only_with(dir.path(), options(&clock)).expect_err("damaged store");
+    assert!(matches!(err, Error::Corrupt { offset: o, .. } if o == offset as u64), "got {err:?}");
+    assert_eq!(files(dir.path()), before);
+}
