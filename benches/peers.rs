@@ -1,2 +1,807 @@
-//! Placeholder, being written.
-fn main() {}
+//! idemstore side by side with Redis, SQLite and redb on one workload (issue 6, point 2).
+//!
+//! The workload, the same on every engine: insert-if-absent of random 16-byte keys with a
+//! 24 h TTL, then replays of the stored 64-byte outcomes; durable (every acknowledged insert
+//! survives power loss) and non-durable; 1 and 16 threads (Redis: 16 clients, each with its own
+//! connection). It prints one markdown table with ops/s, p50/p99 latency (hdrhistogram), RAM
+//! per key, disk per key and the ratio idemstore ÷ peer.
+//!
+//! - **idemstore**: insert = `claim(key, request)` (writes the key and a 128-bit request hash);
+//!   the 64-byte outcome is then stored by `complete` in a separate, separately timed phase,
+//!   and a derived row "claim + complete" gives the cost of doing both. Replay = `claim` again,
+//!   answered `Completed` with the outcome. `Durability::Sync` / `Durability::None`.
+//! - **Redis**: `SET key outcome NX PX 86400000`, replay `GET key`, over loopback through the
+//!   `redis` crate. The bench starts its own `redis-server` on a free loopback port in a temp
+//!   dir for every row (`--save "" --appendonly no`, or `--appendonly yes --appendfsync always`
+//!   for durable) and kills it afterwards; without `redis-server` the Redis rows are skipped.
+//! - **SQLite** (rusqlite, bundled): WAL, `synchronous=FULL` / `OFF`, table
+//!   `k(key BLOB PRIMARY KEY, val BLOB, exp INTEGER) WITHOUT ROWID`, insert
+//!   `INSERT INTO k(key,val,exp) VALUES(?,?,?) ON CONFLICT DO NOTHING`, replay
+//!   `SELECT val FROM k WHERE key=? AND exp>?`; one connection per thread, writes serialized by
+//!   an in-process mutex (SQLite has one writer; this spares it the busy handler's sleeps).
+//! - **redb**: `TableDefinition<&[u8], &[u8]>`, one write transaction per insert (get, insert
+//!   if absent, commit) with `Durability::Immediate` / `Durability::None`, value = 8-byte expiry
+//!   + outcome; replay in a read transaction, checking the expiry.
+//!
+//! Every answer is checked (an insert of a new key must insert, a replay must return the
+//! outcome), and each row runs in a child process of its own with a fresh data dir, so RAM is
+//! measured without another row's leftovers: RSS (`RssAnon`) growth over the insert phase for
+//! the in-process engines, `INFO memory` `used_memory` growth for Redis. Disk per key is the
+//! allocated size of the data dir after the row, divided by the keys (it includes each
+//! engine's preallocation, which dominates at small key counts).
+//!
+//! Run: `cargo bench --features peers --bench peers` (about 2-3 minutes). Knobs: `PEERS_KEYS`
+//! (keys per non-durable row, default 200,000), `PEERS_DURABLE_KEYS` (default 5,000),
+//! `PEERS_REPLAYS` (replays per row, at least one per key, default 100,000), `PEERS_PHASE_SECS`
+//! (cap on each timed phase, default 20), `PEERS_ENGINES` (comma-separated subset of
+//! `idemstore,redis,sqlite,redb`), `PEERS_REDIS_SERVER` (path of `redis-server`),
+//! `IDEMSTORE_BENCH_DIR` (where the temp dirs go, default the system temp dir).
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Barrier, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use idemstore::{Claim, ClaimToken, Options, Store};
+
+/// Environment variable that makes this binary run one row as a child.
+const CHILD_ENV: &str = "PEERS_CHILD";
+/// The outcome stored for every key.
+const OUTCOME: [u8; 64] = [0x6F; 64];
+/// Request bytes of every idemstore claim (only their hash is stored).
+const REQUEST: &[u8] = b"POST /payments amount=100";
+/// TTL of every key.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+/// Thread (client) counts.
+const THREADS: [usize; 2] = [1, 16];
+/// Every engine, in table order; idemstore first (the ratios divide by its row).
+const ENGINES: [&str; 4] = ["idemstore", "redis", "sqlite", "redb"];
+
+fn main() {
+    if let Ok(job) = std::env::var(CHILD_ENV) {
+        let row = RowSpec::parse(&job);
+        let result = run_row(&row);
+        let pairs: Vec<String> = result.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("RESULT {}", pairs.join(" "));
+        return;
+    }
+
+    let keys_fast = env_u64("PEERS_KEYS", 200_000);
+    let keys_durable = env_u64("PEERS_DURABLE_KEYS", 5_000);
+    let replays = env_u64("PEERS_REPLAYS", 100_000);
+    let phase_secs = env_u64("PEERS_PHASE_SECS", 20);
+    let wanted: Vec<String> = std::env::var("PEERS_ENGINES").map_or_else(
+        |_| ENGINES.iter().map(|e| e.to_string()).collect(),
+        |v| v.split(',').map(str::to_string).collect(),
+    );
+    let mut engines: Vec<&str> = ENGINES.iter().copied().filter(|e| wanted.iter().any(|w| w == e)).collect();
+    if engines.contains(&"redis") && !redis_server_available() {
+        println!("redis-server not found: skipping the Redis rows; install it with: apt-get install redis-server");
+        engines.retain(|e| *e != "redis");
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    println!("# peers: idemstore vs Redis, SQLite and redb");
+    println!();
+    println!(
+        "workload: insert-if-absent of random 16-byte keys, TTL 24 h, outcome 64 B; then replays of the stored outcome \
+         ({replays} per row, at least one per key, round-robin). Non-durable rows: {keys_fast} keys; durable rows: \
+         {keys_durable} keys; threads/clients 1 and 16 (keys split between them); each timed phase capped at {phase_secs} s; \
+         {cpus} CPUs; data dirs under {}; one child process and a fresh data dir per row",
+        bench_parent_dir().display()
+    );
+    println!(
+        "durable = idemstore Sync, Redis appendfsync always, SQLite WAL synchronous=FULL, redb Durability::Immediate; \
+         non-durable = idemstore None, Redis without persistence, SQLite WAL synchronous=OFF, redb Durability::None"
+    );
+    println!();
+
+    let mut table: Vec<TableRow> = Vec::new();
+    for durable in [false, true] {
+        for threads in THREADS {
+            let keys = if durable { keys_durable } else { keys_fast };
+            for engine in &engines {
+                let spec = RowSpec { engine: engine.to_string(), durable, threads, keys, replays, phase_secs };
+                eprintln!("running {}", spec.encode());
+                let r = run_child(&spec);
+                table.extend(TableRow::from_result(&spec, &r));
+            }
+        }
+    }
+
+    println!(
+        "| phase | durability | threads | engine | ops | ops/s | p50 µs | p99 µs | RAM B/key | disk B/key | idemstore ÷ engine |"
+    );
+    println!("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for row in &table {
+        let ratio = table
+            .iter()
+            .find(|r| {
+                r.engine == "idemstore" && r.durable == row.durable && r.threads == row.threads && r.phase == row.phase
+            })
+            .map_or_else(|| "—".to_string(), |ours| format!("{:.2}", ours.ops_per_s / row.ops_per_s));
+        // The derived row compares with the peers' insert (which stores the outcome too).
+        let ratio = if row.phase == Phase::Insert && row.engine != "idemstore" {
+            let both = table.iter().find(|r| {
+                r.engine == "idemstore"
+                    && r.durable == row.durable
+                    && r.threads == row.threads
+                    && r.phase == Phase::Both
+            });
+            match both {
+                Some(both) => format!("{ratio} (claim+complete: {:.2})", both.ops_per_s / row.ops_per_s),
+                None => ratio,
+            }
+        } else {
+            ratio
+        };
+        let opt = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |v| format!("{v:.1}"));
+        println!(
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            row.phase.label(),
+            if row.durable { "durable" } else { "non-durable" },
+            row.threads,
+            row.engine,
+            row.ops,
+            row.ops_per_s,
+            opt(row.p50_us),
+            opt(row.p99_us),
+            opt(row.ram_bytes_per_key),
+            row.disk.clone(),
+            ratio,
+        );
+    }
+    println!();
+    println!(
+        "RAM B/key: growth over the insert and complete phases of the process's RssAnon (idemstore, SQLite, redb; \
+         includes their caches; the bench's own buffers are allocated before and idemstore's tokens freed before it \
+         is read) or of Redis used_memory, divided by the keys inserted. disk B/key: allocated bytes of the data dir after \
+         the row ÷ keys (idemstore's includes its segment preallocation; Redis non-durable persists nothing). \
+         claim + complete: idemstore's claim and complete times added per key (peers store the outcome in their insert)."
+    );
+}
+
+/// One row to run: an engine, a durability, a thread count and a key count.
+#[derive(Debug, Clone)]
+struct RowSpec {
+    engine: String,
+    durable: bool,
+    threads: usize,
+    keys: u64,
+    replays: u64,
+    phase_secs: u64,
+}
+
+impl RowSpec {
+    fn encode(&self) -> String {
+        format!(
+            "{}:{}:{}:{}:{}:{}",
+            self.engine,
+            if self.durable { "durable" } else { "nondurable" },
+            self.threads,
+            self.keys,
+            self.replays,
+            self.phase_secs
+        )
+    }
+
+    fn parse(job: &str) -> RowSpec {
+        let parts: Vec<&str> = job.split(':').collect();
+        assert_eq!(parts.len(), 6, "PEERS_CHILD is engine:durability:threads:keys:replays:phase_secs");
+        RowSpec {
+            engine: parts[0].to_string(),
+            durable: parts[1] == "durable",
+            threads: parts[2].parse().expect("threads"),
+            keys: parts[3].parse().expect("keys"),
+            replays: parts[4].parse().expect("replays"),
+            phase_secs: parts[5].parse().expect("phase secs"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Insert,
+    Complete,
+    Both,
+    Replay,
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Insert => "insert-if-absent",
+            Phase::Complete => "complete (idemstore only)",
+            Phase::Both => "claim + complete (idemstore, derived)",
+            Phase::Replay => "replay 64 B",
+        }
+    }
+}
+
+/// One line of the printed table.
+struct TableRow {
+    phase: Phase,
+    durable: bool,
+    threads: usize,
+    engine: String,
+    ops: u64,
+    ops_per_s: f64,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+    ram_bytes_per_key: Option<f64>,
+    disk: String,
+}
+
+impl TableRow {
+    fn from_result(spec: &RowSpec, r: &BTreeMap<String, f64>) -> Vec<TableRow> {
+        let keys = r["inserted"].max(1.0);
+        let ram = r.get("ram_bytes").map(|b| b / keys);
+        let disk = if spec.engine == "redis" && !spec.durable {
+            "0 (not persisted)".to_string()
+        } else {
+            format!("{:.1}", r["disk_bytes"] / keys)
+        };
+        let row = |phase: Phase, prefix: &str, ram: Option<f64>, disk: String| TableRow {
+            phase,
+            durable: spec.durable,
+            threads: spec.threads,
+            engine: spec.engine.clone(),
+            ops: r[&format!("{prefix}_ops")] as u64,
+            ops_per_s: r[&format!("{prefix}_ops_per_s")],
+            p50_us: Some(r[&format!("{prefix}_p50_ns")] / 1e3),
+            p99_us: Some(r[&format!("{prefix}_p99_ns")] / 1e3),
+            ram_bytes_per_key: ram,
+            disk,
+        };
+        let mut rows = vec![row(Phase::Insert, "insert", ram, disk)];
+        if r.contains_key("complete_ops") {
+            rows.push(row(Phase::Complete, "complete", None, "—".into()));
+            let both = 1.0 / (1.0 / r["insert_ops_per_s"] + 1.0 / r["complete_ops_per_s"]);
+            rows.push(TableRow {
+                phase: Phase::Both,
+                durable: spec.durable,
+                threads: spec.threads,
+                engine: spec.engine.clone(),
+                ops: r["complete_ops"] as u64,
+                ops_per_s: both,
+                p50_us: None,
+                p99_us: None,
+                ram_bytes_per_key: None,
+                disk: "—".into(),
+            });
+        }
+        rows.push(row(Phase::Replay, "replay", None, "—".into()));
+        rows
+    }
+}
+
+/// Runs this binary as a child for one row and parses its `RESULT` line.
+fn run_child(spec: &RowSpec) -> BTreeMap<String, f64> {
+    let exe = std::env::current_exe().expect("path of this bench binary");
+    let output = Command::new(exe).env(CHILD_ENV, spec.encode()).output().expect("start child row");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "row {} failed ({}):\n{stdout}\n{}",
+        spec.encode(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).expect("child printed no RESULT line");
+    line.split_whitespace()
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').expect("RESULT pairs are key=value");
+            (k.to_string(), v.parse().expect("RESULT values are numbers"))
+        })
+        .collect()
+}
+
+/// What each engine does; a `Handle` is one thread's connection or state.
+trait Engine: Sync {
+    type Handle;
+    fn handle(&self) -> Self::Handle;
+    /// Inserts `key` if absent; true when it was inserted.
+    fn insert(&self, handle: &mut Self::Handle, key: &[u8; 16]) -> bool;
+    /// Stores the outcome of every key this handle inserted (idemstore only); returns how many.
+    fn complete_all(&self, _handle: &mut Self::Handle, _latency: &mut Histogram<u64>) -> Option<u64> {
+        None
+    }
+    /// The stored outcome of `key`, if any.
+    fn replay(&self, handle: &mut Self::Handle, key: &[u8; 16]) -> Option<Vec<u8>>;
+    /// The engine's own memory figure (Redis `used_memory`), when RSS of this process is not it.
+    fn memory_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+fn run_row(spec: &RowSpec) -> Vec<(String, f64)> {
+    let dir = tempfile::tempdir_in(bench_parent_dir()).expect("create data dir");
+    let mut result = match spec.engine.as_str() {
+        "idemstore" => run_phases(&Idemstore::new(dir.path(), spec.durable), spec),
+        "redis" => run_phases(&Redis::start(dir.path(), spec.durable), spec),
+        "sqlite" => run_phases(&Sqlite::new(dir.path(), spec.durable), spec),
+        "redb" => run_phases(&Redb::new(dir.path(), spec.durable), spec),
+        other => panic!("unknown engine {other}"),
+    };
+    result.push(("disk_bytes".into(), allocated_bytes(dir.path()) as f64));
+    result
+}
+
+/// What one bench thread did: its counts, latencies and the time span of each phase.
+struct WorkerReport {
+    inserted: u64,
+    completed: Option<u64>,
+    replayed: u64,
+    latency: [Histogram<u64>; 3],
+    spans: [(Instant, Instant); 3],
+}
+
+/// Insert phase, (idemstore) complete phase, replay phase; every thread in step via barriers.
+/// A phase lasts from the first thread's start to the last thread's end, as the threads saw it.
+fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
+    let threads = spec.threads;
+    let keys_per_thread = spec.keys.div_ceil(threads as u64);
+    let replays_per_thread = spec.replays.max(spec.keys).div_ceil(threads as u64);
+    let cap = Duration::from_secs(spec.phase_secs);
+    let barrier = Barrier::new(threads + 1);
+    let mut out = Vec::new();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    let keys = KeyGen::new(1000 + t as u64).keys(keys_per_thread);
+                    let mut handle = engine.handle();
+                    let mut latency = [new_histogram(), new_histogram(), new_histogram()];
+                    barrier.wait(); // prepared: the "before" RAM figure is taken now
+                    barrier.wait(); // start of the insert phase
+                    let insert_started = Instant::now();
+                    let mut last = insert_started;
+                    let mut inserted = 0usize;
+                    for key in &keys {
+                        assert!(engine.insert(&mut handle, key), "a new random key was not inserted");
+                        let now = Instant::now();
+                        latency[0].saturating_record(nanos(now - last));
+                        last = now;
+                        inserted += 1;
+                        if now - insert_started > cap {
+                            break;
+                        }
+                    }
+                    let insert_span = (insert_started, last);
+                    barrier.wait(); // end of the insert phase, start of the complete phase
+                    let complete_started = Instant::now();
+                    let completed = engine.complete_all(&mut handle, &mut latency[1]);
+                    let complete_span = (complete_started, Instant::now());
+                    barrier.wait(); // end of the complete phase: the "after" RAM figure is taken now
+                    barrier.wait(); // start of the replay phase
+                    let replay_started = Instant::now();
+                    let mut last = replay_started;
+                    let mut replayed = 0u64;
+                    for i in 0..replays_per_thread {
+                        let key = &keys[(i % inserted as u64) as usize];
+                        let outcome = engine.replay(&mut handle, key);
+                        assert_eq!(outcome.as_deref(), Some(&OUTCOME[..]), "a replay did not return the outcome");
+                        let now = Instant::now();
+                        latency[2].saturating_record(nanos(now - last));
+                        last = now;
+                        replayed += 1;
+                        if now - replay_started > cap {
+                            break;
+                        }
+                    }
+                    let replay_span = (replay_started, last);
+                    WorkerReport {
+                        inserted: inserted as u64,
+                        completed,
+                        replayed,
+                        latency,
+                        spans: [insert_span, complete_span, replay_span],
+                    }
+                })
+            })
+            .collect();
+
+        barrier.wait();
+        let ram_before = engine.memory_bytes().unwrap_or_else(rss_anon_bytes);
+        barrier.wait();
+        barrier.wait();
+        barrier.wait();
+        let ram_after = engine.memory_bytes().unwrap_or_else(rss_anon_bytes);
+        barrier.wait();
+
+        let reports: Vec<WorkerReport> =
+            workers.into_iter().map(|w| w.join().expect("bench thread panicked")).collect();
+        let span_seconds = |phase: usize| {
+            let first = reports.iter().map(|r| r.spans[phase].0).min().expect("at least one thread");
+            let last = reports.iter().map(|r| r.spans[phase].1).max().expect("at least one thread");
+            (last - first).as_secs_f64()
+        };
+        let merged = |phase: usize| {
+            let mut hist = new_histogram();
+            for r in &reports {
+                hist.add(&r.latency[phase]).expect("merge histograms");
+            }
+            hist
+        };
+        let inserted: u64 = reports.iter().map(|r| r.inserted).sum();
+        let replayed: u64 = reports.iter().map(|r| r.replayed).sum();
+        let completed: Option<u64> = reports.iter().map(|r| r.completed).sum();
+        out.push(("inserted".into(), inserted as f64));
+        out.push(("ram_bytes".into(), ram_after.saturating_sub(ram_before) as f64));
+        out.extend(phase_figures("insert", inserted, span_seconds(0), &merged(0)));
+        if let Some(completed) = completed {
+            out.extend(phase_figures("complete", completed, span_seconds(1), &merged(1)));
+        }
+        out.extend(phase_figures("replay", replayed, span_seconds(2), &merged(2)));
+    });
+    out
+}
+
+fn phase_figures(prefix: &str, ops: u64, seconds: f64, hist: &Histogram<u64>) -> Vec<(String, f64)> {
+    vec![
+        (format!("{prefix}_ops"), ops as f64),
+        (format!("{prefix}_ops_per_s"), ops as f64 / seconds.max(1e-9)),
+        (format!("{prefix}_p50_ns"), hist.value_at_quantile(0.5) as f64),
+        (format!("{prefix}_p99_ns"), hist.value_at_quantile(0.99) as f64),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// idemstore
+
+struct Idemstore {
+    store: Store,
+}
+
+impl Idemstore {
+    fn new(dir: &Path, durable: bool) -> Idemstore {
+        let durability = if durable { idemstore::Durability::Sync } else { idemstore::Durability::None };
+        let options =
+            Options { durability, default_ttl: TTL, default_lease: Duration::from_secs(3600), ..Default::default() };
+        Idemstore { store: Store::open(dir.join("idemstore"), options).expect("open idemstore") }
+    }
+}
+
+impl Engine for Idemstore {
+    /// The tokens of this thread's claims, completed in the complete phase.
+    type Handle = Vec<ClaimToken>;
+
+    fn handle(&self) -> Vec<ClaimToken> {
+        Vec::new()
+    }
+
+    fn insert(&self, tokens: &mut Vec<ClaimToken>, key: &[u8; 16]) -> bool {
+        match self.store.claim(key, REQUEST).expect("idemstore claim") {
+            Claim::Acquired(token) => {
+                tokens.push(token);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn complete_all(&self, tokens: &mut Vec<ClaimToken>, latency: &mut Histogram<u64>) -> Option<u64> {
+        let mut last = Instant::now();
+        for token in tokens.iter() {
+            self.store.complete(token, OUTCOME).expect("idemstore complete");
+            let now = Instant::now();
+            latency.saturating_record(nanos(now - last));
+            last = now;
+        }
+        let completed = tokens.len() as u64;
+        // The tokens are the bench's memory, not the store's: free them before RAM is measured.
+        *tokens = Vec::new();
+        Some(completed)
+    }
+
+    fn replay(&self, _tokens: &mut Vec<ClaimToken>, key: &[u8; 16]) -> Option<Vec<u8>> {
+        match self.store.claim(key, REQUEST).expect("idemstore replay") {
+            Claim::Completed(done) => Some(done.outcome),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+/// A `redis-server` of our own, killed on drop.
+struct Redis {
+    server: Child,
+    url: String,
+    monitor: Mutex<redis::Connection>,
+}
+
+impl Redis {
+    fn start(dir: &Path, durable: bool) -> Redis {
+        let port = free_loopback_port();
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--save".into(),
+            String::new(),
+            "--daemonize".into(),
+            "no".into(),
+            "--loglevel".into(),
+            "warning".into(),
+        ];
+        if durable {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(String::from));
+        } else {
+            args.extend(["--appendonly", "no"].map(String::from));
+        }
+        let server = Command::new(redis_server_path())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start redis-server");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let client = redis::Client::open(url.as_str()).expect("redis url");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let monitor = loop {
+            if let Ok(mut con) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut con).is_ok()
+            {
+                break con;
+            }
+            assert!(Instant::now() < deadline, "redis-server on port {port} did not answer within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Redis { server, url, monitor: Mutex::new(monitor) }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+impl Engine for Redis {
+    type Handle = redis::Connection;
+
+    fn handle(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str()).expect("redis url").get_connection().expect("connect to redis")
+    }
+
+    fn insert(&self, con: &mut redis::Connection, key: &[u8; 16]) -> bool {
+        let reply: Option<String> = redis::cmd("SET")
+            .arg(&key[..])
+            .arg(&OUTCOME[..])
+            .arg("NX")
+            .arg("PX")
+            .arg(TTL.as_millis() as u64)
+            .query(con)
+            .expect("redis SET NX PX");
+        reply.is_some()
+    }
+
+    fn replay(&self, con: &mut redis::Connection, key: &[u8; 16]) -> Option<Vec<u8>> {
+        redis::cmd("GET").arg(&key[..]).query(con).expect("redis GET")
+    }
+
+    fn memory_bytes(&self) -> Option<u64> {
+        let mut con = self.monitor.lock().expect("monitor connection");
+        let info: String = redis::cmd("INFO").arg("memory").query(&mut *con).expect("redis INFO memory");
+        info.lines().find_map(|l| l.strip_prefix("used_memory:")).map(|v| v.trim().parse().expect("used_memory"))
+    }
+}
+
+fn redis_server_path() -> String {
+    std::env::var("PEERS_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+fn redis_server_available() -> bool {
+    Command::new(redis_server_path())
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn free_loopback_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    listener.local_addr().expect("local addr").port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQLite
+
+struct Sqlite {
+    path: PathBuf,
+    durable: bool,
+    /// SQLite has one writer at a time; taking turns here spares it the busy handler's sleeps.
+    write_turn: Mutex<()>,
+}
+
+impl Sqlite {
+    fn new(dir: &Path, durable: bool) -> Sqlite {
+        let sqlite = Sqlite { path: dir.join("peers.sqlite"), durable, write_turn: Mutex::new(()) };
+        let con = sqlite.handle();
+        con.execute_batch("CREATE TABLE k(key BLOB PRIMARY KEY, val BLOB, exp INTEGER) WITHOUT ROWID")
+            .expect("create sqlite table");
+        sqlite
+    }
+}
+
+impl Engine for Sqlite {
+    type Handle = rusqlite::Connection;
+
+    fn handle(&self) -> rusqlite::Connection {
+        let con = rusqlite::Connection::open(&self.path).expect("open sqlite");
+        con.busy_timeout(Duration::from_secs(60)).expect("sqlite busy_timeout");
+        let mode: String = con.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).expect("sqlite WAL");
+        assert_eq!(mode.to_lowercase(), "wal", "sqlite did not switch to WAL");
+        con.execute_batch(if self.durable { "PRAGMA synchronous=FULL" } else { "PRAGMA synchronous=OFF" })
+            .expect("sqlite synchronous");
+        con
+    }
+
+    fn insert(&self, con: &mut rusqlite::Connection, key: &[u8; 16]) -> bool {
+        let exp = now_ms() + TTL.as_millis() as i64;
+        let _turn = self.write_turn.lock().expect("sqlite write turn");
+        let mut stmt = con
+            .prepare_cached("INSERT INTO k(key,val,exp) VALUES(?1,?2,?3) ON CONFLICT DO NOTHING")
+            .expect("prepare sqlite insert");
+        stmt.execute(rusqlite::params![&key[..], &OUTCOME[..], exp]).expect("sqlite insert") == 1
+    }
+
+    fn replay(&self, con: &mut rusqlite::Connection, key: &[u8; 16]) -> Option<Vec<u8>> {
+        use rusqlite::OptionalExtension;
+        let mut stmt = con.prepare_cached("SELECT val FROM k WHERE key=?1 AND exp>?2").expect("prepare sqlite select");
+        stmt.query_row(rusqlite::params![&key[..], now_ms()], |r| r.get(0)).optional().expect("sqlite select")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// redb
+
+const REDB_TABLE: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("k");
+
+struct Redb {
+    db: redb::Database,
+    durability: redb::Durability,
+}
+
+impl Redb {
+    fn new(dir: &Path, durable: bool) -> Redb {
+        let db = redb::Database::create(dir.join("peers.redb")).expect("create redb");
+        let txn = db.begin_write().expect("redb begin_write");
+        txn.open_table(REDB_TABLE).expect("create redb table");
+        txn.commit().expect("redb commit");
+        let durability = if durable { redb::Durability::Immediate } else { redb::Durability::None };
+        Redb { db, durability }
+    }
+}
+
+impl Engine for Redb {
+    type Handle = ();
+
+    fn handle(&self) {}
+
+    fn insert(&self, _: &mut (), key: &[u8; 16]) -> bool {
+        use redb::ReadableTable;
+        let mut value = Vec::with_capacity(8 + OUTCOME.len());
+        value.extend_from_slice(&(now_ms() + TTL.as_millis() as i64).to_le_bytes());
+        value.extend_from_slice(&OUTCOME);
+        let mut txn = self.db.begin_write().expect("redb begin_write");
+        txn.set_durability(self.durability).expect("redb set_durability");
+        let inserted = {
+            let mut table = txn.open_table(REDB_TABLE).expect("redb open_table");
+            let absent = table.get(&key[..]).expect("redb get").is_none();
+            if absent {
+                table.insert(&key[..], &value[..]).expect("redb insert");
+            }
+            absent
+        };
+        txn.commit().expect("redb commit");
+        inserted
+    }
+
+    fn replay(&self, _: &mut (), key: &[u8; 16]) -> Option<Vec<u8>> {
+        use redb::ReadableDatabase;
+        let txn = self.db.begin_read().expect("redb begin_read");
+        let table = txn.open_table(REDB_TABLE).expect("redb open_table");
+        let guard = table.get(&key[..]).expect("redb get")?;
+        let value = guard.value();
+        let (exp, outcome) = value.split_at(8);
+        let exp = i64::from_le_bytes(exp.try_into().expect("8-byte expiry"));
+        (exp > now_ms()).then(|| outcome.to_vec())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+/// A latency histogram (ns) whose counts are already resident, so recording into it during a
+/// phase does not show up as the engine's RAM.
+fn new_histogram() -> Histogram<u64> {
+    let mut hist = Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds");
+    hist.reset();
+    hist
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
+}
+
+/// Anonymous resident memory of this process (`RssAnon` in `/proc/self/status`), in bytes,
+/// after handing freed heap memory back to the OS.
+fn rss_anon_bytes() -> u64 {
+    // SAFETY: malloc_trim only releases free heap memory; it touches nothing we own.
+    unsafe { libc::malloc_trim(0) };
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("/proc/self/status has RssAnon");
+    kib * 1024
+}
+
+/// Bytes allocated on disk (blocks, as `du` counts) under `dir`, recursively.
+fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .expect("list data dir")
+        .map(|e| e.expect("dir entry"))
+        .map(|e| {
+            let meta = e.metadata().expect("file metadata");
+            if meta.is_dir() { allocated_bytes(&e.path()) } else { meta.blocks() * 512 }
+        })
+        .sum()
+}
+
+/// Parent of the temp dirs: `IDEMSTORE_BENCH_DIR`, else the system temp dir.
+fn bench_parent_dir() -> PathBuf {
+    std::env::var_os("IDEMSTORE_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from)
+}
+
+/// Random 16-byte keys from a seeded splitmix64 (deterministic, no dependency).
+struct KeyGen {
+    state: u64,
+}
+
+impl KeyGen {
+    fn new(seed: u64) -> KeyGen {
+        KeyGen { state: seed.wrapping_mul(0xD1B5_4A32_D192_ED03) }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn keys(&mut self, count: u64) -> Vec<[u8; 16]> {
+        (0..count)
+            .map(|_| {
+                let mut key = [0u8; 16];
+                key[..8].copy_from_slice(&self.next_u64().to_le_bytes());
+                key[8..].copy_from_slice(&self.next_u64().to_le_bytes());
+                key
+            })
+            .collect()
+    }
+}
