@@ -220,3 +220,67 @@ fn read_only_open_refuses_corruption_too() {
     assert!(matches!(err, Error::Corrupt { offset: o, .. } if o == offset as u64), "got {err:?}");
     assert_eq!(files(dir.path()), before);
 }
+
+/// A segment sealed by `maintain` is not rescanned at open (its table is mapped instead), so a
+/// flipped byte in one of its records may be found at open or only when the record is read.
+/// Either way it must surface as `Corrupt` at that record: never as a wrong outcome, and never
+/// as an absent key that a new claim would acquire (a duplicate effect).
+#[test]
+fn flipped_byte_in_a_sealed_segment_is_an_error_never_an_absent_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    {
+        let store = Store::open(dir.path(), options(&clock)).unwrap();
+        for i in 0..6 {
+            let token = acquired(store.claim(format!("key-{i}"), b"request").unwrap());
+            store.complete(&token, format!("outcome number {i}")).unwrap();
+        }
+        // Idle for two hours (inside the 24 h window): maintain seals the segment.
+        clock.advance(std::time::Duration::from_secs(2 * 3600));
+        store.maintain().unwrap();
+        store.close().unwrap();
+    }
+    let pristine = files(dir.path());
+    let segment = pristine.keys().find(|p| p.extension().is_some_and(|e| e == "seg")).unwrap().clone();
+    let records = record_offsets(&pristine[&segment]);
+    assert_eq!(records.len(), 12);
+    // key-3's complete: the 8th record (claims and completes alternate).
+    let (offset, len) = records[7];
+
+    for at in offset..offset + len {
+        for path in files(dir.path()).into_keys().filter(|p| !pristine.contains_key(p)) {
+            std::fs::remove_file(path).unwrap();
+        }
+        for (path, bytes) in &pristine {
+            std::fs::write(path, bytes).unwrap();
+        }
+        patch(&segment, |b| b[at] ^= 0xff);
+        let context = format!("byte {} of key-3's record at {offset}", at - offset);
+        let expect_corrupt_here = |err: Error| match err {
+            Error::Corrupt { file, offset: reported, .. } => {
+                assert_eq!(file, segment, "{context}");
+                assert_eq!(reported, offset as u64, "{context}");
+            }
+            other => panic!("{context}: expected Corrupt, got {other:?}"),
+        };
+        let before = files(dir.path());
+        let store = match Store::open(dir.path(), options(&clock)) {
+            Err(err) => {
+                assert_eq!(files(dir.path()), before, "{context}: a refused open changed files");
+                expect_corrupt_here(err);
+                continue;
+            }
+            Ok(store) => store,
+        };
+        match store.get("key-3") {
+            Err(err) => expect_corrupt_here(err),
+            Ok(entry) => panic!("{context}: get answered {entry:?} from a damaged record"),
+        }
+        match store.claim("key-3", b"request") {
+            Err(err) => expect_corrupt_here(err),
+            Ok(claim) => panic!("{context}: claim answered {claim:?} from a damaged record"),
+        }
+        let Claim::Completed(done) = store.claim("key-2", b"request").unwrap() else { panic!("{context}: key-2") };
+        assert_eq!(done.outcome, b"outcome number 2", "{context}");
+    }
+}
