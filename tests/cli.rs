@@ -391,6 +391,42 @@ fn read_commands_work_on_a_store_held_open_by_a_writer_and_remove_is_refused() {
     assert!(matches!(writer.get("paid").expect("get"), Some(idemstore::Entry::Completed(_))));
 }
 
+/// While a writer appends without pause, every read command still succeeds and `verify` never
+/// calls the tail being written corrupt (it may be torn: that is not a problem).
+#[test]
+fn read_commands_stay_clean_while_a_writer_appends() {
+    const ITERATIONS_MAX: u64 = 3_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = path_str(dir.path());
+    let clock = ManualClock::new(START_MS);
+    let writer = std::sync::Arc::new(Store::open(dir.path(), options(&clock)).expect("open"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Cycles over 500 keys (claim, complete, remove) so the window stays small while the files
+    // grow; bounded so a fast writer cannot make the reads slow.
+    let appender = {
+        let (writer, stop) = (writer.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while n < ITERATIONS_MAX && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("key-{}", n % 500);
+                claim_and_complete(&writer, key.as_bytes(), b"request", &vec![b'x'; (n % 300) as usize]);
+                writer.remove(&key).expect("remove");
+                n += 1;
+            }
+            n
+        })
+    };
+    for round in 0..4 {
+        for args in [vec!["verify", d], vec!["list", d], vec!["dump", d, "--json"], vec!["stats", d]] {
+            let out = idemstore(&args);
+            assert_eq!(out.status.code(), Some(0), "round {round} {args:?}: {}{}", stdout(&out), stderr(&out));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = appender.join().expect("appender");
+    assert!(written > 0, "the writer wrote while the CLI read");
+}
+
 /// A claim held by the live writer is in flight, not orphaned: its holder is alive. (The
 /// read-only view has an incarnation of its own, so the engine must not call every claim of
 /// another incarnation an orphan while the writer that made it still holds the lock.)
