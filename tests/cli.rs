@@ -338,6 +338,47 @@ fn verify_reports_a_torn_tail_as_torn_and_still_clean() {
 }
 
 #[test]
+fn verify_and_list_cover_every_segment_and_name_the_damaged_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = path_str(dir.path());
+    let clock = ManualClock::new(START_MS);
+    let store = Store::open(dir.path(), options(&clock)).expect("open");
+    // Three TTLs, three expiry buckets, three segment files.
+    for (hours, key) in [(1u64, "short"), (5, "medium"), (30, "long")] {
+        let ttl = ClaimOptions { ttl: Some(Duration::from_secs(hours * 3600)), ..ClaimOptions::default() };
+        for n in 0..3 {
+            let key = format!("{key}-{n}");
+            let Claim::Acquired(token) = store.claim_with(&key, "r", ttl.clone()).expect("claim") else {
+                panic!("acquired")
+            };
+            store.complete(&token, "done").expect("complete");
+        }
+    }
+    store.close().expect("close");
+    let segments = segment_paths(dir.path());
+    assert_eq!(segments.len(), 3, "one segment per bucket");
+
+    let out = idemstore(&["list", d]);
+    assert_eq!(stdout(&out).lines().count(), 9, "{}", stdout(&out));
+    let out = idemstore(&["verify", d]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("clean: 3 files, 18 records"), "{}", stdout(&out));
+
+    let damaged = &segments[1];
+    let mut bytes = std::fs::read(damaged).expect("read");
+    bytes[idemstore::internals::SEGMENT_HEADER_LEN as usize + 5] ^= 0x01;
+    std::fs::write(damaged, &bytes).expect("write");
+    let damaged_name = damaged.file_name().expect("name").to_string_lossy().into_owned();
+    let out = idemstore(&["verify", d]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    let corrupt: Vec<&str> = text.lines().filter(|l| l.contains("CORRUPT")).collect();
+    assert_eq!(corrupt.len(), 1, "{text}");
+    assert!(corrupt[0].starts_with(&format!("{damaged_name}: CORRUPT at offset 64")), "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains(": ok, 6 records")).count(), 2, "{text}");
+}
+
+#[test]
 fn remove_deletes_a_key_of_a_closed_store() {
     let dir = fixture();
     let d = path_str(dir.path());
