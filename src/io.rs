@@ -41,6 +41,10 @@ pub trait Io: Send + Sync + fmt::Debug {
 pub trait IoFile: Send + Sync {
     /// Bytes that may be read and written: the reserved (allocated) length.
     fn len(&self) -> u64;
+    /// True when nothing is reserved.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Grows the reserved length to at least `len` with zeroed, allocated space.
     fn reserve(&self, len: u64) -> io::Result<()>;
     /// Writes `bytes` at `offset`; the range must lie within `len()`.

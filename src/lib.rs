@@ -25,10 +25,12 @@
 
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod clock;
 mod commit;
 mod error;
+mod filter;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod index;
@@ -43,6 +45,8 @@ pub mod sim;
 mod stats;
 mod store;
 mod sync;
+mod table;
+mod time_floor;
 mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock, ms_to_system_time, system_time_to_ms};

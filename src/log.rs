@@ -116,10 +116,12 @@ impl Log {
         self.segments.read().values().map(|s| s.len()).sum()
     }
 
-    /// Appends a record. `header.seq` is assigned here; a `token` of 0 becomes the new seq
-    /// (a fresh claim is fenced by its own sequence number). Returns the final header and
-    /// where the record lives.
-    pub fn append(&self, mut header: Header, key: &[u8], value: &[u8]) -> Result<(Header, Loc)> {
+    /// Appends a record into the bucket holding `retain_until_ms` (at least its
+    /// `expires_at_ms`; later when the record shadows a record retained longer). `header.seq`
+    /// is assigned here; a `token` of 0 becomes the new seq (a fresh claim is fenced by its
+    /// own sequence number). Returns the final header and where the record lives.
+    pub fn append(&self, mut header: Header, key: &[u8], value: &[u8], retain_until_ms: u64) -> Result<(Header, Loc)> {
+        debug_assert!(retain_until_ms >= header.expires_at_ms);
         let mut guard = self.appender.lock();
         let app = &mut *guard;
         header.seq = app.next_seq;
@@ -127,7 +129,7 @@ impl Log {
             header.token = header.seq;
         }
         let len = header.padded_len();
-        let bucket = header.expires_at_ms / self.limits.bucket_width_ms;
+        let bucket = retain_until_ms.max(header.expires_at_ms) / self.limits.bucket_width_ms;
         let needs_new = match app.active.get(&bucket) {
             Some(a) => a.write_pos + len > self.limits.segment_bytes_max,
             None => true,
@@ -186,6 +188,7 @@ impl Log {
         active.segment.write_at(offset, &app.scratch)?;
         active.write_pos = end;
         active.last_write_seq = header.seq;
+        active.segment.note_write(header.written_at_ms);
         let loc = Loc { segment: active.segment.id(), offset: offset as u32 };
         if !app.dirty.iter().any(|s| Arc::ptr_eq(s, &active.segment)) {
             app.dirty.push(active.segment.clone());
@@ -258,5 +261,30 @@ impl Log {
         buckets.sort_unstable();
         buckets.dedup();
         Ok((buckets.len(), dropped))
+    }
+
+    /// Stops appends to every segment whose last write is older than `idle_before_ms` (a
+    /// later write to its bucket opens a new segment) and returns every live segment that
+    /// takes no appends and was last written before `idle_before_ms`: the ones to seal.
+    pub fn retire_idle(&self, idle_before_ms: u64) -> Vec<Arc<Segment>> {
+        let mut app = self.appender.lock();
+        app.active.retain(|_, a| {
+            let busy = a.segment.last_write_ms() >= idle_before_ms;
+            if !busy {
+                a.segment.release_descriptor();
+            }
+            busy
+        });
+        let active: Vec<u32> = app.active.values().map(|a| a.segment.id()).collect();
+        drop(app);
+        let mut retired: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .values()
+            .filter(|s| !active.contains(&s.id()) && s.last_write_ms() < idle_before_ms)
+            .cloned()
+            .collect();
+        retired.sort_by_key(|s| s.id());
+        retired
     }
 }

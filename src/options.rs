@@ -64,6 +64,10 @@ pub struct Options {
     /// Under `Sync`, a writer first waits for a sync when this many bytes are unsynced
     /// (default 4 MiB): the cap on one group-commit batch.
     pub batch_bytes_max: u64,
+    /// A segment that has taken no write for this long (store time) stops taking appends and
+    /// is sealed: its index entries move from RAM to an immutable table file with a small
+    /// filter in RAM (default 10 min). Shorter frees RAM sooner; longer writes fewer tables.
+    pub seal_idle_after: Duration,
     /// Most segment files kept open for appends at once (default 64). Each holds one file
     /// descriptor; other segments are read through their memory maps with no descriptor, so
     /// the store holds at most this many plus the lock file however many buckets are live.
@@ -95,6 +99,7 @@ impl Default for Options {
             segment_bytes_max: 64 << 20,
             segment_bytes_initial: 1 << 20,
             batch_bytes_max: 4 << 20,
+            seal_idle_after: Duration::from_secs(600),
             max_open_files: 64,
             max_disk_bytes: u64::MAX,
             clock: Arc::new(SystemClock),
@@ -116,6 +121,7 @@ impl fmt::Debug for Options {
             .field("max_outcome_len", &self.max_outcome_len)
             .field("bucket_width", &self.bucket_width)
             .field("segment_bytes_max", &self.segment_bytes_max)
+            .field("seal_idle_after", &self.seal_idle_after)
             .field("max_open_files", &self.max_open_files)
             .field("max_disk_bytes", &self.max_disk_bytes)
             .field("clock", &self.clock)

@@ -36,7 +36,7 @@ pub const KEY_LEN_FORMAT_MAX: usize = u16::MAX as usize;
 /// Longest value the format accepts on decode (64 MiB); bounds what a damaged length can ask for.
 pub const VALUE_LEN_FORMAT_MAX: usize = 64 << 20;
 
-const _: () = assert!(HEADER_LEN % RECORD_ALIGN as usize == 0);
+const _: () = assert!(HEADER_LEN.is_multiple_of(RECORD_ALIGN as usize));
 
 /// What a record says about its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,11 +124,23 @@ pub fn align_up(n: u64) -> u64 {
     n.div_ceil(RECORD_ALIGN) * RECORD_ALIGN
 }
 
-fn checksum(segment_id: u32, bytes_after_crc: &[u8]) -> u32 {
+/// A CRC hasher seeded for records of segment `segment_id`; feed it the record's bytes from
+/// offset 4 (after the stored CRC) to its end.
+pub fn checksum_hasher(segment_id: u32) -> Hasher {
     let mut hasher = Hasher::new();
     hasher.update(&segment_id.to_le_bytes());
+    hasher
+}
+
+fn checksum(segment_id: u32, bytes_after_crc: &[u8]) -> u32 {
+    let mut hasher = checksum_hasher(segment_id);
     hasher.update(bytes_after_crc);
     hasher.finalize()
+}
+
+/// The CRC stored in a record's first four bytes.
+pub fn stored_checksum(raw_header: &[u8; HEADER_LEN]) -> u32 {
+    u32::from_le_bytes([raw_header[0], raw_header[1], raw_header[2], raw_header[3]])
 }
 
 /// Encodes a record into `out` (cleared first), padded to the record alignment.

@@ -10,13 +10,15 @@ use crate::index::{IdMap, Index};
 use crate::io::Io;
 use crate::log::Loc;
 use crate::record::{self, HEADER_LEN, RECORD_ALIGN};
-use crate::segment::{Probe, SEGMENT_HEADER_LEN, Segment, parse_segment_file_name};
+use crate::segment::{Probe, SEGMENT_HEADER_LEN, Segment, parse_segment_file_name, segment_file_name};
 use crate::stats::RecoveryStats;
+use crate::table::{SealedTables, Table, parse_table_file_name, table_file_name};
 
 /// What recovery hands to the store.
 pub struct Recovered {
     pub segments: IdMap<u32, Arc<Segment>>,
     pub index: Index,
+    pub sealed: SealedTables,
     pub next_seq: u64,
     pub next_segment_id: u32,
     /// Latest time written in any record: the store's clock never reads earlier than this.
@@ -27,13 +29,14 @@ pub struct Recovered {
 /// How recovery may treat the files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// The store's writer: deletes expired buckets, zeroes torn tails, trims preallocation.
+    /// The store's writer: deletes expired buckets, zeroes torn tails, removes damaged tables.
     Writer,
     /// A read-only view: changes no byte; a torn tail is simply not visible yet.
     ReadOnly,
 }
 
-/// Scans `dir` and rebuilds the state as of `now_ms`.
+/// Scans `dir` and rebuilds the state as of `now_ms`: sealed tables are mapped as they are,
+/// only segments without a (valid) table are scanned.
 pub fn recover(
     io: &dyn Io,
     dir: &Path,
@@ -45,18 +48,26 @@ pub fn recover(
     let names = io.list(dir).map_err(|e| Error::io("list store directory", dir, e))?;
     let mut ids: Vec<u32> = names.iter().filter_map(|n| parse_segment_file_name(n)).collect();
     ids.sort_unstable();
+    let table_ids: std::collections::HashSet<u32> = names.iter().filter_map(|n| parse_table_file_name(n)).collect();
     let mut stats = RecoveryStats::default();
     let mut segments = IdMap::default();
     let index = Index::default();
+    let sealed = SealedTables::default();
     let mut max_seq = 0u64;
     let mut latest_time_ms = 0u64;
     let mut dir_changed = false;
     let next_segment_id = ids.last().map_or(1, |id| id + 1);
-    for id in ids {
-        let path = dir.join(crate::segment::segment_file_name(id));
-        let Some(segment) = Segment::open(io, &path, capacity, mode == Mode::Writer)? else {
-            if mode == Mode::Writer {
-                io.remove(&path).map_err(|e| Error::io("remove empty segment", &path, e))?;
+    let writer = mode == Mode::Writer;
+    let remove =
+        |path: &Path, what: &'static str| -> Result<()> { io.remove(path).map_err(|e| Error::io(what, path, e)) };
+    // Phase 1: open every segment; map the tables of sealed ones.
+    let mut to_scan = Vec::new();
+    for &id in &ids {
+        let path = dir.join(segment_file_name(id));
+        let table_path = dir.join(table_file_name(id));
+        let Some(segment) = Segment::open(io, &path, capacity, writer)? else {
+            if writer {
+                remove(&path, "remove empty segment")?;
                 stats.empty_files_removed += 1;
                 dir_changed = true;
             }
@@ -66,9 +77,12 @@ pub fn recover(
             return Err(Error::Corrupt { file: path, offset: 12, reason: "segment id does not match file name" });
         }
         if segment.header.bucket_end_ms <= now_ms {
-            if mode == Mode::Writer {
+            if writer {
                 drop(segment);
-                io.remove(&path).map_err(|e| Error::io("delete expired segment", &path, e))?;
+                if table_ids.contains(&id) {
+                    remove(&table_path, "delete expired table")?;
+                }
+                remove(&path, "delete expired segment")?;
                 stats.expired_buckets_deleted += 1;
                 dir_changed = true;
             }
@@ -76,22 +90,64 @@ pub fn recover(
         }
         let segment = Arc::new(segment);
         segments.insert(id, segment.clone());
+        stats.segments += 1;
+        if table_ids.contains(&id) {
+            if let Some(table) = Table::open(io, &table_path, id)? {
+                max_seq = max_seq.max(table.bounds.max_seq);
+                latest_time_ms = latest_time_ms.max(table.bounds.latest_ms);
+                stats.tables_loaded += 1;
+                sealed.insert(table);
+                segment.release_descriptor();
+                continue;
+            }
+            // A damaged table: scan the segment instead; sealing writes a new table.
+            stats.tables_rebuilt += 1;
+            if writer {
+                remove(&table_path, "remove damaged table")?;
+                dir_changed = true;
+            }
+        }
+        to_scan.push(segment);
+    }
+    if writer {
+        for &id in table_ids.iter().filter(|id| !segments.contains_key(*id)) {
+            remove(&dir.join(table_file_name(id)), "remove table without segment")?;
+            dir_changed = true;
+        }
+    }
+    // Phase 2: scan the segments that were being written, keeping per key the record with
+    // the highest sequence number across them and the sealed tables.
+    for segment in to_scan {
+        let id = segment.id();
         let scan = scan_segment(&segment, mode)?;
-        if mode == Mode::Writer {
+        if writer {
             // What a crashed process left in the page cache becomes durable before any answer
             // is read from it.
             segment.sync().map_err(|e| Error::io("sync recovered segment", &segment.path, e))?;
         }
         // Recovered segments are never appended to again: only the map is needed from now on.
         segment.release_descriptor();
-        stats.segments += 1;
         stats.torn_bytes_truncated += scan.torn_bytes;
         stats.torn_tails += u64::from(scan.torn_bytes > 0);
         for (offset, header, key) in scan.records {
             stats.records += 1;
+            segment.note_write(header.written_at_ms);
             max_seq = max_seq.max(header.seq);
             latest_time_ms = latest_time_ms.max(header.written_at_ms).max(header.claimed_at_ms);
             let hash = key_hash(&key);
+            let mut newer_sealed = false;
+            sealed.visit(hash, &mut |candidate| {
+                if let Some(other) = segments.get(&candidate.segment)
+                    && let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)?
+                    && h.seq > header.seq
+                {
+                    newer_sealed = true;
+                }
+                Ok(())
+            })?;
+            if newer_sealed {
+                continue;
+            }
             let loc = Loc { segment: id, offset: offset as u32 };
             let mut shard = index.shard(hash).shard.lock();
             let mut existing = None;
@@ -113,7 +169,7 @@ pub fn recover(
     if dir_changed {
         io.sync_dir(dir).map_err(|e| Error::io("sync directory", dir, e))?;
     }
-    Ok(Recovered { segments, index, next_seq: max_seq + 1, next_segment_id, latest_time_ms, stats })
+    Ok(Recovered { segments, index, sealed, next_seq: max_seq + 1, next_segment_id, latest_time_ms, stats })
 }
 
 struct Scan {

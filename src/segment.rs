@@ -115,6 +115,8 @@ pub struct Segment {
     pub header: SegmentHeader,
     pub path: PathBuf,
     file: Box<dyn IoFile>,
+    /// Store time of the latest record written into this segment.
+    last_write_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Segment {
@@ -142,7 +144,7 @@ impl Segment {
     ) -> Result<Segment> {
         let path = dir.join(segment_file_name(header.id));
         let file = io.create(&path, capacity).map_err(|e| Error::io("create segment", &path, e))?;
-        let segment = Segment { header, path: path.clone(), file };
+        let segment = Segment { header, path: path.clone(), file, last_write_ms: header.created_at_ms.into() };
         let setup = segment
             .file
             .reserve(initial_bytes.max(SEGMENT_HEADER_LEN))
@@ -167,7 +169,17 @@ impl Segment {
         let Some(header) = SegmentHeader::decode(path, &raw)? else {
             return Ok(None);
         };
-        Ok(Some(Segment { header, path: path.to_path_buf(), file }))
+        Ok(Some(Segment { header, path: path.to_path_buf(), file, last_write_ms: header.created_at_ms.into() }))
+    }
+
+    /// Notes that a record written at `ms` (store time) went into this segment.
+    pub fn note_write(&self, ms: u64) {
+        self.last_write_ms.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Store time of the latest record in this segment.
+    pub fn last_write_ms(&self) -> u64 {
+        self.last_write_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn id(&self) -> u32 {
@@ -206,14 +218,36 @@ impl Segment {
         let mut raw = [0u8; HEADER_LEN];
         self.file.read_at(offset, &mut raw).map_err(|e| Error::io("read record", &self.path, e))?;
         let header = record::parse_header(&raw).map_err(|e| self.corrupt(offset, e))?;
-        if usize::from(header.key_len) != key.len() {
-            return Ok(Probe::OtherKey);
-        }
-        let same = self
-            .file
-            .eq_at(offset + HEADER_LEN as u64, key)
-            .map_err(|e| Error::io("read record key", &self.path, e))?;
+        let same = usize::from(header.key_len) == key.len()
+            && self
+                .file
+                .eq_at(offset + HEADER_LEN as u64, key)
+                .map_err(|e| Error::io("read record key", &self.path, e))?;
+        // Verified either way: a damaged key must be an error, never "another key" (which
+        // would make a stored key look absent and let its effect run twice).
+        self.verify(offset, &raw, &header)?;
         Ok(if same { Probe::Match(header) } else { Probe::OtherKey })
+    }
+
+    /// Checks the CRC of the whole record at `offset`, so no answer is ever read from damaged
+    /// bytes (a flipped bit in an outcome is an error, not a wrong replay).
+    fn verify(&self, offset: u64, raw: &[u8; HEADER_LEN], header: &Header) -> Result<()> {
+        let mut hasher = record::checksum_hasher(self.header.id);
+        hasher.update(&raw[4..]);
+        let mut chunk = [0u8; 512];
+        let mut at = offset + HEADER_LEN as u64;
+        let end = offset + header.record_len() as u64;
+        while at < end {
+            let n = (end - at).min(chunk.len() as u64) as usize;
+            let buf = &mut chunk[..n];
+            self.file.read_at(at, buf).map_err(|e| Error::io("read record", &self.path, e))?;
+            hasher.update(buf);
+            at += n as u64;
+        }
+        if hasher.finalize() != record::stored_checksum(raw) {
+            return Err(self.corrupt(offset, DecodeError::BadChecksum));
+        }
+        Ok(())
     }
 
     /// Reads the value (outcome or checkpoint) of the record at `offset` described by `header`.

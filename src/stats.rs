@@ -44,11 +44,13 @@ pub struct RecoveryStats {
     pub torn_bytes_truncated: u64,
     /// Files whose tail was torn.
     pub torn_tails: u64,
-    /// Expired buckets deleted at open.
+    /// Segment files of expired buckets deleted at open.
     pub expired_buckets_deleted: u64,
     /// Empty files (created, header never written) removed at open.
     pub empty_files_removed: u64,
-    /// Sealed tables rebuilt from a scan because they were missing or damaged.
+    /// Sealed tables mapped instead of scanning their segments.
+    pub tables_loaded: u64,
+    /// Damaged tables whose segment was scanned instead (the table is written anew).
     pub tables_rebuilt: u64,
 }
 
@@ -85,8 +87,15 @@ pub struct Stats {
     pub keys_expired_total: u64,
     /// Buckets dropped whole.
     pub buckets_expired_total: u64,
-    /// Keys in the index (live, in flight, completed or tombstoned, until their bucket drops).
+    /// Keys in the in-RAM index (live, in flight, completed or tombstoned, until their bucket
+    /// drops), for segments that still take appends.
     pub index_entries: u64,
+    /// Sealed tables (one per segment that takes no more appends).
+    pub sealed_tables: u64,
+    /// Entries in sealed tables (on disk, read through the map).
+    pub sealed_entries: u64,
+    /// RAM taken by the sealed tables' filters, in bytes.
+    pub sealed_filter_bytes: u64,
     /// Live segment files.
     pub segments: u64,
     /// Bytes reserved on disk by segment files.
@@ -188,6 +197,14 @@ impl Stats {
             &[("", self.buckets_expired_total)],
         );
         family("idemstore_index_entries", "gauge", "Keys in the in-memory index.", &[("", self.index_entries)]);
+        family("idemstore_sealed_tables", "gauge", "Sealed per-segment tables.", &[("", self.sealed_tables)]);
+        family("idemstore_sealed_entries", "gauge", "Keys in sealed tables.", &[("", self.sealed_entries)]);
+        family(
+            "idemstore_sealed_filter_bytes",
+            "gauge",
+            "RAM taken by sealed tables' filters.",
+            &[("", self.sealed_filter_bytes)],
+        );
         family("idemstore_segments", "gauge", "Live segment files.", &[("", self.segments)]);
         family("idemstore_disk_bytes", "gauge", "Bytes reserved on disk by segment files.", &[("", self.disk_bytes)]);
         family("idemstore_syncs_total", "counter", "fdatasync rounds.", &[("", self.syncs_total)]);

@@ -18,9 +18,10 @@ use crate::log::{Loc, Log, LogLimits};
 use crate::options::{ClaimOptions, Durability, Options, OrphanPolicy};
 use crate::record::{HEADER_LEN, Header, Kind, VALUE_LEN_FORMAT_MAX, align_up};
 use crate::recovery::{self, Mode, VerifyReport};
-use crate::segment::{Probe, SEGMENT_HEADER_LEN};
+use crate::segment::{Probe, SEGMENT_HEADER_LEN, Segment};
 use crate::stats::{Counters, RecoveryStats, Stats};
 use crate::sync::{Arc, Condvar, Mutex};
+use crate::table::{SealedTables, Table, TableBounds};
 use crate::types::{Claim, ClaimToken, Completed, Entry, Orphan};
 
 /// An open store. `Send + Sync`: share it as `Arc<Store>`.
@@ -35,6 +36,7 @@ struct Inner {
     time: StoreTime,
     log: Log,
     index: Index,
+    sealed: SealedTables,
     commit: GroupCommit,
     counters: Counters,
     incarnation: u64,
@@ -42,6 +44,8 @@ struct Inner {
     read_only: bool,
     shutdown: Mutex<bool>,
     shutdown_signal: Condvar,
+    /// Serializes expiry and sealing (the housekeeper and `Store::maintain`).
+    maintenance: Mutex<()>,
     _lock: Option<Box<dyn DirLock>>,
 }
 
@@ -128,9 +132,10 @@ impl Store {
     fn open_inner(dir: PathBuf, options: Options, lock: Option<Box<dyn DirLock>>, mode: Mode) -> Result<Store> {
         let started = Instant::now();
         let io = options.io.clone();
-        let probe_time = StoreTime::new(options.clock.clone(), 0);
         let key_hash = options.key_hash;
         let hasher = move |k: &[u8]| key_hash.map_or_else(|| xxhash_rust::xxh3::xxh3_64(k), |f| f(k));
+        let saved_floor_ms = crate::time_floor::read(io.as_ref(), &dir);
+        let probe_time = StoreTime::new(options.clock.clone(), saved_floor_ms);
         let recovered =
             recovery::recover(io.as_ref(), &dir, options.segment_bytes_max, probe_time.now_ms(), &hasher, mode)?;
         let limits = LogLimits {
@@ -152,10 +157,11 @@ impl Store {
         let mut recovery = recovered.stats;
         recovery.duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let inner = Arc::new(Inner {
-            time: StoreTime::new(options.clock.clone(), recovered.latest_time_ms),
+            time: StoreTime::new(options.clock.clone(), recovered.latest_time_ms.max(probe_time.now_ms())),
             dir,
             log,
             index: recovered.index,
+            sealed: recovered.sealed,
             commit: GroupCommit::new(durable_seq),
             counters: Counters::default(),
             incarnation: new_incarnation(),
@@ -163,6 +169,7 @@ impl Store {
             read_only: mode == Mode::ReadOnly,
             shutdown: Mutex::new(false),
             shutdown_signal: Condvar::new(),
+            maintenance: Mutex::new(()),
             _lock: lock,
             options,
         });
@@ -277,7 +284,8 @@ impl Store {
         if self.inner.read_only {
             return Ok(());
         }
-        self.inner.sync_all()
+        self.inner.sync_all()?;
+        self.inner.save_time(true)
     }
 
     fn stop_housekeeper(&mut self) {
@@ -294,6 +302,7 @@ impl Drop for Store {
         self.stop_housekeeper();
         if !self.inner.read_only && self.inner.commit.poisoned().is_none() {
             let _ = self.inner.sync_all();
+            let _ = self.inner.save_time(true);
         }
     }
 }
@@ -356,7 +365,22 @@ impl Inner {
             shard.remove(hash, loc);
             Counters::bump(&self.counters.keys_expired);
         }
-        Ok(found)
+        if found.is_some() {
+            // Invariant: a key's entry in RAM is newer than any of its sealed entries.
+            return Ok(found);
+        }
+        // Not in RAM: the latest of its sealed records, if any (usually the filters say no).
+        let mut best: Option<(Loc, Header)> = None;
+        self.sealed.visit(hash, &mut |loc| {
+            if let Some(probe) = self.log.with_segment(loc.segment, |s| s.probe(u64::from(loc.offset), key))
+                && let Probe::Match(header) = probe?
+                && best.is_none_or(|(_, b)| header.seq > b.seq)
+            {
+                best = Some((loc, header));
+            }
+            Ok(())
+        })?;
+        Ok(best)
     }
 
     /// The key's state at `now_ms`, where its latest record lives, and that record's seq.
@@ -381,7 +405,7 @@ impl Inner {
         }
         self.log
             .with_segment(loc.segment, |s| s.read_value(u64::from(loc.offset), header))
-            .unwrap_or_else(|| Err(Error::StaleToken))
+            .unwrap_or(Err(Error::StaleToken))
     }
 
     /// Under `Sync`, waits until record `seq` (the one an answer was read from or written) is
@@ -401,6 +425,11 @@ impl Inner {
         self.counters.sync_latency_us_total.fetch_add(us, AtomicOrdering::Relaxed);
         self.counters.sync_latency_us_max.fetch_max(us, AtomicOrdering::Relaxed);
         Ok(batch.through_seq)
+    }
+
+    /// Saves the store's time as the floor for the next open.
+    fn save_time(&self, sync: bool) -> Result<()> {
+        crate::time_floor::write(self.options.io.as_ref(), &self.dir, self.time.now_ms(), sync)
     }
 
     fn sync_all(&self) -> Result<()> {
@@ -423,9 +452,19 @@ impl Inner {
         Ok(())
     }
 
-    fn append(&self, header: Header, key: &[u8], value: &[u8]) -> Result<(Header, Loc)> {
+    /// Appends a record for a key whose latest record (if any) is at `shadowed`.
+    ///
+    /// Invariant: a key's latest record lies in a bucket that ends no earlier than the bucket
+    /// of any older record of that key. So the latest record is never dropped while an older
+    /// one survives to be resurrected (by the index falling back to a sealed table, or by a
+    /// scan at recovery); reads still expire it exactly at its own `expires_at_ms`.
+    fn append(&self, header: Header, key: &[u8], value: &[u8], shadowed: Option<Loc>) -> Result<(Header, Loc)> {
         self.check_writable()?;
-        match self.log.append(header, key, value) {
+        let retain_floor_ms = shadowed
+            .and_then(|loc| self.log.with_segment(loc.segment, |s| s.header.bucket_end_ms.saturating_sub(1)))
+            .unwrap_or(0);
+        let retain_until_ms = header.expires_at_ms.max(retain_floor_ms);
+        match self.log.append(header, key, value, retain_until_ms) {
             Err(Error::Poisoned { cause }) => {
                 self.commit.poison(cause.clone());
                 Err(Error::Poisoned { cause })
@@ -468,7 +507,7 @@ impl Inner {
                         written_at_ms: now_ms,
                         lease_ms,
                     };
-                    let (written, loc) = self.append(header, key, &[])?;
+                    let (written, loc) = self.append(header, key, &[], old)?;
                     shard.set(hash, old, loc);
                     Counters::bump(&self.counters.claims_acquired);
                     let token = ClaimToken {
@@ -515,7 +554,7 @@ impl Inner {
                             written_at_ms: now_ms,
                             lease_ms,
                         };
-                        let (written, new_loc) = self.append(takeover, key, &checkpoint)?;
+                        let (written, new_loc) = self.append(takeover, key, &checkpoint, Some(loc))?;
                         debug_assert!(written.token > header.token, "fencing tokens only grow");
                         shard.set(hash, Some(loc), new_loc);
                         Counters::bump(&self.counters.claims_acquired);
@@ -584,7 +623,7 @@ impl Inner {
             }
             _ => value.to_vec(),
         };
-        let (written, new_loc) = self.append(header, key, &value)?;
+        let (written, new_loc) = self.append(header, key, &value, Some(loc))?;
         shard.set(hash, Some(loc), new_loc);
         drop(shard);
         if kind != Kind::Checkpoint {
@@ -642,7 +681,7 @@ impl Inner {
             Current::InFlight(loc, header) | Current::Completed(loc, header) => (loc, header),
         };
         let tombstone = Header { kind: Kind::Remove, value_len: 0, seq: 0, written_at_ms: now_ms, ..header };
-        let (written, new_loc) = self.append(tombstone, key, &[])?;
+        let (written, new_loc) = self.append(tombstone, key, &[], Some(loc))?;
         shard.set(hash, Some(loc), new_loc);
         drop(shard);
         locked.changed.notify_all();
@@ -650,26 +689,39 @@ impl Inner {
         self.settle(written.seq)
     }
 
+    /// Every distinct key with an index entry, in RAM or sealed (unsorted, deduplicated).
+    fn all_keys(&self) -> Result<Vec<Vec<u8>>> {
+        let mut locs: Vec<Loc> = Vec::new();
+        for locked in self.index.shards() {
+            locs.extend(locked.shard.lock().entries().into_iter().map(|(_, loc)| loc));
+        }
+        for table in self.sealed.all() {
+            locs.extend(table.entries()?.into_iter().map(|(_, loc)| loc));
+        }
+        let mut keys = std::collections::HashSet::new();
+        for loc in locs {
+            let key = self.log.with_segment(loc.segment, |s| -> Result<Vec<u8>> {
+                let offset = u64::from(loc.offset);
+                let raw = s.read_raw(offset, HEADER_LEN)?;
+                let header = crate::record::parse_header(&raw).map_err(|e| Error::Corrupt {
+                    file: s.path.clone(),
+                    offset,
+                    reason: e.reason(),
+                })?;
+                s.read_key(offset, &header)
+            });
+            if let Some(key) = key.transpose()? {
+                keys.insert(key);
+            }
+        }
+        Ok(keys.into_iter().collect())
+    }
+
     fn keys(&self) -> Result<Vec<(Vec<u8>, Entry)>> {
         let mut keys = Vec::new();
-        for locked in self.index.shards() {
-            let entries = locked.shard.lock().entries();
-            for (_, loc) in entries {
-                let key = self.log.with_segment(loc.segment, |s| -> Result<Vec<u8>> {
-                    let offset = u64::from(loc.offset);
-                    let raw = s.read_raw(offset, HEADER_LEN)?;
-                    let header = crate::record::parse_header(&raw).map_err(|e| Error::Corrupt {
-                        file: s.path.clone(),
-                        offset,
-                        reason: e.reason(),
-                    })?;
-                    s.read_key(offset, &header)
-                });
-                if let Some(key) = key.transpose()?
-                    && let Some(entry) = self.get(&key)?
-                {
-                    keys.push((key, entry));
-                }
+        for key in self.all_keys()? {
+            if let Some(entry) = self.get(&key)? {
+                keys.push((key, entry));
             }
         }
         keys.sort_by(|a, b| a.0.cmp(&b.0));
@@ -677,42 +729,27 @@ impl Inner {
     }
 
     fn orphans(&self) -> Result<Vec<Orphan>> {
-        let now_ms = self.time.now_ms();
         let mut found = Vec::new();
-        let mut newest_seq = 0;
-        for locked in self.index.shards() {
-            let entries = locked.shard.lock().entries();
-            for (_, loc) in entries {
-                let orphan = self.log.with_segment(loc.segment, |s| -> Result<Option<Orphan>> {
-                    let offset = u64::from(loc.offset);
-                    let raw = s.read_raw(offset, HEADER_LEN)?;
-                    let header = crate::record::parse_header(&raw).map_err(|e| Error::Corrupt {
-                        file: s.path.clone(),
-                        offset,
-                        reason: e.reason(),
-                    })?;
-                    if !header.kind.is_in_flight()
-                        || header.expires_at_ms <= now_ms
-                        || header.incarnation == self.incarnation
-                    {
-                        return Ok(None);
-                    }
-                    newest_seq = newest_seq.max(header.seq);
-                    let checkpoint = s.read_value(offset, &header)?;
-                    Ok(Some(Orphan {
-                        key: s.read_key(offset, &header)?,
-                        claimed_at: ms_to_system_time(header.claimed_at_ms),
-                        lease_expires_at: ms_to_system_time(header.lease_until_ms),
-                        checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
-                    }))
-                });
-                if let Some(Some(orphan)) = orphan.transpose()? {
-                    found.push(orphan);
-                }
+        for key in self.all_keys()? {
+            let hash = self.key_hash(&key);
+            let mut shard = self.index.shard(hash).shard.lock();
+            let now_ms = self.time.now_ms();
+            let (state, _, seq) = self.current(&mut shard, hash, &key, now_ms)?;
+            let Current::InFlight(loc, header) = state else { continue };
+            if header.incarnation == self.incarnation {
+                continue;
             }
+            let checkpoint = self.read_value(loc, &header)?;
+            drop(shard);
+            self.settle(seq)?;
+            found.push(Orphan {
+                key,
+                claimed_at: ms_to_system_time(header.claimed_at_ms),
+                lease_expires_at: ms_to_system_time(header.lease_until_ms),
+                checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
+            });
         }
         found.sort_by(|a, b| a.key.cmp(&b.key));
-        self.settle(newest_seq)?;
         Ok(found)
     }
 
@@ -720,13 +757,30 @@ impl Inner {
         if self.read_only {
             return Ok(0);
         }
+        let _serial = self.maintenance.lock();
         let now_ms = self.time.now_ms();
         let (buckets, dropped) = self.log.drop_expired(now_ms)?;
-        if dropped.is_empty() {
-            return Ok(0);
+        if !dropped.is_empty() {
+            let dead: std::collections::HashSet<u32> = dropped.iter().map(|s| s.id()).collect();
+            drop(dropped);
+            self.forget_segments(&dead, buckets)?;
         }
-        let dead: std::collections::HashSet<u32> = dropped.iter().map(|s| s.id()).collect();
-        drop(dropped);
+        self.seal_idle(now_ms)?;
+        self.save_time(false)?;
+        Ok(buckets)
+    }
+
+    /// Drops what the index and the sealed tables hold for dead (expired) segments.
+    fn forget_segments(&self, dead: &std::collections::HashSet<u32>, buckets: usize) -> Result<()> {
+        let tables = self.sealed.remove_segments(&|id| dead.contains(&id));
+        let sealed_keys: u64 = tables.iter().map(|t| t.len()).sum();
+        self.counters.keys_expired.fetch_add(sealed_keys, AtomicOrdering::Relaxed);
+        for table in &tables {
+            self.options.io.remove(&table.path).map_err(|e| Error::io("delete expired table", &table.path, e))?;
+        }
+        if !tables.is_empty() {
+            self.options.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
+        }
         // One shard at a time, so no claim waits for more than one shard's sweep.
         let mut swept = 0u64;
         for locked in self.index.shards() {
@@ -735,7 +789,57 @@ impl Inner {
         self.counters.keys_expired.fetch_add(swept, AtomicOrdering::Relaxed);
         self.counters.buckets_expired.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
         self.counters.segments_expired.fetch_add(dead.len() as u64, AtomicOrdering::Relaxed);
-        Ok(buckets)
+        Ok(())
+    }
+
+    /// Seals every segment that takes no more appends and has been idle for
+    /// `seal_idle_after`: writes its table, then moves its entries out of RAM.
+    fn seal_idle(&self, now_ms: u64) -> Result<usize> {
+        let idle_before = now_ms.saturating_sub(duration_to_ms(self.options.seal_idle_after));
+        let to_seal: Vec<Arc<Segment>> =
+            self.log.retire_idle(idle_before).into_iter().filter(|s| !self.sealed.has(s.id())).collect();
+        if to_seal.is_empty() {
+            return Ok(0);
+        }
+        let sealing: std::collections::HashSet<u32> = to_seal.iter().map(|s| s.id()).collect();
+        let mut entries: crate::index::IdMap<u32, Vec<(u64, u32)>> = Default::default();
+        for locked in self.index.shards() {
+            for (hash, loc) in locked.shard.lock().entries() {
+                if sealing.contains(&loc.segment) {
+                    entries.entry(loc.segment).or_default().push((hash, loc.offset));
+                }
+            }
+        }
+        // Every record of a retired segment is older than this, and written before now.
+        let bounds = TableBounds { max_seq: self.log.last_seq(), latest_ms: now_ms };
+        let mut tables = Vec::with_capacity(to_seal.len());
+        for segment in &to_seal {
+            // The table points at records: they must be durable before it is.
+            if let Err(e) = segment.sync() {
+                let cause = format!("sync failed: {e}");
+                self.commit.poison(cause.clone());
+                return Err(Error::Poisoned { cause });
+            }
+            let list = entries.remove(&segment.id()).unwrap_or_default();
+            tables.push(Table::write(
+                self.options.io.as_ref(),
+                &self.dir,
+                segment.id(),
+                segment.header.bucket_end_ms,
+                bounds,
+                list,
+            )?);
+        }
+        self.options.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
+        let sealed = tables.len();
+        for table in tables {
+            self.sealed.insert(table);
+        }
+        // Published: now the RAM entries can go (one shard at a time, no long pause).
+        for locked in self.index.shards() {
+            locked.shard.lock().retain_live(|segment| !sealing.contains(&segment));
+        }
+        Ok(sealed)
     }
 
     fn housekeep(&self) {
@@ -770,6 +874,7 @@ impl Inner {
         let c = &self.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(AtomicOrdering::Relaxed);
         let (syncs, synced_records) = self.commit.counters();
+        let (sealed_tables, sealed_entries, sealed_filter_bytes) = self.sealed.totals();
         Stats {
             claims_acquired_total: load(&c.claims_acquired),
             duplicates_in_progress_total: load(&c.claims_in_progress),
@@ -786,6 +891,9 @@ impl Inner {
             keys_expired_total: load(&c.keys_expired),
             buckets_expired_total: load(&c.buckets_expired),
             index_entries: self.index.len() as u64,
+            sealed_tables,
+            sealed_entries,
+            sealed_filter_bytes,
             segments: self.log.segment_count() as u64,
             disk_bytes: self.log.disk_bytes(),
             syncs_total: syncs,

@@ -1,0 +1,325 @@
+//! Sealed tables: when a segment takes no more appends, the index entries that point into it
+//! move out of RAM into an immutable file beside it, `<id>.tbl`, read through the memory map,
+//! with a blocked Bloom filter kept in RAM so a new key (the common case) is answered without
+//! touching the file. Restart maps these tables instead of rescanning their segments.
+//!
+//! Layout (little endian):
+//!
+//! | off | size | field |
+//! |----:|-----:|-------|
+//! | 0 | 8 | magic `IDEMTBL\0` |
+//! | 8 | 4 | format version |
+//! | 12 | 4 | segment id |
+//! | 16 | 8 | entry count |
+//! | 24 | 8 | filter words (u64) |
+//! | 32 | 8 | bucket_end_ms of the segment |
+//! | 40 | 8 | max_seq: no record in the segment has a higher sequence number |
+//! | 48 | 8 | latest_ms: no record in the segment was written later |
+//! | 56 | 4 | crc32 of bytes 0..56 and of the filter |
+//! | 60 | 4 | reserved (0) |
+//! | 64 | 8 x words | filter |
+//! | ... | 16 x count | entries sorted by hash: hash u64, record offset u32, check u32 |
+//!
+//! Each entry's `check` is the crc32 of (segment id, hash, offset), so a damaged entry is
+//! caught on the lookup that reads it.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::filter::BlockedBloom;
+use crate::io::{Io, IoFile};
+use crate::log::Loc;
+use crate::segment::FORMAT_VERSION;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+/// Magic bytes opening every table file.
+pub const TABLE_MAGIC: [u8; 8] = *b"IDEMTBL\0";
+/// Bytes of the table header.
+pub const TABLE_HEADER_LEN: u64 = 64;
+/// Bytes of one entry.
+pub const ENTRY_LEN: u64 = 16;
+/// File name extension of table files.
+pub const TABLE_EXT: &str = "tbl";
+
+/// The file name of segment `id`'s table.
+pub fn table_file_name(id: u32) -> String {
+    format!("{id:08x}.{TABLE_EXT}")
+}
+
+/// The segment id in a table file name, if it is one.
+pub fn parse_table_file_name(name: &str) -> Option<u32> {
+    let stem = name.strip_suffix(".tbl")?;
+    if stem.len() != 8 {
+        return None;
+    }
+    u32::from_str_radix(stem, 16).ok()
+}
+
+fn entry_check(segment_id: u32, hash: u64, offset: u32) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&segment_id.to_le_bytes());
+    hasher.update(&hash.to_le_bytes());
+    hasher.update(&offset.to_le_bytes());
+    hasher.finalize()
+}
+
+fn header_crc(header: &[u8], filter: &BlockedBloom) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header[0..56]);
+    for word in filter.words() {
+        hasher.update(&word.to_le_bytes());
+    }
+    hasher.finalize()
+}
+
+/// Upper bounds over every record of a sealed segment, so a restart that reads the table
+/// instead of the segment still never reuses a sequence number or runs its clock backwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TableBounds {
+    pub max_seq: u64,
+    pub latest_ms: u64,
+}
+
+/// One sealed table, mapped.
+pub struct Table {
+    pub segment_id: u32,
+    #[allow(dead_code)]
+    pub bucket_end_ms: u64,
+    pub bounds: TableBounds,
+    pub path: PathBuf,
+    filter: BlockedBloom,
+    count: u64,
+    entries_at: u64,
+    file: Box<dyn IoFile>,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").field("path", &self.path).field("count", &self.count).finish()
+    }
+}
+
+impl Table {
+    /// Writes the table of segment `segment_id` from its (hash, offset) entries and syncs it.
+    /// The caller syncs the directory.
+    pub fn write(
+        io: &dyn Io,
+        dir: &Path,
+        segment_id: u32,
+        bucket_end_ms: u64,
+        bounds: TableBounds,
+        mut entries: Vec<(u64, u32)>,
+    ) -> Result<Table> {
+        entries.sort_unstable();
+        let path = dir.join(table_file_name(segment_id));
+        let mut filter = BlockedBloom::with_capacity(entries.len() as u64);
+        for (hash, _) in &entries {
+            filter.insert(*hash);
+        }
+        let mut header = [0u8; TABLE_HEADER_LEN as usize];
+        header[0..8].copy_from_slice(&TABLE_MAGIC);
+        header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        header[12..16].copy_from_slice(&segment_id.to_le_bytes());
+        header[16..24].copy_from_slice(&(entries.len() as u64).to_le_bytes());
+        header[24..32].copy_from_slice(&(filter.words().len() as u64).to_le_bytes());
+        header[32..40].copy_from_slice(&bucket_end_ms.to_le_bytes());
+        header[40..48].copy_from_slice(&bounds.max_seq.to_le_bytes());
+        header[48..56].copy_from_slice(&bounds.latest_ms.to_le_bytes());
+        let crc = header_crc(&header, &filter);
+        header[56..60].copy_from_slice(&crc.to_le_bytes());
+        let entries_at = TABLE_HEADER_LEN + 8 * filter.words().len() as u64;
+        let total = entries_at + ENTRY_LEN * entries.len() as u64;
+        let mut bytes = Vec::with_capacity(total as usize);
+        bytes.extend_from_slice(&header);
+        for word in filter.words() {
+            bytes.extend_from_slice(&word.to_le_bytes());
+        }
+        for (hash, offset) in &entries {
+            bytes.extend_from_slice(&hash.to_le_bytes());
+            bytes.extend_from_slice(&offset.to_le_bytes());
+            bytes.extend_from_slice(&entry_check(segment_id, *hash, *offset).to_le_bytes());
+        }
+        debug_assert_eq!(bytes.len() as u64, total);
+        // A table left by an interrupted earlier attempt is replaced whole.
+        let _ = io.remove(&path);
+        let file = io.create(&path, total).map_err(|e| Error::io("create table", &path, e))?;
+        let written = file.reserve(total).and_then(|()| file.write_at(0, &bytes)).and_then(|()| file.sync());
+        if let Err(e) = written {
+            drop(file);
+            let _ = io.remove(&path);
+            return Err(Error::io("write table", path, e));
+        }
+        file.release_descriptor();
+        Ok(Table { segment_id, bucket_end_ms, bounds, path, filter, count: entries.len() as u64, entries_at, file })
+    }
+
+    /// Opens a table; `Ok(None)` when it is damaged (bad magic, checksum, version or sizes),
+    /// so its segment is scanned instead and the table rebuilt.
+    pub fn open(io: &dyn Io, path: &Path, segment_id: u32) -> Result<Option<Table>> {
+        let file = io.open(path, 0, false).map_err(|e| Error::io("open table", path, e))?;
+        let len = file.len();
+        let mut header = [0u8; TABLE_HEADER_LEN as usize];
+        if len < TABLE_HEADER_LEN || file.read_at(0, &mut header).is_err() {
+            return Ok(None);
+        }
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&header[at..at + 8]);
+            u64::from_le_bytes(b)
+        };
+        let u32_at = |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+        if header[0..8] != TABLE_MAGIC || u32_at(8) != FORMAT_VERSION || u32_at(12) != segment_id {
+            return Ok(None);
+        }
+        let count = u64_at(16);
+        let words = u64_at(24);
+        let Some(entries_at) = words.checked_mul(8).and_then(|b| b.checked_add(TABLE_HEADER_LEN)) else {
+            return Ok(None);
+        };
+        if count.checked_mul(ENTRY_LEN).and_then(|b| b.checked_add(entries_at)) != Some(len) {
+            return Ok(None);
+        }
+        let mut raw = vec![0u8; (words * 8) as usize];
+        if file.read_at(TABLE_HEADER_LEN, &mut raw).is_err() {
+            return Ok(None);
+        }
+        let filter_words: Vec<u64> =
+            raw.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect();
+        let Some(filter) = BlockedBloom::from_words(filter_words) else {
+            return Ok(None);
+        };
+        if header_crc(&header, &filter) != u32_at(56) {
+            return Ok(None);
+        }
+        file.release_descriptor();
+        Ok(Some(Table {
+            segment_id,
+            bucket_end_ms: u64_at(32),
+            bounds: TableBounds { max_seq: u64_at(40), latest_ms: u64_at(48) },
+            path: path.to_path_buf(),
+            filter,
+            count,
+            entries_at,
+            file,
+        }))
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    /// Bytes of RAM the table holds (its filter).
+    pub fn ram_bytes(&self) -> usize {
+        self.filter.bytes()
+    }
+
+    fn entry(&self, i: u64) -> Result<(u64, u32)> {
+        let mut raw = [0u8; ENTRY_LEN as usize];
+        let at = self.entries_at + i * ENTRY_LEN;
+        self.file.read_at(at, &mut raw).map_err(|e| Error::io("read table entry", &self.path, e))?;
+        let hash = u64::from_le_bytes([raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7]]);
+        let offset = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+        let check = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]);
+        if check != entry_check(self.segment_id, hash, offset) {
+            return Err(Error::Corrupt {
+                file: self.path.clone(),
+                offset: at,
+                reason: "table entry checksum mismatch",
+            });
+        }
+        Ok((hash, offset))
+    }
+
+    /// Calls `visit` with the location of every entry with `hash`.
+    pub fn lookup(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<()>) -> Result<()> {
+        if self.count == 0 || !self.filter.may_contain(hash) {
+            return Ok(());
+        }
+        // Hashes are uniform: start the binary search in a small window around the
+        // interpolated position and widen it only when the guess was off.
+        let guess = ((u128::from(hash) * u128::from(self.count)) >> 64) as u64;
+        const SLACK: u64 = 64;
+        let mut lo = guess.saturating_sub(SLACK);
+        let mut hi = (guess + SLACK).min(self.count);
+        if lo > 0 && self.entry(lo)?.0 >= hash {
+            lo = 0;
+        }
+        if hi < self.count && self.entry(hi - 1)?.0 < hash {
+            hi = self.count;
+        }
+        // First entry with entry.hash >= hash.
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.entry(mid)?.0 < hash {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let mut i = lo;
+        while i < self.count {
+            let (h, offset) = self.entry(i)?;
+            if h != hash {
+                break;
+            }
+            visit(Loc { segment: self.segment_id, offset })?;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// Every (hash, location) in the table.
+    pub fn entries(&self) -> Result<Vec<(u64, Loc)>> {
+        (0..self.count)
+            .map(|i| self.entry(i).map(|(h, offset)| (h, Loc { segment: self.segment_id, offset })))
+            .collect()
+    }
+}
+
+/// The set of sealed tables consulted when the in-RAM index misses.
+#[derive(Default)]
+pub struct SealedTables {
+    tables: RwLock<Vec<Arc<Table>>>,
+}
+
+impl SealedTables {
+    /// Calls `visit` with every sealed location that may hold `hash`'s key.
+    pub fn visit(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<()>) -> Result<()> {
+        let tables = self.tables.read();
+        for table in tables.iter() {
+            table.lookup(hash, visit)?;
+        }
+        Ok(())
+    }
+
+    pub fn insert(&self, table: Table) {
+        self.tables.write().push(Arc::new(table));
+    }
+
+    /// Forgets the tables of dropped segments; returns them so their files can be deleted.
+    pub fn remove_segments(&self, dead: &dyn Fn(u32) -> bool) -> Vec<Arc<Table>> {
+        let mut tables = self.tables.write();
+        let (gone, kept): (Vec<_>, Vec<_>) = tables.drain(..).partition(|t| dead(t.segment_id));
+        *tables = kept;
+        gone
+    }
+
+    pub fn has(&self, segment_id: u32) -> bool {
+        self.tables.read().iter().any(|t| t.segment_id == segment_id)
+    }
+
+    pub fn all(&self) -> Vec<Arc<Table>> {
+        self.tables.read().clone()
+    }
+
+    /// (tables, entries, RAM bytes of their filters).
+    pub fn totals(&self) -> (u64, u64, u64) {
+        let tables = self.tables.read();
+        let entries = tables.iter().map(|t| t.len()).sum();
+        let ram = tables.iter().map(|t| t.ram_bytes() as u64).sum();
+        (tables.len() as u64, entries, ram)
+    }
+}
