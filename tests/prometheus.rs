@@ -236,6 +236,9 @@ fn every_stats_field_lands_in_its_own_sample() {
         keys_expired_total: 113,
         buckets_expired_total: 114,
         index_entries: 115,
+        sealed_tables: 132,
+        sealed_entries: 133,
+        sealed_filter_bytes: 134,
         segments: 116,
         disk_bytes: 117,
         syncs_total: 118,
@@ -260,7 +263,7 @@ fn every_stats_field_lands_in_its_own_sample() {
         ..Stats::default()
     };
     let e = parse(&stats.to_prometheus()).expect("valid exposition");
-    let expected: [Expected; 26] = [
+    let expected: [Expected; 29] = [
         ("idemstore_claims_total", &[("outcome", "acquired")], 101),
         ("idemstore_claims_total", &[("outcome", "in_progress")], 102),
         ("idemstore_claims_total", &[("outcome", "replayed")], 103),
@@ -277,6 +280,9 @@ fn every_stats_field_lands_in_its_own_sample() {
         ("idemstore_keys_expired_total", &[], 113),
         ("idemstore_buckets_expired_total", &[], 114),
         ("idemstore_index_entries", &[], 115),
+        ("idemstore_sealed_tables", &[], 132),
+        ("idemstore_sealed_entries", &[], 133),
+        ("idemstore_sealed_filter_bytes", &[], 134),
         ("idemstore_segments", &[], 116),
         ("idemstore_disk_bytes", &[], 117),
         ("idemstore_syncs_total", &[], 118),

@@ -19,9 +19,15 @@ use std::time::SystemTime;
 use clap::{Parser, Subcommand, ValueEnum};
 use idemstore::{Entry, Error, LOCK_FILE_NAME, Options, Store, system_time_to_ms};
 
-/// Inspect and repair an idemstore directory (an embedded idempotency-key store).
+/// Inspect an idemstore directory (an embedded idempotency-key store), or remove a key from it.
 #[derive(Parser, Debug)]
-#[command(name = "idemstore", version, about, long_about = None)]
+#[command(
+    name = "idemstore",
+    version,
+    after_help = "Keys are text, or hex:<digits> for binary keys. Every command but `remove` opens the store \
+                  read-only, so it works on a live store.\nExit codes: 0 success; 1 key absent (get) or a \
+                  problem found (verify); 2 error."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -194,9 +200,12 @@ fn stats(dir: &Path, prometheus: bool, out: &mut impl Write) -> CliResult {
         return Ok(ExitCode::SUCCESS);
     }
     let r = &stats.recovery;
-    let rows: [(&str, String); 16] = [
+    let rows: [(&str, String); 20] = [
         ("store", dir.display().to_string()),
         ("index_entries", stats.index_entries.to_string()),
+        ("sealed_tables", stats.sealed_tables.to_string()),
+        ("sealed_entries", stats.sealed_entries.to_string()),
+        ("sealed_filter_bytes", stats.sealed_filter_bytes.to_string()),
         ("segments", stats.segments.to_string()),
         ("disk_bytes", stats.disk_bytes.to_string()),
         ("last_seq", stats.last_seq.to_string()),
@@ -205,6 +214,7 @@ fn stats(dir: &Path, prometheus: bool, out: &mut impl Write) -> CliResult {
         ("recovery_segments", r.segments.to_string()),
         ("recovery_torn_tails", r.torn_tails.to_string()),
         ("recovery_torn_bytes", r.torn_bytes_truncated.to_string()),
+        ("recovery_tables_loaded", r.tables_loaded.to_string()),
         ("recovery_tables_rebuilt", r.tables_rebuilt.to_string()),
         ("claims_acquired_total", stats.claims_acquired_total.to_string()),
         ("duplicates_blocked_total", stats.duplicates_blocked_total().to_string()),
