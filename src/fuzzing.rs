@@ -391,14 +391,19 @@ fn check_recovered_store(store: &Store, history: &History) {
 /// Input layout: 1 byte picks the image (see `build_image`), the rest describes the damage
 /// (see `apply_damage`). When the store opens, every state it returns must be one that was
 /// written; a claim of each key with its original request must replay a written outcome or
-/// take the key over; and the store must reopen after those writes.
+/// take the key over; and the store must reopen after those writes. Set the environment
+/// variable `IDEMSTORE_FUZZ_TRACE` to print what the open gave.
 pub fn recover(data: &[u8]) {
     let Some((&variant, damage)) = data.split_first() else { return };
     let (disk, clock, mut history) = build_image(variant);
     let dir = Path::new(STORE_DIR);
     apply_damage(&disk, dir, damage);
     let small_segments = variant & 1 == 1;
-    let store = match Store::open(dir, recover_options(&disk, &clock, small_segments)) {
+    let opened = Store::open(dir, recover_options(&disk, &clock, small_segments));
+    if std::env::var_os("IDEMSTORE_FUZZ_TRACE").is_some() {
+        eprintln!("recover: variant {variant}, open gave {:?}", opened.as_ref().map(|_| "a store"));
+    }
+    let store = match opened {
         Ok(store) => store,
         Err(first) => {
             assert!(
@@ -467,7 +472,9 @@ const MODEL_STEPS_MS: [u64; 9] = [1, 10, 100, 999, 1_000, 5_000, 30_000, 61_000,
 
 /// One step of the model test. Its `arbitrary` encoding is the input format of `ops_model`:
 /// changing this enum changes what existing corpus and regression inputs mean, so regressions
-/// must be found and minimized again after such a change.
+/// must be found and minimized again after such a change. `Restart` is a clean reopen, or a
+/// power cut (keeping a torn prefix of unsynced writes when seeded) and an open of what
+/// survived; one variant for both keeps restarts, the costliest step, at one step in eleven.
 #[derive(Debug, Clone, Arbitrary)]
 enum ModelOp {
     Claim { key: u8, request: u8, ttl: u8, lease: u8 },
@@ -480,9 +487,6 @@ enum ModelOp {
     Advance { step: u8 },
     Sync,
     Maintain,
-    /// A clean reopen, or a power cut (keeping a torn prefix of unsynced writes when seeded)
-    /// and an open of what survived. One variant for both keeps restarts (the costliest
-    /// step) at one step in eleven.
     Restart { power_cut: bool, torn_seed: Option<u64> },
 }
 
