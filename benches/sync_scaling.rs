@@ -137,6 +137,20 @@ fn main() {
             verdict(ratio_inplace)
         );
     }
+    // The limit assumes one raw fdatasync is as fast as the disk gets. When the store's own
+    // syncs run much faster than that, the disk was not in one steady state during the run
+    // (a busy or throttled device, or one that completes lone flushes on a timer tick), and
+    // every ratio above is inflated.
+    let raw_p50_us = append_p50_s.min(inplace_p50_s) * 1e6;
+    let fastest_store_sync_us =
+        rows.iter().filter(|r| r.is_sync_claims).filter_map(|r| r.mean_sync_us).fold(f64::INFINITY, f64::min);
+    if fastest_store_sync_us < 0.5 * raw_p50_us {
+        println!(
+            "WARNING: the store's mean sync ({fastest_store_sync_us:.0} µs) is under half the raw loops' p50 \
+             ({raw_p50_us:.0} µs): the disk was not steady during this run, so the ratios are inflated; \
+             rerun on a quiet machine."
+        );
+    }
 }
 
 /// One line of the table.
