@@ -17,7 +17,36 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
 
 /// A guard that holds a directory lock until dropped.
-pub trait DirLock: Send + Sync {}
+pub trait DirLock: Send + Sync {
+    /// Records who holds the lock (the writer's incarnation), for read-only viewers.
+    fn set_owner(&self, owner: LockOwner) -> io::Result<()>;
+}
+
+/// Who holds a store's lock: the writer's incarnation and process id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockOwner {
+    /// The writer's incarnation (the one its claims record).
+    pub incarnation: u64,
+    /// The writer's process id.
+    pub pid: u32,
+}
+
+impl LockOwner {
+    fn encode(self) -> [u8; 12] {
+        let mut b = [0u8; 12];
+        b[0..8].copy_from_slice(&self.incarnation.to_le_bytes());
+        b[8..12].copy_from_slice(&self.pid.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<LockOwner> {
+        let b: &[u8; 12] = b.get(..12)?.try_into().ok()?;
+        Some(LockOwner {
+            incarnation: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            pid: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        })
+    }
+}
 
 /// Directory-level operations.
 pub trait Io: Send + Sync + fmt::Debug {
@@ -35,6 +64,12 @@ pub trait Io: Send + Sync + fmt::Debug {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes creations and deletions in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// The owner of the store's lock when a live writer holds it, without taking the lock.
+    /// `None` when unknown (then a read-only view shows every in-flight claim as orphaned).
+    fn lock_owner(&self, dir: &Path) -> Option<LockOwner> {
+        let _ = dir;
+        None
+    }
 }
 
 /// One file, read and written at offsets.
@@ -61,6 +96,9 @@ pub trait IoFile: Send + Sync {
     /// the reserved length and syncs keep working through the memory map. Bounds the number
     /// of open descriptors however many files are live.
     fn release_descriptor(&self) {}
+    /// Drops the memory-mapped pages of a file about to be deleted, in small steps, so the
+    /// final unmap is quick and never holds up page faults of other threads for long.
+    fn release_pages(&self) {}
 }
 
 pub(crate) fn out_of_range() -> io::Error {
@@ -80,8 +118,20 @@ pub(crate) fn checked_range(offset: u64, len: usize, limit: u64) -> io::Result<(
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealIo;
 
-struct FileLock(#[allow(dead_code)] File);
-impl DirLock for FileLock {}
+struct FileLock(File);
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        // No owner once the lock is let go: a viewer must not take a closed store's claims for
+        // a live writer's. (A crashed writer leaves its owner behind, with a dead pid.)
+        let _ = self.0.set_len(0);
+    }
+}
+impl DirLock for FileLock {
+    fn set_owner(&self, owner: LockOwner) -> io::Result<()> {
+        self.0.set_len(0)?;
+        std::os::unix::fs::FileExt::write_all_at(&self.0, &owner.encode(), 0)
+    }
+}
 
 impl Io for RealIo {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
@@ -128,6 +178,17 @@ impl Io for RealIo {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn lock_owner(&self, dir: &Path) -> Option<LockOwner> {
+        let owner = LockOwner::decode(&fs::read(dir.join(crate::LOCK_FILE_NAME)).ok()?)?;
+        // Probing the lock itself would take it for a moment and could make a writer that
+        // opens at that instant fail with `Locked`; a live process id is asked instead.
+        let pid = libc::pid_t::try_from(owner.pid).ok()?;
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let alive =
+            unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        alive.then_some(owner)
     }
 }
 
@@ -246,5 +307,21 @@ impl IoFile for MappedFile {
 
     fn release_descriptor(&self) {
         self.file.lock().take();
+    }
+
+    fn release_pages(&self) {
+        const STEP: usize = 1 << 20;
+        let len = usize::try_from(self.len()).unwrap_or(0);
+        let mut at = 0;
+        while at < len {
+            let n = STEP.min(len - at);
+            // SAFETY: MADV_DONTNEED on a shared file mapping only drops page-table entries; the
+            // data stays in the file and page cache and a later access faults it back in, so no
+            // reader can observe changed bytes. Each call takes the mapping lock for reading
+            // only (a munmap of the whole file would take it for writing, stalling every page
+            // fault in the process until it is done).
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, n) };
+            at += n;
+        }
     }
 }

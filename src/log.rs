@@ -120,7 +120,20 @@ impl Log {
     /// `expires_at_ms`; later when the record shadows a record retained longer). `header.seq`
     /// is assigned here; a `token` of 0 becomes the new seq (a fresh claim is fenced by its
     /// own sequence number). Returns the final header and where the record lives.
-    pub fn append(&self, mut header: Header, key: &[u8], value: &[u8], retain_until_ms: u64) -> Result<(Header, Loc)> {
+    ///
+    /// `new_claim`: only new claims are held to the disk budget; a holder can always record
+    /// its outcome (or give up) for an effect it already performed.
+    ///
+    /// A failed record write or directory sync returns `Error::Poisoned` (the caller poisons
+    /// the store): the bytes may be half in the page cache, nothing may be trusted after it.
+    pub fn append(
+        &self,
+        mut header: Header,
+        key: &[u8],
+        value: &[u8],
+        retain_until_ms: u64,
+        new_claim: bool,
+    ) -> Result<(Header, Loc)> {
         debug_assert!(retain_until_ms >= header.expires_at_ms);
         let mut guard = self.appender.lock();
         let app = &mut *guard;
@@ -143,7 +156,9 @@ impl Log {
                 created_at_ms: header.written_at_ms,
             };
             let initial = self.limits.segment_bytes_initial.max(SEGMENT_HEADER_LEN + len);
-            self.check_budget(initial)?;
+            if new_claim {
+                self.check_budget(initial)?;
+            }
             let segment = Arc::new(Segment::create(
                 self.io.as_ref(),
                 &self.dir,
@@ -162,7 +177,11 @@ impl Log {
                 }
             }
             // A new file must be durable as a directory entry before anything in it counts.
-            self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
+            if let Err(e) = self.io.sync_dir(&self.dir) {
+                // The file exists but may vanish at a power cut: nothing written to it could be
+                // promised, so the store stops here. (The empty file is removed at reopen.)
+                return Err(Error::Poisoned { cause: format!("directory sync failed: {e}") });
+            }
             self.segments.write().insert(segment.id(), segment.clone());
             app.dirty.push(segment.clone());
             app.active.insert(bucket, Active { segment, write_pos: SEGMENT_HEADER_LEN, last_write_seq: 0 });
@@ -179,13 +198,17 @@ impl Log {
                 .saturating_add(self.limits.segment_bytes_initial)
                 .max(end)
                 .min(self.limits.segment_bytes_max.max(end));
-            self.check_budget(grown - reserved)?;
+            if new_claim {
+                self.check_budget(grown - reserved)?;
+            }
             active.segment.reserve(grown)?;
         }
         let offset = active.write_pos;
         record::encode(active.segment.id(), &header, key, value, &mut app.scratch);
         debug_assert_eq!(app.scratch.len() as u64, len);
-        active.segment.write_at(offset, &app.scratch)?;
+        if let Err(e) = active.segment.write_at(offset, &app.scratch) {
+            return Err(Error::Poisoned { cause: format!("record write failed: {e}") });
+        }
         active.write_pos = end;
         active.last_write_seq = header.seq;
         active.segment.note_write(header.written_at_ms);
@@ -203,7 +226,9 @@ impl Log {
             return Ok(());
         }
         let used_bytes = self.disk_bytes();
-        if used_bytes.saturating_add(more_bytes) > self.limits.disk_bytes_max {
+        // One growth step stays free for the completes of claims already held.
+        let headroom = self.limits.segment_bytes_initial;
+        if used_bytes.saturating_add(more_bytes).saturating_add(headroom) > self.limits.disk_bytes_max {
             return Err(Error::DiskBudgetExceeded { used_bytes, max_bytes: self.limits.disk_bytes_max });
         }
         Ok(())

@@ -72,8 +72,11 @@ pub struct Options {
     /// descriptor; other segments are read through their memory maps with no descriptor, so
     /// the store holds at most this many plus the lock file however many buckets are live.
     pub max_open_files: usize,
-    /// Disk space the store may take; past it claims fail with `DiskBudgetExceeded` while
-    /// replays and reads go on (default: unlimited).
+    /// Disk space the store may take (default: unlimited). New claims fail with
+    /// `DiskBudgetExceeded` once the segment files would pass it less one growth step
+    /// (`segment_bytes_initial`, kept for completes), while replays and reads go on. Completes,
+    /// checkpoints, releases and removes are never refused by the budget: a holder can always
+    /// record the outcome of an effect it already ran (a full disk still refuses them).
     pub max_disk_bytes: u64,
     /// Time source (default: the system clock).
     pub clock: Arc<dyn Clock>,

@@ -231,7 +231,9 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, DecodeError> {
     let len = u32_at(bytes, 4) as usize;
     let key_len = u16::from_le_bytes([bytes[10], bytes[11]]);
     let value_len = u32_at(bytes, 12);
+    let reserved_zero = bytes[9] == 0 && bytes[92..96].iter().all(|&b| b == 0);
     if key_len == 0
+        || !reserved_zero
         || value_len as usize > VALUE_LEN_FORMAT_MAX
         || len != HEADER_LEN + usize::from(key_len) + value_len as usize
     {

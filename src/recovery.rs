@@ -111,8 +111,12 @@ pub fn recover(
     }
     if writer {
         for &id in table_ids.iter().filter(|id| !segments.contains_key(*id)) {
-            remove(&dir.join(table_file_name(id)), "remove table without segment")?;
-            dir_changed = true;
+            match io.remove(&dir.join(table_file_name(id))) {
+                Ok(()) => dir_changed = true,
+                // Already deleted with its expired segment above.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove table without segment", dir.join(table_file_name(id)), e)),
+            }
         }
     }
     // Phase 2: scan the segments that were being written, keeping per key the record with

@@ -199,6 +199,11 @@ impl Segment {
         self.file.write_at(offset, bytes).map_err(|e| Error::io("write record", &self.path, e))
     }
 
+    /// Drops the mapped pages of a segment about to be deleted (see `IoFile`).
+    pub fn release_pages(&self) {
+        self.file.release_pages();
+    }
+
     /// Closes the descriptor of a segment that takes no more space (see `IoFile`).
     pub fn release_descriptor(&self) {
         self.file.release_descriptor();

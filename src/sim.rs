@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::io::{DirLock, Io, IoFile, checked_range};
+use crate::io::{DirLock, Io, IoFile, LockOwner, checked_range};
 
 #[derive(Default)]
 struct FileState {
@@ -47,6 +47,7 @@ struct DiskState {
     durable_names: HashMap<PathBuf, Arc<SimFile>>,
     dirs: HashSet<PathBuf>,
     locked: HashSet<PathBuf>,
+    owners: HashMap<PathBuf, LockOwner>,
 }
 
 /// An in-memory disk with separate written and synced images; clone it to share it.
@@ -153,6 +154,7 @@ impl SimDisk {
                 durable_names,
                 dirs: state.dirs.clone(),
                 locked: HashSet::new(),
+                owners: HashMap::new(),
             })),
             faults,
         }
@@ -204,10 +206,17 @@ struct SimLock {
     state: Arc<Mutex<DiskState>>,
     dir: PathBuf,
 }
-impl DirLock for SimLock {}
+impl DirLock for SimLock {
+    fn set_owner(&self, owner: LockOwner) -> io::Result<()> {
+        self.state.lock().owners.insert(self.dir.clone(), owner);
+        Ok(())
+    }
+}
 impl Drop for SimLock {
     fn drop(&mut self) {
-        self.state.lock().locked.remove(&self.dir);
+        let mut state = self.state.lock();
+        state.locked.remove(&self.dir);
+        state.owners.remove(&self.dir);
     }
 }
 
@@ -270,6 +279,10 @@ impl Io for SimDisk {
         let len = file.state.lock().live.len() as u64;
         self.faults.used_bytes.fetch_sub(len.min(self.faults.used_bytes.load(Ordering::SeqCst)), Ordering::SeqCst);
         Ok(())
+    }
+
+    fn lock_owner(&self, dir: &Path) -> Option<LockOwner> {
+        self.state.lock().owners.get(dir).copied()
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

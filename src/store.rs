@@ -107,12 +107,29 @@ impl Store {
         let dir = dir.as_ref().to_path_buf();
         let io = options.io.clone();
         io.create_dir_all(&dir).map_err(|e| Error::io("create store directory", &dir, e))?;
-        let lock = match io.lock_dir(&dir) {
-            Ok(lock) => lock,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Error::Locked { dir }),
-            Err(e) => return Err(Error::io("open lock file", dir.join(crate::LOCK_FILE_NAME), e)),
+        // A lock released a moment ago may still be held by a child process that another thread
+        // is spawning (the descriptor lives on in it until its exec): retry briefly before
+        // reporting `Locked`.
+        let mut attempts = 0;
+        let lock = loop {
+            match io.lock_dir(&dir) {
+                Ok(lock) => break lock,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 5 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Error::Locked { dir }),
+                Err(e) => return Err(Error::io("open lock file", dir.join(crate::LOCK_FILE_NAME), e)),
+            }
         };
-        Self::open_inner(dir, options, Some(lock), Mode::Writer)
+        let incarnation = new_incarnation();
+        let store = Self::open_inner(dir, options, Some(lock), Mode::Writer, incarnation)?;
+        // Only an open that succeeded writes anything (a refused open changes no file).
+        if let Some(lock) = &store.inner._lock {
+            lock.set_owner(crate::io::LockOwner { incarnation, pid: std::process::id() })
+                .map_err(|e| Error::io("write lock file", store.inner.dir.join(crate::LOCK_FILE_NAME), e))?;
+        }
+        Ok(store)
     }
 
     /// Opens a read-only view of the store in `dir`, without taking the writer's lock and
@@ -126,10 +143,19 @@ impl Store {
     /// [`Store::open_read_only`] with explicit options (clock, I/O, limits).
     pub fn open_read_only_with(dir: impl AsRef<Path>, options: Options) -> Result<Store> {
         validate_options(&options)?;
-        Self::open_inner(dir.as_ref().to_path_buf(), Options { background: false, ..options }, None, Mode::ReadOnly)
+        let dir = dir.as_ref().to_path_buf();
+        // Claims of the live writer (if any) are in flight, not orphans.
+        let incarnation = options.io.lock_owner(&dir).map_or_else(new_incarnation, |owner| owner.incarnation);
+        Self::open_inner(dir, Options { background: false, ..options }, None, Mode::ReadOnly, incarnation)
     }
 
-    fn open_inner(dir: PathBuf, options: Options, lock: Option<Box<dyn DirLock>>, mode: Mode) -> Result<Store> {
+    fn open_inner(
+        dir: PathBuf,
+        options: Options,
+        lock: Option<Box<dyn DirLock>>,
+        mode: Mode,
+        incarnation: u64,
+    ) -> Result<Store> {
         let started = Instant::now();
         let io = options.io.clone();
         let key_hash = options.key_hash;
@@ -164,7 +190,7 @@ impl Store {
             sealed: recovered.sealed,
             commit: GroupCommit::new(durable_seq),
             counters: Counters::default(),
-            incarnation: new_incarnation(),
+            incarnation,
             recovery,
             read_only: mode == Mode::ReadOnly,
             shutdown: Mutex::new(false),
@@ -459,12 +485,13 @@ impl Inner {
     /// one survives to be resurrected (by the index falling back to a sealed table, or by a
     /// scan at recovery); reads still expire it exactly at its own `expires_at_ms`.
     fn append(&self, header: Header, key: &[u8], value: &[u8], shadowed: Option<Loc>) -> Result<(Header, Loc)> {
+        let new_claim = header.kind == Kind::Claim;
         self.check_writable()?;
         let retain_floor_ms = shadowed
             .and_then(|loc| self.log.with_segment(loc.segment, |s| s.header.bucket_end_ms.saturating_sub(1)))
             .unwrap_or(0);
         let retain_until_ms = header.expires_at_ms.max(retain_floor_ms);
-        match self.log.append(header, key, value, retain_until_ms) {
+        match self.log.append(header, key, value, retain_until_ms, new_claim) {
             Err(Error::Poisoned { cause }) => {
                 self.commit.poison(cause.clone());
                 Err(Error::Poisoned { cause })
@@ -762,6 +789,9 @@ impl Inner {
         let (buckets, dropped) = self.log.drop_expired(now_ms)?;
         if !dropped.is_empty() {
             let dead: std::collections::HashSet<u32> = dropped.iter().map(|s| s.id()).collect();
+            for segment in &dropped {
+                segment.release_pages();
+            }
             drop(dropped);
             self.forget_segments(&dead, buckets)?;
         }
