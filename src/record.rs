@@ -149,34 +149,29 @@ pub fn encode(segment_id: u32, header: &Header, key: &[u8], value: &[u8], out: &
     debug_assert_eq!(header.value_len as usize, value.len());
     debug_assert!(!key.is_empty() && header.seq > 0);
     let len = header.record_len();
+    let padded = align_up(len as u64) as usize;
     out.clear();
-    out.reserve(align_up(len as u64) as usize);
-    out.extend_from_slice(&[0u8; 4]);
-    out.extend_from_slice(&(len as u32).to_le_bytes());
-    out.push(header.kind as u8);
-    out.push(0);
-    out.extend_from_slice(&header.key_len.to_le_bytes());
-    out.extend_from_slice(&header.value_len.to_le_bytes());
-    for field in [
-        header.seq,
-        header.expires_at_ms,
-        header.claimed_at_ms,
-        header.lease_until_ms,
-        header.token,
-        header.incarnation,
-    ] {
-        out.extend_from_slice(&field.to_le_bytes());
-    }
-    out.extend_from_slice(&header.request_hash.to_le_bytes());
-    out.extend_from_slice(&header.written_at_ms.to_le_bytes());
-    out.extend_from_slice(&header.lease_ms.to_le_bytes());
-    out.extend_from_slice(&[0u8; 4]);
-    debug_assert_eq!(out.len(), HEADER_LEN);
-    out.extend_from_slice(key);
-    out.extend_from_slice(value);
-    let crc = checksum(segment_id, &out[4..]);
+    out.resize(padded, 0);
+    let mut h = [0u8; HEADER_LEN];
+    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    h[8] = header.kind as u8;
+    h[10..12].copy_from_slice(&header.key_len.to_le_bytes());
+    h[12..16].copy_from_slice(&header.value_len.to_le_bytes());
+    h[16..24].copy_from_slice(&header.seq.to_le_bytes());
+    h[24..32].copy_from_slice(&header.expires_at_ms.to_le_bytes());
+    h[32..40].copy_from_slice(&header.claimed_at_ms.to_le_bytes());
+    h[40..48].copy_from_slice(&header.lease_until_ms.to_le_bytes());
+    h[48..56].copy_from_slice(&header.token.to_le_bytes());
+    h[56..64].copy_from_slice(&header.incarnation.to_le_bytes());
+    h[64..80].copy_from_slice(&header.request_hash.to_le_bytes());
+    h[80..88].copy_from_slice(&header.written_at_ms.to_le_bytes());
+    h[88..92].copy_from_slice(&header.lease_ms.to_le_bytes());
+    let key_end = HEADER_LEN + key.len();
+    out[..HEADER_LEN].copy_from_slice(&h);
+    out[HEADER_LEN..key_end].copy_from_slice(key);
+    out[key_end..len].copy_from_slice(value);
+    let crc = checksum(segment_id, &out[4..len]);
     out[0..4].copy_from_slice(&crc.to_le_bytes());
-    out.resize(align_up(len as u64) as usize, 0);
     debug_assert_eq!(decode(segment_id, out).ok().map(|(h, _, _)| h), Some(*header));
 }
 
