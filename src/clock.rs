@@ -77,6 +77,11 @@ impl StoreTime {
     /// The current store time; monotonic across calls and threads.
     pub(crate) fn now_ms(&self) -> u64 {
         let reading = self.clock.now_ms();
+        // A plain load first: the cache line stays shared between threads unless time moved.
+        let latest = self.latest_ms.load(Ordering::Acquire);
+        if reading <= latest {
+            return latest;
+        }
         let previous = self.latest_ms.fetch_max(reading, Ordering::AcqRel);
         previous.max(reading)
     }

@@ -1,23 +1,11 @@
 //! Counters kept by a store, a snapshot of them (`Stats`), and its Prometheus text form.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-/// Live counters, bumped with relaxed atomics on the hot paths.
+/// Store-wide counters of background work (per-key counters live in the index shards).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub claims_acquired: AtomicU64,
-    pub claims_in_progress: AtomicU64,
-    pub claims_replayed: AtomicU64,
-    pub claims_waited: AtomicU64,
-    pub mismatches: AtomicU64,
-    pub lease_takeovers: AtomicU64,
-    pub orphan_takeovers: AtomicU64,
-    pub stale_tokens: AtomicU64,
-    pub completes: AtomicU64,
-    pub checkpoints: AtomicU64,
-    pub releases: AtomicU64,
-    pub removes: AtomicU64,
     pub keys_expired: AtomicU64,
     pub buckets_expired: AtomicU64,
     pub segments_expired: AtomicU64,
@@ -25,11 +13,6 @@ pub(crate) struct Counters {
     pub sync_latency_us_max: AtomicU64,
 }
 
-impl Counters {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// What recovery found when the store was opened.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

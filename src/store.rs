@@ -389,7 +389,7 @@ impl Inner {
         }
         for loc in gone.into_iter().flatten() {
             shard.remove(hash, loc);
-            Counters::bump(&self.counters.keys_expired);
+            shard.counters.keys_expired += 1;
         }
         if found.is_some() {
             // Invariant: a key's entry in RAM is newer than any of its sealed entries.
@@ -536,7 +536,7 @@ impl Inner {
                     };
                     let (written, loc) = self.append(header, key, &[], old)?;
                     shard.set(hash, old, loc);
-                    Counters::bump(&self.counters.claims_acquired);
+                    shard.counters.claims_acquired += 1;
                     let token = ClaimToken {
                         key: key.into(),
                         id: written.token,
@@ -548,17 +548,20 @@ impl Inner {
                 }
                 Current::Completed(loc, header) => {
                     if header.request_hash != request_hash {
-                        Counters::bump(&self.counters.mismatches);
+                        shard.counters.mismatches += 1;
                         break (Claim::Mismatch, seen_seq);
                     }
                     let outcome = self.read_value(loc, &header)?;
-                    let counter = if waited { &self.counters.claims_waited } else { &self.counters.claims_replayed };
-                    Counters::bump(counter);
+                    if waited {
+                        shard.counters.claims_waited += 1;
+                    } else {
+                        shard.counters.claims_replayed += 1;
+                    }
                     break (Claim::Completed(completed_from(&header, outcome)), seen_seq);
                 }
                 Current::InFlight(loc, header) => {
                     if header.request_hash != request_hash {
-                        Counters::bump(&self.counters.mismatches);
+                        shard.counters.mismatches += 1;
                         break (Claim::Mismatch, seen_seq);
                     }
                     let orphaned = header.incarnation != self.incarnation;
@@ -584,11 +587,11 @@ impl Inner {
                         let (written, new_loc) = self.append(takeover, key, &checkpoint, Some(loc))?;
                         debug_assert!(written.token > header.token, "fencing tokens only grow");
                         shard.set(hash, Some(loc), new_loc);
-                        Counters::bump(&self.counters.claims_acquired);
+                        shard.counters.claims_acquired += 1;
                         if orphan_takeover && !lease_over {
-                            Counters::bump(&self.counters.orphan_takeovers);
+                            shard.counters.orphan_takeovers += 1;
                         } else {
-                            Counters::bump(&self.counters.lease_takeovers);
+                            shard.counters.lease_takeovers += 1;
                         }
                         let token = ClaimToken {
                             key: key.into(),
@@ -607,7 +610,7 @@ impl Inner {
                             waited = true;
                         }
                         _ => {
-                            Counters::bump(&self.counters.claims_in_progress);
+                            shard.counters.claims_in_progress += 1;
                             let lease_expires_at = ms_to_system_time(header.lease_until_ms);
                             break (Claim::InProgress { lease_expires_at }, seen_seq);
                         }
@@ -634,7 +637,7 @@ impl Inner {
         let (loc, held) = match state {
             Current::InFlight(loc, header) if header.token == token.id => (loc, header),
             _ => {
-                Counters::bump(&self.counters.stale_tokens);
+                shard.counters.stale_tokens += 1;
                 return Err(Error::StaleToken);
             }
         };
@@ -652,16 +655,15 @@ impl Inner {
         };
         let (written, new_loc) = self.append(header, key, &value, Some(loc))?;
         shard.set(hash, Some(loc), new_loc);
+        match kind {
+            Kind::Complete => shard.counters.completes += 1,
+            Kind::Checkpoint => shard.counters.checkpoints += 1,
+            _ => shard.counters.releases += 1,
+        }
         drop(shard);
         if kind != Kind::Checkpoint {
             locked.changed.notify_all();
         }
-        let counter = match kind {
-            Kind::Complete => &self.counters.completes,
-            Kind::Checkpoint => &self.counters.checkpoints,
-            _ => &self.counters.releases,
-        };
-        Counters::bump(counter);
         self.settle(written.seq)
     }
 
@@ -710,9 +712,9 @@ impl Inner {
         let tombstone = Header { kind: Kind::Remove, value_len: 0, seq: 0, written_at_ms: now_ms, ..header };
         let (written, new_loc) = self.append(tombstone, key, &[], Some(loc))?;
         shard.set(hash, Some(loc), new_loc);
+        shard.counters.removes += 1;
         drop(shard);
         locked.changed.notify_all();
-        Counters::bump(&self.counters.removes);
         self.settle(written.seq)
     }
 
@@ -903,22 +905,26 @@ impl Inner {
     fn stats(&self) -> Stats {
         let c = &self.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(AtomicOrdering::Relaxed);
+        let mut s = crate::index::ShardCounters::default();
+        for locked in self.index.shards() {
+            s.add(&locked.shard.lock().counters);
+        }
         let (syncs, synced_records) = self.commit.counters();
         let (sealed_tables, sealed_entries, sealed_filter_bytes) = self.sealed.totals();
         Stats {
-            claims_acquired_total: load(&c.claims_acquired),
-            duplicates_in_progress_total: load(&c.claims_in_progress),
-            duplicates_replayed_total: load(&c.claims_replayed),
-            duplicates_waited_total: load(&c.claims_waited),
-            mismatches_total: load(&c.mismatches),
-            lease_takeovers_total: load(&c.lease_takeovers),
-            orphan_takeovers_total: load(&c.orphan_takeovers),
-            stale_tokens_total: load(&c.stale_tokens),
-            completes_total: load(&c.completes),
-            checkpoints_total: load(&c.checkpoints),
-            releases_total: load(&c.releases),
-            removes_total: load(&c.removes),
-            keys_expired_total: load(&c.keys_expired),
+            claims_acquired_total: s.claims_acquired,
+            duplicates_in_progress_total: s.claims_in_progress,
+            duplicates_replayed_total: s.claims_replayed,
+            duplicates_waited_total: s.claims_waited,
+            mismatches_total: s.mismatches,
+            lease_takeovers_total: s.lease_takeovers,
+            orphan_takeovers_total: s.orphan_takeovers,
+            stale_tokens_total: s.stale_tokens,
+            completes_total: s.completes,
+            checkpoints_total: s.checkpoints,
+            releases_total: s.releases,
+            removes_total: s.removes,
+            keys_expired_total: load(&c.keys_expired) + s.keys_expired,
             buckets_expired_total: load(&c.buckets_expired),
             index_entries: self.index.len() as u64,
             sealed_tables,

@@ -283,11 +283,16 @@ impl Table {
 #[derive(Default)]
 pub struct SealedTables {
     tables: RwLock<Vec<Arc<Table>>>,
+    /// Tables in the set; lets the common no-table case skip the lock's shared counter.
+    count: std::sync::atomic::AtomicUsize,
 }
 
 impl SealedTables {
     /// Calls `visit` with every sealed location that may hold `hash`'s key.
     pub fn visit(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<()>) -> Result<()> {
+        if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return Ok(());
+        }
         let tables = self.tables.read();
         for table in tables.iter() {
             table.lookup(hash, visit)?;
@@ -296,7 +301,9 @@ impl SealedTables {
     }
 
     pub fn insert(&self, table: Table) {
-        self.tables.write().push(Arc::new(table));
+        let mut tables = self.tables.write();
+        tables.push(Arc::new(table));
+        self.count.store(tables.len(), std::sync::atomic::Ordering::Release);
     }
 
     /// Forgets the tables of dropped segments; returns them so their files can be deleted.
@@ -304,6 +311,7 @@ impl SealedTables {
         let mut tables = self.tables.write();
         let (gone, kept): (Vec<_>, Vec<_>) = tables.drain(..).partition(|t| dead(t.segment_id));
         *tables = kept;
+        self.count.store(tables.len(), std::sync::atomic::Ordering::Release);
         gone
     }
 
