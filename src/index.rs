@@ -167,6 +167,17 @@ impl Shard {
         self.main.len() + self.spill.values().map(Vec::len).sum::<usize>()
     }
 
+    /// Gives memory back after many entries left (sealed or expired): a hash table keeps its
+    /// capacity otherwise, and RAM per key would not fall.
+    pub fn shrink(&mut self) {
+        if self.main.capacity() > 64 && self.main.len() < self.main.capacity() / 4 {
+            self.main.shrink_to_fit();
+        }
+        if self.spill.is_empty() {
+            self.spill.shrink_to_fit();
+        }
+    }
+
     /// Every (hash, location) in the shard.
     pub fn entries(&self) -> Vec<(u64, Loc)> {
         let mut all: Vec<(u64, Loc)> = self.main.iter().map(|(h, l)| (*h, *l)).collect();

@@ -816,7 +816,9 @@ impl Inner {
         // One shard at a time, so no claim waits for more than one shard's sweep.
         let mut swept = 0u64;
         for locked in self.index.shards() {
-            swept += locked.shard.lock().retain_live(|segment| !dead.contains(&segment)) as u64;
+            let mut shard = locked.shard.lock();
+            swept += shard.retain_live(|segment| !dead.contains(&segment)) as u64;
+            shard.shrink();
         }
         self.counters.keys_expired.fetch_add(swept, AtomicOrdering::Relaxed);
         self.counters.buckets_expired.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
@@ -869,7 +871,9 @@ impl Inner {
         }
         // Published: now the RAM entries can go (one shard at a time, no long pause).
         for locked in self.index.shards() {
-            locked.shard.lock().retain_live(|segment| !sealing.contains(&segment));
+            let mut shard = locked.shard.lock();
+            shard.retain_live(|segment| !sealing.contains(&segment));
+            shard.shrink();
         }
         Ok(sealed)
     }
