@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::index::IdMap;
 use crate::io::Io;
 use crate::record::{self, Header};
-use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader};
+use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
 
 /// Where a record lives: segment id and byte offset. This, and nothing about the record, is
 /// what the index keeps per key.
@@ -57,6 +57,9 @@ pub struct Log {
     limits: LogLimits,
     appender: Mutex<Appender>,
     segments: RwLock<IdMap<u32, Arc<Segment>>>,
+    /// A segment file created, zero-filled and made durable in the directory ahead of need, so
+    /// an append that opens a bucket never waits for a directory fsync under the appender lock.
+    spare: Mutex<Option<SpareFile>>,
 }
 
 /// What one sync must cover: every record up to `through_seq`, in these segments.
@@ -89,6 +92,7 @@ impl Log {
                 needs_dir_sync: false,
             }),
             segments: RwLock::new(segments),
+            spare: Mutex::new(None),
         }
     }
 
@@ -111,9 +115,34 @@ impl Log {
         self.segments.read().len()
     }
 
-    /// Bytes reserved on disk by all live segments.
+    /// Bytes reserved on disk by all live segments (and the spare file).
     pub fn disk_bytes(&self) -> u64 {
-        self.segments.read().values().map(|s| s.len()).sum()
+        let spare = self.spare.lock().as_ref().map_or(0, SpareFile::len);
+        self.segments.read().values().map(|s| s.len()).sum::<u64>() + spare
+    }
+
+    /// Makes sure a spare segment file is ready (created, zero-filled, durable in the
+    /// directory), doing the slow part with no lock held.
+    pub fn prepare_spare(&self) -> Result<()> {
+        if self.spare.lock().is_some() {
+            return Ok(());
+        }
+        let id = {
+            let mut app = self.appender.lock();
+            let id = app.next_segment_id;
+            app.next_segment_id += 1;
+            id
+        };
+        let spare = Segment::create_spare(
+            self.io.as_ref(),
+            &self.dir,
+            id,
+            self.limits.segment_bytes_max,
+            self.limits.segment_bytes_initial,
+        )?;
+        self.io.sync_dir(&self.dir).map_err(|e| Error::Poisoned { cause: format!("directory sync failed: {e}") })?;
+        *self.spare.lock() = Some(spare);
+        Ok(())
     }
 
     /// Appends a record into the bucket holding `retain_until_ms` (at least its
@@ -149,7 +178,7 @@ impl Log {
         };
         if needs_new {
             let start = bucket.saturating_mul(self.limits.bucket_width_ms);
-            let header = SegmentHeader {
+            let mut segment_header = SegmentHeader {
                 id: app.next_segment_id,
                 bucket_start_ms: start,
                 bucket_end_ms: start.saturating_add(self.limits.bucket_width_ms),
@@ -159,14 +188,31 @@ impl Log {
             if new_claim {
                 self.check_budget(initial)?;
             }
-            let segment = Arc::new(Segment::create(
-                self.io.as_ref(),
-                &self.dir,
-                header,
-                self.limits.segment_bytes_max.max(SEGMENT_HEADER_LEN + len),
-                initial,
-            )?);
-            app.next_segment_id += 1;
+            let spare = self.spare.lock().take();
+            let segment = match spare {
+                Some(spare) => {
+                    segment_header.id = spare.id;
+                    Arc::new(Segment::from_spare(self.io.as_ref(), spare, segment_header)?)
+                }
+                None => {
+                    let segment = Arc::new(Segment::create(
+                        self.io.as_ref(),
+                        &self.dir,
+                        segment_header,
+                        self.limits.segment_bytes_max.max(SEGMENT_HEADER_LEN + len),
+                        initial,
+                    )?);
+                    app.next_segment_id += 1;
+                    // A new file must be durable as a directory entry before anything in it counts.
+                    if let Err(e) = self.io.sync_dir(&self.dir) {
+                        // The file exists but may vanish at a power cut: nothing written to it
+                        // could be promised, so the store stops here. (The empty file is removed
+                        // at reopen.)
+                        return Err(Error::Poisoned { cause: format!("directory sync failed: {e}") });
+                    }
+                    segment
+                }
+            };
             if app.active.len() >= self.limits.open_segments_max {
                 // Bound the descriptors: the least recently written bucket gives its file up;
                 // a later write to that bucket opens a new segment.
@@ -175,12 +221,6 @@ impl Log {
                 {
                     evicted.segment.release_descriptor();
                 }
-            }
-            // A new file must be durable as a directory entry before anything in it counts.
-            if let Err(e) = self.io.sync_dir(&self.dir) {
-                // The file exists but may vanish at a power cut: nothing written to it could be
-                // promised, so the store stops here. (The empty file is removed at reopen.)
-                return Err(Error::Poisoned { cause: format!("directory sync failed: {e}") });
             }
             self.segments.write().insert(segment.id(), segment.clone());
             app.dirty.push(segment.clone());

@@ -110,6 +110,20 @@ impl SegmentHeader {
     }
 }
 
+/// A segment file made ahead of need, waiting for a bucket.
+pub struct SpareFile {
+    pub id: u32,
+    path: PathBuf,
+    file: Box<dyn IoFile>,
+}
+
+impl SpareFile {
+    /// Bytes the spare file reserves.
+    pub fn len(&self) -> u64 {
+        self.file.len()
+    }
+}
+
 /// An open segment file.
 pub struct Segment {
     pub header: SegmentHeader,
@@ -142,20 +156,34 @@ impl Segment {
         capacity: u64,
         initial_bytes: u64,
     ) -> Result<Segment> {
-        let path = dir.join(segment_file_name(header.id));
+        let spare = Segment::create_spare(io, dir, header.id, capacity, initial_bytes)?;
+        Segment::from_spare(io, spare, header)
+    }
+
+    /// Creates a segment file ahead of need: reserved and zero-filled, without a header (an
+    /// empty file to recovery, which removes it). The caller makes its directory entry durable.
+    pub fn create_spare(io: &dyn Io, dir: &Path, id: u32, capacity: u64, initial_bytes: u64) -> Result<SpareFile> {
+        let path = dir.join(segment_file_name(id));
         let file = io.create(&path, capacity).map_err(|e| Error::io("create segment", &path, e))?;
-        let segment = Segment { header, path: path.clone(), file, last_write_ms: header.created_at_ms.into() };
-        let setup = segment
-            .file
-            .reserve(initial_bytes.max(SEGMENT_HEADER_LEN))
-            .and_then(|()| segment.file.write_at(0, &header.encode()));
-        if let Err(e) = setup {
+        if let Err(e) = file.reserve(initial_bytes.max(SEGMENT_HEADER_LEN)) {
             // Leave no empty file behind; its removal is best effort (the error is what matters).
-            drop(segment);
+            drop(file);
             let _ = io.remove(&path);
             return Err(Error::io("reserve segment space", path, e));
         }
-        Ok(segment)
+        Ok(SpareFile { id, path, file })
+    }
+
+    /// Turns a spare file into the segment `header` describes by writing its header.
+    pub fn from_spare(io: &dyn Io, spare: SpareFile, header: SegmentHeader) -> Result<Segment> {
+        debug_assert_eq!(spare.id, header.id);
+        let SpareFile { path, file, .. } = spare;
+        if let Err(e) = file.write_at(0, &header.encode()) {
+            drop(file);
+            let _ = io.remove(&path);
+            return Err(Error::io("write segment header", path, e));
+        }
+        Ok(Segment { header, path, file, last_write_ms: header.created_at_ms.into() })
     }
 
     /// Opens an existing segment; `Ok(None)` when its header was never written (empty file).

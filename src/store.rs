@@ -903,6 +903,12 @@ impl Inner {
                 let _ = self.sync_all();
             }
             let _ = self.maintain();
+            if !self.read_only
+                && self.commit.poisoned().is_none()
+                && let Err(Error::Poisoned { cause }) = self.log.prepare_spare()
+            {
+                self.commit.poison(cause);
+            }
         }
     }
 
