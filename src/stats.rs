@@ -13,7 +13,6 @@ pub(crate) struct Counters {
     pub sync_latency_us_max: AtomicU64,
 }
 
-
 /// What recovery found when the store was opened.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryStats {
