@@ -47,6 +47,7 @@ struct Appender {
     active: IdMap<u64, Active>,
     dirty: Vec<Arc<Segment>>,
     unsynced_bytes: u64,
+    appended_bytes: u64,
     scratch: Vec<u8>,
     needs_dir_sync: bool,
 }
@@ -88,6 +89,7 @@ impl Log {
                 active: IdMap::default(),
                 dirty: Vec::new(),
                 unsynced_bytes: 0,
+                appended_bytes: 0,
                 scratch: Vec::with_capacity(4096),
                 needs_dir_sync: false,
             }),
@@ -113,6 +115,16 @@ impl Log {
 
     pub fn segment_count(&self) -> usize {
         self.segments.read().len()
+    }
+
+    /// Segment files holding a descriptor: the ones taking appends, and the spare.
+    pub fn open_files(&self) -> usize {
+        self.appender.lock().active.len() + usize::from(self.spare.lock().is_some())
+    }
+
+    /// Bytes of records appended since open (unsynced included).
+    pub fn appended_bytes(&self) -> u64 {
+        self.appender.lock().appended_bytes
     }
 
     /// Bytes reserved on disk by all live segments (and the spare file).
@@ -257,6 +269,7 @@ impl Log {
             app.dirty.push(active.segment.clone());
         }
         app.unsynced_bytes += len;
+        app.appended_bytes += len;
         app.next_seq += 1;
         Ok((header, loc))
     }

@@ -80,8 +80,13 @@ pub struct Stats {
     pub sealed_filter_bytes: u64,
     /// Live segment files.
     pub segments: u64,
-    /// Bytes reserved on disk by segment files.
+    /// Files the store holds a descriptor for: segments taking appends, the spare segment and
+    /// the lock file (at most `Options::max_open_files` + 2).
+    pub open_files: u64,
+    /// Bytes reserved on disk by segment files (records, and preallocated space not yet used).
     pub disk_bytes: u64,
+    /// Bytes of records appended since the store was opened.
+    pub appended_bytes_total: u64,
     /// Syncs (fdatasync rounds) done by group commit or the flusher.
     pub syncs_total: u64,
     /// Records made durable by those syncs (records / syncs = mean batch size).
@@ -188,6 +193,13 @@ impl Stats {
             &[("", self.sealed_filter_bytes)],
         );
         family("idemstore_segments", "gauge", "Live segment files.", &[("", self.segments)]);
+        family("idemstore_open_files", "gauge", "Files held open (descriptors).", &[("", self.open_files)]);
+        family(
+            "idemstore_appended_bytes_total",
+            "counter",
+            "Bytes of records appended since open.",
+            &[("", self.appended_bytes_total)],
+        );
         family("idemstore_disk_bytes", "gauge", "Bytes reserved on disk by segment files.", &[("", self.disk_bytes)]);
         family("idemstore_syncs_total", "counter", "fdatasync rounds.", &[("", self.syncs_total)]);
         family(

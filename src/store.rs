@@ -941,6 +941,8 @@ impl Inner {
             sealed_entries,
             sealed_filter_bytes,
             segments: self.log.segment_count() as u64,
+            open_files: self.log.open_files() as u64 + u64::from(self._lock.is_some()),
+            appended_bytes_total: self.log.appended_bytes(),
             disk_bytes: self.log.disk_bytes(),
             syncs_total: syncs,
             synced_records_total: synced_records,

@@ -1,0 +1,66 @@
+//! Bounded files: however many buckets are live (a 72 h window of 1-minute buckets with mixed
+//! TTLs), the store holds at most `Options::max_open_files` segment descriptors (+ the lock
+//! file and one spare), and every key stays readable through the maps.
+
+use std::path::Path;
+use std::time::Duration;
+
+use idemstore::{Claim, ClaimOptions, Durability, Entry, ManualClock, Options, Store};
+
+const START_MS: u64 = 1_700_000_000_000;
+
+/// Descriptors this process holds on files inside `dir`.
+fn descriptors_into(dir: &Path) -> usize {
+    let dir = std::fs::canonicalize(dir).expect("canonical dir");
+    std::fs::read_dir("/proc/self/fd")
+        .expect("list /proc/self/fd")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.starts_with(&dir))
+        .count()
+}
+
+#[test]
+fn a_72_hour_window_of_one_minute_buckets_stays_within_max_open_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(START_MS);
+    let max_open_files = 8;
+    let options = Options {
+        durability: Durability::None,
+        background: false,
+        clock: clock.clone(),
+        bucket_width: Duration::from_secs(60),
+        max_open_files,
+        segment_bytes_initial: 64 << 10,
+        ..Default::default()
+    };
+    let store = Store::open(dir.path(), options.clone()).expect("open");
+    // Mixed TTLs from 1 minute to 72 hours: one bucket each, all live at once.
+    let ttls: Vec<Duration> = (1..=72 * 60).step_by(7).map(|m| Duration::from_secs(60 * m)).collect();
+    for (i, ttl) in ttls.iter().enumerate() {
+        let key = format!("key-{i}");
+        let claim =
+            store.claim_with(&key, b"req", ClaimOptions { ttl: Some(*ttl), ..Default::default() }).expect("claim");
+        let Claim::Acquired(token) = claim else { panic!("fresh key {key}") };
+        store.complete(&token, format!("outcome-{i}")).expect("complete");
+        assert!(descriptors_into(dir.path()) <= max_open_files + 2, "after {i} buckets");
+    }
+    let stats = store.stats();
+    assert!(stats.segments as usize >= ttls.len(), "one segment per bucket: {stats:?}");
+    assert!(stats.open_files as usize <= max_open_files + 2, "{stats:?}");
+    assert!(descriptors_into(dir.path()) <= max_open_files + 2);
+    for (i, _) in ttls.iter().enumerate() {
+        let Some(Entry::Completed(done)) = store.get(format!("key-{i}")).expect("get") else {
+            panic!("key-{i} readable without a descriptor")
+        };
+        assert_eq!(done.outcome, format!("outcome-{i}").into_bytes());
+    }
+    drop(store);
+
+    // Reopen: recovered segments are read through their maps; only the lock stays open.
+    let store = Store::open(dir.path(), options).expect("reopen");
+    assert!(descriptors_into(dir.path()) <= 2, "{} descriptors after reopen", descriptors_into(dir.path()));
+    clock.advance(Duration::from_secs(36 * 3600));
+    store.maintain().expect("maintain");
+    let live = ttls.iter().filter(|t| **t > Duration::from_secs(36 * 3600)).count();
+    assert_eq!(store.keys().expect("keys").len(), live, "half the window expired, bucket by bucket");
+}
