@@ -1,0 +1,75 @@
+//! The claim and replay hot paths on one thread, `Durability::None`, as a plain binary so it
+//! can run under a profiler with stable counts:
+//!
+//! ```sh
+//! cargo bench --bench hot_paths                          # ops/s
+//! cargo build --release --benches && valgrind --tool=callgrind \
+//!     target/release/deps/hot_paths-* --keys 100000      # instructions per op, repeatable
+//! ```
+//!
+//! Workload: N random 16-byte keys (default 1,000,000), a 3-byte request; claims of new keys,
+//! repeat claims of keys in flight, then replays of completed keys with a 64-byte outcome.
+
+use std::time::Instant;
+
+use idemstore::{Claim, Durability, Options, Store};
+
+fn keys(n: usize, salt: u64) -> Vec<[u8; 16]> {
+    (0..n as u64)
+        .map(|i| {
+            let mut key = [0u8; 16];
+            key[..8].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&(i ^ salt).to_le_bytes()).to_le_bytes());
+            key[8..].copy_from_slice(&i.to_le_bytes());
+            key
+        })
+        .collect()
+}
+
+fn rate(label: &str, n: usize, started: Instant) {
+    let secs = started.elapsed().as_secs_f64();
+    println!("| {label} | {n} | {:.0} | {:.0} |", n as f64 / secs, secs * 1e9 / n as f64);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n = args
+        .iter()
+        .position(|a| a == "--keys")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000usize);
+    println!("hot paths: {n} random 16-byte keys, 3-byte request, 64-byte outcome, Durability::None, 1 thread");
+    println!();
+    println!("| path | ops | ops/s | ns/op |");
+    println!("| --- | ---: | ---: | ---: |");
+    let options = || Options { durability: Durability::None, ..Default::default() };
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), options()).expect("open");
+    let fresh = keys(n, 1);
+    let started = Instant::now();
+    for key in &fresh {
+        let Ok(Claim::Acquired(_)) = store.claim(key, b"req") else { panic!("fresh key") };
+    }
+    rate("claim of a new key", n, started);
+    let started = Instant::now();
+    for key in &fresh {
+        let Ok(Claim::InProgress { .. }) = store.claim(key, b"req") else { panic!("in flight") };
+    }
+    rate("claim of a key in flight", n, started);
+    drop(store);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), options()).expect("open");
+    let done = keys(n, 2);
+    for key in &done {
+        let Ok(Claim::Acquired(token)) = store.claim(key, b"req") else { panic!("fresh key") };
+        store.complete(&token, [7u8; 64]).expect("complete");
+    }
+    let started = Instant::now();
+    for key in &done {
+        let Ok(Claim::Completed(c)) = store.claim(key, b"req") else { panic!("completed") };
+        debug_assert_eq!(c.outcome.len(), 64);
+    }
+    rate("replay of a completed key (64 B)", n, started);
+}
