@@ -830,7 +830,7 @@ impl Inner {
     /// `seal_idle_after`: writes its table, then moves its entries out of RAM.
     fn seal_idle(&self, now_ms: u64) -> Result<usize> {
         let idle_before = now_ms.saturating_sub(duration_to_ms(self.options.seal_idle_after));
-        let to_seal: Vec<Arc<Segment>> =
+        let to_seal: Vec<std::sync::Arc<Segment>> =
             self.log.retire_idle(idle_before).into_iter().filter(|s| !self.sealed.has(s.id())).collect();
         if to_seal.is_empty() {
             return Ok(0);
@@ -896,7 +896,7 @@ impl Inner {
                 }
             }
             if let Durability::Periodic(interval) = self.options.durability
-                && last_flush.elapsed() >= interval.min(tick)
+                && last_flush.elapsed() >= interval
             {
                 last_flush = Instant::now();
                 // A failure poisons the store inside the commit; writers see it on their next call.

@@ -20,7 +20,7 @@ mod imp {
     pub use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     /// loom's mutex with parking_lot's shape (`lock()` returns the guard).
-    #[derive(Debug)]
+    #[derive(Debug, Default)]
     pub struct Mutex<T>(loom::sync::Mutex<T>);
 
     /// Guard of [`Mutex`]; an `Option` inside so `Condvar::wait` can hand it to loom and back.
@@ -63,31 +63,12 @@ mod imp {
             self.0.notify_all();
             0
         }
-        pub fn notify_one(&self) -> bool {
-            self.0.notify_one();
-            false
-        }
     }
 
     /// loom has no timed waits: a timed wait is a plain wait (models must notify).
     pub fn wait_for<T>(cv: &Condvar, guard: &mut MutexGuard<'_, T>, _timeout: std::time::Duration) -> bool {
         cv.wait(guard);
         false
-    }
-
-    /// loom's RwLock with parking_lot's shape.
-    #[derive(Debug)]
-    pub struct RwLock<T>(loom::sync::RwLock<T>);
-    impl<T> RwLock<T> {
-        pub fn new(value: T) -> Self {
-            RwLock(loom::sync::RwLock::new(value))
-        }
-        pub fn read(&self) -> loom::sync::RwLockReadGuard<'_, T> {
-            self.0.read().unwrap_or_else(|e| e.into_inner())
-        }
-        pub fn write(&self) -> loom::sync::RwLockWriteGuard<'_, T> {
-            self.0.write().unwrap_or_else(|e| e.into_inner())
-        }
     }
 }
 
