@@ -262,6 +262,34 @@ impl Segment {
         Ok(if same { Probe::Match(header) } else { Probe::OtherKey })
     }
 
+    /// Like [`Segment::probe`], and on a match also returns the record's value, read once:
+    /// the CRC is checked over the header, the caller's (equal) key and that value.
+    pub fn probe_read(&self, offset: u64, key: &[u8]) -> Result<Option<(Header, Vec<u8>)>> {
+        let mut raw = [0u8; HEADER_LEN];
+        self.file.read_at(offset, &mut raw).map_err(|e| Error::io("read record", &self.path, e))?;
+        let header = record::parse_header(&raw).map_err(|e| self.corrupt(offset, e))?;
+        let key_at = offset + HEADER_LEN as u64;
+        let same = usize::from(header.key_len) == key.len()
+            && self.file.eq_at(key_at, key).map_err(|e| Error::io("read record key", &self.path, e))?;
+        if !same {
+            // A damaged key must be an error, never "another key".
+            self.verify(offset, &raw, &header)?;
+            return Ok(None);
+        }
+        let mut value = vec![0u8; header.value_len as usize];
+        self.file
+            .read_at(key_at + key.len() as u64, &mut value)
+            .map_err(|e| Error::io("read record value", &self.path, e))?;
+        let mut hasher = record::checksum_hasher(self.header.id);
+        hasher.update(&raw[4..]);
+        hasher.update(key);
+        hasher.update(&value);
+        if hasher.finalize() != record::stored_checksum(&raw) {
+            return Err(self.corrupt(offset, DecodeError::BadChecksum));
+        }
+        Ok(Some((header, value)))
+    }
+
     /// Checks the CRC of the whole record at `offset`, so no answer is ever read from damaged
     /// bytes (a flipped bit in an outcome is an error, not a wrong replay).
     fn verify(&self, offset: u64, raw: &[u8; HEADER_LEN], header: &Header) -> Result<()> {
@@ -281,14 +309,6 @@ impl Segment {
             return Err(self.corrupt(offset, DecodeError::BadChecksum));
         }
         Ok(())
-    }
-
-    /// Reads the value (outcome or checkpoint) of the record at `offset` described by `header`.
-    pub fn read_value(&self, offset: u64, header: &Header) -> Result<Vec<u8>> {
-        let mut value = vec![0u8; header.value_len as usize];
-        let at = offset + HEADER_LEN as u64 + u64::from(header.key_len);
-        self.file.read_at(at, &mut value).map_err(|e| Error::io("read record value", &self.path, e))?;
-        Ok(value)
     }
 
     /// Reads the key of the record at `offset`.

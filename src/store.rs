@@ -18,7 +18,7 @@ use crate::log::{Loc, Log, LogLimits};
 use crate::options::{ClaimOptions, Durability, Options, OrphanPolicy};
 use crate::record::{HEADER_LEN, Header, Kind, VALUE_LEN_FORMAT_MAX, align_up};
 use crate::recovery::{self, Mode, VerifyReport};
-use crate::segment::{Probe, SEGMENT_HEADER_LEN, Segment};
+use crate::segment::{SEGMENT_HEADER_LEN, Segment};
 use crate::stats::{Counters, RecoveryStats, Stats};
 use crate::sync::{Arc, Condvar, Mutex};
 use crate::table::{SealedTables, Table, TableBounds};
@@ -52,8 +52,10 @@ struct Inner {
 /// The state of a key as its latest record tells it, at a given time.
 enum Current {
     Absent,
-    InFlight(Loc, Header),
-    Completed(Loc, Header),
+    /// Where the record is, its header, and its value (the last checkpoint).
+    InFlight(Loc, Header, Vec<u8>),
+    /// Where the record is, its header, and its value (the outcome).
+    Completed(Loc, Header, Vec<u8>),
 }
 
 fn validate_options(options: &Options) -> Result<()> {
@@ -371,19 +373,19 @@ impl Inner {
         self.commit.check()
     }
 
-    /// The latest record of `key`, confirmed against the stored key; drops index entries whose
-    /// bucket is gone.
-    fn find(&self, shard: &mut Shard, hash: u64, key: &[u8]) -> Result<Option<(Loc, Header)>> {
+    /// The latest record of `key` and its value, confirmed against the stored key (and its
+    /// CRC); drops index entries whose bucket is gone.
+    fn find(&self, shard: &mut Shard, hash: u64, key: &[u8]) -> Result<Option<(Loc, Header, Vec<u8>)>> {
         let mut gone: Option<Vec<Loc>> = None;
         let mut found = None;
         for loc in shard.candidates(hash) {
-            match self.log.with_segment(loc.segment, |s| s.probe(u64::from(loc.offset), key)) {
+            match self.log.with_segment(loc.segment, |s| s.probe_read(u64::from(loc.offset), key)) {
                 None => gone.get_or_insert_with(Vec::new).push(loc),
-                Some(Ok(Probe::Match(header))) => {
-                    found = Some((loc, header));
+                Some(Ok(Some((header, value)))) => {
+                    found = Some((loc, header, value));
                     break;
                 }
-                Some(Ok(Probe::OtherKey)) => {}
+                Some(Ok(None)) => {}
                 Some(Err(e)) => return Err(e),
             }
         }
@@ -396,13 +398,13 @@ impl Inner {
             return Ok(found);
         }
         // Not in RAM: the latest of its sealed records, if any (usually the filters say no).
-        let mut best: Option<(Loc, Header)> = None;
+        let mut best: Option<(Loc, Header, Vec<u8>)> = None;
         self.sealed.visit(hash, &mut |loc| {
-            if let Some(probe) = self.log.with_segment(loc.segment, |s| s.probe(u64::from(loc.offset), key))
-                && let Probe::Match(header) = probe?
-                && best.is_none_or(|(_, b)| header.seq > b.seq)
+            if let Some(probe) = self.log.with_segment(loc.segment, |s| s.probe_read(u64::from(loc.offset), key))
+                && let Some((header, value)) = probe?
+                && best.as_ref().is_none_or(|(_, b, _)| header.seq > b.seq)
             {
-                best = Some((loc, header));
+                best = Some((loc, header, value));
             }
             Ok(())
         })?;
@@ -411,27 +413,18 @@ impl Inner {
 
     /// The key's state at `now_ms`, where its latest record lives, and that record's seq.
     fn current(&self, shard: &mut Shard, hash: u64, key: &[u8], now_ms: u64) -> Result<(Current, Option<Loc>, u64)> {
-        let Some((loc, header)) = self.find(shard, hash, key)? else {
+        let Some((loc, header, value)) = self.find(shard, hash, key)? else {
             return Ok((Current::Absent, None, 0));
         };
         debug_assert!(header.seq > 0);
         let state = if header.expires_at_ms <= now_ms || header.kind.is_absent() {
             Current::Absent
         } else if header.kind.is_in_flight() {
-            Current::InFlight(loc, header)
+            Current::InFlight(loc, header, value)
         } else {
-            Current::Completed(loc, header)
+            Current::Completed(loc, header, value)
         };
         Ok((state, Some(loc), header.seq))
-    }
-
-    fn read_value(&self, loc: Loc, header: &Header) -> Result<Vec<u8>> {
-        if header.value_len == 0 {
-            return Ok(Vec::new());
-        }
-        self.log
-            .with_segment(loc.segment, |s| s.read_value(u64::from(loc.offset), header))
-            .unwrap_or(Err(Error::StaleToken))
     }
 
     /// Under `Sync`, waits until record `seq` (the one an answer was read from or written) is
@@ -546,12 +539,11 @@ impl Inner {
                     };
                     break (Claim::Acquired(token), written.seq);
                 }
-                Current::Completed(loc, header) => {
+                Current::Completed(_, header, outcome) => {
                     if header.request_hash != request_hash {
                         shard.counters.mismatches += 1;
                         break (Claim::Mismatch, seen_seq);
                     }
-                    let outcome = self.read_value(loc, &header)?;
                     if waited {
                         shard.counters.claims_waited += 1;
                     } else {
@@ -559,7 +551,7 @@ impl Inner {
                     }
                     break (Claim::Completed(completed_from(&header, outcome)), seen_seq);
                 }
-                Current::InFlight(loc, header) => {
+                Current::InFlight(loc, header, checkpoint) => {
                     if header.request_hash != request_hash {
                         shard.counters.mismatches += 1;
                         break (Claim::Mismatch, seen_seq);
@@ -568,7 +560,6 @@ impl Inner {
                     let orphan_takeover = orphaned && self.options.orphans == OrphanPolicy::TakeOver;
                     let lease_over = now_ms >= header.lease_until_ms;
                     if orphan_takeover || lease_over {
-                        let checkpoint = self.read_value(loc, &header)?;
                         let takeover = Header {
                             kind: Kind::Claim,
                             key_len: header.key_len,
@@ -635,7 +626,7 @@ impl Inner {
         let now_ms = self.time.now_ms();
         let (state, _, _) = self.current(&mut shard, hash, key, now_ms)?;
         let (loc, held) = match state {
-            Current::InFlight(loc, header) if header.token == token.id => (loc, header),
+            Current::InFlight(loc, header, _) if header.token == token.id => (loc, header),
             _ => {
                 shard.counters.stale_tokens += 1;
                 return Err(Error::StaleToken);
@@ -675,11 +666,8 @@ impl Inner {
         let (state, _, seq) = self.current(&mut shard, hash, key, now_ms)?;
         let entry = match state {
             Current::Absent => None,
-            Current::Completed(loc, header) => {
-                Some(Entry::Completed(completed_from(&header, self.read_value(loc, &header)?)))
-            }
-            Current::InFlight(loc, header) => {
-                let checkpoint = self.read_value(loc, &header)?;
+            Current::Completed(_, header, outcome) => Some(Entry::Completed(completed_from(&header, outcome))),
+            Current::InFlight(_, header, checkpoint) => {
                 Some(Entry::InFlight {
                     claimed_at: ms_to_system_time(header.claimed_at_ms),
                     lease_expires_at: ms_to_system_time(header.lease_until_ms),
@@ -707,7 +695,7 @@ impl Inner {
                 drop(shard);
                 return self.settle(seen_seq);
             }
-            Current::InFlight(loc, header) | Current::Completed(loc, header) => (loc, header),
+            Current::InFlight(loc, header, _) | Current::Completed(loc, header, _) => (loc, header),
         };
         let tombstone = Header { kind: Kind::Remove, value_len: 0, seq: 0, written_at_ms: now_ms, ..header };
         let (written, new_loc) = self.append(tombstone, key, &[], Some(loc))?;
@@ -764,11 +752,10 @@ impl Inner {
             let mut shard = self.index.shard(hash).shard.lock();
             let now_ms = self.time.now_ms();
             let (state, _, seq) = self.current(&mut shard, hash, &key, now_ms)?;
-            let Current::InFlight(loc, header) = state else { continue };
+            let Current::InFlight(_, header, checkpoint) = state else { continue };
             if header.incarnation == self.incarnation {
                 continue;
             }
-            let checkpoint = self.read_value(loc, &header)?;
             drop(shard);
             self.settle(seq)?;
             found.push(Orphan {
