@@ -11,13 +11,39 @@
 //!   2 h past it, then `maintain()` drops the bucket while 2 threads claim new keys; hdrhistogram
 //!   of the claims that overlapped the drop. Target: every claim under 1 ms.
 //!
+//!
+//! Sealed buckets (issue 4: a full 24 h window whose idle segments are sealed into `<id>.tbl`
+//! tables with a Bloom filter in RAM). N random 16-byte keys are claimed (`Durability::None`,
+//! TTL 24 h, 1-hour buckets, `seal_idle_after` 1 s) in 25 groups with a `ManualClock` moved
+//! 24 h / 25 = 57.6 min between groups, so the expiries fall in 25 one-hour buckets that are all
+//! still live at the end (a 1 h step would put the first group's expiry exactly at the last
+//! group's claim time); 1 key in `SEALED_COMPLETE_EVERY` is completed right after its claim.
+//! The clock then moves 2 s and `maintain()` seals every segment. One temp dir per N, shared by
+//! three children run in this order:
+//!
+//! - **RAM per key in sealed buckets** (`sealed_fill`): `RssAnon` growth per key after the fill
+//!   and after sealing (also after `malloc_trim(0)`, to tell the allocator's cached free memory
+//!   from memory the engine still holds), the filters' RAM per key, and `index_entries` after
+//!   sealing. Target: <= 8 B per key.
+//! - **Reopen with sealed tables** (`sealed_reopen`): `Store::open` of the sealed store (wall time,
+//!   `recovery.tables_loaded`, `recovery.records`), then the same reopen after deleting the
+//!   `*.tbl` files (a full scan; up to 10M keys), after which `maintain()` seals again so the
+//!   next child finds tables. Target: <= 1 s at 100M keys.
+//! - **Claims over a full sealed window** (`sealed_claims`): the reopened sealed store, 1 thread
+//!   claiming fresh random keys (ops/s, hdrhistogram p50/p99/max), then replays (same request) of
+//!   completed sealed keys in random order. Target: >= 1,000,000 fresh claims/s.
+//!
 //! Each measurement runs in a child process of its own (this binary again), so one
 //! measurement's freed memory never hides another's growth.
 //!
-//! Run: `cargo bench --bench window` (1M keys, well under a minute). Knobs: `WINDOW_KEYS`
-//! (comma-separated key counts for RAM and reopen, default `1000000`; e.g. `1000000,10000000`),
-//! `WINDOW_EXPIRE_KEYS` (keys in the dropped bucket, default 1,000,000), `IDEMSTORE_BENCH_DIR`
-//! (where the temp dirs go, default the system temp dir).
+//! Run: `cargo bench --bench window` (1M keys for the first rows, 1M and 10M sealed keys: about
+//! 1-2 minutes on 2 idle cores). Knobs: `WINDOW_KEYS` (comma-separated key counts for RAM and
+//! reopen, default `1000000`; e.g. `1000000,10000000`), `WINDOW_EXPIRE_KEYS` (keys in the
+//! dropped bucket, default 1,000,000), `WINDOW_SEALED_KEYS` (comma-separated key counts of the
+//! sealed rows, default `1000000,10000000`; `100000000` takes ~15 GB of disk, ~6 GB of RAM while
+//! filling and a few minutes; a count whose disk estimate does not fit the free space is
+//! skipped with a note), `WINDOW_SEALED_CLAIMS` (fresh claims timed, default 1,000,000),
+//! `IDEMSTORE_BENCH_DIR` (where the temp dirs go, default the system temp dir).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,6 +71,40 @@ const SHORT_TTL: Duration = Duration::from_secs(60);
 const EXPIRY_MARGIN: Duration = Duration::from_millis(300);
 /// Keys read back after reopen to check the reopened index.
 const REOPEN_SPOT_CHECKS: u64 = 1000;
+/// Environment variable that names the store dir of a sealed-window child.
+const CHILD_DIR_ENV: &str = "WINDOW_CHILD_DIR";
+/// Target RAM per key in sealed buckets (issue 4).
+const TARGET_SEALED_RAM_BYTES_PER_KEY: f64 = 8.0;
+/// Target fresh claims per second with a full sealed window (issue 4).
+const TARGET_SEALED_CLAIMS_PER_S: f64 = 1_000_000.0;
+/// Target reopen time with sealed tables at `TARGET_SEALED_REOPEN_KEYS` keys (issue 4).
+const TARGET_SEALED_REOPEN_MS: f64 = 1000.0;
+/// Key count the reopen target is set for.
+const TARGET_SEALED_REOPEN_KEYS: u64 = 100_000_000;
+/// TTL of every key of the sealed window.
+const SEALED_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Expiry bucket width of the sealed window.
+const SEALED_BUCKET: Duration = Duration::from_secs(3600);
+/// Groups of keys, one per expiry bucket.
+const SEALED_GROUPS: u64 = 25;
+/// Clock step between groups: 24 h / 25, so all 25 groups are live when the fill ends.
+const SEALED_GROUP_STEP: Duration = Duration::from_millis(24 * 3_600_000 / SEALED_GROUPS);
+/// `seal_idle_after` of the sealed window's store.
+const SEAL_IDLE: Duration = Duration::from_secs(1);
+/// 1 key in this many is completed right after its claim (the replays read them).
+const SEALED_COMPLETE_EVERY: u64 = 10;
+/// Outcome stored by those completes.
+const SEALED_OUTCOME: &[u8] = b"201 Created {\"payment\":\"p_1\"}";
+/// Seed of the fill keys (every child regenerates them).
+const SEALED_SEED: u64 = 31;
+/// Seed of the fresh keys claimed over the sealed window.
+const SEALED_FRESH_SEED: u64 = 32;
+/// Most replays of completed sealed keys timed.
+const SEALED_MAX_REPLAYS: u64 = 200_000;
+/// Largest key count whose store is also reopened without tables (a full scan).
+const NO_TABLE_REOPEN_MAX_KEYS: u64 = 10_000_000;
+/// Disk per key assumed before the first sealed row measured it (record, table entry, slack).
+const SEALED_DISK_BYTES_PER_KEY_GUESS: f64 = 160.0;
 
 fn main() {
     if let Ok(job) = std::env::var(CHILD_ENV) {
@@ -53,6 +113,9 @@ fn main() {
         let result = match kind {
             "ram_reopen" => child_ram_and_reopen(count),
             "expiry" => child_expiry(count),
+            "sealed_fill" => child_sealed_fill(count, &child_dir()),
+            "sealed_reopen" => child_sealed_reopen(count, &child_dir()),
+            "sealed_claims" => child_sealed_claims(count, &child_dir()),
             other => panic!("unknown WINDOW_CHILD job {other}"),
         };
         let line: Vec<String> = result.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -140,12 +203,222 @@ fn main() {
          compare 'claims during' with 'all claims'.",
         EXPIRY_CLAIM_THREADS + 1
     );
+    println!();
+
+    sealed_window_rows(cpus);
+}
+
+/// Results of the three sealed-window children for one key count.
+struct SealedRun {
+    keys: u64,
+    fill: BTreeMap<String, f64>,
+    reopen: BTreeMap<String, f64>,
+    claims: BTreeMap<String, f64>,
+}
+
+/// Fills, seals, reopens and claims over a sealed window for every `WINDOW_SEALED_KEYS` count,
+/// then prints the three sealed tables.
+fn sealed_window_rows(cpus: usize) {
+    let key_counts: Vec<u64> = std::env::var("WINDOW_SEALED_KEYS")
+        .unwrap_or_else(|_| "1000000,10000000".into())
+        .split(',')
+        .map(|n| n.trim().parse().expect("WINDOW_SEALED_KEYS takes comma-separated key counts"))
+        .collect();
+    let fresh_claims = sealed_fresh_claims();
+    let parent = bench_parent_dir();
+    let mut runs = Vec::new();
+    let mut skipped = Vec::new();
+    let mut disk_per_key = SEALED_DISK_BYTES_PER_KEY_GUESS;
+    for &keys in &key_counts {
+        assert!(keys >= SEALED_GROUPS, "WINDOW_SEALED_KEYS: at least {SEALED_GROUPS} keys (one group per bucket)");
+        let needed = keys as f64 * disk_per_key * 1.2;
+        let free = free_bytes(&parent) as f64;
+        if needed > free {
+            skipped.push(format!(
+                "{keys} keys skipped: needs ~{:.1} GB of disk ({disk_per_key:.0} B/key + 20 %), {:.1} GB free under {}",
+                needed / 1e9,
+                free / 1e9,
+                parent.display()
+            ));
+            continue;
+        }
+        let dir = tempfile::tempdir_in(&parent).expect("create bench temp dir");
+        eprintln!("sealed window: filling {keys} keys in {}", dir.path().display());
+        let fill = run_child_in(&format!("sealed_fill:{keys}"), Some(dir.path()));
+        disk_per_key = disk_per_key.max(fill["disk_bytes_per_key"] * 1.05);
+        eprintln!("sealed window: {keys} keys filled and sealed; reopening");
+        let reopen = run_child_in(&format!("sealed_reopen:{keys}"), Some(dir.path()));
+        eprintln!("sealed window: {keys} keys reopened; claiming");
+        let claims = run_child_in(&format!("sealed_claims:{keys}"), Some(dir.path()));
+        runs.push(SealedRun { keys, fill, reopen, claims });
+    }
+
+    println!("# window: sealed buckets (24 h window of sealed tables)");
+    println!();
+    println!(
+        "workload: N random 16-byte keys claimed (request {} B, hash stored), 1 in {SEALED_COMPLETE_EVERY} completed \
+         ({} B outcome), Durability::None, TTL {} h, bucket_width {} h, seal_idle_after {} s, ManualClock moved {:.1} min \
+         after each N/{SEALED_GROUPS} claims (expiries in {SEALED_GROUPS} one-hour buckets, all live), then 2 s and \
+         maintain() seals every segment; 1 thread; one store per N in a fresh temp dir under {}; {cpus} CPUs; \
+         fill+seal, reopen and claims each in its own child process",
+        REQUEST.len(),
+        SEALED_OUTCOME.len(),
+        SEALED_TTL.as_secs() / 3600,
+        SEALED_BUCKET.as_secs() / 3600,
+        SEAL_IDLE.as_secs(),
+        SEALED_GROUP_STEP.as_secs_f64() / 60.0,
+        parent.display()
+    );
+    println!();
+    println!("## RAM per key in sealed buckets");
+    println!();
+    println!(
+        "workload: RssAnon (/proc/self/status) growth over the open store divided by N: after the fill \
+         (entries in RAM), after maintain() sealed everything, and after malloc_trim(0) (freed memory the \
+         allocator kept); filter B/key = sealed_filter_bytes / N"
+    );
+    println!();
+    println!(
+        "| keys | fill claims/s | RssAnon B/key before sealing | seal ms | RssAnon B/key after sealing | \
+         after malloc_trim | filter B/key | target B/key | index entries after | sealed tables | sealed entries | \
+         segments | disk B/key (allocated) | table B/key |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for run in &runs {
+        let f = &run.fill;
+        let verdict =
+            if f["rssanon_after_seal_bytes_per_key"] <= TARGET_SEALED_RAM_BYTES_PER_KEY { "met" } else { "NOT met" };
+        println!(
+            "| {} | {:.0} | {:.1} | {:.0} | {:.1} | {:.1} | {:.2} | <= {TARGET_SEALED_RAM_BYTES_PER_KEY:.0}: {verdict} | {} | {} | {} | {} | {:.1} | {:.1} |",
+            run.keys,
+            f["fill_claims_per_s"],
+            f["rssanon_before_seal_bytes_per_key"],
+            f["seal_ms"],
+            f["rssanon_after_seal_bytes_per_key"],
+            f["rssanon_after_trim_bytes_per_key"],
+            f["filter_bytes_per_key"],
+            f["index_entries_after_seal"],
+            f["sealed_tables"],
+            f["sealed_entries"],
+            f["segments"],
+            f["disk_bytes_per_key"],
+            f["table_bytes_per_key"],
+        );
+    }
+    println!();
+
+    println!("## Claims of new keys over a full sealed window");
+    println!();
+    println!(
+        "workload: the sealed store reopened (tables mapped), 1 thread claims {fresh_claims} fresh random 16-byte \
+         keys (pre-generated; each claim timed with two clock reads, included in claims/s; 'empty store' = the \
+         same claims on a fresh store with no table, same child, as a baseline under the same load), then claims again \
+         (same request) up to {SEALED_MAX_REPLAYS} completed sealed keys in random order (each answered \
+         Completed with the stored outcome); page cache warm"
+    );
+    println!();
+    println!(
+        "| keys sealed | sealed tables at open | index entries at open | fresh claims | claims/s | p50 µs | p99 µs | \
+         p99.9 µs | max µs | target | empty store claims/s | empty p50 µs | empty p99 µs | replays | replays/s | \
+         replay p50 µs | replay p99 µs | replay max µs |"
+    );
+    println!(
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for run in &runs {
+        let c = &run.claims;
+        let verdict = if c["fresh_per_s"] >= TARGET_SEALED_CLAIMS_PER_S { "met" } else { "NOT met" };
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | >= 1M/s: {verdict} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {:.2} | {:.2} | {:.1} |",
+            run.keys,
+            c["sealed_tables_at_open"],
+            c["index_entries_at_open"],
+            c["fresh_count"],
+            c["fresh_per_s"],
+            c["fresh_p50_ns"] / 1e3,
+            c["fresh_p99_ns"] / 1e3,
+            c["fresh_p999_ns"] / 1e3,
+            c["fresh_max_ns"] / 1e3,
+            c["empty_per_s"],
+            c["empty_p50_ns"] / 1e3,
+            c["empty_p99_ns"] / 1e3,
+            c["replay_count"],
+            c["replay_per_s"],
+            c["replay_p50_ns"] / 1e3,
+            c["replay_p99_ns"] / 1e3,
+            c["replay_max_ns"] / 1e3,
+        );
+    }
+    println!();
+
+    println!("## Reopen with sealed tables");
+    println!();
+    println!(
+        "workload: the sealed store closed and opened again (wall time of Store::open; RssAnon growth over the \
+         open divided by N); then the *.tbl files deleted and the store opened again (every segment scanned, \
+         only up to {NO_TABLE_REOPEN_MAX_KEYS} keys), after which maintain() seals again; page cache warm"
+    );
+    println!();
+    println!(
+        "| keys | reopen ms (tables) | recovery ms (stats) | tables loaded | records scanned | index entries | \
+         RssAnon B/key after open | target | reopen ms (no tables) | records scanned (no tables) | \
+         index entries (no tables) | re-seal ms |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |");
+    for run in &runs {
+        let r = &run.reopen;
+        let verdict = if run.keys < TARGET_SEALED_REOPEN_KEYS {
+            "n/a below 100M"
+        } else if r["reopen_ms"] <= TARGET_SEALED_REOPEN_MS {
+            "met"
+        } else {
+            "NOT met"
+        };
+        let (scan_ms, scan_records, scan_entries, reseal_ms) = if r["scan_done"] > 0.0 {
+            (
+                format!("{:.1}", r["scan_reopen_ms"]),
+                format!("{}", r["scan_records"]),
+                format!("{}", r["scan_index_entries"]),
+                format!("{:.0}", r["reseal_ms"]),
+            )
+        } else {
+            ("-".into(), "-".into(), "-".into(), "-".into())
+        };
+        println!(
+            "| {} | {:.1} | {:.1} | {} | {} | {} | {:.2} | <= 1 s at 100M keys: {verdict} | {scan_ms} | {scan_records} | {scan_entries} | {reseal_ms} |",
+            run.keys,
+            r["reopen_ms"],
+            r["recovery_ms"],
+            r["tables_loaded"],
+            r["records"],
+            r["index_entries"],
+            r["rssanon_bytes_per_key"],
+        );
+    }
+    println!();
+    for note in &skipped {
+        println!("note: {note}");
+    }
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        println!("note: load average at the end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    }
 }
 
 /// Runs this binary as a child for one job and parses its `RESULT` line.
 fn run_child(job: &str) -> BTreeMap<String, f64> {
+    run_child_in(job, None)
+}
+
+/// Runs this binary as a child for one job on the store in `dir` (if any) and parses its
+/// `RESULT` line.
+fn run_child_in(job: &str, dir: Option<&Path>) -> BTreeMap<String, f64> {
     let exe = std::env::current_exe().expect("path of this bench binary");
-    let output = Command::new(exe).env(CHILD_ENV, job).output().expect("start child measurement");
+    let mut command = Command::new(exe);
+    command.env(CHILD_ENV, job);
+    if let Some(dir) = dir {
+        command.env(CHILD_DIR_ENV, dir);
+    }
+    let output = command.output().expect("start child measurement");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -304,6 +577,309 @@ fn child_expiry(count: u64) -> Vec<(&'static str, f64)> {
     ]
 }
 
+/// The store dir a sealed-window child works on.
+fn child_dir() -> PathBuf {
+    std::env::var_os(CHILD_DIR_ENV).map(PathBuf::from).expect("WINDOW_CHILD_DIR names the store dir")
+}
+
+/// Fresh claims timed over the sealed window: `WINDOW_SEALED_CLAIMS`, default 1,000,000.
+fn sealed_fresh_claims() -> u64 {
+    std::env::var("WINDOW_SEALED_CLAIMS")
+        .map_or(1_000_000, |v| v.parse().expect("WINDOW_SEALED_CLAIMS takes a claim count"))
+}
+
+/// Store time when the sealed-window fill starts: 59 min into an hour, so the 25 groups'
+/// expiries (57.6 min apart) land in 25 distinct one-hour buckets.
+fn sealed_start_ms() -> u64 {
+    const HOUR_MS: u64 = 3_600_000;
+    1_700_000_000_000 / HOUR_MS * HOUR_MS + 59 * 60_000
+}
+
+/// Store time after the fill and the move past `seal_idle_after`: where the later children
+/// start their clocks.
+fn sealed_end_ms() -> u64 {
+    sealed_start_ms() + (SEALED_GROUPS - 1) * duration_ms(SEALED_GROUP_STEP) + duration_ms(SEAL_IDLE) + 1000
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).expect("duration fits in u64 ms")
+}
+
+fn sealed_options(clock: Arc<ManualClock>) -> Options {
+    Options {
+        durability: Durability::None,
+        background: false,
+        clock,
+        default_ttl: SEALED_TTL,
+        bucket_width: SEALED_BUCKET,
+        seal_idle_after: SEAL_IDLE,
+        ..Default::default()
+    }
+}
+
+/// Claims per group of the sealed fill (the last group may be shorter).
+fn sealed_group_len(count: u64) -> u64 {
+    count.div_ceil(SEALED_GROUPS)
+}
+
+/// Checks `REOPEN_SPOT_CHECKS` fill keys spread over the whole fill: completed keys replay their
+/// outcome, the others are in flight.
+fn check_sealed_keys(store: &Store, count: u64, when: &str) {
+    let mut keys = KeyGen::new(SEALED_SEED);
+    let stride = (count / REOPEN_SPOT_CHECKS).max(1);
+    for i in 0..count {
+        let key = keys.next_key();
+        if i % stride != 0 {
+            continue;
+        }
+        let entry = store.get(key).expect("get a sealed key");
+        if i % SEALED_COMPLETE_EVERY == 0 {
+            assert!(
+                matches!(&entry, Some(Entry::Completed(c)) if c.outcome == SEALED_OUTCOME),
+                "fill key {i} {when}: expected its outcome, got {entry:?}"
+            );
+        } else {
+            assert!(
+                matches!(entry, Some(Entry::InFlight { .. })),
+                "fill key {i} {when}: expected in flight, got {entry:?}"
+            );
+        }
+    }
+}
+
+/// Child: fills the sealed window into `dir`, seals it, and measures RAM per key before and
+/// after sealing.
+fn child_sealed_fill(count: u64, dir: &Path) -> Vec<(&'static str, f64)> {
+    let clock = ManualClock::new(sealed_start_ms());
+    let before = MemoryStatus::read();
+    let store = Store::open(dir, sealed_options(clock.clone())).expect("open store");
+    let group = sealed_group_len(count);
+    let mut keys = KeyGen::new(SEALED_SEED);
+    let started = Instant::now();
+    for i in 0..count {
+        if i > 0 && i % group == 0 {
+            clock.advance(SEALED_GROUP_STEP);
+        }
+        match store.claim(keys.next_key(), REQUEST).expect("fill claim") {
+            Claim::Acquired(token) => {
+                if i % SEALED_COMPLETE_EVERY == 0 {
+                    store.complete(&token, SEALED_OUTCOME).expect("fill complete");
+                }
+            }
+            other => panic!("fill key {i} was not acquired: {other:?}"),
+        }
+    }
+    let fill_s = started.elapsed().as_secs_f64();
+    let filled = MemoryStatus::read();
+    let entries_before = store.stats().index_entries;
+    assert_eq!(entries_before, count, "the index does not hold every claimed key before sealing");
+
+    clock.set_ms(sealed_end_ms());
+    let started = Instant::now();
+    store.maintain().expect("maintain seals the idle segments");
+    let seal_s = started.elapsed().as_secs_f64();
+    let sealed = MemoryStatus::read();
+    trim_allocator();
+    let trimmed = MemoryStatus::read();
+    let stats = store.stats();
+    check_sealed_keys(&store, count, "after sealing");
+    store.close().expect("close store");
+    let disk_bytes = allocated_bytes(dir);
+    let table_bytes = allocated_bytes_with_ext(dir, "tbl");
+
+    let per_key =
+        |after: &MemoryStatus| (after.rss_anon_kib.saturating_sub(before.rss_anon_kib) * 1024) as f64 / count as f64;
+    vec![
+        ("fill_claims_per_s", count as f64 / fill_s),
+        ("rssanon_before_seal_bytes_per_key", per_key(&filled)),
+        ("seal_ms", seal_s * 1e3),
+        ("rssanon_after_seal_bytes_per_key", per_key(&sealed)),
+        ("rssanon_after_trim_bytes_per_key", per_key(&trimmed)),
+        ("filter_bytes_per_key", stats.sealed_filter_bytes as f64 / count as f64),
+        ("index_entries_after_seal", stats.index_entries as f64),
+        ("sealed_tables", stats.sealed_tables as f64),
+        ("sealed_entries", stats.sealed_entries as f64),
+        ("segments", stats.segments as f64),
+        ("disk_bytes_per_key", disk_bytes as f64 / count as f64),
+        ("table_bytes_per_key", table_bytes as f64 / count as f64),
+    ]
+}
+
+/// Child: reopens the sealed store in `dir` (timed), then (up to `NO_TABLE_REOPEN_MAX_KEYS`)
+/// deletes its tables, reopens it again with a full scan, and seals it again.
+fn child_sealed_reopen(count: u64, dir: &Path) -> Vec<(&'static str, f64)> {
+    if drop_caches_requested() {
+        drop_page_cache();
+    }
+    let clock = ManualClock::new(sealed_end_ms());
+    let before = MemoryStatus::read();
+    let started = Instant::now();
+    let store = Store::open(dir, sealed_options(clock.clone())).expect("reopen the sealed store");
+    let reopen_s = started.elapsed().as_secs_f64();
+    let opened = MemoryStatus::read();
+    let stats = store.stats();
+    check_sealed_keys(&store, count, "after reopen with tables");
+    store.close().expect("close store");
+    let mut result = vec![
+        ("reopen_ms", reopen_s * 1e3),
+        ("recovery_ms", stats.recovery.duration_us as f64 / 1e3),
+        ("tables_loaded", stats.recovery.tables_loaded as f64),
+        ("records", stats.recovery.records as f64),
+        ("index_entries", stats.index_entries as f64),
+        (
+            "rssanon_bytes_per_key",
+            (opened.rss_anon_kib.saturating_sub(before.rss_anon_kib) * 1024) as f64 / count as f64,
+        ),
+    ];
+    if count > NO_TABLE_REOPEN_MAX_KEYS {
+        result.push(("scan_done", 0.0));
+        return result;
+    }
+
+    let tables: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("list store dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tbl"))
+        .collect();
+    assert!(!tables.is_empty(), "the sealed store has no *.tbl file to delete");
+    for table in &tables {
+        std::fs::remove_file(table).expect("delete a table file");
+    }
+    if drop_caches_requested() {
+        drop_page_cache();
+    }
+    let started = Instant::now();
+    let store = Store::open(dir, sealed_options(clock)).expect("reopen without tables");
+    let scan_s = started.elapsed().as_secs_f64();
+    let scan = store.stats();
+    check_sealed_keys(&store, count, "after reopen without tables");
+    let started = Instant::now();
+    store.maintain().expect("maintain seals the scanned segments again");
+    let reseal_s = started.elapsed().as_secs_f64();
+    let resealed = store.stats();
+    assert_eq!(
+        resealed.sealed_entries, count,
+        "maintain after the scan did not seal every key again (sealed tables {}, index entries {})",
+        resealed.sealed_tables, resealed.index_entries
+    );
+    store.close().expect("close store");
+    result.extend([
+        ("scan_done", 1.0),
+        ("scan_reopen_ms", scan_s * 1e3),
+        ("scan_records", scan.recovery.records as f64),
+        ("scan_index_entries", scan.index_entries as f64),
+        ("reseal_ms", reseal_s * 1e3),
+    ]);
+    result
+}
+
+/// Child: on the reopened sealed store in `dir`, times fresh claims on 1 thread, then replays of
+/// completed sealed keys.
+fn child_sealed_claims(count: u64, dir: &Path) -> Vec<(&'static str, f64)> {
+    // Baseline under the same machine load: the same claims on an empty store (no table).
+    let fresh_count = sealed_fresh_claims();
+    let empty_dir = tempfile::tempdir_in(bench_parent_dir()).expect("create bench temp dir");
+    let empty = Store::open(empty_dir.path(), sealed_options(ManualClock::new(sealed_end_ms()))).expect("open store");
+    let (empty_hist, empty_s) = time_fresh_claims(&empty, fresh_count, SEALED_FRESH_SEED + 1);
+    empty.close().expect("close store");
+    drop(empty_dir);
+
+    let clock = ManualClock::new(sealed_end_ms());
+    let store = Store::open(dir, sealed_options(clock)).expect("reopen the sealed store");
+    let at_open = store.stats();
+
+    let (fresh_hist, fresh_s) = time_fresh_claims(&store, fresh_count, SEALED_FRESH_SEED);
+
+    // Completed fill keys, spread over every group, in random order.
+    let completed = count.div_ceil(SEALED_COMPLETE_EVERY);
+    let stride = completed.div_ceil(SEALED_MAX_REPLAYS).max(1) * SEALED_COMPLETE_EVERY;
+    let mut fill_keys = KeyGen::new(SEALED_SEED);
+    let mut replay_keys: Vec<[u8; 16]> = Vec::new();
+    for i in 0..count {
+        let key = fill_keys.next_key();
+        if i % stride == 0 {
+            replay_keys.push(key);
+        }
+    }
+    let mut shuffle = KeyGen::new(SEALED_SEED + 1000);
+    for i in (1..replay_keys.len()).rev() {
+        let j = (shuffle.next_u64() % (i as u64 + 1)) as usize;
+        replay_keys.swap(i, j);
+    }
+    let mut replay_hist = new_histogram();
+    let started = Instant::now();
+    for key in &replay_keys {
+        let t = Instant::now();
+        let claim = store.claim(key, REQUEST).expect("replay claim");
+        let nanos = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+        assert!(
+            matches!(&claim, Claim::Completed(c) if c.outcome == SEALED_OUTCOME),
+            "a completed sealed key did not replay its outcome: {claim:?}"
+        );
+        replay_hist.saturating_record(nanos);
+    }
+    let replay_s = started.elapsed().as_secs_f64();
+    drop(store);
+
+    vec![
+        ("sealed_tables_at_open", at_open.sealed_tables as f64),
+        ("index_entries_at_open", at_open.index_entries as f64),
+        ("empty_per_s", fresh_count as f64 / empty_s),
+        ("empty_p50_ns", empty_hist.value_at_quantile(0.5) as f64),
+        ("empty_p99_ns", empty_hist.value_at_quantile(0.99) as f64),
+        ("fresh_count", fresh_count as f64),
+        ("fresh_per_s", fresh_count as f64 / fresh_s),
+        ("fresh_p50_ns", fresh_hist.value_at_quantile(0.5) as f64),
+        ("fresh_p99_ns", fresh_hist.value_at_quantile(0.99) as f64),
+        ("fresh_p999_ns", fresh_hist.value_at_quantile(0.999) as f64),
+        ("fresh_max_ns", fresh_hist.max() as f64),
+        ("replay_count", replay_keys.len() as f64),
+        ("replay_per_s", replay_keys.len() as f64 / replay_s),
+        ("replay_p50_ns", replay_hist.value_at_quantile(0.5) as f64),
+        ("replay_p99_ns", replay_hist.value_at_quantile(0.99) as f64),
+        ("replay_max_ns", replay_hist.max() as f64),
+    ]
+}
+
+/// Claims `count` fresh random keys (pre-generated from `seed`) on 1 thread, each timed; the
+/// latency histogram and the wall time of the loop.
+fn time_fresh_claims(store: &Store, count: u64, seed: u64) -> (Histogram<u64>, f64) {
+    let mut keys = KeyGen::new(seed);
+    let fresh: Vec<[u8; 16]> = (0..count).map(|_| keys.next_key()).collect();
+    let mut histogram = new_histogram();
+    let started = Instant::now();
+    for key in &fresh {
+        let t = Instant::now();
+        let claim = store.claim(key, REQUEST).expect("fresh claim");
+        let nanos = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+        assert!(matches!(claim, Claim::Acquired(_)), "a fresh random key was not acquired: {claim:?}");
+        histogram.saturating_record(nanos);
+    }
+    (histogram, started.elapsed().as_secs_f64())
+}
+
+/// Gives the allocator's cached free memory back to the OS (glibc), so RSS shows what is
+/// still allocated.
+fn trim_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes a plain integer and only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Bytes free for an unprivileged user on the file system of `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("bench dir path has no NUL");
+    // SAFETY: statvfs is plain old data; an all-zero value is valid and is overwritten below.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` a valid out pointer.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    assert_eq!(rc, 0, "statvfs {}: {}", dir.display(), std::io::Error::last_os_error());
+    stat.f_bavail as u64 * stat.f_frsize as u64
+}
+
 fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds")
 }
@@ -336,6 +912,17 @@ fn allocated_bytes(dir: &Path) -> u64 {
         .map(|e| e.expect("dir entry").metadata().expect("file metadata"))
         .filter(|m| m.is_file())
         .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Bytes allocated on disk by the files of `dir` whose extension is `ext`.
+fn allocated_bytes_with_ext(dir: &Path, ext: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .expect("list store dir")
+        .map(|e| e.expect("dir entry"))
+        .filter(|e| e.path().extension().is_some_and(|x| x == ext))
+        .map(|e| e.metadata().expect("file metadata").blocks() * 512)
         .sum()
 }
 

@@ -667,15 +667,13 @@ impl Inner {
         let entry = match state {
             Current::Absent => None,
             Current::Completed(_, header, outcome) => Some(Entry::Completed(completed_from(&header, outcome))),
-            Current::InFlight(_, header, checkpoint) => {
-                Some(Entry::InFlight {
-                    claimed_at: ms_to_system_time(header.claimed_at_ms),
-                    lease_expires_at: ms_to_system_time(header.lease_until_ms),
-                    expires_at: ms_to_system_time(header.expires_at_ms),
-                    checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
-                    orphaned: header.incarnation != self.incarnation,
-                })
-            }
+            Current::InFlight(_, header, checkpoint) => Some(Entry::InFlight {
+                claimed_at: ms_to_system_time(header.claimed_at_ms),
+                lease_expires_at: ms_to_system_time(header.lease_until_ms),
+                expires_at: ms_to_system_time(header.expires_at_ms),
+                checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
+                orphaned: header.incarnation != self.incarnation,
+            }),
         };
         drop(shard);
         self.settle(seq)?;
