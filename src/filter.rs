@@ -92,6 +92,79 @@ impl BlockedBloom {
     }
 }
 
+/// A blocked Bloom filter that many threads query while one thread adds to it: the union of
+/// every sealed table's keys, so a new key is answered with one cache miss however many
+/// tables are live. Keys of dropped tables stay in it until it is rebuilt: that only raises
+/// the false-positive rate, it never hides a present key.
+#[derive(Debug)]
+pub struct SharedBloom {
+    words: Box<[std::sync::atomic::AtomicU64]>,
+    capacity_keys: u64,
+    inserted_keys: std::sync::atomic::AtomicU64,
+}
+
+impl SharedBloom {
+    /// An empty filter sized for `capacity_keys` keys.
+    pub fn with_capacity(capacity_keys: u64) -> Self {
+        let blocks = (capacity_keys.max(1) * BITS_PER_KEY).div_ceil(512).max(1);
+        let words = (0..blocks as usize * BLOCK_WORDS).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
+        SharedBloom { words, capacity_keys: capacity_keys.max(1), inserted_keys: 0.into() }
+    }
+
+    fn blocks(&self) -> u64 {
+        (self.words.len() / BLOCK_WORDS) as u64
+    }
+
+    fn locate(&self, hash: u64) -> (usize, u64) {
+        let mixed = remix(hash);
+        let block = ((mixed >> 32) * self.blocks()) >> 32;
+        (block as usize * BLOCK_WORDS, mixed)
+    }
+
+    /// Adds a key hash; visible to queries that start after it returns.
+    pub fn insert(&self, hash: u64) {
+        let (base, mut bits) = self.locate(hash);
+        for _ in 0..PROBES {
+            let bit = (bits & 511) as usize;
+            bits = bits.rotate_right(9);
+            if let Some(word) = self.words.get(base + bit / 64) {
+                word.fetch_or(1 << (bit % 64), std::sync::atomic::Ordering::Release);
+            }
+        }
+        self.inserted_keys.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// False only when the hash was never added.
+    pub fn may_contain(&self, hash: u64) -> bool {
+        let (base, mut bits) = self.locate(hash);
+        let Some(block) = self.words.get(base..base + BLOCK_WORDS) else {
+            return true;
+        };
+        let mut hit = true;
+        for _ in 0..PROBES {
+            let bit = (bits & 511) as usize;
+            bits = bits.rotate_right(9);
+            hit &= block[bit / 64].load(std::sync::atomic::Ordering::Acquire) & (1 << (bit % 64)) != 0;
+        }
+        hit
+    }
+
+    /// True when `more` keys still fit at the designed false-positive rate.
+    pub fn has_room(&self, more: u64) -> bool {
+        self.inserted_keys.load(std::sync::atomic::Ordering::Relaxed) + more <= self.capacity_keys
+    }
+
+    /// Keys added so far (dropped ones included).
+    pub fn inserted(&self) -> u64 {
+        self.inserted_keys.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes of RAM the filter takes.
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +181,19 @@ mod tests {
                 prop_assert!(filter.may_contain(h));
             }
         }
+    }
+
+    #[test]
+    fn shared_filter_never_answers_absent_for_an_added_key() {
+        let filter = SharedBloom::with_capacity(10_000);
+        let hash = |i: u64| xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes());
+        for i in 0..10_000 {
+            filter.insert(hash(i));
+        }
+        assert!((0..10_000).all(|i| filter.may_contain(hash(i))));
+        assert!(!filter.has_room(1));
+        let false_positives = (10_000..20_000).filter(|&i| filter.may_contain(hash(i))).count();
+        assert!(false_positives < 150, "{false_positives} false positives in 10,000");
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub fn recover(
                 max_seq = max_seq.max(table.bounds.max_seq);
                 latest_time_ms = latest_time_ms.max(table.bounds.latest_ms);
                 stats.tables_loaded += 1;
-                sealed.insert(table);
+                sealed.insert(table, &[]);
                 segment.release_descriptor();
                 continue;
             }

@@ -782,7 +782,11 @@ impl Inner {
             drop(dropped);
             self.forget_segments(&dead, buckets)?;
         }
-        self.seal_idle(now_ms)?;
+        let sealed = self.seal_idle(now_ms)?;
+        self.sealed.refresh_union()?;
+        if sealed > 0 {
+            give_memory_back();
+        }
         self.save_time(false)?;
         Ok(buckets)
     }
@@ -840,19 +844,23 @@ impl Inner {
                 return Err(Error::Poisoned { cause });
             }
             let list = entries.remove(&segment.id()).unwrap_or_default();
-            tables.push(Table::write(
-                self.options.io.as_ref(),
-                &self.dir,
-                segment.id(),
-                segment.header.bucket_end_ms,
-                bounds,
-                list,
-            )?);
+            let hashes: Vec<u64> = list.iter().map(|(hash, _)| *hash).collect();
+            tables.push((
+                Table::write(
+                    self.options.io.as_ref(),
+                    &self.dir,
+                    segment.id(),
+                    segment.header.bucket_end_ms,
+                    bounds,
+                    list,
+                )?,
+                hashes,
+            ));
         }
         self.options.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
         let sealed = tables.len();
-        for table in tables {
-            self.sealed.insert(table);
+        for (table, hashes) in tables {
+            self.sealed.insert(table, &hashes);
         }
         // Published: now the RAM entries can go (one shard at a time, no long pause).
         for locked in self.index.shards() {
@@ -947,5 +955,15 @@ fn completed_from(header: &Header, outcome: Vec<u8>) -> Completed {
         completed_at: ms_to_system_time(header.written_at_ms),
         claimed_at: ms_to_system_time(header.claimed_at_ms),
         expires_at: ms_to_system_time(header.expires_at_ms),
+    }
+}
+
+/// Returns memory freed by sealing (index shards shrink) to the operating system: glibc keeps
+/// freed heap otherwise, and RAM per key would not fall.
+fn give_memory_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -26,7 +26,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::filter::BlockedBloom;
+use crate::filter::{BlockedBloom, SharedBloom};
 use crate::io::{Io, IoFile};
 use crate::log::Loc;
 use crate::segment::FORMAT_VERSION;
@@ -238,19 +238,74 @@ impl Table {
         if self.count == 0 || !self.filter.may_contain(hash) {
             return Ok(());
         }
-        // Hashes are uniform: start the binary search in a small window around the
-        // interpolated position and widen it only when the guess was off.
-        let guess = ((u128::from(hash) * u128::from(self.count)) >> 64) as u64;
+        // Hashes are uniform: the entry is almost always within a small window around the
+        // interpolated position, read with one copy and searched in memory.
         const SLACK: u64 = 64;
-        let mut lo = guess.saturating_sub(SLACK);
-        let mut hi = (guess + SLACK).min(self.count);
-        if lo > 0 && self.entry(lo)?.0 >= hash {
-            lo = 0;
+        let guess = ((u128::from(hash) * u128::from(self.count)) >> 64) as u64;
+        let lo = guess.saturating_sub(SLACK);
+        let hi = (guess + SLACK).min(self.count);
+        let mut window = [0u8; (2 * SLACK * ENTRY_LEN) as usize];
+        let window = &mut window[..((hi - lo) * ENTRY_LEN) as usize];
+        self.file
+            .read_at(self.entries_at + lo * ENTRY_LEN, window)
+            .map_err(|e| Error::io("read table entries", &self.path, e))?;
+        let entry_at = |i: u64| -> (u64, u32, u32) {
+            let at = (i * ENTRY_LEN) as usize;
+            let b = &window[at..at + ENTRY_LEN as usize];
+            (
+                u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+                u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+                u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+            )
+        };
+        let len = hi - lo;
+        let starts_before = lo > 0 && entry_at(0).0 >= hash;
+        let ends_after = hi < self.count && entry_at(len - 1).0 < hash;
+        if starts_before || ends_after {
+            return self.lookup_by_search(hash, visit);
         }
-        if hi < self.count && self.entry(hi - 1)?.0 < hash {
-            hi = self.count;
+        let (mut a, mut b) = (0, len);
+        while a < b {
+            let mid = a + (b - a) / 2;
+            if entry_at(mid).0 < hash {
+                a = mid + 1;
+            } else {
+                b = mid;
+            }
         }
-        // First entry with entry.hash >= hash.
+        let mut i = a;
+        while i < len {
+            let (h, offset, check) = entry_at(i);
+            if h != hash {
+                return Ok(());
+            }
+            if check != entry_check(self.segment_id, h, offset) {
+                let at = self.entries_at + (lo + i) * ENTRY_LEN;
+                return Err(Error::Corrupt {
+                    file: self.path.clone(),
+                    offset: at,
+                    reason: "table entry checksum mismatch",
+                });
+            }
+            visit(Loc { segment: self.segment_id, offset })?;
+            i += 1;
+        }
+        // Equal hashes run past the window (only with colliding hashes).
+        let mut i = lo + len;
+        while i < self.count {
+            let (h, offset) = self.entry(i)?;
+            if h != hash {
+                break;
+            }
+            visit(Loc { segment: self.segment_id, offset })?;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// Binary search over the whole table, entry by entry (when interpolation missed).
+    fn lookup_by_search(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<()>) -> Result<()> {
+        let (mut lo, mut hi) = (0, self.count);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             if self.entry(mid)?.0 < hash {
@@ -271,6 +326,36 @@ impl Table {
         Ok(())
     }
 
+    /// Calls `f` with every entry's hash, in order, checking each entry.
+    pub fn for_each_hash(&self, f: &mut dyn FnMut(u64)) -> Result<()> {
+        const CHUNK: u64 = 4096;
+        let mut buf = vec![0u8; (CHUNK * ENTRY_LEN) as usize];
+        let mut i = 0;
+        while i < self.count {
+            let n = CHUNK.min(self.count - i);
+            let bytes = &mut buf[..(n * ENTRY_LEN) as usize];
+            self.file
+                .read_at(self.entries_at + i * ENTRY_LEN, bytes)
+                .map_err(|e| Error::io("read table entries", &self.path, e))?;
+            for (j, e) in bytes.chunks_exact(ENTRY_LEN as usize).enumerate() {
+                let hash = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+                let offset = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+                let check = u32::from_le_bytes([e[12], e[13], e[14], e[15]]);
+                if check != entry_check(self.segment_id, hash, offset) {
+                    let at = self.entries_at + (i + j as u64) * ENTRY_LEN;
+                    return Err(Error::Corrupt {
+                        file: self.path.clone(),
+                        offset: at,
+                        reason: "table entry checksum mismatch",
+                    });
+                }
+                f(hash);
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
     /// Every (hash, location) in the table.
     pub fn entries(&self) -> Result<Vec<(u64, Loc)>> {
         (0..self.count)
@@ -279,18 +364,27 @@ impl Table {
     }
 }
 
-/// The set of sealed tables consulted when the in-RAM index misses.
+/// The set of sealed tables consulted when the in-RAM index misses, with one filter over all
+/// of them so a new key costs one filter probe however many tables are live.
 #[derive(Default)]
 pub struct SealedTables {
     tables: RwLock<Vec<Arc<Table>>>,
     /// Tables in the set; lets the common no-table case skip the lock's shared counter.
     count: std::sync::atomic::AtomicUsize,
+    /// Union of every table's keys (and of dropped ones until rebuilt). `None` until built
+    /// after an open, or after it ran out of room: then each table's own filter is asked.
+    union: RwLock<Option<Arc<SharedBloom>>>,
 }
 
 impl SealedTables {
     /// Calls `visit` with every sealed location that may hold `hash`'s key.
     pub fn visit(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<()>) -> Result<()> {
         if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        if let Some(union) = self.union.read().as_ref()
+            && !union.may_contain(hash)
+        {
             return Ok(());
         }
         let tables = self.tables.read();
@@ -300,19 +394,56 @@ impl SealedTables {
         Ok(())
     }
 
-    pub fn insert(&self, table: Table) {
+    /// Publishes a table whose entries have these hashes. The union filter learns them first,
+    /// so no lookup can miss a published key.
+    pub fn insert(&self, table: Table, hashes: &[u64]) {
+        {
+            let mut union = self.union.write();
+            match union.as_ref() {
+                Some(filter) if filter.has_room(hashes.len() as u64) => {
+                    for &hash in hashes {
+                        filter.insert(hash);
+                    }
+                }
+                _ => *union = None,
+            }
+        }
         let mut tables = self.tables.write();
         tables.push(Arc::new(table));
         self.count.store(tables.len(), std::sync::atomic::Ordering::Release);
     }
 
     /// Forgets the tables of dropped segments; returns them so their files can be deleted.
+    /// (Their keys stay in the union filter until it is rebuilt.)
     pub fn remove_segments(&self, dead: &dyn Fn(u32) -> bool) -> Vec<Arc<Table>> {
         let mut tables = self.tables.write();
         let (gone, kept): (Vec<_>, Vec<_>) = tables.drain(..).partition(|t| dead(t.segment_id));
         *tables = kept;
         self.count.store(tables.len(), std::sync::atomic::Ordering::Release);
         gone
+    }
+
+    /// Builds the union filter when it is missing, or when dropped keys make up over half of
+    /// it. Reads every table's entries: background work (the maintenance thread).
+    pub fn refresh_union(&self) -> Result<bool> {
+        let tables = self.all();
+        let live: u64 = tables.iter().map(|t| t.len()).sum();
+        let stale = match self.union.read().as_ref() {
+            None => !tables.is_empty(),
+            Some(filter) => filter.inserted() > 2 * live.max(1 << 16),
+        };
+        if !stale {
+            return Ok(false);
+        }
+        // Room for half as many again, so new tables join without a rebuild for a while.
+        let filter = SharedBloom::with_capacity(live + live / 2 + (1 << 16));
+        for table in &tables {
+            table.for_each_hash(&mut |hash| filter.insert(hash))?;
+        }
+        // Tables are only added by the maintenance thread, which is running this: the set did
+        // not change meanwhile.
+        *self.union.write() = Some(Arc::new(filter));
+        Ok(true)
     }
 
     pub fn has(&self, segment_id: u32) -> bool {
@@ -323,11 +454,12 @@ impl SealedTables {
         self.tables.read().clone()
     }
 
-    /// (tables, entries, RAM bytes of their filters).
+    /// (tables, entries, RAM bytes of their filters and the union filter).
     pub fn totals(&self) -> (u64, u64, u64) {
         let tables = self.tables.read();
         let entries = tables.iter().map(|t| t.len()).sum();
-        let ram = tables.iter().map(|t| t.ram_bytes() as u64).sum();
+        let union = self.union.read().as_ref().map_or(0, |f| f.bytes() as u64);
+        let ram = tables.iter().map(|t| t.ram_bytes() as u64).sum::<u64>() + union;
         (tables.len() as u64, entries, ram)
     }
 }
