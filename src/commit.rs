@@ -18,6 +18,8 @@ struct State {
     poisoned: Option<String>,
     syncs: u64,
     batches_records: u64,
+    /// Records the last sync covered: more than one means writers are concurrent.
+    last_batch_records: u64,
 }
 
 /// The handoff between writers waiting for durability and the one syncing for them.
@@ -33,6 +35,11 @@ pub struct GroupCommit {
 pub trait Syncer {
     /// Syncs everything written so far; returns the highest seq covered.
     fn sync_all(&self) -> std::io::Result<u64>;
+    /// The highest seq written so far (synced or not), when cheap to read; lets a leader see
+    /// whether other writers are still arriving.
+    fn written_seq(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl<F: Fn() -> std::io::Result<u64>> Syncer for F {
@@ -40,6 +47,9 @@ impl<F: Fn() -> std::io::Result<u64>> Syncer for F {
         self()
     }
 }
+
+/// Most times a leader yields to let concurrent writers join its batch.
+const GATHER_YIELDS_MAX: u32 = 64;
 
 impl GroupCommit {
     /// `durable_seq`: everything at or below it is already on stable storage (after recovery,
@@ -52,6 +62,7 @@ impl GroupCommit {
                 poisoned: None,
                 syncs: 0,
                 batches_records: 0,
+                last_batch_records: 0,
             }),
             synced: Condvar::new(),
             durable_fast: AtomicU64::new(durable_seq),
@@ -110,7 +121,11 @@ impl GroupCommit {
             }
             state.leader_active = true;
             let before = state.durable_seq;
+            let concurrent = state.last_batch_records > 1;
             drop(state);
+            if concurrent {
+                gather(syncer);
+            }
             let outcome = syncer.sync_all();
             state = self.state.lock();
             state.leader_active = false;
@@ -118,6 +133,7 @@ impl GroupCommit {
                 Ok(through) => {
                     debug_assert!(through >= before || through == 0, "a sync never covers less than before");
                     if through > state.durable_seq {
+                        state.last_batch_records = through - state.durable_seq;
                         state.batches_records += through - state.durable_seq;
                         state.durable_seq = through;
                         self.durable_fast.store(through, Ordering::Release);
@@ -139,6 +155,21 @@ impl GroupCommit {
     pub fn counters(&self) -> (u64, u64) {
         let state = self.state.lock();
         (state.syncs, state.batches_records)
+    }
+}
+
+/// When the last batch showed concurrent writers, lets the ones already running finish their
+/// appends before the batch is cut: yields while the written seq keeps moving. A lone writer
+/// never gets here (its last batch held one record), so no timer ever delays it.
+fn gather(syncer: &dyn Syncer) {
+    let Some(mut seen) = syncer.written_seq() else { return };
+    for _ in 0..GATHER_YIELDS_MAX {
+        std::thread::yield_now();
+        let now = syncer.written_seq().unwrap_or(seen);
+        if now == seen {
+            return;
+        }
+        seen = now;
     }
 }
 

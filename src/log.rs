@@ -61,6 +61,8 @@ pub struct Log {
     /// A segment file created, zero-filled and made durable in the directory ahead of need, so
     /// an append that opens a bucket never waits for a directory fsync under the appender lock.
     spare: Mutex<Option<SpareFile>>,
+    /// Mirror of the last written seq, for group-commit leaders gathering a batch.
+    written_seq: std::sync::atomic::AtomicU64,
 }
 
 /// What one sync must cover: every record up to `through_seq`, in these segments.
@@ -95,12 +97,18 @@ impl Log {
             }),
             segments: RwLock::new(segments),
             spare: Mutex::new(None),
+            written_seq: std::sync::atomic::AtomicU64::new(next_seq - 1),
         }
     }
 
     /// The sequence number of the last record written.
     pub fn last_seq(&self) -> u64 {
         self.appender.lock().next_seq - 1
+    }
+
+    /// The sequence number of the last record written, without taking the appender lock.
+    pub fn written_seq(&self) -> u64 {
+        self.written_seq.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn unsynced_bytes(&self) -> u64 {
@@ -271,6 +279,7 @@ impl Log {
         app.unsynced_bytes += len;
         app.appended_bytes += len;
         app.next_seq += 1;
+        self.written_seq.store(header.seq, std::sync::atomic::Ordering::Release);
         Ok((header, loc))
     }
 

@@ -433,7 +433,7 @@ impl Inner {
         if self.options.durability != Durability::Sync || seq == 0 {
             return Ok(());
         }
-        self.commit.wait_durable(seq, &|| self.sync_batch())
+        self.commit.wait_durable(seq, &LogSyncer(self))
     }
 
     fn sync_batch(&self) -> std::io::Result<u64> {
@@ -460,7 +460,7 @@ impl Inner {
         if last == 0 {
             return Ok(());
         }
-        self.commit.wait_durable(last, &|| self.sync_batch())
+        self.commit.wait_durable(last, &LogSyncer(self))
     }
 
     /// Under `Sync`, keeps one group-commit batch under `batch_bytes_max`.
@@ -946,6 +946,19 @@ impl Inner {
             recovery: self.recovery.clone(),
             poisoned: self.commit.poisoned(),
         }
+    }
+}
+
+/// Group commit's view of the store: sync the log, and see how far it has been written.
+struct LogSyncer<'a>(&'a Inner);
+
+impl crate::commit::Syncer for LogSyncer<'_> {
+    fn sync_all(&self) -> std::io::Result<u64> {
+        self.0.sync_batch()
+    }
+
+    fn written_seq(&self) -> Option<u64> {
+        Some(self.0.log.written_seq())
     }
 }
 
