@@ -877,6 +877,8 @@ impl Inner {
             _ => Duration::from_secs(1),
         };
         let mut last_flush = Instant::now();
+        // A first pass at once: after an open it builds the sealed tables' union filter.
+        let _ = self.maintain();
         loop {
             {
                 let mut stop = self.shutdown.lock();
