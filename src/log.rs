@@ -161,6 +161,17 @@ impl Log {
             self.limits.segment_bytes_initial,
         )?;
         self.io.sync_dir(&self.dir).map_err(|e| Error::Poisoned { cause: format!("directory sync failed: {e}") })?;
+        let app = self.appender.lock();
+        if app.next_segment_id != id + 1 {
+            // A segment was created meanwhile with a larger id. A bucket's segments must take
+            // ids in the order they take records (sealed lookups rely on it), so this spare,
+            // with its smaller id, is not used. (An empty file: reopen would remove it too.)
+            drop(app);
+            let path = self.dir.join(crate::segment::segment_file_name(id));
+            drop(spare);
+            let _ = self.io.remove(&path);
+            return Ok(());
+        }
         *self.spare.lock() = Some(spare);
         Ok(())
     }

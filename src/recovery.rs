@@ -143,11 +143,12 @@ pub fn recover(
             sealed.visit(hash, &mut |candidate| {
                 if let Some(other) = segments.get(&candidate.segment)
                     && let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)?
-                    && h.seq > header.seq
                 {
-                    newer_sealed = true;
+                    // The first match is the key's latest sealed record.
+                    newer_sealed = h.seq > header.seq;
+                    return Ok(true);
                 }
-                Ok(())
+                Ok(false)
             })?;
             if newer_sealed {
                 continue;

@@ -397,18 +397,19 @@ impl Inner {
             // Invariant: a key's entry in RAM is newer than any of its sealed entries.
             return Ok(found);
         }
-        // Not in RAM: the latest of its sealed records, if any (usually the filters say no).
-        let mut best: Option<(Loc, Header, Vec<u8>)> = None;
+        // Not in RAM: its latest sealed record, if any (usually the filters say no). Tables
+        // come newest first, so the first one holding the key holds its latest record.
+        let mut latest: Option<(Loc, Header, Vec<u8>)> = None;
         self.sealed.visit(hash, &mut |loc| {
             if let Some(probe) = self.log.with_segment(loc.segment, |s| s.probe_read(u64::from(loc.offset), key))
                 && let Some((header, value)) = probe?
-                && best.as_ref().is_none_or(|(_, b, _)| header.seq > b.seq)
             {
-                best = Some((loc, header, value));
+                latest = Some((loc, header, value));
+                return Ok(true);
             }
-            Ok(())
+            Ok(false)
         })?;
-        Ok(best)
+        Ok(latest)
     }
 
     /// The key's state at `now_ms`, where its latest record lives, and that record's seq.

@@ -85,7 +85,6 @@ pub struct TableBounds {
 /// One sealed table, mapped.
 pub struct Table {
     pub segment_id: u32,
-    #[allow(dead_code)]
     pub bucket_end_ms: u64,
     pub bounds: TableBounds,
     pub path: PathBuf,
@@ -233,10 +232,11 @@ impl Table {
         Ok((hash, offset))
     }
 
-    /// Calls `visit` with the location of every entry with `hash`.
-    pub fn lookup(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<()>) -> Result<()> {
+    /// Calls `visit` with the location of every entry with `hash`, until it returns true
+    /// (stop); returns whether it stopped.
+    pub fn lookup(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<bool>) -> Result<bool> {
         if self.count == 0 || !self.filter.may_contain(hash) {
-            return Ok(());
+            return Ok(false);
         }
         // Hashes are uniform: the entry is almost always within a small window around the
         // interpolated position, read with one copy and searched in memory.
@@ -277,7 +277,7 @@ impl Table {
         while i < len {
             let (h, offset, check) = entry_at(i);
             if h != hash {
-                return Ok(());
+                return Ok(false);
             }
             if check != entry_check(self.segment_id, h, offset) {
                 let at = self.entries_at + (lo + i) * ENTRY_LEN;
@@ -287,7 +287,9 @@ impl Table {
                     reason: "table entry checksum mismatch",
                 });
             }
-            visit(Loc { segment: self.segment_id, offset })?;
+            if visit(Loc { segment: self.segment_id, offset })? {
+                return Ok(true);
+            }
             i += 1;
         }
         // Equal hashes run past the window (only with colliding hashes).
@@ -297,14 +299,16 @@ impl Table {
             if h != hash {
                 break;
             }
-            visit(Loc { segment: self.segment_id, offset })?;
+            if visit(Loc { segment: self.segment_id, offset })? {
+                return Ok(true);
+            }
             i += 1;
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Binary search over the whole table, entry by entry (when interpolation missed).
-    fn lookup_by_search(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<()>) -> Result<()> {
+    fn lookup_by_search(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<bool>) -> Result<bool> {
         let (mut lo, mut hi) = (0, self.count);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
@@ -320,10 +324,12 @@ impl Table {
             if h != hash {
                 break;
             }
-            visit(Loc { segment: self.segment_id, offset })?;
+            if visit(Loc { segment: self.segment_id, offset })? {
+                return Ok(true);
+            }
             i += 1;
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Calls `f` with every entry's hash, in order, checking each entry.
@@ -377,8 +383,14 @@ pub struct SealedTables {
 }
 
 impl SealedTables {
-    /// Calls `visit` with every sealed location that may hold `hash`'s key.
-    pub fn visit(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<()>) -> Result<()> {
+    /// Calls `visit` with every sealed location that may hold `hash`'s key, newest table
+    /// first (latest bucket end, then highest segment id), until `visit` returns true.
+    ///
+    /// Newest first means the first location holding a key has its latest sealed record: a
+    /// key's newer record always lies in a bucket ending no earlier than its older ones
+    /// (ARCHITECTURE.md, invariant 3), and within one bucket a later segment holds later
+    /// records (a bucket appends to one segment at a time, in id order).
+    pub fn visit(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<bool>) -> Result<()> {
         if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
             return Ok(());
         }
@@ -389,7 +401,9 @@ impl SealedTables {
         }
         let tables = self.tables.read();
         for table in tables.iter() {
-            table.lookup(hash, visit)?;
+            if table.lookup(hash, visit)? {
+                break;
+            }
         }
         Ok(())
     }
@@ -410,6 +424,7 @@ impl SealedTables {
         }
         let mut tables = self.tables.write();
         tables.push(Arc::new(table));
+        tables.sort_by_key(|t| std::cmp::Reverse((t.bucket_end_ms, t.segment_id)));
         self.count.store(tables.len(), std::sync::atomic::Ordering::Release);
     }
 
