@@ -125,6 +125,21 @@ impl Log {
         self.segments.read().len()
     }
 
+    /// (live, dead) record bytes over all live segments: dead ones were superseded by a later
+    /// record of their key (counted since open, and by the scan at open).
+    pub fn live_and_dead_bytes(&self) -> (u64, u64) {
+        self.segments
+            .read()
+            .values()
+            .map(|s| s.byte_counts())
+            .fold((0, 0), |(live, dead), (records, gone)| (live + records.saturating_sub(gone), dead + gone))
+    }
+
+    /// Marks the record at `loc` superseded.
+    pub fn note_dead(&self, loc: Loc) {
+        self.with_segment(loc.segment, |s| s.note_dead(u64::from(loc.offset)));
+    }
+
     /// Segment files holding a descriptor: the ones taking appends, and the spare.
     pub fn open_files(&self) -> usize {
         self.appender.lock().active.len() + usize::from(self.spare.lock().is_some())
@@ -282,6 +297,7 @@ impl Log {
         }
         active.write_pos = end;
         active.last_write_seq = header.seq;
+        active.segment.note_record(len);
         active.segment.note_write(header.written_at_ms);
         let loc = Loc { segment: active.segment.id(), offset: offset as u32 };
         if !app.dirty.iter().any(|s| Arc::ptr_eq(s, &active.segment)) {

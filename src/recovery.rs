@@ -136,6 +136,7 @@ pub fn recover(
         for (offset, header, key) in scan.records {
             stats.records += 1;
             segment.note_write(header.written_at_ms);
+            segment.note_record(header.padded_len());
             max_seq = max_seq.max(header.seq);
             latest_time_ms = latest_time_ms.max(header.written_at_ms).max(header.claimed_at_ms);
             let hash = key_hash(&key);
@@ -151,6 +152,7 @@ pub fn recover(
                 Ok(false)
             })?;
             if newer_sealed {
+                segment.note_dead(offset);
                 continue;
             }
             let loc = Loc { segment: id, offset: offset as u32 };
@@ -165,8 +167,13 @@ pub fn recover(
                 }
             }
             match existing {
-                Some((_, seq)) if seq > header.seq => {}
-                Some((old, _)) => shard.set(hash, Some(old), loc),
+                Some((_, seq)) if seq > header.seq => segment.note_dead(offset),
+                Some((old, _)) => {
+                    if let Some(old_segment) = segments.get(&old.segment) {
+                        old_segment.note_dead(u64::from(old.offset));
+                    }
+                    shard.set(hash, Some(old), loc);
+                }
                 None => shard.set(hash, None, loc),
             }
         }

@@ -131,6 +131,10 @@ pub struct Segment {
     file: Box<dyn IoFile>,
     /// Store time of the latest record written into this segment.
     last_write_ms: std::sync::atomic::AtomicU64,
+    /// Bytes of records in this segment (known since open: appended, or found by a scan).
+    record_bytes: std::sync::atomic::AtomicU64,
+    /// Bytes of those records that a later record of the same key superseded.
+    dead_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Segment {
@@ -183,7 +187,14 @@ impl Segment {
             let _ = io.remove(&path);
             return Err(Error::io("write segment header", path, e));
         }
-        Ok(Segment { header, path, file, last_write_ms: header.created_at_ms.into() })
+        Ok(Segment {
+            header,
+            path,
+            file,
+            last_write_ms: header.created_at_ms.into(),
+            record_bytes: 0.into(),
+            dead_bytes: 0.into(),
+        })
     }
 
     /// Opens an existing segment; `Ok(None)` when its header was never written (empty file).
@@ -197,12 +208,41 @@ impl Segment {
         let Some(header) = SegmentHeader::decode(path, &raw)? else {
             return Ok(None);
         };
-        Ok(Some(Segment { header, path: path.to_path_buf(), file, last_write_ms: header.created_at_ms.into() }))
+        Ok(Some(Segment {
+            header,
+            path: path.to_path_buf(),
+            file,
+            last_write_ms: header.created_at_ms.into(),
+            record_bytes: 0.into(),
+            dead_bytes: 0.into(),
+        }))
     }
 
     /// Notes that a record written at `ms` (store time) went into this segment.
     pub fn note_write(&self, ms: u64) {
         self.last_write_ms.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts a record of `padded_len` bytes written into (or found in) this segment.
+    pub fn note_record(&self, padded_len: u64) {
+        self.record_bytes.fetch_add(padded_len, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts the record at `offset` as superseded by a later record of its key.
+    pub fn note_dead(&self, offset: u64) {
+        let mut len = [0u8; 4];
+        if self.file.read_at(offset + 4, &mut len).is_ok() {
+            let padded = record::align_up(u64::from(u32::from_le_bytes(len)));
+            self.dead_bytes.fetch_add(padded, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// (record bytes, superseded bytes) known since open.
+    pub fn byte_counts(&self) -> (u64, u64) {
+        (
+            self.record_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            self.dead_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// Store time of the latest record in this segment.

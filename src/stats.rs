@@ -87,6 +87,13 @@ pub struct Stats {
     pub disk_bytes: u64,
     /// Bytes of records appended since the store was opened.
     pub appended_bytes_total: u64,
+    /// Bytes of records that are the latest of their key, in live segments. Counted since
+    /// open and by the scan at open; records superseded before a restart inside sealed
+    /// segments (mapped, not scanned) count as live until their bucket drops.
+    pub live_bytes: u64,
+    /// Bytes of records superseded by a later record of their key (space that only the
+    /// bucket's expiry gives back).
+    pub dead_bytes: u64,
     /// Syncs (fdatasync rounds) done by group commit or the flusher.
     pub syncs_total: u64,
     /// Records made durable by those syncs (records / syncs = mean batch size).
@@ -199,6 +206,13 @@ impl Stats {
             "counter",
             "Bytes of records appended since open.",
             &[("", self.appended_bytes_total)],
+        );
+        family("idemstore_live_bytes", "gauge", "Bytes of latest records in live segments.", &[("", self.live_bytes)]);
+        family(
+            "idemstore_dead_bytes",
+            "gauge",
+            "Bytes of superseded records in live segments.",
+            &[("", self.dead_bytes)],
         );
         family("idemstore_disk_bytes", "gauge", "Bytes reserved on disk by segment files.", &[("", self.disk_bytes)]);
         family("idemstore_syncs_total", "counter", "fdatasync rounds.", &[("", self.syncs_total)]);

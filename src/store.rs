@@ -485,7 +485,13 @@ impl Inner {
             .and_then(|loc| self.log.with_segment(loc.segment, |s| s.header.bucket_end_ms.saturating_sub(1)))
             .unwrap_or(0);
         let retain_until_ms = header.expires_at_ms.max(retain_floor_ms);
-        match self.log.append(header, key, value, retain_until_ms, new_claim) {
+        let appended = self.log.append(header, key, value, retain_until_ms, new_claim);
+        if appended.is_ok()
+            && let Some(old) = shadowed
+        {
+            self.log.note_dead(old);
+        }
+        match appended {
             Err(Error::Poisoned { cause }) => {
                 self.commit.poison(cause.clone());
                 Err(Error::Poisoned { cause })
@@ -917,6 +923,7 @@ impl Inner {
         }
         let (syncs, synced_records) = self.commit.counters();
         let (sealed_tables, sealed_entries, sealed_filter_bytes) = self.sealed.totals();
+        let (live_bytes, dead_bytes) = self.log.live_and_dead_bytes();
         Stats {
             claims_acquired_total: s.claims_acquired,
             duplicates_in_progress_total: s.claims_in_progress,
@@ -939,6 +946,8 @@ impl Inner {
             segments: self.log.segment_count() as u64,
             open_files: self.log.open_files() as u64 + u64::from(self._lock.is_some()),
             appended_bytes_total: self.log.appended_bytes(),
+            live_bytes,
+            dead_bytes,
             disk_bytes: self.log.disk_bytes(),
             syncs_total: syncs,
             synced_records_total: synced_records,
