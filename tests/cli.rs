@@ -6,6 +6,7 @@
 //! The stores here are written with a manual clock standing at 2100-01-01T00:00:00Z, so every
 //! time the CLI prints is known in advance and no record has expired by the (real) time the
 //! CLI reads it.
+#![cfg(feature = "cli")]
 
 use std::path::Path;
 use std::process::{Command, Output};
