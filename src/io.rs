@@ -64,6 +64,11 @@ pub trait Io: Send + Sync + fmt::Debug {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes creations and deletions in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Deletes a large file without one long stall: gives its blocks and cached pages back a
+    /// few MiB at a time, then unlinks it. (Plain `remove` by default.)
+    fn remove_gradually(&self, path: &Path) -> io::Result<()> {
+        self.remove(path)
+    }
     /// The owner of the store's lock when a live writer holds it, without taking the lock.
     /// `None` when unknown (then a read-only view shows every in-flight claim as orphaned).
     fn lock_owner(&self, dir: &Path) -> Option<LockOwner> {
@@ -178,6 +183,19 @@ impl Io for RealIo {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn remove_gradually(&self, path: &Path) -> io::Result<()> {
+        const STEP: u64 = 4 << 20;
+        if let Ok(file) = OpenOptions::new().write(true).open(path) {
+            let mut len = file.metadata()?.len();
+            while len > STEP {
+                len -= STEP;
+                file.set_len(len)?;
+                std::thread::yield_now();
+            }
+        }
+        fs::remove_file(path)
     }
 
     fn lock_owner(&self, dir: &Path) -> Option<LockOwner> {
@@ -327,6 +345,7 @@ impl IoFile for MappedFile {
             // fault in the process until it is done).
             let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, n) };
             at += n;
+            std::thread::yield_now();
         }
     }
 }

@@ -368,7 +368,9 @@ impl Log {
             return Ok((0, dropped));
         }
         for segment in &dropped {
-            self.io.remove(&segment.path).map_err(|e| Error::io("delete expired segment", &segment.path, e))?;
+            self.io
+                .remove_gradually(&segment.path)
+                .map_err(|e| Error::io("delete expired segment", &segment.path, e))?;
         }
         self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
         let mut buckets: Vec<u64> = dropped.iter().map(|s| s.header.bucket_start_ms).collect();

@@ -815,6 +815,10 @@ impl Inner {
             let mut shard = locked.shard.lock();
             swept += shard.retain_live(|segment| !dead.contains(&segment)) as u64;
             shard.shrink();
+            drop(shard);
+            // Background work in small steps: on a busy machine the scheduler hands the CPU
+            // back to claim threads between them instead of after a whole time slice.
+            std::thread::yield_now();
         }
         self.counters.keys_expired.fetch_add(swept, AtomicOrdering::Relaxed);
         self.counters.buckets_expired.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
@@ -874,6 +878,8 @@ impl Inner {
             let mut shard = locked.shard.lock();
             shard.retain_live(|segment| !sealing.contains(&segment));
             shard.shrink();
+            drop(shard);
+            std::thread::yield_now();
         }
         Ok(sealed)
     }
