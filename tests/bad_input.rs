@@ -9,36 +9,12 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use idemstore::{
-    Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store, ms_to_system_time,
-};
+use idemstore::{Claim, ClaimOptions, Durability, Entry, Error, ManualClock, Options, Store, ms_to_system_time};
 
-const START_MS: u64 = 1_700_000_000_000;
-
-fn options(clock: &Arc<ManualClock>) -> Options {
-    Options { durability: Durability::None, background: false, clock: clock.clone(), ..Default::default() }
-}
-
-fn open(dir: &Path, clock: &Arc<ManualClock>) -> Store {
-    Store::open(dir, options(clock)).expect("open store")
-}
-
-fn acquired(claim: Claim) -> ClaimToken {
-    match claim {
-        Claim::Acquired(token) => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
-
-fn file_names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    names.sort();
-    names
-}
+mod common;
+use common::{START_MS, acquired, file_names, open, options};
 
 #[test]
 fn empty_key_is_refused_by_every_call_and_writes_nothing() {

@@ -29,6 +29,9 @@ use std::time::Duration;
 
 use idemstore::{Claim, Durability, Entry, ManualClock, Options, Store};
 
+mod common;
+use common::{Rng, START_MS};
+
 /// Set in the child: the store directory. Its presence makes the test act as the service.
 const CHILD_STORE_ENV: &str = "IDEMSTORE_CHAOS_CHILD_STORE";
 /// Set in the child: the effect log.
@@ -37,7 +40,6 @@ const CHILD_EFFECTS_ENV: &str = "IDEMSTORE_CHAOS_CHILD_EFFECTS";
 const TEST_NAME: &str = "retried_deliveries_through_crashes_and_timeouts_have_one_effect_each";
 /// Marks the child's answers among whatever else the test harness prints.
 const ANSWER_PREFIX: &str = "CHAOS ";
-const START_MS: u64 = 1_700_000_000_000;
 const LEASE_MS: u64 = 1_000;
 const REQUESTS: usize = 100;
 /// A bound on deliveries, so a livelock fails instead of hanging.
@@ -199,21 +201,6 @@ fn run_service(store_dir: &str, effects: &str) {
 // ---------------------------------------------------------------------------------------------
 // The client (parent process)
 // ---------------------------------------------------------------------------------------------
-
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Debug)]
 struct Answer {

@@ -4,29 +4,14 @@
 //! holder that takes the claim over (after the lease, or an orphan after a reopen) reads it from
 //! its token, it survives reopen, and an over-long checkpoint is refused with nothing written.
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store};
+use idemstore::{ClaimOptions, Entry, Error, ManualClock, Options, Store};
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::{START_MS, acquired, open, options};
+
 const LEASE: Duration = Duration::from_secs(10);
-
-fn options(clock: &Arc<ManualClock>) -> Options {
-    Options { durability: Durability::None, background: false, clock: clock.clone(), ..Default::default() }
-}
-
-fn open(dir: &Path, clock: &Arc<ManualClock>) -> Store {
-    Store::open(dir, options(clock)).expect("open store")
-}
-
-fn acquired(claim: Claim) -> ClaimToken {
-    match claim {
-        Claim::Acquired(token) => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
 
 fn lease() -> ClaimOptions {
     ClaimOptions { lease: Some(LEASE), ..Default::default() }

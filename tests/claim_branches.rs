@@ -6,34 +6,12 @@
 //! after a reopen). `release` frees the key, `remove` tombstones it (absent keys are fine) and
 //! makes the holder's token stale, and `get` reports each state.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use idemstore::{
-    Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store, ms_to_system_time,
-};
+use idemstore::{Claim, ClaimOptions, Entry, Error, ManualClock};
 
-const START_MS: u64 = 1_700_000_000_000;
-
-fn options(clock: &Arc<ManualClock>) -> Options {
-    Options { durability: Durability::None, background: false, clock: clock.clone(), ..Default::default() }
-}
-
-fn open(dir: &Path, clock: &Arc<ManualClock>) -> Store {
-    Store::open(dir, options(clock)).expect("open store")
-}
-
-fn at(ms: u64) -> SystemTime {
-    ms_to_system_time(ms)
-}
-
-fn acquired(claim: Claim) -> ClaimToken {
-    match claim {
-        Claim::Acquired(token) => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
+mod common;
+use common::{START_MS, acquired, at, open};
 
 #[test]
 fn first_claim_of_a_key_is_acquired_with_a_fresh_token() {

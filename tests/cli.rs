@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use idemstore::{Claim, ClaimOptions, Durability, ManualClock, Options, Store};
 
+mod common;
+use common::options;
+
 /// 2100-01-01T00:00:00Z in milliseconds since the Unix epoch.
 const START_MS: u64 = 4_102_444_800_000;
 const START_TEXT: &str = "2100-01-01T00:00:00.000Z";
@@ -32,10 +35,6 @@ fn stderr(output: &Output) -> String {
 
 fn path_str(dir: &Path) -> &str {
     dir.to_str().expect("temp paths are UTF-8")
-}
-
-fn options(clock: &std::sync::Arc<ManualClock>) -> Options {
-    Options { durability: Durability::None, clock: clock.clone(), background: false, ..Options::default() }
 }
 
 fn claim_and_complete(store: &Store, key: &[u8], request: &[u8], outcome: &[u8]) {

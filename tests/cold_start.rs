@@ -12,27 +12,8 @@ use std::time::Duration;
 use idemstore::sim::SimDisk;
 use idemstore::{Claim, ClaimOptions, Completed, Durability, Entry, Error, ManualClock, Options, Store};
 
-const START_MS: u64 = 1_700_000_000_000;
-
-/// A small deterministic generator (splitmix64): the test is the same on every run.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i as u64 + 1) as usize);
-        }
-    }
-}
+mod common;
+use common::{Rng, START_MS};
 
 /// One request of the window and the answer its first execution stored.
 struct Done {

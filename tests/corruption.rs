@@ -6,29 +6,16 @@
 //! header of another format version (with a valid checksum) gives `UnsupportedVersion`. After
 //! every refused open the directory holds exactly the same files with the same bytes.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use idemstore::{Claim, ClaimToken, Durability, Error, ManualClock, Options, Store};
+use idemstore::{Claim, Error, ManualClock, Options, Store};
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::{START_MS, acquired, files, record_offsets};
 
 fn options(clock: &Arc<ManualClock>) -> Options {
-    Options {
-        durability: Durability::None,
-        background: false,
-        clock: clock.clone(),
-        segment_bytes_initial: 4096,
-        ..Default::default()
-    }
-}
-
-fn acquired(claim: Claim) -> ClaimToken {
-    match claim {
-        Claim::Acquired(token) => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
+    Options { segment_bytes_initial: 4096, ..common::options(clock) }
 }
 
 /// A closed store with 6 claims and 6 completes in one segment; returns the segment path.
@@ -42,34 +29,6 @@ fn store_with_records(dir: &Path, clock: &Arc<ManualClock>) -> PathBuf {
     let segments: Vec<PathBuf> = files(dir).into_keys().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
     assert_eq!(segments.len(), 1);
     segments[0].clone()
-}
-
-/// (offset, length) of every record after the 64-byte segment header (length: the u32 at +4;
-/// records padded to 8 bytes; the zeroed preallocated end stops the walk).
-fn record_offsets(bytes: &[u8]) -> Vec<(usize, usize)> {
-    let mut records = Vec::new();
-    let mut at = 64usize;
-    while at + 8 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
-        if len == 0 {
-            break;
-        }
-        records.push((at, len));
-        at += len.div_ceil(8) * 8;
-    }
-    records
-}
-
-/// Every file in the directory with its bytes (the lock file included: nothing may change).
-fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect()
 }
 
 fn patch(path: &Path, edit: impl FnOnce(&mut Vec<u8>)) {

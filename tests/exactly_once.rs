@@ -23,13 +23,15 @@ use idemstore::{
     system_time_to_ms,
 };
 
+mod common;
+use common::{Rng, START_MS};
+
 const THREADS: usize = 8;
 const KEYS: u64 = 16;
 /// Threads `0..CLOCK_THREADS` also move the shared clock forward.
 const CLOCK_THREADS: usize = 2;
 const TTL_MS: u64 = 60;
 const LEASE_MS: u64 = 5;
-const START_MS: u64 = 1_700_000_000_000;
 /// Abandoned tokens a thread keeps for late completes and releases.
 const ABANDONED_MAX: usize = 4;
 
@@ -38,21 +40,6 @@ fn ops_per_thread() -> usize {
         Ok(v) => v.parse().unwrap_or_else(|_| panic!("IDEMSTORE_EXACTLY_ONCE_OPS must be a number, got {v:?}")),
         Err(_) if cfg!(debug_assertions) => 10_000,
         Err(_) => 100_000,
-    }
-}
-
-/// A small deterministic generator (splitmix64), one per thread.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

@@ -10,25 +10,22 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idemstore::{
-    Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store, ms_to_system_time,
-};
+use idemstore::{Claim, ClaimOptions, Entry, Error, ManualClock, Options, Store, ms_to_system_time};
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::{START_MS, acquired};
+
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 
 fn options(clock: &Arc<ManualClock>) -> Options {
     Options {
-        durability: Durability::None,
-        background: false,
-        clock: clock.clone(),
         bucket_width: MINUTE,
         max_key_len: 64,
         max_outcome_len: 512,
         segment_bytes_initial: 1024,
         segment_bytes_max: 2048,
-        ..Default::default()
+        ..common::options(clock)
     }
 }
 
@@ -38,13 +35,6 @@ fn open(dir: &Path, clock: &Arc<ManualClock>) -> Store {
 
 fn ttl(d: Duration) -> ClaimOptions {
     ClaimOptions { ttl: Some(d), ..Default::default() }
-}
-
-fn acquired(claim: Claim) -> ClaimToken {
-    match claim {
-        Claim::Acquired(token) => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
 }
 
 fn segment_files(dir: &Path) -> BTreeSet<String> {

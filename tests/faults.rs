@@ -21,10 +21,12 @@ use std::time::Duration;
 
 use idemstore::io::{DirLock, Io, IoFile};
 use idemstore::sim::SimDisk;
-use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store};
+use idemstore::{Claim, ClaimOptions, Durability, Entry, Error, ManualClock, Options, Store};
+
+mod common;
+use common::{START_MS, acquire, outcome_of};
 
 const DIR: &str = "/store";
-const START_MS: u64 = 1_700_000_000_000;
 const FSYNC_FAILURE: &str = "simulated fsync failure";
 
 fn options(disk: &SimDisk, durability: Durability) -> Options {
@@ -35,20 +37,6 @@ fn options(disk: &SimDisk, durability: Durability) -> Options {
         background: false,
         segment_bytes_initial: 512,
         ..Options::default()
-    }
-}
-
-fn acquire(store: &Store, key: &str) -> ClaimToken {
-    match store.claim(key, "request").expect("claim") {
-        Claim::Acquired(token) => token,
-        other => panic!("claim of {key}: expected Acquired, got {other:?}"),
-    }
-}
-
-fn outcome_of(store: &Store, key: &str) -> Option<Vec<u8>> {
-    match store.get(key).expect("get") {
-        Some(Entry::Completed(done)) => Some(done.outcome),
-        _ => None,
     }
 }
 

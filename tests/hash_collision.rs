@@ -8,9 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store};
+use idemstore::{Claim, ClaimOptions, ClaimToken, Entry, Error, ManualClock, Options, Store};
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::{START_MS, acquired};
 
 /// Keys of equal and of different lengths, and one a prefix of another.
 const KEYS: [&str; 6] = ["alpha", "delta", "omega", "ab", "abc", "a much longer key than the rest"];
@@ -21,25 +22,15 @@ fn one_hash_for_all(_key: &[u8]) -> u64 {
 
 fn options(clock: &Arc<ManualClock>) -> Options {
     Options {
-        durability: Durability::None,
-        background: false,
-        clock: clock.clone(),
         key_hash: Some(one_hash_for_all),
         bucket_width: Duration::from_secs(60),
         segment_bytes_initial: 4096,
-        ..Default::default()
+        ..common::options(clock)
     }
 }
 
 fn open(dir: &Path, clock: &Arc<ManualClock>) -> Store {
     Store::open(dir, options(clock)).expect("open store")
-}
-
-fn acquired(claim: Claim) -> ClaimToken {
-    match claim {
-        Claim::Acquired(token) => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
 }
 
 fn request(key: &str) -> Vec<u8> {

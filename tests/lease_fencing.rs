@@ -5,38 +5,17 @@
 //! and `checkpoint` fail with `Error::StaleToken`. Until somebody takes over, a late holder may
 //! still finish. A checkpoint renews the lease. Time is a `ManualClock`: nothing sleeps.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use idemstore::{
-    Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store, ms_to_system_time,
-};
+use idemstore::{Claim, ClaimOptions, Entry, Error, ManualClock};
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::{START_MS, acquired, at, open};
+
 const LEASE: Duration = Duration::from_secs(10);
-
-fn open(dir: &Path, clock: &Arc<ManualClock>) -> Store {
-    Store::open(
-        dir,
-        Options { durability: Durability::None, background: false, clock: clock.clone(), ..Default::default() },
-    )
-    .expect("open store")
-}
 
 fn with_lease(lease: Duration) -> ClaimOptions {
     ClaimOptions { lease: Some(lease), ..Default::default() }
-}
-
-fn at(ms: u64) -> SystemTime {
-    ms_to_system_time(ms)
-}
-
-fn acquired(claim: Claim) -> ClaimToken {
-    match claim {
-        Claim::Acquired(token) => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
 }
 
 #[test]

@@ -15,14 +15,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idemstore::{
-    Claim, ClaimOptions, ClaimToken, Completed, Durability, Entry, ManualClock, Options, Orphan, OrphanPolicy, Store,
+    Claim, ClaimOptions, ClaimToken, Completed, Entry, ManualClock, Options, Orphan, OrphanPolicy, Store,
     ms_to_system_time,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{TestError, TestRunner};
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::START_MS;
+
 const KEYS: usize = 4;
 const REQUESTS: usize = 2;
 const TTLS_MS: [u64; 4] = [1_000, 10_000, 60_000, 600_000];
@@ -286,13 +288,10 @@ enum Finish {
 
 fn options(clock: &Arc<ManualClock>, policy: OrphanPolicy) -> Options {
     Options {
-        durability: Durability::None,
-        background: false,
-        clock: clock.clone(),
         orphans: policy,
         bucket_width: Duration::from_secs(10),
         segment_bytes_initial: 4096,
-        ..Default::default()
+        ..common::options(clock)
     }
 }
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use idemstore::{Claim, ClaimOptions, Durability, Entry, ManualClock, Options, Store};
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::START_MS;
 
 /// Descriptors this process holds on files inside `dir`.
 fn descriptors_into(dir: &Path) -> usize {

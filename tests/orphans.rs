@@ -8,32 +8,19 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use idemstore::{
-    Claim, ClaimOptions, ClaimToken, Durability, Entry, ManualClock, Options, Orphan, OrphanPolicy, Store,
-    ms_to_system_time,
-};
+use idemstore::{Claim, ClaimOptions, Entry, ManualClock, Options, Orphan, OrphanPolicy, Store};
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::{START_MS, acquired, at};
 
 fn options(clock: &Arc<ManualClock>, orphans: OrphanPolicy) -> Options {
-    Options { durability: Durability::None, background: false, clock: clock.clone(), orphans, ..Default::default() }
+    Options { orphans, ..common::options(clock) }
 }
 
 fn open(dir: &Path, clock: &Arc<ManualClock>) -> Store {
     Store::open(dir, options(clock, OrphanPolicy::TakeOver)).expect("open store")
-}
-
-fn at(ms: u64) -> SystemTime {
-    ms_to_system_time(ms)
-}
-
-fn acquired(claim: Claim) -> ClaimToken {
-    match claim {
-        Claim::Acquired(token) => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
 }
 
 /// One process's life: `orphan-a` claimed with a checkpoint, `orphan-b` claimed bare, `done`

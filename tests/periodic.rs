@@ -17,10 +17,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use idemstore::sim::SimDisk;
-use idemstore::{Claim, ClaimToken, Durability, Entry, ManualClock, Options, Store};
+use idemstore::{Durability, Entry, ManualClock, Options, Store};
+
+mod common;
+use common::{START_MS, acquire};
 
 const DIR: &str = "/store";
-const START_MS: u64 = 1_700_000_000_000;
 const HOUR: Duration = Duration::from_secs(3600);
 /// The flusher thread's name as the kernel keeps it (15 bytes of "idemstore-housekeeper").
 const FLUSHER_COMM: &str = "idemstore-house";
@@ -38,13 +40,6 @@ fn options(disk: &SimDisk, durability: Durability, background: bool) -> Options 
         clock: ManualClock::new(START_MS),
         io: Arc::new(disk.clone()),
         ..Options::default()
-    }
-}
-
-fn acquire(store: &Store, key: &str) -> ClaimToken {
-    match store.claim(key, "request").expect("claim") {
-        Claim::Acquired(token) => token,
-        other => panic!("claim of {key}: expected Acquired, got {other:?}"),
     }
 }
 

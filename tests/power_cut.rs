@@ -36,45 +36,14 @@ use idemstore::{
     ms_to_system_time,
 };
 
+mod common;
+use common::{Rng, START_MS};
+
 const DIR: &str = "/store";
-const START_MS: u64 = 1_700_000_000_000;
 const LEASE_MS: u64 = 30_000;
 const DAY_MS: u64 = 24 * 3600 * 1000;
 const SHORT_TTL_MS: u64 = 90_000;
 const KEYS: u64 = 4;
-
-// ---------------------------------------------------------------------------------------------
-// A deterministic generator, so a seed reproduces a case.
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The disk wrapper that takes a power-cut image before the n-th mutating call.

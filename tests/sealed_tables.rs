@@ -12,7 +12,8 @@ use idemstore::sim::SimDisk;
 use idemstore::{Claim, ClaimOptions, Durability, Entry, ManualClock, Options, Store};
 use proptest::prelude::*;
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::START_MS;
 
 fn options(disk: &SimDisk, clock: &Arc<ManualClock>) -> Options {
     Options {

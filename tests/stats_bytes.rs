@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use idemstore::{Claim, Durability, ManualClock, Options, Store};
+use idemstore::{Claim, ManualClock, Store};
 
-fn options(clock: &std::sync::Arc<ManualClock>) -> Options {
-    Options { durability: Durability::None, background: false, clock: clock.clone(), ..Default::default() }
-}
+mod common;
+use common::options;
 
 #[test]
 fn superseded_records_are_dead_and_the_latest_are_live() {

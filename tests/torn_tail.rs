@@ -10,25 +10,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use idemstore::{Claim, ClaimToken, Durability, Entry, ManualClock, Options, Store};
+use idemstore::{Claim, Entry, ManualClock, Options, Store};
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::{START_MS, acquired};
 
 fn options(clock: &Arc<ManualClock>) -> Options {
-    Options {
-        durability: Durability::None,
-        background: false,
-        clock: clock.clone(),
-        segment_bytes_initial: 4096,
-        ..Default::default()
-    }
-}
-
-fn acquired(claim: Claim) -> ClaimToken {
-    match claim {
-        Claim::Acquired(token) => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
+    Options { segment_bytes_initial: 4096, ..common::options(clock) }
 }
 
 /// What the last operation before the cut was.
@@ -75,33 +63,16 @@ fn write_records(dir: &Path, clock: &Arc<ManualClock>, last: LastOp) -> (PathBuf
     (segments[0].clone(), offset, len)
 }
 
-/// (offset, length) of every record: 64-byte segment header, then records whose length is the
-/// u32 at +4, each padded to 8 bytes, up to the zeroed preallocated end.
+/// (offset, length) of every record of a segment, as `u64`s.
 fn record_offsets(bytes: &[u8]) -> Vec<(u64, u64)> {
-    let mut records = Vec::new();
-    let mut at = 64usize;
-    while at + 8 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
-        if len == 0 {
-            break;
-        }
-        records.push((at as u64, len as u64));
-        at += len.div_ceil(8) * 8;
-    }
-    records
+    common::record_offsets(bytes).into_iter().map(|(at, len)| (at as u64, len as u64)).collect()
 }
 
 /// Every file of the store directory but the lock file, with its bytes.
 fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().is_some_and(|n| n != idemstore::LOCK_FILE_NAME))
-        .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect()
+    let mut files = common::files(dir);
+    files.retain(|p, _| p.file_name().is_some_and(|n| n != idemstore::LOCK_FILE_NAME));
+    files
 }
 
 fn restore(dir: &Path, pristine: &BTreeMap<PathBuf, Vec<u8>>) {

@@ -13,9 +13,11 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Entry, ManualClock, Options, Store};
+use idemstore::{Claim, ClaimOptions, Entry, ManualClock, Store};
 
-const START_MS: u64 = 1_700_000_000_000;
+mod common;
+use common::{START_MS, acquired};
+
 /// Long enough that no waiter in these tests times out unless the test means it to.
 const LONG_WAIT: Duration = Duration::from_secs(60);
 /// Upper bound on how long an answer that should come "at once" or "after the event" may take.
@@ -25,19 +27,8 @@ const HEAD_START: Duration = Duration::from_millis(100);
 
 fn open(clock: &Arc<ManualClock>) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(
-        dir.path(),
-        Options { durability: Durability::None, background: false, clock: clock.clone(), ..Default::default() },
-    )
-    .unwrap();
+    let store = Store::open(dir.path(), common::options(clock)).unwrap();
     (dir, store)
-}
-
-fn acquired(claim: Claim) -> ClaimToken {
-    match claim {
-        Claim::Acquired(token) => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
 }
 
 fn waiting() -> ClaimOptions {
