@@ -46,7 +46,6 @@ struct Appender {
     next_segment_id: u32,
     active: IdMap<u64, Active>,
     dirty: Vec<Arc<Segment>>,
-    unsynced_bytes: u64,
     appended_bytes: u64,
     scratch: Vec<u8>,
     needs_dir_sync: bool,
@@ -61,8 +60,11 @@ pub struct Log {
     /// A segment file created, zero-filled and made durable in the directory ahead of need, so
     /// an append that opens a bucket never waits for a directory fsync under the appender lock.
     spare: Mutex<Option<SpareFile>>,
-    /// Mirror of the last written seq, for group-commit leaders gathering a batch.
+    /// The last written seq, published after each append (read by group-commit leaders and
+    /// by `last_seq` without the appender lock).
     written_seq: std::sync::atomic::AtomicU64,
+    /// Bytes appended since the last sync batch was taken (the group-commit batch cap).
+    unsynced_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// What one sync must cover: every record up to `through_seq`, in these segments.
@@ -90,7 +92,6 @@ impl Log {
                 next_segment_id,
                 active: IdMap::default(),
                 dirty: Vec::new(),
-                unsynced_bytes: 0,
                 appended_bytes: 0,
                 scratch: Vec::with_capacity(4096),
                 needs_dir_sync: false,
@@ -98,21 +99,17 @@ impl Log {
             segments: RwLock::new(segments),
             spare: Mutex::new(None),
             written_seq: std::sync::atomic::AtomicU64::new(next_seq - 1),
+            unsynced_bytes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// The sequence number of the last record written.
+    /// The sequence number of the last record written (read without the appender lock).
     pub fn last_seq(&self) -> u64 {
-        self.appender.lock().next_seq - 1
-    }
-
-    /// The sequence number of the last record written, without taking the appender lock.
-    pub fn written_seq(&self) -> u64 {
         self.written_seq.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn unsynced_bytes(&self) -> u64 {
-        self.appender.lock().unsynced_bytes
+        self.unsynced_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `f` on the segment `id` without cloning its handle; `None` when it was dropped.
@@ -133,11 +130,6 @@ impl Log {
             .values()
             .map(|s| s.byte_counts())
             .fold((0, 0), |(live, dead), (records, gone)| (live + records.saturating_sub(gone), dead + gone))
-    }
-
-    /// Marks the record at `loc` superseded.
-    pub fn note_dead(&self, loc: Loc) {
-        self.with_segment(loc.segment, |s| s.note_dead(u64::from(loc.offset)));
     }
 
     /// Segment files holding a descriptor: the ones taking appends, and the spare.
@@ -303,7 +295,7 @@ impl Log {
         if !app.dirty.iter().any(|s| Arc::ptr_eq(s, &active.segment)) {
             app.dirty.push(active.segment.clone());
         }
-        app.unsynced_bytes += len;
+        self.unsynced_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         app.appended_bytes += len;
         app.next_seq += 1;
         self.written_seq.store(header.seq, std::sync::atomic::Ordering::Release);
@@ -326,7 +318,7 @@ impl Log {
     /// Takes what the next sync must cover; the caller syncs it without holding any lock.
     pub fn take_sync_batch(&self) -> SyncBatch {
         let mut app = self.appender.lock();
-        app.unsynced_bytes = 0;
+        self.unsynced_bytes.store(0, std::sync::atomic::Ordering::Relaxed);
         SyncBatch {
             through_seq: app.next_seq - 1,
             segments: std::mem::take(&mut app.dirty),

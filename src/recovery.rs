@@ -152,7 +152,7 @@ pub fn recover(
                 Ok(false)
             })?;
             if newer_sealed {
-                segment.note_dead(offset);
+                segment.note_dead(header.padded_len());
                 continue;
             }
             let loc = Loc { segment: id, offset: offset as u32 };
@@ -162,15 +162,15 @@ pub fn recover(
             for candidate in candidates {
                 let Some(other) = segments.get(&candidate.segment) else { continue };
                 if let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)? {
-                    existing = Some((candidate, h.seq));
+                    existing = Some((candidate, h));
                     break;
                 }
             }
             match existing {
-                Some((_, seq)) if seq > header.seq => segment.note_dead(offset),
-                Some((old, _)) => {
+                Some((_, newer)) if newer.seq > header.seq => segment.note_dead(header.padded_len()),
+                Some((old, older)) => {
                     if let Some(old_segment) = segments.get(&old.segment) {
-                        old_segment.note_dead(u64::from(old.offset));
+                        old_segment.note_dead(older.padded_len());
                     }
                     shard.set(hash, Some(old), loc);
                 }

@@ -228,13 +228,10 @@ impl Segment {
         self.record_bytes.fetch_add(padded_len, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Counts the record at `offset` as superseded by a later record of its key.
-    pub fn note_dead(&self, offset: u64) {
-        let mut len = [0u8; 4];
-        if self.file.read_at(offset + 4, &mut len).is_ok() {
-            let padded = record::align_up(u64::from(u32::from_le_bytes(len)));
-            self.dead_bytes.fetch_add(padded, std::sync::atomic::Ordering::Relaxed);
-        }
+    /// Counts a record of `padded_len` bytes in this segment as superseded by a later record
+    /// of its key.
+    pub fn note_dead(&self, padded_len: u64) {
+        self.dead_bytes.fetch_add(padded_len, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// (record bytes, superseded bytes) known since open.

@@ -49,6 +49,19 @@ struct Inner {
     _lock: Option<Box<dyn DirLock>>,
 }
 
+/// A key's latest record, which the record being written supersedes.
+#[derive(Debug, Clone, Copy)]
+struct Superseded {
+    loc: Loc,
+    padded_len: u64,
+}
+
+impl Superseded {
+    fn of(loc: Loc, header: &Header) -> Self {
+        Superseded { loc, padded_len: header.padded_len() }
+    }
+}
+
 /// The state of a key as its latest record tells it, at a given time.
 enum Current {
     Absent,
@@ -412,8 +425,15 @@ impl Inner {
         Ok(latest)
     }
 
-    /// The key's state at `now_ms`, where its latest record lives, and that record's seq.
-    fn current(&self, shard: &mut Shard, hash: u64, key: &[u8], now_ms: u64) -> Result<(Current, Option<Loc>, u64)> {
+    /// The key's state at `now_ms`, its latest record (which a new write supersedes), and
+    /// that record's seq.
+    fn current(
+        &self,
+        shard: &mut Shard,
+        hash: u64,
+        key: &[u8],
+        now_ms: u64,
+    ) -> Result<(Current, Option<Superseded>, u64)> {
         let Some((loc, header, value)) = self.find(shard, hash, key)? else {
             return Ok((Current::Absent, None, 0));
         };
@@ -425,7 +445,7 @@ impl Inner {
         } else {
             Current::Completed(loc, header, value)
         };
-        Ok((state, Some(loc), header.seq))
+        Ok((state, Some(Superseded { loc, padded_len: header.padded_len() }), header.seq))
     }
 
     /// Under `Sync`, waits until record `seq` (the one an answer was read from or written) is
@@ -472,24 +492,30 @@ impl Inner {
         Ok(())
     }
 
-    /// Appends a record for a key whose latest record (if any) is at `shadowed`.
+    /// Appends a record for a key whose latest record (if any) is `superseded`.
     ///
     /// Invariant: a key's latest record lies in a bucket that ends no earlier than the bucket
     /// of any older record of that key. So the latest record is never dropped while an older
     /// one survives to be resurrected (by the index falling back to a sealed table, or by a
     /// scan at recovery); reads still expire it exactly at its own `expires_at_ms`.
-    fn append(&self, header: Header, key: &[u8], value: &[u8], shadowed: Option<Loc>) -> Result<(Header, Loc)> {
+    fn append(
+        &self,
+        header: Header,
+        key: &[u8],
+        value: &[u8],
+        superseded: Option<Superseded>,
+    ) -> Result<(Header, Loc)> {
         let new_claim = header.kind == Kind::Claim;
         self.check_writable()?;
-        let retain_floor_ms = shadowed
-            .and_then(|loc| self.log.with_segment(loc.segment, |s| s.header.bucket_end_ms.saturating_sub(1)))
+        let retain_floor_ms = superseded
+            .and_then(|old| self.log.with_segment(old.loc.segment, |s| s.header.bucket_end_ms.saturating_sub(1)))
             .unwrap_or(0);
         let retain_until_ms = header.expires_at_ms.max(retain_floor_ms);
         let appended = self.log.append(header, key, value, retain_until_ms, new_claim);
         if appended.is_ok()
-            && let Some(old) = shadowed
+            && let Some(old) = superseded
         {
-            self.log.note_dead(old);
+            self.log.with_segment(old.loc.segment, |s| s.note_dead(old.padded_len));
         }
         match appended {
             Err(Error::Poisoned { cause }) => {
@@ -535,7 +561,7 @@ impl Inner {
                         lease_ms,
                     };
                     let (written, loc) = self.append(header, key, &[], old)?;
-                    shard.set(hash, old, loc);
+                    shard.set(hash, old.map(|o| o.loc), loc);
                     shard.counters.claims_acquired += 1;
                     let token = ClaimToken {
                         key: key.into(),
@@ -582,7 +608,8 @@ impl Inner {
                             written_at_ms: now_ms,
                             lease_ms,
                         };
-                        let (written, new_loc) = self.append(takeover, key, &checkpoint, Some(loc))?;
+                        let (written, new_loc) =
+                            self.append(takeover, key, &checkpoint, Some(Superseded::of(loc, &header)))?;
                         debug_assert!(written.token > header.token, "fencing tokens only grow");
                         shard.set(hash, Some(loc), new_loc);
                         shard.counters.claims_acquired += 1;
@@ -651,7 +678,7 @@ impl Inner {
             }
             _ => value.to_vec(),
         };
-        let (written, new_loc) = self.append(header, key, &value, Some(loc))?;
+        let (written, new_loc) = self.append(header, key, &value, Some(Superseded::of(loc, &held)))?;
         shard.set(hash, Some(loc), new_loc);
         match kind {
             Kind::Complete => shard.counters.completes += 1,
@@ -703,7 +730,7 @@ impl Inner {
             Current::InFlight(loc, header, _) | Current::Completed(loc, header, _) => (loc, header),
         };
         let tombstone = Header { kind: Kind::Remove, value_len: 0, seq: 0, written_at_ms: now_ms, ..header };
-        let (written, new_loc) = self.append(tombstone, key, &[], Some(loc))?;
+        let (written, new_loc) = self.append(tombstone, key, &[], Some(Superseded::of(loc, &header)))?;
         shard.set(hash, Some(loc), new_loc);
         shard.counters.removes += 1;
         drop(shard);
@@ -976,7 +1003,7 @@ impl crate::commit::Syncer for LogSyncer<'_> {
     }
 
     fn written_seq(&self) -> Option<u64> {
-        Some(self.0.log.written_seq())
+        Some(self.0.log.last_seq())
     }
 }
 
