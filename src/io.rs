@@ -41,10 +41,7 @@ impl LockOwner {
 
     fn decode(b: &[u8]) -> Option<LockOwner> {
         let b: &[u8; 12] = b.get(..12)?.try_into().ok()?;
-        Some(LockOwner {
-            incarnation: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-            pid: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-        })
+        Some(LockOwner { incarnation: crate::record::u64_at(b, 0), pid: crate::record::u32_at(b, 8) })
     }
 }
 
@@ -95,8 +92,6 @@ pub trait IoFile: Send + Sync {
     fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool>;
     /// Makes every write so far durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
-    /// Gives back allocated space past `len` and shrinks the file to it (best effort).
-    fn truncate(&self, len: u64) -> io::Result<()>;
     /// Closes the file descriptor of a file that will not grow again; reads, writes within
     /// the reserved length and syncs keep working through the memory map. Bounds the number
     /// of open descriptors however many files are live.
@@ -314,18 +309,6 @@ impl IoFile for MappedFile {
         // msync(MS_SYNC) on Linux is an fsync of the mapped range of the file the mapping holds.
         let len = usize::try_from(self.len()).map_err(|_| out_of_range())?;
         if len == 0 { Ok(()) } else { self.map.flush_range(0, len) }
-    }
-
-    fn truncate(&self, len: u64) -> io::Result<()> {
-        if len < self.len() {
-            let guard = self.file.lock();
-            let Some(file) = guard.as_ref() else {
-                return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file descriptor already released"));
-            };
-            self.len.store(len, Ordering::Release);
-            file.set_len(len)?;
-        }
-        Ok(())
     }
 
     fn release_descriptor(&self) {

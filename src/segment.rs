@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::io::{Io, IoFile};
-use crate::record::{self, DecodeError, HEADER_LEN, Header};
+use crate::record::{self, DecodeError, HEADER_LEN, Header, u32_at, u64_at};
 
 /// Bytes of the segment header; records start here.
 pub const SEGMENT_HEADER_LEN: u64 = 64;
@@ -80,16 +80,10 @@ impl SegmentHeader {
         if b[0..8] != SEGMENT_MAGIC {
             return Err(corrupt("not a segment file (bad magic)"));
         }
-        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        let u64_at = |at: usize| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(&b[at..at + 8]);
-            u64::from_le_bytes(x)
-        };
-        if crc32fast::hash(&b[0..60]) != u32_at(60) {
+        if crc32fast::hash(&b[0..60]) != u32_at(b, 60) {
             return Err(corrupt("segment header checksum mismatch"));
         }
-        let version = u32_at(8);
+        let version = u32_at(b, 8);
         if version != FORMAT_VERSION {
             return Err(Error::UnsupportedVersion {
                 file: path.to_path_buf(),
@@ -98,10 +92,10 @@ impl SegmentHeader {
             });
         }
         let header = SegmentHeader {
-            id: u32_at(12),
-            bucket_start_ms: u64_at(16),
-            bucket_end_ms: u64_at(24),
-            created_at_ms: u64_at(32),
+            id: u32_at(b, 12),
+            bucket_start_ms: u64_at(b, 16),
+            bucket_end_ms: u64_at(b, 24),
+            created_at_ms: u64_at(b, 32),
         };
         if header.bucket_end_ms <= header.bucket_start_ms {
             return Err(corrupt("segment header has an empty bucket"));
@@ -283,8 +277,8 @@ impl Segment {
     }
 
     /// Reads the header of the record at `offset` (a location the index vouches for) and
-    /// checks that it is for `key`.
-    pub fn probe(&self, offset: u64, key: &[u8]) -> Result<Probe> {
+    /// tells whether the record is for `key`.
+    fn header_for(&self, offset: u64, key: &[u8]) -> Result<([u8; HEADER_LEN], Header, bool)> {
         let mut raw = [0u8; HEADER_LEN];
         self.file.read_at(offset, &mut raw).map_err(|e| Error::io("read record", &self.path, e))?;
         let header = record::parse_header(&raw).map_err(|e| self.corrupt(offset, e))?;
@@ -293,8 +287,14 @@ impl Segment {
                 .file
                 .eq_at(offset + HEADER_LEN as u64, key)
                 .map_err(|e| Error::io("read record key", &self.path, e))?;
-        // Verified either way: a damaged key must be an error, never "another key" (which
-        // would make a stored key look absent and let its effect run twice).
+        Ok((raw, header, same))
+    }
+
+    /// Reads the header of the record at `offset` and checks that it is for `key`. The whole
+    /// record's CRC is verified either way: a damaged key must be an error, never "another
+    /// key" (which would make a stored key look absent and let its effect run twice).
+    pub fn probe(&self, offset: u64, key: &[u8]) -> Result<Probe> {
+        let (raw, header, same) = self.header_for(offset, key)?;
         self.verify(offset, &raw, &header)?;
         Ok(if same { Probe::Match(header) } else { Probe::OtherKey })
     }
@@ -302,20 +302,14 @@ impl Segment {
     /// Like [`Segment::probe`], and on a match also returns the record's value, read once:
     /// the CRC is checked over the header, the caller's (equal) key and that value.
     pub fn probe_read(&self, offset: u64, key: &[u8]) -> Result<Option<(Header, Vec<u8>)>> {
-        let mut raw = [0u8; HEADER_LEN];
-        self.file.read_at(offset, &mut raw).map_err(|e| Error::io("read record", &self.path, e))?;
-        let header = record::parse_header(&raw).map_err(|e| self.corrupt(offset, e))?;
-        let key_at = offset + HEADER_LEN as u64;
-        let same = usize::from(header.key_len) == key.len()
-            && self.file.eq_at(key_at, key).map_err(|e| Error::io("read record key", &self.path, e))?;
+        let (raw, header, same) = self.header_for(offset, key)?;
         if !same {
-            // A damaged key must be an error, never "another key".
             self.verify(offset, &raw, &header)?;
             return Ok(None);
         }
         let mut value = vec![0u8; header.value_len as usize];
         self.file
-            .read_at(key_at + key.len() as u64, &mut value)
+            .read_at(offset + (HEADER_LEN + key.len()) as u64, &mut value)
             .map_err(|e| Error::io("read record value", &self.path, e))?;
         let mut hasher = record::checksum_hasher(self.header.id);
         hasher.update(&raw[4..]);

@@ -360,16 +360,4 @@ impl IoFile for SimHandle {
         }
         Ok(())
     }
-
-    fn truncate(&self, len: u64) -> io::Result<()> {
-        let mut state = self.0.state.lock();
-        if (len as usize) < state.live.len() {
-            let shrink = state.live.len() as u64 - len;
-            state.live.truncate(len as usize);
-            state.pending.retain(|(o, _)| *o < len);
-            let faults = &self.0.disk;
-            faults.used_bytes.fetch_sub(shrink.min(faults.used_bytes.load(Ordering::SeqCst)), Ordering::SeqCst);
-        }
-        Ok(())
-    }
 }

@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::filter::{BlockedBloom, SharedBloom};
 use crate::io::{Io, IoFile};
 use crate::log::Loc;
+use crate::record::{u32_at, u64_at};
 use crate::segment::FORMAT_VERSION;
 use std::sync::Arc;
 
@@ -55,6 +56,11 @@ pub fn parse_table_file_name(name: &str) -> Option<u32> {
         return None;
     }
     u32::from_str_radix(stem, 16).ok()
+}
+
+/// The fields of one 16-byte entry: hash, record offset, check.
+fn entry_fields(bytes: &[u8]) -> (u64, u32, u32) {
+    (u64_at(bytes, 0), u32_at(bytes, 8), u32_at(bytes, 12))
 }
 
 fn entry_check(segment_id: u32, hash: u64, offset: u32) -> u32 {
@@ -163,17 +169,11 @@ impl Table {
         if len < TABLE_HEADER_LEN || file.read_at(0, &mut header).is_err() {
             return Ok(None);
         }
-        let u64_at = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&header[at..at + 8]);
-            u64::from_le_bytes(b)
-        };
-        let u32_at = |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
-        if header[0..8] != TABLE_MAGIC || u32_at(8) != FORMAT_VERSION || u32_at(12) != segment_id {
+        if header[0..8] != TABLE_MAGIC || u32_at(&header, 8) != FORMAT_VERSION || u32_at(&header, 12) != segment_id {
             return Ok(None);
         }
-        let count = u64_at(16);
-        let words = u64_at(24);
+        let count = u64_at(&header, 16);
+        let words = u64_at(&header, 24);
         let Some(entries_at) = words.checked_mul(8).and_then(|b| b.checked_add(TABLE_HEADER_LEN)) else {
             return Ok(None);
         };
@@ -184,19 +184,18 @@ impl Table {
         if file.read_at(TABLE_HEADER_LEN, &mut raw).is_err() {
             return Ok(None);
         }
-        let filter_words: Vec<u64> =
-            raw.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect();
+        let filter_words: Vec<u64> = raw.chunks_exact(8).map(|c| u64_at(c, 0)).collect();
         let Some(filter) = BlockedBloom::from_words(filter_words) else {
             return Ok(None);
         };
-        if header_crc(&header, &filter) != u32_at(56) {
+        if header_crc(&header, &filter) != u32_at(&header, 56) {
             return Ok(None);
         }
         file.release_descriptor();
         Ok(Some(Table {
             segment_id,
-            bucket_end_ms: u64_at(32),
-            bounds: TableBounds { max_seq: u64_at(40), latest_ms: u64_at(48) },
+            bucket_end_ms: u64_at(&header, 32),
+            bounds: TableBounds { max_seq: u64_at(&header, 40), latest_ms: u64_at(&header, 48) },
             path: path.to_path_buf(),
             filter,
             count,
@@ -215,21 +214,39 @@ impl Table {
         self.filter.bytes()
     }
 
-    fn entry(&self, i: u64) -> Result<(u64, u32)> {
-        let mut raw = [0u8; ENTRY_LEN as usize];
-        let at = self.entries_at + i * ENTRY_LEN;
-        self.file.read_at(at, &mut raw).map_err(|e| Error::io("read table entry", &self.path, e))?;
-        let hash = u64::from_le_bytes([raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7]]);
-        let offset = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
-        let check = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]);
+    /// Entry `i`'s hash and record offset, from its 16 bytes, checked against its own CRC.
+    fn checked(&self, i: u64, bytes: &[u8]) -> Result<(u64, u32)> {
+        let (hash, offset, check) = entry_fields(bytes);
         if check != entry_check(self.segment_id, hash, offset) {
             return Err(Error::Corrupt {
                 file: self.path.clone(),
-                offset: at,
+                offset: self.entries_at + i * ENTRY_LEN,
                 reason: "table entry checksum mismatch",
             });
         }
         Ok((hash, offset))
+    }
+
+    fn entry(&self, i: u64) -> Result<(u64, u32)> {
+        let mut raw = [0u8; ENTRY_LEN as usize];
+        let at = self.entries_at + i * ENTRY_LEN;
+        self.file.read_at(at, &mut raw).map_err(|e| Error::io("read table entry", &self.path, e))?;
+        self.checked(i, &raw)
+    }
+
+    /// Visits entries `i`, `i + 1`, ... while their hash is `hash`; true when `visit` stopped.
+    fn visit_run(&self, mut i: u64, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<bool>) -> Result<bool> {
+        while i < self.count {
+            let (h, offset) = self.entry(i)?;
+            if h != hash {
+                break;
+            }
+            if visit(Loc { segment: self.segment_id, offset })? {
+                return Ok(true);
+            }
+            i += 1;
+        }
+        Ok(false)
     }
 
     /// Calls `visit` with the location of every entry with `hash`, until it returns true
@@ -249,87 +266,42 @@ impl Table {
         self.file
             .read_at(self.entries_at + lo * ENTRY_LEN, window)
             .map_err(|e| Error::io("read table entries", &self.path, e))?;
-        let entry_at = |i: u64| -> (u64, u32, u32) {
-            let at = (i * ENTRY_LEN) as usize;
-            let b = &window[at..at + ENTRY_LEN as usize];
-            (
-                u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-                u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-                u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
-            )
-        };
+        let bytes_of = |i: u64| &window[(i * ENTRY_LEN) as usize..((i + 1) * ENTRY_LEN) as usize];
+        let hash_of = |i: u64| entry_fields(bytes_of(i)).0;
         let len = hi - lo;
-        let starts_before = lo > 0 && entry_at(0).0 >= hash;
-        let ends_after = hi < self.count && entry_at(len - 1).0 < hash;
-        if starts_before || ends_after {
-            return self.lookup_by_search(hash, visit);
+        if (lo > 0 && hash_of(0) >= hash) || (hi < self.count && hash_of(len - 1) < hash) {
+            // The interpolation missed: search the whole table.
+            let (mut a, mut b) = (0, self.count);
+            while a < b {
+                let mid = a + (b - a) / 2;
+                if self.entry(mid)?.0 < hash {
+                    a = mid + 1;
+                } else {
+                    b = mid;
+                }
+            }
+            return self.visit_run(a, hash, visit);
         }
         let (mut a, mut b) = (0, len);
         while a < b {
             let mid = a + (b - a) / 2;
-            if entry_at(mid).0 < hash {
+            if hash_of(mid) < hash {
                 a = mid + 1;
             } else {
                 b = mid;
             }
         }
-        let mut i = a;
-        while i < len {
-            let (h, offset, check) = entry_at(i);
+        for i in a..len {
+            let (h, offset) = self.checked(lo + i, bytes_of(i))?;
             if h != hash {
                 return Ok(false);
             }
-            if check != entry_check(self.segment_id, h, offset) {
-                let at = self.entries_at + (lo + i) * ENTRY_LEN;
-                return Err(Error::Corrupt {
-                    file: self.path.clone(),
-                    offset: at,
-                    reason: "table entry checksum mismatch",
-                });
-            }
             if visit(Loc { segment: self.segment_id, offset })? {
                 return Ok(true);
             }
-            i += 1;
         }
         // Equal hashes run past the window (only with colliding hashes).
-        let mut i = lo + len;
-        while i < self.count {
-            let (h, offset) = self.entry(i)?;
-            if h != hash {
-                break;
-            }
-            if visit(Loc { segment: self.segment_id, offset })? {
-                return Ok(true);
-            }
-            i += 1;
-        }
-        Ok(false)
-    }
-
-    /// Binary search over the whole table, entry by entry (when interpolation missed).
-    fn lookup_by_search(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<bool>) -> Result<bool> {
-        let (mut lo, mut hi) = (0, self.count);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if self.entry(mid)?.0 < hash {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        let mut i = lo;
-        while i < self.count {
-            let (h, offset) = self.entry(i)?;
-            if h != hash {
-                break;
-            }
-            if visit(Loc { segment: self.segment_id, offset })? {
-                return Ok(true);
-            }
-            i += 1;
-        }
-        Ok(false)
+        self.visit_run(hi, hash, visit)
     }
 
     /// Calls `f` with every entry's hash, in order, checking each entry.
@@ -343,19 +315,8 @@ impl Table {
             self.file
                 .read_at(self.entries_at + i * ENTRY_LEN, bytes)
                 .map_err(|e| Error::io("read table entries", &self.path, e))?;
-            for (j, e) in bytes.chunks_exact(ENTRY_LEN as usize).enumerate() {
-                let hash = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-                let offset = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
-                let check = u32::from_le_bytes([e[12], e[13], e[14], e[15]]);
-                if check != entry_check(self.segment_id, hash, offset) {
-                    let at = self.entries_at + (i + j as u64) * ENTRY_LEN;
-                    return Err(Error::Corrupt {
-                        file: self.path.clone(),
-                        offset: at,
-                        reason: "table entry checksum mismatch",
-                    });
-                }
-                f(hash);
+            for (j, entry) in bytes.chunks_exact(ENTRY_LEN as usize).enumerate() {
+                f(self.checked(i + j as u64, entry)?.0);
             }
             i += n;
         }

@@ -24,8 +24,8 @@ pub fn read(io: &dyn Io, dir: &Path) -> u64 {
     if file.len() < LEN || file.read_at(0, &mut raw).is_err() || raw[12..16] != MAGIC {
         return 0;
     }
-    let ms = u64::from_le_bytes([raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7]]);
-    let crc = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+    let ms = crate::record::u64_at(&raw, 0);
+    let crc = crate::record::u32_at(&raw, 8);
     if crc32fast::hash(&raw[0..8]) == crc { ms } else { 0 }
 }
 

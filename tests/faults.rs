@@ -249,9 +249,6 @@ impl IoFile for FailingFile {
     fn sync(&self) -> io::Result<()> {
         self.inner.sync()
     }
-    fn truncate(&self, len: u64) -> io::Result<()> {
-        self.inner.truncate(len)
-    }
 }
 
 /// Regression: issue 3 point 3 asks that a failed write poison the store like a failed fsync.

@@ -437,9 +437,6 @@ impl IoFile for SyncCountingFile {
         self.file_syncs.fetch_add(1, SeqCst);
         Ok(())
     }
-    fn truncate(&self, len: u64) -> io::Result<()> {
-        self.inner.truncate(len)
-    }
 }
 
 /// True when a power cut now would keep the claim of `key` (the store's only record): the

@@ -5,7 +5,7 @@
 //! operation its durability mode promised.
 //!
 //! How: every disk call that changes bytes or names (create, reserve, write, sync, directory
-//! sync, remove, truncate) is a possible cut point. A wrapper around `SimDisk` counts them and,
+//! sync, remove) is a possible cut point. A wrapper around `SimDisk` counts them and,
 //! just before the chosen one, takes the image a power cut would leave at that instant: only
 //! the synced bytes, or those plus a torn prefix of the unsynced writes (`SimDisk::power_cut`),
 //! or every write (the disk flushed it all just before the cut). The store
@@ -178,10 +178,6 @@ impl IoFile for CuttingFile {
     fn sync(&self) -> io::Result<()> {
         self.plan.before_mutation();
         self.inner.sync()
-    }
-    fn truncate(&self, len: u64) -> io::Result<()> {
-        self.plan.before_mutation();
-        self.inner.truncate(len)
     }
 }
 
