@@ -26,7 +26,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::filter::{BlockedBloom, SharedBloom};
+use crate::filter::BlockedBloom;
 use crate::io::{Io, IoFile};
 use crate::log::Loc;
 use crate::record::{u32_at, u64_at};
@@ -119,7 +119,7 @@ impl Table {
     ) -> Result<Table> {
         entries.sort_unstable();
         let path = dir.join(table_file_name(segment_id));
-        let mut filter = BlockedBloom::with_capacity(entries.len() as u64);
+        let filter = BlockedBloom::with_capacity(entries.len() as u64);
         for (hash, _) in &entries {
             filter.insert(*hash);
         }
@@ -340,7 +340,7 @@ pub struct SealedTables {
     count: std::sync::atomic::AtomicUsize,
     /// Union of every table's keys (and of dropped ones until rebuilt). `None` until built
     /// after an open, or after it ran out of room: then each table's own filter is asked.
-    union: RwLock<Option<Arc<SharedBloom>>>,
+    union: RwLock<Option<Arc<BlockedBloom>>>,
 }
 
 impl SealedTables {
@@ -412,7 +412,7 @@ impl SealedTables {
             return Ok(false);
         }
         // Room for half as many again, so new tables join without a rebuild for a while.
-        let filter = SharedBloom::with_capacity(live + live / 2 + (1 << 16));
+        let filter = BlockedBloom::with_capacity(live + live / 2 + (1 << 16));
         for table in &tables {
             table.for_each_hash(&mut |hash| filter.insert(hash))?;
         }
