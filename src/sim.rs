@@ -33,8 +33,8 @@ struct SimFile {
 
 #[derive(Default)]
 struct Faults {
-    fail_syncs: AtomicBool,
-    syncs_until_failure: AtomicU64,
+    sync_failure: Countdown,
+    write_failure: Countdown,
     space_limit_bytes: AtomicU64,
     used_bytes: AtomicU64,
     syncs: AtomicU64,
@@ -88,13 +88,22 @@ impl SimDisk {
 
     /// After `n` more successful syncs (file or directory), every sync fails with EIO.
     pub fn fail_sync_after(&self, n: u64) {
-        self.faults.syncs_until_failure.store(n, Ordering::SeqCst);
-        self.faults.fail_syncs.store(true, Ordering::SeqCst);
+        self.faults.sync_failure.arm(n);
     }
 
     /// Syncs succeed again.
     pub fn heal_syncs(&self) {
-        self.faults.fail_syncs.store(false, Ordering::SeqCst);
+        self.faults.sync_failure.disarm();
+    }
+
+    /// After `n` more successful writes into files, every write fails with EIO.
+    pub fn fail_writes_after(&self, n: u64) {
+        self.faults.write_failure.arm(n);
+    }
+
+    /// Writes succeed again.
+    pub fn heal_writes(&self) {
+        self.faults.write_failure.disarm();
     }
 
     /// Caps the bytes all files may reserve together; past it `reserve` fails with
@@ -190,15 +199,42 @@ impl SimDisk {
 
 impl Faults {
     fn sync_allowed(&self) -> io::Result<()> {
-        if self.fail_syncs.load(Ordering::SeqCst) {
-            let left = self.syncs_until_failure.load(Ordering::SeqCst);
-            if left == 0 {
-                return Err(io::Error::other("simulated fsync failure (EIO)"));
-            }
-            self.syncs_until_failure.store(left - 1, Ordering::SeqCst);
+        if !self.sync_failure.allow() {
+            return Err(io::Error::other("simulated fsync failure (EIO)"));
         }
         self.syncs.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn write_allowed(&self) -> io::Result<()> {
+        if !self.write_failure.allow() {
+            return Err(io::Error::other("simulated write failure (EIO)"));
+        }
+        Ok(())
+    }
+}
+
+/// Lets `n` more operations succeed once armed, then fails every later one until disarmed.
+#[derive(Default)]
+struct Countdown {
+    armed: AtomicBool,
+    left: AtomicU64,
+}
+
+impl Countdown {
+    fn arm(&self, n: u64) {
+        self.left.store(n, Ordering::SeqCst);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn disarm(&self) {
+        self.armed.store(false, Ordering::SeqCst);
+    }
+
+    /// True when the operation may go ahead (and counts it).
+    fn allow(&self) -> bool {
+        !self.armed.load(Ordering::SeqCst)
+            || self.left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
     }
 }
 
@@ -327,6 +363,7 @@ impl IoFile for SimHandle {
         if !self.0.writable {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file is read-only"));
         }
+        self.0.disk.write_allowed()?;
         let mut state = self.0.state.lock();
         let (start, end) = checked_range(offset, bytes.len(), state.live.len() as u64)?;
         state.live[start..end].copy_from_slice(bytes);

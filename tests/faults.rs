@@ -14,12 +14,9 @@
 //! A real read-only directory is not tested here (the tests run as root, which writes anyway).
 
 use std::io;
-use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use idemstore::io::{DirLock, Io, IoFile};
 use idemstore::sim::SimDisk;
 use idemstore::{Claim, ClaimOptions, Durability, Entry, Error, ManualClock, Options, Store};
 
@@ -189,80 +186,17 @@ fn failed_directory_fsync_when_a_segment_is_created_poisons_the_store() {
 // ---------------------------------------------------------------------------------------------
 // Write failure
 
-/// A disk whose writes fail with EIO once `writes_left` runs out.
-#[derive(Debug)]
-struct FailingWrites {
-    disk: SimDisk,
-    writes_left: Arc<AtomicU64>,
-}
-
-struct FailingFile {
-    inner: Box<dyn IoFile>,
-    writes_left: Arc<AtomicU64>,
-}
-
-impl Io for FailingWrites {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        self.disk.create_dir_all(dir)
-    }
-    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn DirLock>> {
-        self.disk.lock_dir(dir)
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
-        self.disk.list(dir)
-    }
-    fn create(&self, path: &Path, capacity: u64) -> io::Result<Box<dyn IoFile>> {
-        let inner = self.disk.create(path, capacity)?;
-        Ok(Box::new(FailingFile { inner, writes_left: self.writes_left.clone() }))
-    }
-    fn open(&self, path: &Path, capacity: u64, writable: bool) -> io::Result<Box<dyn IoFile>> {
-        let inner = self.disk.open(path, capacity, writable)?;
-        Ok(Box::new(FailingFile { inner, writes_left: self.writes_left.clone() }))
-    }
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        self.disk.remove(path)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        self.disk.sync_dir(dir)
-    }
-}
-
-impl IoFile for FailingFile {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn reserve(&self, len: u64) -> io::Result<()> {
-        self.inner.reserve(len)
-    }
-    fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        if self.writes_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err() {
-            return Err(io::Error::other("simulated write failure (EIO)"));
-        }
-        self.inner.write_at(offset, bytes)
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool> {
-        self.inner.eq_at(offset, expected)
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.inner.sync()
-    }
-}
-
 /// Regression: issue 3 point 3 asks that a failed write poison the store like a failed fsync.
 #[test]
 fn failed_record_write_poisons_the_store() {
     let disk = SimDisk::new();
     // Two writes succeed: the new segment's header and the first claim.
-    let writes_left = Arc::new(AtomicU64::new(2));
-    let io = FailingWrites { disk: disk.clone(), writes_left: writes_left.clone() };
-    let store = Store::open(DIR, Options { io: Arc::new(io), ..options(&disk, Durability::Sync) }).expect("open");
+    disk.fail_writes_after(2);
+    let store = Store::open(DIR, options(&disk, Durability::Sync)).expect("open");
     let token = acquire(&store, "first");
     let failed = store.complete(&token, "outcome");
     assert!(failed.is_err(), "the complete whose write failed returned {failed:?}");
-    writes_left.store(u64::MAX, Ordering::SeqCst);
+    disk.heal_writes();
     match store.claim("second", "request") {
         Err(Error::Poisoned { cause }) => assert!(cause.contains("simulated write failure"), "{cause}"),
         other => panic!("a write after a failed write: expected Poisoned, got {other:?}"),
