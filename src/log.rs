@@ -396,3 +396,81 @@ impl Log {
         retired
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Kind;
+    use crate::sim::SimDisk;
+
+    const WIDTH_MS: u64 = 60_000;
+
+    fn log(disk: &SimDisk) -> Log {
+        let dir = PathBuf::from("/store");
+        disk.create_dir_all(&dir).unwrap();
+        let limits = LogLimits {
+            bucket_width_ms: WIDTH_MS,
+            segment_bytes_max: 4096,
+            segment_bytes_initial: 4096,
+            disk_bytes_max: u64::MAX,
+            open_segments_max: 8,
+        };
+        Log::new(Arc::new(disk.clone()), dir, limits, IdMap::default(), 1, 1)
+    }
+
+    fn claim_expiring_at(expires_at_ms: u64) -> Header {
+        Header {
+            kind: Kind::Claim,
+            key_len: 3,
+            value_len: 0,
+            seq: 0,
+            expires_at_ms,
+            claimed_at_ms: 0,
+            lease_until_ms: 1,
+            token: 0,
+            incarnation: 1,
+            request_hash: 7,
+            written_at_ms: 0,
+            lease_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_prepared_spare_opens_a_bucket_without_a_directory_sync() {
+        let disk = SimDisk::new();
+        let log = log(&disk);
+        // No spare: opening a bucket syncs the directory under the appender lock.
+        let before = disk.syncs();
+        let (_, first) = log.append(claim_expiring_at(WIDTH_MS), b"one", &[], WIDTH_MS, true).unwrap();
+        assert_eq!(disk.syncs(), before + 1);
+        assert_eq!(first.segment, 1);
+
+        log.prepare_spare().unwrap();
+        let prepared = disk.syncs();
+        let (_, second) = log.append(claim_expiring_at(3 * WIDTH_MS), b"two", &[], 3 * WIDTH_MS, true).unwrap();
+        assert_eq!(disk.syncs(), prepared, "the spare's directory entry was made durable beforehand");
+        assert_eq!(second.segment, 2, "the new bucket took the spare");
+        assert_eq!(log.segment_count(), 2);
+    }
+
+    #[test]
+    fn a_bucket_takes_segment_ids_in_the_order_it_takes_records() {
+        let disk = SimDisk::new();
+        let log = log(&disk);
+        let mut last = (0, 0);
+        for i in 0..60u64 {
+            if i % 7 == 0 {
+                log.prepare_spare().unwrap();
+            }
+            // Alternate two buckets; small segments make each roll over several times.
+            let expires = if i % 2 == 0 { WIDTH_MS } else { 5 * WIDTH_MS };
+            let header = Header { value_len: 300, ..claim_expiring_at(expires) };
+            let (header, loc) = log.append(header, b"key", &[0u8; 300], expires, true).unwrap();
+            if expires == WIDTH_MS {
+                assert!((loc.segment, header.seq) > last, "segment {} after {:?}", loc.segment, last);
+                last = (loc.segment, header.seq);
+            }
+        }
+        assert!(last.0 > 2, "the bucket rolled over into several segments");
+    }
+}
