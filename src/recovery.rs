@@ -158,8 +158,7 @@ pub fn recover(
             let loc = Loc { segment: id, offset: offset as u32 };
             let mut shard = index.shard(hash).shard.lock();
             let mut existing = None;
-            let candidates: Vec<Loc> = shard.candidates(hash).collect();
-            for candidate in candidates {
+            for candidate in shard.candidates(hash) {
                 let Some(other) = segments.get(&candidate.segment) else { continue };
                 if let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)? {
                     existing = Some((candidate, h));

@@ -546,31 +546,11 @@ impl Inner {
             let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms)?;
             match state {
                 Current::Absent => {
-                    let header = Header {
-                        kind: Kind::Claim,
-                        key_len: key.len() as u16,
-                        value_len: 0,
-                        seq: 0,
-                        expires_at_ms: now_ms.saturating_add(ttl_ms),
-                        claimed_at_ms: now_ms,
-                        lease_until_ms: now_ms.saturating_add(u64::from(lease_ms)),
-                        token: 0,
-                        incarnation: self.incarnation,
-                        request_hash,
-                        written_at_ms: now_ms,
-                        lease_ms,
-                    };
+                    let header = self.claim_record(key, now_ms, ttl_ms, lease_ms, request_hash);
                     let (written, loc) = self.append(header, key, &[], old)?;
                     shard.set(hash, old.map(|o| o.loc), loc);
                     shard.counters.claims_acquired += 1;
-                    let token = ClaimToken {
-                        key: key.into(),
-                        id: written.token,
-                        recovered: false,
-                        checkpoint: None,
-                        lease_expires_at: ms_to_system_time(written.lease_until_ms),
-                    };
-                    break (Claim::Acquired(token), written.seq);
+                    break (Claim::Acquired(token_for(key, &written, false, Vec::new())), written.seq);
                 }
                 Current::Completed(_, header, outcome) => {
                     if header.request_hash != request_hash {
@@ -594,19 +574,10 @@ impl Inner {
                     let lease_over = now_ms >= header.lease_until_ms;
                     if orphan_takeover || lease_over {
                         let takeover = Header {
-                            kind: Kind::Claim,
-                            key_len: header.key_len,
                             value_len: checkpoint.len() as u32,
-                            seq: 0,
                             // A takeover never shortens the window: it shadows the old claim.
                             expires_at_ms: now_ms.saturating_add(ttl_ms).max(header.expires_at_ms),
-                            claimed_at_ms: now_ms,
-                            lease_until_ms: now_ms.saturating_add(u64::from(lease_ms)),
-                            token: 0,
-                            incarnation: self.incarnation,
-                            request_hash,
-                            written_at_ms: now_ms,
-                            lease_ms,
+                            ..self.claim_record(key, now_ms, ttl_ms, lease_ms, request_hash)
                         };
                         let (written, new_loc) =
                             self.append(takeover, key, &checkpoint, Some(Superseded::of(loc, &header)))?;
@@ -618,14 +589,7 @@ impl Inner {
                         } else {
                             shard.counters.lease_takeovers += 1;
                         }
-                        let token = ClaimToken {
-                            key: key.into(),
-                            id: written.token,
-                            recovered: true,
-                            checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
-                            lease_expires_at: ms_to_system_time(written.lease_until_ms),
-                        };
-                        break (Claim::Acquired(token), written.seq);
+                        break (Claim::Acquired(token_for(key, &written, true, checkpoint)), written.seq);
                     }
                     let remaining = deadline.and_then(|d| d.checked_duration_since(Instant::now()));
                     match remaining {
@@ -648,6 +612,25 @@ impl Inner {
         Ok(answer)
     }
 
+    /// The record of a new holding of `key` claimed at `now_ms` (a fresh claim, or the base of
+    /// a takeover); its token is its own seq, assigned at append.
+    fn claim_record(&self, key: &[u8], now_ms: u64, ttl_ms: u64, lease_ms: u32, request_hash: u128) -> Header {
+        Header {
+            kind: Kind::Claim,
+            key_len: key.len() as u16,
+            value_len: 0,
+            seq: 0,
+            expires_at_ms: now_ms.saturating_add(ttl_ms),
+            claimed_at_ms: now_ms,
+            lease_until_ms: now_ms.saturating_add(u64::from(lease_ms)),
+            token: 0,
+            incarnation: self.incarnation,
+            request_hash,
+            written_at_ms: now_ms,
+            lease_ms,
+        }
+    }
+
     /// complete / checkpoint / release: a write by the holder of `token`.
     fn finish(&self, token: &ClaimToken, kind: Kind, value: &[u8]) -> Result<()> {
         self.check_value(value)?;
@@ -666,19 +649,13 @@ impl Inner {
                 return Err(Error::StaleToken);
             }
         };
+        // A release keeps no value; a checkpoint renews the lease.
+        let value = if kind == Kind::Release { &[][..] } else { value };
         let mut header = Header { kind, value_len: value.len() as u32, seq: 0, written_at_ms: now_ms, ..held };
-        let value = match kind {
-            Kind::Checkpoint => {
-                header.lease_until_ms = now_ms.saturating_add(u64::from(held.lease_ms));
-                value.to_vec()
-            }
-            Kind::Release => {
-                header.value_len = 0;
-                Vec::new()
-            }
-            _ => value.to_vec(),
-        };
-        let (written, new_loc) = self.append(header, key, &value, Some(Superseded::of(loc, &held)))?;
+        if kind == Kind::Checkpoint {
+            header.lease_until_ms = now_ms.saturating_add(u64::from(held.lease_ms));
+        }
+        let (written, new_loc) = self.append(header, key, value, Some(Superseded::of(loc, &held)))?;
         shard.set(hash, Some(loc), new_loc);
         match kind {
             Kind::Complete => shard.counters.completes += 1,
@@ -1004,6 +981,17 @@ impl crate::commit::Syncer for LogSyncer<'_> {
 
     fn written_seq(&self) -> Option<u64> {
         Some(self.0.log.last_seq())
+    }
+}
+
+/// The token of the claim record `written` (its checkpoint carried over on a takeover).
+fn token_for(key: &[u8], written: &Header, recovered: bool, checkpoint: Vec<u8>) -> ClaimToken {
+    ClaimToken {
+        key: key.into(),
+        id: written.token,
+        recovered,
+        checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
+        lease_expires_at: ms_to_system_time(written.lease_until_ms),
     }
 }
 
