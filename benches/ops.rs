@@ -17,7 +17,6 @@
 //! default 100,000), `IDEMSTORE_BENCH_DIR` (where the temp dirs go, default the system temp dir).
 
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +25,9 @@ use idemstore::{Claim, ClaimToken, Durability, Entry, Options, Store};
 use tempfile::TempDir;
 
 /// Request bytes of every claim (only their 128-bit hash is stored).
+mod support;
+use support::*;
+
 const REQUEST: &[u8] = b"POST /payments amount=100";
 /// The small outcome (a typical HTTP status line and short JSON body).
 const OUTCOME_SMALL_BYTES: usize = 64;
@@ -56,11 +58,6 @@ fn durabilities(write: bool) -> Vec<Durability> {
 /// Keys stored before the read benches: `OPS_KEYS`, default 100,000.
 fn stored_keys() -> usize {
     std::env::var("OPS_KEYS").map_or(100_000, |v| v.parse().expect("OPS_KEYS takes a number of keys"))
-}
-
-/// Parent of the temp dirs: `IDEMSTORE_BENCH_DIR`, else the system temp dir.
-fn bench_parent_dir() -> PathBuf {
-    std::env::var_os("IDEMSTORE_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from)
 }
 
 /// A fresh store on the real disk. The `TempDir` must outlive the store.
@@ -302,36 +299,6 @@ fn bench_remove(c: &mut Criterion) {
             });
         });
         group.finish();
-    }
-}
-
-/// Random 16-byte keys from a seeded splitmix64 (deterministic, no dependency).
-struct KeyGen {
-    state: u64,
-}
-
-impl KeyGen {
-    fn new(seed: u64) -> KeyGen {
-        KeyGen { state: seed.wrapping_mul(0xD1B5_4A32_D192_ED03) }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn next_key(&mut self) -> [u8; 16] {
-        let mut key = [0u8; 16];
-        key[..8].copy_from_slice(&self.next_u64().to_le_bytes());
-        key[8..].copy_from_slice(&self.next_u64().to_le_bytes());
-        key
-    }
-
-    fn keys(&mut self, count: u64) -> Vec<[u8; 16]> {
-        (0..count).map(|_| self.next_key()).collect()
     }
 }
 

@@ -48,6 +48,9 @@ use hdrhistogram::Histogram;
 use idemstore::{Claim, ClaimToken, Options, Store};
 
 /// Environment variable that makes this binary run one row as a child.
+mod support;
+use support::*;
+
 const CHILD_ENV: &str = "PEERS_CHILD";
 /// The outcome stored for every key.
 const OUTCOME: [u8; 64] = [0x6F; 64];
@@ -732,14 +735,6 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
 }
 
-/// A latency histogram (ns) whose counts are already resident, so recording into it during a
-/// phase does not show up as the engine's RAM.
-fn new_histogram() -> Histogram<u64> {
-    let mut hist = Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds");
-    hist.reset();
-    hist
-}
-
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
 }
@@ -756,52 +751,4 @@ fn rss_anon_bytes() -> u64 {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("/proc/self/status has RssAnon");
     kib * 1024
-}
-
-/// Bytes allocated on disk (blocks, as `du` counts) under `dir`, recursively.
-fn allocated_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .expect("list data dir")
-        .map(|e| e.expect("dir entry"))
-        .map(|e| {
-            let meta = e.metadata().expect("file metadata");
-            if meta.is_dir() { allocated_bytes(&e.path()) } else { meta.blocks() * 512 }
-        })
-        .sum()
-}
-
-/// Parent of the temp dirs: `IDEMSTORE_BENCH_DIR`, else the system temp dir.
-fn bench_parent_dir() -> PathBuf {
-    std::env::var_os("IDEMSTORE_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from)
-}
-
-/// Random 16-byte keys from a seeded splitmix64 (deterministic, no dependency).
-struct KeyGen {
-    state: u64,
-}
-
-impl KeyGen {
-    fn new(seed: u64) -> KeyGen {
-        KeyGen { state: seed.wrapping_mul(0xD1B5_4A32_D192_ED03) }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn keys(&mut self, count: u64) -> Vec<[u8; 16]> {
-        (0..count)
-            .map(|_| {
-                let mut key = [0u8; 16];
-                key[..8].copy_from_slice(&self.next_u64().to_le_bytes());
-                key[8..].copy_from_slice(&self.next_u64().to_le_bytes());
-                key
-            })
-            .collect()
-    }
 }

@@ -18,7 +18,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -27,6 +27,9 @@ use hdrhistogram::Histogram;
 use idemstore::{Claim, Durability, Options, Store};
 
 /// Bytes of one raw record in the physical-limit loops.
+mod support;
+use support::*;
+
 const RAW_RECORD_BYTES: usize = 64;
 /// Size of the preallocated, zero-filled file of the in-place loop (wraps around when full).
 const INPLACE_FILE_BYTES: u64 = 16 << 20;
@@ -190,10 +193,6 @@ impl Row {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds")
-}
-
 /// One thread: append 64 B to a growing file, then fdatasync, until `duration` has passed.
 fn raw_append_row(dir: &Path, duration: Duration, when: &str) -> Row {
     let path = dir.join("raw-append.bin");
@@ -286,7 +285,7 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, duration: D
             let stop = stop.clone();
             let start = start.clone();
             std::thread::spawn(move || {
-                let mut keys = KeyGen::new(0x5EED_0000 + t as u64 * 7919 + threads as u64);
+                let mut keys = KeyGen::from_state(0x5EED_0000 + t as u64 * 7919 + threads as u64);
                 let mut hist = new_histogram();
                 let mut ops = 0u64;
                 start.wait();
@@ -364,35 +363,4 @@ fn seconds_per_row() -> f64 {
         }
     }
     std::env::var("SYNC_SCALING_SECS").map_or(2.0, |v| v.parse().expect("SYNC_SCALING_SECS takes a number"))
-}
-
-/// Parent of the temp dirs: `IDEMSTORE_BENCH_DIR`, else the system temp dir.
-fn bench_parent_dir() -> PathBuf {
-    std::env::var_os("IDEMSTORE_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from)
-}
-
-/// Random 16-byte keys from a seeded splitmix64 (deterministic, no dependency).
-struct KeyGen {
-    state: u64,
-}
-
-impl KeyGen {
-    fn new(seed: u64) -> KeyGen {
-        KeyGen { state: seed }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn next_key(&mut self) -> [u8; 16] {
-        let mut key = [0u8; 16];
-        key[..8].copy_from_slice(&self.next_u64().to_le_bytes());
-        key[8..].copy_from_slice(&self.next_u64().to_le_bytes());
-        key
-    }
 }

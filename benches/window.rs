@@ -56,6 +56,9 @@ use hdrhistogram::Histogram;
 use idemstore::{Claim, ClaimOptions, Durability, Entry, ManualClock, Options, Store};
 
 /// Environment variable that makes this binary run one measurement as a child.
+mod support;
+use support::*;
+
 const CHILD_ENV: &str = "WINDOW_CHILD";
 /// Request bytes of every claim (only their hash is stored).
 const REQUEST: &[u8] = b"POST /payments amount=100";
@@ -883,10 +886,6 @@ fn free_bytes(dir: &Path) -> u64 {
     stat.f_bavail as u64 * stat.f_frsize as u64
 }
 
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds")
-}
-
 /// Resident memory of this process, from `/proc/self/status`.
 struct MemoryStatus {
     vm_rss_kib: u64,
@@ -905,17 +904,6 @@ impl MemoryStatus {
         };
         MemoryStatus { vm_rss_kib: field("VmRSS:"), rss_anon_kib: field("RssAnon:") }
     }
-}
-
-/// Bytes allocated on disk (blocks, as `du` counts) by the files of `dir`.
-fn allocated_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .expect("list store dir")
-        .map(|e| e.expect("dir entry").metadata().expect("file metadata"))
-        .filter(|m| m.is_file())
-        .map(|m| m.blocks() * 512)
-        .sum()
 }
 
 /// Bytes allocated on disk by the files of `dir` whose extension is `ext`.
@@ -938,35 +926,4 @@ fn drop_page_cache() {
     // SAFETY: sync(2) takes no arguments and touches no memory of ours.
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").expect("drop caches (needs root)");
-}
-
-/// Parent of the temp dirs: `IDEMSTORE_BENCH_DIR`, else the system temp dir.
-fn bench_parent_dir() -> PathBuf {
-    std::env::var_os("IDEMSTORE_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from)
-}
-
-/// Random 16-byte keys from a seeded splitmix64 (deterministic, no dependency).
-struct KeyGen {
-    state: u64,
-}
-
-impl KeyGen {
-    fn new(seed: u64) -> KeyGen {
-        KeyGen { state: seed.wrapping_mul(0xD1B5_4A32_D192_ED03) }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn next_key(&mut self) -> [u8; 16] {
-        let mut key = [0u8; 16];
-        key[..8].copy_from_slice(&self.next_u64().to_le_bytes());
-        key[8..].copy_from_slice(&self.next_u64().to_le_bytes());
-        key
-    }
 }
