@@ -200,34 +200,12 @@ fn raw_append_row(dir: &Path, duration: Duration, when: &str) -> Row {
     file.sync_all().expect("sync new file");
     sync_dir(dir);
     let record = [0xA5u8; RAW_RECORD_BYTES];
-    let mut hist = new_histogram();
-    let started = Instant::now();
-    let mut last = started;
-    let mut ops = 0u64;
-    while last.duration_since(started) < duration {
+    let (ops, elapsed, hist) = timed_syncs(duration, |_| {
         file.write_all(&record).expect("append raw record");
         file.sync_data().expect("fdatasync raw file");
-        let now = Instant::now();
-        hist.saturating_record(duration_nanos(now - last));
-        last = now;
-        ops += 1;
-    }
-    let elapsed = last - started;
-    let mean_us = hist.mean() / 1000.0;
-    drop(file);
+    });
     std::fs::remove_file(&path).expect("remove raw append file");
-    Row {
-        name: format!("raw append + fdatasync ({when})"),
-        durability: "fdatasync".into(),
-        threads: 1,
-        ops,
-        elapsed,
-        hist,
-        records_per_sync: Some(1.0),
-        mean_sync_us: Some(mean_us),
-        is_sync_claims: false,
-        raw: Some(RawKind::Append),
-    }
+    raw_row(format!("raw append + fdatasync ({when})"), RawKind::Append, ops, elapsed, hist)
 }
 
 /// One thread: overwrite 64 B at a time of a preallocated zero-filled file, then fdatasync.
@@ -241,25 +219,36 @@ fn raw_inplace_row(dir: &Path, duration: Duration, when: &str) -> Row {
     file.sync_all().expect("sync zero-filled file");
     sync_dir(dir);
     let record = [0x5Au8; RAW_RECORD_BYTES];
+    let (ops, elapsed, hist) = timed_syncs(duration, |op| {
+        let offset = (op * RAW_RECORD_BYTES as u64) % INPLACE_FILE_BYTES;
+        file.write_all_at(&record, offset).expect("overwrite raw record");
+        file.sync_data().expect("fdatasync in-place file");
+    });
+    std::fs::remove_file(&path).expect("remove raw in-place file");
+    raw_row(format!("raw overwrite in place + fdatasync ({when})"), RawKind::InPlace, ops, elapsed, hist)
+}
+
+/// Runs `write_and_sync(op_number)` until `duration` has passed; (ops, elapsed, latencies).
+fn timed_syncs(duration: Duration, mut write_and_sync: impl FnMut(u64)) -> (u64, Duration, Histogram<u64>) {
     let mut hist = new_histogram();
     let started = Instant::now();
     let mut last = started;
     let mut ops = 0u64;
     while last.duration_since(started) < duration {
-        let offset = (ops * RAW_RECORD_BYTES as u64) % INPLACE_FILE_BYTES;
-        file.write_all_at(&record, offset).expect("overwrite raw record");
-        file.sync_data().expect("fdatasync in-place file");
+        write_and_sync(ops);
         let now = Instant::now();
         hist.saturating_record(duration_nanos(now - last));
         last = now;
         ops += 1;
     }
-    let elapsed = last - started;
+    (ops, last - started, hist)
+}
+
+/// A physical-limit row: one op is one write and one fdatasync.
+fn raw_row(name: String, kind: RawKind, ops: u64, elapsed: Duration, hist: Histogram<u64>) -> Row {
     let mean_us = hist.mean() / 1000.0;
-    drop(file);
-    std::fs::remove_file(&path).expect("remove raw in-place file");
     Row {
-        name: format!("raw overwrite in place + fdatasync ({when})"),
+        name,
         durability: "fdatasync".into(),
         threads: 1,
         ops,
@@ -268,7 +257,7 @@ fn raw_inplace_row(dir: &Path, duration: Duration, when: &str) -> Row {
         records_per_sync: Some(1.0),
         mean_sync_us: Some(mean_us),
         is_sync_claims: false,
-        raw: Some(RawKind::InPlace),
+        raw: Some(kind),
     }
 }
 
