@@ -48,7 +48,6 @@ struct Appender {
     dirty: Vec<Arc<Segment>>,
     appended_bytes: u64,
     scratch: Vec<u8>,
-    needs_dir_sync: bool,
 }
 
 pub struct Log {
@@ -71,7 +70,6 @@ pub struct Log {
 pub struct SyncBatch {
     pub through_seq: u64,
     pub segments: Vec<Arc<Segment>>,
-    pub dir_sync: bool,
 }
 
 impl Log {
@@ -94,7 +92,6 @@ impl Log {
                 dirty: Vec::new(),
                 appended_bytes: 0,
                 scratch: Vec::with_capacity(4096),
-                needs_dir_sync: false,
             }),
             segments: RwLock::new(segments),
             spare: Mutex::new(None),
@@ -319,20 +316,14 @@ impl Log {
     pub fn take_sync_batch(&self) -> SyncBatch {
         let mut app = self.appender.lock();
         self.unsynced_bytes.store(0, std::sync::atomic::Ordering::Relaxed);
-        SyncBatch {
-            through_seq: app.next_seq - 1,
-            segments: std::mem::take(&mut app.dirty),
-            dir_sync: std::mem::take(&mut app.needs_dir_sync),
-        }
+        SyncBatch { through_seq: app.next_seq - 1, segments: std::mem::take(&mut app.dirty) }
     }
 
-    /// Syncs a batch: every dirty segment (fdatasync), then the directory if needed.
+    /// Syncs a batch: every dirty segment (fdatasync). New files' directory entries were
+    /// made durable when the files were created.
     pub fn sync_batch(&self, batch: &SyncBatch) -> std::io::Result<()> {
         for segment in &batch.segments {
             segment.sync()?;
-        }
-        if batch.dir_sync {
-            self.io.sync_dir(&self.dir)?;
         }
         Ok(())
     }

@@ -8,7 +8,6 @@ use std::sync::atomic::AtomicU64;
 pub(crate) struct Counters {
     pub keys_expired: AtomicU64,
     pub buckets_expired: AtomicU64,
-    pub segments_expired: AtomicU64,
     pub sync_latency_us_total: AtomicU64,
     pub sync_latency_us_max: AtomicU64,
 }

@@ -826,7 +826,6 @@ impl Inner {
         }
         self.counters.keys_expired.fetch_add(swept, AtomicOrdering::Relaxed);
         self.counters.buckets_expired.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
-        self.counters.segments_expired.fetch_add(dead.len() as u64, AtomicOrdering::Relaxed);
         Ok(())
     }
 
