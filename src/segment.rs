@@ -278,23 +278,23 @@ impl Segment {
 
     /// Reads the header of the record at `offset` (a location the index vouches for) and
     /// tells whether the record is for `key`.
-    fn header_for(&self, offset: u64, key: &[u8]) -> Result<([u8; HEADER_LEN], Header, bool)> {
-        let mut raw = [0u8; HEADER_LEN];
-        self.file.read_at(offset, &mut raw).map_err(|e| Error::io("read record", &self.path, e))?;
-        let header = record::parse_header(&raw).map_err(|e| self.corrupt(offset, e))?;
+    fn header_for(&self, offset: u64, key: &[u8], raw: &mut [u8; HEADER_LEN]) -> Result<(Header, bool)> {
+        self.file.read_at(offset, raw).map_err(|e| Error::io("read record", &self.path, e))?;
+        let header = record::parse_header(raw).map_err(|e| self.corrupt(offset, e))?;
         let same = usize::from(header.key_len) == key.len()
             && self
                 .file
                 .eq_at(offset + HEADER_LEN as u64, key)
                 .map_err(|e| Error::io("read record key", &self.path, e))?;
-        Ok((raw, header, same))
+        Ok((header, same))
     }
 
     /// Reads the header of the record at `offset` and checks that it is for `key`. The whole
     /// record's CRC is verified either way: a damaged key must be an error, never "another
     /// key" (which would make a stored key look absent and let its effect run twice).
     pub fn probe(&self, offset: u64, key: &[u8]) -> Result<Probe> {
-        let (raw, header, same) = self.header_for(offset, key)?;
+        let mut raw = [0u8; HEADER_LEN];
+        let (header, same) = self.header_for(offset, key, &mut raw)?;
         self.verify(offset, &raw, &header)?;
         Ok(if same { Probe::Match(header) } else { Probe::OtherKey })
     }
@@ -302,7 +302,8 @@ impl Segment {
     /// Like [`Segment::probe`], and on a match also returns the record's value, read once:
     /// the CRC is checked over the header, the caller's (equal) key and that value.
     pub fn probe_read(&self, offset: u64, key: &[u8]) -> Result<Option<(Header, Vec<u8>)>> {
-        let (raw, header, same) = self.header_for(offset, key)?;
+        let mut raw = [0u8; HEADER_LEN];
+        let (header, same) = self.header_for(offset, key, &mut raw)?;
         if !same {
             self.verify(offset, &raw, &header)?;
             return Ok(None);
