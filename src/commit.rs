@@ -1,33 +1,43 @@
 //! Group commit: callers that need their record durable wait here; the first of them becomes
 //! the leader, takes everything written so far as one batch and syncs it with no lock held;
-//! the others sleep on a condition variable and are released only once a sync that covers
-//! their sequence number has succeeded. No timer delays a lone caller: it leads at once.
+//! the others sleep and are released only once a sync that covers their sequence number has
+//! succeeded. No timer delays a lone caller: it leads at once.
+//!
+//! Waiters sleep in a [`WaitQueue`] with their sequence number as token, not on a condition
+//! variable: the leader wakes exactly the waiters its sync covered plus one successor to lead
+//! the next batch, and each checks two atomics, so nobody queues behind a mutex to learn it is
+//! free and waiters of the next batch are not woken just to sleep again. On a 2-CPU machine
+//! those wake-ups took longer than the gap the next batch needs to form.
 //!
 //! A failed sync poisons the store: every later wait fails with the original cause, and
 //! nothing is ever treated as durable after it (the page cache may have dropped the dirty
 //! pages, so a retried fsync could "succeed" without the data: "fsyncgate").
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::sync::{AtomicU64, Condvar, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering, WaitQueue};
 
-struct State {
-    durable_seq: u64,
-    leader_active: bool,
+/// What only the leader and the stats read: kept off the waiters' path.
+struct Detail {
     poisoned: Option<String>,
     syncs: u64,
     batches_records: u64,
-    /// Records the last sync covered: more than one means writers are concurrent.
+    /// Records the last two syncs covered: how many writers are taking turns.
     last_batch_records: u64,
+    prev_batch_records: u64,
+    /// How long the last sync took.
+    last_sync: Duration,
 }
 
 /// The handoff between writers waiting for durability and the one syncing for them.
 pub struct GroupCommit {
-    state: Mutex<State>,
-    synced: Condvar,
-    durable_fast: AtomicU64,
-    poisoned_fast: crate::sync::AtomicBool,
+    durable: AtomicU64,
+    leader_active: AtomicBool,
+    poisoned: AtomicBool,
+    /// Where waiters sleep, each with the sequence number it waits for.
+    sleepers: WaitQueue,
+    detail: Mutex<Detail>,
 }
 
 /// What the leader does: sync everything written so far and return the highest sequence
@@ -48,39 +58,40 @@ impl<F: Fn() -> std::io::Result<u64>> Syncer for F {
     }
 }
 
-/// Most times a leader yields to let concurrent writers join its batch.
-const GATHER_YIELDS_MAX: u32 = 64;
+/// Most times a leader yields while waiting for the writers of the last two batches.
+const GATHER_YIELDS_MAX: u32 = 1024;
 
 impl GroupCommit {
     /// `durable_seq`: everything at or below it is already on stable storage (after recovery,
     /// everything found on disk).
     pub fn new(durable_seq: u64) -> Self {
         GroupCommit {
-            state: Mutex::new(State {
-                durable_seq,
-                leader_active: false,
+            durable: AtomicU64::new(durable_seq),
+            leader_active: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
+            sleepers: WaitQueue::new(),
+            detail: Mutex::new(Detail {
                 poisoned: None,
                 syncs: 0,
                 batches_records: 0,
                 last_batch_records: 0,
+                prev_batch_records: 0,
+                last_sync: Duration::ZERO,
             }),
-            synced: Condvar::new(),
-            durable_fast: AtomicU64::new(durable_seq),
-            poisoned_fast: crate::sync::AtomicBool::new(false),
         }
     }
 
     /// Highest sequence number known durable.
     pub fn durable_seq(&self) -> u64 {
-        self.durable_fast.load(Ordering::Acquire)
+        self.durable.load(Ordering::Acquire)
     }
 
     /// The poison cause, if a write or sync failed.
     pub fn poisoned(&self) -> Option<String> {
-        if !self.poisoned_fast.load(Ordering::Acquire) {
+        if !self.poisoned.load(Ordering::Acquire) {
             return None;
         }
-        self.state.lock().poisoned.clone()
+        self.detail.lock().poisoned.clone()
     }
 
     /// Fails with `Poisoned` when an earlier write or sync failed.
@@ -93,83 +104,105 @@ impl GroupCommit {
 
     /// Marks the store poisoned with `cause` and wakes every waiter so it fails.
     pub fn poison(&self, cause: String) {
-        let mut state = self.state.lock();
-        if state.poisoned.is_none() {
-            state.poisoned = Some(cause);
+        let mut detail = self.detail.lock();
+        if detail.poisoned.is_none() {
+            detail.poisoned = Some(cause);
         }
-        self.poisoned_fast.store(true, Ordering::Release);
-        drop(state);
-        self.synced.notify_all();
+        self.poisoned.store(true, Ordering::Release);
+        drop(detail);
+        self.sleepers.unpark_filter(|_| true);
     }
 
     /// Returns once `seq` is durable, leading a sync if nobody else is.
     pub fn wait_durable(&self, seq: u64, syncer: &dyn Syncer) -> Result<()> {
-        if self.durable_fast.load(Ordering::Acquire) >= seq && !self.poisoned_fast.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let mut state = self.state.lock();
         loop {
-            if let Some(cause) = &state.poisoned {
-                return Err(Error::Poisoned { cause: cause.clone() });
-            }
-            if state.durable_seq >= seq {
+            self.check()?;
+            if self.durable.load(Ordering::Acquire) >= seq {
                 return Ok(());
             }
-            if state.leader_active {
-                self.synced.wait(&mut state);
+            if self.leader_active.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                self.lead(syncer);
                 continue;
             }
-            state.leader_active = true;
-            let before = state.durable_seq;
-            let concurrent = state.last_batch_records > 1;
-            drop(state);
-            if concurrent {
-                gather(syncer);
-            }
-            let outcome = syncer.sync_all();
-            state = self.state.lock();
-            state.leader_active = false;
-            match outcome {
-                Ok(through) => {
-                    debug_assert!(through >= before || through == 0, "a sync never covers less than before");
-                    if through > state.durable_seq {
-                        state.last_batch_records = through - state.durable_seq;
-                        state.batches_records += through - state.durable_seq;
-                        state.durable_seq = through;
-                        self.durable_fast.store(through, Ordering::Release);
-                    }
-                    state.syncs += 1;
-                }
-                Err(e) => {
-                    if state.poisoned.is_none() {
-                        state.poisoned = Some(format!("sync failed: {e}"));
-                    }
-                    self.poisoned_fast.store(true, Ordering::Release);
-                }
-            }
-            self.synced.notify_all();
+            // Sleep only while a leader is still at work and will wake us when it ends (it
+            // clears `leader_active` before waking, and this check runs under the queue lock).
+            self.sleepers.park(seq, || {
+                self.leader_active.load(Ordering::Acquire)
+                    && self.durable.load(Ordering::Acquire) < seq
+                    && !self.poisoned.load(Ordering::Acquire)
+            });
         }
+    }
+
+    /// One sync as the leader: gather the writers that are taking turns, sync, publish, and
+    /// wake everyone (waiters the sync covered return; the rest elect the next leader).
+    fn lead(&self, syncer: &dyn Syncer) {
+        let before = self.durable.load(Ordering::Acquire);
+        let (returning, budget) = {
+            let detail = self.detail.lock();
+            (detail.last_batch_records, detail.last_sync / 3)
+        };
+        if returning > 1 {
+            gather(syncer, before, returning, budget);
+        }
+        let started = Instant::now();
+        let outcome = syncer.sync_all();
+        let took = started.elapsed();
+        let mut detail = self.detail.lock();
+        match outcome {
+            Ok(through) if detail.poisoned.is_none() => {
+                debug_assert!(through >= before || through == 0, "a sync never covers less than before");
+                let durable = self.durable.load(Ordering::Acquire);
+                if through > durable {
+                    detail.prev_batch_records = detail.last_batch_records;
+                    detail.last_batch_records = through - durable;
+                    detail.batches_records += through - durable;
+                    self.durable.store(through, Ordering::Release);
+                }
+                detail.last_sync = took;
+                detail.syncs += 1;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                detail.poisoned = Some(format!("sync failed: {e}"));
+                self.poisoned.store(true, Ordering::Release);
+            }
+        }
+        drop(detail);
+        self.leader_active.store(false, Ordering::Release);
+        let durable = self.durable.load(Ordering::Acquire);
+        let poisoned = self.poisoned.load(Ordering::Acquire);
+        let mut successor_woken = false;
+        self.sleepers.unpark_filter(|seq| {
+            if poisoned || seq <= durable {
+                return true;
+            }
+            !std::mem::replace(&mut successor_woken, true)
+        });
     }
 
     /// Number of syncs done and records they covered, for stats.
     pub fn counters(&self) -> (u64, u64) {
-        let state = self.state.lock();
-        (state.syncs, state.batches_records)
+        let detail = self.detail.lock();
+        (detail.syncs, detail.batches_records)
     }
 }
 
-/// When the last batch showed concurrent writers, lets the ones already running finish their
-/// appends before the batch is cut: yields while the written seq keeps moving. A lone writer
-/// never gets here (its last batch held one record), so no timer ever delays it.
-fn gather(syncer: &dyn Syncer) {
-    let Some(mut seen) = syncer.written_seq() else { return };
+/// When the last two batches showed writers taking turns, lets them append before the batch
+/// is cut: yields until as many records as those two batches held are pending, or a third of
+/// the last sync's time has passed. Without it, writers released by one sync miss the next
+/// and settle into two half-size batches per round. A lone writer never gets here (its
+/// batches hold one record each), so no timer ever delays it.
+fn gather(syncer: &dyn Syncer, before: u64, returning: u64, budget: Duration) {
+    let started = Instant::now();
+    let Some(pending) = syncer.written_seq() else { return };
+    let expected = (pending.saturating_sub(before) + returning).saturating_sub(1);
     for _ in 0..GATHER_YIELDS_MAX {
-        std::thread::yield_now();
-        let now = syncer.written_seq().unwrap_or(seen);
-        if now == seen {
+        let Some(written) = syncer.written_seq() else { return };
+        if written.saturating_sub(before) >= expected || started.elapsed() >= budget {
             return;
         }
-        seen = now;
+        std::thread::yield_now();
     }
 }
 

@@ -8,6 +8,59 @@ mod imp {
     pub use std::sync::Arc;
     pub use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+    /// Where threads sleep until woken by a filter over the tokens they parked with: a
+    /// group-commit leader wakes exactly the waiters its sync covered, plus one successor,
+    /// with no mutex to queue behind afterwards.
+    #[derive(Debug)]
+    pub struct WaitQueue {
+        /// Gives the queue an address of its own (parking_lot keys sleepers by address).
+        _address: u8,
+    }
+
+    impl WaitQueue {
+        /// An empty queue.
+        pub fn new() -> Self {
+            WaitQueue { _address: 0 }
+        }
+
+        fn key(&self) -> usize {
+            self as *const Self as usize
+        }
+
+        /// Sleeps with `token` while `still_wait()` holds. The check runs under the queue's
+        /// lock, which every wake takes too, so a wake after the check is never lost. May
+        /// return spuriously; callers loop.
+        pub fn park(&self, token: u64, still_wait: impl FnOnce() -> bool) {
+            // SAFETY: the key is this queue's own address, used by no other primitive;
+            // `still_wait` only reads atomics (it neither panics nor calls into parking_lot),
+            // and the other callbacks do nothing.
+            unsafe {
+                parking_lot_core::park(
+                    self.key(),
+                    still_wait,
+                    || {},
+                    |_, _| {},
+                    parking_lot_core::ParkToken(token as usize),
+                    None,
+                );
+            }
+        }
+
+        /// Wakes every sleeper whose token `wake` picks (called once per sleeper, in the order
+        /// they went to sleep).
+        pub fn unpark_filter(&self, mut wake: impl FnMut(u64) -> bool) {
+            use parking_lot_core::{DEFAULT_UNPARK_TOKEN, FilterOp};
+            // SAFETY: as in `park`; `wake` is plain arithmetic on the token and cannot panic.
+            unsafe {
+                parking_lot_core::unpark_filter(
+                    self.key(),
+                    |token| if wake(token.0 as u64) { FilterOp::Unpark } else { FilterOp::Skip },
+                    |_| DEFAULT_UNPARK_TOKEN,
+                );
+            }
+        }
+    }
+
     /// Waits on `cv` until notified or `timeout` passes; true when it timed out.
     pub fn wait_for<T>(cv: &Condvar, guard: &mut MutexGuard<'_, T>, timeout: std::time::Duration) -> bool {
         cv.wait_for(guard, timeout).timed_out()
@@ -18,6 +71,31 @@ mod imp {
 mod imp {
     pub use loom::sync::Arc;
     pub use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// The wait queue, built from loom's mutex and condition variable: a wake wakes every
+    /// sleeper (allowed: sleepers re-check and loop), so models still see every interleaving
+    /// of the checks.
+    #[derive(Debug)]
+    pub struct WaitQueue {
+        lock: loom::sync::Mutex<()>,
+        woken: loom::sync::Condvar,
+    }
+
+    impl WaitQueue {
+        pub fn new() -> Self {
+            WaitQueue { lock: loom::sync::Mutex::new(()), woken: loom::sync::Condvar::new() }
+        }
+        pub fn park(&self, _token: u64, still_wait: impl FnOnce() -> bool) {
+            let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            if still_wait() {
+                drop(self.woken.wait(guard));
+            }
+        }
+        pub fn unpark_filter(&self, _wake: impl FnMut(u64) -> bool) {
+            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.woken.notify_all();
+        }
+    }
 
     /// loom's mutex with parking_lot's shape (`lock()` returns the guard).
     #[derive(Debug, Default)]
