@@ -181,13 +181,14 @@ impl Io for RealIo {
     }
 
     fn remove_gradually(&self, path: &Path) -> io::Result<()> {
-        const STEP: u64 = 4 << 20;
+        // Truncating drops page cache and frees extents: ~0.5 ms per MiB measured here.
+        const STEP: u64 = 256 << 10;
         if let Ok(file) = OpenOptions::new().write(true).open(path) {
             let mut len = file.metadata()?.len();
             while len > STEP {
                 len -= STEP;
                 file.set_len(len)?;
-                std::thread::yield_now();
+                crate::pace::breathe();
             }
         }
         fs::remove_file(path)
@@ -241,6 +242,10 @@ impl IoFile for MappedFile {
             return Err(out_of_range());
         }
         let guard = self.file.lock();
+        if len <= self.len() {
+            // Grown meanwhile (growth ahead of need races the append that needs it).
+            return Ok(());
+        }
         let Some(file) = guard.as_ref() else {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file descriptor already released"));
         };
@@ -328,7 +333,7 @@ impl IoFile for MappedFile {
             // fault in the process until it is done).
             let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, n) };
             at += n;
-            std::thread::yield_now();
+            crate::pace::breathe();
         }
     }
 }

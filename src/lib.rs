@@ -37,6 +37,7 @@ mod index;
 pub mod io;
 mod log;
 mod options;
+mod pace;
 mod record;
 mod recovery;
 mod segment;

@@ -64,6 +64,11 @@ pub struct Log {
     written_seq: std::sync::atomic::AtomicU64,
     /// Bytes appended since the last sync batch was taken (the group-commit batch cap).
     unsynced_bytes: std::sync::atomic::AtomicU64,
+    /// Active segments within half a growth step of their reserved end: `grow_ahead` extends
+    /// them outside the appender lock, so appends rarely wait for a growth step.
+    to_grow: Mutex<Vec<Arc<Segment>>>,
+    /// `to_grow` is not empty (read on every append without taking its lock).
+    growth_pending: std::sync::atomic::AtomicBool,
 }
 
 /// What one sync must cover: every record up to `through_seq`, in these segments.
@@ -97,6 +102,8 @@ impl Log {
             spare: Mutex::new(None),
             written_seq: std::sync::atomic::AtomicU64::new(next_seq - 1),
             unsynced_bytes: std::sync::atomic::AtomicU64::new(0),
+            to_grow: Mutex::new(Vec::new()),
+            growth_pending: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -267,8 +274,9 @@ impl Log {
         let end = active.write_pos + len;
         let reserved = active.segment.len();
         if end > reserved {
-            // Grow in fixed steps: each step is zero-filled while the appender lock is held, so a
-            // step bounds that pause (and the first sync after it).
+            // Grow in fixed steps. Normally `grow_ahead` got here first, outside the lock;
+            // this is the fallback when appends outran it (each step is zero-filled while the
+            // appender lock is held, so a step bounds that pause and the first sync after it).
             let grown = reserved
                 .saturating_add(self.limits.segment_bytes_initial)
                 .max(end)
@@ -292,11 +300,44 @@ impl Log {
         if !app.dirty.iter().any(|s| Arc::ptr_eq(s, &active.segment)) {
             app.dirty.push(active.segment.clone());
         }
+        let headroom = active.segment.len().saturating_sub(end);
+        if headroom < self.limits.segment_bytes_initial / 2
+            && active.segment.len() < self.limits.segment_bytes_max
+            && active.segment.claim_growth()
+        {
+            self.to_grow.lock().push(active.segment.clone());
+            self.growth_pending.store(true, std::sync::atomic::Ordering::Release);
+        }
         self.unsynced_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         app.appended_bytes += len;
         app.next_seq += 1;
         self.written_seq.store(header.seq, std::sync::atomic::Ordering::Release);
         Ok((header, loc))
+    }
+
+    /// Whether some active segment is close to its reserved end (see `grow_ahead`).
+    pub fn growth_wanted(&self) -> bool {
+        self.growth_pending.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Extends every segment close to its reserved end by one growth step, without the
+    /// appender lock: appends go on below the old end meanwhile. Best effort: a failure (full
+    /// disk, budget, a released descriptor) is left for the append that needs the space, which
+    /// retries under the lock and reports it.
+    pub fn grow_ahead(&self) {
+        let wanted = {
+            let mut queue = self.to_grow.lock();
+            self.growth_pending.store(false, std::sync::atomic::Ordering::Release);
+            std::mem::take(&mut *queue)
+        };
+        for segment in wanted {
+            let reserved = segment.len();
+            let grown = reserved.saturating_add(self.limits.segment_bytes_initial).min(self.limits.segment_bytes_max);
+            if grown > reserved && self.check_budget(grown - reserved).is_ok() {
+                let _ = segment.reserve(grown);
+            }
+            segment.end_growth();
+        }
     }
 
     fn check_budget(&self, more_bytes: u64) -> Result<()> {
@@ -442,6 +483,39 @@ mod tests {
         assert_eq!(disk.syncs(), prepared, "the spare's directory entry was made durable beforehand");
         assert_eq!(second.segment, 2, "the new bucket took the spare");
         assert_eq!(log.segment_count(), 2);
+    }
+
+    #[test]
+    fn an_append_within_half_a_step_of_the_end_asks_for_growth_and_grow_ahead_adds_one_step() {
+        let disk = SimDisk::new();
+        let dir = PathBuf::from("/store");
+        disk.create_dir_all(&dir).unwrap();
+        let step = 1024;
+        let limits = LogLimits {
+            bucket_width_ms: WIDTH_MS,
+            segment_bytes_max: 8 * step,
+            segment_bytes_initial: step,
+            disk_bytes_max: u64::MAX,
+            open_segments_max: 8,
+        };
+        let log = Log::new(Arc::new(disk.clone()), dir, limits, IdMap::default(), 1, 1);
+        let (header, first) = log.append(claim_expiring_at(WIDTH_MS), b"one", &[], WIDTH_MS, true).unwrap();
+        let record = header.padded_len();
+        let reserved = |log: &Log| log.with_segment(first.segment, |s| s.len()).unwrap();
+        assert_eq!(reserved(&log), step);
+        let mut end = SEGMENT_HEADER_LEN + record;
+        while step - end >= step / 2 {
+            assert!(!log.growth_wanted(), "growth asked for with {} bytes left", step - end);
+            log.append(claim_expiring_at(WIDTH_MS), b"two", &[], WIDTH_MS, true).unwrap();
+            end += record;
+        }
+        assert!(log.growth_wanted(), "no growth asked for with {} of {step} bytes left", step - end);
+        assert_eq!(reserved(&log), step, "the append itself grew the segment");
+        log.grow_ahead();
+        assert!(!log.growth_wanted());
+        assert_eq!(reserved(&log), 2 * step, "grow_ahead did not add one step");
+        log.append(claim_expiring_at(WIDTH_MS), b"six", &[], WIDTH_MS, true).unwrap();
+        assert!(!log.growth_wanted(), "growth asked for again right after a step was added");
     }
 
     #[test]

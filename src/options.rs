@@ -59,7 +59,10 @@ pub struct Options {
     /// Largest segment file, in bytes (default 64 MiB, at most 4 GiB); a bucket that fills one
     /// continues in another.
     pub segment_bytes_max: u64,
-    /// Space reserved when a segment file is created (default 1 MiB); it doubles as it fills.
+    /// Space reserved when a segment file is created, and the step it grows by (default
+    /// 256 KiB). Each step is fallocated and zero-filled ahead of need by the writer that comes
+    /// within half a step of the end, outside the appender lock; a larger step means fewer
+    /// growths but a longer pause for that one writer (~0.1 ms per 64 KiB measured here).
     pub segment_bytes_initial: u64,
     /// Under `Sync`, a writer first waits for a sync when this many bytes are unsynced
     /// (default 4 MiB): the cap on one group-commit batch.
@@ -100,7 +103,7 @@ impl Default for Options {
             max_outcome_len: 1 << 20,
             bucket_width: Duration::from_secs(3600),
             segment_bytes_max: 64 << 20,
-            segment_bytes_initial: 1 << 20,
+            segment_bytes_initial: 256 << 10,
             batch_bytes_max: 4 << 20,
             seal_idle_after: Duration::from_secs(600),
             max_open_files: 64,

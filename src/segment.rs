@@ -129,6 +129,8 @@ pub struct Segment {
     record_bytes: std::sync::atomic::AtomicU64,
     /// Bytes of those records that a later record of the same key superseded.
     dead_bytes: std::sync::atomic::AtomicU64,
+    /// A growth step ahead of need is queued or running (see `Log::grow_ahead`).
+    growing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Segment {
@@ -188,6 +190,7 @@ impl Segment {
             last_write_ms: header.created_at_ms.into(),
             record_bytes: 0.into(),
             dead_bytes: 0.into(),
+            growing: false.into(),
         })
     }
 
@@ -209,6 +212,7 @@ impl Segment {
             last_write_ms: header.created_at_ms.into(),
             record_bytes: 0.into(),
             dead_bytes: 0.into(),
+            growing: false.into(),
         }))
     }
 
@@ -256,6 +260,16 @@ impl Segment {
 
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         self.file.write_at(offset, bytes).map_err(|e| Error::io("write record", &self.path, e))
+    }
+
+    /// Takes the right to grow this segment ahead of need; false when it is already queued.
+    pub fn claim_growth(&self) -> bool {
+        !self.growing.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Gives that right back once the growth step is done (or given up).
+    pub fn end_growth(&self) {
+        self.growing.store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Drops the mapped pages of a segment about to be deleted (see `IoFile`).

@@ -517,6 +517,10 @@ impl Inner {
         {
             self.log.with_segment(old.loc.segment, |s| s.note_dead(old.padded_len));
         }
+        if self.log.growth_wanted() {
+            // Outside the appender lock: other writers go on meanwhile.
+            self.log.grow_ahead();
+        }
         match appended {
             Err(Error::Poisoned { cause }) => {
                 self.commit.poison(cause.clone());
@@ -783,6 +787,7 @@ impl Inner {
             return Ok(0);
         }
         let _serial = self.maintenance.lock();
+        crate::pace::start();
         let now_ms = self.time.now_ms();
         let (buckets, dropped) = self.log.drop_expired(now_ms)?;
         if !dropped.is_empty() {
@@ -816,13 +821,10 @@ impl Inner {
         // One shard at a time, so no claim waits for more than one shard's sweep.
         let mut swept = 0u64;
         for locked in self.index.shards() {
-            let mut shard = locked.shard.lock();
-            swept += shard.retain_live(|segment| !dead.contains(&segment)) as u64;
-            shard.shrink();
-            drop(shard);
-            // Background work in small steps: on a busy machine the scheduler hands the CPU
-            // back to claim threads between them instead of after a whole time slice.
-            std::thread::yield_now();
+            swept += locked.shard.lock().retain_live(|segment| !dead.contains(&segment)) as u64;
+            crate::pace::breathe();
+            locked.shard.lock().shrink();
+            crate::pace::breathe();
         }
         self.counters.keys_expired.fetch_add(swept, AtomicOrdering::Relaxed);
         self.counters.buckets_expired.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
@@ -878,11 +880,10 @@ impl Inner {
         }
         // Published: now the RAM entries can go (one shard at a time, no long pause).
         for locked in self.index.shards() {
-            let mut shard = locked.shard.lock();
-            shard.retain_live(|segment| !sealing.contains(&segment));
-            shard.shrink();
-            drop(shard);
-            std::thread::yield_now();
+            locked.shard.lock().retain_live(|segment| !sealing.contains(&segment));
+            crate::pace::breathe();
+            locked.shard.lock().shrink();
+            crate::pace::breathe();
         }
         Ok(sealed)
     }
