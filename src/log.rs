@@ -287,7 +287,7 @@ impl Log {
             active.segment.reserve(grown)?;
         }
         let offset = active.write_pos;
-        record::encode(active.segment.id(), &header, key, value, &mut app.scratch);
+        record::encode_seeded(active.segment.crc_seed(), &header, key, value, &mut app.scratch);
         debug_assert_eq!(app.scratch.len() as u64, len);
         if let Err(e) = active.segment.write_at(offset, &app.scratch) {
             return Err(Error::Poisoned { cause: format!("record write failed: {e}") });

@@ -145,6 +145,13 @@ pub fn stored_checksum(raw_header: &[u8; HEADER_LEN]) -> u32 {
 
 /// Encodes a record into `out` (cleared first), padded to the record alignment.
 pub fn encode(segment_id: u32, header: &Header, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    encode_seeded(&checksum_hasher(segment_id), header, key, value, out);
+    debug_assert_eq!(decode(segment_id, out).ok().map(|(h, _, _)| h), Some(*header));
+}
+
+/// [`encode`] with the segment's CRC seed already hashed in (`checksum_hasher`), as the
+/// append path keeps it per segment.
+pub fn encode_seeded(seed: &Hasher, header: &Header, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
     debug_assert_eq!(usize::from(header.key_len), key.len());
     debug_assert_eq!(header.value_len as usize, value.len());
     debug_assert!(!key.is_empty() && header.seq > 0);
@@ -170,9 +177,9 @@ pub fn encode(segment_id: u32, header: &Header, key: &[u8], value: &[u8], out: &
     out[..HEADER_LEN].copy_from_slice(&h);
     out[HEADER_LEN..key_end].copy_from_slice(key);
     out[key_end..len].copy_from_slice(value);
-    let crc = checksum(segment_id, &out[4..len]);
-    out[0..4].copy_from_slice(&crc.to_le_bytes());
-    debug_assert_eq!(decode(segment_id, out).ok().map(|(h, _, _)| h), Some(*header));
+    let mut hasher = seed.clone();
+    hasher.update(&out[4..len]);
+    out[0..4].copy_from_slice(&hasher.finalize().to_le_bytes());
 }
 
 /// Why bytes are not a record.

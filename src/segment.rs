@@ -131,6 +131,8 @@ pub struct Segment {
     dead_bytes: std::sync::atomic::AtomicU64,
     /// A growth step ahead of need is queued or running (see `Log::grow_ahead`).
     growing: std::sync::atomic::AtomicBool,
+    /// The CRC state after this segment's id (every record's checksum starts with it).
+    crc_seed: crc32fast::Hasher,
 }
 
 impl std::fmt::Debug for Segment {
@@ -191,6 +193,7 @@ impl Segment {
             record_bytes: 0.into(),
             dead_bytes: 0.into(),
             growing: false.into(),
+            crc_seed: record::checksum_hasher(header.id),
         })
     }
 
@@ -213,6 +216,7 @@ impl Segment {
             record_bytes: 0.into(),
             dead_bytes: 0.into(),
             growing: false.into(),
+            crc_seed: record::checksum_hasher(header.id),
         }))
     }
 
@@ -313,33 +317,45 @@ impl Segment {
         Ok(if same { Probe::Match(header) } else { Probe::OtherKey })
     }
 
-    /// Like [`Segment::probe`], and on a match also returns the record's value, read once:
-    /// the CRC is checked over the header, the caller's (equal) key and that value.
+    /// Like [`Segment::probe`], and on a match also returns the record's value. The record is
+    /// copied out once (bytes in the map are never trusted in place: a read-only viewer shares
+    /// them with a live writer), and the CRC is checked over that copy in one pass.
     pub fn probe_read(&self, offset: u64, key: &[u8]) -> Result<Option<(Header, Vec<u8>)>> {
+        /// Records up to this size (header, key, value) are read into a stack buffer.
+        const SMALL_RECORD: usize = 512;
         let mut raw = [0u8; HEADER_LEN];
-        let (header, same) = self.header_for(offset, key, &mut raw)?;
-        if !same {
-            self.verify(offset, &raw, &header)?;
-            return Ok(None);
+        self.file.read_at(offset, &mut raw).map_err(|e| Error::io("read record", &self.path, e))?;
+        let header = record::parse_header(&raw).map_err(|e| self.corrupt(offset, e))?;
+        if offset.saturating_add(header.record_len() as u64) > self.file.len() {
+            return Err(self.corrupt(offset, DecodeError::Truncated));
         }
-        let mut value = vec![0u8; header.value_len as usize];
-        self.file
-            .read_at(offset + (HEADER_LEN + key.len()) as u64, &mut value)
-            .map_err(|e| Error::io("read record value", &self.path, e))?;
-        let mut hasher = record::checksum_hasher(self.header.id);
+        let rest_len = header.record_len() - HEADER_LEN;
+        let mut small = [0u8; SMALL_RECORD];
+        let mut large = Vec::new();
+        let rest = if rest_len <= SMALL_RECORD {
+            &mut small[..rest_len]
+        } else {
+            large.resize(rest_len, 0);
+            &mut large[..]
+        };
+        self.file.read_at(offset + HEADER_LEN as u64, rest).map_err(|e| Error::io("read record", &self.path, e))?;
+        let mut hasher = self.crc_seed.clone();
         hasher.update(&raw[4..]);
-        hasher.update(key);
-        hasher.update(&value);
+        hasher.update(rest);
         if hasher.finalize() != record::stored_checksum(&raw) {
             return Err(self.corrupt(offset, DecodeError::BadChecksum));
         }
-        Ok(Some((header, value)))
+        let key_len = usize::from(header.key_len);
+        if rest.get(..key_len) != Some(key) {
+            return Ok(None);
+        }
+        Ok(Some((header, rest[key_len..].to_vec())))
     }
 
     /// Checks the CRC of the whole record at `offset`, so no answer is ever read from damaged
     /// bytes (a flipped bit in an outcome is an error, not a wrong replay).
     fn verify(&self, offset: u64, raw: &[u8; HEADER_LEN], header: &Header) -> Result<()> {
-        let mut hasher = record::checksum_hasher(self.header.id);
+        let mut hasher = self.crc_seed.clone();
         hasher.update(&raw[4..]);
         let mut chunk = [0u8; 512];
         let mut at = offset + HEADER_LEN as u64;
@@ -355,6 +371,11 @@ impl Segment {
             return Err(self.corrupt(offset, DecodeError::BadChecksum));
         }
         Ok(())
+    }
+
+    /// The CRC state seeded with this segment's id, for encoding records into it.
+    pub fn crc_seed(&self) -> &crc32fast::Hasher {
+        &self.crc_seed
     }
 
     /// Reads the key of the record at `offset`.
