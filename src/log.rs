@@ -69,6 +69,8 @@ pub struct Log {
     to_grow: Mutex<Vec<Arc<Segment>>>,
     /// `to_grow` is not empty (read on every append without taking its lock).
     growth_pending: std::sync::atomic::AtomicBool,
+    /// A new segment was opened and no spare is left for the next one (see `take_spare_wanted`).
+    spare_wanted: std::sync::atomic::AtomicBool,
 }
 
 /// What one sync must cover: every record up to `through_seq`, in these segments.
@@ -104,6 +106,7 @@ impl Log {
             unsynced_bytes: std::sync::atomic::AtomicU64::new(0),
             to_grow: Mutex::new(Vec::new()),
             growth_pending: std::sync::atomic::AtomicBool::new(false),
+            spare_wanted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -231,6 +234,7 @@ impl Log {
                 self.check_budget(initial)?;
             }
             let spare = self.spare.lock().take();
+            self.spare_wanted.store(true, std::sync::atomic::Ordering::Release);
             let segment = match spare {
                 Some(spare) => {
                     segment_header.id = spare.id;
@@ -313,6 +317,15 @@ impl Log {
         app.next_seq += 1;
         self.written_seq.store(header.seq, std::sync::atomic::Ordering::Release);
         Ok((header, loc))
+    }
+
+    /// Whether a segment was opened since the last call, using up the spare (or finding none):
+    /// the housekeeper should prepare the next spare now, not at its next tick, so the next
+    /// bucket or full segment does not create a file and sync the directory under the
+    /// appender lock.
+    pub fn take_spare_wanted(&self) -> bool {
+        self.spare_wanted.load(std::sync::atomic::Ordering::Acquire)
+            && self.spare_wanted.swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Whether some active segment is close to its reserved end (see `grow_ahead`).

@@ -42,8 +42,9 @@ struct Inner {
     incarnation: u64,
     recovery: RecoveryStats,
     read_only: bool,
-    shutdown: Mutex<bool>,
-    shutdown_signal: Condvar,
+    /// What the housekeeper is asked to do now, and the signal that wakes it.
+    housekeeper_call: Mutex<HousekeeperCall>,
+    housekeeper_signal: Condvar,
     /// Serializes expiry and sealing (the housekeeper and `Store::maintain`).
     maintenance: Mutex<()>,
     _lock: Option<Box<dyn DirLock>>,
@@ -208,8 +209,8 @@ impl Store {
             incarnation,
             recovery,
             read_only: mode == Mode::ReadOnly,
-            shutdown: Mutex::new(false),
-            shutdown_signal: Condvar::new(),
+            housekeeper_call: Mutex::new(HousekeeperCall::default()),
+            housekeeper_signal: Condvar::new(),
             maintenance: Mutex::new(()),
             _lock: lock,
             options,
@@ -331,8 +332,8 @@ impl Store {
 
     fn stop_housekeeper(&mut self) {
         if let Some(handle) = self.housekeeper.take() {
-            *self.inner.shutdown.lock() = true;
-            self.inner.shutdown_signal.notify_all();
+            self.inner.housekeeper_call.lock().stop = true;
+            self.inner.housekeeper_signal.notify_all();
             let _ = handle.join();
         }
     }
@@ -520,6 +521,9 @@ impl Inner {
         if self.log.growth_wanted() {
             // Outside the appender lock: other writers go on meanwhile.
             self.log.grow_ahead();
+        }
+        if self.options.background && self.log.take_spare_wanted() {
+            self.wake_housekeeper_for_spare();
         }
         match appended {
             Err(Error::Poisoned { cause }) => {
@@ -848,6 +852,7 @@ impl Inner {
                     entries.entry(loc.segment).or_default().push((hash, loc.offset));
                 }
             }
+            crate::pace::breathe();
         }
         // Every record of a retired segment is older than this, and written before now.
         let bounds = TableBounds { max_seq: self.log.last_seq(), latest_ms: now_ms };
@@ -896,17 +901,27 @@ impl Inner {
         let mut last_flush = Instant::now();
         // A first pass at once: after an open it builds the sealed tables' union filter.
         let _ = self.maintain();
+        self.prepare_spare();
+        let mut next_tick = Instant::now() + tick;
         loop {
-            {
-                let mut stop = self.shutdown.lock();
-                if *stop {
+            let spare_wanted = {
+                let mut call = self.housekeeper_call.lock();
+                while !call.stop && !call.spare && Instant::now() < next_tick {
+                    let left = next_tick.saturating_duration_since(Instant::now());
+                    crate::sync::wait_for(&self.housekeeper_signal, &mut call, left);
+                }
+                if call.stop {
                     return;
                 }
-                crate::sync::wait_for(&self.shutdown_signal, &mut stop, tick);
-                if *stop {
-                    return;
-                }
+                std::mem::take(&mut call.spare)
+            };
+            if spare_wanted {
+                self.prepare_spare();
             }
+            if Instant::now() < next_tick {
+                continue;
+            }
+            next_tick = Instant::now() + tick;
             if let Durability::Periodic(interval) = self.options.durability
                 && last_flush.elapsed() >= interval
             {
@@ -915,12 +930,27 @@ impl Inner {
                 let _ = self.sync_all();
             }
             let _ = self.maintain();
-            if !self.read_only
-                && self.commit.poisoned().is_none()
-                && let Err(Error::Poisoned { cause }) = self.log.prepare_spare()
-            {
-                self.commit.poison(cause);
-            }
+            self.prepare_spare();
+        }
+    }
+
+    /// Makes sure a spare segment file is ready (a failed directory sync poisons the store).
+    fn prepare_spare(&self) {
+        if !self.read_only
+            && self.commit.poisoned().is_none()
+            && let Err(Error::Poisoned { cause }) = self.log.prepare_spare()
+        {
+            self.commit.poison(cause);
+        }
+    }
+
+    /// Asks the housekeeper to prepare the next spare segment now (an append just used one).
+    fn wake_housekeeper_for_spare(&self) {
+        let mut call = self.housekeeper_call.lock();
+        if !call.spare {
+            call.spare = true;
+            drop(call);
+            self.housekeeper_signal.notify_all();
         }
     }
 
@@ -969,6 +999,15 @@ impl Inner {
             poisoned: self.commit.poisoned(),
         }
     }
+}
+
+/// Work handed to the housekeeper thread between its ticks.
+#[derive(Default)]
+struct HousekeeperCall {
+    /// The store is closing: stop.
+    stop: bool,
+    /// An append used up the spare segment: prepare the next one now.
+    spare: bool,
 }
 
 /// Group commit's view of the store: sync the log, and see how far it has been written.

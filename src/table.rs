@@ -372,16 +372,20 @@ impl SealedTables {
     /// Publishes a table whose entries have these hashes. The union filter learns them first,
     /// so no lookup can miss a published key.
     pub fn insert(&self, table: Table, hashes: &[u64]) {
-        {
-            let mut union = self.union.write();
-            match union.as_ref() {
-                Some(filter) if filter.has_room(hashes.len() as u64) => {
-                    for &hash in hashes {
-                        filter.insert(hash);
-                    }
+        // The filter's words are atomics: bits go in under the read lock, so lookups (which
+        // take it too) never wait for a large table's hashes (~10 ms for 500k keys).
+        let full = match self.union.read().as_ref() {
+            Some(filter) if filter.has_room(hashes.len() as u64) => {
+                for &hash in hashes {
+                    filter.insert(hash);
                 }
-                _ => *union = None,
+                false
             }
+            Some(_) => true,
+            None => false,
+        };
+        if full {
+            *self.union.write() = None;
         }
         let mut tables = self.tables.write();
         tables.push(Arc::new(table));
