@@ -86,6 +86,13 @@ pub trait IoFile: Send + Sync {
     fn reserve(&self, len: u64) -> io::Result<()>;
     /// Writes `bytes` at `offset`; the range must lie within `len()`.
     fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()>;
+    /// Lets `fill` write `len` bytes at `offset` in place (the range must lie within `len()`).
+    /// By default through a buffer and `write_at`; a mapped file hands out the mapped bytes.
+    fn write_with(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> io::Result<()> {
+        let mut buf = vec![0u8; len];
+        fill(&mut buf);
+        self.write_at(offset, &buf)
+    }
     /// Reads `buf.len()` bytes at `offset`; the range must lie within `len()`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// True when the bytes at `offset` equal `expected`.
@@ -286,6 +293,20 @@ impl IoFile for MappedFile {
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.as_mut_ptr().add(start), bytes.len());
         }
+        Ok(())
+    }
+
+    fn write_with(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file is read-only"));
+        }
+        let (start, _) = checked_range(offset, len, self.len())?;
+        // SAFETY: as in `write_at`: the range lies within the allocated length and the mapping,
+        // and no other thread reads or writes it while it is being written (records reach the
+        // index only after this returns; the appender lock serializes writers). The slice
+        // lives only for the call of `fill`.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(start), len) };
+        fill(bytes);
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::error::{Error, Result};
 use crate::index::IdMap;
 use crate::io::Io;
-use crate::record::{self, Header};
+use crate::record::Header;
 use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
 
 /// Where a record lives: segment id and byte offset. This, and nothing about the record, is
@@ -47,7 +47,6 @@ struct Appender {
     active: IdMap<u64, Active>,
     dirty: Vec<Arc<Segment>>,
     appended_bytes: u64,
-    scratch: Vec<u8>,
 }
 
 pub struct Log {
@@ -98,7 +97,6 @@ impl Log {
                 active: IdMap::default(),
                 dirty: Vec::new(),
                 appended_bytes: 0,
-                scratch: Vec::with_capacity(4096),
             }),
             segments: RwLock::new(segments),
             spare: Mutex::new(None),
@@ -291,9 +289,7 @@ impl Log {
             active.segment.reserve(grown)?;
         }
         let offset = active.write_pos;
-        record::encode_seeded(active.segment.crc_seed(), &header, key, value, &mut app.scratch);
-        debug_assert_eq!(app.scratch.len() as u64, len);
-        if let Err(e) = active.segment.write_at(offset, &app.scratch) {
+        if let Err(e) = active.segment.write_record(offset, &header, key, value) {
             return Err(Error::Poisoned { cause: format!("record write failed: {e}") });
         }
         active.write_pos = end;
@@ -312,7 +308,9 @@ impl Log {
             self.to_grow.lock().push(active.segment.clone());
             self.growth_pending.store(true, std::sync::atomic::Ordering::Release);
         }
-        self.unsynced_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        // Written only under the appender lock (here and when a batch is taken).
+        let unsynced = self.unsynced_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        self.unsynced_bytes.store(unsynced + len, std::sync::atomic::Ordering::Relaxed);
         app.appended_bytes += len;
         app.next_seq += 1;
         self.written_seq.store(header.seq, std::sync::atomic::Ordering::Release);

@@ -152,13 +152,19 @@ pub fn encode(segment_id: u32, header: &Header, key: &[u8], value: &[u8], out: &
 /// [`encode`] with the segment's CRC seed already hashed in (`checksum_hasher`), as the
 /// append path keeps it per segment.
 pub fn encode_seeded(seed: &Hasher, header: &Header, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(header.padded_len() as usize, 0);
+    encode_into(seed, header, key, value, out);
+}
+
+/// Encodes a record into `out`, which is exactly its padded length: the append path encodes
+/// straight into the segment's reserved space, with no buffer in between.
+pub fn encode_into(seed: &Hasher, header: &Header, key: &[u8], value: &[u8], out: &mut [u8]) {
     debug_assert_eq!(usize::from(header.key_len), key.len());
     debug_assert_eq!(header.value_len as usize, value.len());
     debug_assert!(!key.is_empty() && header.seq > 0);
+    debug_assert_eq!(out.len() as u64, header.padded_len());
     let len = header.record_len();
-    let padded = align_up(len as u64) as usize;
-    out.clear();
-    out.resize(padded, 0);
     let mut h = [0u8; HEADER_LEN];
     h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     h[8] = header.kind as u8;
@@ -177,6 +183,7 @@ pub fn encode_seeded(seed: &Hasher, header: &Header, key: &[u8], value: &[u8], o
     out[..HEADER_LEN].copy_from_slice(&h);
     out[HEADER_LEN..key_end].copy_from_slice(key);
     out[key_end..len].copy_from_slice(value);
+    out[len..].fill(0);
     let mut hasher = seed.clone();
     hasher.update(&out[4..len]);
     out[0..4].copy_from_slice(&hasher.finalize().to_le_bytes());

@@ -221,13 +221,20 @@ impl Segment {
     }
 
     /// Notes that a record written at `ms` (store time) went into this segment.
+    ///
+    /// Callers are serialized (the appender lock, or recovery's one thread), so a load and a
+    /// store do, without a locked read-modify-write on every append.
     pub fn note_write(&self, ms: u64) {
-        self.last_write_ms.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+        if ms > self.last_write_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            self.last_write_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
-    /// Counts a record of `padded_len` bytes written into (or found in) this segment.
+    /// Counts a record of `padded_len` bytes written into (or found in) this segment. Callers
+    /// are serialized, as for `note_write`.
     pub fn note_record(&self, padded_len: u64) {
-        self.record_bytes.fetch_add(padded_len, std::sync::atomic::Ordering::Relaxed);
+        let bytes = self.record_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        self.record_bytes.store(bytes + padded_len, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Counts a record of `padded_len` bytes in this segment as superseded by a later record
@@ -260,6 +267,14 @@ impl Segment {
 
     pub fn reserve(&self, len: u64) -> Result<()> {
         self.file.reserve(len).map_err(|e| Error::io("reserve segment space", &self.path, e))
+    }
+
+    /// Encodes a record straight into the file at `offset` (space already reserved).
+    pub fn write_record(&self, offset: u64, header: &Header, key: &[u8], value: &[u8]) -> Result<()> {
+        let len = header.padded_len() as usize;
+        self.file
+            .write_with(offset, len, &mut |out| record::encode_into(&self.crc_seed, header, key, value, out))
+            .map_err(|e| Error::io("write record", &self.path, e))
     }
 
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
@@ -371,11 +386,6 @@ impl Segment {
             return Err(self.corrupt(offset, DecodeError::BadChecksum));
         }
         Ok(())
-    }
-
-    /// The CRC state seeded with this segment's id, for encoding records into it.
-    pub fn crc_seed(&self) -> &crc32fast::Hasher {
-        &self.crc_seed
     }
 
     /// Reads the key of the record at `offset`.
