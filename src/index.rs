@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::log::Loc;
+use crate::slots::Slots;
 use crate::sync::{Condvar, Mutex};
 
 /// Number of shards; a power of two. Enough that a shard's sweep after a bucket drop is short.
@@ -81,7 +82,7 @@ impl ShardCounters {
 /// One shard: the primary table and the rare keys whose hash another key already uses.
 #[derive(Default)]
 pub struct Shard {
-    main: Table<Loc>,
+    main: Slots,
     spill: Table<Vec<Loc>>,
     pub counters: ShardCounters,
 }
@@ -90,13 +91,13 @@ impl Shard {
     /// Every location that may hold `hash`'s key, primary first.
     pub fn candidates(&self, hash: u64) -> impl Iterator<Item = Loc> + '_ {
         let spilled = if self.spill.is_empty() { None } else { self.spill.get(&hash) };
-        self.main.get(&hash).copied().into_iter().chain(spilled.into_iter().flatten().copied())
+        self.main.get(hash).into_iter().chain(spilled.into_iter().flatten().copied())
     }
 
     /// Points the key that lived at `old` (or a new key, when `old` is `None`) at `new`.
     pub fn set(&mut self, hash: u64, old: Option<Loc>, new: Loc) {
         if let Some(old) = old {
-            if self.main.get(&hash) == Some(&old) {
+            if self.main.get(hash) == Some(old) {
                 self.main.insert(hash, new);
                 return;
             }
@@ -107,18 +108,17 @@ impl Shard {
                 return;
             }
         }
-        match self.main.entry(hash) {
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(new);
-            }
-            std::collections::hash_map::Entry::Occupied(_) => self.spill.entry(hash).or_default().push(new),
+        if self.main.get(hash).is_none() {
+            self.main.insert(hash, new);
+        } else {
+            self.spill.entry(hash).or_default().push(new);
         }
     }
 
     /// Forgets `loc` (its segment was dropped), promoting a spilled key if one waits.
     pub fn remove(&mut self, hash: u64, loc: Loc) {
-        if self.main.get(&hash) == Some(&loc) {
-            self.main.remove(&hash);
+        if self.main.get(hash) == Some(loc) {
+            self.main.remove(hash);
             if let Some(list) = self.spill.get_mut(&hash) {
                 if let Some(promoted) = list.pop() {
                     self.main.insert(hash, promoted);
@@ -138,19 +138,15 @@ impl Shard {
     /// Drops every entry whose segment `is_live` rejects; returns how many went.
     pub fn retain_live(&mut self, is_live: impl Fn(u32) -> bool) -> usize {
         let before = self.len();
-        let mut promote = Vec::new();
         self.spill.retain(|_, list| {
             list.retain(|l| is_live(l.segment));
             !list.is_empty()
         });
-        self.main.retain(|hash, loc| {
-            let keep = is_live(loc.segment);
-            if !keep {
-                promote.push(*hash);
-            }
-            keep
-        });
-        for hash in promote {
+        let dropped = self.main.retain(|_, loc| is_live(loc.segment));
+        if self.spill.is_empty() {
+            return before - self.len();
+        }
+        for hash in dropped {
             if let Some(list) = self.spill.get_mut(&hash) {
                 if let Some(l) = list.pop() {
                     self.main.insert(hash, l);
@@ -170,9 +166,7 @@ impl Shard {
     /// Gives memory back after many entries left (sealed or expired): a hash table keeps its
     /// capacity otherwise, and RAM per key would not fall.
     pub fn shrink(&mut self) {
-        if self.main.capacity() > 64 && self.main.len() < self.main.capacity() / 4 {
-            self.main.shrink_to_fit();
-        }
+        self.main.shrink();
         if self.spill.is_empty() {
             self.spill.shrink_to_fit();
         }
@@ -180,7 +174,7 @@ impl Shard {
 
     /// Every (hash, location) in the shard.
     pub fn entries(&self) -> Vec<(u64, Loc)> {
-        let mut all: Vec<(u64, Loc)> = self.main.iter().map(|(h, l)| (*h, *l)).collect();
+        let mut all: Vec<(u64, Loc)> = self.main.iter().collect();
         for (h, list) in &self.spill {
             all.extend(list.iter().map(|l| (*h, *l)));
         }

@@ -43,6 +43,7 @@ mod recovery;
 mod segment;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+mod slots;
 mod stats;
 mod store;
 mod sync;
