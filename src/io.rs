@@ -99,6 +99,11 @@ pub trait IoFile: Send + Sync {
     fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool>;
     /// Makes every write so far durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
+    /// Like `sync`, for background work on a large file: writes back a slice at a time with
+    /// rests between (see `pace`), so no claim thread waits on one long sync for its CPU.
+    fn sync_gradually(&self) -> io::Result<()> {
+        self.sync()
+    }
     /// Closes the file descriptor of a file that will not grow again; reads, writes within
     /// the reserved length and syncs keep working through the memory map. Bounds the number
     /// of open descriptors however many files are live.
@@ -335,6 +340,20 @@ impl IoFile for MappedFile {
         // msync(MS_SYNC) on Linux is an fsync of the mapped range of the file the mapping holds.
         let len = usize::try_from(self.len()).map_err(|_| out_of_range())?;
         if len == 0 { Ok(()) } else { self.map.flush_range(0, len) }
+    }
+
+    fn sync_gradually(&self) -> io::Result<()> {
+        const STEP: usize = 1 << 20;
+        let len = usize::try_from(self.len()).map_err(|_| out_of_range())?;
+        let mut at = 0;
+        while at < len {
+            let n = STEP.min(len - at);
+            // msync(MS_SYNC) of a range: an fdatasync of that range of the file.
+            self.map.flush_range(at, n)?;
+            at += n;
+            crate::pace::breathe();
+        }
+        Ok(())
     }
 
     fn release_descriptor(&self) {

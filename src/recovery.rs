@@ -193,11 +193,13 @@ struct Scan {
 /// is corruption: an error, and nothing is changed.
 fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
     let len = segment.len();
-    let bytes = segment.read_raw(0, usize::try_from(len).map_err(|_| Error::InvalidArgument("segment too large"))?)?;
+    let mut bytes =
+        segment.read_raw(0, usize::try_from(len).map_err(|_| Error::InvalidArgument("segment too large"))?)?;
     let mut records = Vec::new();
     let mut pos = SEGMENT_HEADER_LEN as usize;
     let id = segment.id();
     let mut last_seq = 0u64;
+    let mut rereads = 0;
     while pos < bytes.len() {
         match record::decode(id, &bytes[pos..]) {
             Ok((header, key, _value)) => {
@@ -215,6 +217,17 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
             Err(err) => {
                 if let Some(valid_at) = next_valid_record(id, &bytes, pos) {
                     let _ = valid_at;
+                    if mode == Mode::ReadOnly && rereads < TAIL_REREADS_MAX {
+                        // A live writer may have appended this record while the copy above was
+                        // being taken (the copy read it before it was written, and the ones
+                        // after it once they were): read from here on again. A damaged record
+                        // stays damaged however often it is read.
+                        rereads += 1;
+                        let fresh = segment.read_raw(pos as u64, bytes.len() - pos)?;
+                        bytes.truncate(pos);
+                        bytes.extend_from_slice(&fresh);
+                        continue;
+                    }
                     return Err(Error::Corrupt {
                         file: segment.path.clone(),
                         offset: pos as u64,
@@ -238,6 +251,10 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
     }
     Ok(Scan { records, torn_bytes: 0 })
 }
+
+/// How often a read-only scan reads the rest of a segment again when a bad record is followed
+/// by valid ones (see `scan_segment`).
+const TAIL_REREADS_MAX: u32 = 3;
 
 /// The offset of the first valid record after `from`, scanning aligned positions.
 fn next_valid_record(id: u32, bytes: &[u8], from: usize) -> Option<usize> {

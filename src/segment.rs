@@ -305,6 +305,11 @@ impl Segment {
         self.file.sync()
     }
 
+    /// `sync` for background work (sealing): in slices with rests between.
+    pub fn sync_gradually(&self) -> std::io::Result<()> {
+        self.file.sync_gradually()
+    }
+
     fn corrupt(&self, offset: u64, e: DecodeError) -> Error {
         Error::Corrupt { file: self.path.clone(), offset, reason: e.reason() }
     }

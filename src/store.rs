@@ -859,7 +859,7 @@ impl Inner {
         let mut tables = Vec::with_capacity(to_seal.len());
         for segment in &to_seal {
             // The table points at records: they must be durable before it is.
-            if let Err(e) = segment.sync() {
+            if let Err(e) = segment.sync_gradually() {
                 let cause = format!("sync failed: {e}");
                 self.commit.poison(cause.clone());
                 return Err(Error::Poisoned { cause });
