@@ -150,7 +150,8 @@ impl Table {
         // A table left by an interrupted earlier attempt is replaced whole.
         let _ = io.remove(&path);
         let file = io.create(&path, total).map_err(|e| Error::io("create table", &path, e))?;
-        let written = file.reserve(total).and_then(|()| file.write_at(0, &bytes)).and_then(|()| file.sync_gradually());
+        let written =
+            file.reserve_unfilled(total).and_then(|()| file.write_at(0, &bytes)).and_then(|()| file.sync_gradually());
         if let Err(e) = written {
             drop(file);
             let _ = io.remove(&path);
