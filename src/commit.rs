@@ -23,9 +23,8 @@ struct Detail {
     poisoned: Option<String>,
     syncs: u64,
     batches_records: u64,
-    /// Records the last two syncs covered: how many writers are taking turns.
+    /// Records the last sync covered: the writers it released, who will soon append again.
     last_batch_records: u64,
-    prev_batch_records: u64,
     /// How long the last sync took.
     last_sync: Duration,
 }
@@ -58,7 +57,7 @@ impl<F: Fn() -> std::io::Result<u64>> Syncer for F {
     }
 }
 
-/// Most times a leader yields while waiting for the writers of the last two batches.
+/// Most times a leader yields while waiting for the writers the last sync released.
 const GATHER_YIELDS_MAX: u32 = 1024;
 
 impl GroupCommit {
@@ -75,7 +74,6 @@ impl GroupCommit {
                 syncs: 0,
                 batches_records: 0,
                 last_batch_records: 0,
-                prev_batch_records: 0,
                 last_sync: Duration::ZERO,
             }),
         }
@@ -154,7 +152,6 @@ impl GroupCommit {
                 debug_assert!(through >= before || through == 0, "a sync never covers less than before");
                 let durable = self.durable.load(Ordering::Acquire);
                 if through > durable {
-                    detail.prev_batch_records = detail.last_batch_records;
                     detail.last_batch_records = through - durable;
                     detail.batches_records += through - durable;
                     self.durable.store(through, Ordering::Release);
@@ -164,7 +161,8 @@ impl GroupCommit {
             }
             Ok(_) => {}
             Err(e) => {
-                detail.poisoned = Some(format!("sync failed: {e}"));
+                // The first cause is kept: the store may already be poisoned by a failed write.
+                detail.poisoned.get_or_insert_with(|| format!("sync failed: {e}"));
                 self.poisoned.store(true, Ordering::Release);
             }
         }
@@ -188,11 +186,12 @@ impl GroupCommit {
     }
 }
 
-/// When the last two batches showed writers taking turns, lets them append before the batch
-/// is cut: yields until as many records as those two batches held are pending, or a third of
-/// the last sync's time has passed. Without it, writers released by one sync miss the next
-/// and settle into two half-size batches per round. A lone writer never gets here (its
-/// batches hold one record each), so no timer ever delays it.
+/// When the last sync covered several writers, lets them append again before the batch is
+/// cut: yields until the records already pending plus one from each writer the last sync
+/// released (less the leader itself) are written, or a third of the last sync's time has
+/// passed. Without it, writers released by one sync miss the next and settle into two
+/// half-size batches per round. A lone writer never gets here (its batches hold one record
+/// each), so no timer ever delays it.
 fn gather(syncer: &dyn Syncer, before: u64, returning: u64, budget: Duration) {
     let started = Instant::now();
     let Some(pending) = syncer.written_seq() else { return };

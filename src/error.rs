@@ -34,11 +34,13 @@ pub enum Error {
     /// The token no longer holds the claim: another claim took it over after the lease ended,
     /// the key was removed, released, completed, or its window expired.
     StaleToken,
-    /// A record that is not a torn tail fails its checksum or framing. Nothing was deleted.
+    /// Stored bytes fail their checks: a record that is not a torn tail (checksum, framing,
+    /// sequence order), a segment header (or its id against the file name), or a sealed
+    /// table's entry. Nothing was deleted.
     Corrupt {
         /// The damaged file.
         file: PathBuf,
-        /// Byte offset of the first bad record in that file.
+        /// Byte offset of the first bad record (or header, or table entry) in that file.
         offset: u64,
         /// What was wrong.
         reason: &'static str,

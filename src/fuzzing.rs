@@ -83,8 +83,7 @@ fn fix_record_checksum(segment_id: u32, bytes: &mut [u8]) {
     }
     let claimed_len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
     let end = claimed_len.clamp(4, bytes.len());
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&segment_id.to_le_bytes());
+    let mut hasher = crate::record::checksum_hasher(segment_id);
     hasher.update(&bytes[4..end]);
     bytes[0..4].copy_from_slice(&hasher.finalize().to_le_bytes());
 }

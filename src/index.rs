@@ -32,12 +32,9 @@ impl Hasher for PremixedHasher {
         self.write_u64(u64::from(n));
     }
     fn write_u64(&mut self, n: u64) {
-        let x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = x ^ (x >> 29);
+        self.0 = crate::slots::mix(n);
     }
 }
-
-type Table<V> = HashMap<u64, V, BuildHasherDefault<PremixedHasher>>;
 
 /// A map keyed by an integer id (segments, buckets) with a cheap hasher.
 pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<PremixedHasher>>;
@@ -83,7 +80,7 @@ impl ShardCounters {
 #[derive(Default)]
 pub struct Shard {
     main: Slots,
-    spill: Table<Vec<Loc>>,
+    spill: IdMap<u64, Vec<Loc>>,
     pub counters: ShardCounters,
 }
 
@@ -96,22 +93,21 @@ impl Shard {
 
     /// Points the key that lived at `old` (or a new key, when `old` is `None`) at `new`.
     pub fn set(&mut self, hash: u64, old: Option<Loc>, new: Loc) {
-        if let Some(old) = old {
-            if self.main.get(hash) == Some(old) {
-                self.main.insert(hash, new);
-                return;
-            }
-            if let Some(list) = self.spill.get_mut(&hash)
-                && let Some(slot) = list.iter_mut().find(|l| **l == old)
-            {
-                *slot = new;
-                return;
-            }
-        }
-        if self.main.get(hash).is_none() {
+        debug_assert!(new.offset != 0, "no record starts at offset 0");
+        let Some(primary) = self.main.get_mut(hash) else {
+            // No key with this hash in RAM (so none spilled either).
             self.main.insert(hash, new);
-        } else {
-            self.spill.entry(hash).or_default().push(new);
+            return;
+        };
+        if old == Some(*primary) {
+            *primary = new;
+            return;
+        }
+        // Another key holds the primary slot: this one lives (or goes) in the spill list.
+        let list = self.spill.entry(hash).or_default();
+        match old.and_then(|old| list.iter_mut().find(|l| **l == old)) {
+            Some(slot) => *slot = new,
+            None => list.push(new),
         }
     }
 
@@ -119,14 +115,7 @@ impl Shard {
     pub fn remove(&mut self, hash: u64, loc: Loc) {
         if self.main.get(hash) == Some(loc) {
             self.main.remove(hash);
-            if let Some(list) = self.spill.get_mut(&hash) {
-                if let Some(promoted) = list.pop() {
-                    self.main.insert(hash, promoted);
-                }
-                if list.is_empty() {
-                    self.spill.remove(&hash);
-                }
-            }
+            self.promote(hash);
         } else if let Some(list) = self.spill.get_mut(&hash) {
             list.retain(|l| *l != loc);
             if list.is_empty() {
@@ -147,16 +136,21 @@ impl Shard {
             return before - self.len();
         }
         for hash in dropped {
-            if let Some(list) = self.spill.get_mut(&hash) {
-                if let Some(l) = list.pop() {
-                    self.main.insert(hash, l);
-                }
-                if list.is_empty() {
-                    self.spill.remove(&hash);
-                }
-            }
+            self.promote(hash);
         }
         before - self.len()
+    }
+
+    /// After `hash`'s primary entry went: a spilled key with that hash, if any, takes it.
+    fn promote(&mut self, hash: u64) {
+        if let Some(list) = self.spill.get_mut(&hash) {
+            if let Some(promoted) = list.pop() {
+                self.main.insert(hash, promoted);
+            }
+            if list.is_empty() {
+                self.spill.remove(&hash);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -209,10 +203,6 @@ impl Index {
 
     pub fn shards(&self) -> impl Iterator<Item = &LockedShard> {
         self.shards.iter()
-    }
-
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.shard.lock().len()).sum()
     }
 }
 

@@ -68,8 +68,7 @@ pub trait Io: Send + Sync + fmt::Debug {
     }
     /// The owner of the store's lock when a live writer holds it, without taking the lock.
     /// `None` when unknown (then a read-only view shows every in-flight claim as orphaned).
-    fn lock_owner(&self, dir: &Path) -> Option<LockOwner> {
-        let _ = dir;
+    fn lock_owner(&self, _dir: &Path) -> Option<LockOwner> {
         None
     }
 }
@@ -102,8 +101,6 @@ pub trait IoFile: Send + Sync {
     }
     /// Reads `buf.len()` bytes at `offset`; the range must lie within `len()`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// True when the bytes at `offset` equal `expected`.
-    fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool>;
     /// Makes every write so far durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
     /// Like `sync`, for background work on a large file: writes back a slice at a time with
@@ -249,6 +246,21 @@ impl MappedFile {
 }
 
 impl MappedFile {
+    /// Calls `step` on the file's reserved length 1 MiB at a time, resting between slices
+    /// (background work, see `pace`); stops at the first error.
+    fn in_slices(&self, mut step: impl FnMut(usize, usize) -> io::Result<()>) -> io::Result<()> {
+        const STEP: usize = 1 << 20;
+        let len = usize::try_from(self.len()).map_err(|_| out_of_range())?;
+        let mut at = 0;
+        while at < len {
+            let n = STEP.min(len - at);
+            step(at, n)?;
+            at += n;
+            crate::pace::breathe();
+        }
+        Ok(())
+    }
+
     /// `reserve` and `reserve_unfilled`: fallocate, then zeros written for real when
     /// `zero_fill`, then the new pages mapped.
     fn reserve_space(&self, len: u64, zero_fill: bool) -> io::Result<()> {
@@ -306,18 +318,7 @@ impl IoFile for MappedFile {
     }
 
     fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        if !self.writable {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file is read-only"));
-        }
-        let (start, _) = checked_range(offset, bytes.len(), self.len())?;
-        // SAFETY: the range lies within the file's allocated length (checked above), which lies
-        // within the mapping, so no page past EOF is touched. The store never writes a range
-        // that another thread reads or writes at the same time (records are published to the
-        // index only after they are written, and each range is written once).
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.as_mut_ptr().add(start), bytes.len());
-        }
-        Ok(())
+        self.write_with(offset, bytes.len(), &mut |out| out.copy_from_slice(bytes))
     }
 
     fn write_with(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> io::Result<()> {
@@ -325,10 +326,11 @@ impl IoFile for MappedFile {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file is read-only"));
         }
         let (start, _) = checked_range(offset, len, self.len())?;
-        // SAFETY: as in `write_at`: the range lies within the allocated length and the mapping,
-        // and no other thread reads or writes it while it is being written (records reach the
-        // index only after this returns; the appender lock serializes writers). The slice
-        // lives only for the call of `fill`.
+        // SAFETY: the range lies within the file's allocated length (checked above), which lies
+        // within the mapping, so no page past EOF is touched. No other thread reads or writes it
+        // while it is being written (records reach the index only after this returns, the
+        // appender lock serializes writers, and each range is written once). The slice lives
+        // only for the call of `fill`.
         let bytes = unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(start), len) };
         fill(bytes);
         Ok(())
@@ -345,13 +347,6 @@ impl IoFile for MappedFile {
         Ok(())
     }
 
-    fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool> {
-        let (start, _) = checked_range(offset, expected.len(), self.len())?;
-        // SAFETY: as in `read_at`; the slice lives only for this comparison.
-        let bytes = unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(start), expected.len()) };
-        Ok(bytes == expected)
-    }
-
     fn sync(&self) -> io::Result<()> {
         if let Some(file) = self.file.lock().as_ref() {
             return file.sync_data();
@@ -362,17 +357,8 @@ impl IoFile for MappedFile {
     }
 
     fn sync_gradually(&self) -> io::Result<()> {
-        const STEP: usize = 1 << 20;
-        let len = usize::try_from(self.len()).map_err(|_| out_of_range())?;
-        let mut at = 0;
-        while at < len {
-            let n = STEP.min(len - at);
-            // msync(MS_SYNC) of a range: an fdatasync of that range of the file.
-            self.map.flush_range(at, n)?;
-            at += n;
-            crate::pace::breathe();
-        }
-        Ok(())
+        // msync(MS_SYNC) of a range: an fdatasync of that range of the file.
+        self.in_slices(|at, n| self.map.flush_range(at, n))
     }
 
     fn release_descriptor(&self) {
@@ -380,19 +366,15 @@ impl IoFile for MappedFile {
     }
 
     fn release_pages(&self) {
-        const STEP: usize = 1 << 20;
-        let len = usize::try_from(self.len()).unwrap_or(0);
-        let mut at = 0;
-        while at < len {
-            let n = STEP.min(len - at);
+        let _ = self.in_slices(|at, n| {
             // SAFETY: MADV_DONTNEED on a shared file mapping only drops page-table entries; the
             // data stays in the file and page cache and a later access faults it back in, so no
             // reader can observe changed bytes. Each call takes the mapping lock for reading
             // only (a munmap of the whole file would take it for writing, stalling every page
             // fault in the process until it is done).
+            // A failed advice leaves the pages mapped; the final unmap still drops them.
             let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, n) };
-            at += n;
-            crate::pace::breathe();
-        }
+            Ok(())
+        });
     }
 }

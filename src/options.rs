@@ -73,7 +73,8 @@ pub struct Options {
     pub seal_idle_after: Duration,
     /// Most segment files kept open for appends at once (default 64). Each holds one file
     /// descriptor; other segments are read through their memory maps with no descriptor, so
-    /// the store holds at most this many plus the lock file however many buckets are live.
+    /// the store holds at most this many plus the lock file and one spare segment however
+    /// many buckets are live.
     pub max_open_files: usize,
     /// Disk space the store may take (default: unlimited). New claims fail with
     /// `DiskBudgetExceeded` once the segment files would pass it less one growth step
@@ -87,8 +88,9 @@ pub struct Options {
     pub io: Arc<dyn Io>,
     /// Index hash of a key (a test seam to force collisions; default xxh3-64).
     pub key_hash: Option<KeyHashFn>,
-    /// Run the background housekeeping thread (expiry, periodic sync). Default true; tests that
-    /// drive expiry by hand with `Store::maintain` may turn it off.
+    /// Run the background housekeeping thread (expiry, sealing, periodic sync, spare segments
+    /// prepared ahead of need). Default true; tests that drive expiry by hand with
+    /// `Store::maintain` may turn it off.
     pub background: bool,
 }
 

@@ -145,19 +145,14 @@ pub fn stored_checksum(raw_header: &[u8; HEADER_LEN]) -> u32 {
 
 /// Encodes a record into `out` (cleared first), padded to the record alignment.
 pub fn encode(segment_id: u32, header: &Header, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
-    encode_seeded(&checksum_hasher(segment_id), header, key, value, out);
+    out.clear();
+    out.resize(header.padded_len() as usize, 0);
+    encode_into(&checksum_hasher(segment_id), header, key, value, out);
     debug_assert_eq!(decode(segment_id, out).ok().map(|(h, _, _)| h), Some(*header));
 }
 
-/// [`encode`] with the segment's CRC seed already hashed in (`checksum_hasher`), as the
-/// append path keeps it per segment.
-pub fn encode_seeded(seed: &Hasher, header: &Header, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    out.resize(header.padded_len() as usize, 0);
-    encode_into(seed, header, key, value, out);
-}
-
-/// Encodes a record into `out`, which is exactly its padded length: the append path encodes
+/// Encodes a record into `out`, which is exactly its padded length, with the segment's CRC
+/// seed (`checksum_hasher`, which the append path keeps per segment): the append path encodes
 /// straight into the segment's reserved space, with no buffer in between.
 pub fn encode_into(seed: &Hasher, header: &Header, key: &[u8], value: &[u8], out: &mut [u8]) {
     debug_assert_eq!(usize::from(header.key_len), key.len());

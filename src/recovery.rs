@@ -78,10 +78,8 @@ pub fn recover(
         }
         if segment.header.bucket_end_ms <= now_ms {
             if writer {
+                // Its table, if any, goes with the tables that have no segment (below).
                 drop(segment);
-                if table_ids.contains(&id) {
-                    remove(&table_path, "delete expired table")?;
-                }
                 remove(&path, "delete expired segment")?;
                 stats.expired_buckets_deleted += 1;
                 dir_changed = true;
@@ -111,12 +109,8 @@ pub fn recover(
     }
     if writer {
         for &id in table_ids.iter().filter(|id| !segments.contains_key(*id)) {
-            match io.remove(&dir.join(table_file_name(id))) {
-                Ok(()) => dir_changed = true,
-                // Already deleted with its expired segment above.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove table without segment", dir.join(table_file_name(id)), e)),
-            }
+            remove(&dir.join(table_file_name(id)), "remove table without segment")?;
+            dir_changed = true;
         }
     }
     // Phase 2: scan the segments that were being written, keeping per key the record with
@@ -215,8 +209,10 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
                 pos += header.padded_len() as usize;
             }
             Err(err) => {
-                if let Some(valid_at) = next_valid_record(id, &bytes, pos) {
-                    let _ = valid_at;
+                if bytes[pos..].iter().all(|&b| b == 0) {
+                    break;
+                }
+                if valid_record_after(id, &bytes, pos) {
                     if mode == Mode::ReadOnly && rereads < TAIL_REREADS_MAX {
                         // A live writer may have appended this record while the copy above was
                         // being taken (the copy read it before it was written, and the ones
@@ -234,16 +230,12 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
                         reason: err.reason(),
                     });
                 }
-                if bytes[pos..].iter().all(|&b| b == 0) {
-                    break;
-                }
-                let _ = err;
                 // A torn tail: the last write never completed. Zero it so the file ends cleanly.
                 let end = bytes.iter().rposition(|&b| b != 0).map_or(pos, |i| i + 1).max(pos);
                 let torn = (end - pos) as u64;
                 if mode == Mode::Writer && torn > 0 {
+                    // `recover` syncs every scanned segment right after the scan.
                     segment.write_at(pos as u64, &vec![0u8; end - pos])?;
-                    segment.sync().map_err(|e| Error::io("sync truncated segment", &segment.path, e))?;
                 }
                 return Ok(Scan { records, torn_bytes: torn });
             }
@@ -256,16 +248,16 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
 /// by valid ones (see `scan_segment`).
 const TAIL_REREADS_MAX: u32 = 3;
 
-/// The offset of the first valid record after `from`, scanning aligned positions.
-fn next_valid_record(id: u32, bytes: &[u8], from: usize) -> Option<usize> {
+/// Whether a valid record starts at some aligned position after `from`.
+fn valid_record_after(id: u32, bytes: &[u8], from: usize) -> bool {
     let mut pos = from + RECORD_ALIGN as usize;
     while pos + HEADER_LEN <= bytes.len() {
         if bytes[pos + 8] != 0 && record::decode(id, &bytes[pos..]).is_ok() {
-            return Some(pos);
+            return true;
         }
         pos += RECORD_ALIGN as usize;
     }
-    None
+    false
 }
 
 /// What `verify` found in one segment file.

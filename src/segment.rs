@@ -185,7 +185,11 @@ impl Segment {
             let _ = io.remove(&path);
             return Err(Error::io("write segment header", path, e));
         }
-        Ok(Segment {
+        Ok(Segment::new(header, path, file))
+    }
+
+    fn new(header: SegmentHeader, path: PathBuf, file: Box<dyn IoFile>) -> Segment {
+        Segment {
             header,
             path,
             file,
@@ -194,7 +198,7 @@ impl Segment {
             dead_bytes: 0.into(),
             growing: false.into(),
             crc_seed: record::checksum_hasher(header.id),
-        })
+        }
     }
 
     /// Opens an existing segment; `Ok(None)` when its header was never written (empty file).
@@ -208,16 +212,7 @@ impl Segment {
         let Some(header) = SegmentHeader::decode(path, &raw)? else {
             return Ok(None);
         };
-        Ok(Some(Segment {
-            header,
-            path: path.to_path_buf(),
-            file,
-            last_write_ms: header.created_at_ms.into(),
-            record_bytes: 0.into(),
-            dead_bytes: 0.into(),
-            growing: false.into(),
-            crc_seed: record::checksum_hasher(header.id),
-        }))
+        Ok(Some(Segment::new(header, path.to_path_buf(), file)))
     }
 
     /// Notes that a record written at `ms` (store time) went into this segment.
@@ -314,27 +309,14 @@ impl Segment {
         Error::Corrupt { file: self.path.clone(), offset, reason: e.reason() }
     }
 
-    /// Reads the header of the record at `offset` (a location the index vouches for) and
-    /// tells whether the record is for `key`.
-    fn header_for(&self, offset: u64, key: &[u8], raw: &mut [u8; HEADER_LEN]) -> Result<(Header, bool)> {
-        self.file.read_at(offset, raw).map_err(|e| Error::io("read record", &self.path, e))?;
-        let header = record::parse_header(raw).map_err(|e| self.corrupt(offset, e))?;
-        let same = usize::from(header.key_len) == key.len()
-            && self
-                .file
-                .eq_at(offset + HEADER_LEN as u64, key)
-                .map_err(|e| Error::io("read record key", &self.path, e))?;
-        Ok((header, same))
-    }
-
-    /// Reads the header of the record at `offset` and checks that it is for `key`. The whole
-    /// record's CRC is verified either way: a damaged key must be an error, never "another
-    /// key" (which would make a stored key look absent and let its effect run twice).
+    /// Reads the record at `offset` and tells whether it is `key`'s. The whole record's CRC is
+    /// verified either way: a damaged key must be an error, never "another key" (which would
+    /// make a stored key look absent and let its effect run twice).
     pub fn probe(&self, offset: u64, key: &[u8]) -> Result<Probe> {
-        let mut raw = [0u8; HEADER_LEN];
-        let (header, same) = self.header_for(offset, key, &mut raw)?;
-        self.verify(offset, &raw, &header)?;
-        Ok(if same { Probe::Match(header) } else { Probe::OtherKey })
+        Ok(match self.probe_read(offset, key)? {
+            Some((header, _)) => Probe::Match(header),
+            None => Probe::OtherKey,
+        })
     }
 
     /// Like [`Segment::probe`], and on a match also returns the record's value. The record is
@@ -369,32 +351,19 @@ impl Segment {
         if rest.get(..key_len) != Some(key) {
             return Ok(None);
         }
-        Ok(Some((header, rest[key_len..].to_vec())))
+        if rest_len <= SMALL_RECORD {
+            return Ok(Some((header, rest[key_len..].to_vec())));
+        }
+        // A large record: its buffer becomes the value (the key is cut off the front).
+        large.drain(..key_len);
+        Ok(Some((header, large)))
     }
 
-    /// Checks the CRC of the whole record at `offset`, so no answer is ever read from damaged
-    /// bytes (a flipped bit in an outcome is an error, not a wrong replay).
-    fn verify(&self, offset: u64, raw: &[u8; HEADER_LEN], header: &Header) -> Result<()> {
-        let mut hasher = self.crc_seed.clone();
-        hasher.update(&raw[4..]);
-        let mut chunk = [0u8; 512];
-        let mut at = offset + HEADER_LEN as u64;
-        let end = offset + header.record_len() as u64;
-        while at < end {
-            let n = (end - at).min(chunk.len() as u64) as usize;
-            let buf = &mut chunk[..n];
-            self.file.read_at(at, buf).map_err(|e| Error::io("read record", &self.path, e))?;
-            hasher.update(buf);
-            at += n as u64;
-        }
-        if hasher.finalize() != record::stored_checksum(raw) {
-            return Err(self.corrupt(offset, DecodeError::BadChecksum));
-        }
-        Ok(())
-    }
-
-    /// Reads the key of the record at `offset`.
-    pub fn read_key(&self, offset: u64, header: &Header) -> Result<Vec<u8>> {
+    /// Reads the key of the record at `offset` (a location an index vouches for).
+    pub fn key_at(&self, offset: u64) -> Result<Vec<u8>> {
+        let mut raw = [0u8; HEADER_LEN];
+        self.file.read_at(offset, &mut raw).map_err(|e| Error::io("read record", &self.path, e))?;
+        let header = record::parse_header(&raw).map_err(|e| self.corrupt(offset, e))?;
         let mut key = vec![0u8; usize::from(header.key_len)];
         self.file
             .read_at(offset + HEADER_LEN as u64, &mut key)

@@ -378,12 +378,6 @@ impl IoFile for SimHandle {
         Ok(())
     }
 
-    fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool> {
-        let state = self.0.state.lock();
-        let (start, end) = checked_range(offset, expected.len(), state.live.len() as u64)?;
-        Ok(&state.live[start..end] == expected)
-    }
-
     fn sync(&self) -> io::Result<()> {
         self.0.disk.sync_allowed()?;
         let mut guard = self.0.state.lock();

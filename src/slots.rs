@@ -31,6 +31,13 @@ const LOAD_DEN: usize = 4;
 /// Smallest table allocated.
 const MIN_CAPACITY: usize = 16;
 
+/// Spreads a hash's bits (a bijection): multiply by the golden-ratio constant, fold the high
+/// bits down.
+pub fn mix(hash: u64) -> u64 {
+    let x = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^ (x >> 29)
+}
+
 /// Hash -> location, at most one location per hash (the index keeps colliding keys apart).
 #[derive(Default)]
 pub struct Slots {
@@ -51,8 +58,7 @@ impl Slots {
     /// Where `hash` starts probing. The hash was chosen by the caller (possibly by a weak
     /// user-supplied function, and its top bits already picked the shard): mix it first.
     fn home(&self, hash: u64) -> usize {
-        let x = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (x ^ (x >> 29)) as usize & (self.slots.len() - 1)
+        mix(hash) as usize & (self.slots.len() - 1)
     }
 
     /// The slot holding `hash`, or the empty slot that ends its probe run.
@@ -77,6 +83,15 @@ impl Slots {
             return None;
         }
         self.probe(hash).ok().map(|i| self.slots[i].loc)
+    }
+
+    /// `hash`'s location, to change in place (the new one must not have offset 0).
+    pub fn get_mut(&mut self, hash: u64) -> Option<&mut Loc> {
+        if self.len == 0 {
+            return None;
+        }
+        let i = self.probe(hash).ok()?;
+        Some(&mut self.slots[i].loc)
     }
 
     /// Sets `hash`'s location, replacing the one it had; returns that one.
@@ -134,20 +149,20 @@ impl Slots {
         if self.len == 0 {
             return dropped;
         }
-        let kept: Vec<Slot> = self
-            .slots
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter(|s| {
-                let stays = keep(s.hash, s.loc);
-                if !stays {
-                    dropped.push(s.hash);
+        // The kept entries are only copied out once the first entry is dropped: a sweep that
+        // drops nothing (most shards, most of the time) leaves the table alone.
+        let mut kept: Option<Vec<Slot>> = None;
+        for (i, slot) in self.slots.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
+            if keep(slot.hash, slot.loc) {
+                if let Some(kept) = kept.as_mut() {
+                    kept.push(*slot);
                 }
-                stays
-            })
-            .copied()
-            .collect();
-        if !dropped.is_empty() {
+            } else {
+                dropped.push(slot.hash);
+                kept.get_or_insert_with(|| self.slots[..i].iter().filter(|s| !s.is_empty()).copied().collect());
+            }
+        }
+        if let Some(kept) = kept {
             self.rebuild(kept, self.slots.len());
         }
         dropped
@@ -259,13 +274,8 @@ mod tests {
     fn a_removal_inside_a_wrapped_run_keeps_every_later_key_reachable() {
         let mut slots = Slots::default();
         // Hashes with the same home slot fill one run that wraps past the table's end.
-        let same_home: Vec<u64> = (0u64..1 << 20)
-            .filter(|h| {
-                let x = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                (x ^ (x >> 29)) as usize & (MIN_CAPACITY - 1) == MIN_CAPACITY - 2
-            })
-            .take(5)
-            .collect();
+        let same_home: Vec<u64> =
+            (0u64..1 << 20).filter(|h| mix(*h) as usize & (MIN_CAPACITY - 1) == MIN_CAPACITY - 2).take(5).collect();
         for (n, h) in same_home.iter().enumerate() {
             slots.insert(*h, loc(n as u32));
         }

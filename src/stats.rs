@@ -19,7 +19,7 @@ pub struct RecoveryStats {
     pub duration_us: u64,
     /// Records read from segments.
     pub records: u64,
-    /// Segment files read.
+    /// Live segment files found (scanned, or mapped with their table).
     pub segments: u64,
     /// Bytes of torn tails truncated.
     pub torn_bytes_truncated: u64,
@@ -75,7 +75,7 @@ pub struct Stats {
     pub sealed_tables: u64,
     /// Entries in sealed tables (on disk, read through the map).
     pub sealed_entries: u64,
-    /// RAM taken by the sealed tables' filters, in bytes.
+    /// RAM taken by the sealed tables' filters and their union filter, in bytes.
     pub sealed_filter_bytes: u64,
     /// Live segment files.
     pub segments: u64,
@@ -101,7 +101,7 @@ pub struct Stats {
     pub sync_latency_us_total: u64,
     /// Slowest sync, in microseconds.
     pub sync_latency_us_max: u64,
-    /// Highest sequence number written / known durable.
+    /// Highest sequence number written.
     pub last_seq: u64,
     /// Highest sequence number known durable.
     pub durable_seq: u64,

@@ -28,6 +28,8 @@ use crate::types::{Claim, ClaimToken, Completed, Entry, Orphan};
 pub struct Store {
     inner: Arc<Inner>,
     housekeeper: Option<JoinHandle<()>>,
+    /// `close` ran: its sync and time floor need not be written again on drop.
+    closed: bool,
 }
 
 struct Inner {
@@ -55,21 +57,20 @@ struct Inner {
 struct Superseded {
     loc: Loc,
     padded_len: u64,
+    /// End of the bucket of the segment holding it (read when it was found).
+    bucket_end_ms: u64,
 }
 
-impl Superseded {
-    fn of(loc: Loc, header: &Header) -> Self {
-        Superseded { loc, padded_len: header.padded_len() }
-    }
-}
+/// A key's latest record as `find` read it: where it is, its header and its value.
+type Found = (Superseded, Header, Vec<u8>);
 
 /// The state of a key as its latest record tells it, at a given time.
 enum Current {
     Absent,
-    /// Where the record is, its header, and its value (the last checkpoint).
-    InFlight(Loc, Header, Vec<u8>),
-    /// Where the record is, its header, and its value (the outcome).
-    Completed(Loc, Header, Vec<u8>),
+    /// The record's header and its value (the last checkpoint).
+    InFlight(Header, Vec<u8>),
+    /// The record's header and its value (the outcome).
+    Completed(Header, Vec<u8>),
 }
 
 fn validate_options(options: &Options) -> Result<()> {
@@ -153,7 +154,7 @@ impl Store {
     /// at open; a tail being written is not an error, it is simply not visible. Writes fail
     /// with `Error::ReadOnly`.
     pub fn open_read_only(dir: impl AsRef<Path>) -> Result<Store> {
-        Self::open_read_only_with(dir, Options { background: false, ..Options::default() })
+        Self::open_read_only_with(dir, Options::default())
     }
 
     /// [`Store::open_read_only`] with explicit options (clock, I/O, limits).
@@ -174,8 +175,8 @@ impl Store {
     ) -> Result<Store> {
         let started = Instant::now();
         let io = options.io.clone();
-        let key_hash = options.key_hash;
-        let hasher = move |k: &[u8]| key_hash.map_or_else(|| xxhash_rust::xxh3::xxh3_64(k), |f| f(k));
+        let key_hash_fn = options.key_hash;
+        let hasher = move |k: &[u8]| key_hash(key_hash_fn, k);
         let saved_floor_ms = crate::time_floor::read(io.as_ref(), &dir);
         let probe_time = StoreTime::new(options.clock.clone(), saved_floor_ms);
         let recovered =
@@ -226,7 +227,7 @@ impl Store {
         } else {
             None
         };
-        Ok(Store { inner, housekeeper })
+        Ok(Store { inner, housekeeper, closed: false })
     }
 
     /// Claims `key` for the request `request` (only its 128-bit hash is kept), with the
@@ -304,7 +305,8 @@ impl Store {
         self.inner.sync_all()
     }
 
-    /// Drops every expired bucket now and cleans its index entries (the background thread does
+    /// Drops every expired bucket now and cleans its index entries, seals segments idle for
+    /// `Options::seal_idle_after`, and saves the store's time floor (the background thread does
     /// this on its own about once a second). Returns the number of buckets dropped.
     pub fn maintain(&self) -> Result<usize> {
         self.inner.maintain()
@@ -323,6 +325,7 @@ impl Store {
     /// Stops the background thread, syncs everything written, and releases the lock.
     pub fn close(mut self) -> Result<()> {
         self.stop_housekeeper();
+        self.closed = true;
         if self.inner.read_only {
             return Ok(());
         }
@@ -342,7 +345,7 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         self.stop_housekeeper();
-        if !self.inner.read_only && self.inner.commit.poisoned().is_none() {
+        if !self.closed && !self.inner.read_only && self.inner.commit.poisoned().is_none() {
             let _ = self.inner.sync_all();
             let _ = self.inner.save_time(true);
         }
@@ -357,10 +360,7 @@ impl std::fmt::Debug for Store {
 
 impl Inner {
     fn key_hash(&self, key: &[u8]) -> u64 {
-        match self.options.key_hash {
-            Some(f) => f(key),
-            None => xxhash_rust::xxh3::xxh3_64(key),
-        }
+        key_hash(self.options.key_hash, key)
     }
 
     fn check_key(&self, key: &[u8]) -> Result<()> {
@@ -389,14 +389,24 @@ impl Inner {
 
     /// The latest record of `key` and its value, confirmed against the stored key (and its
     /// CRC); drops index entries whose bucket is gone.
-    fn find(&self, shard: &mut Shard, hash: u64, key: &[u8]) -> Result<Option<(Loc, Header, Vec<u8>)>> {
+    fn find(&self, shard: &mut Shard, hash: u64, key: &[u8]) -> Result<Option<Found>> {
+        // `None` when the segment is gone (its bucket was dropped).
+        let probe = |loc: Loc| {
+            self.log.with_segment(loc.segment, |s| -> Result<Option<Found>> {
+                Ok(s.probe_read(u64::from(loc.offset), key)?.map(|(header, value)| {
+                    let old =
+                        Superseded { loc, padded_len: header.padded_len(), bucket_end_ms: s.header.bucket_end_ms };
+                    (old, header, value)
+                }))
+            })
+        };
         let mut gone: Option<Vec<Loc>> = None;
         let mut found = None;
         for loc in shard.candidates(hash) {
-            match self.log.with_segment(loc.segment, |s| s.probe_read(u64::from(loc.offset), key)) {
+            match probe(loc) {
                 None => gone.get_or_insert_with(Vec::new).push(loc),
-                Some(Ok(Some((header, value)))) => {
-                    found = Some((loc, header, value));
+                Some(Ok(Some(record))) => {
+                    found = Some(record);
                     break;
                 }
                 Some(Ok(None)) => {}
@@ -413,12 +423,10 @@ impl Inner {
         }
         // Not in RAM: its latest sealed record, if any (usually the filters say no). Tables
         // come newest first, so the first one holding the key holds its latest record.
-        let mut latest: Option<(Loc, Header, Vec<u8>)> = None;
+        let mut latest: Option<Found> = None;
         self.sealed.visit(hash, &mut |loc| {
-            if let Some(probe) = self.log.with_segment(loc.segment, |s| s.probe_read(u64::from(loc.offset), key))
-                && let Some((header, value)) = probe?
-            {
-                latest = Some((loc, header, value));
+            if let Some(record) = probe(loc).transpose()?.flatten() {
+                latest = Some(record);
                 return Ok(true);
             }
             Ok(false)
@@ -435,18 +443,18 @@ impl Inner {
         key: &[u8],
         now_ms: u64,
     ) -> Result<(Current, Option<Superseded>, u64)> {
-        let Some((loc, header, value)) = self.find(shard, hash, key)? else {
+        let Some((old, header, value)) = self.find(shard, hash, key)? else {
             return Ok((Current::Absent, None, 0));
         };
         debug_assert!(header.seq > 0);
         let state = if header.expires_at_ms <= now_ms || header.kind.is_absent() {
             Current::Absent
         } else if header.kind.is_in_flight() {
-            Current::InFlight(loc, header, value)
+            Current::InFlight(header, value)
         } else {
-            Current::Completed(loc, header, value)
+            Current::Completed(header, value)
         };
-        Ok((state, Some(Superseded { loc, padded_len: header.padded_len() }), header.seq))
+        Ok((state, Some(old), header.seq))
     }
 
     /// Under `Sync`, waits until record `seq` (the one an answer was read from or written) is
@@ -477,12 +485,8 @@ impl Inner {
         if self.read_only {
             return Ok(());
         }
-        let last = self.log.last_seq();
-        self.commit.check()?;
-        if last == 0 {
-            return Ok(());
-        }
-        self.commit.wait_durable(last, &LogSyncer(self))
+        // Seq 0 (nothing written) is durable at once: this then only reports a poisoned store.
+        self.commit.wait_durable(self.log.last_seq(), &LogSyncer(self))
     }
 
     /// Under `Sync`, keeps one group-commit batch under `batch_bytes_max`.
@@ -508,9 +512,7 @@ impl Inner {
     ) -> Result<(Header, Loc)> {
         let new_claim = header.kind == Kind::Claim;
         self.check_writable()?;
-        let retain_floor_ms = superseded
-            .and_then(|old| self.log.with_segment(old.loc.segment, |s| s.header.bucket_end_ms.saturating_sub(1)))
-            .unwrap_or(0);
+        let retain_floor_ms = superseded.map_or(0, |old| old.bucket_end_ms.saturating_sub(1));
         let retain_until_ms = header.expires_at_ms.max(retain_floor_ms);
         let appended = self.log.append(header, key, value, retain_until_ms, new_claim);
         if appended.is_ok()
@@ -518,19 +520,23 @@ impl Inner {
         {
             self.log.with_segment(old.loc.segment, |s| s.note_dead(old.padded_len));
         }
-        if self.log.growth_wanted() {
-            // Outside the appender lock: other writers go on meanwhile.
-            self.log.grow_ahead();
-        }
-        if self.options.background && self.log.take_spare_wanted() {
-            self.wake_housekeeper_for_spare();
-        }
         match appended {
             Err(Error::Poisoned { cause }) => {
                 self.commit.poison(cause.clone());
                 Err(Error::Poisoned { cause })
             }
             other => other,
+        }
+    }
+
+    /// Chores an append may leave, done once the key's shard lock is released (no claim on
+    /// that shard waits for them): growing a segment close to its end, asking for a spare.
+    fn after_write(&self) {
+        if self.log.growth_wanted() {
+            self.log.grow_ahead();
+        }
+        if self.options.background && self.log.take_spare_wanted() {
+            self.wake_housekeeper_for_spare();
         }
     }
 
@@ -560,7 +566,7 @@ impl Inner {
                     shard.counters.claims_acquired += 1;
                     break (Claim::Acquired(token_for(key, &written, false, Vec::new())), written.seq);
                 }
-                Current::Completed(_, header, outcome) => {
+                Current::Completed(header, outcome) => {
                     if header.request_hash != request_hash {
                         shard.counters.mismatches += 1;
                         break (Claim::Mismatch, seen_seq);
@@ -572,7 +578,7 @@ impl Inner {
                     }
                     break (Claim::Completed(completed_from(&header, outcome)), seen_seq);
                 }
-                Current::InFlight(loc, header, checkpoint) => {
+                Current::InFlight(header, checkpoint) => {
                     if header.request_hash != request_hash {
                         shard.counters.mismatches += 1;
                         break (Claim::Mismatch, seen_seq);
@@ -587,10 +593,9 @@ impl Inner {
                             expires_at_ms: now_ms.saturating_add(ttl_ms).max(header.expires_at_ms),
                             ..self.claim_record(key, now_ms, ttl_ms, lease_ms, request_hash)
                         };
-                        let (written, new_loc) =
-                            self.append(takeover, key, &checkpoint, Some(Superseded::of(loc, &header)))?;
+                        let (written, new_loc) = self.append(takeover, key, &checkpoint, old)?;
                         debug_assert!(written.token > header.token, "fencing tokens only grow");
-                        shard.set(hash, Some(loc), new_loc);
+                        shard.set(hash, old.map(|o| o.loc), new_loc);
                         shard.counters.claims_acquired += 1;
                         if orphan_takeover && !lease_over {
                             shard.counters.orphan_takeovers += 1;
@@ -616,6 +621,7 @@ impl Inner {
             }
         };
         drop(shard);
+        self.after_write();
         self.settle(seq)?;
         Ok(answer)
     }
@@ -649,28 +655,29 @@ impl Inner {
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
         let now_ms = self.time.now_ms();
-        let (state, _, _) = self.current(&mut shard, hash, key, now_ms)?;
-        let (loc, held) = match state {
-            Current::InFlight(loc, header, _) if header.token == token.id => (loc, header),
+        let (state, old, _) = self.current(&mut shard, hash, key, now_ms)?;
+        let held = match state {
+            Current::InFlight(header, _) if header.token == token.id => header,
             _ => {
                 shard.counters.stale_tokens += 1;
                 return Err(Error::StaleToken);
             }
         };
-        // A release keeps no value; a checkpoint renews the lease.
-        let value = if kind == Kind::Release { &[][..] } else { value };
+        // A checkpoint renews the lease (a release comes with no value).
+        debug_assert!(kind != Kind::Release || value.is_empty());
         let mut header = Header { kind, value_len: value.len() as u32, seq: 0, written_at_ms: now_ms, ..held };
         if kind == Kind::Checkpoint {
             header.lease_until_ms = now_ms.saturating_add(u64::from(held.lease_ms));
         }
-        let (written, new_loc) = self.append(header, key, value, Some(Superseded::of(loc, &held)))?;
-        shard.set(hash, Some(loc), new_loc);
+        let (written, new_loc) = self.append(header, key, value, old)?;
+        shard.set(hash, old.map(|o| o.loc), new_loc);
         match kind {
             Kind::Complete => shard.counters.completes += 1,
             Kind::Checkpoint => shard.counters.checkpoints += 1,
             _ => shard.counters.releases += 1,
         }
         drop(shard);
+        self.after_write();
         if kind != Kind::Checkpoint {
             locked.changed.notify_all();
         }
@@ -685,8 +692,8 @@ impl Inner {
         let (state, _, seq) = self.current(&mut shard, hash, key, now_ms)?;
         let entry = match state {
             Current::Absent => None,
-            Current::Completed(_, header, outcome) => Some(Entry::Completed(completed_from(&header, outcome))),
-            Current::InFlight(_, header, checkpoint) => Some(Entry::InFlight {
+            Current::Completed(header, outcome) => Some(Entry::Completed(completed_from(&header, outcome))),
+            Current::InFlight(header, checkpoint) => Some(Entry::InFlight {
                 claimed_at: ms_to_system_time(header.claimed_at_ms),
                 lease_expires_at: ms_to_system_time(header.lease_until_ms),
                 expires_at: ms_to_system_time(header.expires_at_ms),
@@ -706,19 +713,20 @@ impl Inner {
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
         let now_ms = self.time.now_ms();
-        let (state, _, seen_seq) = self.current(&mut shard, hash, key, now_ms)?;
-        let (loc, header) = match state {
+        let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms)?;
+        let header = match state {
             Current::Absent => {
                 drop(shard);
                 return self.settle(seen_seq);
             }
-            Current::InFlight(loc, header, _) | Current::Completed(loc, header, _) => (loc, header),
+            Current::InFlight(header, _) | Current::Completed(header, _) => header,
         };
         let tombstone = Header { kind: Kind::Remove, value_len: 0, seq: 0, written_at_ms: now_ms, ..header };
-        let (written, new_loc) = self.append(tombstone, key, &[], Some(Superseded::of(loc, &header)))?;
-        shard.set(hash, Some(loc), new_loc);
+        let (written, new_loc) = self.append(tombstone, key, &[], old)?;
+        shard.set(hash, old.map(|o| o.loc), new_loc);
         shard.counters.removes += 1;
         drop(shard);
+        self.after_write();
         locked.changed.notify_all();
         self.settle(written.seq)
     }
@@ -734,16 +742,7 @@ impl Inner {
         }
         let mut keys = std::collections::HashSet::new();
         for loc in locs {
-            let key = self.log.with_segment(loc.segment, |s| -> Result<Vec<u8>> {
-                let offset = u64::from(loc.offset);
-                let raw = s.read_raw(offset, HEADER_LEN)?;
-                let header = crate::record::parse_header(&raw).map_err(|e| Error::Corrupt {
-                    file: s.path.clone(),
-                    offset,
-                    reason: e.reason(),
-                })?;
-                s.read_key(offset, &header)
-            });
+            let key = self.log.with_segment(loc.segment, |s| s.key_at(u64::from(loc.offset)));
             if let Some(key) = key.transpose()? {
                 keys.insert(key);
             }
@@ -769,7 +768,7 @@ impl Inner {
             let mut shard = self.index.shard(hash).shard.lock();
             let now_ms = self.time.now_ms();
             let (state, _, seq) = self.current(&mut shard, hash, &key, now_ms)?;
-            let Current::InFlight(_, header, checkpoint) = state else { continue };
+            let Current::InFlight(header, checkpoint) = state else { continue };
             if header.incarnation == self.incarnation {
                 continue;
             }
@@ -822,14 +821,7 @@ impl Inner {
         if !tables.is_empty() {
             self.options.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
         }
-        // One shard at a time, so no claim waits for more than one shard's sweep.
-        let mut swept = 0u64;
-        for locked in self.index.shards() {
-            swept += locked.shard.lock().retain_live(|segment| !dead.contains(&segment)) as u64;
-            crate::pace::breathe();
-            locked.shard.lock().shrink();
-            crate::pace::breathe();
-        }
+        let swept = self.drop_index_entries(|segment| dead.contains(&segment));
         self.counters.keys_expired.fetch_add(swept, AtomicOrdering::Relaxed);
         self.counters.buckets_expired.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
         Ok(())
@@ -883,14 +875,23 @@ impl Inner {
         for (table, hashes) in tables {
             self.sealed.insert(table, &hashes);
         }
-        // Published: now the RAM entries can go (one shard at a time, no long pause).
+        // Published: now the RAM entries can go.
+        self.drop_index_entries(|segment| sealing.contains(&segment));
+        Ok(sealed)
+    }
+
+    /// Drops the RAM index entries of the segments `gone` picks and gives the memory back;
+    /// returns how many went. One shard at a time, with rests between (see `pace`), so no
+    /// claim waits for more than one shard's sweep.
+    fn drop_index_entries(&self, gone: impl Fn(u32) -> bool) -> u64 {
+        let mut dropped = 0u64;
         for locked in self.index.shards() {
-            locked.shard.lock().retain_live(|segment| !sealing.contains(&segment));
+            dropped += locked.shard.lock().retain_live(|segment| !gone(segment)) as u64;
             crate::pace::breathe();
             locked.shard.lock().shrink();
             crate::pace::breathe();
         }
-        Ok(sealed)
+        dropped
     }
 
     fn housekeep(&self) {
@@ -958,8 +959,11 @@ impl Inner {
         let c = &self.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(AtomicOrdering::Relaxed);
         let mut s = crate::index::ShardCounters::default();
+        let mut index_entries = 0u64;
         for locked in self.index.shards() {
-            s.add(&locked.shard.lock().counters);
+            let shard = locked.shard.lock();
+            s.add(&shard.counters);
+            index_entries += shard.len() as u64;
         }
         let (syncs, synced_records) = self.commit.counters();
         let (sealed_tables, sealed_entries, sealed_filter_bytes) = self.sealed.totals();
@@ -979,7 +983,7 @@ impl Inner {
             removes_total: s.removes,
             keys_expired_total: load(&c.keys_expired) + s.keys_expired,
             buckets_expired_total: load(&c.buckets_expired),
-            index_entries: self.index.len() as u64,
+            index_entries,
             sealed_tables,
             sealed_entries,
             sealed_filter_bytes,
@@ -1008,6 +1012,14 @@ struct HousekeeperCall {
     stop: bool,
     /// An append used up the spare segment: prepare the next one now.
     spare: bool,
+}
+
+/// A key's 64-bit index hash: `Options::key_hash` when set, else xxh3-64.
+fn key_hash(custom: Option<crate::options::KeyHashFn>, key: &[u8]) -> u64 {
+    match custom {
+        Some(f) => f(key),
+        None => xxhash_rust::xxh3::xxh3_64(key),
+    }
 }
 
 /// Group commit's view of the store: sync the log, and see how far it has been written.

@@ -80,9 +80,6 @@ impl IoFile for HidingFile {
         }
         Ok(())
     }
-    fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool> {
-        self.inner.eq_at(offset, expected)
-    }
     fn sync(&self) -> io::Result<()> {
         self.inner.sync()
     }

@@ -429,9 +429,6 @@ impl IoFile for SyncCountingFile {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.inner.read_at(offset, buf)
     }
-    fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool> {
-        self.inner.eq_at(offset, expected)
-    }
     fn sync(&self) -> io::Result<()> {
         self.inner.sync()?;
         self.file_syncs.fetch_add(1, SeqCst);

@@ -172,9 +172,6 @@ impl IoFile for CuttingFile {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.inner.read_at(offset, buf)
     }
-    fn eq_at(&self, offset: u64, expected: &[u8]) -> io::Result<bool> {
-        self.inner.eq_at(offset, expected)
-    }
     fn sync(&self) -> io::Result<()> {
         self.plan.before_mutation();
         self.inner.sync()
