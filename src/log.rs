@@ -257,6 +257,11 @@ impl Log {
                     segment
                 }
             };
+            if let Some(full) = app.active.remove(&bucket) {
+                // The bucket's full segment takes no more appends: its descriptor goes now
+                // (it is synced through its map from here on, like an evicted one).
+                full.segment.release_descriptor();
+            }
             if app.active.len() >= self.limits.open_segments_max {
                 // Bound the descriptors: the least recently written bucket gives its file up;
                 // a later write to that bucket opens a new segment.

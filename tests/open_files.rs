@@ -65,3 +65,34 @@ fn a_72_hour_window_of_one_minute_buckets_stays_within_max_open_files() {
     let live = ttls.iter().filter(|t| **t > Duration::from_secs(36 * 3600)).count();
     assert_eq!(store.keys().expect("keys").len(), live, "half the window expired, bucket by bucket");
 }
+
+/// A bucket that fills segment after segment gives each full segment's descriptor up when it
+/// moves on: one busy bucket never holds more than the segment it appends to.
+#[test]
+fn a_bucket_that_fills_many_segments_holds_one_descriptor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(START_MS);
+    let options = Options {
+        durability: Durability::None,
+        background: false,
+        clock: clock.clone(),
+        segment_bytes_max: 64 << 10,
+        segment_bytes_initial: 16 << 10,
+        max_key_len: 64,
+        max_outcome_len: 128,
+        ..Default::default()
+    };
+    let store = Store::open(dir.path(), options).expect("open");
+    for i in 0..4_000 {
+        let token = match store.claim(format!("key-{i}"), b"req").expect("claim") {
+            Claim::Acquired(token) => token,
+            other => panic!("fresh key-{i}: {other:?}"),
+        };
+        store.complete(&token, [7u8; 64]).expect("complete");
+    }
+    let stats = store.stats();
+    assert!(stats.segments >= 10, "the bucket filled several segments: {stats:?}");
+    // The lock file and the one segment taking appends.
+    assert!(descriptors_into(dir.path()) <= 2, "{} descriptors for one bucket", descriptors_into(dir.path()));
+    assert!(stats.open_files <= 2, "{stats:?}");
+}
