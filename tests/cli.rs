@@ -442,10 +442,11 @@ fn read_commands_stay_clean_while_a_writer_appends() {
     let clock = ManualClock::new(START_MS);
     let writer = std::sync::Arc::new(Store::open(dir.path(), options(&clock)).expect("open"));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Cycles over 500 keys (claim, complete, remove) so the window stays small while the files
     // grow; bounded so a fast writer cannot make the reads slow.
     let appender = {
-        let (writer, stop) = (writer.clone(), stop.clone());
+        let (writer, stop, progress) = (writer.clone(), stop.clone(), progress.clone());
         std::thread::spawn(move || {
             let mut n = 0u64;
             while n < ITERATIONS_MAX && !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -453,19 +454,23 @@ fn read_commands_stay_clean_while_a_writer_appends() {
                 claim_and_complete(&writer, key.as_bytes(), b"request", &vec![b'x'; (n % 300) as usize]);
                 writer.remove(&key).expect("remove");
                 n += 1;
+                progress.store(n, std::sync::atomic::Ordering::Relaxed);
             }
             n
         })
     };
+    let before_reads = progress.load(std::sync::atomic::Ordering::Relaxed);
     for round in 0..4 {
         for args in [vec!["verify", d], vec!["list", d], vec!["dump", d, "--json"], vec!["stats", d]] {
             let out = idemstore(&args);
             assert_eq!(out.status.code(), Some(0), "round {round} {args:?}: {}{}", stdout(&out), stderr(&out));
         }
     }
+    let after_reads = progress.load(std::sync::atomic::Ordering::Relaxed);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let written = appender.join().expect("appender");
     assert!(written > 0, "the writer wrote while the CLI read");
+    assert!(after_reads > before_reads, "the writer was done before the first read command ran ({before_reads} ops)");
 }
 
 /// A claim held by the live writer is in flight, not orphaned: its holder is alive. (The
@@ -482,6 +487,7 @@ fn a_live_writers_claim_is_in_flight_not_orphaned() {
     let out = idemstore(&["get", d, "sending"]);
     assert!(stdout(&out).contains("state       in-flight"), "{}", stdout(&out));
     let out = idemstore(&["list", d, "--state", "orphaned"]);
+    assert!(out.status.success(), "list failed: {}", stderr(&out));
     assert_eq!(stdout(&out), "", "the live writer's claim listed as an orphan");
 }
 

@@ -197,9 +197,11 @@ fn flipped_byte_in_a_sealed_segment_is_an_error_never_an_absent_key() {
         // Idle for two hours (inside the 24 h window): maintain seals the segment.
         clock.advance(std::time::Duration::from_secs(2 * 3600));
         store.maintain().unwrap();
+        assert!(store.stats().sealed_tables >= 1, "maintain sealed nothing: {:?}", store.stats());
         store.close().unwrap();
     }
     let pristine = files(dir.path());
+    assert!(pristine.keys().any(|p| p.extension().is_some_and(|e| e == "tbl")), "no table file was written");
     let segment = pristine.keys().find(|p| p.extension().is_some_and(|e| e == "seg")).unwrap().clone();
     let records = record_offsets(&pristine[&segment]);
     assert_eq!(records.len(), 12);

@@ -221,6 +221,7 @@ fn colliding_keys_stay_separate_in_sealed_segments() {
         // Long idle: the segment stops taking writes and is sealed by maintain.
         clock.advance(Duration::from_secs(2 * 3600));
         store.maintain().unwrap();
+        assert!(store.stats().sealed_tables >= 1, "maintain sealed nothing: {:?}", store.stats());
         for key in KEYS.iter().filter(|k| **k != "omega") {
             assert_completed(&store, key);
         }

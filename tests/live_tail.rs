@@ -106,12 +106,10 @@ fn open_hiding(
     clock: &Arc<ManualClock>,
     record: (usize, usize),
     hidden_reads: u32,
-) -> idemstore::Result<Store> {
-    let io = HidingIo {
-        hidden: (record.0 as u64, record.0 as u64 + 96),
-        reads_left: Arc::new(AtomicU32::new(hidden_reads)),
-    };
-    Store::open_read_only_with(dir, Options { io: Arc::new(io), background: false, ..common::options(clock) })
+) -> (idemstore::Result<Store>, Arc<AtomicU32>) {
+    let reads_left = Arc::new(AtomicU32::new(hidden_reads));
+    let io = HidingIo { hidden: (record.0 as u64, record.0 as u64 + 96), reads_left: reads_left.clone() };
+    (Store::open_read_only_with(dir, Options { io: Arc::new(io), ..common::options(clock) }), reads_left)
 }
 
 #[test]
@@ -119,7 +117,9 @@ fn a_record_missing_from_the_first_copy_but_present_on_a_reread_is_the_live_tail
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
     let records = store_with_records(dir.path(), &clock);
-    let view = open_hiding(dir.path(), &clock, records[10], 1).expect("a live tail is not corruption");
+    let (view, reads_left) = open_hiding(dir.path(), &clock, records[10], 1);
+    let view = view.expect("a live tail is not corruption");
+    assert_eq!(reads_left.load(Ordering::SeqCst), 0, "the first copy never missed the record");
     for i in 0..8 {
         let Some(Entry::Completed(done)) = view.get(format!("key-{i}")).unwrap() else {
             panic!("key-{i} not completed")
@@ -133,6 +133,6 @@ fn a_record_missing_from_every_copy_is_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
     let records = store_with_records(dir.path(), &clock);
-    let err = open_hiding(dir.path(), &clock, records[10], u32::MAX).expect_err("damage that stays is corruption");
+    let err = open_hiding(dir.path(), &clock, records[10], u32::MAX).0.expect_err("damage that stays is corruption");
     assert!(matches!(err, Error::Corrupt { offset, .. } if offset == records[10].0 as u64), "got {err:?}");
 }

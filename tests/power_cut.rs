@@ -759,13 +759,24 @@ fn reopen_succeeds_when_fewer_than_a_header_of_zeros_follow_the_last_record() {
         clock: ManualClock::new(START_MS),
         io: Arc::new(disk.clone()),
         background: false,
-        // Segment header (64) + one claim of a 1-byte key (96 + 1, padded to 104) + 8 spare bytes.
+        // Segment header (64) + one claim of a 1-byte key (96 + 1, padded to 104) + 8 spare
+        // bytes, and no room to grow (growth ahead of need would otherwise add a step).
         segment_bytes_initial: 64 + 104 + 8,
+        segment_bytes_max: 64 + 104 + 8,
+        max_key_len: 1,
+        max_outcome_len: 0,
         ..Options::default()
     };
     let store = Store::open(DIR, options.clone()).expect("open");
     assert!(matches!(store.claim("k", "request").expect("claim"), Claim::Acquired(_)));
     store.close().expect("close");
+    let segments: Vec<_> =
+        disk.file_paths().into_iter().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
+    assert!(!segments.is_empty());
+    for path in segments {
+        let len = disk.read_file(&path).expect("segment bytes").len();
+        assert_eq!(len, 64 + 104 + 8, "{path:?}: the tail after the record is not 8 bytes");
+    }
     let store = Store::open(DIR, options).expect("reopen after a clean close");
     assert!(matches!(store.get("k").expect("get"), Some(Entry::InFlight { .. })));
 }

@@ -240,6 +240,10 @@ fn every_stats_field_lands_in_its_own_sample() {
         sealed_entries: 133,
         sealed_filter_bytes: 134,
         segments: 116,
+        open_files: 135,
+        appended_bytes_total: 136,
+        live_bytes: 137,
+        dead_bytes: 138,
         disk_bytes: 117,
         syncs_total: 118,
         synced_records_total: 119,
@@ -263,7 +267,7 @@ fn every_stats_field_lands_in_its_own_sample() {
         ..Stats::default()
     };
     let e = parse(&stats.to_prometheus()).expect("valid exposition");
-    let expected: [Expected; 29] = [
+    let expected: [Expected; 33] = [
         ("idemstore_claims_total", &[("outcome", "acquired")], 101),
         ("idemstore_claims_total", &[("outcome", "in_progress")], 102),
         ("idemstore_claims_total", &[("outcome", "replayed")], 103),
@@ -284,6 +288,10 @@ fn every_stats_field_lands_in_its_own_sample() {
         ("idemstore_sealed_entries", &[], 133),
         ("idemstore_sealed_filter_bytes", &[], 134),
         ("idemstore_segments", &[], 116),
+        ("idemstore_open_files", &[], 135),
+        ("idemstore_appended_bytes_total", &[], 136),
+        ("idemstore_live_bytes", &[], 137),
+        ("idemstore_dead_bytes", &[], 138),
         ("idemstore_disk_bytes", &[], 117),
         ("idemstore_syncs_total", &[], 118),
         ("idemstore_synced_records_total", &[], 119),

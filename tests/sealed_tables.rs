@@ -142,6 +142,11 @@ proptest! {
         }
         let from_tables = Store::open(dir(), options(&with_tables, &clock)).expect("open with tables");
         let from_scan = Store::open(dir(), options(&by_scan, &clock)).expect("open by scan");
+        // The two opens really took the two paths.
+        prop_assert_eq!(from_scan.stats().recovery.tables_loaded, 0);
+        if !table_paths(&with_tables).is_empty() {
+            prop_assert!(from_tables.stats().recovery.tables_loaded > 0);
+        }
         prop_assert_eq!(&snapshot(&from_tables, &keys), &before);
         prop_assert_eq!(&snapshot(&from_scan, &keys), &before);
         let listed = |s: &Store| s.keys().expect("keys").into_iter().map(|(k, _)| k).collect::<Vec<_>>();
