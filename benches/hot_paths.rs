@@ -14,6 +14,9 @@ use std::time::Instant;
 
 use idemstore::{Claim, Durability, Options, Store};
 
+mod support;
+use support::bench_parent_dir;
+
 fn keys(n: usize, salt: u64) -> Vec<[u8; 16]> {
     (0..n as u64)
         .map(|i| {
@@ -44,7 +47,7 @@ fn main() {
     println!("| --- | ---: | ---: | ---: |");
     let options = || Options { durability: Durability::None, ..Default::default() };
 
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
     let store = Store::open(dir.path(), options()).expect("open");
     let fresh = keys(n, 1);
     let started = Instant::now();
@@ -59,7 +62,7 @@ fn main() {
     rate("claim of a key in flight", n, started);
     drop(store);
 
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
     let store = Store::open(dir.path(), options()).expect("open");
     let done = keys(n, 2);
     for key in &done {

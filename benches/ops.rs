@@ -17,17 +17,16 @@
 //! default 100,000), `IDEMSTORE_BENCH_DIR` (where the temp dirs go, default the system temp dir).
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime};
 use idemstore::{Claim, ClaimToken, Durability, Entry, Options, Store};
 use tempfile::TempDir;
 
-/// Request bytes of every claim (only their 128-bit hash is stored).
 mod support;
 use support::*;
 
+/// Request bytes of every claim (only their 128-bit hash is stored).
 const REQUEST: &[u8] = b"POST /payments amount=100";
 /// The small outcome (a typical HTTP status line and short JSON body).
 const OUTCOME_SMALL_BYTES: usize = 64;
@@ -37,14 +36,6 @@ const OUTCOME_LARGE_BYTES: usize = 4096;
 const LEASE: Duration = Duration::from_secs(3600);
 /// Threads that fill a store before a bench (group commit makes a `Sync` fill fast).
 const FILL_THREADS: usize = 8;
-
-fn durability_label(durability: Durability) -> String {
-    match durability {
-        Durability::Sync => "Sync".into(),
-        Durability::Periodic(d) => format!("Periodic({}s)", d.as_secs_f64()),
-        Durability::None => "None".into(),
-    }
-}
 
 /// The durabilities of a read op, and of a write op (`Sync` only for writes).
 fn durabilities(write: bool) -> Vec<Durability> {
@@ -61,17 +52,17 @@ fn stored_keys() -> usize {
 }
 
 /// A fresh store on the real disk. The `TempDir` must outlive the store.
-fn open_store(durability: Durability) -> (TempDir, Arc<Store>) {
+fn open_store(durability: Durability) -> (TempDir, Store) {
     let dir = tempfile::tempdir_in(bench_parent_dir()).expect("create bench temp dir");
     let options = Options { durability, default_lease: LEASE, ..Default::default() };
     let store = Store::open(dir.path(), options).expect("open store");
-    (dir, Arc::new(store))
+    (dir, store)
 }
 
 /// A group `<op>/<durability>` with settings that keep the whole run to a few minutes; `Sync`
 /// groups take the minimum of 10 samples.
 fn group<'a>(c: &'a mut Criterion, op: &str, durability: Durability) -> BenchmarkGroup<'a, WallTime> {
-    let mut group = c.benchmark_group(format!("{op}/{}", durability_label(durability)));
+    let mut group = c.benchmark_group(format!("{op}/{durability:?}"));
     group.throughput(Throughput::Elements(1));
     if durability == Durability::Sync {
         group.sample_size(10);
@@ -83,9 +74,8 @@ fn group<'a>(c: &'a mut Criterion, op: &str, durability: Durability) -> Benchmar
 
 fn print_workload(op: &str, durability: Durability, value: &str, stored: &str, store: &Store) {
     println!(
-        "workload {op}/{}: keys 16 B random (pre-generated), request {} B, {value}, 1 thread, \
+        "workload {op}/{durability:?}: keys 16 B random (pre-generated), request {} B, {value}, 1 thread, \
          durability {durability:?}, {stored}, store dir {} (real disk), background thread on",
-        durability_label(durability),
         REQUEST.len(),
         store.dir().display()
     );

@@ -25,7 +25,7 @@
 //!
 //! Every answer is checked (an insert of a new key must insert, a replay must return the
 //! outcome), and each row runs in a child process of its own with a fresh data dir, so RAM is
-//! measured without another row's leftovers: RSS (`RssAnon`) growth over the insert phase for
+//! measured without another row's leftovers: RSS (`RssAnon`) growth over the insert and complete phases for
 //! the in-process engines, `INFO memory` `used_memory` growth for Redis. Disk per key is the
 //! allocated size of the data dir after the row, divided by the keys (it includes each
 //! engine's preallocation, which dominates at small key counts).
@@ -33,7 +33,7 @@
 //! Run: `cargo bench --features peers --bench peers` (about 2-3 minutes). Knobs: `PEERS_KEYS`
 //! (keys per non-durable row, default 200,000), `PEERS_DURABLE_KEYS` (default 5,000),
 //! `PEERS_REPLAYS` (replays per row, at least one per key, default 100,000), `PEERS_PHASE_SECS`
-//! (cap on each timed phase, default 20), `PEERS_ENGINES` (comma-separated subset of
+//! (cap on the insert and replay phases, default 20), `PEERS_ENGINES` (comma-separated subset of
 //! `idemstore,redis,sqlite,redb`), `PEERS_REDIS_SERVER` (path of `redis-server`),
 //! `IDEMSTORE_BENCH_DIR` (where the temp dirs go, default the system temp dir).
 
@@ -47,10 +47,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hdrhistogram::Histogram;
 use idemstore::{Claim, ClaimToken, Options, Store};
 
-/// Environment variable that makes this binary run one row as a child.
 mod support;
 use support::*;
 
+/// Environment variable that makes this binary run one row as a child.
 const CHILD_ENV: &str = "PEERS_CHILD";
 /// The outcome stored for every key.
 const OUTCOME: [u8; 64] = [0x6F; 64];
@@ -60,7 +60,7 @@ const REQUEST: &[u8] = b"POST /payments amount=100";
 const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Thread (client) counts.
 const THREADS: [usize; 2] = [1, 16];
-/// Every engine, in table order; idemstore first (the ratios divide by its row).
+/// Every engine, in table order (the ratios are idemstore's row ÷ each engine's).
 const ENGINES: [&str; 4] = ["idemstore", "redis", "sqlite", "redb"];
 
 fn main() {
@@ -367,7 +367,7 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                     for key in &keys {
                         assert!(engine.insert(&mut handle, key), "a new random key was not inserted");
                         let now = Instant::now();
-                        latency[0].saturating_record(nanos(now - last));
+                        latency[0].saturating_record(duration_nanos(now - last));
                         last = now;
                         inserted += 1;
                         if now - insert_started > cap {
@@ -389,7 +389,7 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                         let outcome = engine.replay(&mut handle, key);
                         assert_eq!(outcome.as_deref(), Some(&OUTCOME[..]), "a replay did not return the outcome");
                         let now = Instant::now();
-                        latency[2].saturating_record(nanos(now - last));
+                        latency[2].saturating_record(duration_nanos(now - last));
                         last = now;
                         replayed += 1;
                         if now - replay_started > cap {
@@ -492,7 +492,7 @@ impl Engine for Idemstore {
         for token in tokens.iter() {
             self.store.complete(token, OUTCOME).expect("idemstore complete");
             let now = Instant::now();
-            latency.saturating_record(nanos(now - last));
+            latency.saturating_record(duration_nanos(now - last));
             last = now;
         }
         let completed = tokens.len() as u64;
@@ -729,10 +729,6 @@ impl Engine for Redb {
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {

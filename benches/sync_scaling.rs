@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use idemstore::{Claim, Durability, Options, Store};
 
-/// Bytes of one raw record in the physical-limit loops.
 mod support;
 use support::*;
 
+/// Bytes of one raw record in the physical-limit loops.
 const RAW_RECORD_BYTES: usize = 64;
 /// Size of the preallocated, zero-filled file of the in-place loop (wraps around when full).
 const INPLACE_FILE_BYTES: u64 = 16 << 20;
@@ -314,7 +314,7 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, duration: D
     let is_sync_claims = durability == Durability::Sync;
     Row {
         name: "claims (new keys)".into(),
-        durability: durability_label(durability),
+        durability: format!("{durability:?}"),
         threads,
         ops,
         elapsed,
@@ -324,18 +324,6 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, duration: D
         is_sync_claims,
         raw: None,
     }
-}
-
-fn durability_label(durability: Durability) -> String {
-    match durability {
-        Durability::Sync => "Sync".into(),
-        Durability::Periodic(d) => format!("Periodic({} ms)", d.as_millis()),
-        Durability::None => "None".into(),
-    }
-}
-
-fn duration_nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
 }
 
 fn sync_dir(dir: &Path) {

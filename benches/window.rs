@@ -55,10 +55,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use idemstore::{Claim, ClaimOptions, Durability, Entry, ManualClock, Options, Store};
 
-/// Environment variable that makes this binary run one measurement as a child.
 mod support;
 use support::*;
 
+/// Environment variable that makes this binary run one measurement as a child.
 const CHILD_ENV: &str = "WINDOW_CHILD";
 /// Request bytes of every claim (only their hash is stored).
 const REQUEST: &[u8] = b"POST /payments amount=100";
@@ -538,7 +538,7 @@ fn child_expiry(count: u64) -> Vec<(&'static str, f64)> {
                     let phase_before = phase.load(Ordering::SeqCst);
                     let started = Instant::now();
                     let claim = store.claim(key, REQUEST).expect("claim during expiry");
-                    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+                    let nanos = duration_nanos(started.elapsed());
                     let phase_after = phase.load(Ordering::SeqCst);
                     assert!(matches!(claim, Claim::Acquired(_)), "a new random key was not acquired: {claim:?}");
                     all.saturating_record(nanos);
@@ -825,7 +825,7 @@ fn child_sealed_claims(count: u64, dir: &Path) -> Vec<(&'static str, f64)> {
     for key in &replay_keys {
         let t = Instant::now();
         let claim = store.claim(key, REQUEST).expect("replay claim");
-        let nanos = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+        let nanos = duration_nanos(t.elapsed());
         assert!(
             matches!(&claim, Claim::Completed(c) if c.outcome == SEALED_OUTCOME),
             "a completed sealed key did not replay its outcome: {claim:?}"
@@ -865,7 +865,7 @@ fn time_fresh_claims(store: &Store, count: u64, seed: u64) -> (Histogram<u64>, f
     for key in &fresh {
         let t = Instant::now();
         let claim = store.claim(key, REQUEST).expect("fresh claim");
-        let nanos = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+        let nanos = duration_nanos(t.elapsed());
         assert!(matches!(claim, Claim::Acquired(_)), "a fresh random key was not acquired: {claim:?}");
         histogram.saturating_record(nanos);
     }
