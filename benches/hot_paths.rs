@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use idemstore::{Claim, Durability, Options, Store};
+use idemstore::{Claim, ClaimOptions, Durability, Options, Store};
 
 mod support;
 use support::bench_parent_dir;
@@ -75,4 +75,43 @@ fn main() {
         debug_assert_eq!(c.outcome.len(), 64);
     }
     rate("replay of a completed key (64 B)", n, started);
+    drop(store);
+
+    // The same three paths through `claim_many`, a batch at a time, on fresh keys.
+    let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
+    let store = Store::open(dir.path(), options()).expect("open");
+    let batched = keys(n, 3);
+    let batches = || batched.chunks(BATCH).map(|keys| keys.iter().map(|k| (*k, b"req")).collect::<Vec<_>>());
+    let started = Instant::now();
+    for batch in batches() {
+        for answer in store.claim_many(&batch, ClaimOptions::default()) {
+            let Ok(Claim::Acquired(_)) = answer else { panic!("fresh key") };
+        }
+    }
+    rate(&format!("claim_many of new keys ({BATCH} a batch)"), n, started);
+    let started = Instant::now();
+    for batch in batches() {
+        for answer in store.claim_many(&batch, ClaimOptions::default()) {
+            let Ok(Claim::InProgress { .. }) = answer else { panic!("in flight") };
+        }
+    }
+    rate(&format!("claim_many of keys in flight ({BATCH} a batch)"), n, started);
+    drop(store);
+    let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
+    let store = Store::open(dir.path(), options()).expect("open");
+    for key in &batched {
+        let Ok(Claim::Acquired(token)) = store.claim(key, b"req") else { panic!("fresh key") };
+        store.complete(&token, [7u8; 64]).expect("complete");
+    }
+    let started = Instant::now();
+    for batch in batches() {
+        for answer in store.claim_many(&batch, ClaimOptions::default()) {
+            let Ok(Claim::Completed(c)) = answer else { panic!("completed") };
+            debug_assert_eq!(c.outcome.len(), 64);
+        }
+    }
+    rate(&format!("claim_many replays of completed keys (64 B, {BATCH} a batch)"), n, started);
 }
+
+/// Keys per `claim_many` call in the batched rows.
+const BATCH: usize = 64;

@@ -476,17 +476,45 @@ const MODEL_STEPS_MS: [u64; 9] = [1, 10, 100, 999, 1_000, 5_000, 30_000, 61_000,
 /// survived; one variant for both keeps restarts, the costliest step, at one step in eleven.
 #[derive(Debug, Clone, Arbitrary)]
 enum ModelOp {
-    Claim { key: u8, request: u8, ttl: u8, lease: u8 },
-    Complete { token: u8, outcome: u8 },
-    Checkpoint { token: u8, phase: u8 },
-    Release { token: u8 },
-    Remove { key: u8 },
-    Get { key: u8 },
+    Claim {
+        key: u8,
+        request: u8,
+        ttl: u8,
+        lease: u8,
+    },
+    /// (key, request) pairs claimed in one `claim_many` call; checked as single claims in order.
+    ClaimMany {
+        items: Vec<(u8, u8)>,
+        ttl: u8,
+        lease: u8,
+    },
+    Complete {
+        token: u8,
+        outcome: u8,
+    },
+    Checkpoint {
+        token: u8,
+        phase: u8,
+    },
+    Release {
+        token: u8,
+    },
+    Remove {
+        key: u8,
+    },
+    Get {
+        key: u8,
+    },
     Orphans,
-    Advance { step: u8 },
+    Advance {
+        step: u8,
+    },
     Sync,
     Maintain,
-    Restart { power_cut: bool, torn_seed: Option<u64> },
+    Restart {
+        power_cut: bool,
+        torn_seed: Option<u64>,
+    },
 }
 
 /// What the model knows about a key.
@@ -647,6 +675,7 @@ impl ModelRun {
             ModelOp::Claim { key, request, ttl, lease } => {
                 self.claim(key % MODEL_KEYS, request % MODEL_REQUESTS, ttl, lease)
             }
+            ModelOp::ClaimMany { ref items, ttl, lease } => self.claim_many(items, ttl, lease),
             ModelOp::Complete { token, outcome } => {
                 let Some((key, token)) = self.pick_token(token) else { return };
                 let outcome = vec![outcome; usize::from(outcome % 7)];
@@ -733,9 +762,8 @@ impl ModelRun {
         }
     }
 
-    fn claim(&mut self, key: u8, request: u8, ttl: u8, lease: u8) {
-        let now = self.now_ms();
-        let step = self.step;
+    /// The claim options `ttl` and `lease` pick, and the TTL and lease (ms) they mean.
+    fn claim_options(ttl: u8, lease: u8) -> (ClaimOptions, u64, u64) {
         let ttl_ms = MODEL_TTLS_MS[usize::from(ttl) % MODEL_TTLS_MS.len()];
         let lease_ms = MODEL_LEASES_MS[usize::from(lease) % MODEL_LEASES_MS.len()];
         let options = ClaimOptions {
@@ -743,12 +771,38 @@ impl ModelRun {
             lease: lease_ms.map(Duration::from_millis),
             wait: None,
         };
-        let ttl_ms = ttl_ms.unwrap_or(MODEL_DEFAULT_TTL_MS);
-        let lease_ms = lease_ms.unwrap_or(MODEL_DEFAULT_LEASE_MS);
+        (options, ttl_ms.unwrap_or(MODEL_DEFAULT_TTL_MS), lease_ms.unwrap_or(MODEL_DEFAULT_LEASE_MS))
+    }
+
+    fn claim(&mut self, key: u8, request: u8, ttl: u8, lease: u8) {
+        let step = self.step;
+        let (options, ttl_ms, lease_ms) = Self::claim_options(ttl, lease);
         let got = self
             .store()
             .claim_with(model_key(key), model_request(request), options)
             .unwrap_or_else(|e| panic!("step {step}: claim failed: {e}"));
+        self.check_claim(key, request, ttl_ms, lease_ms, got);
+    }
+
+    /// A batch answers as its claims made one at a time would: each answer is checked against
+    /// the model, which then takes that claim, before the next answer.
+    fn claim_many(&mut self, items: &[(u8, u8)], ttl: u8, lease: u8) {
+        let step = self.step;
+        let (options, ttl_ms, lease_ms) = Self::claim_options(ttl, lease);
+        let items: Vec<(u8, u8)> = items.iter().map(|&(k, r)| (k % MODEL_KEYS, r % MODEL_REQUESTS)).collect();
+        let batch: Vec<(Vec<u8>, Vec<u8>)> = items.iter().map(|&(k, r)| (model_key(k), model_request(r))).collect();
+        let answers = self.store().claim_many(&batch, options);
+        assert_eq!(answers.len(), items.len(), "step {step}: claim_many answered a different number of items");
+        for ((key, request), answer) in items.into_iter().zip(answers) {
+            let got = answer.unwrap_or_else(|e| panic!("step {step}: claim_many failed for key {key}: {e}"));
+            self.check_claim(key, request, ttl_ms, lease_ms, got);
+        }
+    }
+
+    /// Checks one claim's answer against the model and applies it.
+    fn check_claim(&mut self, key: u8, request: u8, ttl_ms: u64, lease_ms: u64, got: Claim) {
+        let now = self.now_ms();
+        let step = self.step;
         let current_incarnation = self.model.incarnation;
         // (recovered, checkpoint, expires_at_ms) of an expected acquisition, or the exact answer.
         let acquisition = match self.model.live(key, now) {

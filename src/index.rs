@@ -91,6 +91,16 @@ impl Shard {
         self.main.get(hash).into_iter().chain(spilled.into_iter().flatten().copied())
     }
 
+    /// Starts loading `hash`'s slot into cache (a batch warms every key's slot first).
+    pub fn prefetch(&self, hash: u64) {
+        self.main.prefetch(hash);
+    }
+
+    /// The location of `hash`'s primary entry, if any: where its record most likely lives.
+    pub fn primary(&self, hash: u64) -> Option<Loc> {
+        self.main.get(hash)
+    }
+
     /// Points the key that lived at `old` (or a new key, when `old` is `None`) at `new`.
     pub fn set(&mut self, hash: u64, old: Option<Loc>, new: Loc) {
         debug_assert!(new.offset != 0, "no record starts at offset 0");

@@ -99,6 +99,9 @@ pub trait IoFile: Send + Sync {
         fill(&mut buf);
         self.write_at(offset, &buf)
     }
+    /// Starts loading the bytes at `offset` into the CPU cache, when the file is mapped (a hint:
+    /// does nothing otherwise, or when `offset` lies past `len()`).
+    fn prefetch(&self, _offset: u64) {}
     /// Reads `buf.len()` bytes at `offset`; the range must lie within `len()`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Makes every write so far durable (fdatasync).
@@ -334,6 +337,17 @@ impl IoFile for MappedFile {
         let bytes = unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(start), len) };
         fill(bytes);
         Ok(())
+    }
+
+    fn prefetch(&self, offset: u64) {
+        if let Ok(start) = usize::try_from(offset)
+            && offset < self.len()
+        {
+            // A record's header and first bytes: the header's line and the next.
+            let at = self.map.as_ptr().wrapping_add(start);
+            crate::prefetch::prefetch_read(at);
+            crate::prefetch::prefetch_read(at.wrapping_add(64));
+        }
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -38,6 +38,7 @@ pub mod io;
 mod log;
 mod options;
 mod pace;
+mod prefetch;
 mod record;
 mod recovery;
 mod segment;

@@ -359,6 +359,11 @@ impl Segment {
         Ok(Some((header, large)))
     }
 
+    /// Starts loading the record at `offset` into cache (a hint; see `IoFile::prefetch`).
+    pub fn prefetch(&self, offset: u64) {
+        self.file.prefetch(offset);
+    }
+
     /// Reads the key of the record at `offset` (a location an index vouches for).
     pub fn key_at(&self, offset: u64) -> Result<Vec<u8>> {
         let mut raw = [0u8; HEADER_LEN];

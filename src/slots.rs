@@ -78,6 +78,13 @@ impl Slots {
         }
     }
 
+    /// Starts loading the slot where `hash`'s probe begins (see `prefetch`).
+    pub fn prefetch(&self, hash: u64) {
+        if !self.slots.is_empty() {
+            crate::prefetch::prefetch_read((&raw const self.slots[self.home(hash)]).cast());
+        }
+    }
+
     pub fn get(&self, hash: u64) -> Option<Loc> {
         if self.len == 0 {
             return None;

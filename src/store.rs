@@ -252,6 +252,26 @@ impl Store {
         self.inner.claim(key.as_ref(), request.as_ref(), &options)
     }
 
+    /// Claims a batch of keys, each with its request, as [`Store::claim_with`] would one after
+    /// the other; returns one answer per item, in order. Faster than single claims on two
+    /// counts: the index slots and records of a window of keys are loaded into cache together
+    /// (their memory misses overlap instead of queueing), and under `Durability::Sync` the
+    /// batch waits for one sync, not one per claim. A key that appears twice is claimed twice:
+    /// the second answer is `InProgress`.
+    ///
+    /// Each item fails on its own as a single claim would (empty key, bad options, full disk);
+    /// the others go on. Under `Sync`, a failed sync fails every answer that was not already
+    /// an error, with `Poisoned`: none of them can be trusted durable. `options.wait` makes
+    /// each in-flight key block the rest of the batch.
+    pub fn claim_many<K: AsRef<[u8]>, R: AsRef<[u8]>>(
+        &self,
+        items: &[(K, R)],
+        options: ClaimOptions,
+    ) -> Vec<Result<Claim>> {
+        let items: Vec<(&[u8], &[u8])> = items.iter().map(|(k, r)| (k.as_ref(), r.as_ref())).collect();
+        self.inner.claim_many(&items, &options)
+    }
+
     /// Completes the claim held by `token`, storing `outcome` for every later repeat. Fails
     /// with `StaleToken` when the token no longer holds the key (taken over, removed,
     /// released, already completed, expired), `OutcomeTooLong` over `max_outcome_len`.
@@ -541,6 +561,52 @@ impl Inner {
     }
 
     fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
+        let (answer, seq) = self.claim_unsettled(key, self.key_hash(key), request, options)?;
+        self.settle(seq)?;
+        Ok(answer)
+    }
+
+    /// Claims a batch: warms every key's index slot, then every found record, a window at a
+    /// time, so their memory misses overlap; then claims each in order and, under `Sync`,
+    /// waits once for the last record any answer rests on.
+    fn claim_many(&self, items: &[(&[u8], &[u8])], options: &ClaimOptions) -> Vec<Result<Claim>> {
+        /// Keys warmed together: enough misses in flight to cover memory latency, few enough
+        /// that the first key's lines are still cached when its turn comes.
+        const WINDOW: usize = 16;
+        let mut answers = Vec::with_capacity(items.len());
+        let mut settle_through = 0;
+        let mut hashes = [0u64; WINDOW];
+        for window in items.chunks(WINDOW) {
+            for (hash, (key, _)) in hashes.iter_mut().zip(window) {
+                *hash = self.key_hash(key);
+                self.index.shard(*hash).shard.lock().prefetch(*hash);
+            }
+            for &hash in &hashes[..window.len()] {
+                let primary = self.index.shard(hash).shard.lock().primary(hash);
+                if let Some(loc) = primary {
+                    self.log.with_segment(loc.segment, |s| s.prefetch(u64::from(loc.offset)));
+                }
+            }
+            for (&hash, (key, request)) in hashes.iter().zip(window) {
+                answers.push(self.claim_unsettled(key, hash, request, options).map(|(answer, seq)| {
+                    settle_through = settle_through.max(seq);
+                    answer
+                }));
+            }
+        }
+        if let Err(failed) = self.settle(settle_through) {
+            // No answer may be trusted: the record behind it may not be durable.
+            let cause = failed.to_string();
+            for answer in answers.iter_mut().filter(|a| a.is_ok()) {
+                *answer = Err(self.commit.check().err().unwrap_or_else(|| Error::Poisoned { cause: cause.clone() }));
+            }
+        }
+        answers
+    }
+
+    /// A claim up to its answer, with the seq of the record that answer rests on (which
+    /// `settle` must see durable before the answer is given out under `Sync`).
+    fn claim_unsettled(&self, key: &[u8], hash: u64, request: &[u8], options: &ClaimOptions) -> Result<(Claim, u64)> {
         self.check_key(key)?;
         let ttl_ms = duration_to_ms(options.ttl.unwrap_or(self.options.default_ttl));
         let lease_ms = duration_to_ms(options.lease.unwrap_or(self.options.default_lease));
@@ -550,7 +616,6 @@ impl Inner {
         let lease_ms = u32::try_from(lease_ms).map_err(|_| Error::InvalidArgument("lease must be under 49 days"))?;
         self.backpressure()?;
         let request_hash = xxhash_rust::xxh3::xxh3_128(request);
-        let hash = self.key_hash(key);
         let deadline = options.wait.map(|w| Instant::now() + w);
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
@@ -622,8 +687,7 @@ impl Inner {
         };
         drop(shard);
         self.after_write();
-        self.settle(seq)?;
-        Ok(answer)
+        Ok((answer, seq))
     }
 
     /// The record of a new holding of `key` claimed at `now_ms` (a fresh claim, or the base of

@@ -1,0 +1,172 @@
+//! `Store::claim_many`: a batch of claims answers exactly as the same claims made one at a
+//! time, each item fails on its own, and under `Durability::Sync` the batch waits for one
+//! sync, so every answer rests on durable records or fails.
+//!
+//! Promises checked:
+//! - random histories of batches (repeated keys, mismatched requests, empty keys, completes,
+//!   releases and time passing between batches) get the same answers from `claim_many` as
+//!   from single claims on a twin store (proptest);
+//! - a `Sync` batch of 64 new keys costs one fsync, and all 64 survive a power cut;
+//! - a failed fsync fails every answer of the batch with `Poisoned`, and an item that was bad
+//!   input keeps its own error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idemstore::sim::SimDisk;
+use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store};
+use proptest::prelude::*;
+
+mod common;
+use common::START_MS;
+
+/// Keys the histories draw from; the last is empty (bad input).
+const KEYS: [&str; 6] = ["a", "b", "c", "d", "e", ""];
+const REQUESTS: [&str; 2] = ["request", "other request"];
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// (key index, request index) pairs claimed as one batch.
+    Batch(Vec<(usize, usize)>),
+    /// Complete every token acquired so far (stale ones fail alike in both stores).
+    CompleteAll,
+    /// Release every token acquired so far.
+    ReleaseAll,
+    /// Let time pass (leases are 1 s, TTLs 10 s in these stores).
+    Advance(u64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => prop::collection::vec((0..KEYS.len(), 0..REQUESTS.len()), 0..12).prop_map(Step::Batch),
+        1 => Just(Step::CompleteAll),
+        1 => Just(Step::ReleaseAll),
+        1 => (0u64..2_500).prop_map(Step::Advance),
+    ]
+}
+
+fn twin(clock: &Arc<ManualClock>) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = Options {
+        default_ttl: Duration::from_secs(10),
+        default_lease: Duration::from_secs(1),
+        ..common::options(clock)
+    };
+    let store = Store::open(dir.path(), options).expect("open");
+    (dir, store)
+}
+
+/// An answer as text: variant, token, outcome and times (both stores see the same clock and
+/// the same record sequence, so equal histories print equal answers).
+fn shown(answer: &idemstore::Result<Claim>) -> String {
+    format!("{answer:?}")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn claim_many_answers_as_single_claims_would(steps in prop::collection::vec(step(), 1..24)) {
+        let clock = ManualClock::new(START_MS);
+        let (_batched_dir, batched) = twin(&clock);
+        let (_single_dir, single) = twin(&clock);
+        let mut tokens: Vec<(ClaimToken, ClaimToken)> = Vec::new();
+        for step in steps {
+            match step {
+                Step::Batch(items) => {
+                    let items: Vec<(&str, &str)> = items.iter().map(|&(k, r)| (KEYS[k], REQUESTS[r])).collect();
+                    let answers = batched.claim_many(&items, ClaimOptions::default());
+                    prop_assert_eq!(answers.len(), items.len());
+                    for ((key, request), answer) in items.iter().zip(answers) {
+                        let expected = single.claim(key, request);
+                        prop_assert_eq!(shown(&answer), shown(&expected), "key {:?}", key);
+                        if let (Ok(Claim::Acquired(a)), Ok(Claim::Acquired(b))) = (answer, expected) {
+                            tokens.push((a, b));
+                        }
+                    }
+                }
+                Step::CompleteAll => {
+                    for (a, b) in tokens.drain(..) {
+                        let done = batched.complete(&a, "outcome");
+                        prop_assert_eq!(format!("{done:?}"), format!("{:?}", single.complete(&b, "outcome")));
+                    }
+                }
+                Step::ReleaseAll => {
+                    for (a, b) in tokens.drain(..) {
+                        prop_assert_eq!(format!("{:?}", batched.release(&a)), format!("{:?}", single.release(&b)));
+                    }
+                }
+                Step::Advance(ms) => clock.advance(Duration::from_millis(ms)),
+            }
+        }
+    }
+}
+
+fn sim_options(disk: &SimDisk) -> Options {
+    Options {
+        durability: Durability::Sync,
+        clock: ManualClock::new(START_MS),
+        io: Arc::new(disk.clone()),
+        background: false,
+        ..Options::default()
+    }
+}
+
+fn keys(n: usize) -> Vec<(String, &'static str)> {
+    (0..n).map(|i| (format!("key-{i}"), "request")).collect()
+}
+
+#[test]
+fn a_sync_batch_waits_for_one_fsync_and_survives_a_power_cut() {
+    let disk = SimDisk::new();
+    let store = Store::open("/store", sim_options(&disk)).expect("open");
+    let batch = keys(64);
+    // The first claim creates the bucket's segment (and syncs its directory entry).
+    assert!(matches!(store.claim("first", "request"), Ok(Claim::Acquired(_))));
+    let syncs_before = disk.syncs();
+    for (answer, (key, _)) in store.claim_many(&batch, ClaimOptions::default()).into_iter().zip(&batch) {
+        assert!(matches!(answer, Ok(Claim::Acquired(_))), "{key}: {answer:?}");
+    }
+    assert_eq!(disk.syncs() - syncs_before, 1, "one fsync for the whole batch");
+    drop(store);
+
+    // Only synced bytes survive the cut: every acknowledged claim must be among them.
+    let image = disk.power_cut(None);
+    let store = Store::open("/store", sim_options(&image)).expect("reopen");
+    for (key, _) in &batch {
+        assert!(matches!(store.get(key).expect("get"), Some(Entry::InFlight { .. })), "{key} was lost");
+    }
+}
+
+#[test]
+fn a_failed_fsync_fails_every_answer_and_bad_input_keeps_its_own_error() {
+    let disk = SimDisk::new();
+    let store = Store::open("/store", sim_options(&disk)).expect("open");
+    let batch = [("one", "request"), ("", "request"), ("two", "request")];
+    // The segment exists before the fault, so the batch's appends succeed and only its one
+    // fsync fails.
+    assert!(matches!(store.claim("first", "request"), Ok(Claim::Acquired(_))));
+    disk.fail_sync_after(0);
+    let answers = store.claim_many(&batch, ClaimOptions::default());
+    assert!(matches!(answers[1], Err(Error::EmptyKey)), "{:?}", answers[1]);
+    for i in [0, 2] {
+        match &answers[i] {
+            Err(Error::Poisoned { cause }) => assert!(cause.contains("simulated fsync failure"), "{cause}"),
+            other => panic!("item {i}: an answer whose record was never synced: {other:?}"),
+        }
+    }
+    drop(store);
+    let store = Store::open("/store", sim_options(&disk.power_cut(None))).expect("reopen");
+    assert_eq!(store.get("one").expect("get"), None, "never synced, never acknowledged");
+}
+
+#[test]
+fn an_empty_batch_answers_nothing_and_writes_nothing() {
+    let disk = SimDisk::new();
+    let store = Store::open("/store", sim_options(&disk)).expect("open");
+    let syncs_before = disk.syncs();
+    let none: [(&str, &str); 0] = [];
+    assert!(store.claim_many(&none, ClaimOptions::default()).is_empty());
+    assert_eq!(disk.syncs(), syncs_before);
+    assert_eq!(store.stats().appended_bytes_total, 0);
+}
