@@ -4,7 +4,8 @@
 //! - the physical limit: one thread appending 64 B to a growing file + `File::sync_data`
 //!   (fdatasync) in a loop, and the same overwriting a preallocated, zero-filled file in place;
 //! - `Durability::Sync` claims of new random 16-byte keys from 1, 4, 16 and 64 threads
-//!   (group commit shares one fdatasync between concurrent callers);
+//!   (group commit shares one fdatasync between concurrent callers), then from 1 and 16 threads
+//!   through `Store::claim_many`, 64 keys a call (one sync covers the whole call);
 //! - `Durability::Periodic(100 ms)` and `Durability::None` claims from 1 and 16 threads.
 //!
 //! It prints one markdown table: ops/s, p50/p99/max latency (hdrhistogram), records per sync,
@@ -24,7 +25,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use idemstore::{Claim, Durability, Options, Store};
+use idemstore::{Claim, ClaimOptions, Durability, Options, Store};
 
 mod support;
 use support::*;
@@ -37,6 +38,8 @@ const INPLACE_FILE_BYTES: u64 = 16 << 20;
 const SYNC_THREADS: [usize; 4] = [1, 4, 16, 64];
 /// Thread counts of the `Periodic` and `None` rows.
 const RELAXED_THREADS: [usize; 2] = [1, 16];
+/// Keys per `claim_many` call in the batched `Sync` rows.
+const BATCH: usize = 64;
 /// The thread count at which the issue states its target (and caps the limit).
 const TARGET_THREADS: usize = 16;
 /// The target share of the group-commit limit.
@@ -69,7 +72,10 @@ fn main() {
     rows.push(raw_append_row(run_dir.path(), duration, "start"));
     rows.push(raw_inplace_row(run_dir.path(), duration, "start"));
     for threads in SYNC_THREADS {
-        rows.push(claims_row(run_dir.path(), Durability::Sync, threads, duration));
+        rows.push(claims_row(run_dir.path(), Durability::Sync, threads, 1, duration));
+    }
+    for threads in RELAXED_THREADS {
+        rows.push(claims_row(run_dir.path(), Durability::Sync, threads, BATCH, duration));
     }
     rows.push(raw_append_row(run_dir.path(), duration, "end"));
     rows.push(raw_inplace_row(run_dir.path(), duration, "end"));
@@ -82,7 +88,7 @@ fn main() {
     let inplace_p50_s = fastest_p50(RawKind::InPlace);
     for durability in [Durability::Periodic(Duration::from_millis(100)), Durability::None] {
         for threads in RELAXED_THREADS {
-            rows.push(claims_row(run_dir.path(), durability, threads, duration));
+            rows.push(claims_row(run_dir.path(), durability, threads, 1, duration));
         }
     }
 
@@ -262,7 +268,9 @@ fn raw_row(name: String, kind: RawKind, ops: u64, elapsed: Duration, hist: Histo
 }
 
 /// `threads` threads claim new random keys on a fresh store until `duration` has passed.
-fn claims_row(parent: &Path, durability: Durability, threads: usize, duration: Duration) -> Row {
+/// A store row: `threads` threads claiming new keys, one at a time (`batch` 1) or `batch` keys
+/// per `claim_many` call; latency is per call.
+fn claims_row(parent: &Path, durability: Durability, threads: usize, batch: usize, duration: Duration) -> Row {
     let dir = tempfile::tempdir_in(parent).expect("create store dir");
     let options = Options { durability, ..Default::default() };
     let store = Arc::new(Store::open(dir.path(), options).expect("open store"));
@@ -279,16 +287,20 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, duration: D
                 let mut ops = 0u64;
                 start.wait();
                 let mut last = Instant::now();
+                let mut items = Vec::with_capacity(batch);
                 while !stop.load(Ordering::Relaxed) {
-                    let key = keys.next_key();
-                    match store.claim(key, REQUEST).expect("claim") {
-                        Claim::Acquired(_) => {}
-                        other => panic!("a new random key was not acquired: {other:?}"),
+                    if batch == 1 {
+                        let answer = store.claim(keys.next_key(), REQUEST);
+                        expect_acquired(answer);
+                    } else {
+                        items.clear();
+                        items.extend((0..batch).map(|_| (keys.next_key(), REQUEST)));
+                        store.claim_many(&items, ClaimOptions::default()).into_iter().for_each(expect_acquired);
                     }
                     let now = Instant::now();
                     hist.saturating_record(duration_nanos(now - last));
                     last = now;
-                    ops += 1;
+                    ops += batch as u64;
                 }
                 (ops, hist)
             })
@@ -311,9 +323,9 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, duration: D
         (stats.syncs_total > 0).then(|| stats.synced_records_total as f64 / stats.syncs_total as f64);
     let mean_sync_us = (stats.syncs_total > 0).then(|| stats.sync_latency_us_total as f64 / stats.syncs_total as f64);
     drop(store);
-    let is_sync_claims = durability == Durability::Sync;
+    let is_sync_claims = durability == Durability::Sync && batch == 1;
     Row {
-        name: "claims (new keys)".into(),
+        name: if batch == 1 { "claims (new keys)".into() } else { format!("claim_many (new keys, {batch} a call)") },
         durability: format!("{durability:?}"),
         threads,
         ops,
@@ -340,4 +352,11 @@ fn seconds_per_row() -> f64 {
         }
     }
     std::env::var("SYNC_SCALING_SECS").map_or(2.0, |v| v.parse().expect("SYNC_SCALING_SECS takes a number"))
+}
+
+fn expect_acquired(answer: idemstore::Result<Claim>) {
+    match answer.expect("claim") {
+        Claim::Acquired(_) => {}
+        other => panic!("a new random key was not acquired: {other:?}"),
+    }
 }
