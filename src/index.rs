@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::log::Loc;
-use crate::slots::Slots;
+use crate::slots::{Slots, TableHint};
 use crate::sync::{Condvar, Mutex};
+use std::sync::Arc;
 
 /// Number of shards; a power of two. Enough that a shard's sweep after a bucket drop is short.
 pub const SHARD_COUNT: usize = 256;
@@ -89,11 +90,6 @@ impl Shard {
     pub fn candidates(&self, hash: u64) -> impl Iterator<Item = Loc> + '_ {
         let spilled = if self.spill.is_empty() { None } else { self.spill.get(&hash) };
         self.main.get(hash).into_iter().chain(spilled.into_iter().flatten().copied())
-    }
-
-    /// Starts loading `hash`'s slot into cache (a batch warms every key's slot first).
-    pub fn prefetch(&self, hash: u64) {
-        self.main.prefetch(hash);
     }
 
     /// The location of `hash`'s primary entry, if any: where its record most likely lives.
@@ -187,10 +183,19 @@ impl Shard {
 }
 
 /// A shard behind its lock, with the condition variable that claim waiters sleep on.
-#[derive(Default)]
 pub struct LockedShard {
     pub shard: Mutex<Shard>,
     pub changed: Condvar,
+    /// Where the shard's primary table lives, to prefetch a slot without the lock.
+    pub slots_hint: Arc<TableHint>,
+}
+
+impl Default for LockedShard {
+    fn default() -> Self {
+        let shard = Shard::default();
+        let slots_hint = shard.main.hint();
+        LockedShard { shard: Mutex::new(shard), changed: Condvar::default(), slots_hint }
+    }
 }
 
 /// The whole index.

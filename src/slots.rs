@@ -8,6 +8,9 @@
 //! however many keys expire. A slot whose offset is 0 is empty: no record starts at offset 0
 //! (every segment file begins with its header).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::log::Loc;
 
 /// One slot: a key's full 64-bit hash and where its latest record lives.
@@ -43,6 +46,31 @@ pub fn mix(hash: u64) -> u64 {
 pub struct Slots {
     slots: Box<[Slot]>,
     len: usize,
+    /// Where `slots` lives, for prefetching without the shard lock.
+    hint: Arc<TableHint>,
+}
+
+/// Where a table's slots live, readable without the lock that guards the table: a batch of
+/// claims prefetches every key's slot before it takes any lock. Only ever a hint: while the
+/// table is rebuilt it may name the old (freed) array, or mix the old base with the new size;
+/// prefetching such an address is harmless (see `prefetch_read`), so no ordering is needed.
+#[derive(Default)]
+pub struct TableHint {
+    base: AtomicUsize,
+    mask: AtomicUsize,
+}
+
+impl TableHint {
+    /// Starts loading the slot where `hash`'s probe begins.
+    pub fn prefetch(&self, hash: u64) {
+        let base = self.base.load(Ordering::Relaxed);
+        if base == 0 {
+            return;
+        }
+        let index = mix(hash) as usize & self.mask.load(Ordering::Relaxed);
+        let at = base.wrapping_add(index.wrapping_mul(std::mem::size_of::<Slot>()));
+        crate::prefetch::prefetch_read(std::ptr::without_provenance(at));
+    }
 }
 
 impl Slots {
@@ -78,11 +106,9 @@ impl Slots {
         }
     }
 
-    /// Starts loading the slot where `hash`'s probe begins (see `prefetch`).
-    pub fn prefetch(&self, hash: u64) {
-        if !self.slots.is_empty() {
-            crate::prefetch::prefetch_read((&raw const self.slots[self.home(hash)]).cast());
-        }
+    /// The table's location, kept current as the table is rebuilt.
+    pub fn hint(&self) -> Arc<TableHint> {
+        self.hint.clone()
     }
 
     pub fn get(&self, hash: u64) -> Option<Loc> {
@@ -198,6 +224,8 @@ impl Slots {
     fn rebuild(&mut self, entries: Vec<Slot>, capacity: usize) {
         let capacity = capacity.max(Self::capacity_for(entries.len()));
         self.slots = vec![EMPTY; capacity].into_boxed_slice();
+        self.hint.base.store(self.slots.as_ptr().addr(), Ordering::Relaxed);
+        self.hint.mask.store(capacity - 1, Ordering::Relaxed);
         self.len = 0;
         for slot in entries {
             if let Err(i) = self.probe(slot.hash) {
@@ -241,6 +269,23 @@ mod tests {
             1 => Just(Op::RetainOdd),
             1 => Just(Op::Shrink),
         ]
+    }
+
+    #[test]
+    fn the_hint_follows_the_table_through_growth_and_shrinking() {
+        let mut slots = Slots::default();
+        let hint = slots.hint();
+        let points_at_table = |slots: &Slots| {
+            hint.base.load(Ordering::Relaxed) == slots.slots.as_ptr().addr()
+                && hint.mask.load(Ordering::Relaxed) == slots.slots.len() - 1
+        };
+        for i in 1..=1_000u64 {
+            slots.insert(i, Loc { segment: 1, offset: 64 * i as u32 });
+            assert!(points_at_table(&slots), "after insert {i}");
+        }
+        slots.retain(|hash, _| hash % 10 == 0);
+        slots.shrink();
+        assert!(points_at_table(&slots), "after shrinking to {} slots", slots.capacity());
     }
 
     proptest! {

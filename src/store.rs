@@ -579,7 +579,7 @@ impl Inner {
         for window in items.chunks(WINDOW) {
             for (hash, (key, _)) in hashes.iter_mut().zip(window) {
                 *hash = self.key_hash(key);
-                self.index.shard(*hash).shard.lock().prefetch(*hash);
+                self.index.shard(*hash).slots_hint.prefetch(*hash);
             }
             for &hash in &hashes[..window.len()] {
                 let primary = self.index.shard(hash).shard.lock().primary(hash);
