@@ -324,38 +324,42 @@ impl Segment {
     /// them with a live writer), and the CRC is checked over that copy in one pass.
     pub fn probe_read(&self, offset: u64, key: &[u8]) -> Result<Option<(Header, Vec<u8>)>> {
         /// Records up to this size (header, key, value) are read into a stack buffer.
-        const SMALL_RECORD: usize = 512;
+        const SMALL_RECORD: usize = 640;
         let mut raw = [0u8; HEADER_LEN];
         self.file.read_at(offset, &mut raw).map_err(|e| Error::io("read record", &self.path, e))?;
         let header = record::parse_header(&raw).map_err(|e| self.corrupt(offset, e))?;
-        if offset.saturating_add(header.record_len() as u64) > self.file.len() {
+        let record_len = header.record_len();
+        if offset.saturating_add(record_len as u64) > self.file.len() {
             return Err(self.corrupt(offset, DecodeError::Truncated));
         }
-        let rest_len = header.record_len() - HEADER_LEN;
         let mut small = [0u8; SMALL_RECORD];
         let mut large = Vec::new();
-        let rest = if rest_len <= SMALL_RECORD {
-            &mut small[..rest_len]
+        let bytes = if record_len <= SMALL_RECORD {
+            &mut small[..record_len]
         } else {
-            large.resize(rest_len, 0);
+            large.resize(record_len, 0);
             &mut large[..]
         };
-        self.file.read_at(offset + HEADER_LEN as u64, rest).map_err(|e| Error::io("read record", &self.path, e))?;
+        bytes[..HEADER_LEN].copy_from_slice(&raw);
+        self.file
+            .read_at(offset + HEADER_LEN as u64, &mut bytes[HEADER_LEN..])
+            .map_err(|e| Error::io("read record", &self.path, e))?;
+        // One CRC pass over the whole record: past 128 bytes crc32fast folds with PCLMULQDQ,
+        // which a header-then-rest split would miss for most replays.
         let mut hasher = self.crc_seed.clone();
-        hasher.update(&raw[4..]);
-        hasher.update(rest);
+        hasher.update(&bytes[4..]);
         if hasher.finalize() != record::stored_checksum(&raw) {
             return Err(self.corrupt(offset, DecodeError::BadChecksum));
         }
-        let key_len = usize::from(header.key_len);
-        if rest.get(..key_len) != Some(key) {
+        let value_at = HEADER_LEN + usize::from(header.key_len);
+        if bytes.get(HEADER_LEN..value_at) != Some(key) {
             return Ok(None);
         }
-        if rest_len <= SMALL_RECORD {
-            return Ok(Some((header, rest[key_len..].to_vec())));
+        if record_len <= SMALL_RECORD {
+            return Ok(Some((header, bytes[value_at..].to_vec())));
         }
-        // A large record: its buffer becomes the value (the key is cut off the front).
-        large.drain(..key_len);
+        // A large record: its buffer becomes the value (header and key cut off the front).
+        large.drain(..value_at);
         Ok(Some((header, large)))
     }
 
