@@ -1,27 +1,36 @@
 //! idemstore side by side with Redis, SQLite and redb on one workload (issue 6, point 2).
 //!
-//! The workload, the same on every engine: insert-if-absent of random 16-byte keys with a
-//! 24 h TTL, then replays of the stored 64-byte outcomes; durable (every acknowledged insert
-//! survives power loss) and non-durable; 1 and 16 threads (Redis: 16 clients, each with its own
-//! connection). It prints one markdown table with ops/s, p50/p99 latency (hdrhistogram), RAM
-//! per key, disk per key and the ratio idemstore ÷ peer.
+//! The workload, the same on every engine, is the life of an idempotency key: insert-if-absent
+//! of random 16-byte keys with a 24 h TTL (the claim, before the effect), then the 64-byte
+//! outcome stored for each (the complete, after it), then replays of the stored outcomes;
+//! durable (every acknowledged write survives power loss) and non-durable; 1 and 16 threads
+//! (Redis: 16 clients, each with its own connection). It prints one markdown table with ops/s,
+//! p50/p99 latency (hdrhistogram), RAM per key, disk per key and the ratio idemstore ÷ peer; a
+//! derived row adds insert and complete per key.
 //!
-//! - **idemstore**: insert = `claim(key, request)` (writes the key and a 128-bit request hash);
-//!   the 64-byte outcome is then stored by `complete` in a separate, separately timed phase,
-//!   and a derived row "claim + complete" gives the cost of doing both. Replay = `claim` again,
-//!   answered `Completed` with the outcome. `Durability::Sync` / `Durability::None`.
-//! - **Redis**: `SET key outcome NX PX 86400000`, replay `GET key`, over loopback through the
+//! - **idemstore**: insert = `claim(key, request)` (writes the key and a 128-bit request hash),
+//!   complete = `complete(token, outcome)`, replay = `claim` again, answered `Completed` with
+//!   the outcome. `Durability::Sync` / `Durability::None`.
+//! - **Redis**: insert `SET key pending NX PX 86400000`, complete `SET key outcome XX KEEPTTL`,
+//!   replay `GET key`, over loopback through the
 //!   `redis` crate. The bench starts its own `redis-server` on a free loopback port in a temp
 //!   dir for every row (`--save "" --appendonly no`, or `--appendonly yes --appendfsync always`
 //!   for durable) and kills it afterwards; without `redis-server` the Redis rows are skipped.
 //! - **SQLite** (rusqlite, bundled): WAL, `synchronous=FULL` / `OFF`, table
 //!   `k(key BLOB PRIMARY KEY, val BLOB, exp INTEGER) WITHOUT ROWID`, insert
-//!   `INSERT INTO k(key,val,exp) VALUES(?,?,?) ON CONFLICT DO NOTHING`, replay
+//!   `INSERT INTO k(key,val,exp) VALUES(?,?,?) ON CONFLICT DO NOTHING` (val `pending`), complete
+//!   `UPDATE k SET val=? WHERE key=?`, replay
 //!   `SELECT val FROM k WHERE key=? AND exp>?`; one connection per thread, writes serialized by
 //!   an in-process mutex (SQLite has one writer; this spares it the busy handler's sleeps).
 //! - **redb**: `TableDefinition<&[u8], &[u8]>`, one write transaction per insert (get, insert
-//!   if absent, commit) with `Durability::Immediate` / `Durability::None`, value = 8-byte expiry
-//!   + outcome; replay in a read transaction, checking the expiry.
+//!   if absent, commit) and per complete (rewrite the value), `Durability::Immediate` /
+//!   `Durability::None`, value = 8-byte expiry + `pending` or the outcome; replay in a read
+//!   transaction, checking the expiry.
+//!
+//! A last phase inserts fresh keys [`BATCH`] at a time, the way each engine batches writes:
+//! idemstore `claim_many` (one sync per call under `Sync`), a Redis pipeline of `SET NX PX`
+//! (one `appendfsync always` write per pipeline), one SQLite transaction, one redb write
+//! transaction. Its latency columns are per batch.
 //!
 //! Every answer is checked (an insert of a new key must insert, a replay must return the
 //! outcome), and each row runs in a child process of its own with a fresh data dir, so RAM is
@@ -45,13 +54,16 @@ use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
-use idemstore::{Claim, ClaimToken, Options, Store};
+use idemstore::{Claim, ClaimOptions, ClaimToken, Options, Store};
 
 mod support;
 use support::*;
 
 /// Environment variable that makes this binary run one row as a child.
 const CHILD_ENV: &str = "PEERS_CHILD";
+/// What a peer stores at insert, before the outcome exists (idemstore's claim stores the
+/// request's hash).
+const PENDING: &str = "pending";
 /// The outcome stored for every key.
 const OUTCOME: [u8; 64] = [0x6F; 64];
 /// Request bytes of every idemstore claim (only their hash is stored).
@@ -60,6 +72,8 @@ const REQUEST: &[u8] = b"POST /payments amount=100";
 const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Thread (client) counts.
 const THREADS: [usize; 2] = [1, 16];
+/// Keys per call, pipeline or transaction in the batched insert phase.
+const BATCH: usize = 64;
 /// Every engine, in table order (the ratios are idemstore's row ÷ each engine's).
 const ENGINES: [&str; 4] = ["idemstore", "redis", "sqlite", "redb"];
 
@@ -126,21 +140,6 @@ fn main() {
                 r.engine == "idemstore" && r.durable == row.durable && r.threads == row.threads && r.phase == row.phase
             })
             .map_or_else(|| "—".to_string(), |ours| format!("{:.2}", ours.ops_per_s / row.ops_per_s));
-        // The derived row compares with the peers' insert (which stores the outcome too).
-        let ratio = if row.phase == Phase::Insert && row.engine != "idemstore" {
-            let both = table.iter().find(|r| {
-                r.engine == "idemstore"
-                    && r.durable == row.durable
-                    && r.threads == row.threads
-                    && r.phase == Phase::Both
-            });
-            match both {
-                Some(both) => format!("{ratio} (claim+complete: {:.2})", both.ops_per_s / row.ops_per_s),
-                None => ratio,
-            }
-        } else {
-            ratio
-        };
         let opt = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |v| format!("{v:.1}"));
         println!(
             "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
@@ -163,7 +162,7 @@ fn main() {
          includes their caches; the bench's own buffers are allocated before and idemstore's tokens freed before it \
          is read) or of Redis used_memory, divided by the keys inserted. disk B/key: allocated bytes of the data dir after \
          the row ÷ keys (idemstore's includes its segment preallocation; Redis non-durable persists nothing). \
-         claim + complete: idemstore's claim and complete times added per key (peers store the outcome in their insert)."
+         claim + complete: an engine's insert and complete times added per key (the whole life of an idempotency key)."
     );
 }
 
@@ -211,15 +210,17 @@ enum Phase {
     Complete,
     Both,
     Replay,
+    BatchInsert,
 }
 
 impl Phase {
     fn label(self) -> &'static str {
         match self {
             Phase::Insert => "insert-if-absent",
-            Phase::Complete => "complete (idemstore only)",
-            Phase::Both => "claim + complete (idemstore, derived)",
+            Phase::Complete => "complete (store the outcome)",
+            Phase::Both => "claim + complete (derived)",
             Phase::Replay => "replay 64 B",
+            Phase::BatchInsert => "insert-if-absent, 64 a batch (latency per batch)",
         }
     }
 }
@@ -277,6 +278,7 @@ impl TableRow {
             });
         }
         rows.push(row(Phase::Replay, "replay", None, "—".into()));
+        rows.push(row(Phase::BatchInsert, "batch", None, "—".into()));
         rows
     }
 }
@@ -308,10 +310,22 @@ trait Engine: Sync {
     fn handle(&self) -> Self::Handle;
     /// Inserts `key` if absent; true when it was inserted.
     fn insert(&self, handle: &mut Self::Handle, key: &[u8; 16]) -> bool;
-    /// Stores the outcome of every key this handle inserted (idemstore only); returns how many.
-    fn complete_all(&self, _handle: &mut Self::Handle, _latency: &mut Histogram<u64>) -> Option<u64> {
-        None
+    /// Stores the outcome of every key this handle inserted (`keys`, in insertion order), one
+    /// write (and, durable, one commit) per key, recording each one's latency.
+    fn complete_all(&self, handle: &mut Self::Handle, keys: &[[u8; 16]], latency: &mut Histogram<u64>) -> u64 {
+        let mut last = Instant::now();
+        for key in keys {
+            self.complete(handle, key);
+            let now = Instant::now();
+            latency.saturating_record(duration_nanos(now - last));
+            last = now;
+        }
+        keys.len() as u64
     }
+    /// Stores the outcome of `key`, which this handle inserted.
+    fn complete(&self, handle: &mut Self::Handle, key: &[u8; 16]);
+    /// Inserts every absent key of `keys` in one batch (see [`BATCH`]); returns how many.
+    fn insert_batch(&self, handle: &mut Self::Handle, keys: &[[u8; 16]]) -> usize;
     /// The stored outcome of `key`, if any.
     fn replay(&self, handle: &mut Self::Handle, key: &[u8; 16]) -> Option<Vec<u8>>;
     /// The engine's own memory figure (Redis `used_memory`), when RSS of this process is not it.
@@ -336,10 +350,11 @@ fn run_row(spec: &RowSpec) -> Vec<(String, f64)> {
 /// What one bench thread did: its counts, latencies and the time span of each phase.
 struct WorkerReport {
     inserted: u64,
-    completed: Option<u64>,
+    completed: u64,
     replayed: u64,
-    latency: [Histogram<u64>; 3],
-    spans: [(Instant, Instant); 3],
+    batch_inserted: u64,
+    latency: [Histogram<u64>; 4],
+    spans: [(Instant, Instant); 4],
 }
 
 /// Insert phase, (idemstore) complete phase, replay phase; every thread in step via barriers.
@@ -358,7 +373,8 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                 scope.spawn(move || {
                     let keys = KeyGen::new(1000 + t as u64).keys(keys_per_thread);
                     let mut handle = engine.handle();
-                    let mut latency = [new_histogram(), new_histogram(), new_histogram()];
+                    let fresh = KeyGen::new(5000 + t as u64).keys(keys_per_thread);
+                    let mut latency = [new_histogram(), new_histogram(), new_histogram(), new_histogram()];
                     barrier.wait(); // prepared: the "before" RAM figure is taken now
                     barrier.wait(); // start of the insert phase
                     let insert_started = Instant::now();
@@ -377,7 +393,7 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                     let insert_span = (insert_started, last);
                     barrier.wait(); // end of the insert phase, start of the complete phase
                     let complete_started = Instant::now();
-                    let completed = engine.complete_all(&mut handle, &mut latency[1]);
+                    let completed = engine.complete_all(&mut handle, &keys[..inserted], &mut latency[1]);
                     let complete_span = (complete_started, Instant::now());
                     barrier.wait(); // end of the complete phase: the "after" RAM figure is taken now
                     barrier.wait(); // start of the replay phase
@@ -397,12 +413,28 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                         }
                     }
                     let replay_span = (replay_started, last);
+                    barrier.wait(); // start of the batched insert phase
+                    let batch_started = Instant::now();
+                    let mut last = batch_started;
+                    let mut batch_inserted = 0u64;
+                    for batch in fresh.chunks(BATCH) {
+                        let n = engine.insert_batch(&mut handle, batch);
+                        assert_eq!(n, batch.len(), "a batch of new random keys was not all inserted");
+                        let now = Instant::now();
+                        latency[3].saturating_record(duration_nanos(now - last));
+                        last = now;
+                        batch_inserted += n as u64;
+                        if now - batch_started > cap {
+                            break;
+                        }
+                    }
                     WorkerReport {
                         inserted: inserted as u64,
                         completed,
                         replayed,
+                        batch_inserted,
                         latency,
-                        spans: [insert_span, complete_span, replay_span],
+                        spans: [insert_span, complete_span, replay_span, (batch_started, last)],
                     }
                 })
             })
@@ -414,6 +446,7 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
         barrier.wait();
         barrier.wait();
         let ram_after = engine.memory_bytes().unwrap_or_else(rss_anon_bytes);
+        barrier.wait();
         barrier.wait();
 
         let reports: Vec<WorkerReport> =
@@ -432,14 +465,14 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
         };
         let inserted: u64 = reports.iter().map(|r| r.inserted).sum();
         let replayed: u64 = reports.iter().map(|r| r.replayed).sum();
-        let completed: Option<u64> = reports.iter().map(|r| r.completed).sum();
+        let completed: u64 = reports.iter().map(|r| r.completed).sum();
         out.push(("inserted".into(), inserted as f64));
         out.push(("ram_bytes".into(), ram_after.saturating_sub(ram_before) as f64));
         out.extend(phase_figures("insert", inserted, span_seconds(0), &merged(0)));
-        if let Some(completed) = completed {
-            out.extend(phase_figures("complete", completed, span_seconds(1), &merged(1)));
-        }
+        out.extend(phase_figures("complete", completed, span_seconds(1), &merged(1)));
         out.extend(phase_figures("replay", replayed, span_seconds(2), &merged(2)));
+        let batch_inserted: u64 = reports.iter().map(|r| r.batch_inserted).sum();
+        out.extend(phase_figures("batch", batch_inserted, span_seconds(3), &merged(3)));
     });
     out
 }
@@ -487,7 +520,8 @@ impl Engine for Idemstore {
         }
     }
 
-    fn complete_all(&self, tokens: &mut Vec<ClaimToken>, latency: &mut Histogram<u64>) -> Option<u64> {
+    fn complete_all(&self, tokens: &mut Vec<ClaimToken>, keys: &[[u8; 16]], latency: &mut Histogram<u64>) -> u64 {
+        debug_assert_eq!(tokens.len(), keys.len(), "one token per key inserted");
         let mut last = Instant::now();
         for token in tokens.iter() {
             self.store.complete(token, OUTCOME).expect("idemstore complete");
@@ -498,7 +532,17 @@ impl Engine for Idemstore {
         let completed = tokens.len() as u64;
         // The tokens are the bench's memory, not the store's: free them before RAM is measured.
         *tokens = Vec::new();
-        Some(completed)
+        completed
+    }
+
+    fn complete(&self, _tokens: &mut Vec<ClaimToken>, _key: &[u8; 16]) {
+        unreachable!("idemstore completes by token, in complete_all")
+    }
+
+    fn insert_batch(&self, _tokens: &mut Vec<ClaimToken>, keys: &[[u8; 16]]) -> usize {
+        let items: Vec<(&[u8; 16], &[u8])> = keys.iter().map(|k| (k, REQUEST)).collect();
+        let answers = self.store.claim_many(&items, ClaimOptions::default());
+        answers.into_iter().filter(|a| matches!(a.as_ref().expect("idemstore claim_many"), Claim::Acquired(_))).count()
     }
 
     fn replay(&self, _tokens: &mut Vec<ClaimToken>, key: &[u8; 16]) -> Option<Vec<u8>> {
@@ -580,13 +624,33 @@ impl Engine for Redis {
     fn insert(&self, con: &mut redis::Connection, key: &[u8; 16]) -> bool {
         let reply: Option<String> = redis::cmd("SET")
             .arg(&key[..])
-            .arg(&OUTCOME[..])
+            .arg(PENDING)
             .arg("NX")
             .arg("PX")
             .arg(TTL.as_millis() as u64)
             .query(con)
             .expect("redis SET NX PX");
         reply.is_some()
+    }
+
+    fn insert_batch(&self, con: &mut redis::Connection, keys: &[[u8; 16]]) -> usize {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET").arg(&key[..]).arg(PENDING).arg("NX").arg("PX").arg(TTL.as_millis() as u64);
+        }
+        let replies: Vec<Option<String>> = pipe.query(con).expect("redis pipelined SET NX PX");
+        replies.iter().filter(|r| r.is_some()).count()
+    }
+
+    fn complete(&self, con: &mut redis::Connection, key: &[u8; 16]) {
+        let reply: Option<String> = redis::cmd("SET")
+            .arg(&key[..])
+            .arg(&OUTCOME[..])
+            .arg("XX")
+            .arg("KEEPTTL")
+            .query(con)
+            .expect("redis SET XX");
+        assert!(reply.is_some(), "redis complete of a key it holds did not store");
     }
 
     fn replay(&self, con: &mut redis::Connection, key: &[u8; 16]) -> Option<Vec<u8>> {
@@ -657,7 +721,31 @@ impl Engine for Sqlite {
         let mut stmt = con
             .prepare_cached("INSERT INTO k(key,val,exp) VALUES(?1,?2,?3) ON CONFLICT DO NOTHING")
             .expect("prepare sqlite insert");
-        stmt.execute(rusqlite::params![&key[..], &OUTCOME[..], exp]).expect("sqlite insert") == 1
+        stmt.execute(rusqlite::params![&key[..], PENDING, exp]).expect("sqlite insert") == 1
+    }
+
+    fn insert_batch(&self, con: &mut rusqlite::Connection, keys: &[[u8; 16]]) -> usize {
+        let exp = now_ms() + TTL.as_millis() as i64;
+        let _turn = self.write_turn.lock().expect("sqlite write turn");
+        let txn = con.transaction().expect("sqlite begin");
+        let mut inserted = 0;
+        {
+            let mut stmt = txn
+                .prepare_cached("INSERT INTO k(key,val,exp) VALUES(?1,?2,?3) ON CONFLICT DO NOTHING")
+                .expect("prepare sqlite insert");
+            for key in keys {
+                inserted += stmt.execute(rusqlite::params![&key[..], PENDING, exp]).expect("sqlite insert");
+            }
+        }
+        txn.commit().expect("sqlite commit");
+        inserted
+    }
+
+    fn complete(&self, con: &mut rusqlite::Connection, key: &[u8; 16]) {
+        let _turn = self.write_turn.lock().expect("sqlite write turn");
+        let mut stmt = con.prepare_cached("UPDATE k SET val=?1 WHERE key=?2").expect("prepare sqlite update");
+        let updated = stmt.execute(rusqlite::params![&OUTCOME[..], &key[..]]).expect("sqlite update");
+        assert_eq!(updated, 1, "sqlite complete of a key it holds did not store");
     }
 
     fn replay(&self, con: &mut rusqlite::Connection, key: &[u8; 16]) -> Option<Vec<u8>> {
@@ -695,9 +783,9 @@ impl Engine for Redb {
 
     fn insert(&self, _: &mut (), key: &[u8; 16]) -> bool {
         use redb::ReadableTable;
-        let mut value = Vec::with_capacity(8 + OUTCOME.len());
+        let mut value = Vec::with_capacity(8 + PENDING.len());
         value.extend_from_slice(&(now_ms() + TTL.as_millis() as i64).to_le_bytes());
-        value.extend_from_slice(&OUTCOME);
+        value.extend_from_slice(PENDING.as_bytes());
         let mut txn = self.db.begin_write().expect("redb begin_write");
         txn.set_durability(self.durability).expect("redb set_durability");
         let inserted = {
@@ -710,6 +798,41 @@ impl Engine for Redb {
         };
         txn.commit().expect("redb commit");
         inserted
+    }
+
+    fn insert_batch(&self, _: &mut (), keys: &[[u8; 16]]) -> usize {
+        use redb::ReadableTable;
+        let mut value = Vec::with_capacity(8 + PENDING.len());
+        value.extend_from_slice(&(now_ms() + TTL.as_millis() as i64).to_le_bytes());
+        value.extend_from_slice(PENDING.as_bytes());
+        let mut txn = self.db.begin_write().expect("redb begin_write");
+        txn.set_durability(self.durability).expect("redb set_durability");
+        let mut inserted = 0;
+        {
+            let mut table = txn.open_table(REDB_TABLE).expect("redb open_table");
+            for key in keys {
+                if table.get(&key[..]).expect("redb get").is_none() {
+                    table.insert(&key[..], &value[..]).expect("redb insert");
+                    inserted += 1;
+                }
+            }
+        }
+        txn.commit().expect("redb commit");
+        inserted
+    }
+
+    fn complete(&self, _: &mut (), key: &[u8; 16]) {
+        use redb::ReadableTable;
+        let mut txn = self.db.begin_write().expect("redb begin_write");
+        txn.set_durability(self.durability).expect("redb set_durability");
+        {
+            let mut table = txn.open_table(REDB_TABLE).expect("redb open_table");
+            let mut value =
+                table.get(&key[..]).expect("redb get").expect("redb complete of a key it holds").value()[..8].to_vec();
+            value.extend_from_slice(&OUTCOME);
+            table.insert(&key[..], &value[..]).expect("redb insert");
+        }
+        txn.commit().expect("redb commit");
     }
 
     fn replay(&self, _: &mut (), key: &[u8; 16]) -> Option<Vec<u8>> {
