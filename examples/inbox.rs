@@ -1,11 +1,13 @@
 //! The inbox pattern: a message consumer that applies each message once however often the
 //! broker delivers it. Deliveries come duplicated and shuffled, to two consumer threads at once;
-//! each delivery claims `inbox:<message id>` with the message body:
+//! each consumer polls up to 8 deliveries at a time and claims them with one `claim_many` call
+//! (key `inbox:<message id>`, request the message body; under `Durability::Sync` the whole poll
+//! waits for one fsync). For each delivery:
 //!
 //! - `Acquired`: apply the message (credit an account), then `complete`, then acknowledge;
 //! - `Completed`: a redelivery of an applied message: acknowledge, apply nothing;
-//! - `InProgress`: the other consumer is applying it right now: put it back (a nack), it will
-//!   come again and then be `Completed`;
+//! - `InProgress`: the message is being applied right now (by the other consumer, or earlier in
+//!   this same poll): put it back (a nack), it will come again and then be `Completed`;
 //! - `Mismatch`: the same message id with another body, a producer bug: dead-letter it.
 //!
 //! Run it with `cargo run --example inbox` (set `SEED=<n>` for another shuffle).
@@ -14,10 +16,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemstore::{Claim, Durability, Options, Store};
+use idemstore::{Claim, ClaimOptions, Durability, Options, Store};
 
 const MESSAGES: u32 = 60;
 const CONSUMERS: usize = 2;
+/// Deliveries a consumer takes from the broker at once.
+const POLL: usize = 8;
 
 /// A message as the broker carries it.
 #[derive(Debug, Clone)]
@@ -54,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seed = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
     let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(Store::open(dir.path(), Options { durability: Durability::None, ..Options::default() })?);
+    let store = Arc::new(Store::open(dir.path(), Options { durability: Durability::Sync, ..Options::default() })?);
 
     let messages: Vec<Message> = (0..MESSAGES)
         .map(|n| Message {
@@ -108,6 +112,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.duplicates_in_progress_total,
         stats.mismatches_total
     );
+    println!(
+        "fsyncs: {} for {} claims and completes",
+        stats.syncs_total,
+        stats.claims_acquired_total + stats.duplicates_blocked_total() + stats.completes_total
+    );
 
     // Every message applied exactly once, and the balances are what one pass would give.
     for message in &messages {
@@ -127,7 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// One consumer: takes deliveries until the queue is empty.
+/// One consumer: polls deliveries until the queue is empty.
 fn consume(
     store: &Store,
     queue: &Mutex<VecDeque<Message>>,
@@ -135,34 +144,58 @@ fn consume(
     counts: &Mutex<Counts>,
 ) -> Result<(), String> {
     loop {
-        let Some(message) = queue.lock().map_err(poisoned)?.pop_front() else { return Ok(()) };
-        counts.lock().map_err(poisoned)?.deliveries += 1;
-        match store.claim(format!("inbox:{}", message.id), message.body()).map_err(|e| e.to_string())? {
-            Claim::Acquired(token) => {
-                // Applying takes a moment (a database write), so the other consumer may see the
-                // same message in progress meanwhile.
-                std::thread::sleep(Duration::from_millis(1));
-                {
-                    let mut ledger = ledger.lock().map_err(poisoned)?;
-                    *ledger.balances.entry(message.account.clone()).or_default() += message.amount_cents;
-                    *ledger.applied.entry(message.id.clone()).or_default() += 1;
-                }
-                store.complete(&token, "applied").map_err(|e| e.to_string())?;
-                counts.lock().map_err(poisoned)?.applied += 1;
-            }
-            Claim::Completed(_) => counts.lock().map_err(poisoned)?.redeliveries_skipped += 1,
-            Claim::InProgress { .. } => {
-                counts.lock().map_err(poisoned)?.requeued_in_progress += 1;
-                queue.lock().map_err(poisoned)?.push_back(message);
-                // The broker redelivers a nacked message after a short delay.
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Claim::Mismatch => {
-                println!("dead letter: {} arrived with another body ({:?})", message.id, message.body());
-                counts.lock().map_err(poisoned)?.dead_lettered += 1;
-            }
+        let poll: Vec<Message> = {
+            let mut queue = queue.lock().map_err(poisoned)?;
+            let n = queue.len().min(POLL);
+            queue.drain(..n).collect()
+        };
+        if poll.is_empty() {
+            return Ok(());
+        }
+        counts.lock().map_err(poisoned)?.deliveries += poll.len() as u32;
+        let claims: Vec<(String, String)> = poll.iter().map(|m| (format!("inbox:{}", m.id), m.body())).collect();
+        let answers = store.claim_many(&claims, ClaimOptions::default());
+        for (message, answer) in poll.into_iter().zip(answers) {
+            handle(store, queue, ledger, counts, message, answer.map_err(|e| e.to_string())?)?;
         }
     }
+}
+
+/// What a consumer does with one delivery, given its claim's answer.
+fn handle(
+    store: &Store,
+    queue: &Mutex<VecDeque<Message>>,
+    ledger: &Mutex<Ledger>,
+    counts: &Mutex<Counts>,
+    message: Message,
+    answer: Claim,
+) -> Result<(), String> {
+    match answer {
+        Claim::Acquired(token) => {
+            // Applying takes a moment (a database write), so the other consumer may see the
+            // same message in progress meanwhile.
+            std::thread::sleep(Duration::from_millis(1));
+            {
+                let mut ledger = ledger.lock().map_err(poisoned)?;
+                *ledger.balances.entry(message.account.clone()).or_default() += message.amount_cents;
+                *ledger.applied.entry(message.id.clone()).or_default() += 1;
+            }
+            store.complete(&token, "applied").map_err(|e| e.to_string())?;
+            counts.lock().map_err(poisoned)?.applied += 1;
+        }
+        Claim::Completed(_) => counts.lock().map_err(poisoned)?.redeliveries_skipped += 1,
+        Claim::InProgress { .. } => {
+            counts.lock().map_err(poisoned)?.requeued_in_progress += 1;
+            queue.lock().map_err(poisoned)?.push_back(message);
+            // The broker redelivers a nacked message after a short delay.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Claim::Mismatch => {
+            println!("dead letter: {} arrived with another body ({:?})", message.id, message.body());
+            counts.lock().map_err(poisoned)?.dead_lettered += 1;
+        }
+    }
+    Ok(())
 }
 
 fn poisoned<T>(_: T) -> String {
