@@ -83,6 +83,24 @@ impl IoFile for HidingFile {
     fn sync(&self) -> io::Result<()> {
         self.inner.sync()
     }
+    fn reserve_unfilled(&self, len: u64) -> io::Result<()> {
+        self.inner.reserve_unfilled(len)
+    }
+    fn write_with(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> io::Result<()> {
+        self.inner.write_with(offset, len, fill)
+    }
+    fn prefetch(&self, offset: u64) {
+        self.inner.prefetch(offset)
+    }
+    fn sync_gradually(&self) -> io::Result<()> {
+        self.inner.sync_gradually()
+    }
+    fn release_descriptor(&self) {
+        self.inner.release_descriptor()
+    }
+    fn release_pages(&self) {
+        self.inner.release_pages()
+    }
 }
 
 /// A closed store with 8 completed keys in one segment; returns that segment's record offsets.

@@ -176,6 +176,27 @@ impl IoFile for CuttingFile {
         self.plan.before_mutation();
         self.inner.sync()
     }
+    fn reserve_unfilled(&self, len: u64) -> io::Result<()> {
+        self.plan.before_mutation();
+        self.inner.reserve_unfilled(len)
+    }
+    fn write_with(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> io::Result<()> {
+        self.plan.before_mutation();
+        self.inner.write_with(offset, len, fill)
+    }
+    fn prefetch(&self, offset: u64) {
+        self.inner.prefetch(offset)
+    }
+    fn sync_gradually(&self) -> io::Result<()> {
+        self.plan.before_mutation();
+        self.inner.sync_gradually()
+    }
+    fn release_descriptor(&self) {
+        self.inner.release_descriptor()
+    }
+    fn release_pages(&self) {
+        self.inner.release_pages()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
