@@ -170,3 +170,21 @@ fn an_empty_batch_answers_nothing_and_writes_nothing() {
     assert_eq!(disk.syncs(), syncs_before);
     assert_eq!(store.stats().appended_bytes_total, 0);
 }
+
+#[test]
+fn a_read_only_view_replays_a_batch_and_refuses_its_new_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(START_MS);
+    let store = common::open(dir.path(), &clock);
+    let token = common::acquire(&store, "done");
+    store.complete(&token, "outcome").expect("complete");
+    store.close().expect("close");
+
+    let view = Store::open_read_only_with(dir.path(), common::options(&clock)).expect("open read-only");
+    let answers = view.claim_many(&[("done", "request"), ("new", "request")], ClaimOptions::default());
+    match &answers[0] {
+        Ok(Claim::Completed(done)) => assert_eq!(done.outcome, b"outcome"),
+        other => panic!("a replay through a read-only view: {other:?}"),
+    }
+    assert!(matches!(answers[1], Err(Error::ReadOnly)), "{:?}", answers[1]);
+}
