@@ -492,6 +492,10 @@ enum ModelOp {
         token: u8,
         outcome: u8,
     },
+    /// (token pick, outcome byte) pairs completed in one `complete_many` call; checked in order.
+    CompleteMany {
+        picks: Vec<(u8, u8)>,
+    },
     Checkpoint {
         token: u8,
         phase: u8,
@@ -679,21 +683,26 @@ impl ModelRun {
             ModelOp::Complete { token, outcome } => {
                 let Some((key, token)) = self.pick_token(token) else { return };
                 let outcome = vec![outcome; usize::from(outcome % 7)];
-                let holds = self.model.holds(key, &token, now);
                 let result = self.store().complete(&token, &outcome);
-                self.expect_token_result("complete", holds, &result);
-                if holds
-                    && let Some(Slot::InFlight { request, claimed_at_ms, expires_at_ms, .. }) =
-                        self.model.slots.get(&key)
-                {
-                    let done = Slot::Completed {
-                        request: *request,
-                        outcome,
-                        completed_at_ms: now,
-                        claimed_at_ms: *claimed_at_ms,
-                        expires_at_ms: *expires_at_ms,
-                    };
-                    self.model.slots.insert(key, done);
+                self.check_complete(key, &token, outcome, now, &result);
+            }
+            ModelOp::CompleteMany { ref picks } => {
+                let chosen: Vec<(u8, ClaimToken, Vec<u8>)> = picks
+                    .iter()
+                    .filter_map(|&(pick, outcome)| {
+                        let (key, token) = self.pick_token(pick)?;
+                        Some((key, token, vec![outcome; usize::from(outcome % 7)]))
+                    })
+                    .collect();
+                let items: Vec<(&ClaimToken, &[u8])> = chosen.iter().map(|(_, t, o)| (t, o.as_slice())).collect();
+                let results = self.store().complete_many(&items);
+                assert_eq!(
+                    results.len(),
+                    chosen.len(),
+                    "step {step}: complete_many answered a different number of items"
+                );
+                for ((key, token, outcome), result) in chosen.into_iter().zip(results) {
+                    self.check_complete(key, &token, outcome, now, &result);
                 }
             }
             ModelOp::Checkpoint { token, phase } => {
@@ -752,6 +761,24 @@ impl ModelRun {
             return None;
         }
         Some(self.tokens[usize::from(pick) % self.tokens.len()].clone())
+    }
+
+    /// Checks one complete's result against the model (which the earlier items of a batch have
+    /// already changed) and applies it.
+    fn check_complete(&mut self, key: u8, token: &ClaimToken, outcome: Vec<u8>, now: u64, result: &crate::Result<()>) {
+        let holds = self.model.holds(key, token, now);
+        self.expect_token_result("complete", holds, result);
+        if holds && let Some(Slot::InFlight { request, claimed_at_ms, expires_at_ms, .. }) = self.model.slots.get(&key)
+        {
+            let done = Slot::Completed {
+                request: *request,
+                outcome,
+                completed_at_ms: now,
+                claimed_at_ms: *claimed_at_ms,
+                expires_at_ms: *expires_at_ms,
+            };
+            self.model.slots.insert(key, done);
+        }
     }
 
     fn expect_token_result(&self, what: &str, holds: bool, result: &crate::Result<()>) {

@@ -272,6 +272,19 @@ impl Store {
         self.inner.claim_many(&items, &options)
     }
 
+    /// Completes a batch of held claims, each with its outcome, as [`Store::complete`] would
+    /// one after the other; returns one answer per item, in order. Under `Durability::Sync`
+    /// the batch waits for one sync, not one per complete, and the keys' lookups are prefetched
+    /// together (see [`Store::claim_many`]).
+    ///
+    /// Each item fails on its own as a single complete would (`StaleToken`, `OutcomeTooLong`,
+    /// a full disk); the others go on. Under `Sync`, a failed sync fails every answer that was
+    /// not already an error, with `Poisoned`: none of those completes can be trusted durable.
+    pub fn complete_many<O: AsRef<[u8]>>(&self, items: &[(&ClaimToken, O)]) -> Vec<Result<()>> {
+        let items: Vec<(&ClaimToken, &[u8])> = items.iter().map(|(t, o)| (*t, o.as_ref())).collect();
+        self.inner.complete_many(&items)
+    }
+
     /// Completes the claim held by `token`, storing `outcome` for every later repeat. Fails
     /// with `StaleToken` when the token no longer holds the key (taken over, removed,
     /// released, already completed, expired), `OutcomeTooLong` over `max_outcome_len`.
@@ -570,23 +583,14 @@ impl Inner {
     /// time, so their memory misses overlap; then claims each in order and, under `Sync`,
     /// waits once for the last record any answer rests on.
     fn claim_many(&self, items: &[(&[u8], &[u8])], options: &ClaimOptions) -> Vec<Result<Claim>> {
-        /// Keys warmed together: enough misses in flight to cover memory latency, few enough
-        /// that the first key's lines are still cached when its turn comes.
-        const WINDOW: usize = 16;
         let mut answers = Vec::with_capacity(items.len());
         let mut settle_through = 0;
-        let mut hashes = [0u64; WINDOW];
-        for window in items.chunks(WINDOW) {
+        let mut hashes = [0u64; BATCH_WINDOW];
+        for window in items.chunks(BATCH_WINDOW) {
             for (hash, (key, _)) in hashes.iter_mut().zip(window) {
                 *hash = self.key_hash(key);
-                self.index.shard(*hash).slots_hint.prefetch(*hash);
             }
-            for &hash in &hashes[..window.len()] {
-                let primary = self.index.shard(hash).shard.lock().primary(hash);
-                if let Some(loc) = primary {
-                    self.log.with_segment(loc.segment, |s| s.prefetch(u64::from(loc.offset)));
-                }
-            }
+            self.warm(&hashes[..window.len()]);
             for (&hash, (key, request)) in hashes.iter().zip(window) {
                 answers.push(self.claim_unsettled(key, hash, request, options).map(|(answer, seq)| {
                     settle_through = settle_through.max(seq);
@@ -594,14 +598,55 @@ impl Inner {
                 }));
             }
         }
-        if let Err(failed) = self.settle(settle_through) {
-            // No answer may be trusted: the record behind it may not be durable.
+        self.settle_batch(&mut answers, settle_through);
+        answers
+    }
+
+    /// Completes a batch of held claims (see `claim_many`): warms a window of keys at a time,
+    /// completes each in order, then, under `Sync`, waits once.
+    fn complete_many(&self, items: &[(&ClaimToken, &[u8])]) -> Vec<Result<()>> {
+        let mut answers = Vec::with_capacity(items.len());
+        let mut settle_through = 0;
+        let mut hashes = [0u64; BATCH_WINDOW];
+        for window in items.chunks(BATCH_WINDOW) {
+            for (hash, (token, _)) in hashes.iter_mut().zip(window) {
+                *hash = self.key_hash(token.key());
+            }
+            self.warm(&hashes[..window.len()]);
+            for (&hash, (token, outcome)) in hashes.iter().zip(window) {
+                answers.push(self.finish_unsettled(token, hash, Kind::Complete, outcome).map(|seq| {
+                    settle_through = settle_through.max(seq);
+                }));
+            }
+        }
+        self.settle_batch(&mut answers, settle_through);
+        answers
+    }
+
+    /// Starts loading a window of keys' index slots, then (one shard lock each) the records
+    /// they point at, so the misses of the whole window overlap.
+    fn warm(&self, hashes: &[u64]) {
+        for &hash in hashes {
+            self.index.shard(hash).slots_hint.prefetch(hash);
+        }
+        for &hash in hashes {
+            let primary = self.index.shard(hash).shard.lock().primary(hash);
+            if let Some(loc) = primary {
+                self.log.with_segment(loc.segment, |s| s.prefetch(u64::from(loc.offset)));
+            }
+        }
+    }
+
+    /// Under `Sync`, waits once for everything a batch wrote or read (through seq `through`).
+    /// If that fails, no answer may be trusted: the record behind it may not be durable, so
+    /// every answer that was not already an error becomes one.
+    fn settle_batch<T>(&self, answers: &mut [Result<T>], through: u64) {
+        if let Err(failed) = self.settle(through) {
             let cause = failed.to_string();
             for answer in answers.iter_mut().filter(|a| a.is_ok()) {
                 *answer = Err(self.commit.check().err().unwrap_or_else(|| Error::Poisoned { cause: cause.clone() }));
             }
         }
-        answers
     }
 
     /// A claim up to its answer, with the seq of the record that answer rests on (which
@@ -711,11 +756,16 @@ impl Inner {
 
     /// complete / checkpoint / release: a write by the holder of `token`.
     fn finish(&self, token: &ClaimToken, kind: Kind, value: &[u8]) -> Result<()> {
+        let seq = self.finish_unsettled(token, self.key_hash(token.key()), kind, value)?;
+        self.settle(seq)
+    }
+
+    /// A complete, checkpoint or release up to its record, whose seq it returns (for `settle`).
+    fn finish_unsettled(&self, token: &ClaimToken, hash: u64, kind: Kind, value: &[u8]) -> Result<u64> {
         self.check_value(value)?;
         self.check_writable()?;
         self.backpressure()?;
         let key = token.key();
-        let hash = self.key_hash(key);
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
         let now_ms = self.time.now_ms();
@@ -745,7 +795,7 @@ impl Inner {
         if kind != Kind::Checkpoint {
             locked.changed.notify_all();
         }
-        self.settle(written.seq)
+        Ok(written.seq)
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
@@ -1079,6 +1129,10 @@ struct HousekeeperCall {
 }
 
 /// A key's 64-bit index hash: `Options::key_hash` when set, else xxh3-64.
+/// Keys a batch (`claim_many`, `complete_many`) warms together: enough memory misses in flight
+/// to cover their latency, few enough that the first key's lines are still cached at its turn.
+const BATCH_WINDOW: usize = 16;
+
 fn key_hash(custom: Option<crate::options::KeyHashFn>, key: &[u8]) -> u64 {
     match custom {
         Some(f) => f(key),

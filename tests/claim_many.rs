@@ -1,14 +1,16 @@
-//! `Store::claim_many`: a batch of claims answers exactly as the same claims made one at a
-//! time, each item fails on its own, and under `Durability::Sync` the batch waits for one
-//! sync, so every answer rests on durable records or fails.
+//! `Store::claim_many` and `Store::complete_many`: a batch answers exactly as the same calls
+//! made one at a time, each item fails on its own, and under `Durability::Sync` the batch waits
+//! for one sync, so every answer rests on durable records or fails.
 //!
 //! Promises checked:
-//! - random histories of batches (repeated keys, mismatched requests, empty keys, completes,
-//!   releases and time passing between batches) get the same answers from `claim_many` as
-//!   from single claims on a twin store (proptest);
-//! - a `Sync` batch of 64 new keys costs one fsync, and all 64 survive a power cut;
+//! - random histories of batches (repeated keys, mismatched requests, empty keys, batched
+//!   completes with stale tokens among them, releases and time passing between batches) get
+//!   the same answers from `claim_many` / `complete_many` as from single calls on a twin store
+//!   (proptest);
+//! - a `Sync` batch of 64 new keys, and one of 64 completes, each cost one fsync, and all 64
+//!   survive a power cut;
 //! - a failed fsync fails every answer of the batch with `Poisoned`, and an item that was bad
-//!   input keeps its own error.
+//!   input (an empty key, a stale token) keeps its own error.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,10 +88,13 @@ proptest! {
                     }
                 }
                 Step::CompleteAll => {
-                    for (a, b) in tokens.drain(..) {
-                        let done = batched.complete(&a, "outcome");
-                        prop_assert_eq!(format!("{done:?}"), format!("{:?}", single.complete(&b, "outcome")));
+                    let items: Vec<(&ClaimToken, &str)> = tokens.iter().map(|(a, _)| (a, "outcome")).collect();
+                    let answers = batched.complete_many(&items);
+                    prop_assert_eq!(answers.len(), tokens.len());
+                    for ((_, b), done) in tokens.iter().zip(answers) {
+                        prop_assert_eq!(format!("{done:?}"), format!("{:?}", single.complete(b, "outcome")));
                     }
+                    tokens.clear();
                 }
                 Step::ReleaseAll => {
                     for (a, b) in tokens.drain(..) {
@@ -187,4 +192,57 @@ fn a_read_only_view_replays_a_batch_and_refuses_its_new_keys() {
         other => panic!("a replay through a read-only view: {other:?}"),
     }
     assert!(matches!(answers[1], Err(Error::ReadOnly)), "{:?}", answers[1]);
+}
+
+#[test]
+fn a_sync_batch_of_completes_waits_for_one_fsync_and_survives_a_power_cut() {
+    let disk = SimDisk::new();
+    let store = Store::open("/store", sim_options(&disk)).expect("open");
+    let batch = keys(64);
+    let tokens: Vec<ClaimToken> = store
+        .claim_many(&batch, ClaimOptions::default())
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(Claim::Acquired(token)) => token,
+            other => panic!("a new key: {other:?}"),
+        })
+        .collect();
+    let items: Vec<(&ClaimToken, String)> = tokens.iter().map(|t| (t, format!("outcome of {:?}", t.key()))).collect();
+    let syncs_before = disk.syncs();
+    for answer in store.complete_many(&items) {
+        answer.expect("complete");
+    }
+    assert_eq!(disk.syncs() - syncs_before, 1, "one fsync for the whole batch of completes");
+    drop(store);
+
+    let store = Store::open("/store", sim_options(&disk.power_cut(None))).expect("reopen");
+    for (token, outcome) in &items {
+        match store.get(token.key()).expect("get") {
+            Some(Entry::Completed(done)) => assert_eq!(done.outcome, outcome.as_bytes()),
+            other => panic!("{:?}: an acknowledged complete was lost: {other:?}", token.key()),
+        }
+    }
+}
+
+#[test]
+fn a_failed_fsync_fails_every_complete_of_the_batch_and_a_stale_token_keeps_its_error() {
+    let disk = SimDisk::new();
+    let store = Store::open("/store", sim_options(&disk)).expect("open");
+    let held: Vec<ClaimToken> = ["one", "two", "stale"]
+        .iter()
+        .map(|key| match store.claim(key, "request") {
+            Ok(Claim::Acquired(token)) => token,
+            other => panic!("{key}: {other:?}"),
+        })
+        .collect();
+    store.release(&held[2]).expect("release");
+    disk.fail_sync_after(0);
+    let answers = store.complete_many(&[(&held[0], "a"), (&held[2], "b"), (&held[1], "c")]);
+    assert!(matches!(answers[1], Err(Error::StaleToken)), "{:?}", answers[1]);
+    for i in [0, 2] {
+        match &answers[i] {
+            Err(Error::Poisoned { cause }) => assert!(cause.contains("simulated fsync failure"), "{cause}"),
+            other => panic!("item {i}: a complete that was never synced: {other:?}"),
+        }
+    }
 }
