@@ -473,7 +473,7 @@ const MODEL_STEPS_MS: [u64; 9] = [1, 10, 100, 999, 1_000, 5_000, 30_000, 61_000,
 /// changing this enum changes what existing corpus and regression inputs mean, so regressions
 /// must be found and minimized again after such a change. `Restart` is a clean reopen, or a
 /// power cut (keeping a torn prefix of unsynced writes when seeded) and an open of what
-/// survived; one variant for both keeps restarts, the costliest step, at one step in eleven.
+/// survived; one variant for both keeps restarts, the costliest step, at one step in thirteen.
 #[derive(Debug, Clone, Arbitrary)]
 enum ModelOp {
     Claim {

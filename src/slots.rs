@@ -224,8 +224,10 @@ impl Slots {
     fn rebuild(&mut self, entries: Vec<Slot>, capacity: usize) {
         let capacity = capacity.max(Self::capacity_for(entries.len()));
         self.slots = vec![EMPTY; capacity].into_boxed_slice();
-        self.hint.base.store(self.slots.as_ptr().addr(), Ordering::Relaxed);
-        self.hint.mask.store(capacity - 1, Ordering::Relaxed);
+        // An empty table (shrunk to nothing) has no slot to prefetch: base 0 turns the hint off.
+        let base = if capacity == 0 { 0 } else { self.slots.as_ptr().addr() };
+        self.hint.base.store(base, Ordering::Relaxed);
+        self.hint.mask.store(capacity.saturating_sub(1), Ordering::Relaxed);
         self.len = 0;
         for slot in entries {
             if let Err(i) = self.probe(slot.hash) {
@@ -286,6 +288,15 @@ mod tests {
         slots.retain(|hash, _| hash % 10 == 0);
         slots.shrink();
         assert!(points_at_table(&slots), "after shrinking to {} slots", slots.capacity());
+        // Emptied and shrunk to nothing (as after a bucket drop that took every key of a
+        // shard): the hint turns off instead of naming a slot.
+        slots.retain(|_, _| false);
+        slots.shrink();
+        assert_eq!(slots.capacity(), 0);
+        assert_eq!(hint.base.load(Ordering::Relaxed), 0, "an empty table has no slot to prefetch");
+        hint.prefetch(42);
+        slots.insert(7, Loc { segment: 1, offset: 64 });
+        assert!(points_at_table(&slots), "after growing again");
     }
 
     proptest! {

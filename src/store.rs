@@ -4,6 +4,7 @@
 //! key's latest record, compares the request hash, and (when it writes) appends the new record
 //! and repoints the index. Durability waits happen after the shard lock is released.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::thread::JoinHandle;
@@ -257,12 +258,14 @@ impl Store {
     /// counts: the index slots and records of a window of keys are loaded into cache together
     /// (their memory misses overlap instead of queueing), and under `Durability::Sync` the
     /// batch waits for one sync, not one per claim. A key that appears twice is claimed twice:
-    /// the second answer is `InProgress`.
+    /// the second answer is `InProgress` (at once, even with `options.wait`: it would otherwise
+    /// wait on the batch's own claim).
     ///
     /// Each item fails on its own as a single claim would (empty key, bad options, full disk);
     /// the others go on. Under `Sync`, a failed sync fails every answer that was not already
     /// an error, with `Poisoned`: none of them can be trusted durable. `options.wait` makes
-    /// each in-flight key block the rest of the batch.
+    /// each key held by someone else block the rest of the batch, while the leases of the keys
+    /// the batch acquired before it run (and, under `Sync`, none of its answers is returned).
     pub fn claim_many<K: AsRef<[u8]>, R: AsRef<[u8]>>(
         &self,
         items: &[(K, R)],
@@ -586,14 +589,23 @@ impl Inner {
         let mut answers = Vec::with_capacity(items.len());
         let mut settle_through = 0;
         let mut hashes = [0u64; BATCH_WINDOW];
+        // With `wait`, a key this batch already acquired must not wait: it would wait on the
+        // batch's own claim, whose token the caller does not have yet, until its lease ran out.
+        let no_wait = ClaimOptions { wait: None, ..options.clone() };
+        let mut acquired_here: HashSet<&[u8]> = HashSet::new();
         for window in items.chunks(BATCH_WINDOW) {
             for (hash, (key, _)) in hashes.iter_mut().zip(window) {
                 *hash = self.key_hash(key);
             }
             self.warm(&hashes[..window.len()]);
-            for (&hash, (key, request)) in hashes.iter().zip(window) {
-                answers.push(self.claim_unsettled(key, hash, request, options).map(|(answer, seq)| {
+            for (&hash, &(key, request)) in hashes.iter().zip(window) {
+                let waits = options.wait.is_some() && !acquired_here.contains(key);
+                let answer = self.claim_unsettled(key, hash, request, if waits { options } else { &no_wait });
+                answers.push(answer.map(|(answer, seq)| {
                     settle_through = settle_through.max(seq);
+                    if options.wait.is_some() && matches!(answer, Claim::Acquired(_)) {
+                        acquired_here.insert(key);
+                    }
                     answer
                 }));
             }

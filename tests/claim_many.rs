@@ -246,3 +246,23 @@ fn a_failed_fsync_fails_every_complete_of_the_batch_and_a_stale_token_keeps_its_
         }
     }
 }
+
+/// With `wait`, a key the batch itself just acquired must not wait on its own claim (the caller
+/// has no token yet): the repeat is `InProgress` at once and the first token stays good.
+#[test]
+fn a_repeated_key_does_not_wait_on_the_batch_own_claim() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(START_MS);
+    let store = common::open(dir.path(), &clock);
+    let options = ClaimOptions { wait: Some(Duration::from_secs(30)), ..ClaimOptions::default() };
+    let started = std::time::Instant::now();
+    let answers = store.claim_many(&[("key", "request"), ("key", "request")], options);
+    assert!(started.elapsed() < Duration::from_secs(10), "the repeat waited on the batch's own claim");
+    let mut answers = answers.into_iter();
+    let token = match answers.next() {
+        Some(Ok(Claim::Acquired(token))) => token,
+        other => panic!("first: {other:?}"),
+    };
+    assert!(matches!(answers.next(), Some(Ok(Claim::InProgress { .. }))));
+    store.complete(&token, "outcome").expect("the first token still holds the key");
+}
