@@ -325,3 +325,43 @@ fn get_marks_an_in_flight_claim_of_an_earlier_process_as_orphaned() {
     assert!(orphaned);
     assert_eq!(claimed_at, at(START_MS));
 }
+
+/// A replay reads its record into a stack buffer up to a size and into a heap buffer past it;
+/// outcomes on both sides of that edge (and empty, and large) come back byte for byte, from
+/// the live store and after a reopen, through `claim`, `claim_many` and `get`.
+#[test]
+fn outcomes_of_every_size_replay_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    // Record = 96-byte header + 1-byte key + outcome: 640 bytes at 543, the stack buffer's size.
+    let sizes = [0usize, 1, 542, 543, 544, 545, 1_000, 5_000, 100_000];
+    let outcome = |len: usize| (0..len).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>();
+    let key = |i: usize| format!("{}", (b'a' + i as u8) as char);
+    let check = |store: &idemstore::Store| {
+        for (i, &len) in sizes.iter().enumerate() {
+            match store.claim(key(i), b"request").unwrap() {
+                Claim::Completed(done) => assert_eq!(done.outcome, outcome(len), "claim, outcome of {len} bytes"),
+                other => panic!("outcome of {len} bytes: {other:?}"),
+            }
+            match store.get(key(i)).unwrap() {
+                Some(Entry::Completed(done)) => assert_eq!(done.outcome, outcome(len), "get, outcome of {len} bytes"),
+                other => panic!("get, outcome of {len} bytes: {other:?}"),
+            }
+        }
+        let batch: Vec<(String, &[u8])> = (0..sizes.len()).map(|i| (key(i), &b"request"[..])).collect();
+        for (answer, &len) in store.claim_many(&batch, ClaimOptions::default()).into_iter().zip(&sizes) {
+            match answer.unwrap() {
+                Claim::Completed(done) => assert_eq!(done.outcome, outcome(len), "claim_many, outcome of {len} bytes"),
+                other => panic!("claim_many, outcome of {len} bytes: {other:?}"),
+            }
+        }
+    };
+    let store = open(dir.path(), &clock);
+    for (i, &len) in sizes.iter().enumerate() {
+        let token = acquired(store.claim(key(i), b"request").unwrap());
+        store.complete(&token, outcome(len)).unwrap();
+    }
+    check(&store);
+    drop(store);
+    check(&open(dir.path(), &clock));
+}
