@@ -4,7 +4,8 @@
 //! (key `inbox:<message id>`, request the message body; under `Durability::Sync` the whole poll
 //! waits for one fsync). For each delivery:
 //!
-//! - `Acquired`: apply the message (credit an account), then `complete`, then acknowledge;
+//! - `Acquired`: apply the message (credit an account); the poll's applied messages are then
+//!   completed together with one `complete_many` call (one more fsync), then acknowledged;
 //! - `Completed`: a redelivery of an applied message: acknowledge, apply nothing;
 //! - `InProgress`: the message is being applied right now (by the other consumer, or earlier in
 //!   this same poll): put it back (a nack), it will come again and then be `Completed`;
@@ -16,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemstore::{Claim, ClaimOptions, Durability, Options, Store};
+use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Options, Store};
 
 const MESSAGES: u32 = 60;
 const CONSUMERS: usize = 2;
@@ -155,21 +156,29 @@ fn consume(
         counts.lock().map_err(poisoned)?.deliveries += poll.len() as u32;
         let claims: Vec<(String, String)> = poll.iter().map(|m| (format!("inbox:{}", m.id), m.body())).collect();
         let answers = store.claim_many(&claims, ClaimOptions::default());
+        let mut applied = Vec::new();
         for (message, answer) in poll.into_iter().zip(answers) {
-            handle(store, queue, ledger, counts, message, answer.map_err(|e| e.to_string())?)?;
+            applied.extend(handle(queue, ledger, counts, message, answer.map_err(|e| e.to_string())?)?);
         }
+        // The poll's outcomes are recorded together too: one more fsync, before the broker
+        // gets its acknowledgements.
+        let completes: Vec<(&ClaimToken, &str)> = applied.iter().map(|token| (token, "applied")).collect();
+        for done in store.complete_many(&completes) {
+            done.map_err(|e| e.to_string())?;
+        }
+        counts.lock().map_err(poisoned)?.applied += applied.len() as u32;
     }
 }
 
-/// What a consumer does with one delivery, given its claim's answer.
+/// What a consumer does with one delivery, given its claim's answer; returns the token of a
+/// message it applied, to complete with the rest of the poll.
 fn handle(
-    store: &Store,
     queue: &Mutex<VecDeque<Message>>,
     ledger: &Mutex<Ledger>,
     counts: &Mutex<Counts>,
     message: Message,
     answer: Claim,
-) -> Result<(), String> {
+) -> Result<Option<ClaimToken>, String> {
     match answer {
         Claim::Acquired(token) => {
             // Applying takes a moment (a database write), so the other consumer may see the
@@ -180,8 +189,7 @@ fn handle(
                 *ledger.balances.entry(message.account.clone()).or_default() += message.amount_cents;
                 *ledger.applied.entry(message.id.clone()).or_default() += 1;
             }
-            store.complete(&token, "applied").map_err(|e| e.to_string())?;
-            counts.lock().map_err(poisoned)?.applied += 1;
+            return Ok(Some(token));
         }
         Claim::Completed(_) => counts.lock().map_err(poisoned)?.redeliveries_skipped += 1,
         Claim::InProgress { .. } => {
@@ -195,7 +203,7 @@ fn handle(
             counts.lock().map_err(poisoned)?.dead_lettered += 1;
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn poisoned<T>(_: T) -> String {
