@@ -27,10 +27,11 @@
 //!   `Durability::None`, value = 8-byte expiry + `pending` or the outcome; replay in a read
 //!   transaction, checking the expiry.
 //!
-//! A last phase inserts fresh keys [`BATCH`] at a time, the way each engine batches writes:
-//! idemstore `claim_many` (one sync per call under `Sync`), a Redis pipeline of `SET NX PX`
-//! (one `appendfsync always` write per pipeline), one SQLite transaction, one redb write
-//! transaction. Its latency columns are per batch.
+//! Two last phases insert fresh keys [`BATCH`] at a time, then complete them as many at a time,
+//! the way each engine batches writes: idemstore `claim_many` / `complete_many` (one sync per
+//! call under `Sync`), a Redis pipeline of `SET NX PX` / `SET XX KEEPTTL` (one
+//! `appendfsync always` write per pipeline), one SQLite transaction, one redb write
+//! transaction. Their latency columns are per batch.
 //!
 //! Every answer is checked (an insert of a new key must insert, a replay must return the
 //! outcome), and each row runs in a child process of its own with a fresh data dir, so RAM is
@@ -46,7 +47,7 @@
 //! `idemstore,redis,sqlite,redb`), `PEERS_REDIS_SERVER` (path of `redis-server`),
 //! `IDEMSTORE_BENCH_DIR` (where the temp dirs go, default the system temp dir).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -211,6 +212,8 @@ enum Phase {
     Both,
     Replay,
     BatchInsert,
+    BatchComplete,
+    BatchBoth,
 }
 
 impl Phase {
@@ -221,6 +224,8 @@ impl Phase {
             Phase::Both => "claim + complete (derived)",
             Phase::Replay => "replay 64 B",
             Phase::BatchInsert => "insert-if-absent, 64 a batch (latency per batch)",
+            Phase::BatchComplete => "complete, 64 a batch (latency per batch)",
+            Phase::BatchBoth => "claim + complete, 64 a batch (derived)",
         }
     }
 }
@@ -260,26 +265,28 @@ impl TableRow {
             ram_bytes_per_key: ram,
             disk,
         };
-        let mut rows = vec![row(Phase::Insert, "insert", ram, disk)];
-        if r.contains_key("complete_ops") {
-            rows.push(row(Phase::Complete, "complete", None, "—".into()));
-            let both = 1.0 / (1.0 / r["insert_ops_per_s"] + 1.0 / r["complete_ops_per_s"]);
-            rows.push(TableRow {
-                phase: Phase::Both,
-                durable: spec.durable,
-                threads: spec.threads,
-                engine: spec.engine.clone(),
-                ops: r["complete_ops"] as u64,
-                ops_per_s: both,
-                p50_us: None,
-                p99_us: None,
-                ram_bytes_per_key: None,
-                disk: "—".into(),
-            });
-        }
-        rows.push(row(Phase::Replay, "replay", None, "—".into()));
-        rows.push(row(Phase::BatchInsert, "batch", None, "—".into()));
-        rows
+        // Insert and complete per key, added: the whole life of a key.
+        let both = |phase: Phase, insert: &str, complete: &str| TableRow {
+            phase,
+            durable: spec.durable,
+            threads: spec.threads,
+            engine: spec.engine.clone(),
+            ops: r[&format!("{complete}_ops")] as u64,
+            ops_per_s: 1.0 / (1.0 / r[&format!("{insert}_ops_per_s")] + 1.0 / r[&format!("{complete}_ops_per_s")]),
+            p50_us: None,
+            p99_us: None,
+            ram_bytes_per_key: None,
+            disk: "—".into(),
+        };
+        vec![
+            row(Phase::Insert, "insert", ram, disk),
+            row(Phase::Complete, "complete", None, "—".into()),
+            both(Phase::Both, "insert", "complete"),
+            row(Phase::Replay, "replay", None, "—".into()),
+            row(Phase::BatchInsert, "batch", None, "—".into()),
+            row(Phase::BatchComplete, "batch_complete", None, "—".into()),
+            both(Phase::BatchBoth, "batch", "batch_complete"),
+        ]
     }
 }
 
@@ -326,6 +333,8 @@ trait Engine: Sync {
     fn complete(&self, handle: &mut Self::Handle, key: &[u8; 16]);
     /// Inserts every absent key of `keys` in one batch (see [`BATCH`]); returns how many.
     fn insert_batch(&self, handle: &mut Self::Handle, keys: &[[u8; 16]]) -> usize;
+    /// Stores the outcome of `keys`, the next ones this handle inserted by batch, in one batch.
+    fn complete_batch(&self, handle: &mut Self::Handle, keys: &[[u8; 16]]);
     /// The stored outcome of `key`, if any.
     fn replay(&self, handle: &mut Self::Handle, key: &[u8; 16]) -> Option<Vec<u8>>;
     /// The engine's own memory figure (Redis `used_memory`), when RSS of this process is not it.
@@ -353,8 +362,9 @@ struct WorkerReport {
     completed: u64,
     replayed: u64,
     batch_inserted: u64,
-    latency: [Histogram<u64>; 4],
-    spans: [(Instant, Instant); 4],
+    batch_completed: u64,
+    latency: [Histogram<u64>; 5],
+    spans: [(Instant, Instant); 5],
 }
 
 /// Insert phase, (idemstore) complete phase, replay phase; every thread in step via barriers.
@@ -374,7 +384,8 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                     let keys = KeyGen::new(1000 + t as u64).keys(keys_per_thread);
                     let mut handle = engine.handle();
                     let fresh = KeyGen::new(5000 + t as u64).keys(keys_per_thread);
-                    let mut latency = [new_histogram(), new_histogram(), new_histogram(), new_histogram()];
+                    let mut latency =
+                        [new_histogram(), new_histogram(), new_histogram(), new_histogram(), new_histogram()];
                     barrier.wait(); // prepared: the "before" RAM figure is taken now
                     barrier.wait(); // start of the insert phase
                     let insert_started = Instant::now();
@@ -428,13 +439,26 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                             break;
                         }
                     }
+                    let batch_span = (batch_started, last);
+                    barrier.wait(); // start of the batched complete phase
+                    let batch_complete_started = Instant::now();
+                    let mut last = batch_complete_started;
+                    let mut batch_completed = 0u64;
+                    for batch in fresh[..batch_inserted as usize].chunks(BATCH) {
+                        engine.complete_batch(&mut handle, batch);
+                        let now = Instant::now();
+                        latency[4].saturating_record(duration_nanos(now - last));
+                        last = now;
+                        batch_completed += batch.len() as u64;
+                    }
                     WorkerReport {
                         inserted: inserted as u64,
                         completed,
                         replayed,
                         batch_inserted,
+                        batch_completed,
                         latency,
-                        spans: [insert_span, complete_span, replay_span, (batch_started, last)],
+                        spans: [insert_span, complete_span, replay_span, batch_span, (batch_complete_started, last)],
                     }
                 })
             })
@@ -446,6 +470,7 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
         barrier.wait();
         barrier.wait();
         let ram_after = engine.memory_bytes().unwrap_or_else(rss_anon_bytes);
+        barrier.wait();
         barrier.wait();
         barrier.wait();
 
@@ -473,6 +498,8 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
         out.extend(phase_figures("replay", replayed, span_seconds(2), &merged(2)));
         let batch_inserted: u64 = reports.iter().map(|r| r.batch_inserted).sum();
         out.extend(phase_figures("batch", batch_inserted, span_seconds(3), &merged(3)));
+        let batch_completed: u64 = reports.iter().map(|r| r.batch_completed).sum();
+        out.extend(phase_figures("batch_complete", batch_completed, span_seconds(4), &merged(4)));
     });
     out
 }
@@ -503,24 +530,24 @@ impl Idemstore {
 }
 
 impl Engine for Idemstore {
-    /// The tokens of this thread's claims, completed in the complete phase.
-    type Handle = Vec<ClaimToken>;
+    /// The tokens of this thread's claims, oldest first, completed in the complete phases.
+    type Handle = VecDeque<ClaimToken>;
 
-    fn handle(&self) -> Vec<ClaimToken> {
-        Vec::new()
+    fn handle(&self) -> VecDeque<ClaimToken> {
+        VecDeque::new()
     }
 
-    fn insert(&self, tokens: &mut Vec<ClaimToken>, key: &[u8; 16]) -> bool {
+    fn insert(&self, tokens: &mut VecDeque<ClaimToken>, key: &[u8; 16]) -> bool {
         match self.store.claim(key, REQUEST).expect("idemstore claim") {
             Claim::Acquired(token) => {
-                tokens.push(token);
+                tokens.push_back(token);
                 true
             }
             _ => false,
         }
     }
 
-    fn complete_all(&self, tokens: &mut Vec<ClaimToken>, keys: &[[u8; 16]], latency: &mut Histogram<u64>) -> u64 {
+    fn complete_all(&self, tokens: &mut VecDeque<ClaimToken>, keys: &[[u8; 16]], latency: &mut Histogram<u64>) -> u64 {
         debug_assert_eq!(tokens.len(), keys.len(), "one token per key inserted");
         let mut last = Instant::now();
         for token in tokens.iter() {
@@ -531,21 +558,35 @@ impl Engine for Idemstore {
         }
         let completed = tokens.len() as u64;
         // The tokens are the bench's memory, not the store's: free them before RAM is measured.
-        *tokens = Vec::new();
+        *tokens = VecDeque::new();
         completed
     }
 
-    fn complete(&self, _tokens: &mut Vec<ClaimToken>, _key: &[u8; 16]) {
+    fn complete(&self, _tokens: &mut VecDeque<ClaimToken>, _key: &[u8; 16]) {
         unreachable!("idemstore completes by token, in complete_all")
     }
 
-    fn insert_batch(&self, _tokens: &mut Vec<ClaimToken>, keys: &[[u8; 16]]) -> usize {
+    fn insert_batch(&self, tokens: &mut VecDeque<ClaimToken>, keys: &[[u8; 16]]) -> usize {
         let items: Vec<(&[u8; 16], &[u8])> = keys.iter().map(|k| (k, REQUEST)).collect();
-        let answers = self.store.claim_many(&items, ClaimOptions::default());
-        answers.into_iter().filter(|a| matches!(a.as_ref().expect("idemstore claim_many"), Claim::Acquired(_))).count()
+        let before = tokens.len();
+        for answer in self.store.claim_many(&items, ClaimOptions::default()) {
+            if let Claim::Acquired(token) = answer.expect("idemstore claim_many") {
+                tokens.push_back(token);
+            }
+        }
+        tokens.len() - before
     }
 
-    fn replay(&self, _tokens: &mut Vec<ClaimToken>, key: &[u8; 16]) -> Option<Vec<u8>> {
+    fn complete_batch(&self, tokens: &mut VecDeque<ClaimToken>, keys: &[[u8; 16]]) {
+        // A deque: taking the oldest tokens costs the batch, not a shift of every token left.
+        let held: Vec<ClaimToken> = tokens.drain(..keys.len()).collect();
+        let items: Vec<(&ClaimToken, &[u8])> = held.iter().map(|t| (t, &OUTCOME[..])).collect();
+        for done in self.store.complete_many(&items) {
+            done.expect("idemstore complete_many");
+        }
+    }
+
+    fn replay(&self, _tokens: &mut VecDeque<ClaimToken>, key: &[u8; 16]) -> Option<Vec<u8>> {
         match self.store.claim(key, REQUEST).expect("idemstore replay") {
             Claim::Completed(done) => Some(done.outcome),
             _ => None,
@@ -640,6 +681,15 @@ impl Engine for Redis {
         }
         let replies: Vec<Option<String>> = pipe.query(con).expect("redis pipelined SET NX PX");
         replies.iter().filter(|r| r.is_some()).count()
+    }
+
+    fn complete_batch(&self, con: &mut redis::Connection, keys: &[[u8; 16]]) {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET").arg(&key[..]).arg(&OUTCOME[..]).arg("XX").arg("KEEPTTL");
+        }
+        let replies: Vec<Option<String>> = pipe.query(con).expect("redis pipelined SET XX");
+        assert!(replies.iter().all(Option::is_some), "redis complete of keys it holds did not store");
     }
 
     fn complete(&self, con: &mut redis::Connection, key: &[u8; 16]) {
@@ -741,6 +791,19 @@ impl Engine for Sqlite {
         inserted
     }
 
+    fn complete_batch(&self, con: &mut rusqlite::Connection, keys: &[[u8; 16]]) {
+        let _turn = self.write_turn.lock().expect("sqlite write turn");
+        let txn = con.transaction().expect("sqlite begin");
+        {
+            let mut stmt = txn.prepare_cached("UPDATE k SET val=?1 WHERE key=?2").expect("prepare sqlite update");
+            for key in keys {
+                let updated = stmt.execute(rusqlite::params![&OUTCOME[..], &key[..]]).expect("sqlite update");
+                assert_eq!(updated, 1, "sqlite complete of a key it holds did not store");
+            }
+        }
+        txn.commit().expect("sqlite commit");
+    }
+
     fn complete(&self, con: &mut rusqlite::Connection, key: &[u8; 16]) {
         let _turn = self.write_turn.lock().expect("sqlite write turn");
         let mut stmt = con.prepare_cached("UPDATE k SET val=?1 WHERE key=?2").expect("prepare sqlite update");
@@ -821,16 +884,23 @@ impl Engine for Redb {
         inserted
     }
 
-    fn complete(&self, _: &mut (), key: &[u8; 16]) {
+    fn complete(&self, handle: &mut (), key: &[u8; 16]) {
+        self.complete_batch(handle, std::slice::from_ref(key));
+    }
+
+    fn complete_batch(&self, _: &mut (), keys: &[[u8; 16]]) {
         use redb::ReadableTable;
         let mut txn = self.db.begin_write().expect("redb begin_write");
         txn.set_durability(self.durability).expect("redb set_durability");
         {
             let mut table = txn.open_table(REDB_TABLE).expect("redb open_table");
-            let mut value =
-                table.get(&key[..]).expect("redb get").expect("redb complete of a key it holds").value()[..8].to_vec();
-            value.extend_from_slice(&OUTCOME);
-            table.insert(&key[..], &value[..]).expect("redb insert");
+            for key in keys {
+                let mut value =
+                    table.get(&key[..]).expect("redb get").expect("redb complete of a key it holds").value()[..8]
+                        .to_vec();
+                value.extend_from_slice(&OUTCOME);
+                table.insert(&key[..], &value[..]).expect("redb insert");
+            }
         }
         txn.commit().expect("redb commit");
     }
