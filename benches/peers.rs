@@ -931,8 +931,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// Anonymous resident memory of this process (`RssAnon` in `/proc/self/status`), in bytes,
 /// after handing freed heap memory back to the OS.
 fn rss_anon_bytes() -> u64 {
-    // SAFETY: malloc_trim only releases free heap memory; it touches nothing we own.
-    unsafe { libc::malloc_trim(0) };
+    trim_allocator();
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
     let kib: u64 = status
         .lines()

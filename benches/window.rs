@@ -872,16 +872,6 @@ fn time_fresh_claims(store: &Store, count: u64, seed: u64) -> (Histogram<u64>, f
     (histogram, started.elapsed().as_secs_f64())
 }
 
-/// Gives the allocator's cached free memory back to the OS (glibc), so RSS shows what is
-/// still allocated.
-fn trim_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes a plain integer and only releases free heap memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Bytes free for an unprivileged user on the file system of `dir`.
 fn free_bytes(dir: &Path) -> u64 {
     use std::os::unix::ffi::OsStrExt;
