@@ -388,69 +388,36 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                         [new_histogram(), new_histogram(), new_histogram(), new_histogram(), new_histogram()];
                     barrier.wait(); // prepared: the "before" RAM figure is taken now
                     barrier.wait(); // start of the insert phase
-                    let insert_started = Instant::now();
-                    let mut last = insert_started;
-                    let mut inserted = 0usize;
-                    for key in &keys {
+                    let [l_insert, l_complete, l_replay, l_batch, l_batch_complete] = &mut latency;
+                    let (insert_span, inserted) = timed_phase(&keys, cap, l_insert, |key| {
                         assert!(engine.insert(&mut handle, key), "a new random key was not inserted");
-                        let now = Instant::now();
-                        latency[0].saturating_record(duration_nanos(now - last));
-                        last = now;
-                        inserted += 1;
-                        if now - insert_started > cap {
-                            break;
-                        }
-                    }
-                    let insert_span = (insert_started, last);
+                        1
+                    });
+                    let inserted = inserted as usize;
                     barrier.wait(); // end of the insert phase, start of the complete phase
                     let complete_started = Instant::now();
-                    let completed = engine.complete_all(&mut handle, &keys[..inserted], &mut latency[1]);
+                    let completed = engine.complete_all(&mut handle, &keys[..inserted], l_complete);
                     let complete_span = (complete_started, Instant::now());
                     barrier.wait(); // end of the complete phase: the "after" RAM figure is taken now
                     barrier.wait(); // start of the replay phase
-                    let replay_started = Instant::now();
-                    let mut last = replay_started;
-                    let mut replayed = 0u64;
-                    for i in 0..replays_per_thread {
+                    let (replay_span, replayed) = timed_phase(0..replays_per_thread, cap, l_replay, |i| {
                         let key = &keys[(i % inserted as u64) as usize];
                         let outcome = engine.replay(&mut handle, key);
                         assert_eq!(outcome.as_deref(), Some(&OUTCOME[..]), "a replay did not return the outcome");
-                        let now = Instant::now();
-                        latency[2].saturating_record(duration_nanos(now - last));
-                        last = now;
-                        replayed += 1;
-                        if now - replay_started > cap {
-                            break;
-                        }
-                    }
-                    let replay_span = (replay_started, last);
+                        1
+                    });
                     barrier.wait(); // start of the batched insert phase
-                    let batch_started = Instant::now();
-                    let mut last = batch_started;
-                    let mut batch_inserted = 0u64;
-                    for batch in fresh.chunks(BATCH) {
+                    let (batch_span, batch_inserted) = timed_phase(fresh.chunks(BATCH), cap, l_batch, |batch| {
                         let n = engine.insert_batch(&mut handle, batch);
                         assert_eq!(n, batch.len(), "a batch of new random keys was not all inserted");
-                        let now = Instant::now();
-                        latency[3].saturating_record(duration_nanos(now - last));
-                        last = now;
-                        batch_inserted += n as u64;
-                        if now - batch_started > cap {
-                            break;
-                        }
-                    }
-                    let batch_span = (batch_started, last);
+                        n as u64
+                    });
                     barrier.wait(); // start of the batched complete phase
-                    let batch_complete_started = Instant::now();
-                    let mut last = batch_complete_started;
-                    let mut batch_completed = 0u64;
-                    for batch in fresh[..batch_inserted as usize].chunks(BATCH) {
+                    let batches = fresh[..batch_inserted as usize].chunks(BATCH);
+                    let (batch_complete_span, batch_completed) = timed_phase(batches, cap, l_batch_complete, |batch| {
                         engine.complete_batch(&mut handle, batch);
-                        let now = Instant::now();
-                        latency[4].saturating_record(duration_nanos(now - last));
-                        last = now;
-                        batch_completed += batch.len() as u64;
-                    }
+                        batch.len() as u64
+                    });
                     WorkerReport {
                         inserted: inserted as u64,
                         completed,
@@ -458,7 +425,7 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                         batch_inserted,
                         batch_completed,
                         latency,
-                        spans: [insert_span, complete_span, replay_span, batch_span, (batch_complete_started, last)],
+                        spans: [insert_span, complete_span, replay_span, batch_span, batch_complete_span],
                     }
                 })
             })
@@ -502,6 +469,29 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
         out.extend(phase_figures("batch_complete", batch_completed, span_seconds(4), &merged(4)));
     });
     out
+}
+
+/// Runs `op` on each item in turn, recording each call's latency, until the items run out or
+/// `cap` has passed; returns the phase's span (first start to last end) and the ops `op` counted.
+fn timed_phase<T>(
+    items: impl IntoIterator<Item = T>,
+    cap: Duration,
+    latency: &mut Histogram<u64>,
+    mut op: impl FnMut(T) -> u64,
+) -> ((Instant, Instant), u64) {
+    let started = Instant::now();
+    let mut last = started;
+    let mut ops = 0;
+    for item in items {
+        ops += op(item);
+        let now = Instant::now();
+        latency.saturating_record(duration_nanos(now - last));
+        last = now;
+        if now - started > cap {
+            break;
+        }
+    }
+    ((started, last), ops)
 }
 
 fn phase_figures(prefix: &str, ops: u64, seconds: f64, hist: &Histogram<u64>) -> Vec<(String, f64)> {
