@@ -19,6 +19,9 @@ use std::time::Duration;
 
 use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Options, Store};
 
+mod common;
+use common::Rng;
+
 const MESSAGES: u32 = 60;
 const CONSUMERS: usize = 2;
 /// Deliveries a consumer takes from the broker at once.
@@ -208,30 +211,4 @@ fn handle(
 
 fn poisoned<T>(_: T) -> String {
     "a lock was poisoned by a panicking consumer".to_string()
-}
-
-/// xorshift64*: small, seeded, good enough for dice.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i as u64 + 1) as usize);
-        }
-    }
 }

@@ -12,6 +12,9 @@ use std::collections::HashMap;
 
 use idemstore::{Claim, Durability, Entry, Options, Store, system_time_to_ms};
 
+mod common;
+use common::Rng;
+
 const ORDERS: u32 = 16;
 const SEND_ATTEMPTS: u32 = 10;
 
@@ -153,30 +156,4 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("\nEvery message went out exactly once.");
     store.close()?;
     Ok(())
-}
-
-/// xorshift64*: small, seeded, good enough for dice.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i as u64 + 1) as usize);
-        }
-    }
 }

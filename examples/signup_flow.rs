@@ -27,6 +27,9 @@ use std::path::Path;
 
 use idemstore::{Claim, Durability, Options, Stats, Store};
 
+mod common;
+use common::Rng;
+
 const USERS: u64 = 24;
 const DAY: &str = "2026-11-28";
 const MAX_ATTEMPTS: u32 = 30;
@@ -493,34 +496,4 @@ fn uuid_like(rng: &mut Rng) -> String {
         (b >> 48) & 0x3fff | 0x8000,
         b & 0xffff_ffff_ffff
     )
-}
-
-/// xorshift64*: small, seeded, good enough for dice.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i as u64 + 1) as usize);
-        }
-    }
 }
