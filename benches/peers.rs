@@ -292,23 +292,9 @@ impl TableRow {
 
 /// Runs this binary as a child for one row and parses its `RESULT` line.
 fn run_child(spec: &RowSpec) -> BTreeMap<String, f64> {
-    let exe = std::env::current_exe().expect("path of this bench binary");
-    let output = Command::new(exe).env(CHILD_ENV, spec.encode()).output().expect("start child row");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "row {} failed ({}):\n{stdout}\n{}",
-        spec.encode(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).expect("child printed no RESULT line");
-    line.split_whitespace()
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').expect("RESULT pairs are key=value");
-            (k.to_string(), v.parse().expect("RESULT values are numbers"))
-        })
-        .collect()
+    let mut command = Command::new(std::env::current_exe().expect("path of this bench binary"));
+    command.env(CHILD_ENV, spec.encode());
+    run_child_command(command, &format!("row {}", spec.encode()))
 }
 
 /// What each engine does; a `Handle` is one thread's connection or state.

@@ -422,21 +422,7 @@ fn run_child_in(job: &str, dir: Option<&Path>) -> BTreeMap<String, f64> {
     if let Some(dir) = dir {
         command.env(CHILD_DIR_ENV, dir);
     }
-    let output = command.output().expect("start child measurement");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "child measurement {job} failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).expect("child printed no RESULT line");
-    line.split_whitespace()
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').expect("RESULT pairs are key=value");
-            (k.to_string(), v.parse().expect("RESULT values are numbers"))
-        })
-        .collect()
+    run_child_command(command, &format!("child measurement {job}"))
 }
 
 /// Child: claims `count` keys, measures RSS growth, closes, and times a reopen.

@@ -2,7 +2,9 @@
 //! temp dirs go, latency histograms and disk accounting.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use hdrhistogram::Histogram;
 
@@ -78,4 +80,25 @@ pub fn trim_allocator() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Runs `command` (this bench binary as a child, told its job through the environment),
+/// fails loudly with its output if it fails, and parses the `RESULT key=value ...` line it
+/// printed. `what` names the job in the failure message.
+pub fn run_child_command(mut command: Command, what: &str) -> BTreeMap<String, f64> {
+    let output = command.output().expect("start child process");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).expect("child printed no RESULT line");
+    line.split_whitespace()
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').expect("RESULT pairs are key=value");
+            (k.to_string(), v.parse().expect("RESULT values are numbers"))
+        })
+        .collect()
 }
