@@ -116,6 +116,7 @@ fn main() {
         let result = match kind {
             "ram_reopen" => child_ram_and_reopen(count),
             "expiry" => child_expiry(count),
+            "floor" => child_floor(count),
             "sealed_fill" => child_sealed_fill(count, &child_dir()),
             "sealed_reopen" => child_sealed_reopen(count, &child_dir()),
             "sealed_claims" => child_sealed_claims(count, &child_dir()),
@@ -201,11 +202,17 @@ fn main() {
         r["all_p99_ns"] / 1e3,
         r["all_max_ns"] / 1e3,
     );
+    let floor_ms = (2.0 * EXPIRY_MARGIN.as_secs_f64() * 1e3 + r["maintain_ms"]).ceil() as u64;
+    let floor = run_child(&format!("floor:{floor_ms}"));
     println!();
     println!(
         "note: with {cpus} CPUs and {} busy threads (claimers + maintain), a claim can also wait for a CPU; \
-         compare 'claims during' with 'all claims'.",
-        EXPIRY_CLAIM_THREADS + 1
+         compare 'claims during' with 'all claims'. The machine's own floor, same run: {EXPIRY_CLAIM_THREADS} \
+         threads doing nothing but reading the clock for {floor_ms} ms saw {} gaps >= 1 ms between two reads \
+         (longest {:.1} µs), with no store in the process.",
+        EXPIRY_CLAIM_THREADS + 1,
+        floor["over_1ms"],
+        floor["max_ns"] / 1e3,
     );
     println!();
 
@@ -572,6 +579,33 @@ fn child_expiry(count: u64) -> Vec<(&'static str, f64)> {
         ("all_p99_ns", all.value_at_quantile(0.99) as f64),
         ("all_max_ns", all.max() as f64),
     ]
+}
+
+/// The machine's own floor for the expiry row: `EXPIRY_CLAIM_THREADS` threads that only read
+/// the clock for `ms` milliseconds, timing the gap between consecutive reads. A gap is time the
+/// thread was not running (preempted by other threads, kernel work or the hypervisor); a claim
+/// that spans one takes at least that long, whatever the store does.
+fn child_floor(ms: u64) -> Vec<(&'static str, f64)> {
+    let spinners: Vec<_> = (0..EXPIRY_CLAIM_THREADS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut gaps = new_histogram();
+                let started = Instant::now();
+                let mut last = started;
+                while last - started < Duration::from_millis(ms) {
+                    let now = Instant::now();
+                    gaps.saturating_record(duration_nanos(now - last));
+                    last = now;
+                }
+                gaps
+            })
+        })
+        .collect();
+    let mut gaps = new_histogram();
+    for spinner in spinners {
+        gaps.add(spinner.join().expect("spinner panicked")).expect("merge histograms");
+    }
+    vec![("over_1ms", gaps.count_between(TARGET_CLAIM_MAX_NS, u64::MAX) as f64), ("max_ns", gaps.max() as f64)]
 }
 
 /// The store dir a sealed-window child works on.
