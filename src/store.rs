@@ -257,9 +257,9 @@ impl Store {
     /// the other; returns one answer per item, in order. Faster than single claims on two
     /// counts: the index slots and records of a window of keys are loaded into cache together
     /// (their memory misses overlap instead of queueing), and under `Durability::Sync` the
-    /// batch waits for one sync, not one per claim. A key that appears twice is claimed twice:
-    /// the second answer is `InProgress` (at once, even with `options.wait`: it would otherwise
-    /// wait on the batch's own claim).
+    /// batch waits for one sync, not one per claim. A key that appears twice is claimed twice,
+    /// in order: when the first acquired it, the second answer is `InProgress` (at once, even
+    /// with `options.wait`: it would otherwise wait on the batch's own claim).
     ///
     /// Each item fails on its own as a single claim would (empty key, bad options, full disk);
     /// the others go on. Under `Sync`, a failed sync fails every answer that was not already
