@@ -582,52 +582,59 @@ impl Inner {
         Ok(answer)
     }
 
-    /// Claims a batch: warms every key's index slot, then every found record, a window at a
-    /// time, so their memory misses overlap; then claims each in order and, under `Sync`,
-    /// waits once for the last record any answer rests on.
+    /// Claims a batch (see `in_windows`); under `Sync` it waits once for the last record any
+    /// answer rests on.
     fn claim_many(&self, items: &[(&[u8], &[u8])], options: &ClaimOptions) -> Vec<Result<Claim>> {
-        let mut answers = Vec::with_capacity(items.len());
-        let mut settle_through = 0;
-        let mut hashes = [0u64; BATCH_WINDOW];
         // With `wait`, a key this batch already acquired must not wait: it would wait on the
         // batch's own claim, whose token the caller does not have yet, until its lease ran out.
+        let waits = options.wait.is_some();
         let no_wait = ClaimOptions { wait: None, ..options.clone() };
         let mut acquired_here: HashSet<&[u8]> = HashSet::new();
-        for window in items.chunks(BATCH_WINDOW) {
-            for (hash, (key, _)) in hashes.iter_mut().zip(window) {
-                *hash = self.key_hash(key);
-            }
-            self.warm(&hashes[..window.len()]);
-            for (&hash, &(key, request)) in hashes.iter().zip(window) {
-                let waits = options.wait.is_some() && !acquired_here.contains(key);
-                let answer = self.claim_unsettled(key, hash, request, if waits { options } else { &no_wait });
-                answers.push(answer.map(|(answer, seq)| {
-                    settle_through = settle_through.max(seq);
-                    if options.wait.is_some() && matches!(answer, Claim::Acquired(_)) {
-                        acquired_here.insert(key);
-                    }
-                    answer
-                }));
-            }
-        }
-        self.settle_batch(&mut answers, settle_through);
-        answers
+        self.in_windows(
+            items,
+            |(key, _)| key,
+            |&(key, request), hash| {
+                let options = if waits && !acquired_here.contains(key) { options } else { &no_wait };
+                let (answer, seq) = self.claim_unsettled(key, hash, request, options)?;
+                if waits && matches!(answer, Claim::Acquired(_)) {
+                    acquired_here.insert(key);
+                }
+                Ok((answer, seq))
+            },
+        )
     }
 
-    /// Completes a batch of held claims (see `claim_many`): warms a window of keys at a time,
-    /// completes each in order, then, under `Sync`, waits once.
+    /// Completes a batch of held claims (see `in_windows`); under `Sync` it waits once.
     fn complete_many(&self, items: &[(&ClaimToken, &[u8])]) -> Vec<Result<()>> {
+        self.in_windows(
+            items,
+            |(token, _)| token.key(),
+            |&(token, outcome), hash| Ok(((), self.finish_unsettled(token, hash, Kind::Complete, outcome)?)),
+        )
+    }
+
+    /// Runs a batch a window of keys at a time: warms the window (`warm`), then calls `each`
+    /// on its items in order with their key hashes; `each` answers without waiting for
+    /// durability and says which seq its answer rests on. The batch then settles once
+    /// (`settle_batch`).
+    fn in_windows<T, A>(
+        &self,
+        items: &[T],
+        key_of: impl Fn(&T) -> &[u8],
+        mut each: impl FnMut(&T, u64) -> Result<(A, u64)>,
+    ) -> Vec<Result<A>> {
         let mut answers = Vec::with_capacity(items.len());
         let mut settle_through = 0;
         let mut hashes = [0u64; BATCH_WINDOW];
         for window in items.chunks(BATCH_WINDOW) {
-            for (hash, (token, _)) in hashes.iter_mut().zip(window) {
-                *hash = self.key_hash(token.key());
+            for (hash, item) in hashes.iter_mut().zip(window) {
+                *hash = self.key_hash(key_of(item));
             }
             self.warm(&hashes[..window.len()]);
-            for (&hash, (token, outcome)) in hashes.iter().zip(window) {
-                answers.push(self.finish_unsettled(token, hash, Kind::Complete, outcome).map(|seq| {
+            for (&hash, item) in hashes.iter().zip(window) {
+                answers.push(each(item, hash).map(|(answer, seq)| {
                     settle_through = settle_through.max(seq);
+                    answer
                 }));
             }
         }
@@ -1140,11 +1147,11 @@ struct HousekeeperCall {
     spare: bool,
 }
 
-/// A key's 64-bit index hash: `Options::key_hash` when set, else xxh3-64.
 /// Keys a batch (`claim_many`, `complete_many`) warms together: enough memory misses in flight
 /// to cover their latency, few enough that the first key's lines are still cached at its turn.
 const BATCH_WINDOW: usize = 16;
 
+/// A key's 64-bit index hash: `Options::key_hash` when set, else xxh3-64.
 fn key_hash(custom: Option<crate::options::KeyHashFn>, key: &[u8]) -> u64 {
     match custom {
         Some(f) => f(key),
