@@ -750,7 +750,11 @@ impl Inner {
             }
         };
         drop(shard);
-        self.after_write();
+        // Only an acquisition appended a record; replays and answers of keys in flight leave
+        // nothing to grow or replace.
+        if matches!(answer, Claim::Acquired(_)) {
+            self.after_write();
+        }
         Ok((answer, seq))
     }
 
