@@ -20,7 +20,7 @@ use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, Manua
 use proptest::prelude::*;
 
 mod common;
-use common::START_MS;
+use common::{START_MS, acquired, assert_poisoned_by_fsync};
 
 /// Keys the histories draw from; the last is empty (bad input).
 const KEYS: [&str; 6] = ["a", "b", "c", "d", "e", ""];
@@ -60,7 +60,7 @@ fn twin(clock: &Arc<ManualClock>) -> (tempfile::TempDir, Store) {
 
 /// An answer as text: variant, token, outcome and times (both stores see the same clock and
 /// the same record sequence, so equal histories print equal answers).
-fn shown(answer: &idemstore::Result<Claim>) -> String {
+fn shown<T: std::fmt::Debug>(answer: &idemstore::Result<T>) -> String {
     format!("{answer:?}")
 }
 
@@ -92,13 +92,13 @@ proptest! {
                     let answers = batched.complete_many(&items);
                     prop_assert_eq!(answers.len(), tokens.len());
                     for ((_, b), done) in tokens.iter().zip(answers) {
-                        prop_assert_eq!(format!("{done:?}"), format!("{:?}", single.complete(b, "outcome")));
+                        prop_assert_eq!(shown(&done), shown(&single.complete(b, "outcome")));
                     }
                     tokens.clear();
                 }
                 Step::ReleaseAll => {
                     for (a, b) in tokens.drain(..) {
-                        prop_assert_eq!(format!("{:?}", batched.release(&a)), format!("{:?}", single.release(&b)));
+                        prop_assert_eq!(shown(&batched.release(&a)), shown(&single.release(&b)));
                     }
                 }
                 Step::Advance(ms) => clock.advance(Duration::from_millis(ms)),
@@ -154,15 +154,14 @@ fn a_failed_fsync_fails_every_answer_and_bad_input_keeps_its_own_error() {
     disk.fail_sync_after(0);
     let answers = store.claim_many(&batch, ClaimOptions::default());
     assert!(matches!(answers[1], Err(Error::EmptyKey)), "{:?}", answers[1]);
-    for i in [0, 2] {
-        match &answers[i] {
-            Err(Error::Poisoned { cause }) => assert!(cause.contains("simulated fsync failure"), "{cause}"),
-            other => panic!("item {i}: an answer whose record was never synced: {other:?}"),
-        }
+    for (i, answer) in answers.into_iter().enumerate().filter(|(i, _)| *i != 1) {
+        assert_poisoned_by_fsync(&format!("item {i}, whose record was never synced"), answer);
     }
     drop(store);
     let store = Store::open("/store", sim_options(&disk.power_cut(None))).expect("reopen");
-    assert_eq!(store.get("one").expect("get"), None, "never synced, never acknowledged");
+    for key in ["one", "two"] {
+        assert_eq!(store.get(key).expect("get"), None, "{key}: never synced, never acknowledged");
+    }
 }
 
 #[test]
@@ -202,10 +201,7 @@ fn a_sync_batch_of_completes_waits_for_one_fsync_and_survives_a_power_cut() {
     let tokens: Vec<ClaimToken> = store
         .claim_many(&batch, ClaimOptions::default())
         .into_iter()
-        .map(|answer| match answer {
-            Ok(Claim::Acquired(token)) => token,
-            other => panic!("a new key: {other:?}"),
-        })
+        .map(|answer| acquired(answer.expect("claim of a new key")))
         .collect();
     let items: Vec<(&ClaimToken, String)> = tokens.iter().map(|t| (t, format!("outcome of {:?}", t.key()))).collect();
     let syncs_before = disk.syncs();
@@ -228,22 +224,13 @@ fn a_sync_batch_of_completes_waits_for_one_fsync_and_survives_a_power_cut() {
 fn a_failed_fsync_fails_every_complete_of_the_batch_and_a_stale_token_keeps_its_error() {
     let disk = SimDisk::new();
     let store = Store::open("/store", sim_options(&disk)).expect("open");
-    let held: Vec<ClaimToken> = ["one", "two", "stale"]
-        .iter()
-        .map(|key| match store.claim(key, "request") {
-            Ok(Claim::Acquired(token)) => token,
-            other => panic!("{key}: {other:?}"),
-        })
-        .collect();
+    let held: Vec<ClaimToken> = ["one", "two", "stale"].iter().map(|key| common::acquire(&store, key)).collect();
     store.release(&held[2]).expect("release");
     disk.fail_sync_after(0);
     let answers = store.complete_many(&[(&held[0], "a"), (&held[2], "b"), (&held[1], "c")]);
     assert!(matches!(answers[1], Err(Error::StaleToken)), "{:?}", answers[1]);
-    for i in [0, 2] {
-        match &answers[i] {
-            Err(Error::Poisoned { cause }) => assert!(cause.contains("simulated fsync failure"), "{cause}"),
-            other => panic!("item {i}: a complete that was never synced: {other:?}"),
-        }
+    for (i, answer) in answers.into_iter().enumerate().filter(|(i, _)| *i != 1) {
+        assert_poisoned_by_fsync(&format!("item {i}, a complete never synced"), answer);
     }
 }
 
@@ -259,10 +246,7 @@ fn a_repeated_key_does_not_wait_on_the_batch_own_claim() {
     let answers = store.claim_many(&[("key", "request"), ("key", "request")], options);
     assert!(started.elapsed() < Duration::from_secs(10), "the repeat waited on the batch's own claim");
     let mut answers = answers.into_iter();
-    let token = match answers.next() {
-        Some(Ok(Claim::Acquired(token))) => token,
-        other => panic!("first: {other:?}"),
-    };
+    let token = acquired(answers.next().expect("two answers").expect("first claim"));
     assert!(matches!(answers.next(), Some(Ok(Claim::InProgress { .. }))));
     store.complete(&token, "outcome").expect("the first token still holds the key");
 }

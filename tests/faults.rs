@@ -21,10 +21,9 @@ use idemstore::sim::SimDisk;
 use idemstore::{Claim, ClaimOptions, Durability, Entry, Error, ManualClock, Options, Store};
 
 mod common;
-use common::{START_MS, acquire, outcome_of};
+use common::{FSYNC_FAILURE, START_MS, acquire, assert_poisoned_by_fsync, outcome_of};
 
 const DIR: &str = "/store";
-const FSYNC_FAILURE: &str = "simulated fsync failure";
 
 fn options(disk: &SimDisk, durability: Durability) -> Options {
     Options {
@@ -34,15 +33,6 @@ fn options(disk: &SimDisk, durability: Durability) -> Options {
         background: false,
         segment_bytes_initial: 512,
         ..Options::default()
-    }
-}
-
-fn assert_poisoned_by_fsync<T: std::fmt::Debug>(what: &str, result: idemstore::Result<T>) {
-    match result {
-        Err(Error::Poisoned { cause }) => {
-            assert!(cause.contains(FSYNC_FAILURE), "{what}: Poisoned, but the cause does not name the fsync: {cause}")
-        }
-        other => panic!("{what}: expected Error::Poisoned naming the failed fsync, got {other:?}"),
     }
 }
 

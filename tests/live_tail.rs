@@ -58,6 +58,8 @@ impl Io for HidingIo {
     }
 }
 
+// Only read-only views open through it: they never grow, write or sync a file, so the trait's
+// defaults stand for the optional methods.
 impl IoFile for HidingFile {
     fn len(&self) -> u64 {
         self.inner.len()
@@ -82,24 +84,6 @@ impl IoFile for HidingFile {
     }
     fn sync(&self) -> io::Result<()> {
         self.inner.sync()
-    }
-    fn reserve_unfilled(&self, len: u64) -> io::Result<()> {
-        self.inner.reserve_unfilled(len)
-    }
-    fn write_with(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> io::Result<()> {
-        self.inner.write_with(offset, len, fill)
-    }
-    fn prefetch(&self, offset: u64) {
-        self.inner.prefetch(offset)
-    }
-    fn sync_gradually(&self) -> io::Result<()> {
-        self.inner.sync_gradually()
-    }
-    fn release_descriptor(&self) {
-        self.inner.release_descriptor()
-    }
-    fn release_pages(&self) {
-        self.inner.release_pages()
     }
 }
 

@@ -73,26 +73,21 @@ fn a_bucket_that_fills_many_segments_holds_one_descriptor() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::new(START_MS);
     let options = Options {
-        durability: Durability::None,
-        background: false,
-        clock: clock.clone(),
         segment_bytes_max: 64 << 10,
         segment_bytes_initial: 16 << 10,
         max_key_len: 64,
         max_outcome_len: 128,
-        ..Default::default()
+        ..common::options(&clock)
     };
     let store = Store::open(dir.path(), options).expect("open");
     for i in 0..4_000 {
-        let token = match store.claim(format!("key-{i}"), b"req").expect("claim") {
-            Claim::Acquired(token) => token,
-            other => panic!("fresh key-{i}: {other:?}"),
-        };
+        let token = common::acquire(&store, &format!("key-{i}"));
         store.complete(&token, [7u8; 64]).expect("complete");
     }
     let stats = store.stats();
     assert!(stats.segments >= 10, "the bucket filled several segments: {stats:?}");
     // The lock file and the one segment taking appends.
-    assert!(descriptors_into(dir.path()) <= 2, "{} descriptors for one bucket", descriptors_into(dir.path()));
+    let descriptors = descriptors_into(dir.path());
+    assert!(descriptors <= 2, "{descriptors} descriptors for one bucket");
     assert!(stats.open_files <= 2, "{stats:?}");
 }

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use idemstore::{ClaimOptions, Durability, ManualClock, Options, Store};
+use idemstore::{ClaimOptions, ManualClock, Options, Store};
 
 mod common;
 use common::START_MS;
@@ -27,12 +27,12 @@ fn a_spare_used_up_by_a_new_bucket_is_replaced_before_the_housekeepers_next_tick
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::new(START_MS);
     let options = Options {
-        durability: Durability::None,
-        clock: clock.clone(),
+        // The housekeeper is what prepares spares.
+        background: true,
         bucket_width: Duration::from_secs(60),
         // Small spares: the timed replacement is then mostly the wake-up, not disk work.
         segment_bytes_initial: 4096,
-        ..Default::default()
+        ..common::options(&clock)
     };
     let store = Store::open(dir.path(), options).expect("open");
     // The lock file and the spare the housekeeper prepares as it starts.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use idemstore::{Claim, ClaimToken, Durability, Entry, ManualClock, Options, Store, ms_to_system_time};
+use idemstore::{Claim, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store, ms_to_system_time};
 
 /// Where the `ManualClock` of most tests starts (November 2023).
 pub const START_MS: u64 = 1_700_000_000_000;
@@ -53,6 +53,19 @@ pub fn outcome_of(store: &Store, key: &str) -> Option<Vec<u8>> {
     match store.get(key).expect("get") {
         Some(Entry::Completed(done)) => Some(done.outcome),
         _ => None,
+    }
+}
+
+/// What `SimDisk` says when a sync it was told to fail fails.
+pub const FSYNC_FAILURE: &str = "simulated fsync failure";
+
+/// Asserts that `result` is `Error::Poisoned` whose cause names a failed simulated fsync.
+pub fn assert_poisoned_by_fsync<T: std::fmt::Debug>(what: &str, result: idemstore::Result<T>) {
+    match result {
+        Err(Error::Poisoned { cause }) => {
+            assert!(cause.contains(FSYNC_FAILURE), "{what}: Poisoned, but the cause does not name the fsync: {cause}")
+        }
+        other => panic!("{what}: expected Error::Poisoned naming the failed fsync, got {other:?}"),
     }
 }
 
