@@ -139,8 +139,8 @@ fn checksum(segment_id: u32, bytes_after_crc: &[u8]) -> u32 {
 }
 
 /// The CRC stored in a record's first four bytes.
-pub fn stored_checksum(raw_header: &[u8; HEADER_LEN]) -> u32 {
-    u32::from_le_bytes([raw_header[0], raw_header[1], raw_header[2], raw_header[3]])
+pub fn stored_checksum(record: &[u8]) -> u32 {
+    u32_at(record, 0)
 }
 
 /// Encodes a record into `out` (cleared first), padded to the record alignment.
