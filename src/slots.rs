@@ -196,7 +196,8 @@ impl Slots {
             }
         }
         if let Some(kept) = kept {
-            self.rebuild(kept, self.slots.len());
+            let count = kept.len();
+            self.rebuild(kept.into_iter(), count, self.slots.len());
         }
         dropped
     }
@@ -217,12 +218,16 @@ impl Slots {
     }
 
     fn resize(&mut self, capacity: usize) {
-        let entries: Vec<Slot> = self.slots.iter().filter(|s| !s.is_empty()).copied().collect();
-        self.rebuild(entries, capacity);
+        // Straight from the old array into the new: no list of the entries in between.
+        let old = std::mem::take(&mut self.slots);
+        let count = self.len;
+        self.rebuild(old.iter().filter(|s| !s.is_empty()).copied(), count, capacity);
     }
 
-    fn rebuild(&mut self, entries: Vec<Slot>, capacity: usize) {
-        let capacity = capacity.max(Self::capacity_for(entries.len()));
+    /// Replaces the table with one of `capacity` (at least enough for `count`) holding
+    /// `entries`, `count` of them.
+    fn rebuild(&mut self, entries: impl Iterator<Item = Slot>, count: usize, capacity: usize) {
+        let capacity = capacity.max(Self::capacity_for(count));
         self.slots = vec![EMPTY; capacity].into_boxed_slice();
         // An empty table (shrunk to nothing) has no slot to prefetch: base 0 turns the hint off.
         let base = if capacity == 0 { 0 } else { self.slots.as_ptr().addr() };

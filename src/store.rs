@@ -63,15 +63,21 @@ struct Superseded {
 }
 
 /// A key's latest record as `find` read it: where it is, its header and its value.
-type Found = (Superseded, Header, Vec<u8>);
+struct Found {
+    old: Superseded,
+    header: Header,
+    value: Vec<u8>,
+}
 
-/// The state of a key as its latest record tells it, at a given time.
-enum Current {
+/// The state of a key as its latest record tells it, at a given time. It borrows the record
+/// from a slot of the caller's, so a replay's header and outcome are read into place once
+/// instead of being moved through every layer between the segment and the answer.
+enum Current<'a> {
     Absent,
-    /// The record's header and its value (the last checkpoint).
-    InFlight(Header, Vec<u8>),
-    /// The record's header and its value (the outcome).
-    Completed(Header, Vec<u8>),
+    /// The record; its value is the last checkpoint.
+    InFlight(&'a mut Found),
+    /// The record; its value is the outcome.
+    Completed(&'a mut Found),
 }
 
 fn validate_options(options: &Options) -> Result<()> {
@@ -423,29 +429,28 @@ impl Inner {
         self.commit.check()
     }
 
-    /// The latest record of `key` and its value, confirmed against the stored key (and its
-    /// CRC); drops index entries whose bucket is gone.
-    fn find(&self, shard: &mut Shard, hash: u64, key: &[u8]) -> Result<Option<Found>> {
-        // `None` when the segment is gone (its bucket was dropped).
-        let probe = |loc: Loc| {
-            self.log.with_segment(loc.segment, |s| -> Result<Option<Found>> {
-                Ok(s.probe_read(u64::from(loc.offset), key)?.map(|(header, value)| {
-                    let old =
-                        Superseded { loc, padded_len: header.padded_len(), bucket_end_ms: s.header.bucket_end_ms };
-                    (old, header, value)
-                }))
+    /// Reads the latest record of `key` and its value into `slot`, confirmed against the
+    /// stored key (and its CRC); drops index entries whose bucket is gone. Leaves `slot` alone
+    /// when the key has no record.
+    fn find(&self, shard: &mut Shard, hash: u64, key: &[u8], slot: &mut Option<Found>) -> Result<()> {
+        // `None` when the segment is gone (its bucket was dropped); `Some(Ok(true))` when the
+        // record at `loc` is the key's, now in `slot`.
+        let probe = |loc: Loc, slot: &mut Option<Found>| {
+            self.log.with_segment(loc.segment, |s| -> Result<bool> {
+                let Some((header, value)) = s.probe_read(u64::from(loc.offset), key)? else {
+                    return Ok(false);
+                };
+                let old = Superseded { loc, padded_len: header.padded_len(), bucket_end_ms: s.header.bucket_end_ms };
+                *slot = Some(Found { old, header, value });
+                Ok(true)
             })
         };
         let mut gone: Option<Vec<Loc>> = None;
-        let mut found = None;
         for loc in shard.candidates(hash) {
-            match probe(loc) {
+            match probe(loc, slot) {
                 None => gone.get_or_insert_with(Vec::new).push(loc),
-                Some(Ok(Some(record))) => {
-                    found = Some(record);
-                    break;
-                }
-                Some(Ok(None)) => {}
+                Some(Ok(true)) => break,
+                Some(Ok(false)) => {}
                 Some(Err(e)) => return Err(e),
             }
         }
@@ -453,44 +458,39 @@ impl Inner {
             shard.remove(hash, loc);
             shard.counters.keys_expired += 1;
         }
-        if found.is_some() {
+        if slot.is_some() {
             // Invariant: a key's entry in RAM is newer than any of its sealed entries.
-            return Ok(found);
+            return Ok(());
         }
         // Not in RAM: its latest sealed record, if any (usually the filters say no). Tables
         // come newest first, so the first one holding the key holds its latest record.
-        let mut latest: Option<Found> = None;
-        self.sealed.visit(hash, &mut |loc| {
-            if let Some(record) = probe(loc).transpose()?.flatten() {
-                latest = Some(record);
-                return Ok(true);
-            }
-            Ok(false)
-        })?;
-        Ok(latest)
+        self.sealed.visit(hash, &mut |loc| Ok(probe(loc, slot).transpose()?.unwrap_or(false)))
     }
 
-    /// The key's state at `now_ms`, its latest record (which a new write supersedes), and
-    /// that record's seq.
-    fn current(
+    /// The key's state at `now_ms` (its latest record read into `slot`), the record a new
+    /// write supersedes, and that record's seq.
+    fn current<'a>(
         &self,
         shard: &mut Shard,
         hash: u64,
         key: &[u8],
         now_ms: u64,
-    ) -> Result<(Current, Option<Superseded>, u64)> {
-        let Some((old, header, value)) = self.find(shard, hash, key)? else {
+        slot: &'a mut Option<Found>,
+    ) -> Result<(Current<'a>, Option<Superseded>, u64)> {
+        self.find(shard, hash, key, slot)?;
+        let Some(found) = slot.as_mut() else {
             return Ok((Current::Absent, None, 0));
         };
-        debug_assert!(header.seq > 0);
-        let state = if header.expires_at_ms <= now_ms || header.kind.is_absent() {
+        let (old, seq) = (found.old, found.header.seq);
+        debug_assert!(seq > 0);
+        let state = if found.header.expires_at_ms <= now_ms || found.header.kind.is_absent() {
             Current::Absent
-        } else if header.kind.is_in_flight() {
-            Current::InFlight(header, value)
+        } else if found.header.kind.is_in_flight() {
+            Current::InFlight(found)
         } else {
-            Current::Completed(header, value)
+            Current::Completed(found)
         };
-        Ok((state, Some(old), header.seq))
+        Ok((state, Some(old), seq))
     }
 
     /// Under `Sync`, waits until record `seq` (the one an answer was read from or written) is
@@ -686,7 +686,8 @@ impl Inner {
         let mut waited = false;
         let (answer, seq) = loop {
             let now_ms = self.time.now_ms();
-            let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms)?;
+            let mut slot = None;
+            let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
             match state {
                 Current::Absent => {
                     let header = self.claim_record(key, now_ms, ttl_ms, lease_ms, request_hash);
@@ -695,8 +696,8 @@ impl Inner {
                     shard.counters.claims_acquired += 1;
                     break (Claim::Acquired(token_for(key, &written, false, Vec::new())), written.seq);
                 }
-                Current::Completed(header, outcome) => {
-                    if header.request_hash != request_hash {
+                Current::Completed(found) => {
+                    if found.header.request_hash != request_hash {
                         shard.counters.mismatches += 1;
                         break (Claim::Mismatch, seen_seq);
                     }
@@ -705,9 +706,11 @@ impl Inner {
                     } else {
                         shard.counters.claims_replayed += 1;
                     }
-                    break (Claim::Completed(completed_from(&header, outcome)), seen_seq);
+                    let outcome = std::mem::take(&mut found.value);
+                    break (Claim::Completed(completed_from(&found.header, outcome)), seen_seq);
                 }
-                Current::InFlight(header, checkpoint) => {
+                Current::InFlight(found) => {
+                    let header = found.header;
                     if header.request_hash != request_hash {
                         shard.counters.mismatches += 1;
                         break (Claim::Mismatch, seen_seq);
@@ -716,6 +719,7 @@ impl Inner {
                     let orphan_takeover = orphaned && self.options.orphans == OrphanPolicy::TakeOver;
                     let lease_over = now_ms >= header.lease_until_ms;
                     if orphan_takeover || lease_over {
+                        let checkpoint = std::mem::take(&mut found.value);
                         let takeover = Header {
                             value_len: checkpoint.len() as u32,
                             // A takeover never shortens the window: it shadows the old claim.
@@ -792,9 +796,10 @@ impl Inner {
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
         let now_ms = self.time.now_ms();
-        let (state, old, _) = self.current(&mut shard, hash, key, now_ms)?;
+        let mut slot = None;
+        let (state, old, _) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
         let held = match state {
-            Current::InFlight(header, _) if header.token == token.id => header,
+            Current::InFlight(found) if found.header.token == token.id => found.header,
             _ => {
                 shard.counters.stale_tokens += 1;
                 return Err(Error::StaleToken);
@@ -826,17 +831,24 @@ impl Inner {
         let hash = self.key_hash(key);
         let mut shard = self.index.shard(hash).shard.lock();
         let now_ms = self.time.now_ms();
-        let (state, _, seq) = self.current(&mut shard, hash, key, now_ms)?;
+        let mut slot = None;
+        let (state, _, seq) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
         let entry = match state {
             Current::Absent => None,
-            Current::Completed(header, outcome) => Some(Entry::Completed(completed_from(&header, outcome))),
-            Current::InFlight(header, checkpoint) => Some(Entry::InFlight {
-                claimed_at: ms_to_system_time(header.claimed_at_ms),
-                lease_expires_at: ms_to_system_time(header.lease_until_ms),
-                expires_at: ms_to_system_time(header.expires_at_ms),
-                checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
-                orphaned: header.incarnation != self.incarnation,
-            }),
+            Current::Completed(found) => {
+                let outcome = std::mem::take(&mut found.value);
+                Some(Entry::Completed(completed_from(&found.header, outcome)))
+            }
+            Current::InFlight(found) => {
+                let (header, checkpoint) = (found.header, std::mem::take(&mut found.value));
+                Some(Entry::InFlight {
+                    claimed_at: ms_to_system_time(header.claimed_at_ms),
+                    lease_expires_at: ms_to_system_time(header.lease_until_ms),
+                    expires_at: ms_to_system_time(header.expires_at_ms),
+                    checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
+                    orphaned: header.incarnation != self.incarnation,
+                })
+            }
         };
         drop(shard);
         self.settle(seq)?;
@@ -850,13 +862,14 @@ impl Inner {
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
         let now_ms = self.time.now_ms();
-        let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms)?;
+        let mut slot = None;
+        let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
         let header = match state {
             Current::Absent => {
                 drop(shard);
                 return self.settle(seen_seq);
             }
-            Current::InFlight(header, _) | Current::Completed(header, _) => header,
+            Current::InFlight(found) | Current::Completed(found) => found.header,
         };
         let tombstone = Header { kind: Kind::Remove, value_len: 0, seq: 0, written_at_ms: now_ms, ..header };
         let (written, new_loc) = self.append(tombstone, key, &[], old)?;
@@ -904,8 +917,10 @@ impl Inner {
             let hash = self.key_hash(&key);
             let mut shard = self.index.shard(hash).shard.lock();
             let now_ms = self.time.now_ms();
-            let (state, _, seq) = self.current(&mut shard, hash, &key, now_ms)?;
-            let Current::InFlight(header, checkpoint) = state else { continue };
+            let mut slot = None;
+            let (state, _, seq) = self.current(&mut shard, hash, &key, now_ms, &mut slot)?;
+            let Current::InFlight(record) = state else { continue };
+            let (header, checkpoint) = (record.header, std::mem::take(&mut record.value));
             if header.incarnation == self.incarnation {
                 continue;
             }
