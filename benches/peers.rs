@@ -217,15 +217,15 @@ enum Phase {
 }
 
 impl Phase {
-    fn label(self) -> &'static str {
+    fn label(self) -> String {
         match self {
-            Phase::Insert => "insert-if-absent",
-            Phase::Complete => "complete (store the outcome)",
-            Phase::Both => "claim + complete (derived)",
-            Phase::Replay => "replay 64 B",
-            Phase::BatchInsert => "insert-if-absent, 64 a batch (latency per batch)",
-            Phase::BatchComplete => "complete, 64 a batch (latency per batch)",
-            Phase::BatchBoth => "claim + complete, 64 a batch (derived)",
+            Phase::Insert => "insert-if-absent".into(),
+            Phase::Complete => "complete (store the outcome)".into(),
+            Phase::Both => "claim + complete (derived)".into(),
+            Phase::Replay => format!("replay {} B", OUTCOME.len()),
+            Phase::BatchInsert => format!("insert-if-absent, {BATCH} a batch (latency per batch)"),
+            Phase::BatchComplete => format!("complete, {BATCH} a batch (latency per batch)"),
+            Phase::BatchBoth => format!("claim + complete, {BATCH} a batch (derived)"),
         }
     }
 }
