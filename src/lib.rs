@@ -47,6 +47,7 @@ pub mod sim;
 mod slots;
 mod stats;
 mod store;
+mod striped_map;
 mod sync;
 mod table;
 mod time_floor;

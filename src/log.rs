@@ -2,19 +2,21 @@
 //! sequence numbers, remembers which segments are dirty for the next sync, and drops whole
 //! buckets when their window has passed.
 //!
-//! Lock order: index shard -> appender -> segments. The segments lock is a leaf: nothing else
-//! is taken while it is held.
+//! Lock order: index shard -> appender -> segments. The segments locks (one per stripe of
+//! `StripedMap`, a change takes them all in order) are leaves: nothing else is taken while one
+//! is held.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::index::IdMap;
 use crate::io::Io;
 use crate::record::Header;
 use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
+use crate::striped_map::StripedMap;
 
 /// Where a record lives: segment id and byte offset. This, and nothing about the record, is
 /// what the index keeps per key.
@@ -54,7 +56,8 @@ pub struct Log {
     dir: PathBuf,
     limits: LogLimits,
     appender: Mutex<Appender>,
-    segments: RwLock<IdMap<u32, Arc<Segment>>>,
+    /// The live segments by id (read on every claim; see `StripedMap`).
+    segments: StripedMap<Arc<Segment>>,
     /// A segment file created, zero-filled and made durable in the directory ahead of need, so
     /// an append that opens a bucket never waits for a directory fsync under the appender lock.
     spare: Mutex<Option<SpareFile>>,
@@ -98,7 +101,7 @@ impl Log {
                 dirty: Vec::new(),
                 appended_bytes: 0,
             }),
-            segments: RwLock::new(segments),
+            segments: StripedMap::new(segments),
             spare: Mutex::new(None),
             written_seq: std::sync::atomic::AtomicU64::new(next_seq - 1),
             unsynced_bytes: std::sync::atomic::AtomicU64::new(0),
@@ -119,22 +122,22 @@ impl Log {
 
     /// Runs `f` on the segment `id` without cloning its handle; `None` when it was dropped.
     pub fn with_segment<R>(&self, id: u32, f: impl FnOnce(&Segment) -> R) -> Option<R> {
-        let segments = self.segments.read();
-        segments.get(&id).map(|s| f(s))
+        self.segments.read(|segments| segments.get(&id).map(|s| f(s)))
     }
 
     pub fn segment_count(&self) -> usize {
-        self.segments.read().len()
+        self.segments.read(|segments| segments.len())
     }
 
     /// (live, dead) record bytes over all live segments: dead ones were superseded by a later
     /// record of their key (counted since open, and by the scan at open).
     pub fn live_and_dead_bytes(&self) -> (u64, u64) {
-        self.segments
-            .read()
-            .values()
-            .map(|s| s.byte_counts())
-            .fold((0, 0), |(live, dead), (records, gone)| (live + records.saturating_sub(gone), dead + gone))
+        self.segments.read(|segments| {
+            segments
+                .values()
+                .map(|s| s.byte_counts())
+                .fold((0, 0), |(live, dead), (records, gone)| (live + records.saturating_sub(gone), dead + gone))
+        })
     }
 
     /// Segment files holding a descriptor: the ones taking appends, and the spare.
@@ -150,7 +153,7 @@ impl Log {
     /// Bytes reserved on disk by all live segments (and the spare file).
     pub fn disk_bytes(&self) -> u64 {
         let spare = self.spare.lock().as_ref().map_or(0, SpareFile::len);
-        self.segments.read().values().map(|s| s.len()).sum::<u64>() + spare
+        self.segments.read(|segments| segments.values().map(|s| s.len()).sum::<u64>()) + spare
     }
 
     /// Makes sure a spare segment file is ready (created, zero-filled, durable in the
@@ -271,7 +274,7 @@ impl Log {
                     evicted.segment.release_descriptor();
                 }
             }
-            self.segments.write().insert(segment.id(), segment.clone());
+            self.segments.change(|segments| segments.insert(segment.id(), segment.clone()));
             app.dirty.push(segment.clone());
             app.active.insert(bucket, Active { segment, write_pos: SEGMENT_HEADER_LEN, last_write_seq: 0 });
         }
@@ -399,10 +402,11 @@ impl Log {
                 live
             });
             app.dirty.retain(|s| s.header.bucket_end_ms > now_ms);
-            let mut segments = self.segments.write();
-            let expired: Vec<u32> =
-                segments.values().filter(|s| s.header.bucket_end_ms <= now_ms).map(|s| s.id()).collect();
-            expired.iter().filter_map(|id| segments.remove(id)).collect()
+            self.segments.change(|segments| {
+                let expired: Vec<u32> =
+                    segments.values().filter(|s| s.header.bucket_end_ms <= now_ms).map(|s| s.id()).collect();
+                expired.iter().filter_map(|id| segments.remove(id)).collect()
+            })
         };
         if dropped.is_empty() {
             return Ok((0, dropped));
@@ -433,13 +437,13 @@ impl Log {
         });
         let active: Vec<u32> = app.active.values().map(|a| a.segment.id()).collect();
         drop(app);
-        let mut retired: Vec<Arc<Segment>> = self
-            .segments
-            .read()
-            .values()
-            .filter(|s| !active.contains(&s.id()) && s.last_write_ms() < idle_before_ms)
-            .cloned()
-            .collect();
+        let mut retired: Vec<Arc<Segment>> = self.segments.read(|segments| {
+            segments
+                .values()
+                .filter(|s| !active.contains(&s.id()) && s.last_write_ms() < idle_before_ms)
+                .cloned()
+                .collect()
+        });
         retired.sort_by_key(|s| s.id());
         retired
     }
