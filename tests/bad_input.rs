@@ -234,14 +234,19 @@ fn clock_stepped_back_does_not_revive_an_expired_lease() {
     assert!(matches!(store.complete(&old, b"x"), Err(Error::StaleToken)));
 }
 
+/// Claims `key` with a 60 s TTL (request `r`) and completes it with "old outcome".
+fn complete_with_a_minute_to_live(store: &Store, key: &str) {
+    let ttl = ClaimOptions { ttl: Some(Duration::from_secs(60)), ..Default::default() };
+    let token = acquired(store.claim_with(key, b"r", ttl).unwrap());
+    store.complete(&token, b"old outcome").unwrap();
+}
+
 #[test]
 fn clock_stepped_back_does_not_bring_an_expired_key_back() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
     let store = open(dir.path(), &clock);
-    let ttl = ClaimOptions { ttl: Some(Duration::from_secs(60)), ..Default::default() };
-    let token = acquired(store.claim_with("k", b"r", ttl).unwrap());
-    store.complete(&token, b"old outcome").unwrap();
+    complete_with_a_minute_to_live(&store, "k");
     clock.set_ms(START_MS + 120_000);
     assert_eq!(store.get("k").unwrap(), None);
     clock.set_ms(START_MS);
@@ -258,9 +263,7 @@ fn clock_stepped_back_across_a_reopen_does_not_bring_an_expired_key_back() {
     let clock = ManualClock::new(START_MS);
     {
         let store = open(dir.path(), &clock);
-        let ttl = ClaimOptions { ttl: Some(Duration::from_secs(60)), ..Default::default() };
-        let token = acquired(store.claim_with("expired", b"r", ttl).unwrap());
-        store.complete(&token, b"old outcome").unwrap();
+        complete_with_a_minute_to_live(&store, "expired");
         clock.set_ms(START_MS + 120_000);
         acquired(store.claim("written later", b"r").unwrap());
         store.close().unwrap();
@@ -279,9 +282,7 @@ fn clock_stepped_back_after_a_clean_close_does_not_bring_an_expired_key_back() {
     let clock = ManualClock::new(START_MS);
     {
         let store = open(dir.path(), &clock);
-        let ttl = ClaimOptions { ttl: Some(Duration::from_secs(60)), ..Default::default() };
-        let token = acquired(store.claim_with("k", b"r", ttl).unwrap());
-        store.complete(&token, b"old outcome").unwrap();
+        complete_with_a_minute_to_live(&store, "k");
         clock.set_ms(START_MS + 120_000);
         assert_eq!(store.get("k").unwrap(), None, "expired, and the caller acted on that");
         store.close().unwrap();

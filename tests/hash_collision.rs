@@ -48,6 +48,16 @@ fn assert_completed(store: &Store, key: &str) {
     }
 }
 
+/// Claims every key of `KEYS` and completes all of them but "omega", which stays in flight.
+fn claim_all_and_complete_all_but_omega(store: &Store) {
+    for key in KEYS {
+        let token = acquired(store.claim(key, request(key)).unwrap());
+        if key != "omega" {
+            store.complete(&token, outcome(key)).unwrap();
+        }
+    }
+}
+
 #[test]
 fn colliding_keys_are_claimed_and_completed_separately() {
     let dir = tempfile::tempdir().unwrap();
@@ -121,12 +131,7 @@ fn colliding_keys_stay_separate_after_reopen() {
     let clock = ManualClock::new(START_MS);
     {
         let store = open(dir.path(), &clock);
-        for key in KEYS {
-            let token = acquired(store.claim(key, request(key)).unwrap());
-            if key != "omega" {
-                store.complete(&token, outcome(key)).unwrap();
-            }
-        }
+        claim_all_and_complete_all_but_omega(&store);
         store.remove("delta").unwrap();
         drop(store); // omega is left in flight: an orphan
     }
@@ -212,12 +217,7 @@ fn colliding_keys_stay_separate_in_sealed_segments() {
     let clock = ManualClock::new(START_MS);
     {
         let store = open(dir.path(), &clock);
-        for key in KEYS {
-            let token = acquired(store.claim(key, request(key)).unwrap());
-            if key != "omega" {
-                store.complete(&token, outcome(key)).unwrap();
-            }
-        }
+        claim_all_and_complete_all_but_omega(&store);
         // Long idle: the segment stops taking writes and is sealed by maintain.
         clock.advance(Duration::from_secs(2 * 3600));
         store.maintain().unwrap();

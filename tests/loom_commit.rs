@@ -26,7 +26,7 @@ use std::time::Duration;
 use idemstore::internals::{GroupCommit, SEGMENT_HEADER_LEN, decode, segment_file_name};
 use idemstore::io::{DirLock, Io, IoFile};
 use idemstore::sim::SimDisk;
-use idemstore::{Claim, ClaimOptions, Durability, Entry, Error, ManualClock, Options, Store};
+use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store};
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use loom::thread;
@@ -330,17 +330,22 @@ fn late_complete_racing_a_lease_takeover_records_exactly_one_effect() {
     });
 }
 
+/// A store on a fresh simulated disk whose "key" is held (the token), and a thread already
+/// claiming that key with `wait`.
+fn held_key_and_a_waiter() -> (Arc<Store>, ClaimToken, thread::JoinHandle<Claim>) {
+    let store = open_store(&SimDisk::new(), &ManualClock::new(START_MS), Durability::None);
+    let Claim::Acquired(token) = store.claim("key", "request").expect("claim") else { panic!("fresh key") };
+    let waiter = {
+        let store = store.clone();
+        thread::spawn(move || store.claim_with("key", "request", waiting()).expect("claim"))
+    };
+    (store, token, waiter)
+}
+
 #[test]
 fn release_racing_a_waiter_hands_the_key_to_the_waiter() {
     explore("release vs waiter", || {
-        let disk = SimDisk::new();
-        let clock = ManualClock::new(START_MS);
-        let store = open_store(&disk, &clock, Durability::None);
-        let Claim::Acquired(token) = store.claim("key", "request").expect("claim") else { panic!("fresh key") };
-        let waiter = {
-            let store = store.clone();
-            thread::spawn(move || store.claim_with("key", "request", waiting()).expect("claim"))
-        };
+        let (store, token, waiter) = held_key_and_a_waiter();
         store.release(&token).expect("the holder releases");
         match waiter.join().expect("waiter") {
             Claim::Acquired(mine) => {
@@ -355,14 +360,7 @@ fn release_racing_a_waiter_hands_the_key_to_the_waiter() {
 #[test]
 fn complete_racing_a_waiter_hands_the_waiter_the_outcome() {
     explore("complete vs waiter", || {
-        let disk = SimDisk::new();
-        let clock = ManualClock::new(START_MS);
-        let store = open_store(&disk, &clock, Durability::None);
-        let Claim::Acquired(token) = store.claim("key", "request").expect("claim") else { panic!("fresh key") };
-        let waiter = {
-            let store = store.clone();
-            thread::spawn(move || store.claim_with("key", "request", waiting()).expect("claim"))
-        };
+        let (store, token, waiter) = held_key_and_a_waiter();
         store.complete(&token, "the outcome").expect("the holder completes");
         match waiter.join().expect("waiter") {
             Claim::Completed(done) => assert_eq!(done.outcome, b"the outcome"),
