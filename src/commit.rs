@@ -60,6 +60,11 @@ impl<F: Fn() -> std::io::Result<u64>> Syncer for F {
 /// Most times a leader yields while waiting for the writers the last sync released.
 const GATHER_YIELDS_MAX: u32 = 1024;
 
+/// Longest a leader waits for them, however long the last sync took: returning writers need
+/// a wake-up and a claim (tens of µs), so one slow sync must not make the next batch wait as
+/// long as it did.
+const GATHER_BUDGET_MAX: Duration = Duration::from_millis(1);
+
 impl GroupCommit {
     /// `durable_seq`: everything at or below it is already on stable storage (after recovery,
     /// everything found on disk).
@@ -138,7 +143,7 @@ impl GroupCommit {
         let before = self.durable.load(Ordering::Acquire);
         let (returning, budget) = {
             let detail = self.detail.lock();
-            (detail.last_batch_records, detail.last_sync)
+            (detail.last_batch_records, detail.last_sync.min(GATHER_BUDGET_MAX))
         };
         if returning > 1 {
             gather(syncer, before, returning, budget);
@@ -189,10 +194,11 @@ impl GroupCommit {
 /// When the last sync covered several writers, lets them append again before the batch is
 /// cut: yields until the records already pending plus one from each writer the last sync
 /// released (less the leader itself) are written, or as long as the last sync took has
-/// passed. Without it, writers released by one sync miss the next and settle into two
+/// passed (at most `GATHER_BUDGET_MAX`). Without it, writers released by one sync miss the next and settle into two
 /// half-size batches per round. A lone writer never gets here (its batches hold one record
 /// each), so no timer ever delays it; writers that do not come back at once (they do other
-/// work between claims) cost the batch at most one sync's time of waiting.
+/// work between claims) cost the batch at most one sync's time of waiting, and never more
+/// than `GATHER_BUDGET_MAX`.
 ///
 /// The budget was a third of the last sync until A/B runs of `sync_scaling` (16 threads,
 /// interleaved, 6 pairs on this 2-vCPU VM) showed the whole sync does better: 15.6-15.7

@@ -342,8 +342,13 @@ impl Segment {
                 .map_err(|e| Error::io("read record", &self.path, e))?;
             &small[..record_len]
         } else {
+            // The header goes in as already read and parsed, not read again: the CRC must
+            // approve the very bytes `header` came from (the map may change under a viewer).
             large.resize(record_len, 0);
-            self.file.read_at(offset, &mut large).map_err(|e| Error::io("read record", &self.path, e))?;
+            large[..HEADER_LEN].copy_from_slice(head);
+            self.file
+                .read_at(offset + HEADER_LEN as u64, &mut large[HEADER_LEN..])
+                .map_err(|e| Error::io("read record", &self.path, e))?;
             &large[..]
         };
         // One CRC pass over the whole record: past 128 bytes crc32fast folds with PCLMULQDQ,

@@ -430,9 +430,11 @@ impl Inner {
     }
 
     /// Reads the latest record of `key` and its value into `slot`, confirmed against the
-    /// stored key (and its CRC); drops index entries whose bucket is gone. Leaves `slot` alone
-    /// when the key has no record.
+    /// stored key (and its CRC); drops index entries whose bucket is gone. `slot` is `None`
+    /// afterwards when the key has no record (whatever it held before is cleared first: the
+    /// search below stops at the first record it puts there).
     fn find(&self, shard: &mut Shard, hash: u64, key: &[u8], slot: &mut Option<Found>) -> Result<()> {
+        *slot = None;
         // `None` when the segment is gone (its bucket was dropped); `Some(Ok(true))` when the
         // record at `loc` is the key's, now in `slot`.
         let probe = |loc: Loc, slot: &mut Option<Found>| {
