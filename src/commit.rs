@@ -193,16 +193,11 @@ impl GroupCommit {
 
 /// When the last sync covered several writers, lets them append again before the batch is
 /// cut: yields until the records already pending plus one from each writer the last sync
-/// released (less the leader itself) are written, or as long as the last sync took has
-/// passed (at most `GATHER_BUDGET_MAX`). Without it, writers released by one sync miss the next and settle into two
-/// half-size batches per round. A lone writer never gets here (its batches hold one record
-/// each), so no timer ever delays it; writers that do not come back at once (they do other
-/// work between claims) cost the batch at most one sync's time of waiting, and never more
-/// than `GATHER_BUDGET_MAX`.
-///
-/// The budget was a third of the last sync until A/B runs of `sync_scaling` (16 threads,
-/// interleaved, 6 pairs on this 2-vCPU VM) showed the whole sync does better: 15.6-15.7
-/// records per sync instead of 13.0-13.2, and more claims per second in 5 of the 6 pairs.
+/// released (less the leader itself) are written, or `budget` has passed (as long as the last
+/// sync took, at most `GATHER_BUDGET_MAX`). Without it, writers released by one sync miss the
+/// next and settle into two half-size batches per round. A lone writer never gets here (its
+/// batches hold one record each), so no timer ever delays it; writers that do other work
+/// between claims cost a batch at most `budget` of waiting.
 fn gather(syncer: &dyn Syncer, before: u64, returning: u64, budget: Duration) {
     let started = Instant::now();
     let Some(pending) = syncer.written_seq() else { return };

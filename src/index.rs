@@ -210,6 +210,11 @@ impl Default for Index {
 }
 
 impl Index {
+    /// Starts loading `hash`'s index slot into cache, without its shard's lock (a hint).
+    pub fn prefetch_slot(&self, hash: u64) {
+        self.shard(hash).slots_hint.prefetch(hash);
+    }
+
     pub fn shard(&self, hash: u64) -> &LockedShard {
         // The top bits pick the shard; `PremixedHasher` spreads the rest inside it.
         let i = (hash >> (64 - SHARD_COUNT.trailing_zeros())) as usize;

@@ -277,8 +277,7 @@ impl Store {
         items: &[(K, R)],
         options: ClaimOptions,
     ) -> Vec<Result<Claim>> {
-        let items: Vec<(&[u8], &[u8])> = items.iter().map(|(k, r)| (k.as_ref(), r.as_ref())).collect();
-        self.inner.claim_many(&items, &options)
+        self.inner.claim_many(items, &options)
     }
 
     /// Completes a batch of held claims, each with its outcome, as [`Store::complete`] would
@@ -290,8 +289,7 @@ impl Store {
     /// a full disk); the others go on. Under `Sync`, a failed sync fails every answer that was
     /// not already an error, with `Poisoned`: none of those completes can be trusted durable.
     pub fn complete_many<O: AsRef<[u8]>>(&self, items: &[(&ClaimToken, O)]) -> Vec<Result<()>> {
-        let items: Vec<(&ClaimToken, &[u8])> = items.iter().map(|(t, o)| (*t, o.as_ref())).collect();
-        self.inner.complete_many(&items)
+        self.inner.complete_many(items)
     }
 
     /// Completes the claim held by `token`, storing `outcome` for every later repeat. Fails
@@ -579,14 +577,23 @@ impl Inner {
     }
 
     fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
-        let (answer, seq) = self.claim_unsettled(key, self.key_hash(key), request, options)?;
+        let hash = self.key_hash(key);
+        // The index slot's cache miss is the largest single cost of a claim over a large
+        // index: start it now, so it overlaps the checks, the request hash and the lock.
+        // (A batch warms its keys' slots itself, in `warm`.)
+        self.index.prefetch_slot(hash);
+        let (answer, seq) = self.claim_unsettled(key, hash, request, options)?;
         self.settle(seq)?;
         Ok(answer)
     }
 
     /// Claims a batch (see `in_windows`); under `Sync` it waits once for the last record any
     /// answer rests on.
-    fn claim_many(&self, items: &[(&[u8], &[u8])], options: &ClaimOptions) -> Vec<Result<Claim>> {
+    fn claim_many<K: AsRef<[u8]>, R: AsRef<[u8]>>(
+        &self,
+        items: &[(K, R)],
+        options: &ClaimOptions,
+    ) -> Vec<Result<Claim>> {
         // With `wait`, a key this batch already acquired must not wait: it would wait on the
         // batch's own claim, whose token the caller does not have yet, until its lease ran out.
         let waits = options.wait.is_some();
@@ -594,8 +601,9 @@ impl Inner {
         let mut acquired_here: HashSet<&[u8]> = HashSet::new();
         self.in_windows(
             items,
-            |(key, _)| key,
-            |&(key, request), hash| {
+            |(key, _)| key.as_ref(),
+            |(key, request), hash| {
+                let (key, request) = (key.as_ref(), request.as_ref());
                 let options = if waits && !acquired_here.contains(key) { options } else { &no_wait };
                 let (answer, seq) = self.claim_unsettled(key, hash, request, options)?;
                 if waits && matches!(answer, Claim::Acquired(_)) {
@@ -607,11 +615,11 @@ impl Inner {
     }
 
     /// Completes a batch of held claims (see `in_windows`); under `Sync` it waits once.
-    fn complete_many(&self, items: &[(&ClaimToken, &[u8])]) -> Vec<Result<()>> {
+    fn complete_many<O: AsRef<[u8]>>(&self, items: &[(&ClaimToken, O)]) -> Vec<Result<()>> {
         self.in_windows(
             items,
             |(token, _)| token.key(),
-            |&(token, outcome), hash| Ok(((), self.finish_unsettled(token, hash, Kind::Complete, outcome)?)),
+            |(token, outcome), hash| Ok(((), self.finish_unsettled(token, hash, Kind::Complete, outcome.as_ref())?)),
         )
     }
 
@@ -619,11 +627,11 @@ impl Inner {
     /// on its items in order with their key hashes; `each` answers without waiting for
     /// durability and says which seq its answer rests on. The batch then settles once
     /// (`settle_batch`).
-    fn in_windows<T, A>(
+    fn in_windows<'a, T, A>(
         &self,
-        items: &[T],
+        items: &'a [T],
         key_of: impl Fn(&T) -> &[u8],
-        mut each: impl FnMut(&T, u64) -> Result<(A, u64)>,
+        mut each: impl FnMut(&'a T, u64) -> Result<(A, u64)>,
     ) -> Vec<Result<A>> {
         let mut answers = Vec::with_capacity(items.len());
         let mut settle_through = 0;
@@ -648,7 +656,7 @@ impl Inner {
     /// they point at, so the misses of the whole window overlap.
     fn warm(&self, hashes: &[u64]) {
         for &hash in hashes {
-            self.index.shard(hash).slots_hint.prefetch(hash);
+            self.index.prefetch_slot(hash);
         }
         for &hash in hashes {
             let primary = self.index.shard(hash).shard.lock().primary(hash);
@@ -663,9 +671,9 @@ impl Inner {
     /// every answer that was not already an error becomes one.
     fn settle_batch<T>(&self, answers: &mut [Result<T>], through: u64) {
         if let Err(failed) = self.settle(through) {
-            let cause = failed.to_string();
+            let error = self.commit.check().err().unwrap_or_else(|| Error::Poisoned { cause: failed.to_string() });
             for answer in answers.iter_mut().filter(|a| a.is_ok()) {
-                *answer = Err(self.commit.check().err().unwrap_or_else(|| Error::Poisoned { cause: cause.clone() }));
+                *answer = Err(error.clone());
             }
         }
     }
@@ -673,9 +681,6 @@ impl Inner {
     /// A claim up to its answer, with the seq of the record that answer rests on (which
     /// `settle` must see durable before the answer is given out under `Sync`).
     fn claim_unsettled(&self, key: &[u8], hash: u64, request: &[u8], options: &ClaimOptions) -> Result<(Claim, u64)> {
-        // The index slot's cache miss is the largest single cost of a claim over a large
-        // index: start it now, so it overlaps the checks, the request hash and the lock below.
-        self.index.shard(hash).slots_hint.prefetch(hash);
         self.check_key(key)?;
         let ttl_ms = duration_to_ms(options.ttl.unwrap_or(self.options.default_ttl));
         let lease_ms = duration_to_ms(options.lease.unwrap_or(self.options.default_lease));
@@ -788,13 +793,14 @@ impl Inner {
 
     /// complete / checkpoint / release: a write by the holder of `token`.
     fn finish(&self, token: &ClaimToken, kind: Kind, value: &[u8]) -> Result<()> {
-        let seq = self.finish_unsettled(token, self.key_hash(token.key()), kind, value)?;
+        let hash = self.key_hash(token.key());
+        self.index.prefetch_slot(hash);
+        let seq = self.finish_unsettled(token, hash, kind, value)?;
         self.settle(seq)
     }
 
     /// A complete, checkpoint or release up to its record, whose seq it returns (for `settle`).
     fn finish_unsettled(&self, token: &ClaimToken, hash: u64, kind: Kind, value: &[u8]) -> Result<u64> {
-        self.index.shard(hash).slots_hint.prefetch(hash);
         self.check_value(value)?;
         self.check_writable()?;
         self.backpressure()?;
@@ -835,7 +841,7 @@ impl Inner {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
         self.check_key(key)?;
         let hash = self.key_hash(key);
-        self.index.shard(hash).slots_hint.prefetch(hash);
+        self.index.prefetch_slot(hash);
         let mut shard = self.index.shard(hash).shard.lock();
         let now_ms = self.time.now_ms();
         let mut slot = None;
