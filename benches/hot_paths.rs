@@ -33,6 +33,22 @@ fn rate(label: &str, n: usize, started: Instant) {
     println!("| {label} | {n} | {:.0} | {:.0} |", n as f64 / secs, secs * 1e9 / n as f64);
 }
 
+fn options() -> Options {
+    Options { durability: Durability::None, ..Default::default() }
+}
+
+/// A fresh store in the bench directory with every key of `keys` claimed and completed with
+/// a 64-byte outcome (the replay rows' setup, untimed).
+fn completed_store(keys: &[[u8; 16]]) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
+    let store = Store::open(dir.path(), options()).expect("open");
+    for key in keys {
+        let Ok(Claim::Acquired(token)) = store.claim(key, b"req") else { panic!("fresh key") };
+        store.complete(&token, [7u8; 64]).expect("complete");
+    }
+    (dir, store)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n = args
@@ -45,7 +61,6 @@ fn main() {
     println!();
     println!("| path | ops | ops/s | ns/op |");
     println!("| --- | ---: | ---: | ---: |");
-    let options = || Options { durability: Durability::None, ..Default::default() };
 
     let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
     let store = Store::open(dir.path(), options()).expect("open");
@@ -62,13 +77,8 @@ fn main() {
     rate("claim of a key in flight", n, started);
     drop(store);
 
-    let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
-    let store = Store::open(dir.path(), options()).expect("open");
     let done = keys(n, 2);
-    for key in &done {
-        let Ok(Claim::Acquired(token)) = store.claim(key, b"req") else { panic!("fresh key") };
-        store.complete(&token, [7u8; 64]).expect("complete");
-    }
+    let (_dir, store) = completed_store(&done);
     let started = Instant::now();
     for key in &done {
         let Ok(Claim::Completed(c)) = store.claim(key, b"req") else { panic!("completed") };
@@ -99,12 +109,7 @@ fn main() {
     }
     rate(&format!("claim_many of keys in flight ({BATCH} a batch)"), n, started);
     drop(store);
-    let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
-    let store = Store::open(dir.path(), options()).expect("open");
-    for key in &batched {
-        let Ok(Claim::Acquired(token)) = store.claim(key, b"req") else { panic!("fresh key") };
-        store.complete(&token, [7u8; 64]).expect("complete");
-    }
+    let (_dir, store) = completed_store(&batched);
     let started = Instant::now();
     for batch in &batches {
         for answer in store.claim_many(batch, ClaimOptions::default()) {
