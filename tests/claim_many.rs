@@ -20,7 +20,7 @@ use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Entry, Error, Manua
 use proptest::prelude::*;
 
 mod common;
-use common::{START_MS, acquired, assert_poisoned_by_fsync};
+use common::{START_MS, acquired, assert_poisoned_by_fsync, sim_options};
 
 /// Keys the histories draw from; the last is empty (bad input).
 const KEYS: [&str; 6] = ["a", "b", "c", "d", "e", ""];
@@ -107,16 +107,6 @@ proptest! {
     }
 }
 
-fn sim_options(disk: &SimDisk) -> Options {
-    Options {
-        durability: Durability::Sync,
-        clock: ManualClock::new(START_MS),
-        io: Arc::new(disk.clone()),
-        background: false,
-        ..Options::default()
-    }
-}
-
 fn keys(n: usize) -> Vec<(String, &'static str)> {
     (0..n).map(|i| (format!("key-{i}"), "request")).collect()
 }
@@ -124,7 +114,7 @@ fn keys(n: usize) -> Vec<(String, &'static str)> {
 #[test]
 fn a_sync_batch_waits_for_one_fsync_and_survives_a_power_cut() {
     let disk = SimDisk::new();
-    let store = Store::open("/store", sim_options(&disk)).expect("open");
+    let store = Store::open("/store", sim_options(&disk, Durability::Sync)).expect("open");
     let batch = keys(64);
     // The first claim creates the bucket's segment (and syncs its directory entry).
     assert!(matches!(store.claim("first", "request"), Ok(Claim::Acquired(_))));
@@ -137,7 +127,7 @@ fn a_sync_batch_waits_for_one_fsync_and_survives_a_power_cut() {
 
     // Only synced bytes survive the cut: every acknowledged claim must be among them.
     let image = disk.power_cut(None);
-    let store = Store::open("/store", sim_options(&image)).expect("reopen");
+    let store = Store::open("/store", sim_options(&image, Durability::Sync)).expect("reopen");
     for (key, _) in &batch {
         assert!(matches!(store.get(key).expect("get"), Some(Entry::InFlight { .. })), "{key} was lost");
     }
@@ -146,7 +136,7 @@ fn a_sync_batch_waits_for_one_fsync_and_survives_a_power_cut() {
 #[test]
 fn a_failed_fsync_fails_every_answer_and_bad_input_keeps_its_own_error() {
     let disk = SimDisk::new();
-    let store = Store::open("/store", sim_options(&disk)).expect("open");
+    let store = Store::open("/store", sim_options(&disk, Durability::Sync)).expect("open");
     let batch = [("one", "request"), ("", "request"), ("two", "request")];
     // The segment exists before the fault, so the batch's appends succeed and only its one
     // fsync fails.
@@ -158,7 +148,7 @@ fn a_failed_fsync_fails_every_answer_and_bad_input_keeps_its_own_error() {
         assert_poisoned_by_fsync(&format!("item {i}, whose record was never synced"), answer);
     }
     drop(store);
-    let store = Store::open("/store", sim_options(&disk.power_cut(None))).expect("reopen");
+    let store = Store::open("/store", sim_options(&disk.power_cut(None), Durability::Sync)).expect("reopen");
     for key in ["one", "two"] {
         assert_eq!(store.get(key).expect("get"), None, "{key}: never synced, never acknowledged");
     }
@@ -167,7 +157,7 @@ fn a_failed_fsync_fails_every_answer_and_bad_input_keeps_its_own_error() {
 #[test]
 fn an_empty_batch_answers_nothing_and_writes_nothing() {
     let disk = SimDisk::new();
-    let store = Store::open("/store", sim_options(&disk)).expect("open");
+    let store = Store::open("/store", sim_options(&disk, Durability::Sync)).expect("open");
     let syncs_before = disk.syncs();
     let none: [(&str, &str); 0] = [];
     assert!(store.claim_many(&none, ClaimOptions::default()).is_empty());
@@ -196,7 +186,7 @@ fn a_read_only_view_replays_a_batch_and_refuses_its_new_keys() {
 #[test]
 fn a_sync_batch_of_completes_waits_for_one_fsync_and_survives_a_power_cut() {
     let disk = SimDisk::new();
-    let store = Store::open("/store", sim_options(&disk)).expect("open");
+    let store = Store::open("/store", sim_options(&disk, Durability::Sync)).expect("open");
     let batch = keys(64);
     let tokens: Vec<ClaimToken> = store
         .claim_many(&batch, ClaimOptions::default())
@@ -211,7 +201,7 @@ fn a_sync_batch_of_completes_waits_for_one_fsync_and_survives_a_power_cut() {
     assert_eq!(disk.syncs() - syncs_before, 1, "one fsync for the whole batch of completes");
     drop(store);
 
-    let store = Store::open("/store", sim_options(&disk.power_cut(None))).expect("reopen");
+    let store = Store::open("/store", sim_options(&disk.power_cut(None), Durability::Sync)).expect("reopen");
     for (token, outcome) in &items {
         match store.get(token.key()).expect("get") {
             Some(Entry::Completed(done)) => assert_eq!(done.outcome, outcome.as_bytes()),
@@ -223,7 +213,7 @@ fn a_sync_batch_of_completes_waits_for_one_fsync_and_survives_a_power_cut() {
 #[test]
 fn a_failed_fsync_fails_every_complete_of_the_batch_and_a_stale_token_keeps_its_error() {
     let disk = SimDisk::new();
-    let store = Store::open("/store", sim_options(&disk)).expect("open");
+    let store = Store::open("/store", sim_options(&disk, Durability::Sync)).expect("open");
     let held: Vec<ClaimToken> = ["one", "two", "stale"].iter().map(|key| common::acquire(&store, key)).collect();
     store.release(&held[2]).expect("release");
     disk.fail_sync_after(0);

@@ -14,26 +14,18 @@
 //! A real read-only directory is not tested here (the tests run as root, which writes anyway).
 
 use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 
 use idemstore::sim::SimDisk;
 use idemstore::{Claim, ClaimOptions, Durability, Entry, Error, ManualClock, Options, Store};
 
 mod common;
-use common::{FSYNC_FAILURE, START_MS, acquire, assert_poisoned_by_fsync, outcome_of};
+use common::{FSYNC_FAILURE, START_MS, acquire, assert_poisoned_by_fsync, outcome_of, sim_options};
 
 const DIR: &str = "/store";
 
 fn options(disk: &SimDisk, durability: Durability) -> Options {
-    Options {
-        durability,
-        clock: ManualClock::new(START_MS),
-        io: Arc::new(disk.clone()),
-        background: false,
-        segment_bytes_initial: 512,
-        ..Options::default()
-    }
+    Options { segment_bytes_initial: 512, ..sim_options(disk, durability) }
 }
 
 fn is_no_space(e: &Error) -> bool {

@@ -13,14 +13,14 @@
 //! tests that start background threads run one at a time (`BACKGROUND`), so the thread count
 //! they read is their own.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use idemstore::sim::SimDisk;
-use idemstore::{Durability, Entry, ManualClock, Options, Store};
+use idemstore::{Durability, Entry, Options, Store};
 
 mod common;
-use common::{START_MS, acquire};
+use common::{acquire, sim_options};
 
 const DIR: &str = "/store";
 const HOUR: Duration = Duration::from_secs(3600);
@@ -34,13 +34,7 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
 }
 
 fn options(disk: &SimDisk, durability: Durability, background: bool) -> Options {
-    Options {
-        durability,
-        background,
-        clock: ManualClock::new(START_MS),
-        io: Arc::new(disk.clone()),
-        ..Options::default()
-    }
+    Options { background, ..sim_options(disk, durability) }
 }
 
 fn claim_and_complete(store: &Store, key: &str) {

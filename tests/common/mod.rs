@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use idemstore::sim::SimDisk;
 use idemstore::{Claim, ClaimToken, Durability, Entry, Error, ManualClock, Options, Store, ms_to_system_time};
 
 /// Where the `ManualClock` of most tests starts (November 2023).
@@ -20,6 +21,19 @@ pub const START_MS: u64 = 1_700_000_000_000;
 /// fields with `Options { field, ..options(clock) }`.
 pub fn options(clock: &Arc<ManualClock>) -> Options {
     Options { durability: Durability::None, background: false, clock: clock.clone(), ..Default::default() }
+}
+
+/// Options for a test store on the simulated `disk`: `durability`, time from a fresh
+/// `ManualClock` at [`START_MS`], no housekeeping thread. Tests that need more settings
+/// override fields with `Options { field, ..sim_options(disk, durability) }`.
+pub fn sim_options(disk: &SimDisk, durability: Durability) -> Options {
+    Options {
+        durability,
+        clock: ManualClock::new(START_MS),
+        io: Arc::new(disk.clone()),
+        background: false,
+        ..Options::default()
+    }
 }
 
 /// Opens a store in `dir` with [`options`].
