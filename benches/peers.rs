@@ -307,6 +307,9 @@ trait Engine: Sync {
     fn insert(&self, handle: &mut Self::Handle, key: &[u8; 16]) -> bool;
     /// Stores the outcome of `key`, which this handle inserted.
     fn complete(&self, handle: &mut Self::Handle, key: &[u8; 16]);
+    /// Frees what the bench itself kept in `handle` for the complete phase, once it has ended
+    /// (untimed, before the RAM figure is read).
+    fn completes_done(&self, _handle: &mut Self::Handle) {}
     /// Inserts every absent key of `keys` in one batch (see [`BATCH`]); returns how many.
     fn insert_batch(&self, handle: &mut Self::Handle, keys: &[[u8; 16]]) -> usize;
     /// Stores the outcome of `keys`, the next ones this handle inserted by batch, in one batch.
@@ -377,6 +380,7 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                         engine.complete(&mut handle, key);
                         1
                     });
+                    engine.completes_done(&mut handle);
                     barrier.wait(); // end of the complete phase: the "after" RAM figure is taken now
                     barrier.wait(); // start of the replay phase
                     let (replay_span, replayed) = timed_phase(0..replays_per_thread, cap, l_replay, |i| {
@@ -521,10 +525,12 @@ impl Engine for Idemstore {
         let token = tokens.pop_front().expect("a token for every key inserted");
         debug_assert_eq!(token.key(), key);
         self.store.complete(&token, OUTCOME).expect("idemstore complete");
-        if tokens.is_empty() {
-            // The tokens are the bench's memory, not the store's: freed before RAM is measured.
-            tokens.shrink_to_fit();
-        }
+    }
+
+    fn completes_done(&self, tokens: &mut VecDeque<ClaimToken>) {
+        // The tokens are the bench's memory, not the store's: freed before RAM is measured.
+        debug_assert!(tokens.is_empty(), "every inserted key was completed");
+        tokens.shrink_to_fit();
     }
 
     fn insert_batch(&self, tokens: &mut VecDeque<ClaimToken>, keys: &[[u8; 16]]) -> usize {
