@@ -6,11 +6,11 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use crate::log::Loc;
 use crate::slots::{Slots, TableHint};
 use crate::sync::{Condvar, Mutex};
-use std::sync::Arc;
 
 /// Number of shards; a power of two. Enough that a shard's sweep after a bucket drop is short.
 pub const SHARD_COUNT: usize = 256;
