@@ -8,54 +8,55 @@ mod imp {
     pub use std::sync::Arc;
     pub use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-    /// Where threads sleep until woken by a filter over the tokens they parked with: a
-    /// group-commit leader wakes exactly the waiters its sync covered, plus one successor,
-    /// with no mutex to queue behind afterwards.
+    /// Where threads sleep until woken, on one futex word that every wake bumps: a wake is
+    /// a single `FUTEX_WAKE` system call for all sleepers. Waking each sleeper by its own call
+    /// (parking_lot's per-thread parkers) cost the group-commit leader one call and one
+    /// cross-CPU interrupt per waiter, between a sync's end and the next batch forming.
     #[derive(Debug)]
     pub struct WaitQueue {
-        /// Gives the queue an address of its own (parking_lot keys sleepers by address).
-        _address: u8,
+        generation: std::sync::atomic::AtomicU32,
     }
 
     impl WaitQueue {
         /// An empty queue.
         pub fn new() -> Self {
-            WaitQueue { _address: 0 }
+            WaitQueue { generation: std::sync::atomic::AtomicU32::new(0) }
         }
 
-        fn key(&self) -> usize {
-            self as *const Self as usize
-        }
-
-        /// Sleeps with `token` while `still_wait()` holds. The check runs under the queue's
-        /// lock, which every wake takes too, so a wake after the check is never lost. May
+        /// Sleeps while `still_wait()` holds. A wake after the check is never lost: the
+        /// generation is read before the check, every wake bumps it after changing what the
+        /// check reads, and the kernel sleeps only while the generation is unchanged. May
         /// return spuriously; callers loop.
-        pub fn park(&self, token: u64, still_wait: impl FnOnce() -> bool) {
-            // SAFETY: the key is this queue's own address, used by no other primitive;
-            // `still_wait` only reads atomics (it neither panics nor calls into parking_lot),
-            // and the other callbacks do nothing.
+        pub fn park(&self, still_wait: impl FnOnce() -> bool) {
+            let seen = self.generation.load(Ordering::SeqCst);
+            if !still_wait() {
+                return;
+            }
+            // SAFETY: FUTEX_WAIT reads the u32 at a valid address we own (an atomic that
+            // outlives the call) and returns at once if it no longer holds `seen`; no memory
+            // is written. Errors (EAGAIN, EINTR) are spurious returns, which callers handle.
             unsafe {
-                parking_lot_core::park(
-                    self.key(),
-                    still_wait,
-                    || {},
-                    |_, _| {},
-                    parking_lot_core::ParkToken(token as usize),
-                    None,
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.generation.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    seen,
+                    std::ptr::null::<libc::timespec>(),
                 );
             }
         }
 
-        /// Wakes every sleeper whose token `wake` picks (called once per sleeper, in the order
-        /// they went to sleep).
-        pub fn unpark_filter(&self, mut wake: impl FnMut(u64) -> bool) {
-            use parking_lot_core::{DEFAULT_UNPARK_TOKEN, FilterOp};
-            // SAFETY: as in `park`; `wake` is plain arithmetic on the token and cannot panic.
+        /// Wakes every sleeper (each re-checks what it waits for and may sleep again).
+        pub fn wake_all(&self) {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            // SAFETY: FUTEX_WAKE only uses the address as a key to find sleepers; it reads
+            // and writes no memory.
             unsafe {
-                parking_lot_core::unpark_filter(
-                    self.key(),
-                    |token| if wake(token.0 as u64) { FilterOp::Unpark } else { FilterOp::Skip },
-                    |_| DEFAULT_UNPARK_TOKEN,
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.generation.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    i32::MAX,
                 );
             }
         }
@@ -73,8 +74,7 @@ mod imp {
     pub use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     /// The wait queue, built from loom's mutex and condition variable: a wake wakes every
-    /// sleeper (allowed: sleepers re-check and loop), so models still see every interleaving
-    /// of the checks.
+    /// sleeper, as the futex one does, so models see every interleaving of the checks.
     #[derive(Debug)]
     pub struct WaitQueue {
         lock: loom::sync::Mutex<()>,
@@ -85,13 +85,13 @@ mod imp {
         pub fn new() -> Self {
             WaitQueue { lock: loom::sync::Mutex::new(()), woken: loom::sync::Condvar::new() }
         }
-        pub fn park(&self, _token: u64, still_wait: impl FnOnce() -> bool) {
+        pub fn park(&self, still_wait: impl FnOnce() -> bool) {
             let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             if still_wait() {
                 drop(self.woken.wait(guard));
             }
         }
-        pub fn unpark_filter(&self, _wake: impl FnMut(u64) -> bool) {
+        pub fn wake_all(&self) {
             let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.woken.notify_all();
         }
