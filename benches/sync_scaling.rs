@@ -6,6 +6,9 @@
 //! - `Durability::Sync` claims of new random 16-byte keys from 1, 4, 16 and 64 threads
 //!   (group commit shares one fdatasync between concurrent callers), then from 1 and 16 threads
 //!   through `Store::claim_many`, 64 keys a call (one sync covers the whole call);
+//! - a bare group commit with 16 threads (`sync_scaling/bare_commit.rs`): the same handoff
+//!   with no store around it (a `pwrite` and a shared `fdatasync`), the ceiling that waking
+//!   and rescheduling the writers leaves on this machine;
 //! - `Durability::Periodic(100 ms)` and `Durability::None` claims from 1 and 16 threads.
 //!
 //! It prints one markdown table: ops/s, p50/p99/max latency (hdrhistogram), records per sync,
@@ -29,6 +32,9 @@ use idemstore::{Claim, ClaimOptions, Durability, Options, Store};
 
 mod support;
 use support::*;
+
+#[path = "sync_scaling/bare_commit.rs"]
+mod bare_commit;
 
 /// Bytes of one raw record in the physical-limit loops.
 const RAW_RECORD_BYTES: usize = 64;
@@ -79,6 +85,7 @@ fn main() {
     for threads in BATCH_THREADS {
         rows.push(claims_row(run_dir.path(), Durability::Sync, threads, BATCH, duration));
     }
+    rows.push(bare_commit::row(run_dir.path(), TARGET_THREADS, duration));
     rows.push(raw_append_row(run_dir.path(), duration, "end"));
     rows.push(raw_inplace_row(run_dir.path(), duration, "end"));
     // The limit takes the faster of the two measurements of each raw loop (run before and
@@ -100,7 +107,7 @@ fn main() {
     );
     println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for row in &rows {
-        let (limit, ratio_append, ratio_inplace) = if row.is_sync_claims {
+        let (limit, ratio_append, ratio_inplace) = if row.is_group_commit {
             let capped = row.threads.min(TARGET_THREADS) as f64;
             let limit_append = capped / append_p50_s;
             let limit_inplace = capped / inplace_p50_s;
@@ -147,6 +154,14 @@ fn main() {
             verdict(ratio_append),
             verdict(ratio_inplace)
         );
+        if let Some(bare) = rows.iter().find(|r| r.is_group_commit && !r.is_sync_claims) {
+            println!(
+                "bare group commit with {TARGET_THREADS} threads, same run: {:.2} x the append limit; \
+                 the store's Sync claims ÷ the bare group commit: {:.2}",
+                bare.ops_per_second() / (TARGET_THREADS as f64 / append_p50_s),
+                row.ops_per_second() / bare.ops_per_second()
+            );
+        }
     }
     // The limit assumes one raw fdatasync is as fast as the disk gets. When the store's own
     // syncs run much faster than that, the disk was not in one steady state during the run
@@ -177,6 +192,8 @@ struct Row {
     /// Mean fdatasync time: of the store (from its stats), or of the raw loop.
     mean_sync_us: Option<f64>,
     is_sync_claims: bool,
+    /// One sync shared by concurrent writers, one record each (the ratio columns apply).
+    is_group_commit: bool,
     /// Which raw loop this row is, if it is one.
     raw: Option<RawKind>,
 }
@@ -265,6 +282,7 @@ fn raw_row(name: String, kind: RawKind, ops: u64, elapsed: Duration, hist: Histo
         records_per_sync: Some(1.0),
         mean_sync_us: Some(mean_us),
         is_sync_claims: false,
+        is_group_commit: false,
         raw: Some(kind),
     }
 }
@@ -340,6 +358,7 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, batch: usiz
         records_per_sync,
         mean_sync_us,
         is_sync_claims,
+        is_group_commit: is_sync_claims,
         raw: None,
     }
 }
