@@ -103,9 +103,9 @@ fn main() {
 
     println!(
         "| row | durability | threads | ops | ops/s | p50 µs | p99 µs | max µs | records/sync | \
-         mean sync µs | limit ops/s (append) | ratio vs append | ratio vs in-place |"
+         mean sync µs | KiB to disk/sync | limit ops/s (append) | ratio vs append | ratio vs in-place |"
     );
-    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for row in &rows {
         let (limit, ratio_append, ratio_inplace) = if row.is_group_commit {
             let capped = row.threads.min(TARGET_THREADS) as f64;
@@ -120,7 +120,7 @@ fn main() {
             ("—".to_string(), "—".to_string(), "—".to_string())
         };
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |",
             row.name,
             row.durability,
             row.threads,
@@ -131,6 +131,7 @@ fn main() {
             row.hist.max() as f64 / 1000.0,
             row.records_per_sync.map_or_else(|| "—".to_string(), |r| format!("{r:.1}")),
             row.mean_sync_us.map_or_else(|| "—".to_string(), |us| format!("{us:.0}")),
+            row.kib_per_sync.map_or_else(|| "—".to_string(), |kib| format!("{kib:.1}")),
             limit,
             ratio_append,
             ratio_inplace,
@@ -140,7 +141,9 @@ fn main() {
     println!(
         "limit = min(threads, {TARGET_THREADS}) / p50 of one raw op, the faster of its two runs \
          (append: {:.1} µs, in place: {:.1} µs); the ratio is ops/s ÷ limit. \
-         records/sync and mean sync µs come from the store's stats (syncs by group commit or the flusher).",
+         records/sync and mean sync µs come from the store's stats (syncs by group commit or the flusher); \
+         KiB to disk/sync: bytes written to the directory's block device during the row ÷ its syncs \
+         (whole device, from /sys/dev/block; zero-fill of new space included).",
         append_p50_s * 1e6,
         inplace_p50_s * 1e6
     );
@@ -191,6 +194,8 @@ struct Row {
     records_per_sync: Option<f64>,
     /// Mean fdatasync time: of the store (from its stats), or of the raw loop.
     mean_sync_us: Option<f64>,
+    /// Bytes written to the disk during the row per sync, in KiB (see `device_bytes_written`).
+    kib_per_sync: Option<f64>,
     is_sync_claims: bool,
     /// One sync shared by concurrent writers, one record each (the ratio columns apply).
     is_group_commit: bool,
@@ -225,12 +230,14 @@ fn raw_append_row(dir: &Path, duration: Duration, when: &str) -> Row {
     file.sync_all().expect("sync new file");
     sync_dir(dir);
     let record = [0xA5u8; RAW_RECORD_BYTES];
+    let written_before = device_bytes_written(dir);
     let (ops, elapsed, hist) = timed_syncs(duration, |_| {
         file.write_all(&record).expect("append raw record");
         file.sync_data().expect("fdatasync raw file");
     });
+    let kib = kib_per_sync(written_before, device_bytes_written(dir), ops);
     std::fs::remove_file(&path).expect("remove raw append file");
-    raw_row(format!("raw append + fdatasync ({when})"), RawKind::Append, ops, elapsed, hist)
+    raw_row(format!("raw append + fdatasync ({when})"), RawKind::Append, ops, elapsed, hist, kib)
 }
 
 /// One thread: overwrite 64 B at a time of a preallocated zero-filled file, then fdatasync.
@@ -244,13 +251,15 @@ fn raw_inplace_row(dir: &Path, duration: Duration, when: &str) -> Row {
     file.sync_all().expect("sync zero-filled file");
     sync_dir(dir);
     let record = [0x5Au8; RAW_RECORD_BYTES];
+    let written_before = device_bytes_written(dir);
     let (ops, elapsed, hist) = timed_syncs(duration, |op| {
         let offset = (op * RAW_RECORD_BYTES as u64) % INPLACE_FILE_BYTES;
         file.write_all_at(&record, offset).expect("overwrite raw record");
         file.sync_data().expect("fdatasync in-place file");
     });
+    let kib = kib_per_sync(written_before, device_bytes_written(dir), ops);
     std::fs::remove_file(&path).expect("remove raw in-place file");
-    raw_row(format!("raw overwrite in place + fdatasync ({when})"), RawKind::InPlace, ops, elapsed, hist)
+    raw_row(format!("raw overwrite in place + fdatasync ({when})"), RawKind::InPlace, ops, elapsed, hist, kib)
 }
 
 /// Runs `write_and_sync(op_number)` until `duration` has passed; (ops, elapsed, latencies).
@@ -270,7 +279,14 @@ fn timed_syncs(duration: Duration, mut write_and_sync: impl FnMut(u64)) -> (u64,
 }
 
 /// A physical-limit row: one op is one write and one fdatasync.
-fn raw_row(name: String, kind: RawKind, ops: u64, elapsed: Duration, hist: Histogram<u64>) -> Row {
+fn raw_row(
+    name: String,
+    kind: RawKind,
+    ops: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+    kib_per_sync: Option<f64>,
+) -> Row {
     let mean_us = hist.mean() / 1000.0;
     Row {
         name,
@@ -281,6 +297,7 @@ fn raw_row(name: String, kind: RawKind, ops: u64, elapsed: Duration, hist: Histo
         hist,
         records_per_sync: Some(1.0),
         mean_sync_us: Some(mean_us),
+        kib_per_sync,
         is_sync_claims: false,
         is_group_commit: false,
         raw: Some(kind),
@@ -294,6 +311,7 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, batch: usiz
     let dir = tempfile::tempdir_in(parent).expect("create store dir");
     let options = Options { durability, ..Default::default() };
     let store = Arc::new(Store::open(dir.path(), options).expect("open store"));
+    let written_before = device_bytes_written(dir.path());
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(threads + 1));
     let workers: Vec<_> = (0..threads)
@@ -339,6 +357,7 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, batch: usiz
     }
     let elapsed = started.elapsed();
     let stats = store.stats();
+    let kib_per_sync = kib_per_sync(written_before, device_bytes_written(dir.path()), stats.syncs_total);
     let records_per_sync =
         (stats.syncs_total > 0).then(|| stats.synced_records_total as f64 / stats.syncs_total as f64);
     let mean_sync_us = (stats.syncs_total > 0).then(|| stats.sync_latency_us_total as f64 / stats.syncs_total as f64);
@@ -357,10 +376,29 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, batch: usiz
         hist,
         records_per_sync,
         mean_sync_us,
+        kib_per_sync,
         is_sync_claims,
         is_group_commit: is_sync_claims,
         raw: None,
     }
+}
+
+/// Bytes written so far to the block device that holds `dir` (sectors written, from
+/// `/sys/dev/block/MAJOR:MINOR/stat`): what really went to the disk, whoever wrote it, so the
+/// machine should be otherwise quiet. `None` where that file does not exist.
+fn device_bytes_written(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let stat =
+        std::fs::read_to_string(format!("/sys/dev/block/{}:{}/stat", libc::major(dev), libc::minor(dev))).ok()?;
+    let sectors: u64 = stat.split_whitespace().nth(6)?.parse().ok()?;
+    Some(sectors * 512)
+}
+
+/// KiB written per sync between two `device_bytes_written` readings.
+fn kib_per_sync(before: Option<u64>, after: Option<u64>, syncs: u64) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    (syncs > 0).then(|| after.saturating_sub(before) as f64 / 1024.0 / syncs as f64)
 }
 
 fn sync_dir(dir: &Path) {

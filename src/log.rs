@@ -35,6 +35,9 @@ pub struct LogLimits {
     pub disk_bytes_max: u64,
     /// Most segments kept open for appends (each holds a file descriptor).
     pub open_segments_max: usize,
+    /// New segment space is zero-filled a page per write (`IoFile::reserve_paged`): every
+    /// record is synced soon after it is written (`Durability::Sync`).
+    pub paged_zero_fill: bool,
 }
 
 struct Active {
@@ -174,6 +177,7 @@ impl Log {
             id,
             self.limits.segment_bytes_max,
             self.limits.segment_bytes_initial,
+            self.limits.paged_zero_fill,
         )?;
         self.io.sync_dir(&self.dir).map_err(|e| Error::Poisoned { cause: format!("directory sync failed: {e}") })?;
         let app = self.appender.lock();
@@ -248,6 +252,7 @@ impl Log {
                         segment_header,
                         self.limits.segment_bytes_max.max(SEGMENT_HEADER_LEN + len),
                         initial,
+                        self.limits.paged_zero_fill,
                     )?);
                     app.next_segment_id += 1;
                     // A new file must be durable as a directory entry before anything in it counts.
@@ -294,7 +299,7 @@ impl Log {
             if new_claim {
                 self.check_budget(grown - reserved)?;
             }
-            active.segment.reserve(grown)?;
+            active.segment.reserve(grown, self.limits.paged_zero_fill)?;
         }
         let offset = active.write_pos;
         if let Err(e) = active.segment.write_record(offset, &header, key, value) {
@@ -353,7 +358,7 @@ impl Log {
             let reserved = segment.len();
             let grown = reserved.saturating_add(self.limits.segment_bytes_initial).min(self.limits.segment_bytes_max);
             if grown > reserved && self.check_budget(grown - reserved).is_ok() {
-                let _ = segment.reserve(grown);
+                let _ = segment.reserve(grown, self.limits.paged_zero_fill);
             }
             segment.end_growth();
         }
@@ -466,6 +471,7 @@ mod tests {
             segment_bytes_initial: 4096,
             disk_bytes_max: u64::MAX,
             open_segments_max: 8,
+            paged_zero_fill: false,
         };
         Log::new(Arc::new(disk.clone()), dir, limits, IdMap::default(), 1, 1)
     }
@@ -517,6 +523,7 @@ mod tests {
             segment_bytes_initial: step,
             disk_bytes_max: u64::MAX,
             open_segments_max: 8,
+            paged_zero_fill: false,
         };
         let log = Log::new(Arc::new(disk.clone()), dir, limits, IdMap::default(), 1, 1);
         let (header, first) = log.append(claim_expiring_at(WIDTH_MS), b"one", &[], WIDTH_MS, true).unwrap();

@@ -157,17 +157,28 @@ impl Segment {
         header: SegmentHeader,
         capacity: u64,
         initial_bytes: u64,
+        paged: bool,
     ) -> Result<Segment> {
-        let spare = Segment::create_spare(io, dir, header.id, capacity, initial_bytes)?;
+        let spare = Segment::create_spare(io, dir, header.id, capacity, initial_bytes, paged)?;
         Segment::from_spare(io, spare, header)
     }
 
     /// Creates a segment file ahead of need: reserved and zero-filled, without a header (an
     /// empty file to recovery, which removes it). The caller makes its directory entry durable.
-    pub fn create_spare(io: &dyn Io, dir: &Path, id: u32, capacity: u64, initial_bytes: u64) -> Result<SpareFile> {
+    /// `paged`: zero-filled one page per write (`IoFile::reserve_paged`).
+    pub fn create_spare(
+        io: &dyn Io,
+        dir: &Path,
+        id: u32,
+        capacity: u64,
+        initial_bytes: u64,
+        paged: bool,
+    ) -> Result<SpareFile> {
         let path = dir.join(segment_file_name(id));
         let file = io.create(&path, capacity).map_err(|e| Error::io("create segment", &path, e))?;
-        if let Err(e) = file.reserve(initial_bytes.max(SEGMENT_HEADER_LEN)) {
+        let initial = initial_bytes.max(SEGMENT_HEADER_LEN);
+        let reserved = if paged { file.reserve_paged(initial) } else { file.reserve(initial) };
+        if let Err(e) = reserved {
             // Leave no empty file behind; its removal is best effort (the error is what matters).
             drop(file);
             let _ = io.remove(&path);
@@ -260,8 +271,10 @@ impl Segment {
         self.file.len()
     }
 
-    pub fn reserve(&self, len: u64) -> Result<()> {
-        self.file.reserve(len).map_err(|e| Error::io("reserve segment space", &self.path, e))
+    /// Grows the reserved length to `len`, zero-filled; `paged` as in `create_spare`.
+    pub fn reserve(&self, len: u64, paged: bool) -> Result<()> {
+        let reserved = if paged { self.file.reserve_paged(len) } else { self.file.reserve(len) };
+        reserved.map_err(|e| Error::io("reserve segment space", &self.path, e))
     }
 
     /// Encodes a record straight into the file at `offset` (space already reserved).

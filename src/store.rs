@@ -196,6 +196,7 @@ impl Store {
                 .clamp(SEGMENT_HEADER_LEN + 1, options.segment_bytes_max),
             disk_bytes_max: options.max_disk_bytes,
             open_segments_max: options.max_open_files.max(1),
+            paged_zero_fill: options.durability == Durability::Sync,
         };
         // Sequence numbers (and so fencing tokens) never repeat, even when every segment
         // expired and was deleted: they start above the wall clock shifted by 20 bits, which

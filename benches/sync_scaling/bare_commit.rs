@@ -130,6 +130,7 @@ pub fn row(dir: &Path, threads: usize, duration: Duration) -> Row {
         syncs: AtomicU64::new(0),
         sync_ns_total: AtomicU64::new(0),
     });
+    let written_before = super::device_bytes_written(dir);
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(threads + 1));
     let workers: Vec<_> = (0..threads)
@@ -165,6 +166,7 @@ pub fn row(dir: &Path, threads: usize, duration: Duration) -> Row {
     }
     let elapsed = started.elapsed();
     let syncs = shared.syncs.load(Ordering::Relaxed).max(1);
+    let kib_per_sync = super::kib_per_sync(written_before, super::device_bytes_written(dir), syncs);
     let sync_ns_total = shared.sync_ns_total.load(Ordering::Relaxed);
     std::fs::remove_file(&path).expect("remove bare commit file");
     Row {
@@ -176,6 +178,7 @@ pub fn row(dir: &Path, threads: usize, duration: Duration) -> Row {
         hist,
         records_per_sync: Some(ops as f64 / syncs as f64),
         mean_sync_us: Some(sync_ns_total as f64 / syncs as f64 / 1000.0),
+        kib_per_sync,
         is_sync_claims: false,
         is_group_commit: true,
         raw: None,
