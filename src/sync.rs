@@ -151,3 +151,79 @@ mod imp {
 }
 
 pub use imp::*;
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    use super::WaitQueue;
+
+    /// Longest a sleeper may take to notice a wake before the test calls it lost.
+    const LOST: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_wake_that_lands_between_the_check_and_the_sleep_is_not_lost() {
+        // Many rounds of one sleeper and one waker racing, so the wake falls on every side of
+        // the sleeper's check; a lost wake leaves the sleeper asleep and the round times out.
+        for round in 0..2_000 {
+            let queue = Arc::new(WaitQueue::new());
+            let done = Arc::new(AtomicBool::new(false));
+            let (returned, seen) = mpsc::channel();
+            let sleeper = {
+                let (queue, done) = (queue.clone(), done.clone());
+                std::thread::spawn(move || {
+                    while !done.load(Ordering::Acquire) {
+                        queue.park(|| !done.load(Ordering::Acquire));
+                    }
+                    returned.send(()).unwrap();
+                })
+            };
+            if round % 2 == 0 {
+                std::thread::yield_now();
+            }
+            done.store(true, Ordering::Release);
+            queue.wake_all();
+            assert!(seen.recv_timeout(LOST).is_ok(), "round {round}: the sleeper missed its wake");
+            sleeper.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn one_wake_releases_every_sleeper() {
+        let queue = Arc::new(WaitQueue::new());
+        let open = Arc::new(AtomicBool::new(false));
+        let asleep = Arc::new(AtomicUsize::new(0));
+        let (returned, seen) = mpsc::channel();
+        let sleepers: Vec<_> = (0..8)
+            .map(|_| {
+                let (queue, open, asleep, returned) = (queue.clone(), open.clone(), asleep.clone(), returned.clone());
+                std::thread::spawn(move || {
+                    asleep.fetch_add(1, Ordering::AcqRel);
+                    while !open.load(Ordering::Acquire) {
+                        queue.park(|| !open.load(Ordering::Acquire));
+                    }
+                    returned.send(()).unwrap();
+                })
+            })
+            .collect();
+        while asleep.load(Ordering::Acquire) < 8 {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        open.store(true, Ordering::Release);
+        queue.wake_all();
+        for n in 0..8 {
+            assert!(seen.recv_timeout(LOST).is_ok(), "only {n} of 8 sleepers returned after one wake");
+        }
+        sleepers.into_iter().for_each(|s| s.join().unwrap());
+    }
+
+    #[test]
+    fn a_sleeper_whose_check_fails_does_not_sleep() {
+        let queue = WaitQueue::new();
+        // No one will ever wake this queue: a park that slept would hang the test.
+        queue.park(|| false);
+    }
+}
