@@ -8,9 +8,8 @@
 //! mutex to learn it is free. Waiters the sync did not cover race to lead the next batch; one
 //! wins and the rest sleep again. With writers that each wait for their own record, almost
 //! every sleeper was covered (the leader gathers the writers it released before cutting a
-//! batch), so one call beat waking exactly the covered ones by one call each: on 2 vCPUs,
-//! 16 threads did 58,617-64,735 vs 55,767-60,774 `Sync` claims/s, 64 threads 136,765-146,598
-//! vs 111,168-120,689 (interleaved runs).
+//! batch), so one call beat waking exactly the covered ones by one call each (README,
+//! "Group commit against the disk's own limit", session 5).
 //!
 //! A failed sync poisons the store: every later wait fails with the original cause, and
 //! nothing is ever treated as durable after it (the page cache may have dropped the dirty
@@ -37,7 +36,7 @@ pub struct GroupCommit {
     durable: AtomicU64,
     leader_active: AtomicBool,
     poisoned: AtomicBool,
-    /// Where waiters sleep, each with the sequence number it waits for.
+    /// Where waiters sleep until a leader ends its sync.
     sleepers: WaitQueue,
     detail: Mutex<Detail>,
 }
@@ -130,8 +129,10 @@ impl GroupCommit {
                 self.lead(syncer);
                 continue;
             }
-            // Sleep only while a leader is still at work and will wake us when it ends (it
-            // clears `leader_active` before waking, and this check runs under the queue lock).
+            // Sleep only while a leader is still at work and will wake us when it ends. No wake
+            // is lost: `park` reads the queue's generation before this check, and the leader
+            // publishes `durable` and clears `leader_active` before `wake_all` bumps it, so a
+            // wake after the check finds the generation changed and the sleep returns at once.
             self.sleepers.park(|| {
                 self.leader_active.load(Ordering::Acquire)
                     && self.durable.load(Ordering::Acquire) < seq

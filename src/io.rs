@@ -236,8 +236,15 @@ impl Io for RealIo {
     }
 }
 
-/// Bytes of one page: the write size of paged zero-fill (`IoFile::reserve_paged`).
-const PAGE_BYTES: usize = 4096;
+/// Bytes of one memory page: the write size of paged zero-fill (`IoFile::reserve_paged`).
+fn page_bytes() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf reads a system constant; it touches no memory of ours.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096)
+    })
+}
 
 /// How `MappedFile::reserve_space` covers new space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,7 +327,7 @@ impl MappedFile {
         let write_max = match fill {
             Fill::Unfilled => 0,
             Fill::Bulk => ZEROS.len(),
-            Fill::Paged => PAGE_BYTES,
+            Fill::Paged => page_bytes().min(ZEROS.len()),
         } as u64;
         let mut at = self.len();
         while write_max > 0 && at < len {

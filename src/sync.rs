@@ -73,25 +73,37 @@ mod imp {
     pub use loom::sync::Arc;
     pub use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-    /// The wait queue, built from loom's mutex and condition variable: a wake wakes every
-    /// sleeper, as the futex one does, so models see every interleaving of the checks.
+    /// The futex wait queue, modelled: a generation read before the caller's check, and a
+    /// sleep (on loom's mutex and condition variable, standing in for the kernel's futex
+    /// bucket) only while the generation is unchanged, so the models check the real queue's
+    /// ordering, not a stronger primitive that holds a lock across the check.
     #[derive(Debug)]
     pub struct WaitQueue {
+        generation: loom::sync::atomic::AtomicU32,
         lock: loom::sync::Mutex<()>,
         woken: loom::sync::Condvar,
     }
 
     impl WaitQueue {
         pub fn new() -> Self {
-            WaitQueue { lock: loom::sync::Mutex::new(()), woken: loom::sync::Condvar::new() }
+            WaitQueue {
+                generation: loom::sync::atomic::AtomicU32::new(0),
+                lock: loom::sync::Mutex::new(()),
+                woken: loom::sync::Condvar::new(),
+            }
         }
         pub fn park(&self, still_wait: impl FnOnce() -> bool) {
+            let seen = self.generation.load(Ordering::SeqCst);
+            if !still_wait() {
+                return;
+            }
             let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            if still_wait() {
+            if self.generation.load(Ordering::SeqCst) == seen {
                 drop(self.woken.wait(guard));
             }
         }
         pub fn wake_all(&self) {
+            self.generation.fetch_add(1, Ordering::SeqCst);
             let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.woken.notify_all();
         }

@@ -421,6 +421,9 @@ impl IoFile for SyncCountingFile {
     fn reserve(&self, len: u64) -> io::Result<()> {
         self.inner.reserve(len)
     }
+    fn reserve_paged(&self, len: u64) -> io::Result<()> {
+        self.inner.reserve_paged(len)
+    }
     fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
         self.inner.write_at(offset, bytes)
     }

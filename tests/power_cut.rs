@@ -180,6 +180,10 @@ impl IoFile for CuttingFile {
         self.plan.before_mutation();
         self.inner.reserve_unfilled(len)
     }
+    fn reserve_paged(&self, len: u64) -> io::Result<()> {
+        self.plan.before_mutation();
+        self.inner.reserve_paged(len)
+    }
     fn write_with(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> io::Result<()> {
         self.plan.before_mutation();
         self.inner.write_with(offset, len, fill)
