@@ -91,8 +91,9 @@ fn main() {
     // The limit takes the faster of the two measurements of each raw loop (run before and
     // after the Sync rows), so a disk that was busy during one of them does not flatter the
     // engine: a faster fdatasync means a higher limit and a lower ratio.
-    let fastest_p50 =
-        |raw: RawKind| rows.iter().filter(|r| r.raw == Some(raw)).map(Row::p50_seconds).fold(f64::INFINITY, f64::min);
+    let fastest_p50 = |raw: RawKind| {
+        rows.iter().filter(|r| r.kind == RowKind::Raw(raw)).map(Row::p50_seconds).fold(f64::INFINITY, f64::min)
+    };
     let append_p50_s = fastest_p50(RawKind::Append);
     let inplace_p50_s = fastest_p50(RawKind::InPlace);
     for durability in [Durability::Periodic(Duration::from_millis(100)), Durability::None] {
@@ -107,7 +108,7 @@ fn main() {
     );
     println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for row in &rows {
-        let (limit, ratio_append, ratio_inplace) = if row.is_group_commit {
+        let (limit, ratio_append, ratio_inplace) = if row.kind.shares_syncs() {
             let capped = row.threads.min(TARGET_THREADS) as f64;
             let limit_append = capped / append_p50_s;
             let limit_inplace = capped / inplace_p50_s;
@@ -147,7 +148,7 @@ fn main() {
         append_p50_s * 1e6,
         inplace_p50_s * 1e6
     );
-    if let Some(row) = rows.iter().find(|r| r.is_sync_claims && r.threads == TARGET_THREADS) {
+    if let Some(row) = rows.iter().find(|r| r.kind == RowKind::SyncClaims && r.threads == TARGET_THREADS) {
         let ratio_append = row.ops_per_second() / (TARGET_THREADS as f64 / append_p50_s);
         let ratio_inplace = row.ops_per_second() / (TARGET_THREADS as f64 / inplace_p50_s);
         let verdict = |ratio: f64| if ratio >= TARGET_RATIO { "met" } else { "NOT met" };
@@ -157,7 +158,7 @@ fn main() {
             verdict(ratio_append),
             verdict(ratio_inplace)
         );
-        if let Some(bare) = rows.iter().find(|r| r.is_group_commit && !r.is_sync_claims) {
+        if let Some(bare) = rows.iter().find(|r| r.kind == RowKind::BareCommit) {
             println!(
                 "bare group commit with {TARGET_THREADS} threads, same run: {:.2} x the append limit; \
                  the store's Sync claims ÷ the bare group commit: {:.2}",
@@ -171,8 +172,11 @@ fn main() {
     // (a busy or throttled device, or one that completes lone flushes on a timer tick), and
     // every ratio above is inflated.
     let raw_p50_us = append_p50_s.min(inplace_p50_s) * 1e6;
-    let fastest_store_sync_us =
-        rows.iter().filter(|r| r.is_sync_claims).filter_map(|r| r.mean_sync_us).fold(f64::INFINITY, f64::min);
+    let fastest_store_sync_us = rows
+        .iter()
+        .filter(|r| r.kind == RowKind::SyncClaims)
+        .filter_map(|r| r.mean_sync_us)
+        .fold(f64::INFINITY, f64::min);
     if fastest_store_sync_us < 0.5 * raw_p50_us {
         println!(
             "WARNING: the store's mean sync ({fastest_store_sync_us:.0} µs) is under half the raw loops' p50 \
@@ -196,11 +200,27 @@ struct Row {
     mean_sync_us: Option<f64>,
     /// Bytes written to the disk during the row per sync, in KiB (see `device_bytes_written`).
     kib_per_sync: Option<f64>,
-    is_sync_claims: bool,
-    /// One sync shared by concurrent writers, one record each (the ratio columns apply).
-    is_group_commit: bool,
-    /// Which raw loop this row is, if it is one.
-    raw: Option<RawKind>,
+    kind: RowKind,
+}
+
+/// What a row measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowKind {
+    /// A raw single-thread loop: the physical limit.
+    Raw(RawKind),
+    /// `Sync` claims, one per call: the rows the target is read from.
+    SyncClaims,
+    /// The bare group commit (`bare_commit.rs`).
+    BareCommit,
+    /// Any other store row.
+    Other,
+}
+
+impl RowKind {
+    /// One sync shared by concurrent writers, one record each: the ratio columns apply.
+    fn shares_syncs(self) -> bool {
+        matches!(self, RowKind::SyncClaims | RowKind::BareCommit)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,14 +246,18 @@ impl Row {
 /// One thread: append 64 B to a growing file, then fdatasync, until `duration` has passed.
 fn raw_append_row(dir: &Path, duration: Duration, when: &str) -> Row {
     let path = dir.join("raw-append.bin");
-    let mut file = OpenOptions::new().create(true).append(true).open(&path).expect("create raw append file");
+    let file = OpenOptions::new().create(true).append(true).open(&path).expect("create raw append file");
     file.sync_all().expect("sync new file");
     sync_dir(dir);
     let record = [0xA5u8; RAW_RECORD_BYTES];
     let written_before = device_bytes_written(dir);
-    let (ops, elapsed, hist) = timed_syncs(duration, |_| {
-        file.write_all(&record).expect("append raw record");
-        file.sync_data().expect("fdatasync raw file");
+    let (ops, elapsed, hist) = run_workers(1, duration, |_| {
+        let mut file = file.try_clone().expect("clone raw append file");
+        move || {
+            file.write_all(&record).expect("append raw record");
+            file.sync_data().expect("fdatasync raw file");
+            1
+        }
     });
     let kib = kib_per_sync(written_before, device_bytes_written(dir), ops);
     std::fs::remove_file(&path).expect("remove raw append file");
@@ -243,39 +267,24 @@ fn raw_append_row(dir: &Path, duration: Duration, when: &str) -> Row {
 /// One thread: overwrite 64 B at a time of a preallocated zero-filled file, then fdatasync.
 fn raw_inplace_row(dir: &Path, duration: Duration, when: &str) -> Row {
     let path = dir.join("raw-inplace.bin");
-    let file = File::create(&path).expect("create raw in-place file");
-    let zeros = vec![0u8; 1 << 20];
-    for chunk in 0..(INPLACE_FILE_BYTES >> 20) {
-        file.write_all_at(&zeros, chunk << 20).expect("zero-fill in-place file");
-    }
-    file.sync_all().expect("sync zero-filled file");
+    let file = zero_filled_file(&path, INPLACE_FILE_BYTES);
     sync_dir(dir);
     let record = [0x5Au8; RAW_RECORD_BYTES];
     let written_before = device_bytes_written(dir);
-    let (ops, elapsed, hist) = timed_syncs(duration, |op| {
-        let offset = (op * RAW_RECORD_BYTES as u64) % INPLACE_FILE_BYTES;
-        file.write_all_at(&record, offset).expect("overwrite raw record");
-        file.sync_data().expect("fdatasync in-place file");
+    let (ops, elapsed, hist) = run_workers(1, duration, |_| {
+        let file = file.try_clone().expect("clone raw in-place file");
+        let mut op = 0u64;
+        move || {
+            let offset = (op * RAW_RECORD_BYTES as u64) % INPLACE_FILE_BYTES;
+            op += 1;
+            file.write_all_at(&record, offset).expect("overwrite raw record");
+            file.sync_data().expect("fdatasync in-place file");
+            1
+        }
     });
     let kib = kib_per_sync(written_before, device_bytes_written(dir), ops);
     std::fs::remove_file(&path).expect("remove raw in-place file");
     raw_row(format!("raw overwrite in place + fdatasync ({when})"), RawKind::InPlace, ops, elapsed, hist, kib)
-}
-
-/// Runs `write_and_sync(op_number)` until `duration` has passed; (ops, elapsed, latencies).
-fn timed_syncs(duration: Duration, mut write_and_sync: impl FnMut(u64)) -> (u64, Duration, Histogram<u64>) {
-    let mut hist = new_histogram();
-    let started = Instant::now();
-    let mut last = started;
-    let mut ops = 0u64;
-    while last.duration_since(started) < duration {
-        write_and_sync(ops);
-        let now = Instant::now();
-        hist.saturating_record(duration_nanos(now - last));
-        last = now;
-        ops += 1;
-    }
-    (ops, last - started, hist)
 }
 
 /// A physical-limit row: one op is one write and one fdatasync.
@@ -298,9 +307,7 @@ fn raw_row(
         records_per_sync: Some(1.0),
         mean_sync_us: Some(mean_us),
         kib_per_sync,
-        is_sync_claims: false,
-        is_group_commit: false,
-        raw: Some(kind),
+        kind: RowKind::Raw(kind),
     }
 }
 
@@ -312,57 +319,27 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, batch: usiz
     let options = Options { durability, ..Default::default() };
     let store = Arc::new(Store::open(dir.path(), options).expect("open store"));
     let written_before = device_bytes_written(dir.path());
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Arc::new(Barrier::new(threads + 1));
-    let workers: Vec<_> = (0..threads)
-        .map(|t| {
-            let store = store.clone();
-            let stop = stop.clone();
-            let start = start.clone();
-            std::thread::spawn(move || {
-                let mut keys = KeyGen::from_state(0x5EED_0000 + t as u64 * 7919 + threads as u64);
-                let mut hist = new_histogram();
-                let mut ops = 0u64;
-                start.wait();
-                let mut last = Instant::now();
-                let mut items = Vec::with_capacity(batch);
-                while !stop.load(Ordering::Relaxed) {
-                    if batch == 1 {
-                        let answer = store.claim(keys.next_key(), REQUEST);
-                        expect_acquired(answer);
-                    } else {
-                        items.clear();
-                        items.extend((0..batch).map(|_| (keys.next_key(), REQUEST)));
-                        store.claim_many(&items, ClaimOptions::default()).into_iter().for_each(expect_acquired);
-                    }
-                    let now = Instant::now();
-                    hist.saturating_record(duration_nanos(now - last));
-                    last = now;
-                    ops += batch as u64;
-                }
-                (ops, hist)
-            })
-        })
-        .collect();
-    start.wait();
-    let started = Instant::now();
-    std::thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
-    let mut hist = new_histogram();
-    let mut ops = 0;
-    for worker in workers {
-        let (n, h) = worker.join().expect("claim thread panicked");
-        ops += n;
-        hist.add(h).expect("merge histograms");
-    }
-    let elapsed = started.elapsed();
+    let (ops, elapsed, hist) = run_workers(threads, duration, |t| {
+        let store = store.clone();
+        let mut keys = KeyGen::from_state(0x5EED_0000 + t as u64 * 7919 + threads as u64);
+        let mut items = Vec::with_capacity(batch);
+        move || {
+            if batch == 1 {
+                expect_acquired(store.claim(keys.next_key(), REQUEST));
+            } else {
+                items.clear();
+                items.extend((0..batch).map(|_| (keys.next_key(), REQUEST)));
+                store.claim_many(&items, ClaimOptions::default()).into_iter().for_each(expect_acquired);
+            }
+            batch as u64
+        }
+    });
     let stats = store.stats();
     let kib_per_sync = kib_per_sync(written_before, device_bytes_written(dir.path()), stats.syncs_total);
     let records_per_sync =
         (stats.syncs_total > 0).then(|| stats.synced_records_total as f64 / stats.syncs_total as f64);
     let mean_sync_us = (stats.syncs_total > 0).then(|| stats.sync_latency_us_total as f64 / stats.syncs_total as f64);
     drop(store);
-    let is_sync_claims = durability == Durability::Sync && batch == 1;
     Row {
         name: if batch == 1 {
             "claims (new keys)".into()
@@ -377,9 +354,7 @@ fn claims_row(parent: &Path, durability: Durability, threads: usize, batch: usiz
         records_per_sync,
         mean_sync_us,
         kib_per_sync,
-        is_sync_claims,
-        is_group_commit: is_sync_claims,
-        raw: None,
+        kind: if durability == Durability::Sync && batch == 1 { RowKind::SyncClaims } else { RowKind::Other },
     }
 }
 
@@ -399,6 +374,60 @@ fn device_bytes_written(dir: &Path) -> Option<u64> {
 fn kib_per_sync(before: Option<u64>, after: Option<u64>, syncs: u64) -> Option<f64> {
     let (before, after) = (before?, after?);
     (syncs > 0).then(|| after.saturating_sub(before) as f64 / 1024.0 / syncs as f64)
+}
+
+/// Runs `threads` workers, made by `worker(thread index)`, together until `duration` has
+/// passed. Each call of a worker does one timed op (a claim, a batch, a write and its wait)
+/// and returns how many records it covered. Returns (records, elapsed, latency per call).
+fn run_workers<W>(threads: usize, duration: Duration, worker: impl Fn(usize) -> W) -> (u64, Duration, Histogram<u64>)
+where
+    W: FnMut() -> u64 + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let mut op = worker(t);
+            let (stop, start) = (stop.clone(), start.clone());
+            std::thread::spawn(move || {
+                let mut hist = new_histogram();
+                let mut ops = 0u64;
+                start.wait();
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    ops += op();
+                    let now = Instant::now();
+                    hist.saturating_record(duration_nanos(now - last));
+                    last = now;
+                }
+                (ops, hist)
+            })
+        })
+        .collect();
+    start.wait();
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = new_histogram();
+    let mut ops = 0;
+    for worker in workers {
+        let (n, h) = worker.join().expect("worker thread panicked");
+        ops += n;
+        hist.add(h).expect("merge histograms");
+    }
+    (ops, started.elapsed(), hist)
+}
+
+/// A new file of `bytes` (whole MiB), written with zeros and synced, for loops that
+/// overwrite in place.
+fn zero_filled_file(path: &Path, bytes: u64) -> File {
+    let file = File::create(path).expect("create zero-filled file");
+    let zeros = vec![0u8; 1 << 20];
+    for chunk in 0..(bytes >> 20) {
+        file.write_all_at(&zeros, chunk << 20).expect("zero-fill file");
+    }
+    file.sync_all().expect("sync zero-filled file");
+    file
 }
 
 fn sync_dir(dir: &Path) {
