@@ -149,6 +149,12 @@ pub enum Probe {
     OtherKey,
 }
 
+/// Grows `file` to `len` with zeroed space, one page per write call when `paged`
+/// (`IoFile::reserve_paged`, for `Sync` stores) or in bulk.
+fn reserve_zeroed(file: &dyn IoFile, len: u64, paged: bool) -> std::io::Result<()> {
+    if paged { file.reserve_paged(len) } else { file.reserve(len) }
+}
+
 impl Segment {
     /// Creates a new segment file with `initial_bytes` reserved and its header written.
     pub fn create(
@@ -176,9 +182,7 @@ impl Segment {
     ) -> Result<SpareFile> {
         let path = dir.join(segment_file_name(id));
         let file = io.create(&path, capacity).map_err(|e| Error::io("create segment", &path, e))?;
-        let initial = initial_bytes.max(SEGMENT_HEADER_LEN);
-        let reserved = if paged { file.reserve_paged(initial) } else { file.reserve(initial) };
-        if let Err(e) = reserved {
+        if let Err(e) = reserve_zeroed(file.as_ref(), initial_bytes.max(SEGMENT_HEADER_LEN), paged) {
             // Leave no empty file behind; its removal is best effort (the error is what matters).
             drop(file);
             let _ = io.remove(&path);
@@ -273,8 +277,7 @@ impl Segment {
 
     /// Grows the reserved length to `len`, zero-filled; `paged` as in `create_spare`.
     pub fn reserve(&self, len: u64, paged: bool) -> Result<()> {
-        let reserved = if paged { self.file.reserve_paged(len) } else { self.file.reserve(len) };
-        reserved.map_err(|e| Error::io("reserve segment space", &self.path, e))
+        reserve_zeroed(self.file.as_ref(), len, paged).map_err(|e| Error::io("reserve segment space", &self.path, e))
     }
 
     /// Encodes a record straight into the file at `offset` (space already reserved).
@@ -341,7 +344,7 @@ impl Segment {
         /// costs a `memset` call on every replay.
         const SMALL_RECORD: usize = 256;
         let mut small = [0u8; SMALL_RECORD];
-        let (head, rest) = small.split_at_mut(HEADER_LEN);
+        let head = &mut small[..HEADER_LEN];
         self.file.read_at(offset, head).map_err(|e| Error::io("read record", &self.path, e))?;
         let header = record::parse_header(head).map_err(|e| self.corrupt(offset, e))?;
         let record_len = header.record_len();
@@ -350,20 +353,17 @@ impl Segment {
         }
         let mut large = Vec::new();
         let bytes = if record_len <= SMALL_RECORD {
-            self.file
-                .read_at(offset + HEADER_LEN as u64, &mut rest[..record_len - HEADER_LEN])
-                .map_err(|e| Error::io("read record", &self.path, e))?;
-            &small[..record_len]
+            &mut small[..record_len]
         } else {
             // The header goes in as already read and parsed, not read again: the CRC must
             // approve the very bytes `header` came from (the map may change under a viewer).
             large.resize(record_len, 0);
-            large[..HEADER_LEN].copy_from_slice(head);
-            self.file
-                .read_at(offset + HEADER_LEN as u64, &mut large[HEADER_LEN..])
-                .map_err(|e| Error::io("read record", &self.path, e))?;
-            &large[..]
+            large[..HEADER_LEN].copy_from_slice(&small[..HEADER_LEN]);
+            &mut large[..]
         };
+        self.file
+            .read_at(offset + HEADER_LEN as u64, &mut bytes[HEADER_LEN..])
+            .map_err(|e| Error::io("read record", &self.path, e))?;
         // One CRC pass over the whole record: past 128 bytes crc32fast folds with PCLMULQDQ,
         // which a header-then-rest split would miss for most replays.
         let mut hasher = self.crc_seed.clone();
