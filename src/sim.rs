@@ -38,6 +38,7 @@ struct Faults {
     space_limit_bytes: AtomicU64,
     used_bytes: AtomicU64,
     syncs: AtomicU64,
+    paged_reserves: AtomicU64,
 }
 
 #[derive(Default)]
@@ -120,6 +121,12 @@ impl SimDisk {
     /// Successful file and directory syncs so far.
     pub fn syncs(&self) -> u64 {
         self.faults.syncs.load(Ordering::SeqCst)
+    }
+
+    /// Calls to `IoFile::reserve_paged` so far (space the store asked to zero-fill a page per
+    /// write; this disk keeps no page cache, so it reserves it like any other).
+    pub fn paged_reserves(&self) -> u64 {
+        self.faults.paged_reserves.load(Ordering::SeqCst)
     }
 
     /// The disk as a power cut at this instant would leave it: only synced bytes and synced
@@ -357,6 +364,11 @@ impl IoFile for SimHandle {
         faults.used_bytes.fetch_add(grow, Ordering::SeqCst);
         state.live.resize(len as usize, 0);
         Ok(())
+    }
+
+    fn reserve_paged(&self, len: u64) -> io::Result<()> {
+        self.0.disk.paged_reserves.fetch_add(1, Ordering::SeqCst);
+        self.reserve(len)
     }
 
     fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
