@@ -154,40 +154,40 @@ fn periodic_process_crash_loses_nothing() {
     }
 }
 
-/// A store on `disk` under `Periodic(1 h)` with its flusher running (`before` flusher threads
-/// ran before it opened) and "key-0" to "key-9" claimed and completed, none of it synced yet.
-fn periodic_store_with_ten_completed_keys(disk: &SimDisk, before: usize) -> Store {
-    let store = Store::open(DIR, options(disk, Durability::Periodic(HOUR), true)).expect("open");
+/// Opens a store on a fresh disk under `Periodic(1 h)` with its flusher running, claims and
+/// completes "key-0" to "key-9" (none of it synced yet), ends the store with `end`, then checks
+/// that the flusher thread stopped and that every key keeps its outcome through a power cut
+/// after `ending`. Returns the disk and what `end` returned.
+fn end_a_periodic_store<T>(ending: &str, end: impl FnOnce(Store) -> T) -> (SimDisk, T) {
+    let _serial = one_at_a_time();
+    let before = flusher_threads();
+    let disk = SimDisk::new();
+    let store = Store::open(DIR, options(&disk, Durability::Periodic(HOUR), true)).expect("open");
     // The thread names itself once it runs, which may be a moment after `open` returns.
     eventually("the store runs one flusher thread", || flusher_threads() == before + 1);
     for i in 0..10 {
         claim_and_complete(&store, &format!("key-{i}"));
     }
-    store
-}
-
-/// Every one of "key-0" to "key-9" keeps its outcome through a power cut after `ending`.
-fn assert_ten_keys_survive_a_power_cut(disk: &SimDisk, ending: &str) {
+    let ended = end(store);
+    eventually("the flusher thread ends", || flusher_threads() == before);
     for i in 0..10 {
         let key = format!("key-{i}");
         assert_eq!(
-            outcome_after_power_cut(disk, None, &key),
+            outcome_after_power_cut(&disk, None, &key),
             Some(format!("outcome of {key}").into_bytes()),
             "{key} written before {ending} lost in a power cut after it"
         );
     }
+    (disk, ended)
 }
 
 #[test]
 fn close_syncs_everything_written_before_it_and_stops_the_flusher() {
-    let _serial = one_at_a_time();
-    let before = flusher_threads();
-    let disk = SimDisk::new();
-    let store = periodic_store_with_ten_completed_keys(&disk, before);
-    let held = acquire(&store, "held");
-    store.close().expect("close");
-    eventually("the flusher thread ends", || flusher_threads() == before);
-    assert_ten_keys_survive_a_power_cut(&disk, "close()");
+    let (disk, held) = end_a_periodic_store("close()", |store| {
+        let held = acquire(&store, "held");
+        store.close().expect("close");
+        held
+    });
     // The directory lock is released: the store reopens on the same disk, and the held claim
     // of the closed store is an orphan there.
     let store = Store::open(DIR, options(&disk.power_cut(None), Durability::Sync, false)).expect("reopen");
@@ -197,13 +197,7 @@ fn close_syncs_everything_written_before_it_and_stops_the_flusher() {
 
 #[test]
 fn drop_syncs_everything_written_before_it_and_stops_the_flusher() {
-    let _serial = one_at_a_time();
-    let before = flusher_threads();
-    let disk = SimDisk::new();
-    let store = periodic_store_with_ten_completed_keys(&disk, before);
-    drop(store);
-    eventually("the flusher thread ends", || flusher_threads() == before);
-    assert_ten_keys_survive_a_power_cut(&disk, "the drop");
+    let (disk, ()) = end_a_periodic_store("the drop", drop);
     let reopened = Store::open(DIR, options(&disk, Durability::Sync, false)).expect("the lock was released");
     drop(reopened);
 }
