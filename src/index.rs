@@ -9,6 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::log::Loc;
+use crate::segment_cache::SegmentCache;
 use crate::slots::{Slots, TableHint};
 use crate::sync::{Condvar, Mutex};
 
@@ -82,14 +83,31 @@ impl ShardCounters {
 pub struct Shard {
     main: Slots,
     spill: IdMap<u64, Vec<Loc>>,
+    /// Handles to the segments this shard's records live in (read without the log's map).
+    segments: SegmentCache,
     pub counters: ShardCounters,
+}
+
+/// Every location in `main` and `spill` that may hold `hash`'s key, primary first.
+fn locations<'a>(main: &'a Slots, spill: &'a IdMap<u64, Vec<Loc>>, hash: u64) -> impl Iterator<Item = Loc> + 'a {
+    let spilled = if spill.is_empty() { None } else { spill.get(&hash) };
+    main.get(hash).into_iter().chain(spilled.into_iter().flatten().copied())
 }
 
 impl Shard {
     /// Every location that may hold `hash`'s key, primary first.
     pub fn candidates(&self, hash: u64) -> impl Iterator<Item = Loc> + '_ {
-        let spilled = if self.spill.is_empty() { None } else { self.spill.get(&hash) };
-        self.main.get(hash).into_iter().chain(spilled.into_iter().flatten().copied())
+        locations(&self.main, &self.spill, hash)
+    }
+
+    /// [`Shard::candidates`], with the shard's segment handles to read them through.
+    pub fn candidates_and_segments(&mut self, hash: u64) -> (impl Iterator<Item = Loc> + '_, &mut SegmentCache) {
+        (locations(&self.main, &self.spill, hash), &mut self.segments)
+    }
+
+    /// The shard's segment handles.
+    pub fn segments(&mut self) -> &mut SegmentCache {
+        &mut self.segments
     }
 
     /// The location of `hash`'s primary entry, if any: where its record most likely lives.
@@ -132,6 +150,7 @@ impl Shard {
 
     /// Drops every entry whose segment `is_live` rejects; returns how many went.
     pub fn retain_live(&mut self, is_live: impl Fn(u32) -> bool) -> usize {
+        self.segments.retain(&is_live);
         let before = self.len();
         self.spill.retain(|_, list| {
             list.retain(|l| is_live(l.segment));
@@ -245,6 +264,23 @@ mod tests {
         shard.remove(7, loc(1, 64));
         assert_eq!(shard.candidates(7).collect::<Vec<_>>(), vec![loc(2, 64)]);
         assert_eq!(shard.len(), 1);
+    }
+
+    #[test]
+    fn retain_live_lets_go_of_the_handles_of_dead_segments() {
+        use crate::io::Io;
+        let disk = crate::sim::SimDisk::new();
+        let dir = std::path::Path::new("/store");
+        disk.create_dir_all(dir).unwrap();
+        let mut shard = Shard::default();
+        for id in [1, 2] {
+            let header = crate::segment::SegmentHeader { id, bucket_start_ms: 0, bucket_end_ms: 1, created_at_ms: 0 };
+            let segment = crate::segment::Segment::create(&disk, dir, header, 4096, 4096, false).unwrap();
+            shard.segments().way_mut(id).replace(Arc::new(segment));
+        }
+        shard.retain_live(|s| s == 2);
+        assert!(shard.segments().way_mut(1).is_none(), "the dead segment's handle stayed");
+        assert!(shard.segments().way_mut(2).is_some(), "the live segment's handle went");
     }
 
     #[test]

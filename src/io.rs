@@ -115,6 +115,15 @@ pub trait IoFile: Send + Sync {
     fn prefetch(&self, _offset: u64) {}
     /// Reads `buf.len()` bytes at `offset`; the range must lie within `len()`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Reads as much of `buf.len()` bytes at `offset` as lies within `len()`; returns how
+    /// many. Lets a reader take a record whose length it does not know yet in one call.
+    fn read_prefix(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let n = prefix_len(offset, buf.len(), self.len());
+        if n > 0 {
+            self.read_at(offset, &mut buf[..n])?;
+        }
+        Ok(n)
+    }
     /// Makes every write so far durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
     /// Like `sync`, for background work on a large file: writes back a slice at a time with
@@ -133,6 +142,11 @@ pub trait IoFile: Send + Sync {
 
 pub(crate) fn out_of_range() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "access past the reserved length of a file")
+}
+
+/// How many of `len` bytes at `offset` lie within `limit` (0 when `offset` is past it).
+fn prefix_len(offset: u64, len: usize, limit: u64) -> usize {
+    usize::try_from(limit.saturating_sub(offset)).map_or(len, |within| within.min(len))
 }
 
 /// Checks that `offset..offset+len` lies within `limit`; returns the range as usizes.
@@ -404,6 +418,22 @@ impl IoFile for MappedFile {
         Ok(())
     }
 
+    fn read_prefix(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        // One load of the length serves the bound and the copy (the default reads it twice).
+        let len = self.len();
+        let n = prefix_len(offset, buf.len(), len);
+        if n == 0 {
+            return Ok(0);
+        }
+        let (start, _) = checked_range(offset, n, len)?;
+        // SAFETY: as in `read_at`: `start..start + n` lies within the length, so within the
+        // mapping (checked above); the bytes are copied out, never trusted in place.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(start), buf.as_mut_ptr(), n);
+        }
+        Ok(n)
+    }
+
     fn sync(&self) -> io::Result<()> {
         if let Some(file) = self.file.lock().as_ref() {
             return file.sync_data();
@@ -470,6 +500,29 @@ mod tests {
             assert_eq!(std::fs::metadata(&path).unwrap().len(), grown, "the file has the reserved length");
             file.write_at(grown - 8, &[7u8; 8]).unwrap();
             file.sync().unwrap();
+        }
+    }
+
+    #[test]
+    fn read_prefix_reads_what_lies_within_the_length_on_a_mapped_and_a_simulated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = crate::sim::SimDisk::new();
+        sim.create_dir_all(Path::new("/d")).unwrap();
+        let files =
+            [RealIo.create(&dir.path().join("f"), 1 << 20).unwrap(), sim.create(Path::new("/d/f"), 1 << 20).unwrap()];
+        for file in files {
+            file.reserve(4096).unwrap();
+            let bytes: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+            file.write_at(0, &bytes).unwrap();
+            let mut buf = [0u8; 256];
+            assert_eq!(file.read_prefix(100, &mut buf).unwrap(), 256, "a whole read inside the file");
+            assert_eq!(&buf[..], &bytes[100..356]);
+            let mut buf = [0u8; 256];
+            assert_eq!(file.read_prefix(4000, &mut buf).unwrap(), 96, "a read cut at the length");
+            assert_eq!(&buf[..96], &bytes[4000..]);
+            assert!(buf[96..].iter().all(|&b| b == 0), "nothing written past what was read");
+            assert_eq!(file.read_prefix(4096, &mut buf).unwrap(), 0);
+            assert_eq!(file.read_prefix(u64::MAX, &mut buf).unwrap(), 0, "an offset past the end reads nothing");
         }
     }
 

@@ -42,6 +42,7 @@ mod prefetch;
 mod record;
 mod recovery;
 mod segment;
+mod segment_cache;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 mod slots;

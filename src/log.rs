@@ -16,6 +16,7 @@ use crate::index::IdMap;
 use crate::io::Io;
 use crate::record::Header;
 use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
+use crate::segment_cache::SegmentCache;
 use crate::striped_map::StripedMap;
 
 /// Where a record lives: segment id and byte offset. This, and nothing about the record, is
@@ -126,6 +127,33 @@ impl Log {
     /// Runs `f` on the segment `id` without cloning its handle; `None` when it was dropped.
     pub fn with_segment<R>(&self, id: u32, f: impl FnOnce(&Segment) -> R) -> Option<R> {
         self.segments.read(|segments| segments.get(&id).map(|s| f(s)))
+    }
+
+    /// Like [`Log::with_segment`], through a shard's own handles (see `SegmentCache`): no
+    /// lock when `cache` holds the segment; a miss looks it up and keeps the handle.
+    #[inline]
+    pub fn with_segment_cached<R>(
+        &self,
+        cache: &mut SegmentCache,
+        id: u32,
+        f: impl FnOnce(&Segment) -> R,
+    ) -> Option<R> {
+        let way = cache.way_mut(id);
+        if let Some(segment) = way.as_deref()
+            && segment.id() == id
+            && !segment.is_dropped()
+        {
+            return Some(f(segment));
+        }
+        match self.segments.read(|segments| segments.get(&id).cloned()) {
+            Some(segment) => Some(f(way.insert(segment))),
+            None => {
+                if way.as_ref().is_some_and(|s| s.id() == id) {
+                    *way = None;
+                }
+                None
+            }
+        }
     }
 
     pub fn segment_count(&self) -> usize {
@@ -410,7 +438,7 @@ impl Log {
             self.segments.change(|segments| {
                 let expired: Vec<u32> =
                     segments.values().filter(|s| s.header.bucket_end_ms <= now_ms).map(|s| s.id()).collect();
-                expired.iter().filter_map(|id| segments.remove(id)).collect()
+                expired.iter().filter_map(|id| segments.remove(id)).inspect(|s| s.mark_dropped()).collect()
             })
         };
         if dropped.is_empty() {
@@ -543,6 +571,26 @@ mod tests {
         assert_eq!(reserved(&log), 2 * step, "grow_ahead did not add one step");
         log.append(claim_expiring_at(WIDTH_MS), b"six", &[], WIDTH_MS, true).unwrap();
         assert!(!log.growth_wanted(), "growth asked for again right after a step was added");
+    }
+
+    #[test]
+    fn a_cached_segment_handle_reads_as_gone_once_its_bucket_is_dropped() {
+        let disk = SimDisk::new();
+        let log = log(&disk);
+        let (_, expiring) = log.append(claim_expiring_at(WIDTH_MS), b"old", &[], WIDTH_MS, true).unwrap();
+        let (_, staying) = log.append(claim_expiring_at(5 * WIDTH_MS), b"new", &[], 5 * WIDTH_MS, true).unwrap();
+        let mut cache = SegmentCache::default();
+        let id_through = |log: &Log, cache: &mut SegmentCache, id| log.with_segment_cached(cache, id, |s| s.id());
+        assert_eq!(id_through(&log, &mut cache, expiring.segment), Some(expiring.segment));
+        assert_eq!(id_through(&log, &mut cache, staying.segment), Some(staying.segment));
+        assert_eq!(cache.len(), 2, "both handles kept");
+
+        let (buckets, dropped) = log.drop_expired(2 * WIDTH_MS).unwrap();
+        assert_eq!((buckets, dropped.len()), (1, 1));
+        assert_eq!(id_through(&log, &mut cache, expiring.segment), None, "a dropped segment read through the cache");
+        assert_eq!(cache.len(), 1, "the dropped segment's handle was let go");
+        assert_eq!(id_through(&log, &mut cache, staying.segment), Some(staying.segment));
+        assert_eq!(id_through(&log, &mut cache, 99), None, "an id the log never had");
     }
 
     #[test]

@@ -133,6 +133,9 @@ pub struct Segment {
     growing: std::sync::atomic::AtomicBool,
     /// The CRC state after this segment's id (every record's checksum starts with it).
     crc_seed: crc32fast::Hasher,
+    /// Taken out of the log's segments (its bucket expired): handles kept elsewhere (see
+    /// `SegmentCache`) must treat it as gone.
+    dropped: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Segment {
@@ -213,6 +216,7 @@ impl Segment {
             dead_bytes: 0.into(),
             growing: false.into(),
             crc_seed: record::checksum_hasher(header.id),
+            dropped: false.into(),
         }
     }
 
@@ -303,6 +307,16 @@ impl Segment {
     }
 
     /// Drops the mapped pages of a segment about to be deleted (see `IoFile`).
+    /// Marks the segment as taken out of the log (see `dropped`).
+    pub fn mark_dropped(&self) {
+        self.dropped.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// True once the segment was taken out of the log.
+    pub fn is_dropped(&self) -> bool {
+        self.dropped.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn release_pages(&self) {
         self.file.release_pages();
     }
@@ -344,11 +358,20 @@ impl Segment {
         /// costs a `memset` call on every replay.
         const SMALL_RECORD: usize = 256;
         let mut small = [0u8; SMALL_RECORD];
-        let head = &mut small[..HEADER_LEN];
-        self.file.read_at(offset, head).map_err(|e| Error::io("read record", &self.path, e))?;
+        // One read takes the header and, for a small record, all of it: its length is not
+        // known before the header is parsed, and a second call costs more than the extra bytes.
+        let got = self.file.read_prefix(offset, &mut small).map_err(|e| Error::io("read record", &self.path, e))?;
+        let head = small[..got].get(..HEADER_LEN).ok_or_else(|| self.corrupt(offset, DecodeError::Truncated))?;
         let header = record::parse_header(head).map_err(|e| self.corrupt(offset, e))?;
         let record_len = header.record_len();
-        if offset.saturating_add(record_len as u64) > self.file.len() {
+        // A small record must lie within what was read (the file's length then); a large
+        // one within the file's length now.
+        let past_end = if record_len <= SMALL_RECORD {
+            record_len > got
+        } else {
+            offset.saturating_add(record_len as u64) > self.file.len()
+        };
+        if past_end {
             return Err(self.corrupt(offset, DecodeError::Truncated));
         }
         let mut large = Vec::new();
@@ -359,11 +382,11 @@ impl Segment {
             // approve the very bytes `header` came from (the map may change under a viewer).
             large.resize(record_len, 0);
             large[..HEADER_LEN].copy_from_slice(&small[..HEADER_LEN]);
+            self.file
+                .read_at(offset + HEADER_LEN as u64, &mut large[HEADER_LEN..])
+                .map_err(|e| Error::io("read record", &self.path, e))?;
             &mut large[..]
         };
-        self.file
-            .read_at(offset + HEADER_LEN as u64, &mut bytes[HEADER_LEN..])
-            .map_err(|e| Error::io("read record", &self.path, e))?;
         // One CRC pass over the whole record: past 128 bytes crc32fast folds with PCLMULQDQ,
         // which a header-then-rest split would miss for most replays.
         let mut hasher = self.crc_seed.clone();

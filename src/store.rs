@@ -20,6 +20,7 @@ use crate::options::{ClaimOptions, Durability, Options, OrphanPolicy};
 use crate::record::{HEADER_LEN, Header, Kind, VALUE_LEN_FORMAT_MAX, align_up};
 use crate::recovery::{self, Mode, VerifyReport};
 use crate::segment::{SEGMENT_HEADER_LEN, Segment};
+use crate::segment_cache::SegmentCache;
 use crate::stats::{Counters, RecoveryStats, Stats};
 use crate::sync::{Arc, Condvar, Mutex};
 use crate::table::{SealedTables, Table, TableBounds};
@@ -436,8 +437,8 @@ impl Inner {
         *slot = None;
         // `None` when the segment is gone (its bucket was dropped); `Some(Ok(true))` when the
         // record at `loc` is the key's, now in `slot`.
-        let probe = |loc: Loc, slot: &mut Option<Found>| {
-            self.log.with_segment(loc.segment, |s| -> Result<bool> {
+        let probe = |loc: Loc, slot: &mut Option<Found>, segments: &mut SegmentCache| {
+            self.log.with_segment_cached(segments, loc.segment, |s| -> Result<bool> {
                 let Some((header, value)) = s.probe_read(u64::from(loc.offset), key)? else {
                     return Ok(false);
                 };
@@ -447,8 +448,9 @@ impl Inner {
             })
         };
         let mut gone: Option<Vec<Loc>> = None;
-        for loc in shard.candidates(hash) {
-            match probe(loc, slot) {
+        let (candidates, segments) = shard.candidates_and_segments(hash);
+        for loc in candidates {
+            match probe(loc, slot, segments) {
                 None => gone.get_or_insert_with(Vec::new).push(loc),
                 Some(Ok(true)) => break,
                 Some(Ok(false)) => {}
@@ -465,7 +467,8 @@ impl Inner {
         }
         // Not in RAM: its latest sealed record, if any (usually the filters say no). Tables
         // come newest first, so the first one holding the key holds its latest record.
-        self.sealed.visit(hash, &mut |loc| Ok(probe(loc, slot).transpose()?.unwrap_or(false)))
+        let segments = shard.segments();
+        self.sealed.visit(hash, &mut |loc| Ok(probe(loc, slot, segments).transpose()?.unwrap_or(false)))
     }
 
     /// The key's state at `now_ms` (its latest record read into `slot`), the record a new
