@@ -463,9 +463,10 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
 }
 
 /// Runs `op` on each item in turn until the items run out or `cap` has passed; returns the
-/// phase's span (first start to last end) and the ops `op` counted. Every `sample_every`-th
-/// call is timed alone into `latency`: reading the clock costs ~35 ns here, a tenth of a
-/// non-durable op, so timing every call would charge the stopwatch to the engine's ops/s.
+/// phase's span (first start to last end) and the ops `op` counted. One call in
+/// `sample_every`, on average, is timed alone into `latency`: reading the clock costs ~35 ns
+/// here, a tenth of a non-durable op, so timing every call would charge the stopwatch to the
+/// engine's ops/s.
 fn timed_phase<T>(
     items: impl IntoIterator<Item = T>,
     cap: Duration,
@@ -475,8 +476,12 @@ fn timed_phase<T>(
 ) -> ((Instant, Instant), u64) {
     let started = Instant::now();
     let mut ops = 0;
+    // The gap to the next timed call is drawn from 1 ..= 2 * sample_every - 1 (mean
+    // `sample_every`), so the timed calls do not fall in step with anything periodic.
+    let mut next_timed = 0;
+    let mut draw = 0x9E37_79B9_7F4A_7C15u64;
     for (i, item) in items.into_iter().enumerate() {
-        if i % sample_every != 0 {
+        if i != next_timed {
             ops += op(item);
             continue;
         }
@@ -487,6 +492,10 @@ fn timed_phase<T>(
         if after - started > cap {
             break;
         }
+        draw ^= draw << 13;
+        draw ^= draw >> 7;
+        draw ^= draw << 17;
+        next_timed = i + 1 + (draw % (2 * sample_every as u64 - 1)) as usize;
     }
     ((started, Instant::now()), ops)
 }

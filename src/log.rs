@@ -421,39 +421,45 @@ impl Log {
         Ok(())
     }
 
-    /// Drops every bucket whose window ended at or before `now_ms`: unlinks its files and makes
-    /// that durable. Index entries pointing into them become dangling and are cleaned lazily.
-    /// Returns (buckets, segments) dropped.
-    pub fn drop_expired(&self, now_ms: u64) -> Result<(usize, Vec<Arc<Segment>>)> {
-        let dropped: Vec<Arc<Segment>> = {
-            let mut app = self.appender.lock();
-            app.active.retain(|_, a| {
-                let live = a.segment.header.bucket_end_ms > now_ms;
-                if !live {
-                    a.segment.release_descriptor();
-                }
-                live
-            });
-            app.dirty.retain(|s| s.header.bucket_end_ms > now_ms);
-            self.segments.change(|segments| {
-                let expired: Vec<u32> =
-                    segments.values().filter(|s| s.header.bucket_end_ms <= now_ms).map(|s| s.id()).collect();
-                expired.iter().filter_map(|id| segments.remove(id)).inspect(|s| s.mark_dropped()).collect()
-            })
-        };
-        if dropped.is_empty() {
-            return Ok((0, dropped));
+    /// Takes every segment whose bucket's window ended at or before `now_ms` out of the log
+    /// and marks it dropped; returns (buckets, segments) taken. Their files stay until
+    /// [`Log::delete_segments`]: a claim may still be reading one through a handle its shard
+    /// kept (see `SegmentCache`), so the caller first waits that out, by taking every shard's
+    /// lock, and only then deletes (cutting a mapped file under a reader would fault it).
+    pub fn take_expired(&self, now_ms: u64) -> (usize, Vec<Arc<Segment>>) {
+        let mut app = self.appender.lock();
+        app.active.retain(|_, a| {
+            let live = a.segment.header.bucket_end_ms > now_ms;
+            if !live {
+                a.segment.release_descriptor();
+            }
+            live
+        });
+        app.dirty.retain(|s| s.header.bucket_end_ms > now_ms);
+        let taken: Vec<Arc<Segment>> = self.segments.change(|segments| {
+            let expired: Vec<u32> =
+                segments.values().filter(|s| s.header.bucket_end_ms <= now_ms).map(|s| s.id()).collect();
+            expired.iter().filter_map(|id| segments.remove(id)).inspect(|s| s.mark_dropped()).collect()
+        });
+        drop(app);
+        let mut buckets: Vec<u64> = taken.iter().map(|s| s.header.bucket_start_ms).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        (buckets.len(), taken)
+    }
+
+    /// Unlinks the files of segments taken by [`Log::take_expired`] and makes that durable.
+    pub fn delete_segments(&self, taken: &[Arc<Segment>]) -> Result<()> {
+        if taken.is_empty() {
+            return Ok(());
         }
-        for segment in &dropped {
+        for segment in taken {
+            debug_assert!(segment.is_dropped(), "only a segment taken out of the log is deleted");
             self.io
                 .remove_gradually(&segment.path)
                 .map_err(|e| Error::io("delete expired segment", &segment.path, e))?;
         }
-        self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
-        let mut buckets: Vec<u64> = dropped.iter().map(|s| s.header.bucket_start_ms).collect();
-        buckets.sort_unstable();
-        buckets.dedup();
-        Ok((buckets.len(), dropped))
+        self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))
     }
 
     /// Stops appends to every segment whose last write is older than `idle_before_ms` (a
@@ -584,8 +590,11 @@ mod tests {
         assert_eq!(id_through(&log, &mut cache, expiring.segment), Some(expiring.segment));
         assert_eq!(id_through(&log, &mut cache, staying.segment), Some(staying.segment));
         assert_eq!(cache.len(), 2, "both handles kept");
+        let same_way = expiring.segment + 8;
+        assert_eq!(id_through(&log, &mut cache, same_way), None, "another segment's handle answered for {same_way}");
+        assert_eq!(cache.len(), 2, "a miss for an id the log does not have let a kept handle go");
 
-        let (buckets, dropped) = log.drop_expired(2 * WIDTH_MS).unwrap();
+        let (buckets, dropped) = log.take_expired(2 * WIDTH_MS);
         assert_eq!((buckets, dropped.len()), (1, 1));
         assert_eq!(id_through(&log, &mut cache, expiring.segment), None, "a dropped segment read through the cache");
         assert_eq!(cache.len(), 1, "the dropped segment's handle was let go");

@@ -136,6 +136,10 @@ pub struct Segment {
     /// Taken out of the log's segments (its bucket expired): handles kept elsewhere (see
     /// `SegmentCache`) must treat it as gone.
     dropped: std::sync::atomic::AtomicBool,
+    /// End of the last record written by this process (`u64::MAX` for a segment opened from
+    /// disk: this process never appends to it). A read stops here: past it the appender may
+    /// be writing the next record, and copying bytes another thread writes is a data race.
+    written_end: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Segment {
@@ -203,10 +207,10 @@ impl Segment {
             let _ = io.remove(&path);
             return Err(Error::io("write segment header", path, e));
         }
-        Ok(Segment::new(header, path, file))
+        Ok(Segment::new(header, path, file, SEGMENT_HEADER_LEN))
     }
 
-    fn new(header: SegmentHeader, path: PathBuf, file: Box<dyn IoFile>) -> Segment {
+    fn new(header: SegmentHeader, path: PathBuf, file: Box<dyn IoFile>, written_end: u64) -> Segment {
         Segment {
             header,
             path,
@@ -217,6 +221,7 @@ impl Segment {
             growing: false.into(),
             crc_seed: record::checksum_hasher(header.id),
             dropped: false.into(),
+            written_end: written_end.into(),
         }
     }
 
@@ -231,7 +236,7 @@ impl Segment {
         let Some(header) = SegmentHeader::decode(path, &raw)? else {
             return Ok(None);
         };
-        Ok(Some(Segment::new(header, path.to_path_buf(), file)))
+        Ok(Some(Segment::new(header, path.to_path_buf(), file, u64::MAX)))
     }
 
     /// Notes that a record written at `ms` (store time) went into this segment.
@@ -285,11 +290,17 @@ impl Segment {
     }
 
     /// Encodes a record straight into the file at `offset` (space already reserved).
+    /// Writes a record at `offset`, the end of what was written before (callers are
+    /// serialized: the appender lock), and moves the end readers may copy from past it.
     pub fn write_record(&self, offset: u64, header: &Header, key: &[u8], value: &[u8]) -> Result<()> {
         let len = header.padded_len() as usize;
         self.file
             .write_with(offset, len, &mut |out| record::encode_into(&self.crc_seed, header, key, value, out))
-            .map_err(|e| Error::io("write record", &self.path, e))
+            .map_err(|e| Error::io("write record", &self.path, e))?;
+        let end = offset + len as u64;
+        debug_assert!(end > self.written_end.load(std::sync::atomic::Ordering::Relaxed));
+        self.written_end.store(end, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
@@ -306,7 +317,6 @@ impl Segment {
         self.growing.store(false, std::sync::atomic::Ordering::Release);
     }
 
-    /// Drops the mapped pages of a segment about to be deleted (see `IoFile`).
     /// Marks the segment as taken out of the log (see `dropped`).
     pub fn mark_dropped(&self) {
         self.dropped.store(true, std::sync::atomic::Ordering::Release);
@@ -317,6 +327,7 @@ impl Segment {
         self.dropped.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Drops the mapped pages of a segment about to be deleted (see `IoFile`).
     pub fn release_pages(&self) {
         self.file.release_pages();
     }
@@ -360,7 +371,11 @@ impl Segment {
         let mut small = [0u8; SMALL_RECORD];
         // One read takes the header and, for a small record, all of it: its length is not
         // known before the header is parsed, and a second call costs more than the extra bytes.
-        let got = self.file.read_prefix(offset, &mut small).map_err(|e| Error::io("read record", &self.path, e))?;
+        // It stops at the end of what was written: the next record may be being written there.
+        let written = self.written_end.load(std::sync::atomic::Ordering::Acquire);
+        let want = usize::try_from(written.saturating_sub(offset)).map_or(SMALL_RECORD, |n| n.min(SMALL_RECORD));
+        let got =
+            self.file.read_prefix(offset, &mut small[..want]).map_err(|e| Error::io("read record", &self.path, e))?;
         let head = small[..got].get(..HEADER_LEN).ok_or_else(|| self.corrupt(offset, DecodeError::Truncated))?;
         let header = record::parse_header(head).map_err(|e| self.corrupt(offset, e))?;
         let record_len = header.record_len();
@@ -428,5 +443,45 @@ impl Segment {
         let mut buf = vec![0u8; len];
         self.file.read_at(offset, &mut buf).map_err(|e| Error::io("read segment", &self.path, e))?;
         Ok(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Kind;
+    use crate::sim::SimDisk;
+
+    #[test]
+    fn a_record_read_stops_at_the_end_of_what_was_written() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/store");
+        disk.create_dir_all(dir).unwrap();
+        let header = SegmentHeader { id: 1, bucket_start_ms: 0, bucket_end_ms: 60_000, created_at_ms: 0 };
+        let segment = Segment::create(&disk, dir, header, 4096, 4096, false).unwrap();
+        let record = Header {
+            kind: Kind::Claim,
+            key_len: 3,
+            value_len: 0,
+            seq: 1,
+            expires_at_ms: 60_000,
+            claimed_at_ms: 0,
+            lease_until_ms: 1,
+            token: 1,
+            incarnation: 1,
+            request_hash: 7,
+            written_at_ms: 0,
+            lease_ms: 1,
+        };
+        segment.write_record(SEGMENT_HEADER_LEN, &record, b"key", &[]).unwrap();
+        let before = disk.read_bytes();
+        let (found, value) = segment.probe_read(SEGMENT_HEADER_LEN, b"key").unwrap().expect("the record");
+        assert_eq!(
+            disk.read_bytes() - before,
+            record.padded_len(),
+            "the read went past the record, where the next one may be being written"
+        );
+        assert_eq!((found.seq, value.len()), (1, 0));
+        assert!(segment.probe_read(SEGMENT_HEADER_LEN, b"other").unwrap().is_none());
     }
 }

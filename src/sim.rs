@@ -39,6 +39,44 @@ struct Faults {
     used_bytes: AtomicU64,
     syncs: AtomicU64,
     paged_reserves: AtomicU64,
+    read_bytes: AtomicU64,
+    read_hold: ReadHold,
+}
+
+/// One read stopped half way (see [`SimDisk::hold_next_read`]): what else may happen while a
+/// read is in flight is what a test of a race wants to see.
+#[derive(Default)]
+struct ReadHold {
+    state: std::sync::Mutex<HoldState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct HoldState {
+    armed: bool,
+    inside: bool,
+    removed_meanwhile: bool,
+}
+
+impl ReadHold {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HoldState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Called at the start of every read: the first read after `hold_next_read` waits here
+    /// until `release_held_read`.
+    fn pass(&self) {
+        let mut state = self.lock();
+        if !state.armed {
+            return;
+        }
+        state.armed = false;
+        state.inside = true;
+        self.changed.notify_all();
+        while state.inside {
+            state = self.changed.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -116,6 +154,41 @@ impl SimDisk {
     /// Bytes reserved by all files.
     pub fn used_bytes(&self) -> u64 {
         self.faults.used_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Makes the next read of any file on this disk stop half way, until
+    /// [`SimDisk::release_held_read`]; [`SimDisk::wait_for_held_read`] waits until it has.
+    pub fn hold_next_read(&self) {
+        let mut state = self.faults.read_hold.lock();
+        state.armed = true;
+        state.removed_meanwhile = false;
+    }
+
+    /// Waits until a read is held (see [`SimDisk::hold_next_read`]).
+    pub fn wait_for_held_read(&self) {
+        let hold = &self.faults.read_hold;
+        let mut state = hold.lock();
+        while !state.inside {
+            state = hold.changed.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Lets the held read finish.
+    pub fn release_held_read(&self) {
+        let hold = &self.faults.read_hold;
+        hold.lock().inside = false;
+        hold.changed.notify_all();
+    }
+
+    /// True when a file was removed while a read was held: a real file system would have cut
+    /// the file under that read (a mapped read past the cut faults the process).
+    pub fn removed_during_held_read(&self) -> bool {
+        self.faults.read_hold.lock().removed_meanwhile
+    }
+
+    /// Bytes read from files on this disk so far.
+    pub fn read_bytes(&self) -> u64 {
+        self.faults.read_bytes.load(Ordering::Relaxed)
     }
 
     /// Successful file and directory syncs so far.
@@ -317,6 +390,10 @@ impl Io for SimDisk {
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
+        {
+            let mut hold = self.faults.read_hold.lock();
+            hold.removed_meanwhile |= hold.inside;
+        }
         let mut state = self.state.lock();
         let file = state.files.remove(path).ok_or(io::ErrorKind::NotFound)?;
         let len = file.state.lock().live.len() as u64;
@@ -384,6 +461,8 @@ impl IoFile for SimHandle {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.disk.read_hold.pass();
+        self.0.disk.read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         let state = self.0.state.lock();
         let (start, end) = checked_range(offset, buf.len(), state.live.len() as u64)?;
         buf.copy_from_slice(&state.live[start..end]);

@@ -961,14 +961,23 @@ impl Inner {
         let _serial = self.maintenance.lock();
         crate::pace::start();
         let now_ms = self.time.now_ms();
-        let (buckets, dropped) = self.log.drop_expired(now_ms)?;
+        let (buckets, dropped) = self.log.take_expired(now_ms);
         if !dropped.is_empty() {
             let dead: std::collections::HashSet<u32> = dropped.iter().map(|s| s.id()).collect();
+            // The sweep takes every shard's lock in turn. A claim reads through its shard's
+            // kept segment handles only under that lock, and from now on finds these marked
+            // dropped; so once the sweep is through, no read of them is in flight or to come,
+            // and their files may be cut (a read of a mapped page past a cut would fault).
+            let swept = self.drop_index_entries(|segment| dead.contains(&segment));
+            self.counters.keys_expired.fetch_add(swept, AtomicOrdering::Relaxed);
+            self.counters.buckets_expired.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
+            let deleted = self.log.delete_segments(&dropped);
             for segment in &dropped {
                 segment.release_pages();
             }
             drop(dropped);
-            self.forget_segments(&dead, buckets)?;
+            let forgotten = self.forget_tables(&dead);
+            deleted.and(forgotten)?;
         }
         let sealed = self.seal_idle(now_ms)?;
         self.sealed.refresh_union()?;
@@ -979,8 +988,8 @@ impl Inner {
         Ok(buckets)
     }
 
-    /// Drops what the index and the sealed tables hold for dead (expired) segments.
-    fn forget_segments(&self, dead: &std::collections::HashSet<u32>, buckets: usize) -> Result<()> {
+    /// Drops the sealed tables of dead (expired) segments and deletes their files.
+    fn forget_tables(&self, dead: &std::collections::HashSet<u32>) -> Result<()> {
         let tables = self.sealed.remove_segments(&|id| dead.contains(&id));
         let sealed_keys: u64 = tables.iter().map(|t| t.len()).sum();
         self.counters.keys_expired.fetch_add(sealed_keys, AtomicOrdering::Relaxed);
@@ -990,9 +999,6 @@ impl Inner {
         if !tables.is_empty() {
             self.options.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
         }
-        let swept = self.drop_index_entries(|segment| dead.contains(&segment));
-        self.counters.keys_expired.fetch_add(swept, AtomicOrdering::Relaxed);
-        self.counters.buckets_expired.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
         Ok(())
     }
 

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use idemstore::sim::SimDisk;
 use idemstore::{Claim, ClaimOptions, Entry, Error, ManualClock, Options, Store, ms_to_system_time};
 
 mod common;
@@ -326,4 +327,38 @@ fn mixed_ttls_expire_each_at_its_own_time() {
 fn clock_ms(clock: &ManualClock) -> u64 {
     use idemstore::Clock;
     clock.now_ms()
+}
+
+/// A read through a segment handle kept by the key's shard is in flight while the key's bucket
+/// is dropped: the segment's file must not be deleted until that read is over (deleting a
+/// large segment first cuts it, and a mapped read past the cut faults the whole process).
+/// Maintenance waits for the shard's lock, which the read holds, before it deletes.
+#[test]
+fn a_bucket_s_files_are_not_deleted_while_a_read_of_them_is_in_flight() {
+    let disk = SimDisk::new();
+    let clock = ManualClock::new(START_MS);
+    let options = Options { io: Arc::new(disk.clone()), ..options(&clock) };
+    let store = Arc::new(Store::open("/store", options).unwrap());
+    let token = acquired(store.claim_with("key", b"r", ttl(MINUTE)).unwrap());
+    store.complete(&token, b"outcome").unwrap();
+    assert!(store.get("key").unwrap().is_some(), "the read that keeps the segment's handle");
+    clock.advance(2 * MINUTE);
+
+    disk.hold_next_read();
+    let reader = std::thread::spawn({
+        let store = store.clone();
+        move || store.get("key")
+    });
+    disk.wait_for_held_read();
+    let maintainer = std::thread::spawn({
+        let store = store.clone();
+        move || store.maintain()
+    });
+    // Time for a maintenance that does not wait for the read to delete the file.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!disk.removed_during_held_read(), "a segment file was deleted under a read in flight");
+    disk.release_held_read();
+    assert_eq!(reader.join().unwrap().unwrap(), None, "the expired key read as present");
+    assert_eq!(maintainer.join().unwrap().unwrap(), 1, "the expired bucket was not dropped");
+    assert!(!disk.removed_during_held_read());
 }
