@@ -453,13 +453,17 @@ impl Log {
         if taken.is_empty() {
             return Ok(());
         }
+        // Every file is tried: these segments are out of the log, so a file skipped here would
+        // stay on disk until the next open.
+        let mut first_error = None;
         for segment in taken {
             debug_assert!(segment.is_dropped(), "only a segment taken out of the log is deleted");
-            self.io
-                .remove_gradually(&segment.path)
-                .map_err(|e| Error::io("delete expired segment", &segment.path, e))?;
+            if let Err(e) = self.io.remove_gradually(&segment.path) {
+                first_error.get_or_insert(Error::io("delete expired segment", &segment.path, e));
+            }
         }
-        self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))
+        let synced = self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e));
+        first_error.map_or(synced, Err)
     }
 
     /// Stops appends to every segment whose last write is older than `idle_before_ms` (a

@@ -379,12 +379,12 @@ impl Segment {
         let head = small[..got].get(..HEADER_LEN).ok_or_else(|| self.corrupt(offset, DecodeError::Truncated))?;
         let header = record::parse_header(head).map_err(|e| self.corrupt(offset, e))?;
         let record_len = header.record_len();
-        // A small record must lie within what was read (the file's length then); a large
-        // one within the file's length now.
+        // A small record must lie within what was read; a large one within what was written
+        // and the file's length now.
         let past_end = if record_len <= SMALL_RECORD {
             record_len > got
         } else {
-            offset.saturating_add(record_len as u64) > self.file.len()
+            offset.saturating_add(record_len as u64) > written.min(self.file.len())
         };
         if past_end {
             return Err(self.corrupt(offset, DecodeError::Truncated));

@@ -356,8 +356,9 @@ fn a_bucket_s_files_are_not_deleted_while_a_read_of_them_is_in_flight() {
     });
     // Time for a maintenance that does not wait for the read to delete the file.
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!disk.removed_during_held_read(), "a segment file was deleted under a read in flight");
+    let removed_under_the_read = disk.removed_during_held_read();
     disk.release_held_read();
+    assert!(!removed_under_the_read, "a segment file was deleted under a read in flight");
     assert_eq!(reader.join().unwrap().unwrap(), None, "the expired key read as present");
     assert_eq!(maintainer.join().unwrap().unwrap(), 1, "the expired bucket was not dropped");
     assert!(!disk.removed_during_held_read());
