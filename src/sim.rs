@@ -47,6 +47,9 @@ struct Faults {
 /// read is in flight is what a test of a race wants to see.
 #[derive(Default)]
 struct ReadHold {
+    /// `HoldState::armed`, readable without the lock: every read of every simulated file
+    /// checks it, and almost none is ever held.
+    armed: AtomicBool,
     state: std::sync::Mutex<HoldState>,
     changed: std::sync::Condvar,
 }
@@ -66,11 +69,15 @@ impl ReadHold {
     /// Called at the start of every read: the first read after `hold_next_read` waits here
     /// until `release_held_read`.
     fn pass(&self) {
+        if !self.armed.load(Ordering::Acquire) {
+            return;
+        }
         let mut state = self.lock();
         if !state.armed {
             return;
         }
         state.armed = false;
+        self.armed.store(false, Ordering::Release);
         state.inside = true;
         self.changed.notify_all();
         while state.inside {
@@ -159,9 +166,11 @@ impl SimDisk {
     /// Makes the next read of any file on this disk stop half way, until
     /// [`SimDisk::release_held_read`]; [`SimDisk::wait_for_held_read`] waits until it has.
     pub fn hold_next_read(&self) {
-        let mut state = self.faults.read_hold.lock();
+        let hold = &self.faults.read_hold;
+        let mut state = hold.lock();
         state.armed = true;
         state.removed_meanwhile = false;
+        hold.armed.store(true, Ordering::Release);
     }
 
     /// Waits until a read is held (see [`SimDisk::hold_next_read`]).
