@@ -440,22 +440,6 @@ impl IoFile for MappedFile {
         Ok(())
     }
 
-    fn read_prefix(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        // One load of the length serves the bound and the copy (the default reads it twice).
-        let len = self.len();
-        let n = prefix_len(offset, buf.len(), len);
-        if n == 0 {
-            return Ok(0);
-        }
-        let (start, _) = checked_range(offset, n, len)?;
-        // SAFETY: as in `read_at`: `start..start + n` lies within the length, so within the
-        // mapping (checked above); the bytes are copied out, never trusted in place.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(start), buf.as_mut_ptr(), n);
-        }
-        Ok(n)
-    }
-
     fn sync(&self) -> io::Result<()> {
         if let Some(file) = self.file.lock().as_ref() {
             return file.sync_data();
