@@ -439,9 +439,12 @@ impl Log {
         let taken: Vec<Arc<Segment>> = self.segments.change(|segments| {
             let expired: Vec<u32> =
                 segments.values().filter(|s| s.header.bucket_end_ms <= now_ms).map(|s| s.id()).collect();
-            expired.iter().filter_map(|id| segments.remove(id)).inspect(|s| s.mark_dropped()).collect()
+            expired.iter().filter_map(|id| segments.remove(id)).collect()
         });
         drop(app);
+        for segment in &taken {
+            segment.mark_dropped();
+        }
         let mut buckets: Vec<u64> = taken.iter().map(|s| s.header.bucket_start_ms).collect();
         buckets.sort_unstable();
         buckets.dedup();

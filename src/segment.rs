@@ -289,9 +289,9 @@ impl Segment {
         reserve_zeroed(self.file.as_ref(), len, paged).map_err(|e| Error::io("reserve segment space", &self.path, e))
     }
 
-    /// Encodes a record straight into the file at `offset` (space already reserved).
-    /// Writes a record at `offset`, the end of what was written before (callers are
-    /// serialized: the appender lock), and moves the end readers may copy from past it.
+    /// Encodes a record straight into the file at `offset` (space already reserved), the end
+    /// of what was written before (callers are serialized: the appender lock), and moves the
+    /// end readers may copy from past it.
     pub fn write_record(&self, offset: u64, header: &Header, key: &[u8], value: &[u8]) -> Result<()> {
         let len = header.padded_len() as usize;
         self.file
