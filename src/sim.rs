@@ -47,8 +47,8 @@ struct Faults {
 /// read is in flight is what a test of a race wants to see.
 #[derive(Default)]
 struct ReadHold {
-    /// `HoldState::armed`, readable without the lock: every read of every simulated file
-    /// checks it, and almost none is ever held.
+    /// The next read is to be held; readable without the lock: every read of every simulated
+    /// file checks it, and almost none is ever held.
     armed: AtomicBool,
     state: std::sync::Mutex<HoldState>,
     changed: std::sync::Condvar,
@@ -56,7 +56,6 @@ struct ReadHold {
 
 #[derive(Default)]
 struct HoldState {
-    armed: bool,
     inside: bool,
     removed_meanwhile: bool,
 }
@@ -69,15 +68,10 @@ impl ReadHold {
     /// Called at the start of every read: the first read after `hold_next_read` waits here
     /// until `release_held_read`.
     fn pass(&self) {
-        if !self.armed.load(Ordering::Acquire) {
+        if !self.armed.load(Ordering::Relaxed) || !self.armed.swap(false, Ordering::AcqRel) {
             return;
         }
         let mut state = self.lock();
-        if !state.armed {
-            return;
-        }
-        state.armed = false;
-        self.armed.store(false, Ordering::Release);
         state.inside = true;
         self.changed.notify_all();
         while state.inside {
@@ -167,9 +161,7 @@ impl SimDisk {
     /// [`SimDisk::release_held_read`]; [`SimDisk::wait_for_held_read`] waits until it has.
     pub fn hold_next_read(&self) {
         let hold = &self.faults.read_hold;
-        let mut state = hold.lock();
-        state.armed = true;
-        state.removed_meanwhile = false;
+        hold.lock().removed_meanwhile = false;
         hold.armed.store(true, Ordering::Release);
     }
 
