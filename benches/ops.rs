@@ -127,7 +127,7 @@ fn bench_claim_new_key(c: &mut Criterion) {
                 for key in &batch {
                     let claim = store.claim(key, REQUEST).expect("claim");
                     assert!(matches!(claim, Claim::Acquired(_)), "a new key was not acquired: {claim:?}");
-                    black_box(claim);
+                    let _held = black_box(claim);
                 }
                 started.elapsed()
             });
@@ -157,7 +157,7 @@ fn bench_claim_in_flight(c: &mut Criterion) {
                 for _ in 0..iters {
                     let claim = store.claim(keys[next], REQUEST).expect("claim");
                     assert!(matches!(claim, Claim::InProgress { .. }), "an in-flight key answered {claim:?}");
-                    black_box(claim);
+                    let _held = black_box(claim);
                     next = (next + 1) % keys.len();
                 }
                 started.elapsed()
@@ -191,7 +191,7 @@ fn bench_replay(c: &mut Criterion) {
                         let claim = store.claim(keys[next], REQUEST).expect("claim");
                         let Claim::Completed(done) = &claim else { panic!("a completed key answered {claim:?}") };
                         assert_eq!(done.outcome.len(), outcome_len, "replayed outcome has the wrong length");
-                        black_box(claim);
+                        let _held = black_box(claim);
                         next = (next + 1) % keys.len();
                     }
                     started.elapsed()

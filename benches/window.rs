@@ -508,7 +508,7 @@ fn child_expiry(count: u64) -> Vec<(&'static str, f64)> {
     let short = ClaimOptions { ttl: Some(SHORT_TTL), ..Default::default() };
     let mut keys = KeyGen::new(21);
     let first_key = keys.next_key();
-    store.claim_with(first_key, REQUEST, short.clone()).expect("fill claim");
+    let _held = store.claim_with(first_key, REQUEST, short.clone()).expect("fill claim");
     for _ in 1..count {
         let claim = store.claim_with(keys.next_key(), REQUEST, short.clone()).expect("fill claim");
         assert!(matches!(claim, Claim::Acquired(_)), "a new random key was not acquired: {claim:?}");

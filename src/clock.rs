@@ -61,6 +61,12 @@ impl Clock for ManualClock {
     }
 }
 
+/// The latest store time a store accepts, in ms since the epoch: 2^43 ms, in the year 2248.
+/// Sequence numbers start above store time shifted left by 20 bits at every open, so this
+/// bound leaves half of the 64-bit sequence space for records; a clock past it is
+/// `Error::ClockOutOfRange`, never an overflowed (shrinking) fencing token.
+pub const STORE_TIME_MS_MAX: u64 = 1 << 43;
+
 /// The store's time: the latest of all clock readings, so leases and expiry never run
 /// backwards when the wall clock is stepped back.
 #[derive(Debug)]

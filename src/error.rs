@@ -91,6 +91,17 @@ pub enum Error {
     },
     /// The store was opened read-only; writes are refused.
     ReadOnly,
+    /// The clock (or the latest time recorded in the store) reads past the latest time a store
+    /// can keep ([`STORE_TIME_MS_MAX`](crate::STORE_TIME_MS_MAX), in the year 2248): fencing
+    /// tokens, which start above the time, would overflow. Check the system clock.
+    ClockOutOfRange {
+        /// The time read, in ms since the epoch.
+        now_ms: u64,
+        /// The latest time accepted.
+        max_ms: u64,
+    },
+    /// The token was handed out by another store: it proves nothing here.
+    ForeignToken,
 }
 
 impl Error {
@@ -137,6 +148,12 @@ impl fmt::Display for Error {
                 write!(f, "disk budget exceeded: {used_bytes} bytes used, max_disk_bytes is {max_bytes}")
             }
             Error::ReadOnly => write!(f, "store is open read-only"),
+            Error::ClockOutOfRange { now_ms, max_ms } => write!(
+                f,
+                "the clock reads {now_ms} ms since the epoch, past the latest time a store can keep ({max_ms} ms); \
+                 check the system clock"
+            ),
+            Error::ForeignToken => write!(f, "the claim token was handed out by another store"),
         }
     }
 }

@@ -884,7 +884,7 @@ impl ModelRun {
                 };
                 self.model.slots.insert(key, slot);
                 if self.tokens.len() == MODEL_TOKENS_MAX {
-                    self.tokens.remove(0);
+                    let _forgotten = self.tokens.remove(0);
                 }
                 self.tokens.push((key, token));
             }

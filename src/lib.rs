@@ -54,9 +54,9 @@ mod table;
 mod time_floor;
 mod types;
 
-pub use clock::{Clock, ManualClock, SystemClock, ms_to_system_time, system_time_to_ms};
+pub use clock::{Clock, ManualClock, STORE_TIME_MS_MAX, SystemClock, ms_to_system_time, system_time_to_ms};
 pub use error::{Error, Result};
-pub use options::{ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy};
+pub use options::{ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy, TTL_MAX};
 pub use recovery::{FileReport, VerifyReport};
 pub use stats::{RecoveryStats, Stats};
 pub use store::Store;

@@ -7,6 +7,11 @@ use std::time::Duration;
 use crate::clock::{Clock, SystemClock};
 use crate::io::{Io, RealIo};
 
+/// The longest TTL a key may have: 10 years. Longer (`Duration::MAX` for "forever", say) is
+/// `Error::InvalidArgument`: expiry times must stay far from the end of the 64-bit clock for
+/// buckets to have a start before their end.
+pub const TTL_MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// When a write counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -40,7 +45,7 @@ pub type KeyHashFn = fn(&[u8]) -> u64;
 /// `Options { durability: Durability::None, ..Default::default() }`.
 #[derive(Clone)]
 pub struct Options {
-    /// How long a key is kept from its claim (default 24 h).
+    /// How long a key is kept from its claim (default 24 h, at most [`TTL_MAX`]).
     pub default_ttl: Duration,
     /// How long an acquired claim is held before another claim may take it over (default 30 s).
     pub default_lease: Duration,
@@ -143,11 +148,13 @@ impl fmt::Debug for Options {
 /// Per-claim options; `None` fields take the store's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClaimOptions {
-    /// How long the key is kept from this claim.
+    /// How long the key is kept from this claim (at most [`TTL_MAX`]).
     pub ttl: Option<Duration>,
     /// How long this claim is held before another claim may take it over.
     pub lease: Option<Duration>,
     /// When the key is in flight, block up to this long for the holder to complete or give up
-    /// (or for its lease to end), instead of returning `InProgress` at once.
+    /// (or for its lease or the key's window to end), instead of returning `InProgress` at
+    /// once. A wait too long to fit a deadline on this machine's monotonic clock
+    /// (`Duration::MAX`, say) has none: it lasts until one of those events.
     pub wait: Option<Duration>,
 }

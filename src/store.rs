@@ -44,6 +44,9 @@ struct Inner {
     commit: GroupCommit,
     counters: Counters,
     incarnation: u64,
+    /// This store's identity, carried by every token it hands out: a token of another store
+    /// (whose ids are numbers this store may hand out too) is refused, never taken as proof.
+    identity: u64,
     recovery: RecoveryStats,
     read_only: bool,
     /// What the housekeeper is asked to do now, and the signal that wakes it.
@@ -94,6 +97,12 @@ fn validate_options(options: &Options) -> Result<()> {
     if duration_to_ms(options.default_ttl) == 0 || duration_to_ms(options.default_lease) == 0 {
         return Err(Error::InvalidArgument("default_ttl and default_lease must be at least 1 ms"));
     }
+    if options.default_ttl > crate::options::TTL_MAX {
+        return Err(Error::InvalidArgument("default_ttl must be at most TTL_MAX (10 years)"));
+    }
+    if u32::try_from(duration_to_ms(options.default_lease)).is_err() {
+        return Err(Error::InvalidArgument("default_lease must be under 49 days"));
+    }
     if let Durability::Periodic(interval) = options.durability
         && interval.is_zero()
     {
@@ -106,6 +115,29 @@ fn validate_options(options: &Options) -> Result<()> {
         return Err(Error::InvalidArgument("segment_bytes_max must hold the largest record and be at most 4 GiB"));
     }
     Ok(())
+}
+
+/// Sequence numbers start above store time shifted by this many bits at every open (see
+/// `open_inner`).
+const SEQ_TIME_SHIFT: u32 = 20;
+
+/// Refuses a store time past [`STORE_TIME_MS_MAX`](crate::clock::STORE_TIME_MS_MAX): sequence
+/// numbers (fencing tokens) start above it shifted by `SEQ_TIME_SHIFT` bits, and must not
+/// overflow.
+fn check_store_time(now_ms: u64) -> Result<()> {
+    if now_ms > crate::clock::STORE_TIME_MS_MAX {
+        return Err(Error::ClockOutOfRange { now_ms, max_ms: crate::clock::STORE_TIME_MS_MAX });
+    }
+    Ok(())
+}
+
+/// A store's identity: a hash of its directory's absolute path. Tokens carry it, so a token
+/// handed out by one store is refused by another (two stores opened in the same millisecond
+/// hand out the same ids), while the same directory reopened in the same process (after a
+/// `Poisoned` store, say) still accepts the tokens of its earlier opens.
+fn store_identity(dir: &Path) -> u64 {
+    let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    xxhash_rust::xxh3::xxh3_64(absolute.as_os_str().as_encoded_bytes())
 }
 
 fn new_incarnation() -> u64 {
@@ -187,8 +219,12 @@ impl Store {
         let hasher = move |k: &[u8]| key_hash(key_hash_fn, k);
         let saved_floor_ms = crate::time_floor::read(io.as_ref(), &dir);
         let probe_time = StoreTime::new(options.clock.clone(), saved_floor_ms);
+        // Checked before recovery, which deletes the buckets that end before this time: a clock
+        // far in the future must not make the whole window expire on disk.
+        check_store_time(probe_time.now_ms())?;
         let recovered =
             recovery::recover(io.as_ref(), &dir, options.segment_bytes_max, probe_time.now_ms(), &hasher, mode)?;
+        check_store_time(recovered.latest_time_ms)?;
         let limits = LogLimits {
             bucket_width_ms: duration_to_ms(options.bucket_width),
             segment_bytes_max: options.segment_bytes_max,
@@ -202,12 +238,15 @@ impl Store {
         // Sequence numbers (and so fencing tokens) never repeat, even when every segment
         // expired and was deleted: they start above the wall clock shifted by 20 bits, which
         // no earlier process can have reached (it would need over a million records per ms).
-        let time_floor_seq = probe_time.now_ms().max(recovered.latest_time_ms).saturating_mul(1 << 20);
+        // Both times are at most `STORE_TIME_MS_MAX` (2^43), so this is at most 2^63: half the
+        // sequence space is left for the records this process writes.
+        let time_floor_seq = probe_time.now_ms().max(recovered.latest_time_ms) << SEQ_TIME_SHIFT;
         let next_seq = recovered.next_seq.max(time_floor_seq);
         let durable_seq = next_seq - 1;
         let log = Log::new(io, dir.clone(), limits, recovered.segments, next_seq, recovered.next_segment_id);
         let mut recovery = recovered.stats;
         recovery.duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let identity = store_identity(&dir);
         let inner = Arc::new(Inner {
             time: StoreTime::new(options.clock.clone(), recovered.latest_time_ms.max(probe_time.now_ms())),
             dir,
@@ -217,6 +256,7 @@ impl Store {
             commit: GroupCommit::new(durable_seq),
             counters: Counters::default(),
             incarnation,
+            identity,
             recovery,
             read_only: mode == Mode::ReadOnly,
             housekeeper_call: Mutex::new(HousekeeperCall::default()),
@@ -270,8 +310,9 @@ impl Store {
     /// with `options.wait`: it would otherwise wait on the batch's own claim).
     ///
     /// Each item fails on its own as a single claim would (empty key, bad options, full disk);
-    /// the others go on. Under `Sync`, a failed sync fails every answer that was not already
-    /// an error, with `Poisoned`: none of them can be trusted durable. `options.wait` makes
+    /// the others go on. Under `Sync`, a failed sync fails with `Poisoned` every answer that
+    /// rests on a record not yet durable (every acquisition of the batch, and every answer read
+    /// from one): none of those can be trusted. `options.wait` makes
     /// each key held by someone else block the rest of the batch, while the leases of the keys
     /// the batch acquired before it run (and, under `Sync`, none of its answers is returned).
     pub fn claim_many<K: AsRef<[u8]>, R: AsRef<[u8]>>(
@@ -288,8 +329,9 @@ impl Store {
     /// together (see [`Store::claim_many`]).
     ///
     /// Each item fails on its own as a single complete would (`StaleToken`, `OutcomeTooLong`,
-    /// a full disk); the others go on. Under `Sync`, a failed sync fails every answer that was
-    /// not already an error, with `Poisoned`: none of those completes can be trusted durable.
+    /// a full disk); the others go on. Under `Sync`, a failed sync fails with `Poisoned` every
+    /// answer that rests on a record not yet durable: every complete of the batch, and a
+    /// `StaleToken` read from a record that superseded the token but was never synced.
     pub fn complete_many<O: AsRef<[u8]>>(&self, items: &[(&ClaimToken, O)]) -> Vec<Result<()>> {
         self.inner.complete_many(items)
     }
@@ -433,20 +475,23 @@ impl Inner {
     /// stored key (and its CRC); drops index entries whose bucket is gone. `slot` is `None`
     /// afterwards when the key has no record (whatever it held before is cleared first: the
     /// search below stops at the first record it puts there).
-    fn find(&self, shard: &mut Shard, hash: u64, key: &[u8], slot: &mut Option<Found>) -> Result<()> {
+    fn find(&self, shard: &mut Shard, hash: u64, key: &[u8], now_ms: u64, slot: &mut Option<Found>) -> Result<()> {
         *slot = None;
-        // `None` when the segment is gone (its bucket was dropped); `Some(Ok(true))` when the
-        // record at `loc` is the key's, now in `slot`.
+        // `None` when the segment is gone (its bucket was dropped, or has ended at `now_ms`);
+        // `Some(Ok(true))` when the record at `loc` is the key's, now in `slot`.
         let probe = |loc: Loc, slot: &mut Option<Found>, segments: &mut SegmentCache| {
-            self.log.with_segment_cached(segments, loc.segment, |s| -> Result<bool> {
-                let Some((header, value)) = s.probe_read(u64::from(loc.offset), key)? else {
-                    return Ok(false);
-                };
-                let old = Superseded { loc, padded_len: header.padded_len(), bucket_end_ms: s.header.bucket_end_ms };
-                *slot = Some(Found { old, header, value });
-                Ok(true)
-            })
+            self.log.with_segment_cached(segments, loc.segment, |s| -> Option<Result<bool>> {
+                if s.header.bucket_end_ms <= now_ms {
+                    // Every record in it has expired, and so has every older record of its keys
+                    // (invariant 3): it answers nothing, and its bytes are not read. A writer in
+                    // another process may be freeing them under a read-only view (a punched
+                    // hole reads as zeros, which would fail the record's checks).
+                    return None;
+                }
+                Some(self.read_found(s, loc, key, slot))
+            })?
         };
+
         let mut gone: Option<Vec<Loc>> = None;
         let (candidates, segments) = shard.candidates_and_segments(hash);
         for loc in candidates {
@@ -471,6 +516,16 @@ impl Inner {
         self.sealed.visit(hash, &mut |loc| Ok(probe(loc, slot, segments).transpose()?.unwrap_or(false)))
     }
 
+    /// Reads the record at `loc` of segment `s` into `slot` if it is `key`'s; true when it is.
+    fn read_found(&self, s: &Segment, loc: Loc, key: &[u8], slot: &mut Option<Found>) -> Result<bool> {
+        let Some((header, value)) = s.probe_read(u64::from(loc.offset), key)? else {
+            return Ok(false);
+        };
+        let old = Superseded { loc, padded_len: header.padded_len(), bucket_end_ms: s.header.bucket_end_ms };
+        *slot = Some(Found { old, header, value });
+        Ok(true)
+    }
+
     /// The key's state at `now_ms` (its latest record read into `slot`), the record a new
     /// write supersedes, and that record's seq.
     fn current<'a>(
@@ -481,7 +536,7 @@ impl Inner {
         now_ms: u64,
         slot: &'a mut Option<Found>,
     ) -> Result<(Current<'a>, Option<Superseded>, u64)> {
-        self.find(shard, hash, key, slot)?;
+        self.find(shard, hash, key, now_ms, slot)?;
         let Some(found) = slot.as_mut() else {
             return Ok((Current::Absent, None, 0));
         };
@@ -552,6 +607,9 @@ impl Inner {
     ) -> Result<(Header, Loc)> {
         let new_claim = header.kind == Kind::Claim;
         self.check_writable()?;
+        // A clock stepped far ahead after open: a record written at that time would make the
+        // next open fail (its sequence floor would overflow), so nothing is written.
+        check_store_time(header.written_at_ms)?;
         let retain_floor_ms = superseded.map_or(0, |old| old.bucket_end_ms.saturating_sub(1));
         let retain_until_ms = header.expires_at_ms.max(retain_floor_ms);
         let appended = self.log.append(header, key, value, retain_until_ms, new_claim);
@@ -620,11 +678,16 @@ impl Inner {
 
     /// Completes a batch of held claims (see `in_windows`); under `Sync` it waits once.
     fn complete_many<O: AsRef<[u8]>>(&self, items: &[(&ClaimToken, O)]) -> Vec<Result<()>> {
+        // A `StaleToken` is an answer that rests on a record like any other: it stays inside
+        // the `Ok` until the batch settles, so a failed sync turns it into `Poisoned` too.
         self.in_windows(
             items,
             |(token, _)| token.key(),
-            |(token, outcome), hash| Ok(((), self.finish_unsettled(token, hash, Kind::Complete, outcome.as_ref())?)),
+            |(token, outcome), hash| self.finish_unsettled(token, hash, Kind::Complete, outcome.as_ref()),
         )
+        .into_iter()
+        .map(|answer| answer.and_then(|settled| settled))
+        .collect()
     }
 
     /// Runs a batch a window of keys at a time: warms the window (`warm`), then calls `each`
@@ -638,7 +701,6 @@ impl Inner {
         mut each: impl FnMut(&'a T, u64) -> Result<(A, u64)>,
     ) -> Vec<Result<A>> {
         let mut answers = Vec::with_capacity(items.len());
-        let mut settle_through = 0;
         let mut hashes = [0u64; BATCH_WINDOW];
         for window in items.chunks(BATCH_WINDOW) {
             for (hash, item) in hashes.iter_mut().zip(window) {
@@ -646,14 +708,10 @@ impl Inner {
             }
             self.warm(&hashes[..window.len()]);
             for (&hash, item) in hashes.iter().zip(window) {
-                answers.push(each(item, hash).map(|(answer, seq)| {
-                    settle_through = settle_through.max(seq);
-                    answer
-                }));
+                answers.push(each(item, hash));
             }
         }
-        self.settle_batch(&mut answers, settle_through);
-        answers
+        self.settle_batch(answers)
     }
 
     /// Starts loading a window of keys' index slots, then (one shard lock each) the records
@@ -670,31 +728,43 @@ impl Inner {
         }
     }
 
-    /// Under `Sync`, waits once for everything a batch wrote or read (through seq `through`).
-    /// If that fails, no answer may be trusted: the record behind it may not be durable, so
-    /// every answer that was not already an error becomes one.
-    fn settle_batch<T>(&self, answers: &mut [Result<T>], through: u64) {
-        if let Err(failed) = self.settle(through) {
-            let error = self.commit.check().err().unwrap_or_else(|| Error::Poisoned { cause: failed.to_string() });
-            for answer in answers.iter_mut().filter(|a| a.is_ok()) {
-                *answer = Err(error.clone());
-            }
-        }
+    /// Under `Sync`, waits once for everything a batch wrote or read (each answer with the
+    /// seq it rests on). If that fails, every answer resting on a record that is not durable
+    /// becomes the error: its record may be lost at a power cut. Answers read from records
+    /// that were already durable stand.
+    fn settle_batch<T>(&self, answers: Vec<Result<(T, u64)>>) -> Vec<Result<T>> {
+        let through = answers.iter().filter_map(|a| a.as_ref().ok().map(|(_, seq)| *seq)).max().unwrap_or(0);
+        let failed = self.settle(through).err();
+        let durable_seq = self.commit.durable_seq();
+        let error = failed.map(|failed| self.commit.check().err().unwrap_or(failed));
+        answers
+            .into_iter()
+            .map(|answer| match (answer, &error) {
+                (Ok((_, seq)), Some(error)) if seq > durable_seq => Err(error.clone()),
+                (answer, _) => answer.map(|(answer, _)| answer),
+            })
+            .collect()
     }
 
     /// A claim up to its answer, with the seq of the record that answer rests on (which
     /// `settle` must see durable before the answer is given out under `Sync`).
     fn claim_unsettled(&self, key: &[u8], hash: u64, request: &[u8], options: &ClaimOptions) -> Result<(Claim, u64)> {
         self.check_key(key)?;
-        let ttl_ms = duration_to_ms(options.ttl.unwrap_or(self.options.default_ttl));
+        let ttl = options.ttl.unwrap_or(self.options.default_ttl);
+        let ttl_ms = duration_to_ms(ttl);
         let lease_ms = duration_to_ms(options.lease.unwrap_or(self.options.default_lease));
         if ttl_ms == 0 || lease_ms == 0 {
             return Err(Error::InvalidArgument("ttl and lease must be at least 1 ms"));
         }
+        if ttl > crate::options::TTL_MAX {
+            return Err(Error::InvalidArgument("ttl must be at most TTL_MAX (10 years)"));
+        }
         let lease_ms = u32::try_from(lease_ms).map_err(|_| Error::InvalidArgument("lease must be under 49 days"))?;
         self.backpressure()?;
         let request_hash = xxhash_rust::xxh3::xxh3_128(request);
-        let deadline = options.wait.map(|w| Instant::now() + w);
+        // `None`: no waiting. `Some(None)`: a wait with no deadline (longer than the monotonic
+        // clock can add), which ends only when the holder does, or its lease or the window.
+        let deadline: Option<Option<Instant>> = options.wait.map(|w| Instant::now().checked_add(w));
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
         let mut waited = false;
@@ -708,7 +778,7 @@ impl Inner {
                     let (written, loc) = self.append(header, key, &[], old)?;
                     shard.set(hash, old.map(|o| o.loc), loc);
                     shard.counters.claims_acquired += 1;
-                    break (Claim::Acquired(token_for(key, &written, false, Vec::new())), written.seq);
+                    break (Claim::Acquired(token_for(self.identity, key, &written, false, Vec::new())), written.seq);
                 }
                 Current::Completed(found) => {
                     if found.header.request_hash != request_hash {
@@ -749,13 +819,24 @@ impl Inner {
                         } else {
                             shard.counters.lease_takeovers += 1;
                         }
-                        break (Claim::Acquired(token_for(key, &written, true, checkpoint)), written.seq);
+                        break (
+                            Claim::Acquired(token_for(self.identity, key, &written, true, checkpoint)),
+                            written.seq,
+                        );
                     }
-                    let remaining = deadline.and_then(|d| d.checked_duration_since(Instant::now()));
+                    let remaining = match deadline {
+                        None => None,
+                        Some(None) => Some(Duration::MAX),
+                        Some(Some(at)) => at.checked_duration_since(Instant::now()),
+                    };
                     match remaining {
                         Some(left) if !left.is_zero() => {
-                            let lease_left = Duration::from_millis(header.lease_until_ms.saturating_sub(now_ms));
-                            crate::sync::wait_for(&locked.changed, &mut shard, left.min(lease_left));
+                            // Woken by the holder's complete or release; otherwise the key changes
+                            // at its lease end (a takeover) or at its window's end (absent), with
+                            // no write to wake anyone: sleep no longer than the first of them.
+                            let change_at_ms = header.lease_until_ms.min(header.expires_at_ms);
+                            let until_change = Duration::from_millis(change_at_ms.saturating_sub(now_ms).max(1));
+                            crate::sync::wait_for(&locked.changed, &mut shard, left.min(until_change));
                             waited = true;
                         }
                         _ => {
@@ -799,12 +880,24 @@ impl Inner {
     fn finish(&self, token: &ClaimToken, kind: Kind, value: &[u8]) -> Result<()> {
         let hash = self.key_hash(token.key());
         self.index.prefetch_slot(hash);
-        let seq = self.finish_unsettled(token, hash, kind, value)?;
-        self.settle(seq)
+        let (answer, seq) = self.finish_unsettled(token, hash, kind, value)?;
+        self.settle(seq)?;
+        answer
     }
 
-    /// A complete, checkpoint or release up to its record, whose seq it returns (for `settle`).
-    fn finish_unsettled(&self, token: &ClaimToken, hash: u64, kind: Kind, value: &[u8]) -> Result<u64> {
+    /// A complete, checkpoint or release up to its record: its answer (`Ok`, or `StaleToken`
+    /// read from the key's latest record) and the seq of the record that answer rests on,
+    /// which `settle` must see durable before the answer is given out. A `StaleToken` rests
+    /// on the record that superseded the token: told before that record is durable, a holder
+    /// could give up a key that a power cut then gives back to it.
+    fn finish_unsettled(&self, token: &ClaimToken, hash: u64, kind: Kind, value: &[u8]) -> Result<(Result<()>, u64)> {
+        if token.store != self.identity {
+            return Err(Error::ForeignToken);
+        }
+        if kind == Kind::Checkpoint && value.is_empty() {
+            // An empty record value reads as "no checkpoint": it would erase the last one.
+            return Err(Error::InvalidArgument("a checkpoint phase must not be empty"));
+        }
         self.check_value(value)?;
         self.check_writable()?;
         self.backpressure()?;
@@ -813,12 +906,12 @@ impl Inner {
         let mut shard = locked.shard.lock();
         let now_ms = self.time.now_ms();
         let mut slot = None;
-        let (state, old, _) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
+        let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
         let held = match state {
             Current::InFlight(found) if found.header.token == token.id => found.header,
             _ => {
                 shard.counters.stale_tokens += 1;
-                return Err(Error::StaleToken);
+                return Ok((Err(Error::StaleToken), seen_seq));
             }
         };
         // A checkpoint renews the lease (a release comes with no value).
@@ -831,7 +924,10 @@ impl Inner {
         shard.set(hash, old.map(|o| o.loc), new_loc);
         match kind {
             Kind::Complete => shard.counters.completes += 1,
-            Kind::Checkpoint => shard.counters.checkpoints += 1,
+            Kind::Checkpoint => {
+                shard.counters.checkpoints += 1;
+                token.lease_until_ms.store(written.lease_until_ms, AtomicOrdering::Relaxed);
+            }
             _ => shard.counters.releases += 1,
         }
         drop(shard);
@@ -839,11 +935,18 @@ impl Inner {
         if kind != Kind::Checkpoint {
             locked.changed.notify_all();
         }
-        Ok(written.seq)
+        Ok((Ok(()), written.seq))
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
         self.check_key(key)?;
+        self.entry(key)
+    }
+
+    /// The state of a key that is known not to be empty. Not held to `max_key_len`: that limit
+    /// is for keys given as input, and a key read back from the store may have been written
+    /// under a larger one (tools open stores with the default limit).
+    fn entry(&self, key: &[u8]) -> Result<Option<Entry>> {
         let hash = self.key_hash(key);
         self.index.prefetch_slot(hash);
         let mut shard = self.index.shard(hash).shard.lock();
@@ -908,9 +1011,14 @@ impl Inner {
             locs.extend(table.entries()?.into_iter().map(|(_, loc)| loc));
         }
         let mut keys = std::collections::HashSet::new();
+        let now_ms = self.time.now_ms();
         for loc in locs {
-            let key = self.log.with_segment(loc.segment, |s| s.key_at(u64::from(loc.offset)));
-            if let Some(key) = key.transpose()? {
+            // A segment whose bucket has ended holds no live key (and a writer in another
+            // process may be freeing its bytes under a read-only view): not read.
+            let key = self.log.with_segment(loc.segment, |s| {
+                (s.header.bucket_end_ms > now_ms).then(|| s.key_at(u64::from(loc.offset))).transpose()
+            });
+            if let Some(key) = key.transpose()?.flatten() {
                 keys.insert(key);
             }
         }
@@ -920,7 +1028,7 @@ impl Inner {
     fn keys(&self) -> Result<Vec<(Vec<u8>, Entry)>> {
         let mut keys = Vec::new();
         for key in self.all_keys()? {
-            if let Some(entry) = self.get(&key)? {
+            if let Some(entry) = self.entry(&key)? {
                 keys.push((key, entry));
             }
         }
@@ -1215,13 +1323,14 @@ impl crate::commit::Syncer for LogSyncer<'_> {
 }
 
 /// The token of the claim record `written` (its checkpoint carried over on a takeover).
-fn token_for(key: &[u8], written: &Header, recovered: bool, checkpoint: Vec<u8>) -> ClaimToken {
+fn token_for(store: u64, key: &[u8], written: &Header, recovered: bool, checkpoint: Vec<u8>) -> ClaimToken {
     ClaimToken {
         key: key.into(),
         id: written.token,
+        store,
         recovered,
         checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
-        lease_expires_at: ms_to_system_time(written.lease_until_ms),
+        lease_until_ms: std::sync::atomic::AtomicU64::new(written.lease_until_ms),
     }
 }
 

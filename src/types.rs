@@ -1,10 +1,12 @@
 //! The public result types. They carry no engine internals (a token is a key plus an opaque
 //! number, never a file offset), so another backend could return them too.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 /// The decision of a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "an Acquired claim holds its key until the lease ends unless it is completed or released"]
 pub enum Claim {
     /// The caller holds the key: do the effect, then `complete`, `release` or `checkpoint`.
     Acquired(ClaimToken),
@@ -20,13 +22,55 @@ pub enum Claim {
 }
 
 /// Proof of holding a claim. Stale once another claim took the key over.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A token belongs to the store that handed it out: another store refuses it (its ids are
+/// numbers that another store may also hand out, so a token carries its store's identity).
+#[must_use = "a dropped token keeps its key in flight until the lease ends: complete or release it"]
 pub struct ClaimToken {
     pub(crate) key: TokenKey,
     pub(crate) id: u64,
+    /// The identity of the store that handed the token out (see `Store::store_identity`).
+    pub(crate) store: u64,
     pub(crate) recovered: bool,
     pub(crate) checkpoint: Option<Vec<u8>>,
-    pub(crate) lease_expires_at: SystemTime,
+    /// When the lease ends, in ms since the epoch; a checkpoint through this token renews the
+    /// lease and moves it on (an atomic, since `checkpoint` takes the token by reference).
+    pub(crate) lease_until_ms: AtomicU64,
+}
+
+impl Clone for ClaimToken {
+    fn clone(&self) -> Self {
+        ClaimToken {
+            key: self.key.clone(),
+            id: self.id,
+            store: self.store,
+            recovered: self.recovered,
+            checkpoint: self.checkpoint.clone(),
+            lease_until_ms: AtomicU64::new(self.lease_until_ms.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+impl PartialEq for ClaimToken {
+    /// Two tokens are equal when they are the same holding (key, id and store); the lease they
+    /// last saw and the checkpoint they were handed do not make them different holdings.
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key && self.id == other.id && self.store == other.store
+    }
+}
+
+impl Eq for ClaimToken {}
+
+impl std::fmt::Debug for ClaimToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimToken")
+            .field("key", &self.key)
+            .field("id", &self.id)
+            .field("recovered", &self.recovered)
+            .field("checkpoint", &self.checkpoint)
+            .field("lease_expires_at", &self.lease_expires_at())
+            .finish()
+    }
 }
 
 impl ClaimToken {
@@ -51,9 +95,10 @@ impl ClaimToken {
         self.checkpoint.as_deref()
     }
 
-    /// When this holding's lease ends.
+    /// When this holding's lease ends: at the claim, and moved on by every checkpoint made
+    /// through this token (a clone made before the checkpoint keeps the older time).
     pub fn lease_expires_at(&self) -> SystemTime {
-        self.lease_expires_at
+        crate::clock::ms_to_system_time(self.lease_until_ms.load(Ordering::Relaxed))
     }
 }
 

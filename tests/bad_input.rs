@@ -62,7 +62,7 @@ fn a_custom_max_key_len_is_enforced() {
     let clock = ManualClock::new(START_MS);
     let store = Store::open(dir.path(), Options { max_key_len: 8, ..options(&clock) }).unwrap();
     assert!(matches!(store.claim("123456789", b"r"), Err(Error::KeyTooLong { len: 9, max: 8 })));
-    acquired(store.claim("12345678", b"r").unwrap());
+    let _held = acquired(store.claim("12345678", b"r").unwrap());
 }
 
 #[test]
@@ -126,7 +126,7 @@ fn second_open_in_the_same_process_is_locked() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
     let first = open(dir.path(), &clock);
-    acquired(first.claim("k", b"r").unwrap());
+    let _held = acquired(first.claim("k", b"r").unwrap());
     match Store::open(dir.path(), options(&clock)) {
         Err(Error::Locked { dir: locked }) => assert_eq!(locked, dir.path()),
         other => panic!("expected Locked, got {other:?}"),
@@ -265,7 +265,7 @@ fn clock_stepped_back_across_a_reopen_does_not_bring_an_expired_key_back() {
         let store = open(dir.path(), &clock);
         complete_with_a_minute_to_live(&store, "expired");
         clock.set_ms(START_MS + 120_000);
-        acquired(store.claim("written later", b"r").unwrap());
+        let _held = acquired(store.claim("written later", b"r").unwrap());
         store.close().unwrap();
     }
     clock.set_ms(START_MS);

@@ -159,7 +159,7 @@ fn different_request_after_a_lease_takeover_is_mismatch() {
     let clock = ManualClock::new(START_MS);
     let store = open(dir.path(), &clock);
     let lease = ClaimOptions { lease: Some(Duration::from_secs(10)), ..Default::default() };
-    acquired(store.claim_with("k", b"request A", lease.clone()).unwrap());
+    let _held = acquired(store.claim_with("k", b"request A", lease.clone()).unwrap());
     clock.advance(Duration::from_secs(10));
     let second = acquired(store.claim_with("k", b"request A", lease.clone()).unwrap());
     assert!(second.recovered());
@@ -177,7 +177,7 @@ fn different_request_for_an_orphan_after_reopen_is_mismatch() {
     let clock = ManualClock::new(START_MS);
     {
         let store = open(dir.path(), &clock);
-        acquired(store.claim("k", b"request A").unwrap());
+        let _held = acquired(store.claim("k", b"request A").unwrap());
         drop(store); // the holder dies without completing
     }
     let store = open(dir.path(), &clock);
@@ -207,7 +207,7 @@ fn release_makes_the_key_free_again() {
     assert!(matches!(store.complete(&token, b"late"), Err(Error::StaleToken)));
     store.release(&again).unwrap();
     // Once free, any request may claim it.
-    acquired(store.claim("k", b"request B").unwrap());
+    let _held = acquired(store.claim("k", b"request B").unwrap());
     assert_eq!(store.stats().releases_total, 2);
 }
 

@@ -240,3 +240,21 @@ fn a_repeated_key_does_not_wait_on_the_batch_own_claim() {
     assert!(matches!(answers.next(), Some(Ok(Claim::InProgress { .. }))));
     store.complete(&token, "outcome").expect("the first token still holds the key");
 }
+
+/// A `StaleToken` rests on the record that superseded the token: when that record was written
+/// by the same batch and its sync fails, the answer is `Poisoned` like the complete it read,
+/// never `StaleToken` (after a power cut the durable state says the token still holds the key).
+#[test]
+fn a_stale_token_read_from_a_record_never_synced_is_poisoned() {
+    let disk = SimDisk::new();
+    let store = Store::open("/store", sim_options(&disk, Durability::Sync)).expect("open");
+    let token = common::acquire(&store, "key");
+    disk.fail_sync_after(0);
+    let answers = store.complete_many(&[(&token, "a"), (&token, "b")]);
+    for (i, answer) in answers.into_iter().enumerate() {
+        assert_poisoned_by_fsync(&format!("item {i}, resting on a complete never synced"), answer);
+    }
+    drop(store);
+    let store = Store::open("/store", sim_options(&disk.power_cut(None), Durability::Sync)).expect("reopen");
+    assert!(matches!(store.get("key"), Ok(Some(idemstore::Entry::InFlight { .. }))), "the claim was durable");
+}

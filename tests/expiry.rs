@@ -81,13 +81,13 @@ fn expired_keys_stay_absent_after_maintain_and_after_reopen() {
         let store = open(dir.path(), &clock);
         let token = acquired(store.claim_with("k", b"r", ttl(MINUTE)).unwrap());
         store.complete(&token, b"outcome").unwrap();
-        acquired(store.claim_with("orphan", b"r", ttl(MINUTE)).unwrap());
+        let _held = acquired(store.claim_with("orphan", b"r", ttl(MINUTE)).unwrap());
         clock.advance(MINUTE * 3);
         assert_eq!(store.get("k").unwrap(), None, "before maintain");
         assert_eq!(store.maintain().unwrap(), 1);
         assert_eq!(store.get("k").unwrap(), None, "after maintain");
         assert_eq!(store.get("orphan").unwrap(), None);
-        acquired(store.claim("k", b"other request").unwrap());
+        let _held = acquired(store.claim("k", b"other request").unwrap());
         drop(store);
     }
     let store = open(dir.path(), &clock);
@@ -140,7 +140,7 @@ fn maintain_keeps_a_bucket_until_its_end_has_passed() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
     let store = open(dir.path(), &clock);
-    acquired(store.claim_with("k", b"r", ttl(Duration::from_secs(1))).unwrap());
+    let _held = acquired(store.claim_with("k", b"r", ttl(Duration::from_secs(1))).unwrap());
     let files = segment_files(dir.path());
     // The record expires after 1 s, but its bucket ends at the next minute boundary after that.
     let expires_ms = START_MS + 1_000;
@@ -223,7 +223,7 @@ fn short_claim_after_release_of_a_long_claim_does_not_resurrect_it() {
         let long = acquired(store.claim_with("k", b"r", ttl(HOUR * 10)).unwrap());
         store.checkpoint(&long, b"old phase").unwrap();
         store.release(&long).unwrap();
-        acquired(store.claim_with("k", b"r", ttl(MINUTE)).unwrap());
+        let _held = acquired(store.claim_with("k", b"r", ttl(MINUTE)).unwrap());
         drop(store);
     }
     // Reopen after the short claim expired, without any maintain: open drops its bucket.
@@ -264,7 +264,7 @@ fn lease_takeover_with_a_shorter_ttl_never_shortens_the_window() {
     {
         let store = open(dir.path(), &clock);
         let opts = ClaimOptions { ttl: Some(HOUR), lease: Some(Duration::from_secs(1)), wait: None };
-        acquired(store.claim_with("k", b"r", opts).unwrap());
+        let _held = acquired(store.claim_with("k", b"r", opts).unwrap());
         clock.advance(Duration::from_secs(1));
         let taker = acquired(store.claim_with("k", b"r", ttl(MINUTE)).unwrap());
         assert!(taker.recovered());

@@ -136,7 +136,7 @@ fn failed_fsync_under_periodic_poisons_and_a_power_cut_keeps_the_last_completed_
     let synced = acquire(&store, "synced");
     store.complete(&synced, "kept").expect("complete");
     store.sync().expect("sync");
-    acquire(&store, "written after the sync");
+    let _held = acquire(&store, "written after the sync");
     disk.fail_sync_after(0);
     assert_poisoned_by_fsync("the failing sync", store.sync());
     disk.heal_syncs();
@@ -155,7 +155,7 @@ fn failed_fsync_under_periodic_poisons_and_a_power_cut_keeps_the_last_completed_
 fn failed_directory_fsync_when_a_segment_is_created_poisons_the_store() {
     let disk = SimDisk::new();
     let store = Store::open(DIR, options(&disk, Durability::Sync)).expect("open");
-    acquire(&store, "first");
+    let _held = acquire(&store, "first");
     disk.fail_sync_after(0);
     // Another expiry bucket: a new segment file, whose directory entry needs an fsync.
     let other_bucket = ClaimOptions { ttl: Some(Duration::from_secs(3 * 24 * 3600)), ..Default::default() };

@@ -159,7 +159,7 @@ fn takeover_keeps_the_original_request_check_and_window() {
     let clock = ManualClock::new(START_MS);
     let store = open(dir.path(), &clock);
     let opts = ClaimOptions { ttl: Some(Duration::from_secs(3600)), lease: Some(LEASE), wait: None };
-    acquired(store.claim_with("k", b"r", opts).unwrap());
+    let _held = acquired(store.claim_with("k", b"r", opts).unwrap());
     clock.advance(LEASE);
     // A takeover asking for a shorter window never shortens the original one.
     let short = ClaimOptions { ttl: Some(Duration::from_secs(60)), lease: Some(LEASE), wait: None };

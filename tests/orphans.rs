@@ -31,7 +31,7 @@ fn leave_orphans(dir: &Path, clock: &Arc<ManualClock>) {
     let a = acquired(store.claim_with("orphan-a", b"req-a", lease).unwrap());
     clock.advance(Duration::from_secs(1));
     store.checkpoint(&a, b"charged card").unwrap();
-    acquired(store.claim("orphan-b", b"req-b").unwrap());
+    let _held = acquired(store.claim("orphan-b", b"req-b").unwrap());
     let done = acquired(store.claim("done", b"req").unwrap());
     store.complete(&done, b"outcome").unwrap();
     let freed = acquired(store.claim("freed", b"req").unwrap());

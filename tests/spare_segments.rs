@@ -39,7 +39,7 @@ fn a_spare_used_up_by_a_new_bucket_is_replaced_before_the_housekeepers_next_tick
     wait_for_open_files(&store, 2);
     for bucket in 1..=3u64 {
         let ttl = ClaimOptions { ttl: Some(Duration::from_secs(60 * bucket * 10)), ..Default::default() };
-        store.claim_with(format!("key-{bucket}"), b"req", ttl).expect("claim");
+        let _held = store.claim_with(format!("key-{bucket}"), b"req", ttl).expect("claim");
         // The new bucket took the spare; the next spare must follow within milliseconds. Without
         // the wake-up it would come with the next tick, up to a second later.
         let replaced_after = wait_for_open_files(&store, 2 + bucket);

@@ -94,7 +94,7 @@ fn waiter_acquires_the_key_when_the_holder_releases() {
 fn waiter_acquires_the_key_when_it_is_removed() {
     let clock = ManualClock::new(START_MS);
     let (_dir, store) = open(&clock);
-    acquired(store.claim("k", b"req").unwrap());
+    let _held = acquired(store.claim("k", b"req").unwrap());
     let (claim, took) =
         wait_while(&store, |store| store.claim_with("k", b"req", waiting()).unwrap(), || store.remove("k").unwrap());
     assert!(!acquired(claim).recovered());
@@ -120,6 +120,29 @@ fn waiter_takes_over_when_the_holders_lease_ends() {
     assert!(matches!(store.complete(&old, b"late"), Err(idemstore::Error::StaleToken)));
 }
 
+/// The key's window can end before the holder's lease (a TTL shorter than the lease): nothing
+/// is written then to wake the waiter, so it must wake by itself at the window's end and take
+/// the key, not sleep on until its wait or the lease runs out.
+#[test]
+fn waiter_acquires_the_key_when_its_window_ends_before_the_lease() {
+    let clock = ManualClock::new(START_MS);
+    let (_dir, store) = open(&clock);
+    let short_window =
+        ClaimOptions { ttl: Some(Duration::from_secs(1)), lease: Some(Duration::from_secs(30)), ..Default::default() };
+    let _holder = acquired(store.claim_with("k", b"req", short_window).unwrap());
+    let wait = Duration::from_secs(8);
+    let (claim, took) = wait_while(
+        &store,
+        |store| store.claim_with("k", b"req", ClaimOptions { wait: Some(wait), ..Default::default() }).unwrap(),
+        || clock.advance(Duration::from_millis(1_500)),
+    );
+    let token = acquired(claim);
+    assert!(!token.recovered(), "the window ended: a new holding, not a takeover");
+    // The waiter sleeps at most until the window's end (1 s of the store's time from its
+    // claim) before it looks again; it must not wait out its 8 s.
+    assert!(took < wait - Duration::from_secs(2), "the waiter slept past the window's end: {took:?}");
+}
+
 #[test]
 fn waiter_returns_in_progress_when_the_wait_runs_out() {
     let clock = ManualClock::new(START_MS);
@@ -140,7 +163,7 @@ fn waiter_returns_in_progress_when_the_wait_runs_out() {
 fn waiter_with_a_different_request_gets_mismatch_at_once() {
     let clock = ManualClock::new(START_MS);
     let (_dir, store) = open(&clock);
-    acquired(store.claim("k", b"req").unwrap());
+    let _held = acquired(store.claim("k", b"req").unwrap());
     let started = Instant::now();
     assert_eq!(store.claim_with("k", b"other", waiting()).unwrap(), Claim::Mismatch);
     assert!(started.elapsed() < GENEROUS, "a mismatch must not wait for the holder");

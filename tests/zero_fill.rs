@@ -18,7 +18,7 @@ fn paged_reserves_under(durability: Durability) -> u64 {
     let options = idemstore::Options { segment_bytes_initial: 4096, ..sim_options(&disk, durability) };
     let store = Store::open("/store", options).expect("open");
     for i in 0..200 {
-        acquire(&store, &format!("key-{i}"));
+        let _held = acquire(&store, &format!("key-{i}"));
     }
     store.close().expect("close");
     disk.paged_reserves()
