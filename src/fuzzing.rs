@@ -123,9 +123,15 @@ fn recover_options(disk: &SimDisk, clock: &Arc<ManualClock>, small_segments: boo
 /// Builds a valid store image on a fresh `SimDisk` with a few keys in every state (completed,
 /// in flight with checkpoints, released, removed, taken over, claimed twice), spread over
 /// several expiry buckets. Bit 0 of `variant` picks small segments; bit 1 ends with a power
-/// cut that keeps a torn prefix of the unsynced writes instead of a clean close.
+/// cut that keeps a torn prefix of the unsynced writes instead of a clean close; bit 2 makes
+/// the disk keep a new file's name from its first sync (as ext4 does), with gradual syncs in
+/// small slices.
 fn build_image(variant: u8) -> (SimDisk, Arc<ManualClock>, History) {
     let disk = SimDisk::new();
+    if variant & 4 == 4 {
+        disk.names_durable_on_first_sync(true);
+        disk.set_sync_slice_bytes(256);
+    }
     let clock = ManualClock::new(START_MS);
     let small_segments = variant & 1 == 1;
     let store = Store::open(STORE_DIR, recover_options(&disk, &clock, small_segments))
@@ -286,12 +292,11 @@ fn apply_damage(disk: &SimDisk, dir: &Path, description: &[u8]) {
             2 => {
                 let (Some(f), Some(offset), Some(len)) = (reader.u8(), reader.u32(), reader.u16()) else { return };
                 let path = pick(f, &files);
-                let mut bytes = read(&path);
-                if !bytes.is_empty() {
-                    let start = offset as usize % bytes.len();
-                    let end = (start + usize::from(len)).min(bytes.len());
-                    bytes[start..end].fill(0);
-                    disk.write_file(&path, bytes);
+                let size = read(&path).len() as u64;
+                if size > 0 {
+                    let start = u64::from(offset) % size;
+                    disk.zero_range(&path, start, u64::from(len))
+                        .unwrap_or_else(|e| panic!("zeroing a range of {path:?} failed: {e}"));
                 }
             }
             3 => {

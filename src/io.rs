@@ -59,7 +59,11 @@ pub trait Io: Send + Sync + fmt::Debug {
     fn open(&self, path: &Path, capacity: u64, writable: bool) -> io::Result<Box<dyn IoFile>>;
     /// Deletes a file.
     fn remove(&self, path: &Path) -> io::Result<()>;
-    /// Makes creations and deletions in `dir` durable.
+    /// Renames a file, replacing any file at `to` (both in the same directory); durable with
+    /// the next `sync_dir`. Lets a file be written whole under a temporary name and appear
+    /// under its real one only once it is complete.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Makes creations, renames and deletions in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Deletes a large file without one long stall: gives its blocks and cached pages back a
     /// few MiB at a time, then unlinks it. (Plain `remove` by default.)
@@ -223,7 +227,16 @@ impl Io for RealIo {
 
     fn create(&self, path: &Path, capacity: u64) -> io::Result<Box<dyn IoFile>> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
-        Ok(Box::new(MappedFile::new(file, capacity, true)?))
+        match MappedFile::new(file, capacity, true) {
+            Ok(mapped) => Ok(Box::new(mapped)),
+            Err(e) => {
+                // The file is ours (`create_new`): left behind, every later creation of the same
+                // name would fail with `AlreadyExists`. Its removal is best effort; the map's
+                // error (ENOMEM once `vm.max_map_count` is reached, say) is what the caller needs.
+                let _ = fs::remove_file(path);
+                Err(e)
+            }
+        }
     }
 
     fn open(&self, path: &Path, capacity: u64, writable: bool) -> io::Result<Box<dyn IoFile>> {
@@ -233,6 +246,10 @@ impl Io for RealIo {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

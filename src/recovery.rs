@@ -12,7 +12,7 @@ use crate::log::Loc;
 use crate::record::{self, HEADER_LEN, RECORD_ALIGN};
 use crate::segment::{Probe, SEGMENT_HEADER_LEN, Segment, parse_segment_file_name, segment_file_name};
 use crate::stats::RecoveryStats;
-use crate::table::{SealedTables, Table, parse_table_file_name, table_file_name};
+use crate::table::{SealedTables, Table, parse_table_file_name, parse_table_tmp_file_name, table_file_name};
 
 /// What recovery hands to the store.
 pub struct Recovered {
@@ -65,7 +65,12 @@ pub fn recover(
     for &id in &ids {
         let path = dir.join(segment_file_name(id));
         let table_path = dir.join(table_file_name(id));
-        let Some(segment) = Segment::open(io, &path, capacity, writer)? else {
+        let opened = match Segment::open(io, &path, capacity, writer) {
+            // Listed a moment ago, gone now: a live writer dropped its bucket meanwhile.
+            Err(e) if !writer && vanished(&e) => continue,
+            opened => opened?,
+        };
+        let Some(segment) = opened else {
             if writer {
                 remove(&path, "remove empty segment")?;
                 stats.empty_files_removed += 1;
@@ -90,7 +95,16 @@ pub fn recover(
         segments.insert(id, segment.clone());
         stats.segments += 1;
         if table_ids.contains(&id) {
-            if let Some(table) = Table::open(io, &table_path, id)? {
+            let opened = match Table::open(io, &table_path, id) {
+                // Deleted after the listing (its bucket is being dropped by a live writer): the
+                // segment, still mapped here, is scanned instead.
+                Err(e) if !writer && vanished(&e) => {
+                    to_scan.push(segment);
+                    continue;
+                }
+                opened => opened?,
+            };
+            if let Some(table) = opened {
                 max_seq = max_seq.max(table.bounds.max_seq);
                 latest_time_ms = latest_time_ms.max(table.bounds.latest_ms);
                 stats.tables_loaded += 1;
@@ -110,6 +124,12 @@ pub fn recover(
     if writer {
         for &id in table_ids.iter().filter(|id| !segments.contains_key(*id)) {
             remove(&dir.join(table_file_name(id)), "remove table without segment")?;
+            dir_changed = true;
+        }
+        // A table being written when the process stopped: its entries may never have reached
+        // the disk (its name may have, with its first sync). Sealing writes it again.
+        for name in names.iter().filter(|n| parse_table_tmp_file_name(n).is_some()) {
+            remove(&dir.join(name), "remove unfinished table")?;
             dir_changed = true;
         }
     }
@@ -175,6 +195,12 @@ pub fn recover(
         io.sync_dir(dir).map_err(|e| Error::io("sync directory", dir, e))?;
     }
     Ok(Recovered { segments, index, sealed, next_seq: max_seq + 1, next_segment_id, latest_time_ms, stats })
+}
+
+/// True when `e` says a file was not found: in a read-only view or `verify`, a file listed a
+/// moment before and missing now was deleted by the live writer (an expired bucket dropped).
+fn vanished(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
 }
 
 struct Scan {
@@ -272,12 +298,15 @@ pub struct FileReport {
     /// The first problem that is not a torn tail: (offset, reason). Opening the store fails
     /// with `Error::Corrupt` or `Error::UnsupportedVersion` while this is set.
     pub problem: Option<(u64, String)>,
+    /// Its bucket has ended: the file is deleted at the next open or by the writer's next
+    /// maintenance, which may be freeing its blocks right now, so its records are not checked.
+    pub expired: bool,
 }
 
 /// What `Store::verify` found, file by file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyReport {
-    /// One entry per segment file, in id order.
+    /// One entry per segment file, in id order (a file deleted while `verify` ran is left out).
     pub files: Vec<FileReport>,
 }
 
@@ -288,20 +317,31 @@ impl VerifyReport {
     }
 }
 
-/// Checks every checksum of every segment in `dir` without changing a byte.
+/// Checks every checksum of every segment in `dir` without changing a byte, as of the wall
+/// clock's time (see [`verify_at`]).
 pub fn verify(io: &dyn Io, dir: &Path, capacity: u64) -> Result<VerifyReport> {
+    verify_at(io, dir, capacity, crate::clock::system_time_to_ms(std::time::SystemTime::now()))
+}
+
+/// Checks every checksum of every segment in `dir` without changing a byte, on a store that a
+/// writer may be changing meanwhile: a segment deleted after the listing is left out, and one
+/// whose bucket ended by `now_ms` is reported as expired without a check of its records (the
+/// writer may be freeing its blocks, which then read as zeros).
+pub fn verify_at(io: &dyn Io, dir: &Path, capacity: u64, now_ms: u64) -> Result<VerifyReport> {
     let names = io.list(dir).map_err(|e| Error::io("list store directory", dir, e))?;
     let mut ids: Vec<u32> = names.iter().filter_map(|n| parse_segment_file_name(n)).collect();
     ids.sort_unstable();
     let mut report = VerifyReport::default();
     for id in ids {
         let path = dir.join(crate::segment::segment_file_name(id));
-        let mut file = FileReport { path: path.clone(), records: 0, torn_bytes: 0, problem: None };
+        let mut file = FileReport { path: path.clone(), records: 0, torn_bytes: 0, problem: None, expired: false };
         match Segment::open(io, &path, capacity, false) {
+            Err(e) if vanished(&e) => continue,
             Ok(None) => {}
             Ok(Some(segment)) if segment.header.id != id => {
                 file.problem = Some((12, "segment id does not match file name".into()));
             }
+            Ok(Some(segment)) if segment.header.bucket_end_ms <= now_ms => file.expired = true,
             Ok(Some(segment)) => match scan_segment(&segment, Mode::ReadOnly) {
                 Ok(scan) => {
                     file.records = scan.records.len() as u64;
@@ -316,4 +356,81 @@ pub fn verify(io: &dyn Io, dir: &Path, capacity: u64) -> Result<VerifyReport> {
         report.files.push(file);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{DirLock, IoFile};
+    use crate::sim::SimDisk;
+    use std::path::PathBuf;
+
+    /// The simulated disk, except that the first open of `vanish` finds it deleted: what
+    /// `verify` sees when the writer drops a bucket between the listing and the open.
+    #[derive(Debug)]
+    struct VanishingIo {
+        disk: SimDisk,
+        vanish: parking_lot::Mutex<Option<PathBuf>>,
+    }
+
+    impl Io for VanishingIo {
+        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+            self.disk.create_dir_all(dir)
+        }
+        fn lock_dir(&self, dir: &Path) -> std::io::Result<Box<dyn DirLock>> {
+            self.disk.lock_dir(dir)
+        }
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+            self.disk.list(dir)
+        }
+        fn create(&self, path: &Path, capacity: u64) -> std::io::Result<Box<dyn IoFile>> {
+            self.disk.create(path, capacity)
+        }
+        fn open(&self, path: &Path, capacity: u64, writable: bool) -> std::io::Result<Box<dyn IoFile>> {
+            if self.vanish.lock().take_if(|p| p == path).is_some() {
+                self.disk.remove(path)?;
+            }
+            self.disk.open(path, capacity, writable)
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            self.disk.remove(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            self.disk.rename(from, to)
+        }
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            self.disk.sync_dir(dir)
+        }
+    }
+
+    #[test]
+    fn verify_leaves_out_a_segment_deleted_after_it_was_listed() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/store");
+        let now_ms = crate::clock::system_time_to_ms(std::time::SystemTime::now());
+        let options = crate::Options {
+            io: std::sync::Arc::new(disk.clone()),
+            clock: crate::ManualClock::new(now_ms),
+            background: false,
+            ..crate::Options::default()
+        };
+        let store = crate::Store::open(dir, options.clone()).unwrap();
+        for (i, ttl_s) in [60, 7200].into_iter().enumerate() {
+            let ttl = crate::ClaimOptions { ttl: Some(std::time::Duration::from_secs(ttl_s)), ..Default::default() };
+            let crate::Claim::Acquired(token) = store.claim_with(format!("key-{i}"), b"req", ttl).unwrap() else {
+                panic!("a fresh key")
+            };
+            store.complete(&token, b"done").unwrap();
+        }
+        store.close().unwrap();
+        let segments: Vec<PathBuf> =
+            disk.file_paths().into_iter().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
+        assert_eq!(segments.len(), 2);
+        let io = VanishingIo { disk: disk.clone(), vanish: parking_lot::Mutex::new(Some(segments[0].clone())) };
+        let report = verify_at(&io, dir, options.segment_bytes_max, now_ms).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        let paths: Vec<&PathBuf> = report.files.iter().map(|f| &f.path).collect();
+        assert_eq!(paths, vec![&segments[1]], "the deleted segment is left out: {report:?}");
+        assert_eq!(report.files[0].records, 2);
+    }
 }

@@ -71,7 +71,8 @@ impl SegmentHeader {
     }
 
     /// Decodes a header. `Ok(None)` means the header is all zeros: the file was created but its
-    /// header never reached the disk, so it holds nothing.
+    /// header never reached the disk; it holds nothing only if the rest of it is zeros too (see
+    /// `Segment::open`).
     pub fn decode(path: &Path, b: &[u8; SEGMENT_HEADER_LEN as usize]) -> Result<Option<Self>> {
         if b.iter().all(|&x| x == 0) {
             return Ok(None);
@@ -162,6 +163,25 @@ fn reserve_zeroed(file: &dyn IoFile, len: u64, paged: bool) -> std::io::Result<(
     if paged { file.reserve_paged(len) } else { file.reserve(len) }
 }
 
+/// The offset of the first non-zero byte of `file` at or after `from`, if any. Read in chunks:
+/// only files whose header reads as zeros are searched, a spare's few hundred KiB at most
+/// unless the file is damaged.
+fn first_non_zero(file: &dyn IoFile, path: &Path, from: u64) -> Result<Option<u64>> {
+    const CHUNK: u64 = 64 << 10;
+    let len = file.len();
+    let mut buf = vec![0u8; CHUNK.min(len.saturating_sub(from)) as usize];
+    let mut at = from;
+    while at < len {
+        let n = CHUNK.min(len - at) as usize;
+        file.read_at(at, &mut buf[..n]).map_err(|e| Error::io("read segment", path, e))?;
+        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+            return Ok(Some(at + i as u64));
+        }
+        at += n as u64;
+    }
+    Ok(None)
+}
+
 impl Segment {
     /// Creates a new segment file with `initial_bytes` reserved and its header written.
     pub fn create(
@@ -225,16 +245,29 @@ impl Segment {
         }
     }
 
-    /// Opens an existing segment; `Ok(None)` when its header was never written (empty file).
+    /// Opens an existing segment; `Ok(None)` when the file is all zeros (or too short for a
+    /// header): a spare (created ahead of need) whose header was never written, holding
+    /// nothing. A header that reads as zeros
+    /// over anything else is `Error::Corrupt`: records follow, and they are the only copy of
+    /// their keys, so the file must not be taken for an empty spare and deleted.
     pub fn open(io: &dyn Io, path: &Path, capacity: u64, writable: bool) -> Result<Option<Segment>> {
         let file = io.open(path, capacity, writable).map_err(|e| Error::io("open segment", path, e))?;
+        let len = file.len();
         let mut raw = [0u8; SEGMENT_HEADER_LEN as usize];
-        if file.len() < SEGMENT_HEADER_LEN {
+        if len < SEGMENT_HEADER_LEN {
+            // Too short to hold a header, let alone a record: nothing in it can be lost.
             return Ok(None);
         }
         file.read_at(0, &mut raw).map_err(|e| Error::io("read segment header", path, e))?;
         let Some(header) = SegmentHeader::decode(path, &raw)? else {
-            return Ok(None);
+            return match first_non_zero(file.as_ref(), path, SEGMENT_HEADER_LEN)? {
+                None => Ok(None),
+                Some(_) => Err(Error::Corrupt {
+                    file: path.to_path_buf(),
+                    offset: 0,
+                    reason: "segment header reads as zeros, yet bytes follow it (a lost header, not a spare)",
+                }),
+            };
         };
         Ok(Some(Segment::new(header, path.to_path_buf(), file, u64::MAX)))
     }

@@ -2,7 +2,12 @@
 //! bytes synced apart, so a simulated power cut keeps only what was synced (optionally plus a
 //! torn prefix of the unsynced writes), and it can fail fsync or run out of space on demand.
 //!
-//! File creations and deletions become durable only with `sync_dir`, as on a real file system.
+//! File creations, renames and deletions become durable only with `sync_dir`, as on a real file
+//! system; or, with [`SimDisk::names_durable_on_first_sync`], a new file's name also with its
+//! first sync, as on ext4 (whose first fsync of a new file commits its directory entry too).
+//! `sync_gradually` syncs a file in slices front to back ([`SimDisk::set_sync_slice_bytes`]), as
+//! the real disk does, and a test can take a power cut between two slices
+//! ([`SimDisk::between_sync_slices`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -29,7 +34,31 @@ struct SimFile {
     state: Mutex<FileState>,
     disk: Arc<Faults>,
     writable: bool,
+    /// The disk's names, so the first sync can make this file's name durable (see
+    /// `SimDisk::names_durable_on_first_sync`); empty for files that never need it.
+    names: std::sync::Weak<Mutex<DiskState>>,
+    /// Set by the first successful sync.
+    synced_once: AtomicBool,
 }
+
+impl SimFile {
+    /// A file holding `bytes`, all durable, whose name needs no first sync.
+    fn durable(bytes: Vec<u8>, disk: Arc<Faults>) -> SimFile {
+        SimFile {
+            state: Mutex::new(FileState { live: bytes.clone(), durable: bytes, pending: Vec::new() }),
+            disk,
+            writable: true,
+            names: std::sync::Weak::new(),
+            synced_once: AtomicBool::new(true),
+        }
+    }
+}
+
+/// Called between two slices of a gradual sync (see [`SimDisk::between_sync_slices`]).
+pub type SliceHook = Arc<dyn Fn() + Send + Sync>;
+
+/// Slice of a gradual sync unless a test sets another: what the real disk uses.
+const DEFAULT_SYNC_SLICE_BYTES: u64 = 1 << 20;
 
 #[derive(Default)]
 struct Faults {
@@ -41,6 +70,11 @@ struct Faults {
     paged_reserves: AtomicU64,
     read_bytes: AtomicU64,
     read_hold: ReadHold,
+    /// A new file's name becomes durable with its first sync (ext4), not only by `sync_dir`.
+    names_on_first_sync: AtomicBool,
+    /// Bytes per slice of `sync_gradually`; 0 means the default.
+    sync_slice_bytes: AtomicU64,
+    between_slices: Mutex<Option<SliceHook>>,
 }
 
 /// One read stopped half way (see [`SimDisk::hold_next_read`]): what else may happen while a
@@ -211,6 +245,8 @@ impl SimDisk {
         let mut rng = SplitMix(torn_seed.unwrap_or(0));
         let faults = Arc::new(Faults::default());
         faults.space_limit_bytes.store(self.faults.space_limit_bytes.load(Ordering::SeqCst), Ordering::SeqCst);
+        faults.names_on_first_sync.store(self.faults.names_on_first_sync.load(Ordering::SeqCst), Ordering::SeqCst);
+        faults.sync_slice_bytes.store(self.faults.sync_slice_bytes.load(Ordering::SeqCst), Ordering::SeqCst);
         let mut files = HashMap::new();
         let mut names: Vec<_> = state.durable_names.iter().collect();
         names.sort_by(|a, b| a.0.cmp(b.0));
@@ -230,12 +266,7 @@ impl SimDisk {
                 }
             }
             faults.used_bytes.fetch_add(bytes.len() as u64, Ordering::SeqCst);
-            let new = SimFile {
-                state: Mutex::new(FileState { live: bytes.clone(), durable: bytes, pending: Vec::new() }),
-                disk: faults.clone(),
-                writable: true,
-            };
-            files.insert(path.clone(), Arc::new(new));
+            files.insert(path.clone(), Arc::new(SimFile::durable(bytes, faults.clone())));
         }
         let durable_names = files.clone();
         SimDisk {
@@ -258,16 +289,61 @@ impl SimDisk {
     /// Replaces a file's live and durable bytes (for tests and fuzzing that damage files).
     pub fn write_file(&self, path: &Path, bytes: Vec<u8>) {
         let mut state = self.state.lock();
-        let file = Arc::new(SimFile {
-            state: Mutex::new(FileState { live: bytes.clone(), durable: bytes, pending: Vec::new() }),
-            disk: self.faults.clone(),
-            writable: true,
-        });
+        let file = Arc::new(SimFile::durable(bytes, self.faults.clone()));
         if let Some(parent) = path.parent() {
             state.dirs.insert(parent.to_path_buf());
         }
         state.files.insert(path.to_path_buf(), file.clone());
         state.durable_names.insert(path.to_path_buf(), file);
+    }
+
+    /// Zeroes `len` bytes at `offset` of a file, written and synced alike: a block that reads
+    /// back as zeros (lost by the device, or never written before a power cut). The range is
+    /// cut at the file's end. `NotFound` when there is no such file.
+    pub fn zero_range(&self, path: &Path, offset: u64, len: u64) -> io::Result<()> {
+        let state = self.state.lock();
+        let file = state.files.get(path).ok_or(io::ErrorKind::NotFound)?;
+        let mut guard = file.state.lock();
+        let file = &mut *guard;
+        for bytes in [&mut file.live, &mut file.durable] {
+            let end = offset.saturating_add(len).min(bytes.len() as u64) as usize;
+            let start = (offset as usize).min(end);
+            bytes[start..end].fill(0);
+        }
+        // A write not yet synced would bring the bytes back at a torn power cut: the block
+        // stays zero whatever happens next, as it does on the device.
+        let (zero_from, zero_to) = (offset, offset.saturating_add(len));
+        for (at, bytes) in &mut file.pending {
+            for (i, b) in bytes.iter_mut().enumerate() {
+                let pos = *at + i as u64;
+                if (zero_from..zero_to).contains(&pos) {
+                    *b = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With `on`, a newly created file's name becomes durable with the file's first sync (as
+    /// on ext4, where the first fsync of a new file also commits its directory entry), not
+    /// only by `sync_dir`: a power cut between that sync and a later one keeps the file under
+    /// its name with whatever was synced so far. Kept by `power_cut` images.
+    pub fn names_durable_on_first_sync(&self, on: bool) {
+        self.faults.names_on_first_sync.store(on, Ordering::SeqCst);
+    }
+
+    /// Bytes per slice of `IoFile::sync_gradually` (1 MiB unless set, as on the real disk);
+    /// small slices let a test cut a small file's gradual sync in the middle. Kept by
+    /// `power_cut` images.
+    pub fn set_sync_slice_bytes(&self, bytes: u64) {
+        self.faults.sync_slice_bytes.store(bytes.max(1), Ordering::SeqCst);
+    }
+
+    /// Calls `hook` between every two slices of a gradual sync of any file on this disk (after
+    /// a slice is durable, before the next is synced), e.g. to take a power cut there; `None`
+    /// removes it. Not kept by `power_cut` images.
+    pub fn between_sync_slices(&self, hook: Option<SliceHook>) {
+        *self.faults.between_slices.lock() = hook;
     }
 
     /// Paths of all live files, sorted.
@@ -369,8 +445,13 @@ impl Io for SimDisk {
         if state.files.contains_key(path) {
             return Err(io::ErrorKind::AlreadyExists.into());
         }
-        let file =
-            Arc::new(SimFile { state: Mutex::new(FileState::default()), disk: self.faults.clone(), writable: true });
+        let file = Arc::new(SimFile {
+            state: Mutex::new(FileState::default()),
+            disk: self.faults.clone(),
+            writable: true,
+            names: Arc::downgrade(&self.state),
+            synced_once: AtomicBool::new(false),
+        });
         state.files.insert(path.to_path_buf(), file.clone());
         Ok(Box::new(SimHandle(file)))
     }
@@ -382,11 +463,8 @@ impl Io for SimDisk {
             Ok(Box::new(SimHandle(file.clone())))
         } else {
             let snapshot = file.state.lock().live.clone();
-            Ok(Box::new(SimHandle(Arc::new(SimFile {
-                state: Mutex::new(FileState { live: snapshot.clone(), durable: snapshot, pending: Vec::new() }),
-                disk: Arc::new(Faults::default()),
-                writable: false,
-            }))))
+            let copy = SimFile { writable: false, ..SimFile::durable(snapshot, Arc::new(Faults::default())) };
+            Ok(Box::new(SimHandle(Arc::new(copy))))
         }
     }
 
@@ -399,6 +477,17 @@ impl Io for SimDisk {
         let file = state.files.remove(path).ok_or(io::ErrorKind::NotFound)?;
         let len = file.state.lock().live.len() as u64;
         self.faults.used_bytes.fetch_sub(len.min(self.faults.used_bytes.load(Ordering::SeqCst)), Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = self.state.lock();
+        let file = state.files.remove(from).ok_or(io::ErrorKind::NotFound)?;
+        if let Some(replaced) = state.files.insert(to.to_path_buf(), file) {
+            let len = replaced.state.lock().live.len() as u64;
+            self.faults.used_bytes.fetch_sub(len.min(self.faults.used_bytes.load(Ordering::SeqCst)), Ordering::SeqCst);
+        }
+        // Durable with the next `sync_dir` (both names).
         Ok(())
     }
 
@@ -471,15 +560,61 @@ impl IoFile for SimHandle {
     }
 
     fn sync(&self) -> io::Result<()> {
+        self.sync_range(0, u64::MAX)
+    }
+
+    fn sync_gradually(&self) -> io::Result<()> {
+        let slice = match self.0.disk.sync_slice_bytes.load(Ordering::SeqCst) {
+            0 => DEFAULT_SYNC_SLICE_BYTES,
+            n => n,
+        };
+        let len = self.len();
+        let mut at = 0u64;
+        loop {
+            let end = at.saturating_add(slice);
+            self.sync_range(at, end)?;
+            if end >= len {
+                return Ok(());
+            }
+            at = end;
+            // Taken out first: the hook may take a power cut, which locks the disk and files.
+            let hook = self.0.disk.between_slices.lock().clone();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+    }
+}
+
+impl SimHandle {
+    /// Makes the file's length and its writes within `from..to` durable, as an fdatasync of
+    /// that range does (the length goes with the first range: the data needs it to be read).
+    /// Ranges are synced front to back: a write wholly before `to` is then done with.
+    fn sync_range(&self, from: u64, to: u64) -> io::Result<()> {
         self.0.disk.sync_allowed()?;
-        let mut guard = self.0.state.lock();
-        let state = &mut *guard;
-        let len = state.live.len();
-        state.durable.resize(len, 0);
-        for (offset, bytes) in state.pending.drain(..) {
-            let start = (offset as usize).min(len);
-            let end = (start + bytes.len()).min(len);
-            state.durable[start..end].copy_from_slice(&state.live[start..end]);
+        {
+            let mut guard = self.0.state.lock();
+            let state = &mut *guard;
+            let len = state.live.len();
+            state.durable.resize(len, 0);
+            let (from, to) = (from.min(len as u64) as usize, to.min(len as u64) as usize);
+            for (offset, bytes) in &state.pending {
+                let start = (*offset as usize).clamp(from, to);
+                let end = (*offset as usize + bytes.len()).clamp(from, to);
+                state.durable[start..end].copy_from_slice(&state.live[start..end]);
+            }
+            state.pending.retain(|(offset, bytes)| *offset as usize + bytes.len() > to);
+        }
+        if self.0.disk.names_on_first_sync.load(Ordering::SeqCst) && !self.0.synced_once.swap(true, Ordering::SeqCst) {
+            // Taken after the file's lock is let go: `power_cut` takes the disk, then files.
+            if let Some(names) = self.0.names.upgrade() {
+                let mut names = names.lock();
+                let mine: Vec<PathBuf> =
+                    names.files.iter().filter(|(_, f)| Arc::ptr_eq(f, &self.0)).map(|(p, _)| p.clone()).collect();
+                for path in mine {
+                    names.durable_names.insert(path, self.0.clone());
+                }
+            }
         }
         Ok(())
     }

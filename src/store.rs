@@ -1129,6 +1129,10 @@ impl Inner {
             }
             crate::pace::breathe();
         }
+        // A table holds only the records the index points at: one a newer record superseded is
+        // left out, so that newer record must be durable before the table is (else a power cut
+        // loses it and the table hides the older, acknowledged one, its segment unscanned).
+        self.sync_all()?;
         // Every record of a retired segment is older than this, and written before now.
         let bounds = TableBounds { max_seq: self.log.last_seq(), latest_ms: now_ms };
         let mut tables = Vec::with_capacity(to_seal.len());

@@ -43,10 +43,22 @@ pub const TABLE_HEADER_LEN: u64 = 64;
 pub const ENTRY_LEN: u64 = 16;
 /// File name extension of table files.
 pub const TABLE_EXT: &str = "tbl";
+/// Extension added to a table's name while it is written (see [`table_tmp_file_name`]).
+pub const TABLE_TMP_EXT: &str = "tmp";
 
 /// The file name of segment `id`'s table.
 pub fn table_file_name(id: u32) -> String {
     format!("{id:08x}.{TABLE_EXT}")
+}
+
+/// The temporary name segment `id`'s table is written under before it is renamed into place.
+pub fn table_tmp_file_name(id: u32) -> String {
+    format!("{id:08x}.{TABLE_EXT}.{TABLE_TMP_EXT}")
+}
+
+/// The segment id in a temporary table file name (see [`table_tmp_file_name`]), if it is one.
+pub fn parse_table_tmp_file_name(name: &str) -> Option<u32> {
+    parse_table_file_name(name.strip_suffix(".tmp")?)
 }
 
 /// The segment id in a table file name, if it is one.
@@ -63,11 +75,18 @@ fn entry_fields(bytes: &[u8]) -> (u64, u32, u32) {
     (u64_at(bytes, 0), u32_at(bytes, 8), u32_at(bytes, 12))
 }
 
-fn entry_check(segment_id: u32, hash: u64, offset: u32) -> u32 {
+/// The CRC state after segment `segment_id`'s id: every entry's check starts with it.
+fn check_seed(segment_id: u32) -> crc32fast::Hasher {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&segment_id.to_le_bytes());
-    hasher.update(&hash.to_le_bytes());
-    hasher.update(&offset.to_le_bytes());
+    hasher
+}
+
+/// An entry's check: the crc32 of (segment id, hash, offset), from the seed of its segment.
+/// The entry's first 12 bytes are that hash and offset, little endian, as the CRC takes them.
+fn entry_check(seed: &crc32fast::Hasher, hash_and_offset: &[u8]) -> u32 {
+    let mut hasher = seed.clone();
+    hasher.update(hash_and_offset);
     hasher.finalize()
 }
 
@@ -98,6 +117,8 @@ pub struct Table {
     count: u64,
     entries_at: u64,
     file: Box<dyn IoFile>,
+    /// `check_seed(segment_id)`, kept so a lookup's checks hash only the entries' bytes.
+    seed: crc32fast::Hasher,
 }
 
 impl std::fmt::Debug for Table {
@@ -107,8 +128,9 @@ impl std::fmt::Debug for Table {
 }
 
 impl Table {
-    /// Writes the table of segment `segment_id` from its (hash, offset) entries and syncs it.
-    /// The caller syncs the directory.
+    /// Writes the table of segment `segment_id` from its (hash, offset) entries, syncs it and
+    /// renames it into place. The caller syncs the directory, which makes the table durable
+    /// under its name.
     pub fn write(
         io: &dyn Io,
         dir: &Path,
@@ -141,24 +163,46 @@ impl Table {
         for word in filter.words() {
             bytes.extend_from_slice(&word.to_le_bytes());
         }
+        let seed = check_seed(segment_id);
         for (hash, offset) in &entries {
+            let at = bytes.len();
             bytes.extend_from_slice(&hash.to_le_bytes());
             bytes.extend_from_slice(&offset.to_le_bytes());
-            bytes.extend_from_slice(&entry_check(segment_id, *hash, *offset).to_le_bytes());
+            let check = entry_check(&seed, &bytes[at..]);
+            bytes.extend_from_slice(&check.to_le_bytes());
         }
         debug_assert_eq!(bytes.len() as u64, total);
-        // A table left by an interrupted earlier attempt is replaced whole.
-        let _ = io.remove(&path);
-        let file = io.create(&path, total).map_err(|e| Error::io("create table", &path, e))?;
-        let written =
-            file.reserve_unfilled(total).and_then(|()| file.write_at(0, &bytes)).and_then(|()| file.sync_gradually());
-        if let Err(e) = written {
+        // Written whole under a temporary name, synced, then renamed into place: the table's
+        // name must never be durable over entries that are not. (A sync in slices of a file
+        // under its own name could leave its header and filter durable over a zeroed tail: on
+        // ext4 the first sync of a new file commits its name too.) A temporary file left by
+        // an interrupted earlier attempt is replaced; recovery removes any it finds.
+        let tmp = dir.join(table_tmp_file_name(segment_id));
+        let _ = io.remove(&tmp);
+        let file = io.create(&tmp, total).map_err(|e| Error::io("create table", &tmp, e))?;
+        let written = file
+            .reserve_unfilled(total)
+            .and_then(|()| file.write_at(0, &bytes))
+            .and_then(|()| file.sync_gradually())
+            .map_err(|e| ("write table", e))
+            .and_then(|()| io.rename(&tmp, &path).map_err(|e| ("rename table into place", e)));
+        if let Err((what, e)) = written {
             drop(file);
-            let _ = io.remove(&path);
-            return Err(Error::io("write table", path, e));
+            let _ = io.remove(&tmp);
+            return Err(Error::io(what, tmp, e));
         }
         file.release_descriptor();
-        Ok(Table { segment_id, bucket_end_ms, bounds, path, filter, count: entries.len() as u64, entries_at, file })
+        Ok(Table {
+            segment_id,
+            bucket_end_ms,
+            bounds,
+            path,
+            filter,
+            count: entries.len() as u64,
+            entries_at,
+            file,
+            seed,
+        })
     }
 
     /// Opens a table; `Ok(None)` when it is damaged (bad magic, checksum, version or sizes),
@@ -202,6 +246,7 @@ impl Table {
             count,
             entries_at,
             file,
+            seed: check_seed(segment_id),
         }))
     }
 
@@ -218,7 +263,7 @@ impl Table {
     /// Entry `i`'s hash and record offset, from its 16 bytes, checked against its own CRC.
     fn checked(&self, i: u64, bytes: &[u8]) -> Result<(u64, u32)> {
         let (hash, offset, check) = entry_fields(bytes);
-        if check != entry_check(self.segment_id, hash, offset) {
+        if check != entry_check(&self.seed, &bytes[..12]) {
             return Err(Error::Corrupt {
                 file: self.path.clone(),
                 offset: self.entries_at + i * ENTRY_LEN,
@@ -252,6 +297,14 @@ impl Table {
 
     /// Calls `visit` with the location of every entry with `hash`, until it returns true
     /// (stop); returns whether it stopped.
+    ///
+    /// Every entry whose hash is compared is checked against its CRC first: a damaged (or never
+    /// written, zeroed) entry read as a hash would steer the search past the key, making a
+    /// stored key look absent, or a newer record of it (a removal) look missing so that an
+    /// older table answers. Only compared entries are checked: the boundaries of the window, the
+    /// binary search's probes and the run it visits, a dozen CRCs of 16 bytes, not the window.
+    /// The search's answer rests only on those: the entry before the position found and the one
+    /// at it were both compared, so a damaged entry elsewhere cannot move it.
     pub fn lookup(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<bool>) -> Result<bool> {
         if self.count == 0 || !self.filter.may_contain(hash) {
             return Ok(false);
@@ -267,10 +320,10 @@ impl Table {
         self.file
             .read_at(self.entries_at + lo * ENTRY_LEN, window)
             .map_err(|e| Error::io("read table entries", &self.path, e))?;
-        let bytes_of = |i: u64| &window[(i * ENTRY_LEN) as usize..((i + 1) * ENTRY_LEN) as usize];
-        let hash_of = |i: u64| entry_fields(bytes_of(i)).0;
+        let at = |i: u64| self.checked(lo + i, &window[(i * ENTRY_LEN) as usize..((i + 1) * ENTRY_LEN) as usize]);
+        let hash_of = |i: u64| at(i).map(|(h, _)| h);
         let len = hi - lo;
-        if (lo > 0 && hash_of(0) >= hash) || (hi < self.count && hash_of(len - 1) < hash) {
+        if (lo > 0 && hash_of(0)? >= hash) || (hi < self.count && hash_of(len - 1)? < hash) {
             // The interpolation missed: search the whole table.
             let (mut a, mut b) = (0, self.count);
             while a < b {
@@ -286,14 +339,14 @@ impl Table {
         let (mut a, mut b) = (0, len);
         while a < b {
             let mid = a + (b - a) / 2;
-            if hash_of(mid) < hash {
+            if hash_of(mid)? < hash {
                 a = mid + 1;
             } else {
                 b = mid;
             }
         }
         for i in a..len {
-            let (h, offset) = self.checked(lo + i, bytes_of(i))?;
+            let (h, offset) = at(i)?;
             if h != hash {
                 return Ok(false);
             }

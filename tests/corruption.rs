@@ -245,3 +245,72 @@ fn flipped_byte_in_a_sealed_segment_is_an_error_never_an_absent_key() {
         assert_eq!(done.outcome, b"outcome number 2", "{context}");
     }
 }
+
+/// A segment of `keys` completed keys on a simulated disk, closed; returns its path.
+fn sim_store_with_records(disk: &idemstore::sim::SimDisk, clock: &Arc<ManualClock>, keys: usize) -> PathBuf {
+    let store = Store::open("/store", Options { io: Arc::new(disk.clone()), ..options(clock) }).unwrap();
+    for i in 0..keys {
+        let token = acquired(store.claim(format!("key-{i}"), b"request").unwrap());
+        store.complete(&token, format!("outcome number {i}")).unwrap();
+    }
+    store.close().unwrap();
+    let segments: Vec<PathBuf> =
+        disk.file_paths().into_iter().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
+    assert_eq!(segments.len(), 1);
+    segments[0].clone()
+}
+
+/// A spare segment (created ahead of need) is all zeros, and is removed quietly at open. A
+/// segment whose header reads as zeros but which holds anything after it lost its header:
+/// refused, and nothing is deleted (its records were the only copy of 100 outcomes).
+#[test]
+fn a_segment_whose_header_reads_as_zeros_over_records_is_corrupt_not_a_spare() {
+    let clock = ManualClock::new(START_MS);
+    let disk = idemstore::sim::SimDisk::new();
+    let segment = sim_store_with_records(&disk, &clock, 100);
+    let sim_options = || Options { io: Arc::new(disk.clone()), ..options(&clock) };
+
+    let spare = segment.with_file_name("000000ff.seg");
+    disk.write_file(&spare, vec![0; 8192]);
+    let store = Store::open("/store", sim_options()).expect("a spare is no damage");
+    assert_eq!(store.stats().recovery.empty_files_removed, 1);
+    store.close().unwrap();
+    assert!(disk.read_file(&spare).is_none(), "the spare was removed");
+
+    disk.zero_range(&segment, 0, 4096).unwrap();
+    let before: Vec<_> = disk.file_paths().into_iter().map(|p| (disk.read_file(&p), p)).collect();
+    for attempt in 0..2 {
+        match Store::open("/store", sim_options()) {
+            Err(Error::Corrupt { file, offset, .. }) => assert_eq!((file, offset), (segment.clone(), 0)),
+            Err(other) => panic!("attempt {attempt}: expected Corrupt, got {other:?}"),
+            Ok(store) => panic!("attempt {attempt}: opened, with {} keys", store.keys().unwrap().len()),
+        }
+        let after: Vec<_> = disk.file_paths().into_iter().map(|p| (disk.read_file(&p), p)).collect();
+        assert!(after == before, "attempt {attempt}: a refused open changed files");
+    }
+    let view = Store::open_read_only_with("/store", sim_options());
+    assert!(matches!(view, Err(Error::Corrupt { .. })), "a read-only view refuses it too: {:?}", view.err());
+}
+
+#[test]
+fn verify_reports_a_segment_whose_header_reads_as_zeros_over_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let store = Store::open(dir.path(), options(&clock)).unwrap();
+    for i in 0..100 {
+        let token = acquired(store.claim(format!("key-{i}"), b"request").unwrap());
+        store.complete(&token, format!("outcome number {i}")).unwrap();
+    }
+    store.close().unwrap();
+    let segment = dir.path().join("00000001.seg");
+    assert!(std::fs::metadata(&segment).unwrap().len() > 4096, "records lie past the zeroed block");
+    patch(&segment, |b| {
+        let end = b.len().min(4096);
+        b[..end].fill(0);
+    });
+    let report = Store::verify(dir.path()).unwrap();
+    assert!(!report.is_clean(), "{report:?}");
+    let file = report.files.iter().find(|f| f.path == segment).expect("the segment is in the report");
+    assert_eq!(file.problem.as_ref().map(|(offset, _)| *offset), Some(0), "{file:?}");
+    assert!(segment.exists(), "verify deletes nothing");
+}

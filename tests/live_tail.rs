@@ -53,6 +53,9 @@ impl Io for HidingIo {
     fn remove(&self, path: &Path) -> io::Result<()> {
         RealIo.remove(path)
     }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        RealIo.rename(from, to)
+    }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         RealIo.sync_dir(dir)
     }

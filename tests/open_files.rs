@@ -91,3 +91,18 @@ fn a_bucket_that_fills_many_segments_holds_one_descriptor() {
     assert!(descriptors <= 2, "{descriptors} descriptors for one bucket");
     assert!(stats.open_files <= 2, "{stats:?}");
 }
+
+/// A file created for a segment whose map then fails (ENOMEM once `vm.max_map_count` is
+/// reached; here a capacity no address space holds) is removed again: left behind, it would
+/// make every later creation of the same segment id fail with `AlreadyExists`.
+#[test]
+fn a_created_file_whose_map_fails_is_not_left_behind() {
+    use idemstore::io::{Io, RealIo};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("00000001.seg");
+    let Err(err) = RealIo.create(&path, 1 << 62) else { panic!("a 4 EiB map succeeded") };
+    assert_ne!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
+    assert!(!path.exists(), "the file of the failed creation is still there ({err})");
+    let file = RealIo.create(&path, 1 << 20).expect("the same name can be created again");
+    file.reserve(4096).expect("reserve");
+}
