@@ -91,6 +91,12 @@ impl StoreTime {
         let previous = self.latest_ms.fetch_max(reading, Ordering::AcqRel);
         previous.max(reading)
     }
+
+    /// The latest store time handed out so far (no clock reading): every answer given yet was
+    /// given at this time or earlier.
+    pub(crate) fn latest_ms(&self) -> u64 {
+        self.latest_ms.load(Ordering::Acquire)
+    }
 }
 
 /// Milliseconds since the epoch; times before the epoch count as 0.

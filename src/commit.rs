@@ -51,6 +51,12 @@ pub trait Syncer {
     fn written_seq(&self) -> Option<u64> {
         None
     }
+    /// Makes the store's time durable as far as any answer given so far (see
+    /// `time_floor::TimeFloor`); called once the record an answer rests on is durable. The
+    /// default has no time to keep.
+    fn cover_time(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<F: Fn() -> std::io::Result<u64>> Syncer for F {
@@ -123,7 +129,14 @@ impl GroupCommit {
         loop {
             self.check()?;
             if self.durable.load(Ordering::Acquire) >= seq {
-                return Ok(());
+                // The answer also rests on the store's time (a key read as expired): that time
+                // must survive a power cut too, or a clock behind at the next open would bring
+                // the key back. A failure is a failed sync like any other.
+                return syncer.cover_time().map_err(|e| {
+                    let cause = format!("time floor sync failed: {e}");
+                    self.poison(cause.clone());
+                    Error::Poisoned { cause }
+                });
             }
             if self.leader_active.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                 self.lead(syncer);

@@ -18,6 +18,7 @@ use crate::record::Header;
 use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
 use crate::segment_cache::SegmentCache;
 use crate::striped_map::StripedMap;
+use crate::time_floor::TimeFloor;
 
 /// Where a record lives: segment id and byte offset. This, and nothing about the record, is
 /// what the index keeps per key.
@@ -51,8 +52,25 @@ struct Appender {
     next_seq: u64,
     next_segment_id: u32,
     active: IdMap<u64, Active>,
+    /// Live segments that take no more appends: they left `active` (full, evicted for the
+    /// descriptor bound, or idle) or were found at open. Only these are handed out to seal,
+    /// and an append never writes to one (an `Active` is only ever made for a new segment).
+    retired: IdMap<u32, ()>,
     dirty: Vec<Arc<Segment>>,
     appended_bytes: u64,
+    /// The latest store time any record appended so far was written at.
+    written_ms: u64,
+}
+
+impl Appender {
+    /// Takes `bucket`'s segment out of `active`, under the appender lock: from here on it takes
+    /// no appends (a later write to the bucket opens a new segment), so its descriptor goes.
+    fn retire(&mut self, bucket: u64) {
+        if let Some(done) = self.active.remove(&bucket) {
+            done.segment.release_descriptor();
+            self.retired.insert(done.segment.id(), ());
+        }
+    }
 }
 
 pub struct Log {
@@ -77,12 +95,20 @@ pub struct Log {
     growth_pending: std::sync::atomic::AtomicBool,
     /// A new segment was opened and no spare is left for the next one (see `take_spare_wanted`).
     spare_wanted: std::sync::atomic::AtomicBool,
+    /// The durable floor of the store's time (synced records raise it; see `TimeFloor`).
+    time_floor: TimeFloor,
+    /// Test seam: run once by the next `retire_idle`, right after its retire decision and
+    /// before it hands the segments to seal back (see `Log::on_next_retire`).
+    #[cfg(any(test, feature = "sim"))]
+    retire_hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// What one sync must cover: every record up to `through_seq`, in these segments.
 pub struct SyncBatch {
     pub through_seq: u64,
     pub segments: Vec<Arc<Segment>>,
+    /// The latest store time of the records it covers.
+    pub written_ms: u64,
 }
 
 impl Log {
@@ -94,7 +120,10 @@ impl Log {
         next_seq: u64,
         next_segment_id: u32,
     ) -> Self {
+        // Segments found at open never take appends again.
+        let retired = segments.keys().map(|&id| (id, ())).collect();
         Log {
+            time_floor: TimeFloor::new(io.clone(), dir.clone()),
             io,
             dir,
             limits,
@@ -102,8 +131,10 @@ impl Log {
                 next_seq,
                 next_segment_id,
                 active: IdMap::default(),
+                retired,
                 dirty: Vec::new(),
                 appended_bytes: 0,
+                written_ms: 0,
             }),
             segments: StripedMap::new(segments),
             spare: Mutex::new(None),
@@ -112,7 +143,32 @@ impl Log {
             to_grow: Mutex::new(Vec::new()),
             growth_pending: std::sync::atomic::AtomicBool::new(false),
             spare_wanted: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(any(test, feature = "sim"))]
+            retire_hook: Mutex::new(None),
         }
+    }
+
+    /// Test seam: `hook` runs once, inside the next [`Log::retire_idle`], after the segments
+    /// to seal are chosen and before they are returned, so a test can append at that instant.
+    #[cfg(any(test, feature = "sim"))]
+    pub fn on_next_retire(&self, hook: Box<dyn FnOnce() + Send>) {
+        *self.retire_hook.lock() = Some(hook);
+    }
+
+    /// Runs the hook set by [`Log::on_next_retire`], if any (no lock is held here).
+    fn run_retire_hook(&self) {
+        #[cfg(any(test, feature = "sim"))]
+        {
+            let hook = self.retire_hook.lock().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+    }
+
+    /// The durable floor of the store's time.
+    pub fn time_floor(&self) -> &TimeFloor {
+        &self.time_floor
     }
 
     /// The sequence number of the last record written (read without the appender lock).
@@ -293,20 +349,17 @@ impl Log {
                     segment
                 }
             };
-            if let Some(full) = app.active.remove(&bucket) {
-                // The bucket's full segment takes no more appends: its descriptor goes now
-                // (it is synced through its map from here on, like an evicted one).
-                full.segment.release_descriptor();
-            }
+            // The bucket's full segment takes no more appends: its descriptor goes now (it is
+            // synced through its map from here on, like an evicted one).
+            app.retire(bucket);
             if app.active.len() >= self.limits.open_segments_max {
                 // Bound the descriptors: the least recently written bucket gives its file up;
                 // a later write to that bucket opens a new segment.
-                if let Some(&coldest) = app.active.iter().min_by_key(|(_, a)| a.last_write_seq).map(|(b, _)| b)
-                    && let Some(evicted) = app.active.remove(&coldest)
-                {
-                    evicted.segment.release_descriptor();
+                if let Some(&coldest) = app.active.iter().min_by_key(|(_, a)| a.last_write_seq).map(|(b, _)| b) {
+                    app.retire(coldest);
                 }
             }
+            debug_assert!(!app.retired.contains_key(&segment.id()), "a new segment is never a retired one");
             self.segments.change(|segments| segments.insert(segment.id(), segment.clone()));
             app.dirty.push(segment.clone());
             app.active.insert(bucket, Active { segment, write_pos: SEGMENT_HEADER_LEN, last_write_seq: 0 });
@@ -314,6 +367,9 @@ impl Log {
         let Some(active) = app.active.get_mut(&bucket) else {
             return Err(Error::InvalidArgument("internal: active segment vanished"));
         };
+        // A retired segment may be sealed at any moment: a record written to it after its
+        // entries were collected would be lost to the index and, past a reopen, to the table.
+        debug_assert!(!app.retired.contains_key(&active.segment.id()), "an append into a retired segment");
         let end = active.write_pos + len;
         let reserved = active.segment.len();
         if end > reserved {
@@ -353,6 +409,7 @@ impl Log {
         let unsynced = self.unsynced_bytes.load(std::sync::atomic::Ordering::Relaxed);
         self.unsynced_bytes.store(unsynced + len, std::sync::atomic::Ordering::Relaxed);
         app.appended_bytes += len;
+        app.written_ms = app.written_ms.max(header.written_at_ms);
         app.next_seq += 1;
         self.written_seq.store(header.seq, std::sync::atomic::Ordering::Release);
         Ok((header, loc))
@@ -409,15 +466,21 @@ impl Log {
     pub fn take_sync_batch(&self) -> SyncBatch {
         let mut app = self.appender.lock();
         self.unsynced_bytes.store(0, std::sync::atomic::Ordering::Relaxed);
-        SyncBatch { through_seq: app.next_seq - 1, segments: std::mem::take(&mut app.dirty) }
+        SyncBatch {
+            through_seq: app.next_seq - 1,
+            segments: std::mem::take(&mut app.dirty),
+            written_ms: app.written_ms,
+        }
     }
 
     /// Syncs a batch: every dirty segment (fdatasync). New files' directory entries were
-    /// made durable when the files were created.
+    /// made durable when the files were created. The batch's records now hold its latest
+    /// store time durably: the time floor rises to it.
     pub fn sync_batch(&self, batch: &SyncBatch) -> std::io::Result<()> {
         for segment in &batch.segments {
             segment.sync()?;
         }
+        self.time_floor.note_durable(batch.written_ms);
         Ok(())
     }
 
@@ -441,6 +504,9 @@ impl Log {
                 segments.values().filter(|s| s.header.bucket_end_ms <= now_ms).map(|s| s.id()).collect();
             expired.iter().filter_map(|id| segments.remove(id)).collect()
         });
+        for segment in &taken {
+            app.retired.remove(&segment.id());
+        }
         drop(app);
         for segment in &taken {
             segment.mark_dropped();
@@ -469,29 +535,41 @@ impl Log {
         first_error.map_or(synced, Err)
     }
 
-    /// Stops appends to every segment whose last write is older than `idle_before_ms` (a
-    /// later write to its bucket opens a new segment) and returns every live segment that
-    /// takes no appends and was last written before `idle_before_ms`: the ones to seal.
+    /// Retires every segment taking appends whose last write is older than `idle_before_ms`
+    /// (a later write to its bucket opens a new segment) and returns every live retired
+    /// segment last written before `idle_before_ms`: the ones to seal.
+    ///
+    /// Both steps happen under the appender lock, the lock every append holds: a segment is
+    /// handed out only if it was retired when the lock was taken or by this call, so no append
+    /// reaches it afterwards. (Choosing from the segments map after letting the lock go would
+    /// hand out a segment an append created meanwhile, still taking appends, whenever that
+    /// append's time reading was older than `idle_before_ms`: a writer that stalled, or a
+    /// forward step of the clock. Sealing it would lose the records written after its entries
+    /// were collected.)
     pub fn retire_idle(&self, idle_before_ms: u64) -> Vec<Arc<Segment>> {
         let mut app = self.appender.lock();
-        app.active.retain(|_, a| {
-            let busy = a.segment.last_write_ms() >= idle_before_ms;
-            if !busy {
-                a.segment.release_descriptor();
-            }
-            busy
-        });
-        let active: Vec<u32> = app.active.values().map(|a| a.segment.id()).collect();
-        drop(app);
-        let mut retired: Vec<Arc<Segment>> = self.segments.read(|segments| {
-            segments
-                .values()
-                .filter(|s| !active.contains(&s.id()) && s.last_write_ms() < idle_before_ms)
+        let idle: Vec<u64> = app
+            .active
+            .iter()
+            .filter(|(_, a)| a.segment.last_write_ms() < idle_before_ms)
+            .map(|(&bucket, _)| bucket)
+            .collect();
+        for bucket in idle {
+            app.retire(bucket);
+        }
+        // A retired segment's last write no longer changes.
+        let mut to_seal: Vec<Arc<Segment>> = self.segments.read(|segments| {
+            app.retired
+                .keys()
+                .filter_map(|id| segments.get(id))
+                .filter(|s| s.last_write_ms() < idle_before_ms)
                 .cloned()
                 .collect()
         });
-        retired.sort_by_key(|s| s.id());
-        retired
+        drop(app);
+        self.run_retire_hook();
+        to_seal.sort_by_key(|s| s.id());
+        to_seal
     }
 }
 
@@ -607,6 +685,31 @@ mod tests {
         assert_eq!(cache.len(), 1, "the dropped segment's handle was let go");
         assert_eq!(id_through(&log, &mut cache, staying.segment), Some(staying.segment));
         assert_eq!(id_through(&log, &mut cache, 99), None, "an id the log never had");
+    }
+
+    #[test]
+    fn a_segment_retire_idle_hands_out_never_takes_another_append() {
+        let disk = SimDisk::new();
+        let log = Arc::new(log(&disk));
+        let (_, old) = log.append(claim_expiring_at(WIDTH_MS), b"old", &[], WIDTH_MS, true).unwrap();
+        // A writer whose time reading is as old as the idle segment's appends to a new bucket
+        // just after the retire decision: its new segment looks idle too.
+        let late_bucket = 5 * WIDTH_MS;
+        log.on_next_retire(Box::new({
+            let log = log.clone();
+            move || {
+                log.append(claim_expiring_at(late_bucket), b"new", &[], late_bucket, true).unwrap();
+            }
+        }));
+        let retired = log.retire_idle(1_000);
+        assert!(retired.iter().any(|s| s.id() == old.segment), "the idle segment was not handed out to seal");
+        for segment in &retired {
+            let bucket_end = segment.header.bucket_end_ms;
+            let records_before = segment.byte_counts().0;
+            let (_, loc) = log.append(claim_expiring_at(bucket_end - 1), b"key", &[], bucket_end - 1, true).unwrap();
+            assert_ne!(loc.segment, segment.id(), "segment {} was handed out to seal and took an append", segment.id());
+            assert_eq!(segment.byte_counts().0, records_before, "a segment handed out to seal grew");
+        }
     }
 
     #[test]

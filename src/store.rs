@@ -29,7 +29,8 @@ use crate::types::{Claim, ClaimToken, Completed, Entry, Orphan};
 /// An open store. `Send + Sync`: share it as `Arc<Store>`.
 pub struct Store {
     inner: Arc<Inner>,
-    housekeeper: Option<JoinHandle<()>>,
+    /// The background threads: the housekeeper and, under `Periodic`, the flusher.
+    background: Vec<JoinHandle<()>>,
     /// `close` ran: its sync and time floor need not be written again on drop.
     closed: bool,
 }
@@ -243,7 +244,17 @@ impl Store {
         let time_floor_seq = probe_time.now_ms().max(recovered.latest_time_ms) << SEQ_TIME_SHIFT;
         let next_seq = recovered.next_seq.max(time_floor_seq);
         let durable_seq = next_seq - 1;
+        let found_records = !recovered.segments.is_empty();
         let log = Log::new(io, dir.clone(), limits, recovered.segments, next_seq, recovered.next_segment_id);
+        // Recovery synced what it scanned, and tables point only at synced records.
+        log.time_floor().note_durable(recovered.latest_time_ms);
+        if mode == Mode::Writer && options.durability != Durability::None && found_records {
+            // Answers from the records found come at the store's time from the start: its floor
+            // is made durable here, at open, not by the first read. (A store with no records
+            // has nothing to answer from until a record is written, and that record's sync
+            // carries its time.)
+            log.time_floor().cover(recovered.latest_time_ms.max(probe_time.now_ms()))?;
+        }
         let mut recovery = recovered.stats;
         recovery.duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let identity = store_identity(&dir);
@@ -265,18 +276,35 @@ impl Store {
             _lock: lock,
             options,
         });
-        let housekeeper = if inner.options.background && mode == Mode::Writer {
+        let mut background = Vec::new();
+        if inner.options.background && mode == Mode::Writer {
+            // The housekeeper renews the time floor ahead of need (see `LEAD_MS`).
+            inner.log.time_floor().set_lead(crate::time_floor::LEAD_MS);
             let worker = inner.clone();
-            Some(
+            background.push(
                 std::thread::Builder::new()
                     .name("idemstore-housekeeper".into())
                     .spawn(move || worker.housekeep())
                     .map_err(|e| Error::io("start housekeeper thread", &inner.dir, e))?,
-            )
-        } else {
-            None
-        };
-        Ok(Store { inner, housekeeper, closed: false })
+            );
+            // Periodic syncs run on their own thread: maintenance (a large bucket dropped, a
+            // segment sealed) may take far longer than the interval.
+            if let Durability::Periodic(interval) = inner.options.durability {
+                let worker = inner.clone();
+                let flusher = std::thread::Builder::new()
+                    .name("idemstore-flusher".into())
+                    .spawn(move || worker.flush_periodically(interval));
+                match flusher {
+                    Ok(handle) => background.push(handle),
+                    Err(e) => {
+                        let mut store = Store { inner, background, closed: true };
+                        store.stop_background();
+                        return Err(Error::io("start flusher thread", &store.inner.dir, e));
+                    }
+                }
+            }
+        }
+        Ok(Store { inner, background, closed: false })
     }
 
     /// Claims `key` for the request `request` (only its 128-bit hash is kept), with the
@@ -396,6 +424,23 @@ impl Store {
         self.inner.maintain()
     }
 
+    /// Test seam: `hook` runs once, inside the next sealing pass, right after the segments to
+    /// seal are chosen and before their index entries are collected.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    pub fn on_next_retire(&self, hook: impl FnOnce() + Send + 'static) {
+        self.inner.log.on_next_retire(Box::new(hook));
+    }
+
+    /// Test seam: holds maintenance (expiry, sealing) off until the returned guard drops, as a
+    /// long bucket drop would; background work that is not maintenance must go on meanwhile.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    #[must_use = "maintenance is held only while the guard lives"]
+    pub fn hold_maintenance(&self) -> impl Sized + '_ {
+        self.inner.maintenance.lock()
+    }
+
     /// A snapshot of the store's counters.
     pub fn stats(&self) -> Stats {
         self.inner.stats()
@@ -408,7 +453,7 @@ impl Store {
 
     /// Stops the background thread, syncs everything written, and releases the lock.
     pub fn close(mut self) -> Result<()> {
-        self.stop_housekeeper();
+        self.stop_background();
         self.closed = true;
         if self.inner.read_only {
             return Ok(());
@@ -417,10 +462,14 @@ impl Store {
         self.inner.save_time(true)
     }
 
-    fn stop_housekeeper(&mut self) {
-        if let Some(handle) = self.housekeeper.take() {
-            self.inner.housekeeper_call.lock().stop = true;
-            self.inner.housekeeper_signal.notify_all();
+    /// Stops the background threads and waits for them to end.
+    fn stop_background(&mut self) {
+        if self.background.is_empty() {
+            return;
+        }
+        self.inner.housekeeper_call.lock().stop = true;
+        self.inner.housekeeper_signal.notify_all();
+        for handle in self.background.drain(..) {
             let _ = handle.join();
         }
     }
@@ -428,7 +477,7 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        self.stop_housekeeper();
+        self.stop_background();
         if !self.closed && !self.inner.read_only && self.inner.commit.poisoned().is_none() {
             let _ = self.inner.sync_all();
             let _ = self.inner.save_time(true);
@@ -571,9 +620,28 @@ impl Inner {
         Ok(batch.through_seq)
     }
 
-    /// Saves the store's time as the floor for the next open.
+    /// Saves the store's time as the floor for the next open. With `sync` (close, drop), the
+    /// exact time, durably. Otherwise (maintenance, once a second): under `None`, written
+    /// without a sync (a power cut may lose anything); under `Sync` and `Periodic`, made
+    /// durable, and while the housekeeper runs kept ahead of store time (see
+    /// `time_floor::LEAD_MS`) so that answers rarely wait for a sync of the floor. A failed
+    /// sync poisons the store.
     fn save_time(&self, sync: bool) -> Result<()> {
-        crate::time_floor::write(self.options.io.as_ref(), &self.dir, self.time.now_ms(), sync)
+        let floor = self.log.time_floor();
+        let now_ms = self.time.now_ms();
+        if sync {
+            return floor.save_final(now_ms);
+        }
+        if self.options.durability == Durability::None {
+            return floor.save_unsynced(now_ms);
+        }
+        // A poisoned store syncs nothing more (a retried fsync may "succeed" with data lost).
+        self.commit.check()?;
+        floor.keep_ahead(now_ms).map_err(|e| {
+            let cause = format!("time floor sync failed: {e}");
+            self.commit.poison(cause.clone());
+            Error::Poisoned { cause }
+        })
     }
 
     fn sync_all(&self) -> Result<()> {
@@ -1069,6 +1137,9 @@ impl Inner {
         let _serial = self.maintenance.lock();
         crate::pace::start();
         let now_ms = self.time.now_ms();
+        // Before any bucket goes: its records may be what holds the store's time up after a
+        // power cut (see `TimeFloor`), so the floor is made durable past `now_ms` first.
+        self.save_time(false)?;
         let (buckets, dropped) = self.log.take_expired(now_ms);
         if !dropped.is_empty() {
             let dead: std::collections::HashSet<u32> = dropped.iter().map(|s| s.id()).collect();
@@ -1092,7 +1163,6 @@ impl Inner {
         if sealed > 0 {
             give_memory_back();
         }
-        self.save_time(false)?;
         Ok(buckets)
     }
 
@@ -1112,6 +1182,11 @@ impl Inner {
 
     /// Seals every segment that takes no more appends and has been idle for
     /// `seal_idle_after`: writes its table, then moves its entries out of RAM.
+    ///
+    /// The entries are collected only after `retire_idle` retired the segments under the
+    /// appender lock, so every record they will ever hold is written by then; a writer still
+    /// between its append and its index update holds its shard's lock, which the collection
+    /// waits for. So the table holds every entry, and none is dropped unsealed.
     fn seal_idle(&self, now_ms: u64) -> Result<usize> {
         let idle_before = now_ms.saturating_sub(duration_to_ms(self.options.seal_idle_after));
         let to_seal: Vec<std::sync::Arc<Segment>> =
@@ -1181,13 +1256,14 @@ impl Inner {
         dropped
     }
 
+    /// The housekeeper: expiry, sealing and the time floor about once a second, spare segments
+    /// as soon as an append asks for one. Periodic syncs are not here (see
+    /// `flush_periodically`): one maintenance pass may take longer than their interval.
     fn housekeep(&self) {
-        let tick = match self.options.durability {
-            Durability::Periodic(interval) => crate::commit::flush_interval(interval).min(Duration::from_secs(1)),
-            _ => Duration::from_secs(1),
-        };
-        let mut last_flush = Instant::now();
-        // A first pass at once: after an open it builds the sealed tables' union filter.
+        let tick = Duration::from_secs(1);
+        // A first pass at once: after an open it builds the sealed tables' union filter. An error
+        // is not lost: a failed sync poisons the store (writers see it on their next call), and
+        // the rest is retried at the next tick.
         let _ = self.maintain();
         self.prepare_spare();
         let mut next_tick = Instant::now() + tick;
@@ -1210,15 +1286,32 @@ impl Inner {
                 continue;
             }
             next_tick = Instant::now() + tick;
-            if let Durability::Periodic(interval) = self.options.durability
-                && last_flush.elapsed() >= interval
-            {
-                last_flush = Instant::now();
-                // A failure poisons the store inside the commit; writers see it on their next call.
-                let _ = self.sync_all();
-            }
             let _ = self.maintain();
             self.prepare_spare();
+        }
+    }
+
+    /// The flusher of a `Periodic(interval)` store: a sync (records, and the time floor with
+    /// them) at least every `interval`, on a thread of its own so that no maintenance pass
+    /// delays it. Each sync is due `interval` after the previous one started; one that took
+    /// longer is followed by the next at once.
+    fn flush_periodically(&self, interval: Duration) {
+        let interval = crate::commit::flush_interval(interval);
+        let mut next_flush = Instant::now() + interval;
+        loop {
+            {
+                let mut call = self.housekeeper_call.lock();
+                while !call.stop && Instant::now() < next_flush {
+                    let left = next_flush.saturating_duration_since(Instant::now());
+                    crate::sync::wait_for(&self.housekeeper_signal, &mut call, left);
+                }
+                if call.stop {
+                    return;
+                }
+            }
+            next_flush = Instant::now() + interval;
+            // A failure poisons the store inside the commit; writers see it on their next call.
+            let _ = self.sync_all();
         }
     }
 
@@ -1323,6 +1416,13 @@ impl crate::commit::Syncer for LogSyncer<'_> {
 
     fn written_seq(&self) -> Option<u64> {
         Some(self.0.log.last_seq())
+    }
+
+    fn cover_time(&self) -> Result<()> {
+        if self.0.read_only {
+            return Ok(());
+        }
+        self.0.log.time_floor().cover(self.0.time.latest_ms())
     }
 }
 

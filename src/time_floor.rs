@@ -4,8 +4,16 @@
 //!
 //! Layout: `ms u64 | crc32(ms) u32 | magic "IDTM"`. A missing, torn or damaged file reads as 0
 //! (the floor then comes from the records alone).
+//!
+//! While the store runs, [`TimeFloor`] keeps the durable part of that promise: what is known
+//! durable (the file, synced, or a synced record's time) and the rule that an answer given at
+//! store time `t` under `Sync` waits until that is at least `t`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::io::Io;
@@ -49,4 +57,115 @@ pub fn write(io: &dyn Io, dir: &Path, ms: u64, sync: bool) -> Result<()> {
         io.sync_dir(dir).map_err(|e| Error::io("sync directory", dir, e))?;
     }
     Ok(())
+}
+
+/// How far ahead of store time the floor is written while the housekeeper runs. A floor
+/// written exactly at store time needs a sync whenever an answer comes at a later millisecond
+/// than any durable one; one written 2 s ahead needs one every second or so, which the
+/// housekeeper makes before the store's time reaches the floor, so answers rarely wait for
+/// it. The cost: after a crash the store's time may start up to this far past the last
+/// answer, as after a forward step of the wall clock (keys that had under 2 s left expire at
+/// once, leases end up to 2 s early). A clean close writes the exact time, so a clean restart
+/// moves nothing; without the housekeeper the floor is written exactly (no lead).
+pub const LEAD_MS: u64 = 2_000;
+
+/// The durable floor of the store's time, kept while a writer runs.
+///
+/// Store time never goes backwards across restarts only if, whenever an answer was given at
+/// store time `t`, something on disk that survives a power cut holds a time of at least `t`:
+/// the `TIME` file (synced), or a synced record (recovery takes the latest record time as a
+/// floor too). This keeps the highest such time known, raises it by writing and syncing the
+/// file ([`TimeFloor::cover`]), and never writes the file lower than it was made durable while
+/// the store runs.
+pub struct TimeFloor {
+    io: Arc<dyn Io>,
+    dir: PathBuf,
+    /// The highest time known durable: in the synced file, or in a synced record.
+    durable_ms: AtomicU64,
+    /// How far past the time asked for the floor is written (`LEAD_MS` or 0).
+    lead_ms: AtomicU64,
+    /// Serializes writes of the file and holds the highest value written by this process, so
+    /// two writers never race a smaller value over a larger one.
+    written_ms: Mutex<u64>,
+}
+
+impl TimeFloor {
+    /// A floor for the store in `dir`; nothing is known durable yet.
+    pub fn new(io: Arc<dyn Io>, dir: PathBuf) -> Self {
+        TimeFloor { io, dir, durable_ms: AtomicU64::new(0), lead_ms: AtomicU64::new(0), written_ms: Mutex::new(0) }
+    }
+
+    /// From now on, a floor that must be raised is written `lead_ms` past the time asked for
+    /// (see `LEAD_MS`).
+    pub fn set_lead(&self, lead_ms: u64) {
+        self.lead_ms.store(lead_ms, Ordering::Relaxed);
+    }
+
+    /// The highest store time known durable.
+    pub fn durable_ms(&self) -> u64 {
+        self.durable_ms.load(Ordering::Acquire)
+    }
+
+    /// Records holding times up to `ms` are durable (a sync covered them, or recovery found and
+    /// synced them): after a power cut the store's time starts no earlier than `ms`.
+    pub fn note_durable(&self, ms: u64) {
+        self.durable_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    /// Makes sure a store time of at least `at_least_ms` is durable; when it is not yet, writes
+    /// and syncs `at_least_ms` plus the lead as the floor. No lock may be held by the caller:
+    /// this may fsync.
+    pub fn cover(&self, at_least_ms: u64) -> Result<()> {
+        self.raise(at_least_ms, at_least_ms)
+    }
+
+    /// Keeps the durable floor at least half the lead ahead of `now_ms`, renewing it to
+    /// `now_ms` plus the lead when it falls closer (without a lead: covers `now_ms`).
+    pub fn keep_ahead(&self, now_ms: u64) -> Result<()> {
+        let lead = self.lead_ms.load(Ordering::Relaxed);
+        self.raise(now_ms.saturating_add(lead / 2), now_ms)
+    }
+
+    /// When less than `needed_ms` is durable, writes and syncs `from_ms` plus the lead.
+    fn raise(&self, needed_ms: u64, from_ms: u64) -> Result<()> {
+        if self.durable_ms() >= needed_ms {
+            return Ok(());
+        }
+        let mut written = self.written_ms.lock();
+        // Another caller may have raised it while this one waited for the lock.
+        if self.durable_ms() >= needed_ms {
+            return Ok(());
+        }
+        let floor = from_ms.saturating_add(self.lead_ms.load(Ordering::Relaxed)).max(needed_ms).max(*written);
+        write(self.io.as_ref(), &self.dir, floor, true)?;
+        *written = floor;
+        self.note_durable(floor);
+        Ok(())
+    }
+
+    /// Writes `now_ms` as the floor without a sync (`Durability::None`: a power cut may lose
+    /// anything), unless a higher value was written already.
+    pub fn save_unsynced(&self, now_ms: u64) -> Result<()> {
+        let mut written = self.written_ms.lock();
+        if now_ms <= *written {
+            return Ok(());
+        }
+        write(self.io.as_ref(), &self.dir, now_ms, false)?;
+        *written = now_ms;
+        Ok(())
+    }
+
+    /// Writes and syncs exactly `now_ms`, the store's time at close, even below what was
+    /// written ahead: no answer comes after the close, and every answer before it was given at
+    /// a time at most `now_ms`, so the next open starts where this process stopped, not up to
+    /// `LEAD_MS` later.
+    pub fn save_final(&self, now_ms: u64) -> Result<()> {
+        let mut written = self.written_ms.lock();
+        // Lowered first: should anything still ask for a later time, it waits for this lock
+        // and then writes a floor of its own.
+        self.durable_ms.store(now_ms, Ordering::Release);
+        write(self.io.as_ref(), &self.dir, now_ms, true)?;
+        *written = now_ms;
+        Ok(())
+    }
 }

@@ -1,12 +1,13 @@
 //! `Durability::Periodic`, `close()` and drop, on the simulated disk.
 //!
-//! Promises checked (DESIGN.md §1 "Durability", issue 3 point 2):
+//! Promises checked:
 //! - the background flusher syncs on its own, with no call from the user, within its interval;
+//! - it goes on syncing while maintenance (expiry, sealing) is held up for as long as it takes;
 //! - `sync()` makes every write before it durable: a power cut keeps all of it, whole, and
 //!   loses (or keeps whole) only what came after;
 //! - a process crash (no power loss: the OS keeps what it was given) loses nothing;
 //! - `close()` and drop sync everything written before them, so a power cut right after loses
-//!   nothing, and they stop the flusher thread.
+//!   nothing, and they stop the flusher and housekeeper threads.
 //!
 //! The flusher's interval is wall-clock time (it sleeps on the real clock, not on the store's
 //! `Clock`), so the flusher test waits for its effect, polling with a generous deadline. The
@@ -24,8 +25,10 @@ use common::{acquire, sim_options};
 
 const DIR: &str = "/store";
 const HOUR: Duration = Duration::from_secs(3600);
-/// The flusher thread's name as the kernel keeps it (15 bytes of "idemstore-housekeeper").
-const FLUSHER_COMM: &str = "idemstore-house";
+/// The background threads' names as the kernel keeps them (15 bytes of "idemstore-flusher"
+/// and "idemstore-housekeeper").
+const FLUSHER_COMM: &str = "idemstore-flush";
+const HOUSEKEEPER_COMM: &str = "idemstore-house";
 
 static BACKGROUND: Mutex<()> = Mutex::new(());
 
@@ -54,12 +57,15 @@ fn outcome_after_power_cut(disk: &SimDisk, torn_seed: Option<u64>, key: &str) ->
     }
 }
 
-fn flusher_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
+/// (flusher, housekeeper) threads running in this process.
+fn background_threads() -> (usize, usize) {
+    let comms: Vec<String> = std::fs::read_dir("/proc/self/task")
         .expect("/proc/self/task")
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.trim_end() == FLUSHER_COMM)
-        .count()
+        .map(|comm| comm.trim_end().to_string())
+        .collect();
+    let count = |name: &str| comms.iter().filter(|comm| *comm == name).count();
+    (count(FLUSHER_COMM), count(HOUSEKEEPER_COMM))
 }
 
 /// Polls `condition` until it holds or 30 s pass.
@@ -81,6 +87,25 @@ fn periodic_flusher_makes_writes_durable_without_any_call() {
     eventually("the flusher syncs the write", || {
         outcome_after_power_cut(&disk, None, "flushed by the flusher") == want
     });
+    store.close().expect("close");
+}
+
+#[test]
+fn periodic_syncs_go_on_while_maintenance_is_held() {
+    let _serial = one_at_a_time();
+    let disk = SimDisk::new();
+    let store = Store::open(DIR, options(&disk, Durability::Periodic(Duration::from_millis(20)), true)).expect("open");
+    // As a long bucket drop or sealing pass would, for as long as the test needs.
+    let maintenance = store.hold_maintenance();
+    for round in 0..3 {
+        let key = format!("written while maintenance is held, round {round}");
+        let syncs = store.stats().syncs_total;
+        claim_and_complete(&store, &key);
+        eventually(&format!("a periodic sync after {key:?}"), || store.stats().syncs_total > syncs);
+        let want = Some(format!("outcome of {key}").into_bytes());
+        assert_eq!(outcome_after_power_cut(&disk, None, &key), want, "{key} lost in a power cut after a periodic sync");
+    }
+    drop(maintenance);
     store.close().expect("close");
 }
 
@@ -156,20 +181,22 @@ fn periodic_process_crash_loses_nothing() {
 
 /// Opens a store on a fresh disk under `Periodic(1 h)` with its flusher running, claims and
 /// completes "key-0" to "key-9" (none of it synced yet), ends the store with `end`, then checks
-/// that the flusher thread stopped and that every key keeps its outcome through a power cut
+/// that the flusher and housekeeper threads stopped and that every key keeps its outcome through a power cut
 /// after `ending`. Returns the disk and what `end` returned.
 fn end_a_periodic_store<T>(ending: &str, end: impl FnOnce(Store) -> T) -> (SimDisk, T) {
     let _serial = one_at_a_time();
-    let before = flusher_threads();
+    let before = background_threads();
     let disk = SimDisk::new();
     let store = Store::open(DIR, options(&disk, Durability::Periodic(HOUR), true)).expect("open");
     // The thread names itself once it runs, which may be a moment after `open` returns.
-    eventually("the store runs one flusher thread", || flusher_threads() == before + 1);
+    eventually("the store runs one flusher and one housekeeper thread", || {
+        background_threads() == (before.0 + 1, before.1 + 1)
+    });
     for i in 0..10 {
         claim_and_complete(&store, &format!("key-{i}"));
     }
     let ended = end(store);
-    eventually("the flusher thread ends", || flusher_threads() == before);
+    eventually("the flusher and housekeeper threads end", || background_threads() == before);
     for i in 0..10 {
         let key = format!("key-{i}");
         assert_eq!(
