@@ -39,6 +39,11 @@ pub fn read(io: &dyn Io, dir: &Path) -> u64 {
 
 /// Saves `ms` as the time floor of `dir`; with `sync`, durably.
 pub fn write(io: &dyn Io, dir: &Path, ms: u64, sync: bool) -> Result<()> {
+    if ms > crate::clock::STORE_TIME_MS_MAX {
+        // A clock stepped that far ahead is refused at open: saved as the floor, it would keep
+        // the store from opening after the clock is mended.
+        return Err(Error::ClockOutOfRange { now_ms: ms, max_ms: crate::clock::STORE_TIME_MS_MAX });
+    }
     let path = dir.join(TIME_FILE_NAME);
     let (file, created) = match io.open(&path, LEN, true) {
         Ok(file) => (file, false),

@@ -79,6 +79,9 @@ struct Held {
     key: String,
     request: &'static str,
     token: ClaimToken,
+    /// When the claim was made (read from the token at acquisition: a checkpoint moves the
+    /// token's lease on).
+    claimed_at_ms: u64,
 }
 
 fn ms(t: SystemTime) -> u64 {
@@ -90,7 +93,7 @@ fn ms(t: SystemTime) -> u64 {
 fn try_complete(store: &Store, held: &Held, outcome: String, seen: &mut Seen) {
     match store.complete(&held.token, outcome.as_bytes()) {
         Ok(()) => {
-            let claimed_at_ms = ms(held.token.lease_expires_at()) - LEASE_MS;
+            let claimed_at_ms = held.claimed_at_ms;
             seen.effects.push(Effect {
                 key: held.key.clone(),
                 request: held.request,
@@ -149,7 +152,8 @@ fn worker(store: &Store, clock: &ManualClock, thread_no: usize, ops: usize) -> S
         match claim {
             Claim::Acquired(token) => {
                 seen.acquired += 1;
-                let held = Held { key, request, token };
+                let claimed_at_ms = ms(token.lease_expires_at()) - LEASE_MS;
+                let held = Held { key, request, token, claimed_at_ms };
                 match rng.below(10) {
                     0..=5 => {
                         if rng.below(3) == 0 {

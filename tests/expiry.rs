@@ -342,14 +342,16 @@ fn a_bucket_s_files_are_not_deleted_while_a_read_of_them_is_in_flight() {
     let token = acquired(store.claim_with("key", b"r", ttl(MINUTE)).unwrap());
     store.complete(&token, b"outcome").unwrap();
     assert!(store.get("key").unwrap().is_some(), "the read that keeps the segment's handle");
-    clock.advance(2 * MINUTE);
 
+    // The read starts while the bucket is live (a segment whose bucket has ended is not read
+    // at all); the bucket ends while the read is in flight.
     disk.hold_next_read();
     let reader = std::thread::spawn({
         let store = store.clone();
         move || store.get("key")
     });
     disk.wait_for_held_read();
+    clock.advance(2 * MINUTE);
     let maintainer = std::thread::spawn({
         let store = store.clone();
         move || store.maintain()
@@ -359,7 +361,9 @@ fn a_bucket_s_files_are_not_deleted_while_a_read_of_them_is_in_flight() {
     let removed_under_the_read = disk.removed_during_held_read();
     disk.release_held_read();
     assert!(!removed_under_the_read, "a segment file was deleted under a read in flight");
-    assert_eq!(reader.join().unwrap().unwrap(), None, "the expired key read as present");
+    let read = reader.join().unwrap().unwrap();
+    assert!(matches!(read, Some(Entry::Completed(ref done)) if done.outcome == b"outcome"), "{read:?}");
+    assert_eq!(store.get("key").unwrap(), None, "the expired key read as present");
     assert_eq!(maintainer.join().unwrap().unwrap(), 1, "the expired bucket was not dropped");
     assert!(!disk.removed_during_held_read());
 }
