@@ -20,8 +20,8 @@ pub enum Durability {
     /// from a record that is not yet durable.
     #[default]
     Sync,
-    /// A background thread syncs at least every interval: a power loss may lose that much,
-    /// a process crash loses nothing.
+    /// A background thread syncs at least every interval (positive, at most a day): a power
+    /// loss may lose that much, a process crash loses nothing.
     Periodic(Duration),
     /// Written to the OS page cache before the call returns: survives a process crash, not a
     /// power loss.

@@ -56,7 +56,15 @@ pub fn recover(
     let mut max_seq = 0u64;
     let mut latest_time_ms = 0u64;
     let mut dir_changed = false;
-    let next_segment_id = ids.last().map_or(1, |id| id + 1);
+    // A file name is input from the disk: the largest id must leave room for the next one.
+    let next_segment_id = match ids.last() {
+        None => 1,
+        Some(&last) => last.checked_add(1).ok_or_else(|| Error::Corrupt {
+            file: dir.join(segment_file_name(last)),
+            offset: 0,
+            reason: "segment id at the end of its range",
+        })?,
+    };
     let writer = mode == Mode::Writer;
     let remove =
         |path: &Path, what: &'static str| -> Result<()> { io.remove(path).map_err(|e| Error::io(what, path, e)) };
@@ -194,7 +202,15 @@ pub fn recover(
     if dir_changed {
         io.sync_dir(dir).map_err(|e| Error::io("sync directory", dir, e))?;
     }
-    Ok(Recovered { segments, index, sealed, next_seq: max_seq + 1, next_segment_id, latest_time_ms, stats })
+    Ok(Recovered {
+        segments,
+        index,
+        sealed,
+        next_seq: max_seq.saturating_add(1),
+        next_segment_id,
+        latest_time_ms,
+        stats,
+    })
 }
 
 /// True when `e` says a file was not found: in a read-only view or `verify`, a file listed a

@@ -105,9 +105,9 @@ fn validate_options(options: &Options) -> Result<()> {
         return Err(Error::InvalidArgument("default_lease must be under 49 days"));
     }
     if let Durability::Periodic(interval) = options.durability
-        && interval.is_zero()
+        && (interval.is_zero() || interval > PERIODIC_INTERVAL_MAX)
     {
-        return Err(Error::InvalidArgument("a Periodic interval must be positive"));
+        return Err(Error::InvalidArgument("a Periodic interval must be positive and at most a day"));
     }
     let largest_record = align_up((HEADER_LEN + options.max_key_len + options.max_outcome_len) as u64);
     if options.segment_bytes_max > u64::from(u32::MAX)
@@ -117,6 +117,15 @@ fn validate_options(options: &Options) -> Result<()> {
     }
     Ok(())
 }
+
+/// The longest `Durability::Periodic` interval accepted: a day. Longer is `InvalidArgument` (a
+/// store synced less than daily is `Durability::None` in all but name, and the flusher adds the
+/// interval to the monotonic clock, which an unbounded duration would overflow).
+const PERIODIC_INTERVAL_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// The highest sequence number an open may start from: half of the space above 2^63 stays
+/// free for records, so `next_seq += 1` never wraps.
+const SEQ_OPEN_MAX: u64 = u64::MAX - (u64::MAX >> 2);
 
 /// Sequence numbers start above store time shifted by this many bits at every open (see
 /// `open_inner`).
@@ -243,6 +252,15 @@ impl Store {
         // sequence space is left for the records this process writes.
         let time_floor_seq = probe_time.now_ms().max(recovered.latest_time_ms) << SEQ_TIME_SHIFT;
         let next_seq = recovered.next_seq.max(time_floor_seq);
+        if next_seq > SEQ_OPEN_MAX {
+            // Only a damaged file that still passed its checksum can get here (times are bounded
+            // above, and each open starts at most at 2^63): refuse rather than wrap the tokens.
+            return Err(Error::Corrupt {
+                file: dir.clone(),
+                offset: 0,
+                reason: "sequence numbers recorded near the end of their range",
+            });
+        }
         let durable_seq = next_seq - 1;
         let found_records = !recovered.segments.is_empty();
         let log = Log::new(io, dir.clone(), limits, recovered.segments, next_seq, recovered.next_segment_id);
@@ -1297,6 +1315,7 @@ impl Inner {
     /// longer is followed by the next at once.
     fn flush_periodically(&self, interval: Duration) {
         let interval = crate::commit::flush_interval(interval);
+        // Bounded at open (`PERIODIC_INTERVAL_MAX`): adding it to an instant cannot overflow.
         let mut next_flush = Instant::now() + interval;
         loop {
             {

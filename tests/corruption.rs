@@ -314,3 +314,22 @@ fn verify_reports_a_segment_whose_header_reads_as_zeros_over_records() {
     assert_eq!(file.problem.as_ref().map(|(offset, _)| *offset), Some(0), "{file:?}");
     assert!(segment.exists(), "verify deletes nothing");
 }
+
+/// A file name is input from the disk: a segment named with the last possible id leaves no id
+/// for the next segment, and the open says so instead of wrapping (a debug build panicked).
+#[test]
+fn a_segment_named_with_the_last_id_is_refused_never_wrapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let store = Store::open(dir.path(), options(&clock)).unwrap();
+    let token = acquired(store.claim("kept", "request").unwrap());
+    store.complete(&token, "outcome").unwrap();
+    drop(store);
+    std::fs::write(dir.path().join("ffffffff.seg"), [0u8; 64]).unwrap();
+    let before = files(dir.path());
+    match Store::open(dir.path(), options(&clock)) {
+        Err(Error::Corrupt { file, .. }) => assert!(file.ends_with("ffffffff.seg"), "{file:?}"),
+        other => panic!("expected Corrupt naming the file, got {other:?}"),
+    }
+    assert_eq!(files(dir.path()), before, "a refused open changed the directory");
+}

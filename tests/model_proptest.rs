@@ -396,6 +396,17 @@ fn run(policy: OrphanPolicy, ops: &[Op], coverage: &Coverage) -> Result<(), Test
                     continue;
                 }
                 let t = token.index(tokens.len());
+                if matches!(op, Op::Checkpoint { .. }) && outcome.is_empty() {
+                    // An empty phase would erase the last recovery point: refused, nothing written.
+                    let got = store.checkpoint(&tokens[t], outcome);
+                    prop_assert!(
+                        matches!(got, Err(idemstore::Error::InvalidArgument(_))),
+                        "{}: empty checkpoint got {:?}",
+                        step,
+                        got
+                    );
+                    continue;
+                }
                 let (got, expected) = if matches!(op, Op::Complete { .. }) {
                     (store.complete(&tokens[t], outcome), model.finish(t, Finish::Complete(outcome.clone())))
                 } else {

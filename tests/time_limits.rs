@@ -129,3 +129,25 @@ fn a_wait_too_long_for_a_deadline_waits_without_one() {
         }
     });
 }
+
+#[test]
+fn a_periodic_interval_past_a_day_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    for interval in [Duration::MAX, Duration::from_secs(24 * 3600 + 1)] {
+        let options = Options {
+            durability: idemstore::Durability::Periodic(interval),
+            background: true,
+            ..common::options(&clock)
+        };
+        assert!(matches!(Store::open(dir.path(), options), Err(Error::InvalidArgument(_))), "{interval:?}");
+    }
+    let daily = Options {
+        durability: idemstore::Durability::Periodic(Duration::from_secs(24 * 3600)),
+        background: true,
+        ..common::options(&clock)
+    };
+    let store = Store::open(dir.path(), daily).expect("a daily sync is accepted");
+    let _held = common::acquire(&store, "key");
+    store.close().unwrap();
+}
