@@ -9,24 +9,14 @@ use std::time::Duration;
 
 use idemstore::io::Io;
 use idemstore::sim::SimDisk;
-use idemstore::{Claim, ClaimOptions, Durability, Entry, ManualClock, Options, Store};
+use idemstore::{Claim, ClaimOptions, Entry, ManualClock, Options, Store};
 use proptest::prelude::*;
 
 mod common;
 use common::START_MS;
 
 fn options(disk: &SimDisk, clock: &Arc<ManualClock>) -> Options {
-    Options {
-        durability: Durability::None,
-        background: false,
-        clock: clock.clone(),
-        io: Arc::new(disk.clone()),
-        bucket_width: Duration::from_secs(60),
-        seal_idle_after: Duration::from_secs(5),
-        segment_bytes_initial: 4096,
-        segment_bytes_max: 2 << 20,
-        ..Default::default()
-    }
+    common::sealing_sim_options(disk, clock)
 }
 
 fn dir() -> PathBuf {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use idemstore::sim::SimDisk;
-use idemstore::{Claim, Durability, Entry, ManualClock, Options, Store};
+use idemstore::{Claim, Entry, ManualClock, Options, Store};
 
 mod common;
 use common::{START_MS, acquired};
@@ -23,14 +23,12 @@ const SEAL_IDLE_AFTER: Duration = Duration::from_secs(600);
 
 fn options(disk: &SimDisk, clock: &Arc<ManualClock>) -> Options {
     Options {
-        durability: Durability::None,
-        background: false,
-        clock: clock.clone(),
-        io: Arc::new(disk.clone()),
         bucket_width: Duration::from_secs(3600),
         default_ttl: Duration::from_secs(24 * 3600),
         seal_idle_after: SEAL_IDLE_AFTER,
-        ..Default::default()
+        segment_bytes_initial: Options::default().segment_bytes_initial,
+        segment_bytes_max: Options::default().segment_bytes_max,
+        ..common::sealing_sim_options(disk, clock)
     }
 }
 

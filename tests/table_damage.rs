@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idemstore::sim::SimDisk;
-use idemstore::{Claim, Durability, Entry, Error, ManualClock, Options, Store};
+use idemstore::{Claim, Entry, Error, ManualClock, Options, Store};
 
 mod common;
 use common::START_MS;
@@ -22,17 +22,7 @@ const KEYS: usize = 1000;
 const DIR: &str = "/store";
 
 fn options(disk: &SimDisk, clock: &Arc<ManualClock>) -> Options {
-    Options {
-        durability: Durability::None,
-        background: false,
-        clock: clock.clone(),
-        io: Arc::new(disk.clone()),
-        bucket_width: Duration::from_secs(60),
-        seal_idle_after: Duration::from_secs(5),
-        segment_bytes_initial: 4096,
-        segment_bytes_max: 2 << 20,
-        ..Default::default()
-    }
+    common::sealing_sim_options(disk, clock)
 }
 
 fn key(i: usize) -> Vec<u8> {

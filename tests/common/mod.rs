@@ -36,6 +36,23 @@ pub fn sim_options(disk: &SimDisk, durability: Durability) -> Options {
     }
 }
 
+/// Options for a store on the simulated `disk` whose segments seal quickly: no fsync, no
+/// housekeeping thread, time from `clock`, 1-minute buckets, sealing after 5 s idle, small
+/// segment steps (4 KiB, up to 2 MiB). Tests of sealed tables share it.
+pub fn sealing_sim_options(disk: &SimDisk, clock: &Arc<ManualClock>) -> Options {
+    Options {
+        durability: Durability::None,
+        background: false,
+        clock: clock.clone(),
+        io: Arc::new(disk.clone()),
+        bucket_width: std::time::Duration::from_secs(60),
+        seal_idle_after: std::time::Duration::from_secs(5),
+        segment_bytes_initial: 4096,
+        segment_bytes_max: 2 << 20,
+        ..Default::default()
+    }
+}
+
 /// Opens a store in `dir` with [`options`].
 pub fn open(dir: &Path, clock: &Arc<ManualClock>) -> Store {
     Store::open(dir, options(clock)).expect("open store")
