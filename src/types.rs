@@ -25,6 +25,13 @@ pub enum Claim {
 ///
 /// A token belongs to the store that handed it out: another store refuses it (its ids are
 /// numbers that another store may also hand out, so a token carries its store's identity).
+///
+/// Dropping a token does not release its claim: the key stays in flight until the lease ends,
+/// then the next claim takes it over with the last checkpoint. That is on purpose: a token is
+/// dropped when its holder panics or is cancelled part way through the effect, and the store
+/// cannot know whether the effect happened; releasing would let a retry run it again at once,
+/// while a takeover after the lease hands the retry the holder's last checkpoint to resume
+/// from. Call [`Store::release`](crate::Store::release) when the effect surely did not happen.
 #[must_use = "a dropped token keeps its key in flight until the lease ends: complete or release it"]
 pub struct ClaimToken {
     pub(crate) key: TokenKey,
