@@ -132,10 +132,16 @@ impl GroupCommit {
                 // The answer also rests on the store's time (a key read as expired): that time
                 // must survive a power cut too, or a clock behind at the next open would bring
                 // the key back. A failure is a failed sync like any other.
-                return syncer.cover_time().map_err(|e| {
-                    let cause = format!("time floor sync failed: {e}");
-                    self.poison(cause.clone());
-                    Error::Poisoned { cause }
+                return syncer.cover_time().map_err(|e| match e {
+                    // A clock past the last time a store accepts: nothing was synced, nothing
+                    // failed; the answer is refused, and the store stays usable once the clock
+                    // is mended (by a reopen).
+                    Error::ClockOutOfRange { .. } => e,
+                    e => {
+                        let cause = format!("time floor sync failed: {e}");
+                        self.poison(cause.clone());
+                        Error::Poisoned { cause }
+                    }
                 });
             }
             if self.leader_active.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {

@@ -146,6 +146,16 @@ fn check_store_time(now_ms: u64) -> Result<()> {
 /// hand out the same ids), while the same directory reopened in the same process (after a
 /// `Poisoned` store, say) still accepts the tokens of its earlier opens.
 fn store_identity(dir: &Path) -> u64 {
+    // The directory itself (device and inode), however it is spelled: through a symlink, with
+    // `..` or a trailing slash, or a bind mount. A directory the file system does not know (a
+    // simulated disk's) falls back to its absolute path.
+    if let Ok(meta) = std::fs::metadata(dir) {
+        use std::os::unix::fs::MetadataExt;
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&meta.dev().to_le_bytes());
+        id[8..].copy_from_slice(&meta.ino().to_le_bytes());
+        return xxhash_rust::xxh3::xxh3_64(&id);
+    }
     let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     xxhash_rust::xxh3::xxh3_64(absolute.as_os_str().as_encoded_bytes())
 }
@@ -622,7 +632,10 @@ impl Inner {
     /// Under `Sync`, waits until record `seq` (the one an answer was read from or written) is
     /// durable, leading a group-commit sync if nobody else is.
     fn settle(&self, seq: u64) -> Result<()> {
-        if self.options.durability != Durability::Sync || seq == 0 {
+        // Seq 0 (an answer read from no record: a key never written, or whose latest record's
+        // bucket has ended) still waits: the answer rests on the store's time, which must be
+        // durable before it is given (invariant 7).
+        if self.options.durability != Durability::Sync {
             return Ok(());
         }
         self.commit.wait_durable(seq, &LogSyncer(self))
@@ -655,10 +668,14 @@ impl Inner {
         }
         // A poisoned store syncs nothing more (a retried fsync may "succeed" with data lost).
         self.commit.check()?;
-        floor.keep_ahead(now_ms).map_err(|e| {
-            let cause = format!("time floor sync failed: {e}");
-            self.commit.poison(cause.clone());
-            Error::Poisoned { cause }
+        floor.keep_ahead(now_ms).map_err(|e| match e {
+            // Nothing was synced: a clock past the last supported time is refused, not a fault.
+            Error::ClockOutOfRange { .. } => e,
+            e => {
+                let cause = format!("time floor sync failed: {e}");
+                self.commit.poison(cause.clone());
+                Error::Poisoned { cause }
+            }
         })
     }
 
@@ -822,11 +839,14 @@ impl Inner {
         let through = answers.iter().filter_map(|a| a.as_ref().ok().map(|(_, seq)| *seq)).max().unwrap_or(0);
         let failed = self.settle(through).err();
         let durable_seq = self.commit.durable_seq();
+        // Every answer also rests on the store's time (a key read as expired): when the time
+        // it was given at is not durable either, no answer stands.
+        let time_durable = self.log.time_floor().durable_ms() >= self.time.latest_ms();
         let error = failed.map(|failed| self.commit.check().err().unwrap_or(failed));
         answers
             .into_iter()
             .map(|answer| match (answer, &error) {
-                (Ok((_, seq)), Some(error)) if seq > durable_seq => Err(error.clone()),
+                (Ok((_, seq)), Some(error)) if seq > durable_seq || !time_durable => Err(error.clone()),
                 (answer, _) => answer.map(|(answer, _)| answer),
             })
             .collect()

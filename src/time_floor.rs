@@ -92,12 +92,23 @@ pub struct TimeFloor {
     /// Serializes writes of the file and holds the highest value written by this process, so
     /// two writers never race a smaller value over a larger one.
     written_ms: Mutex<u64>,
+    /// The file's directory entry was made durable by this process. A file created by an
+    /// unsynced write (under `Durability::None`, maybe by an earlier process) may exist only in
+    /// the page cache's view of the directory: the first synced write syncs the directory too.
+    name_durable: std::sync::atomic::AtomicBool,
 }
 
 impl TimeFloor {
     /// A floor for the store in `dir`; nothing is known durable yet.
     pub fn new(io: Arc<dyn Io>, dir: PathBuf) -> Self {
-        TimeFloor { io, dir, durable_ms: AtomicU64::new(0), lead_ms: AtomicU64::new(0), written_ms: Mutex::new(0) }
+        TimeFloor {
+            io,
+            dir,
+            durable_ms: AtomicU64::new(0),
+            lead_ms: AtomicU64::new(0),
+            written_ms: Mutex::new(0),
+            name_durable: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// From now on, a floor that must be raised is written `lead_ms` past the time asked for
@@ -128,7 +139,9 @@ impl TimeFloor {
     /// `now_ms` plus the lead when it falls closer (without a lead: covers `now_ms`).
     pub fn keep_ahead(&self, now_ms: u64) -> Result<()> {
         let lead = self.lead_ms.load(Ordering::Relaxed);
-        self.raise(now_ms.saturating_add(lead / 2), now_ms)
+        // Ahead, but not past the last supported time (unless `now_ms` itself is).
+        let needed_ms = now_ms.saturating_add(lead / 2).min(crate::clock::STORE_TIME_MS_MAX.max(now_ms));
+        self.raise(needed_ms, now_ms)
     }
 
     /// When less than `needed_ms` is durable, writes and syncs `from_ms` plus the lead.
@@ -141,10 +154,24 @@ impl TimeFloor {
         if self.durable_ms() >= needed_ms {
             return Ok(());
         }
-        let floor = from_ms.saturating_add(self.lead_ms.load(Ordering::Relaxed)).max(needed_ms).max(*written);
-        write(self.io.as_ref(), &self.dir, floor, true)?;
+        // The lead never carries the floor past the last time a store accepts (a floor there
+        // would keep the store from opening); a time past it is refused by `write` itself.
+        let ahead = from_ms.saturating_add(self.lead_ms.load(Ordering::Relaxed)).min(crate::clock::STORE_TIME_MS_MAX);
+        let floor = ahead.max(needed_ms).max(*written);
+        self.write_synced(floor)?;
         *written = floor;
         self.note_durable(floor);
+        Ok(())
+    }
+
+    /// Writes and syncs `ms` as the floor; the first time in this process, syncs the directory
+    /// too (see `name_durable`). The caller holds `written_ms`.
+    fn write_synced(&self, ms: u64) -> Result<()> {
+        write(self.io.as_ref(), &self.dir, ms, true)?;
+        if !self.name_durable.load(Ordering::Acquire) {
+            self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
+            self.name_durable.store(true, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -169,7 +196,7 @@ impl TimeFloor {
         // Lowered first: should anything still ask for a later time, it waits for this lock
         // and then writes a floor of its own.
         self.durable_ms.store(now_ms, Ordering::Release);
-        write(self.io.as_ref(), &self.dir, now_ms, true)?;
+        self.write_synced(now_ms)?;
         *written = now_ms;
         Ok(())
     }

@@ -151,3 +151,24 @@ fn a_periodic_interval_past_a_day_is_refused_at_open() {
     let _held = common::acquire(&store, "key");
     store.close().unwrap();
 }
+
+/// The time floor is written ahead of store time while the housekeeper runs; near the last
+/// supported time the lead stops there instead of poisoning the store.
+#[test]
+fn a_clock_just_below_the_last_supported_time_keeps_working_with_the_housekeeper() {
+    let disk = idemstore::sim::SimDisk::new();
+    let clock = ManualClock::new(STORE_TIME_MS_MAX - 500);
+    let options = Options {
+        durability: idemstore::Durability::Sync,
+        background: true,
+        io: Arc::new(disk.clone()),
+        ..common::options(&clock)
+    };
+    let store = Store::open("/store", options).unwrap();
+    // The housekeeper's first pass writes the floor ahead at once; a maintain does the same.
+    store.maintain().expect("maintenance near the last supported time");
+    let claimed = store.claim("key", "request");
+    assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+    drop(claimed);
+    store.close().unwrap();
+}

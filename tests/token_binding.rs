@@ -77,3 +77,24 @@ fn an_empty_checkpoint_is_refused_and_keeps_the_last_recovery_point() {
         other => panic!("expected the key in flight, got {other:?}"),
     }
 }
+
+#[test]
+fn a_token_holds_its_key_through_any_spelling_of_the_store_directory() {
+    let base = tempfile::tempdir().unwrap();
+    let real = base.path().join("data");
+    std::fs::create_dir(&real).unwrap();
+    let link = base.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let clock = ManualClock::new(START_MS);
+    let spellings = [base.path().join("data/"), base.path().join("data").join("..").join("data"), link];
+    for (i, spelling) in spellings.iter().enumerate() {
+        let key = format!("key-{i}");
+        let store = common::open(&real, &clock);
+        let token = common::acquire(&store, &key);
+        drop(store);
+        let store = common::open(spelling, &clock);
+        store
+            .complete(&token, "outcome")
+            .unwrap_or_else(|e| panic!("{}: the store refused its own token: {e}", spelling.display()));
+    }
+}
