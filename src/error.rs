@@ -102,6 +102,15 @@ pub enum Error {
     },
     /// The token was handed out by another store: it proves nothing here.
     ForeignToken,
+    /// The store directory can be written by other users, who could replace or plant the
+    /// store's files: a writable store refuses to open it (nothing is created in it). Its
+    /// mode is left as it is: the store changes no mode it did not set.
+    UnsafePermissions {
+        /// The store directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 impl Error {
@@ -154,6 +163,13 @@ impl fmt::Display for Error {
                  check the system clock"
             ),
             Error::ForeignToken => write!(f, "the claim token was handed out by another store"),
+            Error::UnsafePermissions { dir, mode } => write!(
+                f,
+                "store directory {dir} has mode {mode:04o}: other users can write it, and so replace or plant \
+                 the files that hold stored outcomes; run `chmod o-w {dir}` (or `chmod 700 {dir}` to keep \
+                 everyone else out) and open it again",
+                dir = dir.display()
+            ),
         }
     }
 }

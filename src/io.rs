@@ -10,11 +10,15 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
+
+use crate::permissions::FileAccess;
 
 /// A guard that holds a directory lock until dropped.
 pub trait DirLock: Send + Sync {
@@ -74,6 +78,19 @@ pub trait Io: Send + Sync + fmt::Debug {
     /// `None` when unknown (then a read-only view shows every in-flight claim as orphaned).
     fn lock_owner(&self, _dir: &Path) -> Option<LockOwner> {
         None
+    }
+    /// This disk, creating directories (`create_dir_all`) and files (`create`, and the lock
+    /// file) with exactly the modes of `access` (see [`FileAccess`]). `None` when it keeps no
+    /// modes, or when it already creates with these (the default): the store then uses it as
+    /// it is. `Store::open` asks this once, so every file it creates, now or in a later version,
+    /// gets the mode through `create` without each caller passing it.
+    fn with_access(&self, _access: FileAccess) -> Option<Arc<dyn Io>> {
+        None
+    }
+    /// The permission bits (`st_mode & 0o7777`) of `path`; `None` when this disk keeps no modes
+    /// (the default). `Store::open` checks the store directory's with it.
+    fn mode(&self, _path: &Path) -> io::Result<Option<u32>> {
+        Ok(None)
     }
 }
 
@@ -177,9 +194,120 @@ pub(crate) fn checked_range(offset: u64, len: usize, limit: u64) -> io::Result<(
     Ok((offset as usize, end as usize))
 }
 
-/// The operating system's file system.
+/// The operating system's file system. Creates directories 0700 and files 0600 exactly,
+/// whatever the umask; [`Io::with_access`] gives the same disk with another [`FileAccess`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealIo;
+
+/// The real file system creating with the modes of a `FileAccess` other than the default one
+/// (`RealIo` is kept a unit struct: callers and tests name it as a value).
+#[derive(Debug, Clone, Copy)]
+struct RealIoWith(FileAccess);
+
+/// Creates `dir` with exactly `mode` when it is missing; an existing directory keeps its mode
+/// (see `permissions`). Missing parents are created with `mode` too, narrowed by the umask:
+/// they only lead to the store, and are not the store's to widen.
+fn create_dir_with_mode(dir: &Path, mode: u32) -> io::Result<()> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+        fs::DirBuilder::new().recursive(true).mode(mode).create(parent)?;
+    }
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        // The umask may have taken bits off (or, under umask 0, left them as asked): set exactly.
+        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(mode)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sets exactly `mode` on a file this process has just created (through its descriptor,
+/// `fchmod`: no other file can be swapped in under the name meanwhile).
+fn set_created_mode(file: &File, mode: u32) -> io::Result<()> {
+    file.set_permissions(fs::Permissions::from_mode(mode))
+}
+
+fn lock_dir_with_mode(dir: &Path, mode: u32) -> io::Result<Box<dyn DirLock>> {
+    let path = dir.join(crate::LOCK_FILE_NAME);
+    // Created with the store's mode when missing; an existing lock file keeps its own (the
+    // store changes no mode it did not create).
+    let file = match OpenOptions::new().read(true).write(true).create_new(true).mode(mode).open(&path) {
+        Ok(file) => {
+            set_created_mode(&file, mode)?;
+            file
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new().read(true).write(true).open(&path)?,
+        Err(e) => return Err(e),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Box::new(FileLock(file))),
+        Err(fs::TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+fn create_with_mode(path: &Path, capacity: u64, mode: u32) -> io::Result<Box<dyn IoFile>> {
+    let file = OpenOptions::new().read(true).write(true).create_new(true).mode(mode).open(path)?;
+    match set_created_mode(&file, mode).and_then(|()| MappedFile::new(file, capacity, true)) {
+        Ok(mapped) => Ok(Box::new(mapped)),
+        Err(e) => {
+            // The file is ours (`create_new`): left behind, every later creation of the same
+            // name would fail with `AlreadyExists`. Its removal is best effort; the map's
+            // error (ENOMEM once `vm.max_map_count` is reached, say) is what the caller needs.
+            let _ = fs::remove_file(path);
+            Err(e)
+        }
+    }
+}
+
+/// The real file system creating with the modes of `access`.
+fn real_io_with(access: FileAccess) -> Arc<dyn Io> {
+    match access {
+        FileAccess::Owner => Arc::new(RealIo),
+        other => Arc::new(RealIoWith(other)),
+    }
+}
+
+fn mode_of(path: &Path) -> io::Result<Option<u32>> {
+    Ok(Some(fs::metadata(path)?.permissions().mode() & 0o7777))
+}
+
+impl Io for RealIoWith {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        create_dir_with_mode(dir, self.0.dir_mode())
+    }
+    fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn DirLock>> {
+        lock_dir_with_mode(dir, self.0.file_mode())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        RealIo.list(dir)
+    }
+    fn create(&self, path: &Path, capacity: u64) -> io::Result<Box<dyn IoFile>> {
+        create_with_mode(path, capacity, self.0.file_mode())
+    }
+    fn open(&self, path: &Path, capacity: u64, writable: bool) -> io::Result<Box<dyn IoFile>> {
+        RealIo.open(path, capacity, writable)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        RealIo.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        RealIo.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        RealIo.sync_dir(dir)
+    }
+    fn remove_gradually(&self, path: &Path) -> io::Result<()> {
+        RealIo.remove_gradually(path)
+    }
+    fn lock_owner(&self, dir: &Path) -> Option<LockOwner> {
+        RealIo.lock_owner(dir)
+    }
+    fn with_access(&self, access: FileAccess) -> Option<Arc<dyn Io>> {
+        (access != self.0).then(|| real_io_with(access))
+    }
+    fn mode(&self, path: &Path) -> io::Result<Option<u32>> {
+        mode_of(path)
+    }
+}
 
 struct FileLock(File);
 impl Drop for FileLock {
@@ -198,21 +326,11 @@ impl DirLock for FileLock {
 
 impl Io for RealIo {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        fs::create_dir_all(dir)
+        create_dir_with_mode(dir, FileAccess::Owner.dir_mode())
     }
 
     fn lock_dir(&self, dir: &Path) -> io::Result<Box<dyn DirLock>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join(crate::LOCK_FILE_NAME))?;
-        match file.try_lock() {
-            Ok(()) => Ok(Box::new(FileLock(file))),
-            Err(fs::TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
-            Err(fs::TryLockError::Error(e)) => Err(e),
-        }
+        lock_dir_with_mode(dir, FileAccess::Owner.file_mode())
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -226,17 +344,7 @@ impl Io for RealIo {
     }
 
     fn create(&self, path: &Path, capacity: u64) -> io::Result<Box<dyn IoFile>> {
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
-        match MappedFile::new(file, capacity, true) {
-            Ok(mapped) => Ok(Box::new(mapped)),
-            Err(e) => {
-                // The file is ours (`create_new`): left behind, every later creation of the same
-                // name would fail with `AlreadyExists`. Its removal is best effort; the map's
-                // error (ENOMEM once `vm.max_map_count` is reached, say) is what the caller needs.
-                let _ = fs::remove_file(path);
-                Err(e)
-            }
-        }
+        create_with_mode(path, capacity, FileAccess::Owner.file_mode())
     }
 
     fn open(&self, path: &Path, capacity: u64, writable: bool) -> io::Result<Box<dyn IoFile>> {
@@ -286,6 +394,14 @@ impl Io for RealIo {
         let alive =
             unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
         alive.then_some(owner)
+    }
+
+    fn with_access(&self, access: FileAccess) -> Option<Arc<dyn Io>> {
+        (access != FileAccess::Owner).then(|| real_io_with(access))
+    }
+
+    fn mode(&self, path: &Path) -> io::Result<Option<u32>> {
+        mode_of(path)
     }
 }
 

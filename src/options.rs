@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
 use crate::io::{Io, RealIo};
+use crate::permissions::FileAccess;
 
 /// The longest TTL a key may have: 10 years. Longer (`Duration::MAX` for "forever", say) is
 /// `Error::InvalidArgument`: expiry times must stay far from the end of the 64-bit clock for
@@ -89,6 +90,13 @@ pub struct Options {
     /// checkpoints, releases and removes are never refused by the budget: a holder can always
     /// record the outcome of an effect it already ran (a full disk still refuses them).
     pub max_disk_bytes: u64,
+    /// Who may read the files (default [`FileAccess::Owner`]: directory 0700, files 0600,
+    /// whatever the umask; `OwnerAndGroupRead` gives 0750 and 0640). Applies to what the store
+    /// creates from now on; existing files keep their modes. `open` refuses a store directory
+    /// that other users can write (`Error::UnsafePermissions`) and reports one that grants more
+    /// than this in `Stats::warnings`. With a custom `io`, the modes are its own (see
+    /// `Io::with_access`).
+    pub file_access: FileAccess,
     /// Time source (default: the system clock).
     pub clock: Arc<dyn Clock>,
     /// Disk access (default: the real file system; tests pass a simulated disk).
@@ -117,6 +125,7 @@ impl Default for Options {
             seal_idle_after: Duration::from_secs(600),
             max_open_files: 64,
             max_disk_bytes: u64::MAX,
+            file_access: FileAccess::Owner,
             clock: Arc::new(SystemClock),
             io: Arc::new(RealIo),
             key_hash: None,
@@ -139,6 +148,7 @@ impl fmt::Debug for Options {
             .field("seal_idle_after", &self.seal_idle_after)
             .field("max_open_files", &self.max_open_files)
             .field("max_disk_bytes", &self.max_disk_bytes)
+            .field("file_access", &self.file_access)
             .field("clock", &self.clock)
             .field("io", &self.io)
             .finish_non_exhaustive()

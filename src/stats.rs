@@ -105,6 +105,11 @@ pub struct Stats {
     pub last_seq: u64,
     /// Highest sequence number known durable.
     pub durable_seq: u64,
+    /// Problems of the store's setup that do not stop it, one sentence each ending with the
+    /// command that fixes it. Today: a store directory whose mode grants its group or other
+    /// users more than `Options::file_access` allows (read at each `stats` call, so a fix
+    /// shows at once). Empty when all is well.
+    pub warnings: Vec<String>,
     /// What recovery found at open.
     pub recovery: RecoveryStats,
     /// The poison cause, when a write or sync failed.
@@ -240,6 +245,12 @@ impl Stats {
             "gauge",
             "Time the open took.",
             &[("", self.recovery.duration_us)],
+        );
+        family(
+            "idemstore_warnings",
+            "gauge",
+            "Setup problems that do not stop the store, such as a directory others can read (see idemstore stats).",
+            &[("", self.warnings.len() as u64)],
         );
         family(
             "idemstore_poisoned",

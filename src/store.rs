@@ -177,13 +177,24 @@ impl Store {
     ///
     /// Fails with `Locked` when another open store holds the directory, `UnsupportedVersion`
     /// for files of another format version, `Corrupt` when a record that is not a torn tail is
-    /// damaged (nothing is deleted then), and `Io` when the directory cannot be created,
-    /// locked or written.
+    /// damaged (nothing is deleted then), `UnsafePermissions` when other users can write the
+    /// directory, and `Io` when the directory cannot be created, locked or written.
+    ///
+    /// A missing directory is created with the mode of `Options::file_access` (0700 by
+    /// default), and so is every file; an existing directory and its files keep their modes.
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Store> {
         validate_options(&options)?;
         let dir = dir.as_ref().to_path_buf();
+        let mut options = options;
+        // The disk is given the modes once, here: every file the store creates goes through
+        // `Io::create`, which then applies them, with no mode passed by each caller.
+        if let Some(io) = options.io.with_access(options.file_access) {
+            options.io = io;
+        }
         let io = options.io.clone();
         io.create_dir_all(&dir).map_err(|e| Error::io("create store directory", &dir, e))?;
+        // Before the lock file: nothing is created in a directory others can write.
+        crate::permissions::refuse_unsafe(io.as_ref(), &dir)?;
         // A lock released a moment ago may still be held by a child process that another thread
         // is spawning (the descriptor lives on in it until its exec): retry briefly before
         // reporting `Locked`.
@@ -433,6 +444,14 @@ impl Store {
     pub fn verify(dir: impl AsRef<Path>) -> Result<VerifyReport> {
         let options = Options::default();
         recovery::verify(options.io.as_ref(), dir.as_ref(), options.segment_bytes_max)
+    }
+
+    /// What is wrong with the mode of the store directory `dir` for a store meant to be read
+    /// with `access`: the sentences `Stats::warnings` would carry (each ends with the `chmod`
+    /// that fixes it); empty when nothing is. Reads the directory's mode only, without opening
+    /// the store, so it works on a live or damaged one (`idemstore verify` prints them).
+    pub fn permission_warnings(dir: impl AsRef<Path>, access: crate::FileAccess) -> Vec<String> {
+        crate::permissions::warnings(Options::default().io.as_ref(), dir.as_ref(), access)
     }
 
     /// In-flight claims whose holder belonged to an earlier process.
@@ -1418,6 +1437,8 @@ impl Inner {
             sync_latency_us_max: load(&c.sync_latency_us_max),
             last_seq: self.log.last_seq(),
             durable_seq: self.commit.durable_seq(),
+            // Read at each call (one `stat`): a `chmod` that fixes the directory shows at once.
+            warnings: crate::permissions::warnings(self.options.io.as_ref(), &self.dir, self.options.file_access),
             recovery: self.recovery.clone(),
             poisoned: self.commit.poisoned(),
         }

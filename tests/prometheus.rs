@@ -251,6 +251,7 @@ fn every_stats_field_lands_in_its_own_sample() {
         sync_latency_us_max: 121,
         last_seq: 122,
         durable_seq: 123,
+        warnings: vec!["one".into(), "two".into()],
         recovery: RecoveryStats {
             duration_us: 124,
             records: 125,
@@ -305,6 +306,7 @@ fn every_stats_field_lands_in_its_own_sample() {
     for (name, labels, value) in expected {
         assert_eq!(e.value(name, labels), value as f64, "{name}{labels:?}");
     }
+    assert_eq!(e.value("idemstore_warnings", &[]), 2.0, "the gauge counts the warnings");
     for (name, family) in &e.families {
         assert!(!family.help.is_empty(), "{name} has help");
         if name.ends_with("_total") {

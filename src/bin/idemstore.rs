@@ -12,12 +12,13 @@
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use idemstore::{Entry, Error, LOCK_FILE_NAME, Options, Store, system_time_to_ms};
+use idemstore::{Entry, Error, FileAccess, LOCK_FILE_NAME, Options, Store, system_time_to_ms};
 
 /// Inspect an idemstore directory (an embedded idempotency-key store), or remove a key from it.
 #[derive(Parser, Debug)]
@@ -45,6 +46,10 @@ enum Command {
         /// Print the Prometheus text exposition format instead of a table.
         #[arg(long)]
         prometheus: bool,
+        /// The store is meant to be readable by its directory's group (opened with
+        /// `FileAccess::OwnerAndGroupRead`): group read access is not reported.
+        #[arg(long)]
+        group_readable: bool,
     },
     /// The state of one key: absent, in flight, orphaned or completed, with its outcome and times.
     ///
@@ -91,11 +96,17 @@ enum Command {
     },
     /// Check every checksum of every segment file; say what is torn or corrupt. Changes nothing.
     ///
-    /// Exit code 0 when no file has a problem (a torn tail, an unfinished last write that the
-    /// next open truncates, is reported but is not a problem), 1 otherwise.
+    /// Also warns when the store directory's mode lets its group or other users read (or
+    /// write) it. Exit code 0 when no file has a problem (a torn tail, an unfinished last write
+    /// that the next open truncates, is reported but is not a problem; so is a mode warning,
+    /// unless others can write the directory, which a writer's open refuses), 1 otherwise.
     Verify {
         /// The store directory.
         dir: PathBuf,
+        /// The store is meant to be readable by its directory's group (opened with
+        /// `FileAccess::OwnerAndGroupRead`): group read access is not reported.
+        #[arg(long)]
+        group_readable: bool,
     },
     /// Remove one key (a tombstone). Needs the writer's lock: fails while a process has the
     /// store open.
@@ -104,6 +115,10 @@ enum Command {
         dir: PathBuf,
         /// The key, as text or as `hex:<hex digits>`.
         key: String,
+        /// Files the removal creates are readable by the directory's group, as those of a store
+        /// opened with `FileAccess::OwnerAndGroupRead` (by default they are the owner's only).
+        #[arg(long)]
+        group_readable: bool,
     },
 }
 
@@ -162,12 +177,12 @@ fn main() -> ExitCode {
 
 fn run(command: Command, out: &mut impl Write) -> CliResult {
     match command {
-        Command::Stats { dir, prometheus } => stats(&dir, prometheus, out),
+        Command::Stats { dir, prometheus, group_readable } => stats(&dir, prometheus, access(group_readable), out),
         Command::Get { dir, key, hex, ms } => get(&dir, &key, Show { hex, ms }, out),
         Command::List { dir, prefix, state, ms } => list(&dir, prefix.as_deref(), state, ms, out),
         Command::Dump { dir, json, hex, ms } => dump(&dir, json, Show { hex, ms }, out),
-        Command::Verify { dir } => verify(&dir, out),
-        Command::Remove { dir, key } => remove(&dir, &key, out),
+        Command::Verify { dir, group_readable } => verify(&dir, access(group_readable), out),
+        Command::Remove { dir, key, group_readable } => remove(&dir, &key, access(group_readable), out),
     }
 }
 
@@ -183,6 +198,19 @@ fn open_view(dir: &Path) -> Result<Store, Failure> {
     Ok(Store::open_read_only(dir)?)
 }
 
+/// Who the store is meant to be readable by, as `--group-readable` says.
+fn access(group_readable: bool) -> FileAccess {
+    if group_readable { FileAccess::OwnerAndGroupRead } else { FileAccess::Owner }
+}
+
+/// The warnings, one line each, in the same words for `stats` and `verify`.
+fn write_warnings(warnings: &[String], out: &mut impl Write) -> io::Result<()> {
+    for warning in warnings {
+        writeln!(out, "warning: {warning}")?;
+    }
+    Ok(())
+}
+
 /// Refuses a path that is not a directory, so that a typo is an error and not an empty store.
 fn require_store_dir(dir: &Path) -> Result<(), Failure> {
     match std::fs::metadata(dir) {
@@ -192,8 +220,9 @@ fn require_store_dir(dir: &Path) -> Result<(), Failure> {
     }
 }
 
-fn stats(dir: &Path, prometheus: bool, out: &mut impl Write) -> CliResult {
-    let store = open_view(dir)?;
+fn stats(dir: &Path, prometheus: bool, access: FileAccess, out: &mut impl Write) -> CliResult {
+    require_store_dir(dir)?;
+    let store = Store::open_read_only_with(dir, Options { file_access: access, ..Options::default() })?;
     let stats = store.stats();
     if prometheus {
         out.write_all(stats.to_prometheus().as_bytes())?;
@@ -225,6 +254,7 @@ fn stats(dir: &Path, prometheus: bool, out: &mut impl Write) -> CliResult {
     for (name, value) in rows {
         writeln!(out, "{name:<26}{value}")?;
     }
+    write_warnings(&stats.warnings, out)?;
     writeln!(out, "(a read-only view: *_total counters count since this view opened; a service serves its own)")?;
     Ok(ExitCode::SUCCESS)
 }
@@ -317,8 +347,13 @@ fn dump(dir: &Path, json: bool, show: Show, out: &mut impl Write) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(dir: &Path, out: &mut impl Write) -> CliResult {
+fn verify(dir: &Path, access: FileAccess, out: &mut impl Write) -> CliResult {
     require_store_dir(dir)?;
+    // Before the checksums: a directory others can read is worth knowing even when a damaged
+    // file makes the check below fail.
+    let warnings = Store::permission_warnings(dir, access);
+    write_warnings(&warnings, out)?;
+    let others_can_write = std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
     let report = Store::verify(dir)?;
     let mut records = 0u64;
     let mut torn = 0usize;
@@ -353,17 +388,21 @@ fn verify(dir: &Path, out: &mut impl Write) -> CliResult {
         "{verdict}: {} files, {records} records, {torn} torn tails, {bad} files with problems",
         report.files.len()
     )?;
-    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    if others_can_write {
+        // The data may be intact, but a writer's open refuses this directory: a problem.
+        writeln!(out, "UNSAFE: other users can write {}; a writer's open refuses it", dir.display())?;
+    }
+    Ok(if report.is_clean() && !others_can_write { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn remove(dir: &Path, key_arg: &str, out: &mut impl Write) -> CliResult {
+fn remove(dir: &Path, key_arg: &str, access: FileAccess, out: &mut impl Write) -> CliResult {
     let key = parse_key(key_arg)?;
     require_store_dir(dir)?;
     // `Store::open` creates a store where there is none: refuse a directory that holds none.
     if !dir.join(LOCK_FILE_NAME).exists() {
         return Err(Failure::new(format!("{} holds no idemstore store (no {LOCK_FILE_NAME} file)", dir.display())));
     }
-    let store = match Store::open(dir, Options { background: false, ..Options::default() }) {
+    let store = match Store::open(dir, Options { background: false, file_access: access, ..Options::default() }) {
         Ok(store) => store,
         Err(Error::Locked { .. }) => {
             return Err(Failure::new(format!(
