@@ -855,6 +855,10 @@ impl Inner {
     /// becomes the error: its record may be lost at a power cut. Answers read from records
     /// that were already durable stand.
     fn settle_batch<T>(&self, answers: Vec<Result<(T, u64)>>) -> Vec<Result<T>> {
+        if answers.is_empty() {
+            // Nothing was answered, so nothing rests on a record or on the store's time.
+            return Vec::new();
+        }
         let through = answers.iter().filter_map(|a| a.as_ref().ok().map(|(_, seq)| *seq)).max().unwrap_or(0);
         let failed = self.settle(through).err();
         let durable_seq = self.commit.durable_seq();
