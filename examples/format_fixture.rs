@@ -1,11 +1,12 @@
 //! Writes the small store that `tests/format_fixture.rs` opens to pin the on-disk format:
 //!
 //! ```sh
-//! cargo run --example format_fixture -- tests/fixtures/v1
+//! cargo run --example format_fixture -- tests/fixtures/v2
 //! ```
 //!
 //! Run once per format version with the code of that version and check the directory in; the
-//! test then holds every later build to reading it. Time comes from a `ManualClock` at
+//! test then holds every later build to reading it (`v1` was written by the code before the
+//! index hash was keyed, `v2` by the code that added `META`). Time comes from a `ManualClock` at
 //! [`FIXTURE_MS`], so the test can open it at a known time:
 //!
 //! - `done-1`, `done-2`: completed before the first segment was sealed (found through the

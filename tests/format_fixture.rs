@@ -1,12 +1,14 @@
 //! Promise: a store written by an earlier build keeps reading, with the same answers.
 //!
-//! `tests/fixtures/v1/` is a small store written by `examples/format_fixture.rs` with the code
-//! of format version 1: segments, a sealed table, `TIME` and `LOCK`. A later format change must
-//! keep reading it (or refuse it with `Error::UnsupportedVersion`), never misread it. The
-//! record layout is pinned byte for byte by a golden record.
+//! `tests/fixtures/v1/` and `v2/` are small stores written by `examples/format_fixture.rs` with
+//! the code of format versions 1 (unkeyed index hash, no `META`) and 2 (`META` holding the
+//! secret of a keyed index hash): segments, a sealed table, `TIME` and `LOCK`. A later format
+//! change must keep reading them (or refuse them with `Error::UnsupportedVersion`), never
+//! misread them. The record layout is pinned byte for byte by a golden record.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use idemstore::internals::{Header, Kind, decode, encode};
 use idemstore::{Claim, Durability, Entry, ManualClock, Options, Store, ms_to_system_time};
@@ -81,16 +83,22 @@ fn assert_known_entries(store: &Store) {
     }
 }
 
-#[test]
-fn the_v1_fixture_holds_segments_a_sealed_table_time_and_lock() {
-    let names: Vec<String> = snapshot(&fixture("v1")).into_keys().collect();
-    assert_eq!(names, ["00000001.seg", "00000001.tbl", "00000002.seg", "LOCK", "TIME"]);
-}
+/// The fixtures, each with the files beside its segments that its version has.
+const FIXTURES: [(&str, &[&str]); 2] = [("v1", &["LOCK", "TIME"]), ("v2", &["LOCK", "META", "TIME"])];
 
 #[test]
-fn a_v1_store_opens_with_its_known_answers() {
-    let dir = copy_of("v1");
-    let store = Store::open(dir.path(), options()).expect("open the v1 fixture");
+fn each_fixture_holds_segments_a_sealed_table_and_its_versions_files() {
+    for (name, extra) in FIXTURES {
+        let names: Vec<String> = snapshot(&fixture(name)).into_keys().collect();
+        let mut expected = vec!["00000001.seg", "00000001.tbl", "00000002.seg"];
+        expected.extend_from_slice(extra);
+        assert_eq!(names, expected, "{name}");
+    }
+}
+
+/// Opens `dir` for writing and checks the fixture's answers, through its sealed table.
+fn assert_opens_with_known_answers(dir: &Path) {
+    let store = Store::open(dir, options()).expect("open the fixture");
     let recovery = store.stats().recovery;
     assert!(recovery.tables_loaded >= 1, "the sealed key is read through its table: {recovery:?}");
     assert_eq!(recovery.tables_rebuilt, 0, "{recovery:?}");
@@ -118,13 +126,95 @@ fn a_v1_store_opens_with_its_known_answers() {
 }
 
 #[test]
-fn a_read_only_view_of_the_v1_fixture_changes_no_byte() {
-    let before = snapshot(&fixture("v1"));
-    let view = Store::open_read_only_with(fixture("v1"), options()).expect("open a view of the v1 fixture");
-    assert_known_entries(&view);
-    assert!(view.stats().recovery.tables_loaded >= 1);
-    view.close().expect("close");
-    assert_eq!(snapshot(&fixture("v1")), before, "the view changed the fixture");
+fn a_v1_store_opens_with_its_known_answers() {
+    let dir = copy_of("v1");
+    assert_opens_with_known_answers(dir.path());
+}
+
+#[test]
+fn a_v2_store_opens_with_its_known_answers() {
+    let dir = copy_of("v2");
+    assert_opens_with_known_answers(dir.path());
+}
+
+#[test]
+fn a_read_only_view_of_each_fixture_changes_no_byte() {
+    for (name, _) in FIXTURES {
+        let before = snapshot(&fixture(name));
+        let view = Store::open_read_only_with(fixture(name), options()).expect("open a view of the fixture");
+        assert_known_entries(&view);
+        assert!(view.stats().recovery.tables_loaded >= 1, "{name}");
+        view.close().expect("close");
+        assert_eq!(snapshot(&fixture(name)), before, "the view changed the {name} fixture");
+    }
+}
+
+/// Seals a new key into a new table of the store in `dir`, reopens it, and checks that every
+/// table loads as it is (the new ones made with the same hash as the fixture's).
+fn seal_a_new_key_and_reopen(dir: &Path) {
+    let clock = ManualClock::new(FIXTURE_MS + 600_000);
+    let options = Options { clock: clock.clone(), seal_idle_after: Duration::from_secs(60), ..options() };
+    let store = Store::open(dir, options.clone()).expect("open");
+    let Claim::Acquired(token) = store.claim("new-key", "new request").expect("claim") else { panic!("a new key") };
+    store.complete(&token, "new outcome").expect("complete");
+    clock.advance(Duration::from_secs(120));
+    store.maintain().expect("maintain");
+    // The fixture's table, and those of the segments written since.
+    let tables = store.stats().sealed_tables;
+    assert!(tables >= 2, "{tables} tables");
+    store.close().expect("close");
+    let store = Store::open(dir, options).expect("reopen");
+    let recovery = store.stats().recovery;
+    assert_eq!((recovery.tables_loaded, recovery.tables_rebuilt), (tables, 0), "{recovery:?}");
+    assert_known_entries(&store);
+    assert!(matches!(store.get("new-key").expect("get"), Some(Entry::Completed(_))));
+}
+
+#[test]
+fn a_v1_store_never_gets_a_meta_and_its_new_tables_stay_unkeyed() {
+    let dir = copy_of("v1");
+    seal_a_new_key_and_reopen(dir.path());
+    assert!(!dir.path().join("META").exists(), "a v1 store was given a META");
+}
+
+#[test]
+fn a_v2_store_keeps_its_secret_for_its_new_tables() {
+    let dir = copy_of("v2");
+    let meta = std::fs::read(dir.path().join("META")).expect("read META");
+    seal_a_new_key_and_reopen(dir.path());
+    assert_eq!(std::fs::read(dir.path().join("META")).expect("read META"), meta, "META was rewritten");
+}
+
+/// The META of a new store (a secret of its own).
+fn fresh_meta() -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    Store::open(dir.path(), options()).expect("open").close().expect("close");
+    std::fs::read(dir.path().join("META")).expect("read META")
+}
+
+/// Opens `dir`, whose table was made with another hash than the store now uses: the table must
+/// be set aside and its segment scanned, with the same answers.
+fn assert_table_rebuilt_with_known_answers(dir: &Path, case: &str) {
+    let store = Store::open(dir, options()).unwrap_or_else(|e| panic!("{case}: open: {e}"));
+    let recovery = store.stats().recovery;
+    assert_eq!((recovery.tables_loaded, recovery.tables_rebuilt), (0, 1), "{case}: {recovery:?}");
+    assert_known_entries(&store);
+}
+
+#[test]
+fn a_table_is_trusted_only_with_the_hash_it_was_made_with() {
+    // A keyed store whose META is gone reads as version 1 (unkeyed): its keyed table is useless.
+    let dir = copy_of("v2");
+    std::fs::remove_file(dir.path().join("META")).expect("remove META");
+    assert_table_rebuilt_with_known_answers(dir.path(), "v2 without its META");
+    // A keyed store given another store's secret: its table was made with the old one.
+    let dir = copy_of("v2");
+    std::fs::write(dir.path().join("META"), fresh_meta()).expect("write META");
+    assert_table_rebuilt_with_known_answers(dir.path(), "v2 with another secret");
+    // A v1 store given a secret: its table holds unkeyed hashes.
+    let dir = copy_of("v1");
+    std::fs::write(dir.path().join("META"), fresh_meta()).expect("write META");
+    assert_table_rebuilt_with_known_answers(dir.path(), "v1 with a secret");
 }
 
 /// A record with every field set to a distinct value: its bytes below are the format.
