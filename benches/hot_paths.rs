@@ -4,11 +4,16 @@
 //! ```sh
 //! cargo bench --bench hot_paths                          # ops/s
 //! cargo build --release --benches && valgrind --tool=callgrind \
-//!     target/release/deps/hot_paths-* --keys 100000      # instructions per op, repeatable
+//!     target/release/deps/hot_paths-* --keys 100000 --no-crafted  # instructions per op
 //! ```
 //!
 //! Workload: N random 16-byte keys (default 1,000,000), a 3-byte request; claims of new keys,
 //! repeat claims of keys in flight, then replays of completed keys with a 64-byte outcome.
+//!
+//! Then a second table: claims of the 3000 keys of `tests/fixtures/crafted_keys.txt` (crafted to
+//! share one shard and home slot under the unkeyed hash) against 3000 random keys of the same
+//! length, in a store hashing keys with no secret (`Options::key_hash = xxh3_64`, as format
+//! version 1 stores do) and in a store with its own secret (the default).
 
 use std::time::Instant;
 
@@ -118,6 +123,59 @@ fn main() {
         }
     }
     rate(&format!("claim_many replays of completed keys (64 B, {BATCH} a batch)"), n, started);
+    drop(store);
+
+    // Left out under a profiler: its crafted rounds walk millions of slots, which would swamp
+    // the counts of the rows above.
+    if !args.iter().any(|a| a == "--no-crafted") {
+        crafted_against_random();
+    }
+}
+
+/// Claims of the crafted keys against random ones, under both hashes: each round claims every
+/// key of a set in a fresh store (opening it is not timed).
+fn crafted_against_random() {
+    const ROUNDS: usize = 20;
+    let crafted: Vec<&str> = include_str!("../tests/fixtures/crafted_keys.txt").lines().collect();
+    // Random keys of the crafted keys' shape: 16 hex digits.
+    let random: Vec<String> = keys(crafted.len(), 4)
+        .iter()
+        .map(|k| format!("{:016x}", u64::from_le_bytes(k[..8].try_into().expect("8 bytes"))))
+        .collect();
+    let random: Vec<&str> = random.iter().map(String::as_str).collect();
+    println!();
+    println!("claims of {} new keys a round, {ROUNDS} rounds, each in a fresh store", crafted.len());
+    println!();
+    println!("| index hash | keys | claims/s | ns/claim | longest walk | mean walk |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    let unkeyed: idemstore::KeyHashFn = xxhash_rust::xxh3::xxh3_64;
+    for (hash, key_hash) in [("unkeyed (v1)", Some(unkeyed)), ("keyed (v2)", None)] {
+        let mut rates = Vec::new();
+        for (label, set) in [("crafted", &crafted), ("random", &random)] {
+            let mut secs = 0.0;
+            let mut walk = (0, 0.0);
+            for _ in 0..ROUNDS {
+                let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
+                let store = Store::open(dir.path(), Options { key_hash, ..options() }).expect("open");
+                let started = Instant::now();
+                for key in set.iter() {
+                    let Ok(Claim::Acquired(_)) = store.claim(key, b"req") else { panic!("fresh key") };
+                }
+                secs += started.elapsed().as_secs_f64();
+                walk = store.index_probe_stats();
+            }
+            let claims = (ROUNDS * set.len()) as f64;
+            rates.push(claims / secs);
+            println!(
+                "| {hash} | {label} | {:.0} | {:.0} | {} | {:.2} |",
+                claims / secs,
+                secs * 1e9 / claims,
+                walk.0,
+                walk.1
+            );
+        }
+        println!("| {hash} | crafted / random | {:.3} | | | |", rates[0] / rates[1]);
+    }
 }
 
 /// Keys per `claim_many` call in the batched rows.

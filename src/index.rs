@@ -235,14 +235,39 @@ impl Index {
     }
 
     pub fn shard(&self, hash: u64) -> &LockedShard {
-        // The top bits pick the shard; `PremixedHasher` spreads the rest inside it.
-        let i = (hash >> (64 - SHARD_COUNT.trailing_zeros())) as usize;
-        &self.shards[i & (SHARD_COUNT - 1)]
+        &self.shards[shard_of(hash)]
+    }
+
+    /// (longest, mean) displacement of the primary tables' entries from their home slots:
+    /// how many slots past its home a lookup of a stored key walks.
+    pub fn probe_stats(&self) -> (usize, f64) {
+        let (mut longest, mut total, mut entries) = (0, 0usize, 0usize);
+        for locked in self.shards() {
+            let shard = locked.shard.lock();
+            for displacement in shard.main.displacements() {
+                longest = longest.max(displacement);
+                total += displacement;
+                entries += 1;
+            }
+        }
+        (longest, if entries == 0 { 0.0 } else { total as f64 / entries as f64 })
     }
 
     pub fn shards(&self) -> impl Iterator<Item = &LockedShard> {
         self.shards.iter()
     }
+}
+
+/// The shard of `hash`: its top bits (`PremixedHasher` and the slot tables spread the rest
+/// inside it).
+fn shard_of(hash: u64) -> usize {
+    (hash >> (64 - SHARD_COUNT.trailing_zeros())) as usize & (SHARD_COUNT - 1)
+}
+
+/// Where the index places `hash`: (shard, home slot in a shard table of `slots` slots, a power
+/// of two). Two keys whose hashes share both walk one probe run.
+pub fn place_in_index(hash: u64, slots: usize) -> (usize, usize) {
+    (shard_of(hash), crate::slots::home_slot(hash, slots))
 }
 
 #[cfg(test)]

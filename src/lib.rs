@@ -36,6 +36,7 @@ pub mod fuzzing;
 mod index;
 pub mod io;
 mod log;
+mod meta;
 mod options;
 mod pace;
 mod permissions;
@@ -71,6 +72,7 @@ pub const LOCK_FILE_NAME: &str = "LOCK";
 #[doc(hidden)]
 pub mod internals {
     pub use crate::commit::{GroupCommit, Syncer};
+    pub use crate::index::place_in_index;
     pub use crate::record::{DecodeError, HEADER_LEN, Header, Kind, decode, encode};
     pub use crate::segment::{SEGMENT_HEADER_LEN, SegmentHeader, segment_file_name};
 }

@@ -39,7 +39,7 @@ pub enum OrphanPolicy {
     WaitForLease,
 }
 
-/// A function from key bytes to the 64-bit index hash (a test seam; `None` is xxh3).
+/// A function from key bytes to the 64-bit index hash (a test seam; `None` is the store's own).
 pub type KeyHashFn = fn(&[u8]) -> u64;
 
 /// Options of a store. Build with struct update syntax:
@@ -101,7 +101,8 @@ pub struct Options {
     pub clock: Arc<dyn Clock>,
     /// Disk access (default: the real file system; tests pass a simulated disk).
     pub io: Arc<dyn Io>,
-    /// Index hash of a key (a test seam to force collisions; default xxh3-64).
+    /// Index hash of a key (a test seam to force collisions; default: xxh3-64 under the store's
+    /// secret, or unkeyed in a store of format 1).
     pub key_hash: Option<KeyHashFn>,
     /// Run the background housekeeping thread (expiry, sealing, periodic sync, spare segments
     /// prepared ahead of need). Default true; tests that drive expiry by hand with

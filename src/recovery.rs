@@ -35,17 +35,20 @@ pub enum Mode {
     ReadOnly,
 }
 
-/// Scans `dir` and rebuilds the state as of `now_ms`: sealed tables are mapped as they are,
-/// only segments without a (valid) table are scanned.
+/// Scans `dir`, whose files are `names`, and rebuilds the state as of `now_ms`: sealed tables
+/// made with the hash `table_mark` names are mapped as they are, only segments without such a
+/// (valid) table are scanned.
+#[allow(clippy::too_many_arguments)]
 pub fn recover(
     io: &dyn Io,
     dir: &Path,
+    names: &[String],
     capacity: u64,
     now_ms: u64,
     key_hash: &dyn Fn(&[u8]) -> u64,
+    table_mark: u32,
     mode: Mode,
 ) -> Result<Recovered> {
-    let names = io.list(dir).map_err(|e| Error::io("list store directory", dir, e))?;
     let mut ids: Vec<u32> = names.iter().filter_map(|n| parse_segment_file_name(n)).collect();
     ids.sort_unstable();
     let table_ids: std::collections::HashSet<u32> = names.iter().filter_map(|n| parse_table_file_name(n)).collect();
@@ -103,7 +106,7 @@ pub fn recover(
         segments.insert(id, segment.clone());
         stats.segments += 1;
         if table_ids.contains(&id) {
-            let opened = match Table::open(io, &table_path, id) {
+            let opened = match Table::open(io, &table_path, id, table_mark) {
                 // Deleted after the listing (its bucket is being dropped by a live writer): the
                 // segment, still mapped here, is scanned instead.
                 Err(e) if !writer && vanished(&e) => {
@@ -120,7 +123,8 @@ pub fn recover(
                 segment.release_descriptor();
                 continue;
             }
-            // A damaged table: scan the segment instead; sealing writes a new table.
+            // A damaged table, or one of another hash: scan the segment instead; sealing writes
+            // a new table.
             stats.tables_rebuilt += 1;
             if writer {
                 remove(&table_path, "remove damaged table")?;

@@ -23,7 +23,8 @@ use crate::record::{self, DecodeError, HEADER_LEN, Header, u32_at, u64_at};
 pub const SEGMENT_HEADER_LEN: u64 = 64;
 /// Magic bytes opening every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"IDEMSEG\0";
-/// The on-disk format version this build reads and writes.
+/// The segment (and record) format version this build reads and writes: 1 in stores of both
+/// format versions (the store's own version is in `META`, see `meta.rs`).
 pub const FORMAT_VERSION: u32 = 1;
 /// File name extension of segment files.
 pub const SEGMENT_EXT: &str = "seg";

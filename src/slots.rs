@@ -41,6 +41,13 @@ pub fn mix(hash: u64) -> u64 {
     x ^ (x >> 29)
 }
 
+/// The slot where `hash` starts probing in a table of `slots` slots (a power of two). The hash
+/// was chosen by the caller (possibly by a weak user-supplied function, and its top bits already
+/// picked the shard): mix it first.
+pub fn home_slot(hash: u64, slots: usize) -> usize {
+    mix(hash) as usize & slots.wrapping_sub(1)
+}
+
 /// Hash -> location, at most one location per hash (the index keeps colliding keys apart).
 #[derive(Default)]
 pub struct Slots {
@@ -83,10 +90,19 @@ impl Slots {
         self.slots.len()
     }
 
-    /// Where `hash` starts probing. The hash was chosen by the caller (possibly by a weak
-    /// user-supplied function, and its top bits already picked the shard): mix it first.
+    /// Where `hash` starts probing.
     fn home(&self, hash: u64) -> usize {
-        mix(hash) as usize & (self.slots.len() - 1)
+        home_slot(hash, self.slots.len())
+    }
+
+    /// How far each entry lies past its home slot (the slots a lookup of it walks past).
+    pub fn displacements(&self) -> impl Iterator<Item = usize> + '_ {
+        let mask = self.slots.len().wrapping_sub(1);
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.is_empty())
+            .map(move |(i, s)| i.wrapping_sub(self.home(s.hash)) & mask)
     }
 
     /// The slot holding `hash`, or the empty slot that ends its probe run.

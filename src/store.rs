@@ -48,6 +48,11 @@ struct Inner {
     /// This store's identity, carried by every token it hands out: a token of another store
     /// (whose ids are numbers this store may hand out too) is refused, never taken as proof.
     identity: u64,
+    /// How keys are hashed for the index: under the store's secret, or unkeyed in a version 1
+    /// store (`Options::key_hash`, a test seam, overrides it).
+    index_hash: crate::meta::IndexHash,
+    /// What sealed tables record of that hash (see `IndexHash::table_mark`).
+    table_mark: u32,
     recovery: RecoveryStats,
     read_only: bool,
     /// What the housekeeper is asked to do now, and the signal that wakes it.
@@ -160,16 +165,11 @@ fn store_identity(dir: &Path) -> u64 {
     xxhash_rust::xxh3::xxh3_64(absolute.as_os_str().as_encoded_bytes())
 }
 
-fn new_incarnation() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let local = 0u8;
-    let mut seed = Vec::with_capacity(40);
-    seed.extend_from_slice(&nanos.to_le_bytes());
-    seed.extend_from_slice(&std::process::id().to_le_bytes());
-    seed.extend_from_slice(&(&local as *const u8 as usize).to_le_bytes());
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    seed.extend_from_slice(&COUNTER.fetch_add(1, AtomicOrdering::Relaxed).to_le_bytes());
-    xxhash_rust::xxh3::xxh3_64(&seed) | 1
+/// A random incarnation for this open (never 0): claims record it, and a claim of another
+/// incarnation is an orphan.
+fn new_incarnation(dir: &Path) -> Result<u64> {
+    let random = getrandom::u64().map_err(|e| Error::io("draw the incarnation", dir, e.into()))?;
+    Ok(random | 1)
 }
 
 impl Store {
@@ -210,7 +210,7 @@ impl Store {
                 Err(e) => return Err(Error::io("open lock file", dir.join(crate::LOCK_FILE_NAME), e)),
             }
         };
-        let incarnation = new_incarnation();
+        let incarnation = new_incarnation(&dir)?;
         let store = Self::open_inner(dir, options, Some(lock), Mode::Writer, incarnation)?;
         // Only an open that succeeded writes anything (a refused open changes no file).
         if let Some(lock) = &store.inner._lock {
@@ -233,7 +233,10 @@ impl Store {
         validate_options(&options)?;
         let dir = dir.as_ref().to_path_buf();
         // Claims of the live writer (if any) are in flight, not orphans.
-        let incarnation = options.io.lock_owner(&dir).map_or_else(new_incarnation, |owner| owner.incarnation);
+        let incarnation = match options.io.lock_owner(&dir) {
+            Some(owner) => owner.incarnation,
+            None => new_incarnation(&dir)?,
+        };
         Self::open_inner(dir, Options { background: false, ..options }, None, Mode::ReadOnly, incarnation)
     }
 
@@ -246,15 +249,27 @@ impl Store {
     ) -> Result<Store> {
         let started = Instant::now();
         let io = options.io.clone();
-        let key_hash_fn = options.key_hash;
-        let hasher = move |k: &[u8]| key_hash(key_hash_fn, k);
         let saved_floor_ms = crate::time_floor::read(io.as_ref(), &dir);
         let probe_time = StoreTime::new(options.clock.clone(), saved_floor_ms);
         // Checked before recovery, which deletes the buckets that end before this time: a clock
         // far in the future must not make the whole window expire on disk.
         check_store_time(probe_time.now_ms())?;
-        let recovered =
-            recovery::recover(io.as_ref(), &dir, options.segment_bytes_max, probe_time.now_ms(), &hasher, mode)?;
+        let names = io.list(&dir).map_err(|e| Error::io("list store directory", &dir, e))?;
+        // Read (or, for a new store, drawn and written) before any segment is created.
+        let index_hash = crate::meta::load(io.as_ref(), &dir, &names, mode == Mode::Writer)?;
+        let table_mark = index_hash.table_mark();
+        let key_hash_fn = options.key_hash;
+        let hasher = |k: &[u8]| key_hash(key_hash_fn, &index_hash, k);
+        let recovered = recovery::recover(
+            io.as_ref(),
+            &dir,
+            &names,
+            options.segment_bytes_max,
+            probe_time.now_ms(),
+            &hasher,
+            table_mark,
+            mode,
+        )?;
         check_store_time(recovered.latest_time_ms)?;
         let limits = LogLimits {
             bucket_width_ms: duration_to_ms(options.bucket_width),
@@ -307,6 +322,8 @@ impl Store {
             counters: Counters::default(),
             incarnation,
             identity,
+            index_hash,
+            table_mark,
             recovery,
             read_only: mode == Mode::ReadOnly,
             housekeeper_call: Mutex::new(HousekeeperCall::default()),
@@ -488,6 +505,14 @@ impl Store {
         self.inner.maintenance.lock()
     }
 
+    /// Test and bench seam: (longest, mean) distance of the RAM index's entries from their home
+    /// slots, the slots a lookup of a stored key walks past. Keys piled on one home slot show
+    /// as a long walk.
+    #[doc(hidden)]
+    pub fn index_probe_stats(&self) -> (usize, f64) {
+        self.inner.index.probe_stats()
+    }
+
     /// A snapshot of the store's counters.
     pub fn stats(&self) -> Stats {
         self.inner.stats()
@@ -540,7 +565,7 @@ impl std::fmt::Debug for Store {
 
 impl Inner {
     fn key_hash(&self, key: &[u8]) -> u64 {
-        key_hash(self.options.key_hash, key)
+        key_hash(self.options.key_hash, &self.index_hash, key)
     }
 
     fn check_key(&self, key: &[u8]) -> Result<()> {
@@ -1288,6 +1313,7 @@ impl Inner {
                     segment.id(),
                     segment.header.bucket_end_ms,
                     bounds,
+                    self.table_mark,
                     list,
                 )?,
                 hashes,
@@ -1462,11 +1488,12 @@ struct HousekeeperCall {
 /// to cover their latency, few enough that the first key's lines are still cached at its turn.
 const BATCH_WINDOW: usize = 16;
 
-/// A key's 64-bit index hash: `Options::key_hash` when set, else xxh3-64.
-fn key_hash(custom: Option<crate::options::KeyHashFn>, key: &[u8]) -> u64 {
+/// A key's 64-bit index hash: `Options::key_hash` when set, else the store's own.
+#[inline]
+fn key_hash(custom: Option<crate::options::KeyHashFn>, own: &crate::meta::IndexHash, key: &[u8]) -> u64 {
     match custom {
         Some(f) => f(key),
-        None => xxhash_rust::xxh3::xxh3_64(key),
+        None => own.hash(key),
     }
 }
 

@@ -8,7 +8,7 @@
 //! | off | size | field |
 //! |----:|-----:|-------|
 //! | 0 | 8 | magic `IDEMTBL\0` |
-//! | 8 | 4 | format version |
+//! | 8 | 4 | table version: 1 holds unkeyed hashes, 2 keyed ones |
 //! | 12 | 4 | segment id |
 //! | 16 | 8 | entry count |
 //! | 24 | 8 | filter words (u64) |
@@ -16,12 +16,16 @@
 //! | 40 | 8 | max_seq: no record in the segment has a higher sequence number |
 //! | 48 | 8 | latest_ms: no record in the segment was written later |
 //! | 56 | 4 | crc32 of bytes 0..56 and of the filter |
-//! | 60 | 4 | reserved (0) |
+//! | 60 | 4 | hash mark: 0 (version 1), or the fingerprint of the store's secret (version 2) |
 //! | 64 | 8 x words | filter |
 //! | ... | 16 x count | entries sorted by hash: hash u64, record offset u32, check u32 |
 //!
 //! Each entry's `check` is the crc32 of (segment id, hash, offset), so a damaged entry is
 //! caught on the lookup that reads it.
+//!
+//! A table holds hashes, and is only of use with the hash it was made with: the version and
+//! the mark say which (`IndexHash::table_mark`), and a table whose mark is not its store's is
+//! treated as damaged (its segment is scanned), never searched with the wrong hash.
 
 use std::path::{Path, PathBuf};
 
@@ -30,7 +34,6 @@ use crate::filter::BlockedBloom;
 use crate::io::{Io, IoFile};
 use crate::log::Loc;
 use crate::record::{u32_at, u64_at};
-use crate::segment::FORMAT_VERSION;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -43,6 +46,16 @@ pub const TABLE_HEADER_LEN: u64 = 64;
 pub const ENTRY_LEN: u64 = 16;
 /// File name extension of table files.
 pub const TABLE_EXT: &str = "tbl";
+/// Version of a table of unkeyed hashes (stores of format version 1).
+pub const TABLE_VERSION_UNKEYED: u32 = 1;
+/// Version of a table of hashes under the store's secret (format version 2).
+pub const TABLE_VERSION_KEYED: u32 = 2;
+
+/// The table version that goes with a hash mark (see `IndexHash::table_mark`).
+fn version_for(mark: u32) -> u32 {
+    if mark == 0 { TABLE_VERSION_UNKEYED } else { TABLE_VERSION_KEYED }
+}
+
 /// Extension added to a table's name while it is written (see [`table_tmp_file_name`]).
 pub const TABLE_TMP_EXT: &str = "tmp";
 
@@ -128,15 +141,16 @@ impl std::fmt::Debug for Table {
 }
 
 impl Table {
-    /// Writes the table of segment `segment_id` from its (hash, offset) entries, syncs it and
-    /// renames it into place. The caller syncs the directory, which makes the table durable
-    /// under its name.
+    /// Writes the table of segment `segment_id` from its (hash, offset) entries, made with the
+    /// hash that `mark` names, syncs it and renames it into place. The caller syncs the
+    /// directory, which makes the table durable under its name.
     pub fn write(
         io: &dyn Io,
         dir: &Path,
         segment_id: u32,
         bucket_end_ms: u64,
         bounds: TableBounds,
+        mark: u32,
         mut entries: Vec<(u64, u32)>,
     ) -> Result<Table> {
         entries.sort_unstable();
@@ -147,7 +161,7 @@ impl Table {
         }
         let mut header = [0u8; TABLE_HEADER_LEN as usize];
         header[0..8].copy_from_slice(&TABLE_MAGIC);
-        header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        header[8..12].copy_from_slice(&version_for(mark).to_le_bytes());
         header[12..16].copy_from_slice(&segment_id.to_le_bytes());
         header[16..24].copy_from_slice(&(entries.len() as u64).to_le_bytes());
         header[24..32].copy_from_slice(&(filter.words().len() as u64).to_le_bytes());
@@ -156,6 +170,7 @@ impl Table {
         header[48..56].copy_from_slice(&bounds.latest_ms.to_le_bytes());
         let crc = header_crc(&header, &filter);
         header[56..60].copy_from_slice(&crc.to_le_bytes());
+        header[60..64].copy_from_slice(&mark.to_le_bytes());
         let entries_at = TABLE_HEADER_LEN + 8 * filter.words().len() as u64;
         let total = entries_at + ENTRY_LEN * entries.len() as u64;
         let mut bytes = Vec::with_capacity(total as usize);
@@ -205,16 +220,22 @@ impl Table {
         })
     }
 
-    /// Opens a table; `Ok(None)` when it is damaged (bad magic, checksum, version or sizes),
-    /// so its segment is scanned instead and the table rebuilt.
-    pub fn open(io: &dyn Io, path: &Path, segment_id: u32) -> Result<Option<Table>> {
+    /// Opens a table; `Ok(None)` when it is damaged (bad magic, checksum, version or sizes) or
+    /// was made with another hash than the one `mark` names, so its segment is scanned instead
+    /// and the table rebuilt.
+    pub fn open(io: &dyn Io, path: &Path, segment_id: u32, mark: u32) -> Result<Option<Table>> {
         let file = io.open(path, 0, false).map_err(|e| Error::io("open table", path, e))?;
         let len = file.len();
         let mut header = [0u8; TABLE_HEADER_LEN as usize];
         if len < TABLE_HEADER_LEN || file.read_at(0, &mut header).is_err() {
             return Ok(None);
         }
-        if header[0..8] != TABLE_MAGIC || u32_at(&header, 8) != FORMAT_VERSION || u32_at(&header, 12) != segment_id {
+        if header[0..8] != TABLE_MAGIC || u32_at(&header, 12) != segment_id {
+            return Ok(None);
+        }
+        // Hashes made another way would make stored keys look absent: the mark is outside the
+        // CRC, so a damaged one fails here too, and the table is rebuilt.
+        if u32_at(&header, 8) != version_for(mark) || u32_at(&header, 60) != mark {
             return Ok(None);
         }
         let count = u64_at(&header, 16);

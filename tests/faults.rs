@@ -172,9 +172,10 @@ fn failed_directory_fsync_when_a_segment_is_created_poisons_the_store() {
 #[test]
 fn failed_record_write_poisons_the_store() {
     let disk = SimDisk::new();
-    // Two writes succeed: the new segment's header and the first claim.
-    disk.fail_writes_after(2);
     let store = Store::open(DIR, options(&disk, Durability::Sync)).expect("open");
+    // Two writes succeed after the open (which wrote the store's META): the new segment's
+    // header and the first claim.
+    disk.fail_writes_after(2);
     let token = acquire(&store, "first");
     let failed = store.complete(&token, "outcome");
     assert!(failed.is_err(), "the complete whose write failed returned {failed:?}");
