@@ -474,13 +474,21 @@ impl Store {
         self.inner.maintain_noted()
     }
 
-    /// Test seam: `fault` runs once, at the start of the next maintenance pass (the
-    /// housekeeper's or `maintain`'s), with the maintenance lock held. An error fails that
-    /// pass as a failed step of it would; a panic is a panic of the pass.
+    /// Test seam: `fault` runs at the start of every maintenance pass (the housekeeper's or
+    /// `maintain`'s), with the maintenance lock held, until `clear_maintenance_fault`. An error
+    /// fails the pass as a failed step of it would; a panic is a panic of the pass. Every pass
+    /// from the next on meets it, so a test needs no timing to see what a failing pass leaves.
     #[cfg(feature = "sim")]
     #[doc(hidden)]
-    pub fn on_next_maintenance(&self, fault: impl FnOnce() -> std::io::Result<()> + Send + 'static) {
-        self.inner.housekeeper_call.lock().maintenance_fault = Some(Box::new(fault));
+    pub fn set_maintenance_fault(&self, fault: impl Fn() -> std::io::Result<()> + Send + Sync + 'static) {
+        self.inner.housekeeper_call.lock().maintenance_fault = Some(std::sync::Arc::new(fault));
+    }
+
+    /// Test seam: maintenance passes run without the fault of `set_maintenance_fault` again.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    pub fn clear_maintenance_fault(&self) {
+        self.inner.housekeeper_call.lock().maintenance_fault = None;
     }
 
     /// Test seam: `fault` runs once, in the flusher's next periodic sync, before it syncs.
@@ -1255,7 +1263,7 @@ impl Inner {
         let _serial = self.maintenance.lock();
         #[cfg(feature = "sim")]
         {
-            let fault = self.housekeeper_call.lock().maintenance_fault.take();
+            let fault = self.housekeeper_call.lock().maintenance_fault.clone();
             if let Some(fault) = fault {
                 fault().map_err(|e| Error::io("injected maintenance fault", &self.dir, e))?;
             }
@@ -1651,9 +1659,9 @@ struct HousekeeperCall {
     passes: PassAsks,
     /// Periodic syncs asked for now (a test seam, `Store::run_periodic_sync`).
     periodic_syncs: PassAsks,
-    /// Runs at the start of the next maintenance pass (`Store::on_next_maintenance`).
+    /// Runs at the start of every maintenance pass (`Store::set_maintenance_fault`).
     #[cfg(feature = "sim")]
-    maintenance_fault: Option<Box<dyn FnOnce() -> std::io::Result<()> + Send>>,
+    maintenance_fault: Option<std::sync::Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>>,
     /// Runs in the flusher's next sync (`Store::on_next_periodic_sync`).
     #[cfg(feature = "sim")]
     periodic_sync_fault: Option<Box<dyn FnOnce() + Send>>,
