@@ -13,7 +13,10 @@
 //!
 //! A failed sync poisons the store: every later wait fails with the original cause, and
 //! nothing is ever treated as durable after it (the page cache may have dropped the dirty
-//! pages, so a retried fsync could "succeed" without the data: "fsyncgate").
+//! pages, so a retried fsync could "succeed" without the data: "fsyncgate"). A sync that
+//! panics poisons it the same way: its batch was taken and may never be written, and a leader
+//! that never returned would leave every later waiter asleep. The poison flag is set in one
+//! place, `GroupCommit::set_poisoned`.
 
 use std::time::{Duration, Instant};
 
@@ -116,12 +119,17 @@ impl GroupCommit {
     /// Marks the store poisoned with `cause` and wakes every waiter so it fails.
     pub fn poison(&self, cause: String) {
         let mut detail = self.detail.lock();
-        if detail.poisoned.is_none() {
-            detail.poisoned = Some(cause);
-        }
-        self.poisoned.store(true, Ordering::Release);
+        self.set_poisoned(&mut detail, cause);
         drop(detail);
         self.sleepers.wake_all();
+    }
+
+    /// The one place the poison flag is set. The first cause is kept: what failed first is
+    /// what the user must see, not the failures it led to. The caller wakes the waiters once
+    /// the lock is let go.
+    fn set_poisoned(&self, detail: &mut Detail, cause: String) {
+        detail.poisoned.get_or_insert(cause);
+        self.poisoned.store(true, Ordering::Release);
     }
 
     /// Returns once `seq` is durable, leading a sync if nobody else is.
@@ -172,7 +180,10 @@ impl GroupCommit {
             gather(syncer, before, returning, budget);
         }
         let started = Instant::now();
-        let outcome = syncer.sync_all();
+        // A panicking sync is a failed sync: caught here, it poisons the store and the leader's
+        // duties below (clearing `leader_active`, waking the waiters) still run.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| syncer.sync_all()))
+            .unwrap_or_else(|payload| Err(std::io::Error::other(format!("panicked: {}", panic_message(&*payload)))));
         let took = started.elapsed();
         let mut detail = self.detail.lock();
         match outcome {
@@ -188,11 +199,8 @@ impl GroupCommit {
                 detail.syncs += 1;
             }
             Ok(_) => {}
-            Err(e) => {
-                // The first cause is kept: the store may already be poisoned by a failed write.
-                detail.poisoned.get_or_insert_with(|| format!("sync failed: {e}"));
-                self.poisoned.store(true, Ordering::Release);
-            }
+            // The store may already be poisoned by a failed write: its cause is kept.
+            Err(e) => self.set_poisoned(&mut detail, format!("sync failed: {e}")),
         }
         drop(detail);
         self.leader_active.store(false, Ordering::Release);
@@ -226,7 +234,40 @@ fn gather(syncer: &dyn Syncer, before: u64, returning: u64, budget: Duration) {
     }
 }
 
+/// The message a panic was raised with (`panic!("...")` gives a `&str` or a `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_owned(),
+        (None, Some(s)) => s.clone(),
+        (None, None) => "a panic without a message".to_owned(),
+    }
+}
+
 /// How long the periodic flusher sleeps between syncs, at most.
 pub fn flush_interval(interval: Duration) -> Duration {
     interval.max(Duration::from_millis(1))
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_that_panics_poisons_the_store_and_leaves_no_waiter_asleep() {
+        let commit = std::sync::Arc::new(GroupCommit::new(0));
+        let panicking = || -> std::io::Result<u64> { panic!("injected sync panic") };
+        match commit.wait_durable(1, &panicking) {
+            Err(Error::Poisoned { cause }) => assert!(cause.contains("panicked: injected sync panic"), "{cause}"),
+            other => panic!("the leader whose sync panicked: {other:?}"),
+        }
+        // Another waiter neither hangs behind a leader that never returned nor syncs again.
+        let synced = std::sync::atomic::AtomicBool::new(false);
+        let syncer = || -> std::io::Result<u64> {
+            synced.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(1)
+        };
+        assert!(matches!(commit.wait_durable(1, &syncer), Err(Error::Poisoned { .. })));
+        assert!(!synced.load(std::sync::atomic::Ordering::SeqCst), "a poisoned store syncs nothing more");
+        assert!(commit.poisoned().is_some_and(|c| c.contains("injected sync panic")));
+    }
 }

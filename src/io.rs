@@ -6,6 +6,12 @@
 //! map: a write is a `memcpy` into the page cache (it survives a process crash at once) and a
 //! sync is `fdatasync`. Space is always reserved before it is written, so a full disk shows up
 //! as an error from `reserve`, never as SIGBUS.
+//!
+//! Any POSIX file system will do: where `fallocate` is refused (FUSE, some network and overlay
+//! file systems) space is reserved by writing zeros for real ([`reserve_space`]), and where
+//! punching holes is refused an expired file is unlinked whole ([`free_gradually`]). Both
+//! decisions are made here, over the calls of [`SpaceCalls`] and [`HoleCalls`], so the real
+//! disk and the simulated one (which can refuse both calls) run the same code.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -14,7 +20,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -165,18 +171,145 @@ pub(crate) fn out_of_range() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "access past the reserved length of a file")
 }
 
-/// Frees the blocks of `len` bytes at `offset` and drops their cached pages, keeping the
-/// file's length: the range reads back as zeros.
-fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(out_of_range());
-    };
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate on a file descriptor we own; no memory is touched.
-    if unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+/// True when `e`, from `fallocate`, says the file system does not offer the call or the mode
+/// asked (FUSE without it: `EOPNOTSUPP`; `ENOSYS` from very old kernels; `EINVAL` where the
+/// mode is refused, since the offsets given are always valid), rather than a real failure
+/// such as a full disk.
+pub(crate) fn refused_by_file_system(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL))
+}
+
+/// The error a file system that does not offer a call gives (`EOPNOTSUPP`).
+pub(crate) fn not_supported() -> io::Error {
+    io::Error::from_raw_os_error(libc::EOPNOTSUPP)
+}
+
+/// The calls [`reserve_space`] makes of a file.
+pub(crate) trait SpaceCalls {
+    /// `fallocate(fd, 0, 0, len)`: allocates `0..len`, growing the file to `len`.
+    fn allocate(&self, len: u64) -> io::Result<()>;
+    /// Writes `zeros` at `at` (growing the file when `at` reaches past its end).
+    fn write_zeros(&self, at: u64, zeros: &[u8]) -> io::Result<()>;
+}
+
+/// How [`reserve_space`] covers new space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fill {
+    /// Allocated only (unwritten extents).
+    Unfilled,
+    /// Zeros in large write calls.
+    Bulk,
+    /// Zeros one page per write call.
+    Paged,
+}
+
+/// Grows a file whose reserved length is `from` to `len`, allocated and reading as zeros:
+/// `fallocate`, then zeros written for real as `fill` says. Where the file system refuses
+/// `fallocate` (see [`refused_by_file_system`]) the zeros alone reserve the space, whatever
+/// `fill` says: every block is then allocated by a write that could fail, so a full disk is an
+/// error here and never SIGBUS at a later store through the map into a block that was never
+/// allocated (as it would be after a mere `set_len`, which leaves a sparse file). The zeros
+/// are written from `from` onwards, past the file's end, so they grow the file as they go: a
+/// write that fails half way leaves the file longer only by zeros that are allocated.
+/// `no_fallocate` remembers the refusal, so the call is not tried again for this file.
+pub(crate) fn reserve_space(
+    calls: &dyn SpaceCalls,
+    no_fallocate: &AtomicBool,
+    from: u64,
+    len: u64,
+    fill: Fill,
+) -> io::Result<()> {
+    let allocated = !no_fallocate.load(Ordering::Relaxed)
+        && match calls.allocate(len) {
+            Ok(()) => true,
+            Err(e) if refused_by_file_system(&e) => {
+                no_fallocate.store(true, Ordering::Relaxed);
+                false
+            }
+            Err(e) => return Err(e),
+        };
+    // Where fallocate ran, the zeros are still written for real: it leaves "unwritten"
+    // extents, and the first fdatasync after writing into one must also commit the extent
+    // conversion. Zeroed blocks make later syncs pure data writes (measured here: ~130 us
+    // instead of ~200 us). The size of each write call sets the size of the page-cache folios
+    // (`IoFile::reserve_paged`).
+    static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+    let write_max = match fill {
+        Fill::Unfilled if allocated => 0,
+        Fill::Unfilled | Fill::Bulk => ZEROS.len(),
+        Fill::Paged => page_bytes().min(ZEROS.len()),
+    } as u64;
+    let mut at = from;
+    while write_max > 0 && at < len {
+        // Aligned, so each call covers whole pages (or whole 64 KiB runs) of its own.
+        let n = (len - at).min(write_max - at % write_max) as usize;
+        calls.write_zeros(at, &ZEROS[..n])?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// The call [`free_gradually`] makes of a file.
+pub(crate) trait HoleCalls {
+    /// `fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, len)`: frees the blocks of the range and
+    /// drops their cached pages, keeping the file's length; the range reads back as zeros.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// Bytes freed per step by [`free_gradually`]: ~0.5 ms of work per MiB measured here.
+pub(crate) const FREE_STEP: u64 = 256 << 10;
+
+/// Gives the blocks of a file of `len` bytes about to be unlinked back a step at a time from
+/// its end, resting between steps (see `pace`), so no claim thread waits on one long free.
+/// The file's length is kept, never cut: a read-only viewer in another process may still map
+/// the file, and a mapped read past a cut would fault that process (SIGBUS), where a hole
+/// reads as zeros, which the record checksums refuse.
+///
+/// Where punching holes is refused (FUSE, some network file systems) this stops at the first
+/// refusal and leaves the file whole for the caller to unlink, with no fallback to cutting:
+/// an unlinked file's inode and blocks live on until the last map of it goes, so a viewer
+/// keeps reading the old bytes, which is harmless (the bucket has ended, and readers skip
+/// ended buckets without reading them), and the space comes back once every viewer has let
+/// the file go. The price is that the unlink frees all the blocks in one step. Any other
+/// error ends the steps the same way: the unlink still frees the space.
+pub(crate) fn free_gradually(calls: &dyn HoleCalls, mut len: u64) {
+    while len > FREE_STEP {
+        len -= FREE_STEP;
+        if calls.punch_hole(len, FREE_STEP).is_err() {
+            return;
+        }
+        crate::pace::breathe();
+    }
+}
+
+impl HoleCalls for File {
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(out_of_range());
+        };
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on a file descriptor we own; no memory is touched.
+        if unsafe { libc::fallocate(self.as_raw_fd(), mode, offset, len) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+impl SpaceCalls for File {
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let size = libc::off_t::try_from(len).map_err(|_| out_of_range())?;
+        // SAFETY: fallocate on a file descriptor we own; no memory is touched.
+        if unsafe { libc::fallocate(self.as_raw_fd(), 0, 0, size) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn write_zeros(&self, at: u64, zeros: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, zeros, at)
     }
 }
 
@@ -365,22 +498,10 @@ impl Io for RealIo {
     }
 
     fn remove_gradually(&self, path: &Path) -> io::Result<()> {
-        // Freeing a step's blocks drops its page cache and extents: ~0.5 ms per MiB measured
-        // here. Holes are punched and the length kept, never cut: a read-only viewer in another
-        // process may still map the file, and a mapped read past a cut would fault that process
-        // (a read of a hole sees zeros, which the record checksums refuse).
-        const STEP: u64 = 256 << 10;
+        // Holes punched step by step, never a cut; unlinked whole where holes are refused (see
+        // `free_gradually` for why a viewer mapping the file is safe either way).
         if let Ok(file) = OpenOptions::new().write(true).open(path) {
-            let mut len = file.metadata()?.len();
-            while len > STEP {
-                len -= STEP;
-                if punch_hole(&file, len, STEP).is_err() {
-                    // No hole punching on this file system: cut instead (a viewer then risks
-                    // the fault, as it does when the file is unlinked and truncated by others).
-                    file.set_len(len)?;
-                }
-                crate::pace::breathe();
-            }
+            free_gradually(&file, file.metadata()?.len());
         }
         fs::remove_file(path)
     }
@@ -415,17 +536,6 @@ fn page_bytes() -> usize {
     })
 }
 
-/// How `MappedFile::reserve_space` covers new space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fill {
-    /// Allocated only (unwritten extents).
-    Unfilled,
-    /// Zeros in large write calls.
-    Bulk,
-    /// Zeros one page per write call.
-    Paged,
-}
-
 /// A file mapped shared into memory over its whole capacity. Only the first `len` bytes are
 /// backed by the file; nothing past them is ever touched, so no access can raise SIGBUS.
 struct MappedFile {
@@ -435,6 +545,9 @@ struct MappedFile {
     capacity: u64,
     len: AtomicU64,
     writable: bool,
+    /// The file system refused `fallocate` for this file: space is reserved with zeros alone
+    /// from then on (see [`reserve_space`]).
+    no_fallocate: AtomicBool,
 }
 
 impl MappedFile {
@@ -445,7 +558,14 @@ impl MappedFile {
         let mut options = MmapOptions::new();
         options.len(map_len);
         let map = if writable { options.map_raw(&file)? } else { options.map_raw_read_only(&file)? };
-        Ok(MappedFile { file: parking_lot::Mutex::new(Some(file)), map, capacity, len: AtomicU64::new(len), writable })
+        Ok(MappedFile {
+            file: parking_lot::Mutex::new(Some(file)),
+            map,
+            capacity,
+            len: AtomicU64::new(len),
+            writable,
+            no_fallocate: AtomicBool::new(false),
+        })
     }
 }
 
@@ -465,8 +585,8 @@ impl MappedFile {
         Ok(())
     }
 
-    /// `reserve`, `reserve_paged` and `reserve_unfilled`: fallocate, then zeros written for
-    /// real as `fill` says, then the new pages mapped.
+    /// `reserve`, `reserve_paged` and `reserve_unfilled`: space reserved (see
+    /// [`reserve_space`]), then the new pages mapped.
     fn reserve_space(&self, len: u64, fill: Fill) -> io::Result<()> {
         if len <= self.len() {
             return Ok(());
@@ -482,29 +602,7 @@ impl MappedFile {
         let Some(file) = guard.as_ref() else {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file descriptor already released"));
         };
-        let size = libc::off_t::try_from(len).map_err(|_| out_of_range())?;
-        // SAFETY: fallocate on a file descriptor we own; no memory is touched.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // Write the zeros for real: fallocate leaves "unwritten" extents, and the first
-        // fdatasync after writing into one must also commit the extent conversion. Zeroed
-        // blocks make later syncs pure data writes (measured here: ~130 us instead of ~200 us).
-        // The size of each write call sets the size of the page-cache folios (`reserve_paged`).
-        static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
-        let write_max = match fill {
-            Fill::Unfilled => 0,
-            Fill::Bulk => ZEROS.len(),
-            Fill::Paged => page_bytes().min(ZEROS.len()),
-        } as u64;
-        let mut at = self.len();
-        while write_max > 0 && at < len {
-            // Aligned, so each call covers whole pages (or whole 64 KiB runs) of its own.
-            let n = (len - at).min(write_max - at % write_max) as usize;
-            std::os::unix::fs::FileExt::write_all_at(file, &ZEROS[..n], at)?;
-            at += n as u64;
-        }
+        reserve_space(file, &self.no_fallocate, self.len(), len, fill)?;
         // Map the new pages now (best effort; Linux 5.14+), so appends never take a page fault
         // (each costs microseconds, and waits behind any unmap elsewhere in the process).
         if let (Ok(start), Ok(end)) = (usize::try_from(self.len()), usize::try_from(len)) {

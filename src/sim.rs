@@ -8,6 +8,13 @@
 //! `sync_gradually` syncs a file in slices front to back ([`SimDisk::set_sync_slice_bytes`]), as
 //! the real disk does, and a test can take a power cut between two slices
 //! ([`SimDisk::between_sync_slices`]).
+//!
+//! Space is reserved through the same code as on the real disk (`fallocate`, then zeros), and
+//! expired files are freed through the same steps (holes punched, then an unlink), so a disk
+//! that refuses `fallocate` ([`SimDisk::refuse_fallocate`]) or punching holes
+//! ([`SimDisk::refuse_punch_hole`]), as FUSE and some network file systems do, runs the store's
+//! fallbacks; [`SimDisk::fallocate_calls`], [`SimDisk::punch_hole_calls`] and
+//! [`SimDisk::zero_bytes_written`] show which calls were made.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -18,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::io::{DirLock, Io, IoFile, LockOwner, checked_range};
+use crate::io::{DirLock, Fill, HoleCalls, Io, IoFile, LockOwner, SpaceCalls, checked_range};
 
 #[derive(Default)]
 struct FileState {
@@ -39,6 +46,11 @@ struct SimFile {
     names: std::sync::Weak<Mutex<DiskState>>,
     /// Set by the first successful sync.
     synced_once: AtomicBool,
+    /// This file's reserves found `fallocate` refused (see `io::reserve_space`).
+    no_fallocate: AtomicBool,
+    /// Serializes reserves, as the real file's descriptor lock does: a reserve that started
+    /// from a stale length must not write zeros over a record written meanwhile.
+    reserving: Mutex<()>,
 }
 
 impl SimFile {
@@ -50,6 +62,8 @@ impl SimFile {
             writable: true,
             names: std::sync::Weak::new(),
             synced_once: AtomicBool::new(true),
+            no_fallocate: AtomicBool::new(false),
+            reserving: Mutex::new(()),
         }
     }
 }
@@ -75,6 +89,15 @@ struct Faults {
     /// Bytes per slice of `sync_gradually`; 0 means the default.
     sync_slice_bytes: AtomicU64,
     between_slices: Mutex<Option<SliceHook>>,
+    /// `fallocate` fails with `EOPNOTSUPP`, as on FUSE.
+    refuse_fallocate: AtomicBool,
+    /// Punching holes fails with `EOPNOTSUPP`, as on FUSE.
+    refuse_punch_hole: AtomicBool,
+    /// Every file removal fails with EIO.
+    fail_removes: AtomicBool,
+    fallocate_calls: AtomicU64,
+    punch_hole_calls: AtomicU64,
+    zero_bytes_written: AtomicU64,
 }
 
 /// One read stopped half way (see [`SimDisk::hold_next_read`]): what else may happen while a
@@ -247,6 +270,9 @@ impl SimDisk {
         faults.space_limit_bytes.store(self.faults.space_limit_bytes.load(Ordering::SeqCst), Ordering::SeqCst);
         faults.names_on_first_sync.store(self.faults.names_on_first_sync.load(Ordering::SeqCst), Ordering::SeqCst);
         faults.sync_slice_bytes.store(self.faults.sync_slice_bytes.load(Ordering::SeqCst), Ordering::SeqCst);
+        // What the file system offers survives a power cut; counters start again.
+        faults.refuse_fallocate.store(self.faults.refuse_fallocate.load(Ordering::SeqCst), Ordering::SeqCst);
+        faults.refuse_punch_hole.store(self.faults.refuse_punch_hole.load(Ordering::SeqCst), Ordering::SeqCst);
         let mut files = HashMap::new();
         let mut names: Vec<_> = state.durable_names.iter().collect();
         names.sort_by(|a, b| a.0.cmp(b.0));
@@ -344,6 +370,40 @@ impl SimDisk {
     /// removes it. Not kept by `power_cut` images.
     pub fn between_sync_slices(&self, hook: Option<SliceHook>) {
         *self.faults.between_slices.lock() = hook;
+    }
+
+    /// With `on`, `fallocate` fails with `EOPNOTSUPP`, as on FUSE and some network and
+    /// overlay file systems: space is then reserved by writing zeros. Kept by `power_cut`
+    /// images.
+    pub fn refuse_fallocate(&self, on: bool) {
+        self.faults.refuse_fallocate.store(on, Ordering::SeqCst);
+    }
+
+    /// With `on`, punching holes fails with `EOPNOTSUPP`, as on FUSE and some network file
+    /// systems: an expired file is then unlinked whole. Kept by `power_cut` images.
+    pub fn refuse_punch_hole(&self, on: bool) {
+        self.faults.refuse_punch_hole.store(on, Ordering::SeqCst);
+    }
+
+    /// With `on`, every file removal (unlink) fails with EIO and leaves the file in place.
+    pub fn fail_removes(&self, on: bool) {
+        self.faults.fail_removes.store(on, Ordering::SeqCst);
+    }
+
+    /// `fallocate` calls made so far, refused ones included.
+    pub fn fallocate_calls(&self) -> u64 {
+        self.faults.fallocate_calls.load(Ordering::SeqCst)
+    }
+
+    /// Hole-punching calls made so far, refused ones included.
+    pub fn punch_hole_calls(&self) -> u64 {
+        self.faults.punch_hole_calls.load(Ordering::SeqCst)
+    }
+
+    /// Zero bytes written so far to reserve space (by zero-fill after `fallocate`, or instead
+    /// of it where it is refused).
+    pub fn zero_bytes_written(&self) -> u64 {
+        self.faults.zero_bytes_written.load(Ordering::SeqCst)
     }
 
     /// Paths of all live files, sorted.
@@ -451,6 +511,8 @@ impl Io for SimDisk {
             writable: true,
             names: Arc::downgrade(&self.state),
             synced_once: AtomicBool::new(false),
+            no_fallocate: AtomicBool::new(false),
+            reserving: Mutex::new(()),
         });
         state.files.insert(path.to_path_buf(), file.clone());
         Ok(Box::new(SimHandle(file)))
@@ -469,6 +531,9 @@ impl Io for SimDisk {
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
+        if self.faults.fail_removes.load(Ordering::SeqCst) {
+            return Err(io::Error::other("simulated unlink failure (EIO)"));
+        }
         {
             let mut hold = self.faults.read_hold.lock();
             hold.removed_meanwhile |= hold.inside;
@@ -495,6 +560,16 @@ impl Io for SimDisk {
         self.state.lock().owners.get(dir).copied()
     }
 
+    fn remove_gradually(&self, path: &Path) -> io::Result<()> {
+        // The real disk's steps (see `io::free_gradually`), then the unlink.
+        let file = self.state.lock().files.get(path).cloned();
+        if let Some(file) = file {
+            let len = file.state.lock().live.len() as u64;
+            crate::io::free_gradually(&SimHandle(file), len);
+        }
+        self.remove(path)
+    }
+
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.faults.sync_allowed()?;
         let mut state = self.state.lock();
@@ -514,28 +589,16 @@ impl IoFile for SimHandle {
     }
 
     fn reserve(&self, len: u64) -> io::Result<()> {
-        let mut state = self.0.state.lock();
-        let old = state.live.len() as u64;
-        if len <= old {
-            return Ok(());
-        }
-        if !self.0.writable {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file is read-only"));
-        }
-        let faults = &self.0.disk;
-        let grow = len - old;
-        let used = faults.used_bytes.load(Ordering::SeqCst);
-        if used.saturating_add(grow) > faults.space_limit_bytes.load(Ordering::SeqCst) {
-            return Err(io::Error::new(io::ErrorKind::StorageFull, "simulated disk full"));
-        }
-        faults.used_bytes.fetch_add(grow, Ordering::SeqCst);
-        state.live.resize(len as usize, 0);
-        Ok(())
+        self.reserve_with(len, Fill::Bulk)
     }
 
     fn reserve_paged(&self, len: u64) -> io::Result<()> {
         self.0.disk.paged_reserves.fetch_add(1, Ordering::SeqCst);
-        self.reserve(len)
+        self.reserve_with(len, Fill::Paged)
+    }
+
+    fn reserve_unfilled(&self, len: u64) -> io::Result<()> {
+        self.reserve_with(len, Fill::Unfilled)
     }
 
     fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
@@ -587,6 +650,36 @@ impl IoFile for SimHandle {
 }
 
 impl SimHandle {
+    /// `reserve`, `reserve_paged`, `reserve_unfilled`: through the real disk's code.
+    fn reserve_with(&self, len: u64, fill: Fill) -> io::Result<()> {
+        let _serial = self.0.reserving.lock();
+        let old = self.len();
+        if len <= old {
+            return Ok(());
+        }
+        if !self.0.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file is read-only"));
+        }
+        crate::io::reserve_space(self, &self.0.no_fallocate, old, len, fill)
+    }
+
+    /// Grows the live bytes to `len` (zeros), within the disk's space limit.
+    fn grow(&self, state: &mut FileState, len: u64) -> io::Result<()> {
+        let old = state.live.len() as u64;
+        if len <= old {
+            return Ok(());
+        }
+        let faults = &self.0.disk;
+        let grow = len - old;
+        let used = faults.used_bytes.load(Ordering::SeqCst);
+        if used.saturating_add(grow) > faults.space_limit_bytes.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::StorageFull, "simulated disk full"));
+        }
+        faults.used_bytes.fetch_add(grow, Ordering::SeqCst);
+        state.live.resize(len as usize, 0);
+        Ok(())
+    }
+
     /// Makes the file's length and its writes within `from..to` durable, as an fdatasync of
     /// that range does (the length goes with the first range: the data needs it to be read).
     /// Ranges are synced front to back: a write wholly before `to` is then done with.
@@ -615,6 +708,46 @@ impl SimHandle {
                     names.durable_names.insert(path, self.0.clone());
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl SpaceCalls for SimHandle {
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let faults = &self.0.disk;
+        faults.fallocate_calls.fetch_add(1, Ordering::SeqCst);
+        if faults.refuse_fallocate.load(Ordering::SeqCst) {
+            return Err(crate::io::not_supported());
+        }
+        self.grow(&mut self.0.state.lock(), len)
+    }
+
+    /// Not held to `fail_writes_after`, which counts the writes of data (headers, records,
+    /// tables) that tests aim their failures at.
+    fn write_zeros(&self, at: u64, zeros: &[u8]) -> io::Result<()> {
+        let mut state = self.0.state.lock();
+        let end = at.checked_add(zeros.len() as u64).ok_or_else(crate::io::out_of_range)?;
+        self.grow(&mut state, end)?;
+        state.live[at as usize..end as usize].fill(0);
+        self.0.disk.zero_bytes_written.fetch_add(zeros.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl HoleCalls for SimHandle {
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let faults = &self.0.disk;
+        faults.punch_hole_calls.fetch_add(1, Ordering::SeqCst);
+        if faults.refuse_punch_hole.load(Ordering::SeqCst) {
+            return Err(crate::io::not_supported());
+        }
+        let mut guard = self.0.state.lock();
+        let state = &mut *guard;
+        for bytes in [&mut state.live, &mut state.durable] {
+            let end = offset.saturating_add(len).min(bytes.len() as u64) as usize;
+            let start = (offset as usize).min(end);
+            bytes[start..end].fill(0);
         }
         Ok(())
     }

@@ -10,6 +10,13 @@ pub(crate) struct Counters {
     pub buckets_expired: AtomicU64,
     pub sync_latency_us_total: AtomicU64,
     pub sync_latency_us_max: AtomicU64,
+    /// Failed background passes (see `Stats::maintenance_errors_total`).
+    pub maintenance_errors: AtomicU64,
+    /// Maintenance passes failed in a row since the last one that succeeded (a panic counts as
+    /// enough at once; see `store::MAINTENANCE_FAILURES_WARNED`).
+    pub maintenance_failures_in_a_row: AtomicU64,
+    /// The cause of the latest failed background pass.
+    pub last_maintenance_error: parking_lot::Mutex<Option<String>>,
 }
 
 /// What recovery found when the store was opened.
@@ -105,11 +112,20 @@ pub struct Stats {
     pub last_seq: u64,
     /// Highest sequence number known durable.
     pub durable_seq: u64,
-    /// Problems of the store's setup that do not stop it, one sentence each ending with the
-    /// command that fixes it. Today: a store directory whose mode grants its group or other
-    /// users more than `Options::file_access` allows (read at each `stats` call, so a fix
-    /// shows at once). Empty when all is well.
+    /// Problems that do not stop the store, one sentence each. Today: a store directory whose
+    /// mode grants its group or other users more than `Options::file_access` allows (ending
+    /// with the command that fixes it; read at each `stats` call, so a fix shows at once); and
+    /// background maintenance failing pass after pass, or after a panic of its thread (gone
+    /// once a pass succeeds). Empty when all is well.
     pub warnings: Vec<String>,
+    /// Failed background passes since open: a maintenance pass (expiry, sealing, the time
+    /// floor, the spare segment; by the housekeeper thread or `Store::maintain`) that returned
+    /// an error or whose thread panicked, and a periodic sync whose thread panicked. A pass on
+    /// a store already poisoned is not counted (its cause is in `poisoned`).
+    pub maintenance_errors_total: u64,
+    /// The cause of the latest failed background pass (see `maintenance_errors_total`), kept
+    /// after later passes succeed.
+    pub last_maintenance_error: Option<String>,
     /// What recovery found at open.
     pub recovery: RecoveryStats,
     /// The poison cause, when a write or sync failed.
@@ -251,6 +267,12 @@ impl Stats {
             "gauge",
             "Setup problems that do not stop the store, such as a directory others can read (see idemstore stats).",
             &[("", self.warnings.len() as u64)],
+        );
+        family(
+            "idemstore_maintenance_errors_total",
+            "counter",
+            "Failed background maintenance passes (expiry, sealing, time floor, spare segment) and background thread panics.",
+            &[("", self.maintenance_errors_total)],
         );
         family(
             "idemstore_poisoned",

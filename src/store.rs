@@ -484,8 +484,77 @@ impl Store {
     /// Drops every expired bucket now and cleans its index entries, seals segments idle for
     /// `Options::seal_idle_after`, and saves the store's time floor (the background thread does
     /// this on its own about once a second). Returns the number of buckets dropped.
+    ///
+    /// A failure is returned, and also counted in `Stats::maintenance_errors_total` and kept
+    /// in `Stats::last_maintenance_error`, as the housekeeper's are.
     pub fn maintain(&self) -> Result<usize> {
-        self.inner.maintain()
+        self.inner.maintain_noted()
+    }
+
+    /// Test seam: `fault` runs at the start of every maintenance pass (the housekeeper's or
+    /// `maintain`'s), with the maintenance lock held, until `clear_maintenance_fault`. An error
+    /// fails the pass as a failed step of it would; a panic is a panic of the pass. Every pass
+    /// from the next on meets it, so a test needs no timing to see what a failing pass leaves.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    pub fn set_maintenance_fault(&self, fault: impl Fn() -> std::io::Result<()> + Send + Sync + 'static) {
+        self.inner.housekeeper_call.lock().maintenance_fault = Some(std::sync::Arc::new(fault));
+    }
+
+    /// Test seam: maintenance passes run without the fault of `set_maintenance_fault` again.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    pub fn clear_maintenance_fault(&self) {
+        self.inner.housekeeper_call.lock().maintenance_fault = None;
+    }
+
+    /// Test seam: `fault` runs once, in the flusher's next periodic sync, before it syncs.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    pub fn on_next_periodic_sync(&self, fault: impl FnOnce() + Send + 'static) {
+        self.inner.housekeeper_call.lock().periodic_sync_fault = Some(Box::new(fault));
+    }
+
+    /// Test seam: has the housekeeper thread run a pass (maintenance, then the spare segment)
+    /// now, and returns once a pass that began after this call has ended, so a test needs no
+    /// timing. False at once when the store runs no housekeeper.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    pub fn run_housekeeping_pass(&self) -> bool {
+        self.wait_for_background_pass(|call| &mut call.passes)
+    }
+
+    /// Test seam: has the flusher of a `Periodic` store sync now, and returns once a sync that
+    /// began after this call has ended. False at once when the store runs no flusher.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    pub fn run_periodic_sync(&self) -> bool {
+        if !matches!(self.inner.options.durability, Durability::Periodic(_)) {
+            return false;
+        }
+        self.wait_for_background_pass(|call| &mut call.periodic_syncs)
+    }
+
+    /// Asks a background thread for a pass (through the asks `which` picks) and waits until a
+    /// pass that began after the ask has ended, or the thread is gone.
+    #[cfg(feature = "sim")]
+    fn wait_for_background_pass(&self, which: impl Fn(&mut HousekeeperCall) -> &mut PassAsks) -> bool {
+        if self.background.is_empty() {
+            return false;
+        }
+        let mut call = self.inner.housekeeper_call.lock();
+        let asks = which(&mut call);
+        asks.asked += 1;
+        let want = asks.asked;
+        self.inner.housekeeper_signal.notify_all();
+        while which(&mut call).done < want {
+            if call.stop || self.background.iter().any(JoinHandle::is_finished) {
+                return false;
+            }
+            // Woken when the pass ends; the timeout only rechecks that the thread still lives.
+            crate::sync::wait_for(&self.inner.housekeeper_signal, &mut call, Duration::from_millis(50));
+        }
+        true
     }
 
     /// Test seam: `hook` runs once, inside the next sealing pass, right after the segments to
@@ -1221,6 +1290,13 @@ impl Inner {
             return Ok(0);
         }
         let _serial = self.maintenance.lock();
+        #[cfg(feature = "sim")]
+        {
+            let fault = self.housekeeper_call.lock().maintenance_fault.clone();
+            if let Some(fault) = fault {
+                fault().map_err(|e| Error::io("injected maintenance fault", &self.dir, e))?;
+            }
+        }
         crate::pace::start();
         let now_ms = self.time.now_ms();
         // Before any bucket goes: its records may be what holds the store's time up after a
@@ -1345,37 +1421,131 @@ impl Inner {
 
     /// The housekeeper: expiry, sealing and the time floor about once a second, spare segments
     /// as soon as an append asks for one. Periodic syncs are not here (see
-    /// `flush_periodically`): one maintenance pass may take longer than their interval.
+    /// `flush_periodically`): one maintenance pass may take longer than their interval. No
+    /// failure is lost: each pass runs under `housekeeping_pass`, which reports its errors and
+    /// panics, and the thread goes on to the next tick.
     fn housekeep(&self) {
         let tick = Duration::from_secs(1);
-        // A first pass at once: after an open it builds the sealed tables' union filter. An error
-        // is not lost: a failed sync poisons the store (writers see it on their next call), and
-        // the rest is retried at the next tick.
-        let _ = self.maintain();
-        self.prepare_spare();
+        // A first pass at once: after an open it builds the sealed tables' union filter.
+        self.housekeeping_pass(true);
         let mut next_tick = Instant::now() + tick;
         loop {
-            let spare_wanted = {
+            let (spare_wanted, serving) = {
                 let mut call = self.housekeeper_call.lock();
-                while !call.stop && !call.spare && Instant::now() < next_tick {
+                while !call.stop && !call.spare && !call.passes.pending() && Instant::now() < next_tick {
                     let left = next_tick.saturating_duration_since(Instant::now());
                     crate::sync::wait_for(&self.housekeeper_signal, &mut call, left);
                 }
                 if call.stop {
                     return;
                 }
-                std::mem::take(&mut call.spare)
+                // A pass asked for is served by a pass that begins now, after the ask.
+                let serving = (call.passes.pending() || Instant::now() >= next_tick).then_some(call.passes.asked);
+                (std::mem::take(&mut call.spare), serving)
             };
-            if spare_wanted {
-                self.prepare_spare();
+            match serving {
+                Some(asked) => {
+                    next_tick = Instant::now() + tick;
+                    self.housekeeping_pass(true);
+                    self.background_pass_done(asked, |call| &mut call.passes);
+                }
+                None if spare_wanted => self.housekeeping_pass(false),
+                None => {}
             }
-            if Instant::now() < next_tick {
-                continue;
-            }
-            next_tick = Instant::now() + tick;
-            let _ = self.maintain();
-            self.prepare_spare();
         }
+    }
+
+    /// One pass of the housekeeper: with `maintenance`, expiry, sealing and the time floor
+    /// (`maintain`); then the spare segment. Its outcome is reported (`note_background`); a
+    /// panic is caught here, so the thread lives on to the next tick: the state a panic leaves
+    /// is one maintenance already recovers from (segments taken out of the log but not yet
+    /// deleted are deleted at the next open; retired segments not yet sealed are sealed by the
+    /// next pass), and a sync that panicked has poisoned the store in group commit.
+    fn housekeeping_pass(&self, maintenance: bool) {
+        let was_poisoned = self.commit.poisoned().is_some();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let maintained = if maintenance { self.maintain().map(drop) } else { Ok(()) };
+            let spare = self.prepare_spare();
+            maintained.and(spare)
+        }));
+        match outcome {
+            Ok(Ok(())) if maintenance => self.counters.maintenance_failures_in_a_row.store(0, AtomicOrdering::Relaxed),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.note_maintenance_error(&e, was_poisoned),
+            Err(payload) => self.note_background_panic(format!(
+                "housekeeping thread panicked: {}",
+                crate::commit::panic_message(&*payload)
+            )),
+        }
+    }
+
+    /// `Store::maintain`: a maintenance pass on the caller's thread, whose failure is reported
+    /// as the housekeeper's are (a panic goes on to the caller, who sees it).
+    fn maintain_noted(&self) -> Result<usize> {
+        let was_poisoned = self.commit.poisoned().is_some();
+        let outcome = self.maintain();
+        match &outcome {
+            Ok(_) => self.counters.maintenance_failures_in_a_row.store(0, AtomicOrdering::Relaxed),
+            Err(e) => self.note_maintenance_error(e, was_poisoned),
+        }
+        outcome
+    }
+
+    /// Reports a failed maintenance pass in `Stats`: counted, kept as the last error, and once
+    /// `MAINTENANCE_FAILURES_WARNED` passes in a row have failed, a warning. A pass on a store
+    /// that was already poisoned before it began is not counted: it fails at its first sync
+    /// with the poison's cause, which `Stats::poisoned` already shows, and would otherwise be
+    /// counted once a second for as long as the store stays open. Failures that put durability
+    /// at stake (a failed sync of records, of the time floor or of the directory) have
+    /// poisoned the store where they happened; the rest (an unlink, a table write) leave
+    /// every acknowledged record as durable as it was, so they do not stop writes.
+    fn note_maintenance_error(&self, e: &Error, was_poisoned: bool) {
+        if was_poisoned {
+            return;
+        }
+        self.counters.maintenance_failures_in_a_row.fetch_add(1, AtomicOrdering::Relaxed);
+        self.note_background_error(format!("maintenance failed: {e}"));
+    }
+
+    /// Reports a panic of a background thread: counted, kept as the last error, and warned of
+    /// at once (a panic is a fault of the code, not a passing one of the disk).
+    fn note_background_panic(&self, cause: String) {
+        self.counters.maintenance_failures_in_a_row.fetch_max(MAINTENANCE_FAILURES_WARNED, AtomicOrdering::Relaxed);
+        self.note_background_error(cause);
+    }
+
+    fn note_background_error(&self, cause: String) {
+        self.counters.maintenance_errors.fetch_add(1, AtomicOrdering::Relaxed);
+        *self.counters.last_maintenance_error.lock() = Some(cause);
+    }
+
+    /// The warning `Stats::warnings` carries while maintenance keeps failing.
+    fn maintenance_warning(&self) -> Option<String> {
+        let in_a_row = self.counters.maintenance_failures_in_a_row.load(AtomicOrdering::Relaxed);
+        if in_a_row < MAINTENANCE_FAILURES_WARNED {
+            return None;
+        }
+        let last = self.counters.last_maintenance_error.lock().clone().unwrap_or_default();
+        Some(format!(
+            "background maintenance has failed {in_a_row} times in a row, so expired buckets may not be \
+             dropped nor idle segments sealed; last error: {last}"
+        ))
+    }
+
+    /// Poisons the store with `cause` and returns the error writers now get. Background work
+    /// poisons through here; the flag itself is set in one place, `GroupCommit::poison`.
+    fn poison(&self, cause: String) -> Error {
+        self.commit.poison(cause.clone());
+        Error::Poisoned { cause }
+    }
+
+    /// Marks the passes asked for up to `asked` as served and wakes whoever waits for them.
+    fn background_pass_done(&self, asked: u64, which: impl Fn(&mut HousekeeperCall) -> &mut PassAsks) {
+        let mut call = self.housekeeper_call.lock();
+        let asks = which(&mut call);
+        asks.done = asks.done.max(asked);
+        drop(call);
+        self.housekeeper_signal.notify_all();
     }
 
     /// The flusher of a `Periodic(interval)` store: a sync (records, and the time floor with
@@ -1387,29 +1557,55 @@ impl Inner {
         // Bounded at open (`PERIODIC_INTERVAL_MAX`): adding it to an instant cannot overflow.
         let mut next_flush = Instant::now() + interval;
         loop {
-            {
+            let asked = {
                 let mut call = self.housekeeper_call.lock();
-                while !call.stop && Instant::now() < next_flush {
+                while !call.stop && !call.periodic_syncs.pending() && Instant::now() < next_flush {
                     let left = next_flush.saturating_duration_since(Instant::now());
                     crate::sync::wait_for(&self.housekeeper_signal, &mut call, left);
                 }
                 if call.stop {
                     return;
                 }
-            }
+                call.periodic_syncs.asked
+            };
             next_flush = Instant::now() + interval;
-            // A failure poisons the store inside the commit; writers see it on their next call.
-            let _ = self.sync_all();
+            self.periodic_sync_pass();
+            self.background_pass_done(asked, |call| &mut call.periodic_syncs);
         }
     }
 
-    /// Makes sure a spare segment file is ready (a failed directory sync poisons the store).
-    fn prepare_spare(&self) {
-        if !self.read_only
-            && self.commit.poisoned().is_none()
-            && let Err(Error::Poisoned { cause }) = self.log.prepare_spare()
-        {
-            self.commit.poison(cause);
+    /// One sync of the flusher. A failed sync poisons the store inside group commit (writers
+    /// see it on their next call). A panic is caught and poisons it too: this store promised
+    /// a sync every interval and can no longer keep that promise, so writes must stop rather
+    /// than go on being acknowledged with nothing syncing them.
+    fn periodic_sync_pass(&self) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(feature = "sim")]
+            {
+                let fault = self.housekeeper_call.lock().periodic_sync_fault.take();
+                if let Some(fault) = fault {
+                    fault();
+                }
+            }
+            self.sync_all()
+        }));
+        if let Err(payload) = outcome {
+            let cause = format!("periodic sync thread panicked: {}", crate::commit::panic_message(&*payload));
+            self.note_background_panic(cause.clone());
+            self.poison(cause);
+        }
+    }
+
+    /// Makes sure a spare segment file is ready. A failed directory sync poisons the store;
+    /// any other failure (no space for the file, say) is returned for the housekeeper to
+    /// report, and the spare is tried again at the next pass.
+    fn prepare_spare(&self) -> Result<()> {
+        if self.read_only || self.commit.poisoned().is_some() {
+            return Ok(());
+        }
+        match self.log.prepare_spare() {
+            Err(Error::Poisoned { cause }) => Err(self.poison(cause)),
+            other => other,
         }
     }
 
@@ -1468,21 +1664,60 @@ impl Inner {
             last_seq: self.log.last_seq(),
             durable_seq: self.commit.durable_seq(),
             // Read at each call (one `stat`): a `chmod` that fixes the directory shows at once.
-            warnings: crate::permissions::warnings(self.options.io.as_ref(), &self.dir, self.options.file_access),
+            warnings: {
+                let mut warnings =
+                    crate::permissions::warnings(self.options.io.as_ref(), &self.dir, self.options.file_access);
+                warnings.extend(self.maintenance_warning());
+                warnings
+            },
             recovery: self.recovery.clone(),
             poisoned: self.commit.poisoned(),
+            maintenance_errors_total: load(&c.maintenance_errors),
+            last_maintenance_error: c.last_maintenance_error.lock().clone(),
         }
     }
 }
 
-/// Work handed to the housekeeper thread between its ticks.
+/// Work handed to the housekeeper thread (and the flusher) between their ticks.
 #[derive(Default)]
 struct HousekeeperCall {
     /// The store is closing: stop.
     stop: bool,
     /// An append used up the spare segment: prepare the next one now.
     spare: bool,
+    /// Housekeeping passes asked for now (a test seam, `Store::run_housekeeping_pass`).
+    passes: PassAsks,
+    /// Periodic syncs asked for now (a test seam, `Store::run_periodic_sync`).
+    periodic_syncs: PassAsks,
+    /// Runs at the start of every maintenance pass (`Store::set_maintenance_fault`).
+    #[cfg(feature = "sim")]
+    maintenance_fault: Option<std::sync::Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>>,
+    /// Runs in the flusher's next sync (`Store::on_next_periodic_sync`).
+    #[cfg(feature = "sim")]
+    periodic_sync_fault: Option<Box<dyn FnOnce() + Send>>,
 }
+
+/// Passes of a background thread asked for, and how far they are served: `done` is the
+/// highest `asked` that a pass which began after it has ended.
+#[derive(Default)]
+struct PassAsks {
+    asked: u64,
+    done: u64,
+}
+
+impl PassAsks {
+    /// True while some ask is unserved: no pass that began after it has ended yet.
+    fn pending(&self) -> bool {
+        self.asked > self.done
+    }
+}
+
+/// Maintenance passes failed in a row before `Stats::warnings` says maintenance is failing.
+/// One failure is often passing (an unlink that met a busy file, a table write that met a
+/// full disk that expiry is about to relieve) and is retried at the next tick a second later;
+/// three in a row, about three seconds, is a fault that stays, yet is reported long before
+/// the disk fills for want of expiry or RAM for want of sealing.
+const MAINTENANCE_FAILURES_WARNED: u64 = 3;
 
 /// Keys a batch (`claim_many`, `complete_many`) warms together: enough memory misses in flight
 /// to cover their latency, few enough that the first key's lines are still cached at its turn.

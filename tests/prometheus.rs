@@ -264,11 +264,13 @@ fn every_stats_field_lands_in_its_own_sample() {
             ..RecoveryStats::default()
         },
         poisoned: Some("fsync failed".into()),
+        maintenance_errors_total: 139,
+        last_maintenance_error: Some("maintenance failed: delete expired segment".into()),
         // Fields added later start at zero here rather than break this test.
         ..Stats::default()
     };
     let e = parse(&stats.to_prometheus()).expect("valid exposition");
-    let expected: [Expected; 33] = [
+    let expected: [Expected; 34] = [
         ("idemstore_claims_total", &[("outcome", "acquired")], 101),
         ("idemstore_claims_total", &[("outcome", "in_progress")], 102),
         ("idemstore_claims_total", &[("outcome", "replayed")], 103),
@@ -301,6 +303,7 @@ fn every_stats_field_lands_in_its_own_sample() {
         ("idemstore_recovery_duration_microseconds", &[], 124),
         ("idemstore_recovery_records", &[], 125),
         ("idemstore_recovery_torn_bytes", &[], 127),
+        ("idemstore_maintenance_errors_total", &[], 139),
         ("idemstore_poisoned", &[], 1),
     ];
     for (name, labels, value) in expected {
