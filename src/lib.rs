@@ -50,6 +50,7 @@ pub mod sim;
 mod slots;
 mod stats;
 mod store;
+mod store_dir;
 mod striped_map;
 mod sync;
 mod table;
