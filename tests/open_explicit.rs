@@ -25,7 +25,7 @@ fn a_path_that_is_a_file_is_not_a_store_and_is_left_alone() {
     let file = dir.path().join("dedupe");
     std::fs::write(&file, b"not a store").expect("write");
     let clock = ManualClock::new(START_MS);
-    let err = Store::open(&file, options(&clock)).err().expect("a file is refused");
+    let Err(err) = Store::open(&file, options(&clock)) else { panic!("a file is refused") };
     assert!(matches!(err, Error::NotAStore { .. }), "{err:?}");
     let message = err.to_string();
     assert!(message.contains("holds no idemstore store") && message.contains("is a file"), "{message}");
@@ -39,7 +39,7 @@ fn a_directory_of_other_files_is_not_a_store_and_nothing_is_created_in_it() {
     std::fs::write(dir.path().join("passwd"), b"root:x:0:0").expect("write");
     std::fs::write(dir.path().join("hosts"), b"127.0.0.1 localhost").expect("write");
     let clock = ManualClock::new(START_MS);
-    let err = Store::open(dir.path(), options(&clock)).err().expect("a foreign directory is refused");
+    let Err(err) = Store::open(dir.path(), options(&clock)) else { panic!("a foreign directory is refused") };
     assert!(matches!(err, Error::NotAStore { .. }), "{err:?}");
     assert!(err.to_string().contains("\"hosts\""), "the message names a file found: {err}");
     assert_eq!(names_in(dir.path()), ["hosts", "passwd"], "no LOCK, META or TIME was written");
@@ -51,11 +51,11 @@ fn without_create_if_missing_a_missing_or_empty_directory_is_refused() {
     let clock = ManualClock::new(START_MS);
     let strict = || Options { create_if_missing: false, ..options(&clock) };
     let missing = dir.path().join("typo");
-    let err = Store::open(&missing, strict()).err().expect("a missing directory is refused");
+    let Err(err) = Store::open(&missing, strict()) else { panic!("a missing directory is refused") };
     assert!(matches!(err, Error::NotAStore { .. }) && err.to_string().contains("no such directory"), "{err}");
     assert!(!missing.exists(), "the missing directory was not created");
 
-    let err = Store::open(dir.path(), strict()).err().expect("an empty directory is refused");
+    let Err(err) = Store::open(dir.path(), strict()) else { panic!("an empty directory is refused") };
     assert!(matches!(err, Error::NotAStore { .. }) && err.to_string().contains("empty"), "{err}");
     assert!(names_in(dir.path()).is_empty(), "nothing was created");
 }
