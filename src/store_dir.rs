@@ -75,8 +75,8 @@ pub(crate) fn not_a_store(dir: &Path, contents: &Contents) -> Error {
 pub(crate) fn unlistable(dir: &Path, e: io::Error) -> Error {
     let reason = match e.kind() {
         io::ErrorKind::NotFound => "no such directory".to_string(),
-        io::ErrorKind::NotADirectory => "it is a file, not a directory".to_string(),
-        _ if e.raw_os_error() == Some(libc::ENOTDIR) => "it is a file, not a directory".to_string(),
+        io::ErrorKind::NotADirectory => "it is a file (or lies under one), not a directory".to_string(),
+        _ if e.raw_os_error() == Some(libc::ENOTDIR) => "it is a file (or lies under one), not a directory".to_string(),
         _ => return Error::io("list store directory", dir, e),
     };
     Error::NotAStore { path: dir.to_path_buf(), reason }
