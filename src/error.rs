@@ -111,6 +111,15 @@ pub enum Error {
         /// Its permission bits.
         mode: u32,
     },
+    /// The path holds no store, and none is made there: it is missing (and
+    /// `Options::create_if_missing` is false), a file, or a directory of other files. Check the
+    /// path; a store needs a directory of its own.
+    NotAStore {
+        /// The path given.
+        path: PathBuf,
+        /// What was found there instead.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -170,6 +179,9 @@ impl fmt::Display for Error {
                  everyone else out) and open it again",
                 dir = dir.display()
             ),
+            Error::NotAStore { path, reason } => {
+                write!(f, "{} holds no idemstore store: {reason}", path.display())
+            }
         }
     }
 }

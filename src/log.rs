@@ -212,6 +212,11 @@ impl Log {
         }
     }
 
+    /// Whether segment `id` is one of the log's live segments.
+    pub fn holds_segment(&self, id: u32) -> bool {
+        self.segments.read(|segments| segments.contains_key(&id))
+    }
+
     pub fn segment_count(&self) -> usize {
         self.segments.read(|segments| segments.len())
     }

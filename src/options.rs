@@ -104,6 +104,13 @@ pub struct Options {
     /// Index hash of a key (a test seam to force collisions; default: xxh3-64 under the store's
     /// secret, or unkeyed in a store of format 1).
     pub key_hash: Option<KeyHashFn>,
+    /// Create the store directory when it is missing, and a new store in an empty directory
+    /// (default true). False makes `Store::open` refuse a path that holds no store yet with
+    /// `Error::NotAStore`: set it once the store exists (a deployment step, or the first run,
+    /// creates it) so that a typo'd path, or a volume that did not mount, stops the service
+    /// instead of starting it with an empty dedupe window. Either way a path that is a file, or
+    /// a directory of other files, is refused.
+    pub create_if_missing: bool,
     /// Run the background housekeeping thread (expiry, sealing, periodic sync, spare segments
     /// prepared ahead of need). Default true; tests that drive expiry by hand with
     /// `Store::maintain` may turn it off.
@@ -130,6 +137,7 @@ impl Default for Options {
             clock: Arc::new(SystemClock),
             io: Arc::new(RealIo),
             key_hash: None,
+            create_if_missing: true,
             background: true,
         }
     }
@@ -150,6 +158,7 @@ impl fmt::Debug for Options {
             .field("max_open_files", &self.max_open_files)
             .field("max_disk_bytes", &self.max_disk_bytes)
             .field("file_access", &self.file_access)
+            .field("create_if_missing", &self.create_if_missing)
             .field("clock", &self.clock)
             .field("io", &self.io)
             .finish_non_exhaustive()

@@ -75,8 +75,11 @@ pub struct Stats {
     pub keys_expired_total: u64,
     /// Buckets dropped whole.
     pub buckets_expired_total: u64,
-    /// Keys in the in-RAM index (live, in flight, completed or tombstoned, until their bucket
-    /// drops), for segments that still take appends.
+    /// Entries in the in-RAM index, one per key whose latest record is in a segment that still
+    /// takes appends: keys in flight or completed, and also keys released or removed (their
+    /// tombstone keeps an entry until its bucket drops), so this is not the count of live keys
+    /// (`Store::keys().len()` is). A writer and a read-only view of the same files count the
+    /// same entries.
     pub index_entries: u64,
     /// Sealed tables (one per segment that takes no more appends).
     pub sealed_tables: u64,
@@ -89,7 +92,9 @@ pub struct Stats {
     /// Files the store holds a descriptor for: segments taking appends, the spare segment and
     /// the lock file (at most `Options::max_open_files` + 2).
     pub open_files: u64,
-    /// Bytes reserved on disk by segment files (records, and preallocated space not yet used).
+    /// Bytes reserved on disk by segment files: records, preallocated space not yet used, and
+    /// the spare segment prepared ahead of need (real disk, so counted; a read-only view counts
+    /// the writer's spare as it finds it on disk, and so reports what the writer does).
     pub disk_bytes: u64,
     /// Bytes of records appended since the store was opened.
     pub appended_bytes_total: u64,
@@ -130,6 +135,11 @@ pub struct Stats {
     pub recovery: RecoveryStats,
     /// The poison cause, when a write or sync failed.
     pub poisoned: Option<String>,
+    /// The snapshot is a read-only view's (`Store::open_read_only`, the `idemstore` CLI): its
+    /// `*_total` counters count what the view did since it opened (next to nothing), not
+    /// what the writer did. `to_prometheus` says so in its first line and in
+    /// `idemstore_view_info`.
+    pub read_only: bool,
 }
 
 impl Stats {
@@ -144,9 +154,19 @@ impl Stats {
     /// The Prometheus text exposition format (version 0.0.4), ready to serve on `/metrics`.
     /// The dashboard tile "duplicate attempts blocked (24h)" is
     /// `sum(increase(idemstore_claims_total{outcome!="acquired"}[24h]))`.
+    ///
+    /// Durations are in seconds, as Prometheus names them (`_seconds`); each quantity has one
+    /// name. A read-only view's text starts with a `# ` comment saying its counters are not the
+    /// writer's, and carries `idemstore_view_info{read_only="true"} 1`.
     pub fn to_prometheus(&self) -> String {
         let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        if self.read_only {
+            out.push_str(
+                "# A read-only view of an idemstore store: its *_total counters count only since this view \
+                 opened, not the writer's; scrape the writing service for those.\n",
+            );
+        }
+        let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, Sample)]| {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
             for (labels, value) in samples {
@@ -162,124 +182,186 @@ impl Stats {
             "counter",
             "Claims by outcome.",
             &[
-                ("outcome=\"acquired\"", self.claims_acquired_total),
-                ("outcome=\"in_progress\"", self.duplicates_in_progress_total),
-                ("outcome=\"replayed\"", self.duplicates_replayed_total),
-                ("outcome=\"waited\"", self.duplicates_waited_total),
-                ("outcome=\"mismatch\"", self.mismatches_total),
+                ("outcome=\"acquired\"", Sample::Count(self.claims_acquired_total)),
+                ("outcome=\"in_progress\"", Sample::Count(self.duplicates_in_progress_total)),
+                ("outcome=\"replayed\"", Sample::Count(self.duplicates_replayed_total)),
+                ("outcome=\"waited\"", Sample::Count(self.duplicates_waited_total)),
+                ("outcome=\"mismatch\"", Sample::Count(self.mismatches_total)),
             ],
-        );
-        family(
-            "idemstore_claims_waited_total",
-            "counter",
-            "Duplicate claims that waited for the holder.",
-            &[("", self.duplicates_waited_total)],
         );
         family(
             "idemstore_takeovers_total",
             "counter",
             "Claims taken over from an earlier holder.",
-            &[("reason=\"lease\"", self.lease_takeovers_total), ("reason=\"orphan\"", self.orphan_takeovers_total)],
+            &[
+                ("reason=\"lease\"", Sample::Count(self.lease_takeovers_total)),
+                ("reason=\"orphan\"", Sample::Count(self.orphan_takeovers_total)),
+            ],
         );
         family(
             "idemstore_stale_tokens_total",
             "counter",
             "Calls refused because their token was stale.",
-            &[("", self.stale_tokens_total)],
+            &[("", Sample::Count(self.stale_tokens_total))],
         );
         family(
             "idemstore_operations_total",
             "counter",
             "Token and key operations that wrote a record.",
             &[
-                ("op=\"complete\"", self.completes_total),
-                ("op=\"checkpoint\"", self.checkpoints_total),
-                ("op=\"release\"", self.releases_total),
-                ("op=\"remove\"", self.removes_total),
+                ("op=\"complete\"", Sample::Count(self.completes_total)),
+                ("op=\"checkpoint\"", Sample::Count(self.checkpoints_total)),
+                ("op=\"release\"", Sample::Count(self.releases_total)),
+                ("op=\"remove\"", Sample::Count(self.removes_total)),
             ],
         );
         family(
             "idemstore_keys_expired_total",
             "counter",
             "Index entries dropped by expiry.",
-            &[("", self.keys_expired_total)],
+            &[("", Sample::Count(self.keys_expired_total))],
         );
         family(
             "idemstore_buckets_expired_total",
             "counter",
             "Expiry buckets dropped whole.",
-            &[("", self.buckets_expired_total)],
+            &[("", Sample::Count(self.buckets_expired_total))],
         );
-        family("idemstore_index_entries", "gauge", "Keys in the in-memory index.", &[("", self.index_entries)]);
-        family("idemstore_sealed_tables", "gauge", "Sealed per-segment tables.", &[("", self.sealed_tables)]);
-        family("idemstore_sealed_entries", "gauge", "Keys in sealed tables.", &[("", self.sealed_entries)]);
+        family(
+            "idemstore_index_entries",
+            "gauge",
+            "Keys in the in-memory index.",
+            &[("", Sample::Count(self.index_entries))],
+        );
+        family(
+            "idemstore_sealed_tables",
+            "gauge",
+            "Sealed per-segment tables.",
+            &[("", Sample::Count(self.sealed_tables))],
+        );
+        family(
+            "idemstore_sealed_entries",
+            "gauge",
+            "Keys in sealed tables.",
+            &[("", Sample::Count(self.sealed_entries))],
+        );
         family(
             "idemstore_sealed_filter_bytes",
             "gauge",
             "RAM taken by sealed tables' filters.",
-            &[("", self.sealed_filter_bytes)],
+            &[("", Sample::Count(self.sealed_filter_bytes))],
         );
-        family("idemstore_segments", "gauge", "Live segment files.", &[("", self.segments)]);
-        family("idemstore_open_files", "gauge", "Files held open (descriptors).", &[("", self.open_files)]);
+        family("idemstore_segments", "gauge", "Live segment files.", &[("", Sample::Count(self.segments))]);
+        family(
+            "idemstore_open_files",
+            "gauge",
+            "Files held open (descriptors).",
+            &[("", Sample::Count(self.open_files))],
+        );
         family(
             "idemstore_appended_bytes_total",
             "counter",
             "Bytes of records appended since open.",
-            &[("", self.appended_bytes_total)],
+            &[("", Sample::Count(self.appended_bytes_total))],
         );
-        family("idemstore_live_bytes", "gauge", "Bytes of latest records in live segments.", &[("", self.live_bytes)]);
+        family(
+            "idemstore_live_bytes",
+            "gauge",
+            "Bytes of latest records in live segments.",
+            &[("", Sample::Count(self.live_bytes))],
+        );
         family(
             "idemstore_dead_bytes",
             "gauge",
             "Bytes of superseded records in live segments.",
-            &[("", self.dead_bytes)],
+            &[("", Sample::Count(self.dead_bytes))],
         );
-        family("idemstore_disk_bytes", "gauge", "Bytes reserved on disk by segment files.", &[("", self.disk_bytes)]);
-        family("idemstore_syncs_total", "counter", "fdatasync rounds.", &[("", self.syncs_total)]);
+        family(
+            "idemstore_disk_bytes",
+            "gauge",
+            "Bytes reserved on disk by segment files.",
+            &[("", Sample::Count(self.disk_bytes))],
+        );
+        family("idemstore_syncs_total", "counter", "fdatasync rounds.", &[("", Sample::Count(self.syncs_total))]);
         family(
             "idemstore_synced_records_total",
             "counter",
             "Records made durable by syncs.",
-            &[("", self.synced_records_total)],
+            &[("", Sample::Count(self.synced_records_total))],
         );
         family(
-            "idemstore_sync_latency_microseconds_total",
+            "idemstore_sync_latency_seconds_total",
             "counter",
-            "Time spent in syncs.",
-            &[("", self.sync_latency_us_total)],
+            "Time spent in syncs, in seconds.",
+            &[("", Sample::Seconds(self.sync_latency_us_total))],
         );
-        family("idemstore_sync_latency_microseconds_max", "gauge", "Slowest sync.", &[("", self.sync_latency_us_max)]);
-        family("idemstore_recovery_records", "gauge", "Records read at open.", &[("", self.recovery.records)]);
+        family(
+            "idemstore_sync_latency_seconds_max",
+            "gauge",
+            "Slowest sync since open, in seconds.",
+            &[("", Sample::Seconds(self.sync_latency_us_max))],
+        );
+        family(
+            "idemstore_recovery_records",
+            "gauge",
+            "Records read at open.",
+            &[("", Sample::Count(self.recovery.records))],
+        );
         family(
             "idemstore_recovery_torn_bytes",
             "gauge",
             "Torn tail bytes truncated at open.",
-            &[("", self.recovery.torn_bytes_truncated)],
+            &[("", Sample::Count(self.recovery.torn_bytes_truncated))],
         );
         family(
-            "idemstore_recovery_duration_microseconds",
+            "idemstore_recovery_duration_seconds",
             "gauge",
-            "Time the open took.",
-            &[("", self.recovery.duration_us)],
+            "Time the open took, in seconds.",
+            &[("", Sample::Seconds(self.recovery.duration_us))],
         );
         family(
             "idemstore_warnings",
             "gauge",
             "Setup problems that do not stop the store, such as a directory others can read (see idemstore stats).",
-            &[("", self.warnings.len() as u64)],
+            &[("", Sample::Count(self.warnings.len() as u64))],
         );
         family(
             "idemstore_maintenance_errors_total",
             "counter",
             "Failed background maintenance passes (expiry, sealing, time floor, spare segment) and background thread panics.",
-            &[("", self.maintenance_errors_total)],
+            &[("", Sample::Count(self.maintenance_errors_total))],
         );
         family(
             "idemstore_poisoned",
             "gauge",
             "1 when a failed write or sync stopped writes.",
-            &[("", u64::from(self.poisoned.is_some()))],
+            &[("", Sample::Count(u64::from(self.poisoned.is_some())))],
         );
+        if self.read_only {
+            family(
+                "idemstore_view_info",
+                "gauge",
+                "1: these figures come from a read-only view, whose counters are not the writer's.",
+                &[("read_only=\"true\"", Sample::Count(1))],
+            );
+        }
         out
+    }
+}
+
+/// One sample's value: a count, or a duration kept in microseconds and shown in seconds.
+#[derive(Clone, Copy)]
+enum Sample {
+    Count(u64),
+    Seconds(u64),
+}
+
+impl std::fmt::Display for Sample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Sample::Count(n) => write!(f, "{n}"),
+            // Exact to the microsecond: whole seconds, then six digits.
+            Sample::Seconds(us) => write!(f, "{}.{:06}", us / 1_000_000, us % 1_000_000),
+        }
     }
 }

@@ -173,8 +173,11 @@ fn new_incarnation(dir: &Path) -> Result<u64> {
 }
 
 impl Store {
-    /// Opens (creating if missing) the store in `dir` and recovers its state.
+    /// Opens the store in `dir` and recovers its state; creates it when `dir` is missing or
+    /// empty and `Options::create_if_missing` is set (the default).
     ///
+    /// Fails with `NotAStore` when `dir` is a file, a directory of other files (no `META`,
+    /// segment, or `LOCK` and `TIME`), or holds no store and `create_if_missing` is false.
     /// Fails with `Locked` when another open store holds the directory, `UnsupportedVersion`
     /// for files of another format version, `Corrupt` when a record that is not a torn tail is
     /// damaged (nothing is deleted then), `UnsafePermissions` when other users can write the
@@ -192,6 +195,17 @@ impl Store {
             options.io = io;
         }
         let io = options.io.clone();
+        // Before anything is created: a typo'd path, a file or another program's directory is
+        // an error, not a new empty store (which would dedupe nothing that came before).
+        match io.list(&dir) {
+            Ok(names) => match crate::store_dir::classify(&names) {
+                crate::store_dir::Contents::Store => {}
+                crate::store_dir::Contents::Empty if options.create_if_missing => {}
+                contents => return Err(crate::store_dir::not_a_store(&dir, &contents)),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && options.create_if_missing => {}
+            Err(e) => return Err(crate::store_dir::unlistable(&dir, e)),
+        }
         io.create_dir_all(&dir).map_err(|e| Error::io("create store directory", &dir, e))?;
         // Before the lock file: nothing is created in a directory others can write.
         crate::permissions::refuse_unsafe(io.as_ref(), &dir)?;
@@ -220,6 +234,19 @@ impl Store {
         Ok(store)
     }
 
+    /// `Ok` when `dir` holds a store (`META`, a segment or table file, or `LOCK` and `TIME`),
+    /// without opening it; else `Error::NotAStore` saying what is there instead (nothing, a
+    /// file, an empty directory or other files). The writer's `open` decides with the same
+    /// rule; the `idemstore` command line checks every path with it.
+    pub fn check_is_store(dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let names = crate::io::Io::list(&crate::io::RealIo, dir).map_err(|e| crate::store_dir::unlistable(dir, e))?;
+        match crate::store_dir::classify(&names) {
+            crate::store_dir::Contents::Store => Ok(()),
+            contents => Err(crate::store_dir::not_a_store(dir, &contents)),
+        }
+    }
+
     /// Opens a read-only view of the store in `dir`, without taking the writer's lock and
     /// without changing a byte, even while another process writes it. The view is the state
     /// at open; a tail being written is not an error, it is simply not visible. Writes fail
@@ -229,6 +256,9 @@ impl Store {
     }
 
     /// [`Store::open_read_only`] with explicit options (clock, I/O, limits).
+    ///
+    /// A view of a directory that holds no store yet is an empty view (a writer may be about
+    /// to create it); [`Store::check_is_store`] tells the two apart first.
     pub fn open_read_only_with(dir: impl AsRef<Path>, options: Options) -> Result<Store> {
         validate_options(&options)?;
         let dir = dir.as_ref().to_path_buf();
@@ -1619,6 +1649,28 @@ impl Inner {
         }
     }
 
+    /// Bytes of the segment files in the directory whose header was never written: the spare
+    /// a writer prepares ahead of need, which a view does not open. Read at each call; a file
+    /// that cannot be read counts nothing (a snapshot of figures must not fail).
+    fn spare_bytes_on_disk(&self) -> u64 {
+        let io = self.options.io.as_ref();
+        let Ok(names) = io.list(&self.dir) else { return 0 };
+        let mut bytes = 0;
+        for name in names {
+            let Some(id) = crate::segment::parse_segment_file_name(&name) else { continue };
+            if self.log.holds_segment(id) {
+                continue;
+            }
+            let path = self.dir.join(&name);
+            if let Ok(None) = Segment::open(io, &path, self.options.segment_bytes_max, false)
+                && let Ok(file) = io.open(&path, self.options.segment_bytes_max, false)
+            {
+                bytes += file.len();
+            }
+        }
+        bytes
+    }
+
     fn stats(&self) -> Stats {
         let c = &self.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(AtomicOrdering::Relaxed);
@@ -1656,7 +1708,9 @@ impl Inner {
             appended_bytes_total: self.log.appended_bytes(),
             live_bytes,
             dead_bytes,
-            disk_bytes: self.log.disk_bytes(),
+            // The writer counts its spare segment; a view, which opens no spare, counts the one
+            // it finds on disk, so both report the same bytes for the same files.
+            disk_bytes: self.log.disk_bytes() + if self.read_only { self.spare_bytes_on_disk() } else { 0 },
             syncs_total: syncs,
             synced_records_total: synced_records,
             sync_latency_us_total: load(&c.sync_latency_us_total),
@@ -1674,6 +1728,7 @@ impl Inner {
             poisoned: self.commit.poisoned(),
             maintenance_errors_total: load(&c.maintenance_errors),
             last_maintenance_error: c.last_maintenance_error.lock().clone(),
+            read_only: self.read_only,
         }
     }
 }

@@ -17,7 +17,8 @@ pub enum Claim {
     },
     /// The effect already happened: replay this outcome.
     Completed(Completed),
-    /// The key was used with a different request (answer 409/422).
+    /// The key was used with a different request (answer 422 Unprocessable Content, as the
+    /// IETF `Idempotency-Key` draft says).
     Mismatch,
 }
 

@@ -102,7 +102,7 @@ fn zero_ttl_or_lease_is_an_invalid_argument() {
 }
 
 #[test]
-fn open_under_a_regular_file_fails_with_a_clear_io_error() {
+fn open_at_or_under_a_regular_file_is_not_a_store() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-directory");
     std::fs::write(&file, b"plain file").unwrap();
@@ -111,13 +111,13 @@ fn open_under_a_regular_file_fails_with_a_clear_io_error() {
     let store_dir = file.join("store");
     let err = Store::open(&store_dir, options(&clock)).unwrap_err();
     match &err {
-        Error::Io { path, .. } => assert!(path.starts_with(&file), "error names {path:?}"),
-        other => panic!("expected Error::Io, got {other:?}"),
+        Error::NotAStore { path, .. } => assert!(path.starts_with(&file), "error names {path:?}"),
+        other => panic!("expected Error::NotAStore, got {other:?}"),
     }
     assert!(err.to_string().contains("not-a-directory"), "message names the path: {err}");
 
     // The store directory itself being a regular file fails the same way.
-    assert!(matches!(Store::open(&file, options(&clock)), Err(Error::Io { .. })));
+    assert!(matches!(Store::open(&file, options(&clock)), Err(Error::NotAStore { .. })));
     assert_eq!(std::fs::read(&file).unwrap(), b"plain file", "the file is untouched");
 }
 

@@ -114,6 +114,8 @@ fn parse(text: &str) -> Result<Exposition, String> {
                 return Err(format!("counter {name} does not end in _total"));
             }
             family.kind = kind.to_string();
+        } else if line.starts_with("# ") {
+            // A comment: the format allows them anywhere.
         } else if line.starts_with('#') || line.trim().is_empty() {
             return Err(format!("unexpected line: {line:?}"));
         } else {
@@ -213,7 +215,7 @@ fn samples_equal_the_stats_after_a_known_sequence_of_operations() {
 }
 
 /// A metric name, its labels, and the value it must carry.
-type Expected = (&'static str, &'static [(&'static str, &'static str)], u64);
+type Expected = (&'static str, &'static [(&'static str, &'static str)], f64);
 
 /// Every field of a snapshot set to a distinct value, so a sample wired to the wrong field
 /// shows up.
@@ -270,44 +272,54 @@ fn every_stats_field_lands_in_its_own_sample() {
         ..Stats::default()
     };
     let e = parse(&stats.to_prometheus()).expect("valid exposition");
-    let expected: [Expected; 34] = [
-        ("idemstore_claims_total", &[("outcome", "acquired")], 101),
-        ("idemstore_claims_total", &[("outcome", "in_progress")], 102),
-        ("idemstore_claims_total", &[("outcome", "replayed")], 103),
-        ("idemstore_claims_waited_total", &[], 104),
-        ("idemstore_claims_total", &[("outcome", "waited")], 104),
-        ("idemstore_claims_total", &[("outcome", "mismatch")], 105),
-        ("idemstore_takeovers_total", &[("reason", "lease")], 106),
-        ("idemstore_takeovers_total", &[("reason", "orphan")], 107),
-        ("idemstore_stale_tokens_total", &[], 108),
-        ("idemstore_operations_total", &[("op", "complete")], 109),
-        ("idemstore_operations_total", &[("op", "checkpoint")], 110),
-        ("idemstore_operations_total", &[("op", "release")], 111),
-        ("idemstore_operations_total", &[("op", "remove")], 112),
-        ("idemstore_keys_expired_total", &[], 113),
-        ("idemstore_buckets_expired_total", &[], 114),
-        ("idemstore_index_entries", &[], 115),
-        ("idemstore_sealed_tables", &[], 132),
-        ("idemstore_sealed_entries", &[], 133),
-        ("idemstore_sealed_filter_bytes", &[], 134),
-        ("idemstore_segments", &[], 116),
-        ("idemstore_open_files", &[], 135),
-        ("idemstore_appended_bytes_total", &[], 136),
-        ("idemstore_live_bytes", &[], 137),
-        ("idemstore_dead_bytes", &[], 138),
-        ("idemstore_disk_bytes", &[], 117),
-        ("idemstore_syncs_total", &[], 118),
-        ("idemstore_synced_records_total", &[], 119),
-        ("idemstore_sync_latency_microseconds_total", &[], 120),
-        ("idemstore_sync_latency_microseconds_max", &[], 121),
-        ("idemstore_recovery_duration_microseconds", &[], 124),
-        ("idemstore_recovery_records", &[], 125),
-        ("idemstore_recovery_torn_bytes", &[], 127),
-        ("idemstore_maintenance_errors_total", &[], 139),
-        ("idemstore_poisoned", &[], 1),
+    let expected: [Expected; 33] = [
+        ("idemstore_claims_total", &[("outcome", "acquired")], 101.0),
+        ("idemstore_claims_total", &[("outcome", "in_progress")], 102.0),
+        ("idemstore_claims_total", &[("outcome", "replayed")], 103.0),
+        ("idemstore_claims_total", &[("outcome", "waited")], 104.0),
+        ("idemstore_claims_total", &[("outcome", "mismatch")], 105.0),
+        ("idemstore_takeovers_total", &[("reason", "lease")], 106.0),
+        ("idemstore_takeovers_total", &[("reason", "orphan")], 107.0),
+        ("idemstore_stale_tokens_total", &[], 108.0),
+        ("idemstore_operations_total", &[("op", "complete")], 109.0),
+        ("idemstore_operations_total", &[("op", "checkpoint")], 110.0),
+        ("idemstore_operations_total", &[("op", "release")], 111.0),
+        ("idemstore_operations_total", &[("op", "remove")], 112.0),
+        ("idemstore_keys_expired_total", &[], 113.0),
+        ("idemstore_buckets_expired_total", &[], 114.0),
+        ("idemstore_index_entries", &[], 115.0),
+        ("idemstore_sealed_tables", &[], 132.0),
+        ("idemstore_sealed_entries", &[], 133.0),
+        ("idemstore_sealed_filter_bytes", &[], 134.0),
+        ("idemstore_segments", &[], 116.0),
+        ("idemstore_open_files", &[], 135.0),
+        ("idemstore_appended_bytes_total", &[], 136.0),
+        ("idemstore_live_bytes", &[], 137.0),
+        ("idemstore_dead_bytes", &[], 138.0),
+        ("idemstore_disk_bytes", &[], 117.0),
+        ("idemstore_syncs_total", &[], 118.0),
+        ("idemstore_synced_records_total", &[], 119.0),
+        ("idemstore_sync_latency_seconds_total", &[], 120e-6),
+        ("idemstore_sync_latency_seconds_max", &[], 121e-6),
+        ("idemstore_recovery_duration_seconds", &[], 124e-6),
+        ("idemstore_recovery_records", &[], 125.0),
+        ("idemstore_recovery_torn_bytes", &[], 127.0),
+        ("idemstore_maintenance_errors_total", &[], 139.0),
+        ("idemstore_poisoned", &[], 1.0),
     ];
     for (name, labels, value) in expected {
-        assert_eq!(e.value(name, labels), value as f64, "{name}{labels:?}");
+        assert_eq!(e.value(name, labels), value, "{name}{labels:?}");
+        // One name per quantity: no other sample repeats this field's distinct value.
+        let carriers: Vec<&String> = e
+            .families
+            .iter()
+            .filter(|(_, family)| family.samples.values().any(|v| *v == value))
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(carriers, [name], "{name}{labels:?}: the value {value} is exposed under more than one name");
+    }
+    for name in e.families.keys() {
+        assert!(!name.contains("microseconds") && !name.contains("_us"), "{name}: durations are in seconds");
     }
     assert_eq!(e.value("idemstore_warnings", &[]), 2.0, "the gauge counts the warnings");
     for (name, family) in &e.families {
@@ -335,4 +347,35 @@ fn duplicates_replayed_after_waiting_count_as_blocked() {
         .map(|(_, v)| v)
         .sum();
     assert_eq!(blocked, 5.0, "the dashboard query sees the waited replays too");
+}
+
+/// A read-only view (the CLI's `stats --prometheus`) counts only what the view did: its text
+/// says so before anything else and in an info metric, so a scrape of it is not taken for the
+/// writer's counters. The writer's own text carries neither.
+#[test]
+fn a_views_text_says_its_counters_are_not_the_writers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(1_700_000_000_000);
+    let options =
+        Options { durability: Durability::None, clock: clock.clone(), background: false, ..Options::default() };
+    let writer = Store::open(dir.path(), options.clone()).expect("open");
+    assert!(matches!(writer.claim("a", "req").expect("claim"), Claim::Acquired(_)));
+    let writer_text = writer.stats().to_prometheus();
+    assert!(writer_text.starts_with("# HELP "), "{writer_text}");
+    assert!(!writer_text.contains("idemstore_view_info"), "{writer_text}");
+    assert!(!writer.stats().read_only);
+
+    let view = Store::open_read_only_with(dir.path(), options).expect("view");
+    let stats = view.stats();
+    assert!(stats.read_only);
+    let text = stats.to_prometheus();
+    let first = text.lines().next().expect("a first line");
+    assert!(
+        first.starts_with("# ") && !first.starts_with("# HELP") && first.contains("read-only view"),
+        "first line: {first}"
+    );
+    assert!(first.contains("not the writer's"), "first line: {first}");
+    let e = parse(&text).expect("valid exposition");
+    assert_eq!(e.value("idemstore_view_info", &[("read_only", "true")]), 1.0);
+    assert_eq!(e.value("idemstore_claims_total", &[("outcome", "acquired")]), 0.0, "the writer's claim is not counted");
 }

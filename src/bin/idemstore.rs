@@ -6,6 +6,14 @@
 //! Keys are given as text, or as `hex:` followed by hex digits for binary keys; keys are shown
 //! the same way (text when it is printable UTF-8 and does not itself start with `hex:`).
 //!
+//! Every command first checks that the path holds a store (`Store::check_is_store`: `META`, a
+//! segment or table file, or `LOCK` and `TIME`), so a typo'd path is an error, never an empty
+//! answer.
+//!
+//! `--json` (on `get`, `list`, `stats`) prints one JSON object per line. A byte string `x`
+//! (key, outcome, checkpoint) is `"x_hex"`, always, plus `"x"` as text when it is valid UTF-8;
+//! a time `t` is `"t_ms"` (ms since the Unix epoch) and `"t"` (RFC 3339, UTC).
+//!
 //! Exit codes: 0 success; 1 a negative answer (`get` of an absent key, `verify` that found a
 //! problem); 2 an error, reported as one line on stderr (`error: ...`) — clap's own usage
 //! errors also exit with 2.
@@ -18,7 +26,8 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use idemstore::{Entry, Error, FileAccess, LOCK_FILE_NAME, Options, Store, system_time_to_ms};
+use idemstore::{Entry, Error, FileAccess, Options, Stats, Store, system_time_to_ms};
+use serde_json::{Map, Value, json};
 
 /// Inspect an idemstore directory (an embedded idempotency-key store), or remove a key from it.
 #[derive(Parser, Debug)]
@@ -26,7 +35,9 @@ use idemstore::{Entry, Error, FileAccess, LOCK_FILE_NAME, Options, Store, system
     name = "idemstore",
     version,
     after_help = "Keys are text, or hex:<digits> for binary keys. Every command but `remove` opens the store \
-                  read-only, so it works on a live store.\nExit codes: 0 success; 1 key absent (get) or a \
+                  read-only, so it works on a live store; every command refuses a path that holds no store.\n\
+                  --json: one object per line; bytes as \"x_hex\" (always) and \"x\" (text, when UTF-8); \
+                  times as \"t_ms\" and \"t\" (RFC 3339).\nExit codes: 0 success; 1 key absent (get) or a \
                   problem found (verify); 2 error."
 )]
 struct Cli {
@@ -44,8 +55,11 @@ enum Command {
         /// The store directory.
         dir: PathBuf,
         /// Print the Prometheus text exposition format instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "json")]
         prometheus: bool,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
         /// The store is meant to be readable by its directory's group (opened with
         /// `FileAccess::OwnerAndGroupRead`): group read access is not reported.
         #[arg(long)]
@@ -65,6 +79,10 @@ enum Command {
         /// Show times as milliseconds since the Unix epoch instead of UTC dates.
         #[arg(long)]
         ms: bool,
+        /// Print one JSON object (the state, and for a present key its outcome or checkpoint
+        /// and times).
+        #[arg(long)]
+        json: bool,
     },
     /// Every live key, one per line: key, state, expiry (tab-separated), sorted by key.
     List {
@@ -79,6 +97,9 @@ enum Command {
         /// Show times as milliseconds since the Unix epoch instead of UTC dates.
         #[arg(long)]
         ms: bool,
+        /// Print one JSON object per key (key, state, expiry).
+        #[arg(long)]
+        json: bool,
     },
     /// Every live key with its full entry (outcome, checkpoint, times), sorted by key.
     Dump {
@@ -177,9 +198,18 @@ fn main() -> ExitCode {
 
 fn run(command: Command, out: &mut impl Write) -> CliResult {
     match command {
-        Command::Stats { dir, prometheus, group_readable } => stats(&dir, prometheus, access(group_readable), out),
-        Command::Get { dir, key, hex, ms } => get(&dir, &key, Show { hex, ms }, out),
-        Command::List { dir, prefix, state, ms } => list(&dir, prefix.as_deref(), state, ms, out),
+        Command::Stats { dir, prometheus, json, group_readable } => {
+            let format = if json {
+                StatsFormat::Json
+            } else if prometheus {
+                StatsFormat::Prometheus
+            } else {
+                StatsFormat::Table
+            };
+            stats(&dir, format, access(group_readable), out)
+        }
+        Command::Get { dir, key, hex, ms, json } => get(&dir, &key, Show { hex, ms }, json, out),
+        Command::List { dir, prefix, state, ms, json } => list(&dir, prefix.as_deref(), state, ms, json, out),
         Command::Dump { dir, json, hex, ms } => dump(&dir, json, Show { hex, ms }, out),
         Command::Verify { dir, group_readable } => verify(&dir, access(group_readable), out),
         Command::Remove { dir, key, group_readable } => remove(&dir, &key, access(group_readable), out),
@@ -211,22 +241,35 @@ fn write_warnings(warnings: &[String], out: &mut impl Write) -> io::Result<()> {
     Ok(())
 }
 
-/// Refuses a path that is not a directory, so that a typo is an error and not an empty store.
+/// Refuses a path that holds no store (missing, a file, an empty directory or one of other
+/// files), so that a typo is an error and not an empty answer. One rule for every command,
+/// the same as the writer's `open`.
 fn require_store_dir(dir: &Path) -> Result<(), Failure> {
-    match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(Failure::new(format!("{} is not a directory", dir.display()))),
-        Err(e) => Err(Failure::new(format!("cannot open store directory {}: {e}", dir.display()))),
-    }
+    Ok(Store::check_is_store(dir)?)
 }
 
-fn stats(dir: &Path, prometheus: bool, access: FileAccess, out: &mut impl Write) -> CliResult {
+/// How `stats` prints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StatsFormat {
+    Table,
+    Prometheus,
+    Json,
+}
+
+fn stats(dir: &Path, format: StatsFormat, access: FileAccess, out: &mut impl Write) -> CliResult {
     require_store_dir(dir)?;
     let store = Store::open_read_only_with(dir, Options { file_access: access, ..Options::default() })?;
     let stats = store.stats();
-    if prometheus {
-        out.write_all(stats.to_prometheus().as_bytes())?;
-        return Ok(ExitCode::SUCCESS);
+    match format {
+        StatsFormat::Prometheus => {
+            out.write_all(stats.to_prometheus().as_bytes())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        StatsFormat::Json => {
+            writeln!(out, "{}", stats_json(dir, &stats))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        StatsFormat::Table => {}
     }
     let r = &stats.recovery;
     let rows: [(&str, String); 20] = [
@@ -259,10 +302,23 @@ fn stats(dir: &Path, prometheus: bool, access: FileAccess, out: &mut impl Write)
     Ok(ExitCode::SUCCESS)
 }
 
-fn get(dir: &Path, key_arg: &str, show: Show, out: &mut impl Write) -> CliResult {
+fn get(dir: &Path, key_arg: &str, show: Show, json: bool, out: &mut impl Write) -> CliResult {
     let key = parse_key(key_arg)?;
     let store = open_view(dir)?;
-    let Some(entry) = store.get(&key)? else {
+    let entry = store.get(&key)?;
+    if json {
+        let mut obj = Map::new();
+        bytes_fields(&mut obj, "key", &key);
+        match &entry {
+            Some(entry) => entry_fields(&mut obj, entry),
+            None => {
+                obj.insert("state".into(), "absent".into());
+            }
+        }
+        writeln!(out, "{}", Value::Object(obj))?;
+        return Ok(if entry.is_some() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    let Some(entry) = entry else {
         writeln!(out, "key         {}", display_key(&key))?;
         writeln!(out, "state       absent")?;
         return Ok(ExitCode::from(1));
@@ -287,7 +343,14 @@ fn get(dir: &Path, key_arg: &str, show: Show, out: &mut impl Write) -> CliResult
     Ok(ExitCode::SUCCESS)
 }
 
-fn list(dir: &Path, prefix: Option<&str>, state: Option<StateFilter>, ms: bool, out: &mut impl Write) -> CliResult {
+fn list(
+    dir: &Path,
+    prefix: Option<&str>,
+    state: Option<StateFilter>,
+    ms: bool,
+    json: bool,
+    out: &mut impl Write,
+) -> CliResult {
     let prefix = prefix.map(parse_prefix).transpose()?;
     let store = open_view(dir)?;
     for (key, entry) in store.keys()? {
@@ -295,6 +358,14 @@ fn list(dir: &Path, prefix: Option<&str>, state: Option<StateFilter>, ms: bool, 
             continue;
         }
         if state.is_some_and(|wanted| state_of(&entry) != wanted) {
+            continue;
+        }
+        if json {
+            let mut obj = Map::new();
+            bytes_fields(&mut obj, "key", &key);
+            obj.insert("state".into(), state_name(&entry).into());
+            time_fields(&mut obj, "expires_at", expires_at(&entry));
+            writeln!(out, "{}", Value::Object(obj))?;
             continue;
         }
         writeln!(out, "{}\t{}\t{}", display_key(&key), state_name(&entry), display_time(expires_at(&entry), ms))?;
@@ -398,11 +469,9 @@ fn verify(dir: &Path, access: FileAccess, out: &mut impl Write) -> CliResult {
 fn remove(dir: &Path, key_arg: &str, access: FileAccess, out: &mut impl Write) -> CliResult {
     let key = parse_key(key_arg)?;
     require_store_dir(dir)?;
-    // `Store::open` creates a store where there is none: refuse a directory that holds none.
-    if !dir.join(LOCK_FILE_NAME).exists() {
-        return Err(Failure::new(format!("{} holds no idemstore store (no {LOCK_FILE_NAME} file)", dir.display())));
-    }
-    let store = match Store::open(dir, Options { background: false, file_access: access, ..Options::default() }) {
+    // Never a new store: a path that holds none was refused above, and `open` refuses it too.
+    let options = Options { background: false, file_access: access, create_if_missing: false, ..Options::default() };
+    let store = match Store::open(dir, options) {
         Ok(store) => store,
         Err(Error::Locked { .. }) => {
             return Err(Failure::new(format!(
@@ -528,6 +597,81 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
     (year, month, day)
+}
+
+/// Sets `"<name>_hex"`, and `"<name>"` when the bytes are UTF-8 text (JSON strings hold text
+/// only; hex is always there so a consumer has one field that never goes missing).
+fn bytes_fields(obj: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        obj.insert(name.into(), text.into());
+    }
+    obj.insert(format!("{name}_hex"), encode_hex(bytes).into());
+}
+
+/// Sets `"<name>_ms"` (ms since the Unix epoch) and `"<name>"` (RFC 3339, UTC).
+fn time_fields(obj: &mut Map<String, Value>, name: &str, t: SystemTime) {
+    let millis = system_time_to_ms(t);
+    obj.insert(format!("{name}_ms"), millis.into());
+    obj.insert(name.into(), rfc3339_utc(millis).into());
+}
+
+/// A present key's state, outcome or checkpoint, and times.
+fn entry_fields(obj: &mut Map<String, Value>, entry: &Entry) {
+    obj.insert("state".into(), state_name(entry).into());
+    match entry {
+        Entry::Completed(done) => {
+            bytes_fields(obj, "outcome", &done.outcome);
+            time_fields(obj, "claimed_at", done.claimed_at);
+            time_fields(obj, "completed_at", done.completed_at);
+            time_fields(obj, "expires_at", done.expires_at);
+        }
+        Entry::InFlight { claimed_at, lease_expires_at, expires_at, checkpoint, orphaned } => {
+            match checkpoint {
+                Some(checkpoint) => bytes_fields(obj, "checkpoint", checkpoint),
+                None => {
+                    obj.insert("checkpoint".into(), Value::Null);
+                }
+            }
+            obj.insert("orphaned".into(), (*orphaned).into());
+            time_fields(obj, "claimed_at", *claimed_at);
+            time_fields(obj, "lease_until", *lease_expires_at);
+            time_fields(obj, "expires_at", *expires_at);
+        }
+    }
+}
+
+/// `stats` as one JSON object: the figures under their `Stats` names, `read_only` (always
+/// true here: the counters are this view's, not the writer's) and the store's path.
+fn stats_json(dir: &Path, stats: &Stats) -> Value {
+    let r = &stats.recovery;
+    json!({
+        "store": dir.display().to_string(),
+        "read_only": stats.read_only,
+        "index_entries": stats.index_entries,
+        "sealed_tables": stats.sealed_tables,
+        "sealed_entries": stats.sealed_entries,
+        "sealed_filter_bytes": stats.sealed_filter_bytes,
+        "segments": stats.segments,
+        "disk_bytes": stats.disk_bytes,
+        "live_bytes": stats.live_bytes,
+        "dead_bytes": stats.dead_bytes,
+        "last_seq": stats.last_seq,
+        "recovery": {
+            "duration_us": r.duration_us,
+            "records": r.records,
+            "segments": r.segments,
+            "torn_tails": r.torn_tails,
+            "torn_bytes_truncated": r.torn_bytes_truncated,
+            "tables_loaded": r.tables_loaded,
+            "tables_rebuilt": r.tables_rebuilt,
+        },
+        "claims_acquired_total": stats.claims_acquired_total,
+        "duplicates_blocked_total": stats.duplicates_blocked_total(),
+        "mismatches_total": stats.mismatches_total,
+        "completes_total": stats.completes_total,
+        "warnings": stats.warnings,
+        "poisoned": stats.poisoned,
+    })
 }
 
 /// One key's entry as a JSON object. Byte strings appear as `"<name>_hex"` always and as
