@@ -45,7 +45,7 @@ pub fn recover(
     names: &[String],
     capacity: u64,
     now_ms: u64,
-    key_hash: &dyn Fn(&[u8]) -> u64,
+    key_hash: &(dyn Fn(&[u8]) -> u64 + Sync),
     table_mark: u32,
     mode: Mode,
 ) -> Result<Recovered> {
@@ -73,6 +73,7 @@ pub fn recover(
         |path: &Path, what: &'static str| -> Result<()> { io.remove(path).map_err(|e| Error::io(what, path, e)) };
     // Phase 1: open every segment; map the tables of sealed ones.
     let mut to_scan = Vec::new();
+    let mut damaged = std::collections::HashSet::new();
     for &id in &ids {
         let path = dir.join(segment_file_name(id));
         let table_path = dir.join(table_file_name(id));
@@ -126,6 +127,7 @@ pub fn recover(
             // A damaged table, or one of another hash: scan the segment instead; sealing writes
             // a new table.
             stats.tables_rebuilt += 1;
+            damaged.insert(id);
             if writer {
                 remove(&table_path, "remove damaged table")?;
                 dir_changed = true;
@@ -145,64 +147,88 @@ pub fn recover(
             dir_changed = true;
         }
     }
-    // Phase 2: scan the segments that were being written, keeping per key the record with
-    // the highest sequence number across them and the sealed tables.
-    for segment in to_scan {
-        let id = segment.id();
-        let scan = scan_segment(&segment, mode)?;
-        if writer {
-            // What a crashed process left in the page cache becomes durable before any answer
-            // is read from it.
-            segment.sync().map_err(|e| Error::io("sync recovered segment", &segment.path, e))?;
+    // Why each segment without a table is scanned: the newest segment of its bucket was most
+    // likely still taking appends (an unsealed tail); an older one had stopped, but its table
+    // was not written yet when the process stopped.
+    let mut newest_of_bucket: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    for segment in segments.values() {
+        let newest = newest_of_bucket.entry(segment.header.bucket_start_ms).or_insert(0);
+        *newest = (*newest).max(segment.id());
+    }
+    for segment in &to_scan {
+        if damaged.contains(&segment.id()) {
+            continue;
         }
-        // Recovered segments are never appended to again: only the map is needed from now on.
-        segment.release_descriptor();
-        stats.torn_bytes_truncated += scan.torn_bytes;
-        stats.torn_tails += u64::from(scan.torn_bytes > 0);
-        for (offset, header, key) in scan.records {
-            stats.records += 1;
-            segment.note_write(header.written_at_ms);
-            segment.note_record(header.padded_len());
-            max_seq = max_seq.max(header.seq);
-            latest_time_ms = latest_time_ms.max(header.written_at_ms).max(header.claimed_at_ms);
-            let hash = key_hash(&key);
-            let mut newer_sealed = false;
-            sealed.visit(hash, &mut |candidate| {
-                if let Some(other) = segments.get(&candidate.segment)
-                    && let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)?
-                {
-                    // The first match is the key's latest sealed record.
-                    newer_sealed = h.seq > header.seq;
-                    return Ok(true);
-                }
-                Ok(false)
-            })?;
-            if newer_sealed {
-                segment.note_dead(header.padded_len());
-                continue;
-            }
-            let loc = Loc { segment: id, offset: offset as u32 };
-            let mut shard = index.shard(hash).shard.lock();
-            let mut existing = None;
-            for candidate in shard.candidates(hash) {
-                let Some(other) = segments.get(&candidate.segment) else { continue };
-                if let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)? {
-                    existing = Some((candidate, h));
-                    break;
-                }
-            }
-            match existing {
-                Some((_, newer)) if newer.seq > header.seq => segment.note_dead(header.padded_len()),
-                Some((old, older)) => {
-                    if let Some(old_segment) = segments.get(&old.segment) {
-                        old_segment.note_dead(older.padded_len());
-                    }
-                    shard.set(hash, Some(old), loc);
-                }
-                None => shard.set(hash, None, loc),
-            }
+        if newest_of_bucket.get(&segment.header.bucket_start_ms) == Some(&segment.id()) {
+            stats.segments_scanned_unsealed_tail += 1;
+        } else {
+            stats.segments_scanned_no_table += 1;
         }
     }
+    // Phase 2: scan the segments that were being written, keeping per key the record with
+    // the highest sequence number across them and the sealed tables. Segments are read,
+    // checked and synced on up to two threads (the costly part); their records are merged
+    // into the index here, in whatever order the scans finish: the merge keeps the highest
+    // sequence number whatever the order.
+    let scan_started = std::time::Instant::now();
+    let tables = sealed.all();
+    // A scanned record is superseded by a sealed one only in a table holding a higher seq.
+    let tables_max_seq = tables.iter().map(|t| t.bounds.max_seq).max().unwrap_or(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, SCAN_THREADS_MAX);
+    let threads = threads.min(to_scan.len()).max(1);
+    // Workers take segments in id order; on an error, none takes a segment past the failing
+    // one, so the error reported is the one of the lowest id, as a scan in order would find.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed_at = std::sync::atomic::AtomicUsize::new(usize::MAX);
+    let to_scan = &to_scan;
+    let mut first_error: Option<(usize, Error)> = None;
+    std::thread::scope(|scope| {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<(usize, Result<(Scan, Vec<u64>)>)>(threads);
+        for _ in 0..threads {
+            let sender = sender.clone();
+            let (next, failed_at) = (&next, &failed_at);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= to_scan.len() || i > failed_at.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
+                    let scanned = scan_and_sync(&to_scan[i], mode, key_hash);
+                    if scanned.is_err() {
+                        failed_at.fetch_min(i, std::sync::atomic::Ordering::AcqRel);
+                    }
+                    if sender.send((i, scanned)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(sender);
+        for (i, scanned) in receiver {
+            let merged = scanned.and_then(|(scan, hashes)| {
+                if first_error.is_some() {
+                    return Ok(());
+                }
+                stats.bytes_scanned += to_scan[i].len();
+                merge_scan(&to_scan[i], scan, &hashes, &segments, &index, &tables, tables_max_seq, &mut stats).map(
+                    |max| {
+                        max_seq = max_seq.max(max.0);
+                        latest_time_ms = latest_time_ms.max(max.1);
+                    },
+                )
+            });
+            if let Err(e) = merged {
+                failed_at.fetch_min(i, std::sync::atomic::Ordering::AcqRel);
+                if first_error.as_ref().is_none_or(|(at, _)| i < *at) {
+                    first_error = Some((i, e));
+                }
+            }
+        }
+    });
+    if let Some((_, e)) = first_error {
+        return Err(e);
+    }
+    stats.scan_us = u64::try_from(scan_started.elapsed().as_micros()).unwrap_or(u64::MAX);
     if dir_changed {
         io.sync_dir(dir).map_err(|e| Error::io("sync directory", dir, e))?;
     }
@@ -215,6 +241,124 @@ pub fn recover(
         latest_time_ms,
         stats,
     })
+}
+
+/// Most threads that scan segments at open (the store is meant for a couple of cores; more
+/// would only contend with the merge for memory bandwidth).
+const SCAN_THREADS_MAX: usize = 2;
+
+/// Scans one segment, hashes its keys and, for the writer, makes what a crashed process left
+/// in the page cache durable before any answer is read from it.
+fn scan_and_sync(segment: &Segment, mode: Mode, key_hash: &(dyn Fn(&[u8]) -> u64 + Sync)) -> Result<(Scan, Vec<u64>)> {
+    let scan = scan_segment(segment, mode)?;
+    if mode == Mode::Writer {
+        segment.sync().map_err(|e| Error::io("sync recovered segment", &segment.path, e))?;
+    }
+    // Recovered segments are never appended to again: only the map is needed from now on.
+    segment.release_descriptor();
+    let hashes = scan.records.iter().map(|(_, _, key)| key_hash(key)).collect();
+    Ok((scan, hashes))
+}
+
+/// Merges one scanned segment's records into the index, keeping per key the record with the
+/// highest seq across the index and the sealed tables; returns the highest seq and the latest
+/// time the records hold.
+#[allow(clippy::too_many_arguments)]
+fn merge_scan(
+    segment: &Segment,
+    scan: Scan,
+    hashes: &[u64],
+    segments: &IdMap<u32, Arc<Segment>>,
+    index: &Index,
+    tables: &[Arc<Table>],
+    tables_max_seq: u64,
+    stats: &mut RecoveryStats,
+) -> Result<(u64, u64)> {
+    let id = segment.id();
+    let (mut max_seq, mut latest_time_ms) = (0u64, 0u64);
+    stats.torn_bytes_truncated += scan.torn_bytes;
+    stats.torn_tails += u64::from(scan.torn_bytes > 0);
+    for ((offset, header, key), &hash) in scan.records.into_iter().zip(hashes) {
+        stats.records += 1;
+        segment.note_write(header.written_at_ms);
+        segment.note_record(header.padded_len());
+        max_seq = max_seq.max(header.seq);
+        latest_time_ms = latest_time_ms.max(header.written_at_ms).max(header.claimed_at_ms);
+        let mut newer_sealed = false;
+        if header.seq < tables_max_seq {
+            // Tables newest first: the first that holds the key holds its latest sealed record
+            // (invariants 3 and 5). A table whose records are all older than this one cannot
+            // hold a newer record of the key, nor come before one that does.
+            for table in tables.iter().filter(|t| t.bounds.max_seq > header.seq) {
+                let found = table.lookup(hash, &mut |candidate| {
+                    if let Some(other) = segments.get(&candidate.segment)
+                        && let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)?
+                    {
+                        newer_sealed = h.seq > header.seq;
+                        return Ok(true);
+                    }
+                    Ok(false)
+                })?;
+                if found {
+                    break;
+                }
+            }
+        }
+        if newer_sealed {
+            segment.note_dead(header.padded_len());
+            continue;
+        }
+        let loc = Loc { segment: id, offset: offset as u32 };
+        let mut shard = index.shard(hash).shard.lock();
+        let mut existing = None;
+        for candidate in shard.candidates(hash) {
+            let Some(other) = segments.get(&candidate.segment) else { continue };
+            if let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)? {
+                existing = Some((candidate, h));
+                break;
+            }
+        }
+        match existing {
+            Some((_, newer)) if newer.seq > header.seq => segment.note_dead(header.padded_len()),
+            Some((old, older)) => {
+                if let Some(old_segment) = segments.get(&old.segment) {
+                    old_segment.note_dead(older.padded_len());
+                }
+                shard.set(hash, Some(old), loc);
+            }
+            None => shard.set(hash, None, loc),
+        }
+    }
+    Ok((max_seq, latest_time_ms))
+}
+
+/// The entries and bounds of a restart table for `segment`, which takes no more appends: each
+/// key's latest record in it, read from the segment itself (not from the RAM index, whose
+/// sweep over every key would cost far more than reading one segment). A record of it that a
+/// later segment superseded stays listed: at open the newer record wins by seq, and should
+/// that record be lost to a power cut, this one is still the right answer. `None` when the
+/// segment does not read back whole (a damaged record: it is left to the scan at open, which
+/// reports it).
+pub fn restart_entries(
+    segment: &Segment,
+    key_hash: &dyn Fn(&[u8]) -> u64,
+) -> Result<Option<(Vec<(u64, u32)>, crate::table::TableBounds)>> {
+    let scan = match scan_segment(segment, Mode::ReadOnly) {
+        Ok(scan) if scan.torn_bytes == 0 => scan,
+        Ok(_) | Err(Error::Corrupt { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bounds = crate::table::TableBounds::default();
+    // A segment's records are in seq order: a later record of a key replaces an earlier one.
+    let mut latest: std::collections::HashMap<Vec<u8>, (u64, u32)> =
+        std::collections::HashMap::with_capacity(scan.records.len());
+    for (offset, header, key) in scan.records {
+        bounds.max_seq = bounds.max_seq.max(header.seq);
+        bounds.latest_ms = bounds.latest_ms.max(header.written_at_ms).max(header.claimed_at_ms);
+        let hash = key_hash(&key);
+        latest.insert(key, (hash, offset as u32));
+    }
+    Ok(Some((latest.into_values().collect(), bounds)))
 }
 
 /// True when `e` says a file was not found: in a read-only view or `verify`, a file listed a

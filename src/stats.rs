@@ -17,7 +17,8 @@ pub(crate) struct Counters {
 pub struct RecoveryStats {
     /// Time the open took, in microseconds.
     pub duration_us: u64,
-    /// Records read from segments.
+    /// Records scanned: read from segments that had no valid table (segments with one are
+    /// mapped, not read).
     pub records: u64,
     /// Live segment files found (scanned, or mapped with their table).
     pub segments: u64,
@@ -31,8 +32,20 @@ pub struct RecoveryStats {
     pub empty_files_removed: u64,
     /// Sealed tables mapped instead of scanning their segments.
     pub tables_loaded: u64,
-    /// Damaged tables whose segment was scanned instead (the table is written anew).
+    /// Damaged tables whose segment was scanned instead (the table is written anew): the
+    /// segments scanned because their table was damaged, missing its store's hash, or unreadable.
     pub tables_rebuilt: u64,
+    /// Segments scanned because they had no table though they had stopped taking appends
+    /// (not the newest of their bucket): the process stopped before their table was written.
+    pub segments_scanned_no_table: u64,
+    /// Segments scanned because they had no table and were the newest of their bucket: most
+    /// likely still taking appends when the process stopped (an unsealed tail).
+    pub segments_scanned_unsealed_tail: u64,
+    /// Bytes of the segments scanned (their reserved length, zeros after the last record too).
+    pub bytes_scanned: u64,
+    /// Time the scan of segments without a valid table took, in microseconds (part of
+    /// `duration_us`); `records` / this is the scan rate.
+    pub scan_us: u64,
 }
 
 /// A snapshot of a store's counters. Every `*_total` field counts since the store was opened.
