@@ -332,6 +332,9 @@ fn merge_scan(
     Ok((max_seq, latest_time_ms))
 }
 
+/// A restart table's (hash, record offset) entries and the bounds over its segment's records.
+pub type RestartEntries = (Vec<(u64, u32)>, crate::table::TableBounds);
+
 /// The entries and bounds of a restart table for `segment`, which takes no more appends: each
 /// key's latest record in it, read from the segment itself (not from the RAM index, whose
 /// sweep over every key would cost far more than reading one segment). A record of it that a
@@ -339,10 +342,7 @@ fn merge_scan(
 /// that record be lost to a power cut, this one is still the right answer. `None` when the
 /// segment does not read back whole (a damaged record: it is left to the scan at open, which
 /// reports it).
-pub fn restart_entries(
-    segment: &Segment,
-    key_hash: &dyn Fn(&[u8]) -> u64,
-) -> Result<Option<(Vec<(u64, u32)>, crate::table::TableBounds)>> {
+pub fn restart_entries(segment: &Segment, key_hash: &dyn Fn(&[u8]) -> u64) -> Result<Option<RestartEntries>> {
     let scan = match scan_segment(segment, Mode::ReadOnly) {
         Ok(scan) if scan.torn_bytes == 0 => scan,
         Ok(_) | Err(Error::Corrupt { .. }) => return Ok(None),

@@ -100,8 +100,9 @@ pub struct Stats {
     /// Bytes of records appended since the store was opened.
     pub appended_bytes_total: u64,
     /// Bytes of records that are the latest of their key, in live segments. Counted since
-    /// open and by the scan at open; records superseded before a restart inside sealed
-    /// segments (mapped, not scanned) count as live until their bucket drops.
+    /// open and by the scan at open; segments mapped with their table at open (sealed, or
+    /// given a table at close) are not scanned, so their records are counted in neither
+    /// this nor `dead_bytes`.
     pub live_bytes: u64,
     /// Bytes of records superseded by a later record of their key (space that only the
     /// bucket's expiry gives back).
@@ -246,7 +247,29 @@ impl Stats {
             &[("", self.sync_latency_us_total)],
         );
         family("idemstore_sync_latency_microseconds_max", "gauge", "Slowest sync.", &[("", self.sync_latency_us_max)]);
-        family("idemstore_recovery_records", "gauge", "Records read at open.", &[("", self.recovery.records)]);
+        family("idemstore_recovery_records", "gauge", "Records scanned at open.", &[("", self.recovery.records)]);
+        family(
+            "idemstore_recovery_scanned_segments",
+            "gauge",
+            "Segments scanned at open, by why they had no usable table.",
+            &[
+                ("reason=\"no_table\"", self.recovery.segments_scanned_no_table),
+                ("reason=\"unsealed_tail\"", self.recovery.segments_scanned_unsealed_tail),
+                ("reason=\"damaged_table\"", self.recovery.tables_rebuilt),
+            ],
+        );
+        family(
+            "idemstore_recovery_tables_loaded",
+            "gauge",
+            "Tables mapped at open instead of scanning their segments.",
+            &[("", self.recovery.tables_loaded)],
+        );
+        family(
+            "idemstore_recovery_scan_microseconds",
+            "gauge",
+            "Time the scan of segments without a table took at open.",
+            &[("", self.recovery.scan_us)],
+        );
         family(
             "idemstore_recovery_torn_bytes",
             "gauge",

@@ -261,14 +261,18 @@ fn every_stats_field_lands_in_its_own_sample() {
             expired_buckets_deleted: 129,
             empty_files_removed: 130,
             tables_rebuilt: 131,
-            ..RecoveryStats::default()
+            tables_loaded: 139,
+            segments_scanned_no_table: 140,
+            segments_scanned_unsealed_tail: 141,
+            bytes_scanned: 142,
+            scan_us: 143,
         },
         poisoned: Some("fsync failed".into()),
         // Fields added later start at zero here rather than break this test.
         ..Stats::default()
     };
     let e = parse(&stats.to_prometheus()).expect("valid exposition");
-    let expected: [Expected; 33] = [
+    let expected: [Expected; 38] = [
         ("idemstore_claims_total", &[("outcome", "acquired")], 101),
         ("idemstore_claims_total", &[("outcome", "in_progress")], 102),
         ("idemstore_claims_total", &[("outcome", "replayed")], 103),
@@ -301,6 +305,11 @@ fn every_stats_field_lands_in_its_own_sample() {
         ("idemstore_recovery_duration_microseconds", &[], 124),
         ("idemstore_recovery_records", &[], 125),
         ("idemstore_recovery_torn_bytes", &[], 127),
+        ("idemstore_recovery_scanned_segments", &[("reason", "no_table")], 140),
+        ("idemstore_recovery_scanned_segments", &[("reason", "unsealed_tail")], 141),
+        ("idemstore_recovery_scanned_segments", &[("reason", "damaged_table")], 131),
+        ("idemstore_recovery_tables_loaded", &[], 139),
+        ("idemstore_recovery_scan_microseconds", &[], 143),
         ("idemstore_poisoned", &[], 1),
     ];
     for (name, labels, value) in expected {

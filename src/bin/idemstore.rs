@@ -229,7 +229,7 @@ fn stats(dir: &Path, prometheus: bool, access: FileAccess, out: &mut impl Write)
         return Ok(ExitCode::SUCCESS);
     }
     let r = &stats.recovery;
-    let rows: [(&str, String); 20] = [
+    let rows: [(&str, String); 25] = [
         ("store", dir.display().to_string()),
         ("index_entries", stats.index_entries.to_string()),
         ("sealed_tables", stats.sealed_tables.to_string()),
@@ -245,6 +245,12 @@ fn stats(dir: &Path, prometheus: bool, access: FileAccess, out: &mut impl Write)
         ("recovery_torn_bytes", r.torn_bytes_truncated.to_string()),
         ("recovery_tables_loaded", r.tables_loaded.to_string()),
         ("recovery_tables_rebuilt", r.tables_rebuilt.to_string()),
+        // Why segments were scanned rather than mapped: each reason, then the scan's cost.
+        ("recovery_scanned_no_table", r.segments_scanned_no_table.to_string()),
+        ("recovery_scanned_unsealed", r.segments_scanned_unsealed_tail.to_string()),
+        ("recovery_scanned_damaged", r.tables_rebuilt.to_string()),
+        ("recovery_scanned_bytes", r.bytes_scanned.to_string()),
+        ("recovery_scan_us", r.scan_us.to_string()),
         ("claims_acquired_total", stats.claims_acquired_total.to_string()),
         ("duplicates_blocked_total", stats.duplicates_blocked_total().to_string()),
         ("mismatches_total", stats.mismatches_total.to_string()),
