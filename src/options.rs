@@ -79,7 +79,7 @@ pub struct Options {
     /// is sealed: its index entries move from RAM to an immutable table file with a small
     /// filter in RAM (default 10 min). Shorter frees RAM sooner; longer writes fewer tables.
     pub seal_idle_after: Duration,
-    /// Most record bytes the segments taking appends may hold together (default 64 MiB). Past
+    /// Most record bytes the segments taking appends may hold together (default 16 MiB). Past
     /// it, the fullest of them stops taking appends (its bucket goes on in a new segment) and
     /// the housekeeper writes it a restart table at once, so a reopen after a crash scans at
     /// most about this much (plus what was retired in the last moment), however many buckets
@@ -130,7 +130,7 @@ impl Default for Options {
             segment_bytes_initial: 256 << 10,
             batch_bytes_max: 4 << 20,
             seal_idle_after: Duration::from_secs(600),
-            active_bytes_max: 64 << 20,
+            active_bytes_max: 16 << 20,
             max_open_files: 64,
             max_disk_bytes: u64::MAX,
             file_access: FileAccess::Owner,
