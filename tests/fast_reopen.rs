@@ -247,3 +247,34 @@ fn a_bucket_that_keeps_taking_appends_is_split_at_the_active_budget() {
         assert!(written <= budget + 4096, "{segment:?} holds {written} bytes, over the {budget}-byte budget");
     }
 }
+
+#[test]
+fn a_scanned_record_newer_than_its_keys_entry_in_a_table_wins() {
+    let disk = SimDisk::new();
+    let clock = ManualClock::new(START_MS);
+    let store = Store::open(DIR, options(&disk, &clock)).unwrap();
+    let short = ClaimOptions { ttl: Some(Duration::from_secs(60)), ..Default::default() };
+    let long = ClaimOptions { ttl: Some(Duration::from_secs(300)), ..Default::default() };
+    // The key's claim and release go into the short bucket's segment...
+    let token = acquired(store.claim_with("the-key", b"request", short.clone()).unwrap());
+    store.release(&token).unwrap();
+    // ...its new claim into the long bucket's segment, which takes nothing else...
+    let _held = acquired(store.claim_with("the-key", b"request", long).unwrap());
+    // ...and later records of other keys fill the short bucket's segment until the budget
+    // retires it: its table's records reach past the new claim's seq.
+    for i in 0..200 {
+        let _in_flight = acquired(store.claim_with(key(i), b"request", short.clone()).unwrap());
+    }
+    store.maintain().unwrap();
+    let image = crash_image(&disk);
+    drop(store);
+
+    let store = Store::open(DIR, options(&image, &clock)).unwrap();
+    let recovery = store.stats().recovery;
+    assert!(recovery.tables_loaded > 0 && recovery.records > 0, "{recovery:?}");
+    assert!(
+        matches!(store.get("the-key").unwrap(), Some(Entry::InFlight { .. })),
+        "the new claim, scanned, lost to the release in a table: {:?}",
+        store.get("the-key").unwrap()
+    );
+}
