@@ -33,6 +33,16 @@
 //!   claiming fresh random keys (ops/s, hdrhistogram p50/p99/max), then replays (same request) of
 //!   completed sealed keys in random order. Target: >= 1,000,000 fresh claims/s.
 //!
+//! Reopen at any moment (restart tables): N random 16-byte keys claimed by 2 threads with
+//! `Options::default()` but `Durability::None` (housekeeper on, 1 h buckets), then (a) a clean
+//! `close()`, or (b) a SIGKILL after the writers went on claiming new keys for 1.5 s; then a
+//! timed `Store::open` in a fresh process, with what recovery scanned and why, and the scan
+//! rate (records / scan time). Up to 10M keys, also a reopen with every table deleted (a full
+//! scan: the scan rate with nothing mapped). Target: <= 1 s. Knob: `WINDOW_RESTART_KEYS`
+//! (comma-separated, default `10000000`; `100000000` takes ~15 GB of disk and ~6 min).
+//! `WINDOW_SECTIONS` (comma-separated of `ram,expiry,sealed,restart`, default all; without
+//! `ram` the first rows and the expiry rows are skipped) runs only some sections.
+//!
 //! Each measurement runs in a child process of its own (this binary again), so one
 //! measurement's freed memory never hides another's growth.
 //!

@@ -488,7 +488,8 @@ impl Store {
     }
 
     /// Drops every expired bucket now and cleans its index entries, seals segments idle for
-    /// `Options::seal_idle_after`, and saves the store's time floor (the background thread does
+    /// `Options::seal_idle_after`, writes restart tables for segments that stopped taking
+    /// appends (so a reopen maps them instead of scanning), and saves the store's time floor (the background thread does
     /// this on its own about once a second). Returns the number of buckets dropped.
     pub fn maintain(&self) -> Result<usize> {
         self.inner.maintain()
@@ -539,8 +540,11 @@ impl Store {
             return Ok(());
         }
         self.inner.sync_all()?;
-        self.inner.restart_tables_at_close()?;
-        self.inner.save_time(true)
+        // A table that could not be written only means a scan at the next open: the time
+        // floor is saved either way, then the failure reported.
+        let tables = self.inner.restart_tables_at_close();
+        self.inner.save_time(true)?;
+        tables
     }
 
     /// Stops the background threads and waits for them to end.
