@@ -278,3 +278,75 @@ fn a_scanned_record_newer_than_its_keys_entry_in_a_table_wins() {
         store.get("the-key").unwrap()
     );
 }
+
+/// The test that, run as a child with `KILLED_WRITER_DIR_ENV` set, is the writer killed below.
+const KILLED_TEST_NAME: &str = "a_sigkill_leaves_only_the_segments_still_taking_appends_to_scan";
+const KILLED_WRITER_DIR_ENV: &str = "IDEMSTORE_TEST_FAST_REOPEN_WRITER_DIR";
+const KILLED_KEYS: u64 = 2000;
+
+/// Real files, small segments and budget, housekeeping by hand.
+fn killed_options() -> Options {
+    Options {
+        durability: Durability::None,
+        background: false,
+        segment_bytes_initial: 4096,
+        segment_bytes_max: 64 << 10,
+        active_bytes_max: 16 << 10,
+        max_outcome_len: 1024,
+        ..Options::default()
+    }
+}
+
+/// The writer: fills, lets maintenance write the tables of the segments that stopped taking
+/// appends, says so, and waits to be killed.
+fn killed_writer(dir: &Path) -> ! {
+    use std::io::Write as _;
+    let store = Store::open(dir, killed_options()).unwrap();
+    for i in 0..KILLED_KEYS {
+        let token = acquired(store.claim(key(i), b"request").unwrap());
+        store.complete(&token, outcome(i)).unwrap();
+    }
+    store.maintain().unwrap();
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+    std::process::exit(1)
+}
+
+#[test]
+fn a_sigkill_leaves_only_the_segments_still_taking_appends_to_scan() {
+    use std::io::BufRead as _;
+    if let Some(dir) = std::env::var_os(KILLED_WRITER_DIR_ENV) {
+        killed_writer(Path::new(&dir));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([KILLED_TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(KILLED_WRITER_DIR_ENV, dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let ready = std::io::BufReader::new(stdout).lines().map_while(|l| l.ok()).any(|l| l.contains("READY"));
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(ready, "the writer never got ready ({status})");
+    assert!(!status.success());
+
+    let store = Store::open(dir.path(), killed_options()).unwrap();
+    let recovery = store.stats().recovery;
+    let budget = killed_options().active_bytes_max;
+    let smallest_record = 96 + key(0).len() as u64;
+    assert!(recovery.tables_loaded > 10, "{recovery:?}");
+    assert_eq!(recovery.segments_scanned_no_table, 0, "a retired segment without its table: {recovery:?}");
+    assert!(
+        recovery.records * smallest_record <= budget,
+        "scanned {} records after the kill, more than the active segments may hold ({budget} bytes): {recovery:?}",
+        recovery.records
+    );
+    for i in 0..KILLED_KEYS {
+        let Some(Entry::Completed(done)) = store.get(key(i)).unwrap() else { panic!("{} lost", key(i)) };
+        assert_eq!(done.outcome, outcome(i));
+    }
+}
