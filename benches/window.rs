@@ -33,6 +33,16 @@
 //!   claiming fresh random keys (ops/s, hdrhistogram p50/p99/max), then replays (same request) of
 //!   completed sealed keys in random order. Target: >= 1,000,000 fresh claims/s.
 //!
+//! Reopen at any moment (restart tables): N random 16-byte keys claimed by 2 threads with
+//! `Options::default()` but `Durability::None` (housekeeper on, 1 h buckets), then (a) a clean
+//! `close()`, or (b) a SIGKILL after the writers went on claiming new keys for 1.5 s; then a
+//! timed `Store::open` in a fresh process, with what recovery scanned and why, and the scan
+//! rate (records / scan time). Up to 10M keys, also a reopen with every table deleted (a full
+//! scan: the scan rate with nothing mapped). Target: <= 1 s. Knob: `WINDOW_RESTART_KEYS`
+//! (comma-separated, default `10000000`; `100000000` takes ~15 GB of disk and ~6 min).
+//! `WINDOW_SECTIONS` (comma-separated of `ram,expiry,sealed,restart`, default all; without
+//! `ram` the first rows and the expiry rows are skipped) runs only some sections.
+//!
 //! Each measurement runs in a child process of its own (this binary again), so one
 //! measurement's freed memory never hides another's growth.
 //!
@@ -120,6 +130,8 @@ fn main() {
             "sealed_fill" => child_sealed_fill(count, &child_dir()),
             "sealed_reopen" => child_sealed_reopen(count, &child_dir()),
             "sealed_claims" => child_sealed_claims(count, &child_dir()),
+            "restart_fill" => child_restart_fill(count, &child_dir()),
+            "restart_reopen" => child_restart_reopen(count, &child_dir()),
             other => panic!("unknown WINDOW_CHILD job {other}"),
         };
         let line: Vec<String> = result.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -136,6 +148,16 @@ fn main() {
         .map_or(1_000_000, |v| v.parse().expect("WINDOW_EXPIRE_KEYS takes a key count"));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cold = drop_caches_requested();
+    let sections = std::env::var("WINDOW_SECTIONS").unwrap_or_else(|_| "ram,expiry,sealed,restart".into());
+    if !sections.split(',').any(|s| s == "ram") {
+        if sections.split(',').any(|s| s == "sealed") {
+            sealed_window_rows(cpus);
+        }
+        if sections.split(',').any(|s| s == "restart") {
+            restart_rows(cpus);
+        }
+        return;
+    }
 
     println!("# window: RAM per key, reopen time, expiry without stalls");
     println!();
@@ -217,6 +239,262 @@ fn main() {
     println!();
 
     sealed_window_rows(cpus);
+    restart_rows(cpus);
+}
+
+/// Target of every reopen row below: the store answers within 1 s of `Store::open` starting.
+const TARGET_RESTART_REOPEN_MS: f64 = 1000.0;
+/// Largest key count whose store is also reopened with every table deleted (a full scan, to
+/// measure the scan rate with nothing mapped).
+const RESTART_FULL_SCAN_MAX_KEYS: u64 = 10_000_000;
+/// Environment variable: `close` or `kill`, how the fill child ends.
+const RESTART_END_ENV: &str = "WINDOW_RESTART_END";
+/// What the fill child prints once its `count` keys are in: the parent then lets it run on
+/// under load for `RESTART_KILL_AFTER` and SIGKILLs it.
+const RESTART_FILLED: &str = "FILLED";
+/// How long the fill child keeps claiming new keys after the fill before it is killed.
+const RESTART_KILL_AFTER: Duration = Duration::from_millis(1500);
+/// Threads claiming in the fill child.
+const RESTART_FILL_THREADS: usize = 2;
+
+/// Default options but `Durability::None` (to fill fast): what a service gets by default.
+fn restart_options() -> Options {
+    Options { durability: Durability::None, ..Default::default() }
+}
+
+/// Reopen at any moment: N fresh keys written in the last minutes (default options but
+/// `Durability::None`), then (a) a clean `close()` or (b) a SIGKILL while 2 threads go on
+/// claiming new keys, then a timed `Store::open` in a fresh process. Knob: `WINDOW_RESTART_KEYS`
+/// (comma-separated, default `10000000`; `100000000` takes ~15 GB of disk).
+fn restart_rows(cpus: usize) {
+    let key_counts: Vec<u64> = std::env::var("WINDOW_RESTART_KEYS")
+        .unwrap_or_else(|_| "10000000".into())
+        .split(',')
+        .map(|n| n.trim().parse().expect("WINDOW_RESTART_KEYS takes comma-separated key counts"))
+        .collect();
+    let parent = bench_parent_dir();
+    println!(
+        "workload: N random 16-byte keys claimed by {RESTART_FILL_THREADS} threads (Options::default() but Durability::None: \
+         1 h buckets, 64 MiB segments, active_bytes_max 16 MiB, housekeeper on), in a fresh dir under {}; {cpus} CPUs. \
+         'close': close() then reopen. 'SIGKILL under load': after N keys the writers go on claiming new keys for \
+         {} ms, then the process is SIGKILLed. Reopen timed in a fresh process (Store::open wall time); page cache warm. \
+         'full scan': every *.tbl deleted, then reopened (every segment scanned on up to 2 threads).",
+        parent.display(),
+        RESTART_KILL_AFTER.as_millis()
+    );
+    println!();
+    println!(
+        "| keys | end | fill keys/s | keys at end | reopen ms | recovery ms (stats) | tables loaded | records scanned | \
+         scanned: no table / unsealed tail / damaged | scan ms | scan rate keys/s | target |"
+    );
+    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |");
+    for &keys in &key_counts {
+        let needed = keys as f64 * 140.0;
+        let free = free_bytes(&parent) as f64;
+        if needed > free {
+            println!(
+                "| {keys} | skipped: needs ~{:.1} GB of disk, {:.1} GB free | | | | | | | | | | |",
+                needed / 1e9,
+                free / 1e9
+            );
+            continue;
+        }
+        for end in ["close", "kill"] {
+            let dir = tempfile::tempdir_in(&parent).expect("create bench temp dir");
+            let fill = restart_fill(keys, end, dir.path());
+            let full_scan = end == "kill" && keys <= RESTART_FULL_SCAN_MAX_KEYS;
+            let r = run_child_in_with(
+                &format!("restart_reopen:{keys}"),
+                dir.path(),
+                &[("WINDOW_FULL_SCAN", if full_scan { "1" } else { "0" })],
+            );
+            let verdict = if r["reopen_ms"] <= TARGET_RESTART_REOPEN_MS { "met" } else { "NOT met" };
+            let rate =
+                |records: f64, us: f64| if us > 0.0 { format!("{:.0}", records / (us / 1e6)) } else { "-".into() };
+            println!(
+                "| {keys} | {} | {:.0} | {} | {:.1} | {:.1} | {} | {} | {} / {} / {} | {:.1} | {} | <= 1 s: {verdict} |",
+                if end == "close" { "close" } else { "SIGKILL under load" },
+                fill.0,
+                fill.1,
+                r["reopen_ms"],
+                r["recovery_ms"],
+                r["tables_loaded"],
+                r["records"],
+                r["no_table"],
+                r["unsealed_tail"],
+                r["damaged"],
+                r["scan_us"] / 1e3,
+                rate(r["records"], r["scan_us"]),
+            );
+            if full_scan {
+                println!(
+                    "| {keys} | every table deleted (full scan) | | {} | {:.1} | {:.1} | 0 | {} | {} segments | {:.1} | {} | (scan rate) |",
+                    fill.1,
+                    r["full_reopen_ms"],
+                    r["full_recovery_ms"],
+                    r["full_records"],
+                    r["full_segments"],
+                    r["full_scan_us"] / 1e3,
+                    rate(r["full_records"], r["full_scan_us"]),
+                );
+            }
+        }
+    }
+    println!();
+}
+
+/// Runs the fill child for `keys` in `dir`, ending it with a clean close or a SIGKILL under
+/// load; returns (fill keys/s, keys claimed in all).
+fn restart_fill(keys: u64, end: &str, dir: &Path) -> (f64, u64) {
+    use std::io::BufRead as _;
+    let exe = std::env::current_exe().expect("path of this bench binary");
+    let mut child = Command::new(exe)
+        .env(CHILD_ENV, format!("restart_fill:{keys}"))
+        .env(CHILD_DIR_ENV, dir)
+        .env(RESTART_END_ENV, end)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fill child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut rate = 0.0;
+    let mut total = keys;
+    for line in lines.by_ref() {
+        let line = line.expect("read child stdout");
+        if let Some(r) = line.strip_prefix(RESTART_FILLED) {
+            rate = r.trim().parse().expect("fill rate");
+            if end == "kill" {
+                std::thread::sleep(RESTART_KILL_AFTER);
+                // SAFETY: a plain signal to our own child's pid.
+                unsafe {
+                    libc::kill(child.id() as i32, libc::SIGKILL);
+                }
+                break;
+            }
+        }
+        if let Some(r) = line.strip_prefix("RESULT ") {
+            for (k, v) in r.split_whitespace().filter_map(|pair| pair.split_once('=')) {
+                match k {
+                    "keys" => total = v.parse::<f64>().expect("keys") as u64,
+                    "rate" => rate = v.parse().expect("rate"),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait().expect("wait for fill child");
+    if end == "kill" {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "the fill child was not killed: {status}");
+        // Counted by the reopen (index entries and table entries).
+        total = 0;
+    } else {
+        assert!(status.success(), "fill child failed: {status}");
+    }
+    (rate, total)
+}
+
+/// Runs the child `job` on `dir` with extra environment variables.
+fn run_child_in_with(job: &str, dir: &Path, env: &[(&str, &str)]) -> BTreeMap<String, f64> {
+    let exe = std::env::current_exe().expect("path of this bench binary");
+    let mut command = Command::new(exe);
+    command.env(CHILD_ENV, job).env(CHILD_DIR_ENV, dir);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    run_child_command(command, &format!("child measurement {job}"))
+}
+
+/// Child: claims `count` random keys on 2 threads into the store in `dir`; then either closes
+/// it, or prints `FILLED` and goes on claiming new keys until the parent kills it.
+fn child_restart_fill(count: u64, dir: &Path) -> Vec<(&'static str, f64)> {
+    use std::io::Write as _;
+    let kill = std::env::var(RESTART_END_ENV).is_ok_and(|v| v == "kill");
+    let store = Arc::new(Store::open(dir, restart_options()).expect("open store"));
+    let started = Instant::now();
+    let per_thread = count / RESTART_FILL_THREADS as u64;
+    let claim_range = |seed: u64, n: u64| {
+        let mut keys = KeyGen::new(seed);
+        for _ in 0..n {
+            let claim = store.claim(keys.next_key(), REQUEST).expect("claim");
+            assert!(matches!(claim, Claim::Acquired(_)), "a new random key was not acquired");
+        }
+    };
+    std::thread::scope(|scope| {
+        for t in 0..RESTART_FILL_THREADS as u64 {
+            scope.spawn(move || claim_range(100 + t, per_thread));
+        }
+    });
+    let rate = (per_thread * RESTART_FILL_THREADS as u64) as f64 / started.elapsed().as_secs_f64();
+    if kill {
+        println!("{RESTART_FILLED} {rate}");
+        std::io::stdout().flush().expect("flush");
+        // Sustained load until the SIGKILL: new keys, on every thread.
+        std::thread::scope(|scope| {
+            for t in 0..RESTART_FILL_THREADS as u64 {
+                scope.spawn(move || claim_range(200 + t, u64::MAX));
+            }
+        });
+        unreachable!("killed before the load ends");
+    }
+    let store = Arc::into_inner(store).expect("the only handle");
+    store.close().expect("close");
+    vec![("keys", (per_thread * RESTART_FILL_THREADS as u64) as f64), ("rate", rate)]
+}
+
+/// Child: times `Store::open` of the store in `dir` and reports what recovery did; with
+/// `WINDOW_FULL_SCAN=1`, then deletes every table and times a reopen that scans everything.
+fn child_restart_reopen(count: u64, dir: &Path) -> Vec<(&'static str, f64)> {
+    let started = Instant::now();
+    let store = Store::open(dir, restart_options()).expect("reopen");
+    let reopen_ms = started.elapsed().as_secs_f64() * 1e3;
+    let stats = store.stats();
+    let r = stats.recovery.clone();
+    assert!(
+        stats.index_entries + stats.sealed_entries >= count,
+        "keys lost: {} in RAM + {} in tables < {count}",
+        stats.index_entries,
+        stats.sealed_entries
+    );
+    let mut keys = KeyGen::new(100);
+    for _ in 0..REOPEN_SPOT_CHECKS.min(count / 2) {
+        let entry = store.get(keys.next_key()).expect("get after reopen");
+        assert!(matches!(entry, Some(Entry::InFlight { .. })), "a filled key after reopen: {entry:?}");
+    }
+    let mut result = vec![
+        ("reopen_ms", reopen_ms),
+        ("recovery_ms", r.duration_us as f64 / 1e3),
+        ("tables_loaded", r.tables_loaded as f64),
+        ("records", r.records as f64),
+        ("no_table", r.segments_scanned_no_table as f64),
+        ("unsealed_tail", r.segments_scanned_unsealed_tail as f64),
+        ("damaged", r.tables_rebuilt as f64),
+        ("scan_us", r.scan_us as f64),
+    ];
+    // Dropping it writes tables for what this open scanned (as a close would): the next open
+    // finds them.
+    drop(store);
+    if std::env::var("WINDOW_FULL_SCAN").is_ok_and(|v| v == "1") {
+        for entry in std::fs::read_dir(dir).expect("list store") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "tbl") {
+                std::fs::remove_file(path).expect("remove table");
+            }
+        }
+        let started = Instant::now();
+        let store = Store::open(dir, Options { background: false, ..restart_options() }).expect("reopen by scan");
+        let full_ms = started.elapsed().as_secs_f64() * 1e3;
+        let r = store.stats().recovery;
+        result.extend([
+            ("full_reopen_ms", full_ms),
+            ("full_recovery_ms", r.duration_us as f64 / 1e3),
+            ("full_records", r.records as f64),
+            ("full_segments", r.segments as f64),
+            ("full_scan_us", r.scan_us as f64),
+        ]);
+        std::mem::forget(store);
+    }
+    result
 }
 
 /// Results of the three sealed-window children for one key count.
@@ -458,7 +736,8 @@ fn child_ram_and_reopen(count: u64) -> Vec<(&'static str, f64)> {
     let store = Store::open(dir.path(), options()).expect("reopen store");
     let reopen_s = started.elapsed().as_secs_f64();
     let stats = store.stats();
-    assert_eq!(stats.index_entries, count, "the reopened index does not hold every key");
+    // A clean close gave every segment a table: the keys are in the mapped tables, not RAM.
+    assert_eq!(stats.index_entries + stats.sealed_entries, count, "the reopened store does not hold every key");
     let mut keys = KeyGen::new(11);
     let stride = (count / REOPEN_SPOT_CHECKS).max(1);
     for i in 0..count {

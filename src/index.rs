@@ -238,6 +238,12 @@ impl Index {
         &self.shards[shard_of(hash)]
     }
 
+    /// The number of `hash`'s shard (recovery splits its merge between threads by it: a key's
+    /// records all go to the thread of its shard).
+    pub fn shard_number(&self, hash: u64) -> usize {
+        shard_of(hash)
+    }
+
     /// (longest, mean) displacement of the primary tables' entries from their home slots:
     /// how many slots past its home a lookup of a stored key walks.
     pub fn probe_stats(&self) -> (usize, f64) {

@@ -40,6 +40,9 @@ pub struct LogLimits {
     /// New segment space is zero-filled a page per write (`IoFile::reserve_paged`): every
     /// record is synced soon after it is written (`Durability::Sync`).
     pub paged_zero_fill: bool,
+    /// Most record bytes the active segments may hold together before the fullest is retired
+    /// (`Options::active_bytes_max`): what a reopen after a crash may have to scan.
+    pub active_bytes_max: u64,
 }
 
 struct Active {
@@ -57,6 +60,11 @@ struct Appender {
     /// and an append never writes to one (an `Active` is only ever made for a new segment).
     retired: IdMap<u32, ()>,
     dirty: Vec<Arc<Segment>>,
+    /// Record bytes in the segments of `active` (their `write_pos` past the header), kept
+    /// under `LogLimits::active_bytes_max`.
+    active_bytes: u64,
+    /// A segment was retired since the housekeeper last looked (see `take_tables_wanted`).
+    retired_since: bool,
     appended_bytes: u64,
     /// The latest store time any record appended so far was written at.
     written_ms: u64,
@@ -68,7 +76,9 @@ impl Appender {
     fn retire(&mut self, bucket: u64) {
         if let Some(done) = self.active.remove(&bucket) {
             done.segment.release_descriptor();
+            self.active_bytes -= done.write_pos - SEGMENT_HEADER_LEN;
             self.retired.insert(done.segment.id(), ());
+            self.retired_since = true;
         }
     }
 }
@@ -95,6 +105,9 @@ pub struct Log {
     growth_pending: std::sync::atomic::AtomicBool,
     /// A new segment was opened and no spare is left for the next one (see `take_spare_wanted`).
     spare_wanted: std::sync::atomic::AtomicBool,
+    /// A segment stopped taking appends since the last call of `take_tables_wanted`: the
+    /// housekeeper should write its restart table now, not at its next tick.
+    tables_wanted: std::sync::atomic::AtomicBool,
     /// The durable floor of the store's time (synced records raise it; see `TimeFloor`).
     time_floor: TimeFloor,
     /// Test seam: run once by the next `retire_idle`, right after its retire decision and
@@ -133,6 +146,8 @@ impl Log {
                 active: IdMap::default(),
                 retired,
                 dirty: Vec::new(),
+                active_bytes: 0,
+                retired_since: false,
                 appended_bytes: 0,
                 written_ms: 0,
             }),
@@ -143,6 +158,7 @@ impl Log {
             to_grow: Mutex::new(Vec::new()),
             growth_pending: std::sync::atomic::AtomicBool::new(false),
             spare_wanted: std::sync::atomic::AtomicBool::new(false),
+            tables_wanted: std::sync::atomic::AtomicBool::new(false),
             #[cfg(any(test, feature = "sim"))]
             retire_hook: Mutex::new(None),
         }
@@ -410,6 +426,19 @@ impl Log {
             self.to_grow.lock().push(active.segment.clone());
             self.growth_pending.store(true, std::sync::atomic::Ordering::Release);
         }
+        app.active_bytes += len;
+        if app.active_bytes > self.limits.active_bytes_max {
+            // Records in segments that take appends have no table yet: a crash leaves them to
+            // be scanned at reopen. The fullest one stops taking appends now (the record just
+            // written is in it already) and gets its table from the housekeeper, so that scan
+            // stays bounded however many buckets are being written.
+            if let Some(&fullest) = app.active.iter().max_by_key(|(_, a)| a.write_pos).map(|(b, _)| b) {
+                app.retire(fullest);
+            }
+        }
+        if std::mem::take(&mut app.retired_since) {
+            self.tables_wanted.store(true, std::sync::atomic::Ordering::Release);
+        }
         // Written only under the appender lock (here and when a batch is taken).
         let unsynced = self.unsynced_bytes.load(std::sync::atomic::Ordering::Relaxed);
         self.unsynced_bytes.store(unsynced + len, std::sync::atomic::Ordering::Relaxed);
@@ -427,6 +456,35 @@ impl Log {
     pub fn take_spare_wanted(&self) -> bool {
         self.spare_wanted.load(std::sync::atomic::Ordering::Acquire)
             && self.spare_wanted.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Whether a segment stopped taking appends since the last call: the housekeeper should
+    /// write its restart table now (see `Store`'s restart tables).
+    pub fn take_tables_wanted(&self) -> bool {
+        self.tables_wanted.load(std::sync::atomic::Ordering::Acquire)
+            && self.tables_wanted.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Every live segment that takes no more appends (retired, or found at open), by id.
+    pub fn retired_segments(&self) -> Vec<Arc<Segment>> {
+        let app = self.appender.lock();
+        let mut retired: Vec<Arc<Segment>> =
+            self.segments.read(|segments| app.retired.keys().filter_map(|id| segments.get(id)).cloned().collect());
+        drop(app);
+        retired.sort_by_key(|s| s.id());
+        retired
+    }
+
+    /// Retires every segment taking appends (the store is closing: nothing is appended after
+    /// this), so each can get its table. Their records are all written: appends write under
+    /// the appender lock this takes.
+    pub fn retire_all(&self) {
+        let mut app = self.appender.lock();
+        let buckets: Vec<u64> = app.active.keys().copied().collect();
+        for bucket in buckets {
+            app.retire(bucket);
+        }
+        app.retired_since = false;
     }
 
     /// Whether some active segment is close to its reserved end (see `grow_ahead`).
@@ -496,13 +554,16 @@ impl Log {
     /// lock, and only then deletes (cutting a mapped file under a reader would fault it).
     pub fn take_expired(&self, now_ms: u64) -> (usize, Vec<Arc<Segment>>) {
         let mut app = self.appender.lock();
+        let mut gone_bytes = 0;
         app.active.retain(|_, a| {
             let live = a.segment.header.bucket_end_ms > now_ms;
             if !live {
                 a.segment.release_descriptor();
+                gone_bytes += a.write_pos - SEGMENT_HEADER_LEN;
             }
             live
         });
+        app.active_bytes -= gone_bytes;
         app.dirty.retain(|s| s.header.bucket_end_ms > now_ms);
         let taken: Vec<Arc<Segment>> = self.segments.change(|segments| {
             let expired: Vec<u32> =
@@ -596,6 +657,7 @@ mod tests {
             disk_bytes_max: u64::MAX,
             open_segments_max: 8,
             paged_zero_fill: false,
+            active_bytes_max: u64::MAX,
         };
         Log::new(Arc::new(disk.clone()), dir, limits, IdMap::default(), 1, 1)
     }
@@ -648,6 +710,7 @@ mod tests {
             disk_bytes_max: u64::MAX,
             open_segments_max: 8,
             paged_zero_fill: false,
+            active_bytes_max: u64::MAX,
         };
         let log = Log::new(Arc::new(disk.clone()), dir, limits, IdMap::default(), 1, 1);
         let (header, first) = log.append(claim_expiring_at(WIDTH_MS), b"one", &[], WIDTH_MS, true).unwrap();

@@ -79,6 +79,12 @@ pub struct Options {
     /// is sealed: its index entries move from RAM to an immutable table file with a small
     /// filter in RAM (default 10 min). Shorter frees RAM sooner; longer writes fewer tables.
     pub seal_idle_after: Duration,
+    /// Most record bytes the segments taking appends may hold together (default 16 MiB). Past
+    /// it, the fullest of them stops taking appends (its bucket goes on in a new segment) and
+    /// the housekeeper writes it a restart table at once, so a reopen after a crash scans at
+    /// most about this much (plus what was retired in the last moment), however many buckets
+    /// are being written. Smaller bounds that scan lower but makes more, smaller segments.
+    pub active_bytes_max: u64,
     /// Most segment files kept open for appends at once (default 64). Each holds one file
     /// descriptor; other segments are read through their memory maps with no descriptor, so
     /// the store holds at most this many plus the lock file and one spare segment however
@@ -131,6 +137,7 @@ impl Default for Options {
             segment_bytes_initial: 256 << 10,
             batch_bytes_max: 4 << 20,
             seal_idle_after: Duration::from_secs(600),
+            active_bytes_max: 16 << 20,
             max_open_files: 64,
             max_disk_bytes: u64::MAX,
             file_access: FileAccess::Owner,
@@ -155,6 +162,7 @@ impl fmt::Debug for Options {
             .field("bucket_width", &self.bucket_width)
             .field("segment_bytes_max", &self.segment_bytes_max)
             .field("seal_idle_after", &self.seal_idle_after)
+            .field("active_bytes_max", &self.active_bytes_max)
             .field("max_open_files", &self.max_open_files)
             .field("max_disk_bytes", &self.max_disk_bytes)
             .field("file_access", &self.file_access)

@@ -45,7 +45,7 @@ pub fn recover(
     names: &[String],
     capacity: u64,
     now_ms: u64,
-    key_hash: &dyn Fn(&[u8]) -> u64,
+    key_hash: &(dyn Fn(&[u8]) -> u64 + Sync),
     table_mark: u32,
     mode: Mode,
 ) -> Result<Recovered> {
@@ -73,6 +73,7 @@ pub fn recover(
         |path: &Path, what: &'static str| -> Result<()> { io.remove(path).map_err(|e| Error::io(what, path, e)) };
     // Phase 1: open every segment; map the tables of sealed ones.
     let mut to_scan = Vec::new();
+    let mut damaged = std::collections::HashSet::new();
     for &id in &ids {
         let path = dir.join(segment_file_name(id));
         let table_path = dir.join(table_file_name(id));
@@ -126,6 +127,7 @@ pub fn recover(
             // A damaged table, or one of another hash: scan the segment instead; sealing writes
             // a new table.
             stats.tables_rebuilt += 1;
+            damaged.insert(id);
             if writer {
                 remove(&table_path, "remove damaged table")?;
                 dir_changed = true;
@@ -145,64 +147,55 @@ pub fn recover(
             dir_changed = true;
         }
     }
-    // Phase 2: scan the segments that were being written, keeping per key the record with
-    // the highest sequence number across them and the sealed tables.
-    for segment in to_scan {
-        let id = segment.id();
-        let scan = scan_segment(&segment, mode)?;
-        if writer {
-            // What a crashed process left in the page cache becomes durable before any answer
-            // is read from it.
-            segment.sync().map_err(|e| Error::io("sync recovered segment", &segment.path, e))?;
+    // Why each segment without a table is scanned: the newest segment of its bucket was most
+    // likely still taking appends (an unsealed tail); an older one had stopped, but its table
+    // was not written yet when the process stopped.
+    let mut newest_of_bucket: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    for segment in segments.values() {
+        let newest = newest_of_bucket.entry(segment.header.bucket_start_ms).or_insert(0);
+        *newest = (*newest).max(segment.id());
+    }
+    for segment in &to_scan {
+        if damaged.contains(&segment.id()) {
+            continue;
         }
-        // Recovered segments are never appended to again: only the map is needed from now on.
-        segment.release_descriptor();
-        stats.torn_bytes_truncated += scan.torn_bytes;
-        stats.torn_tails += u64::from(scan.torn_bytes > 0);
-        for (offset, header, key) in scan.records {
-            stats.records += 1;
-            segment.note_write(header.written_at_ms);
-            segment.note_record(header.padded_len());
-            max_seq = max_seq.max(header.seq);
-            latest_time_ms = latest_time_ms.max(header.written_at_ms).max(header.claimed_at_ms);
-            let hash = key_hash(&key);
-            let mut newer_sealed = false;
-            sealed.visit(hash, &mut |candidate| {
-                if let Some(other) = segments.get(&candidate.segment)
-                    && let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)?
-                {
-                    // The first match is the key's latest sealed record.
-                    newer_sealed = h.seq > header.seq;
-                    return Ok(true);
-                }
-                Ok(false)
-            })?;
-            if newer_sealed {
-                segment.note_dead(header.padded_len());
-                continue;
-            }
-            let loc = Loc { segment: id, offset: offset as u32 };
-            let mut shard = index.shard(hash).shard.lock();
-            let mut existing = None;
-            for candidate in shard.candidates(hash) {
-                let Some(other) = segments.get(&candidate.segment) else { continue };
-                if let Probe::Match(h) = other.probe(u64::from(candidate.offset), &key)? {
-                    existing = Some((candidate, h));
-                    break;
-                }
-            }
-            match existing {
-                Some((_, newer)) if newer.seq > header.seq => segment.note_dead(header.padded_len()),
-                Some((old, older)) => {
-                    if let Some(old_segment) = segments.get(&old.segment) {
-                        old_segment.note_dead(older.padded_len());
-                    }
-                    shard.set(hash, Some(old), loc);
-                }
-                None => shard.set(hash, None, loc),
-            }
+        if newest_of_bucket.get(&segment.header.bucket_start_ms) == Some(&segment.id()) {
+            stats.segments_scanned_unsealed_tail += 1;
+        } else {
+            stats.segments_scanned_no_table += 1;
         }
     }
+    // Phase 2: scan the segments that were being written, keeping per key the record with
+    // the highest sequence number across them and the sealed tables. A few segments at a time
+    // are read, checked and synced on up to two threads, then their records are merged into
+    // the index on as many threads, each taking the keys of its own index shards: a key's
+    // records all meet in one thread, and the merge keeps the highest seq whatever the order.
+    let scan_started = std::time::Instant::now();
+    let tables = sealed.all();
+    // A scanned record is superseded by a sealed one only in a table holding a higher seq.
+    let tables_max_seq = tables.iter().map(|t| t.bounds.max_seq).max().unwrap_or(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, SCAN_THREADS_MAX);
+    for batch in to_scan.chunks(threads * SCAN_BATCH_PER_THREAD) {
+        let scans: Vec<Result<Scanned>> =
+            in_parallel(threads.min(batch.len()), batch.len(), &|i| scan_and_sync(&batch[i], mode, key_hash));
+        // The first error in id order, as a scan in order would report it.
+        let scans: Vec<Scanned> = scans.into_iter().collect::<Result<_>>()?;
+        for scan in &scans {
+            stats.torn_bytes_truncated += scan.scan.torn_bytes;
+            stats.torn_tails += u64::from(scan.scan.torn_bytes > 0);
+            stats.bytes_scanned += scan.scan.bytes.len() as u64;
+        }
+        let context =
+            MergeContext { batch, scans: &scans, segments: &segments, index: &index, tables: &tables, tables_max_seq };
+        let merged = in_parallel(threads, threads, &|part| merge_part(&context, part, threads));
+        for part in merged {
+            let part = part?;
+            stats.records += part.records;
+            max_seq = max_seq.max(part.max_seq);
+            latest_time_ms = latest_time_ms.max(part.latest_ms);
+        }
+    }
+    stats.scan_us = u64::try_from(scan_started.elapsed().as_micros()).unwrap_or(u64::MAX);
     if dir_changed {
         io.sync_dir(dir).map_err(|e| Error::io("sync directory", dir, e))?;
     }
@@ -217,6 +210,213 @@ pub fn recover(
     })
 }
 
+/// Most threads that scan segments at open (the store is meant for a couple of cores; more
+/// would only contend with the merge for memory bandwidth).
+const SCAN_THREADS_MAX: usize = 2;
+
+/// Segments each thread scans before their records are merged (bounds the memory the scans
+/// of one batch hold: a copy of each segment).
+const SCAN_BATCH_PER_THREAD: usize = 2;
+
+/// Runs `job(0..count)` on up to `threads` threads; the results come back in index order.
+fn in_parallel<T: Send>(threads: usize, count: usize, job: &(dyn Fn(usize) -> T + Sync)) -> Vec<T> {
+    if threads <= 1 || count <= 1 {
+        return (0..count).map(job).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, T)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.min(count))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= count {
+                            return done;
+                        }
+                        done.push((i, job(i)));
+                    }
+                })
+            })
+            .collect();
+        // A worker that panicked re-raises its panic here: recovery code does not panic on
+        // disk input, so that would be a bug, not a damaged file.
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    results.sort_unstable_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// One scanned segment and the index hash of each of its records' keys.
+struct Scanned {
+    scan: Scan,
+    hashes: Vec<u64>,
+}
+
+/// Scans one segment, hashes its keys and, for the writer, makes what a crashed process left
+/// in the page cache durable before any answer is read from it.
+fn scan_and_sync(segment: &Segment, mode: Mode, key_hash: &(dyn Fn(&[u8]) -> u64 + Sync)) -> Result<Scanned> {
+    let scan = scan_segment(segment, mode)?;
+    if mode == Mode::Writer {
+        segment.sync().map_err(|e| Error::io("sync recovered segment", &segment.path, e))?;
+    }
+    // Recovered segments are never appended to again: only the map is needed from now on.
+    segment.release_descriptor();
+    let hashes = scan.records.iter().map(|(offset, header)| key_hash(scan.key(*offset, header))).collect();
+    Ok(Scanned { scan, hashes })
+}
+
+/// What one merge thread reads.
+struct MergeContext<'a> {
+    batch: &'a [Arc<Segment>],
+    scans: &'a [Scanned],
+    segments: &'a IdMap<u32, Arc<Segment>>,
+    index: &'a Index,
+    tables: &'a [Arc<Table>],
+    tables_max_seq: u64,
+}
+
+/// What one merge thread found.
+#[derive(Default)]
+struct Merged {
+    records: u64,
+    max_seq: u64,
+    latest_ms: u64,
+}
+
+/// Merges the records of a batch of scanned segments whose keys fall in index shards of
+/// `part` (shard number mod `parts`) into the index, keeping per key the record with the
+/// highest seq across the index and the sealed tables.
+fn merge_part(cx: &MergeContext<'_>, part: usize, parts: usize) -> Result<Merged> {
+    let mut merged = Merged::default();
+    for (segment, scanned) in cx.batch.iter().zip(cx.scans) {
+        let id = segment.id();
+        for (&(offset, header), &hash) in scanned.scan.records.iter().zip(&scanned.hashes) {
+            if cx.index.shard_number(hash) % parts != part {
+                continue;
+            }
+            let key = scanned.scan.key(offset, &header);
+            merged.records += 1;
+            segment.note_write(header.written_at_ms);
+            segment.note_record(header.padded_len());
+            merged.max_seq = merged.max_seq.max(header.seq);
+            merged.latest_ms = merged.latest_ms.max(header.written_at_ms).max(header.claimed_at_ms);
+            let mut newer_sealed = false;
+            if header.seq < cx.tables_max_seq {
+                // Tables newest first: the first that holds the key holds its latest sealed
+                // record (invariants 3 and 5). A table whose records are all older than this one
+                // cannot hold a newer record of the key, nor come before one that does.
+                for table in cx.tables.iter().filter(|t| t.bounds.max_seq > header.seq) {
+                    let found = table.lookup(hash, &mut |candidate| {
+                        if let Some(other) = cx.segments.get(&candidate.segment)
+                            && let Probe::Match(h) = other.probe(u64::from(candidate.offset), key)?
+                        {
+                            newer_sealed = h.seq > header.seq;
+                            return Ok(true);
+                        }
+                        Ok(false)
+                    })?;
+                    if found {
+                        break;
+                    }
+                }
+            }
+            if newer_sealed {
+                segment.note_dead(header.padded_len());
+                continue;
+            }
+            let loc = Loc { segment: id, offset: offset as u32 };
+            let mut shard = cx.index.shard(hash).shard.lock();
+            let mut existing = None;
+            for candidate in shard.candidates(hash) {
+                let Some(other) = cx.segments.get(&candidate.segment) else { continue };
+                if let Probe::Match(h) = other.probe(u64::from(candidate.offset), key)? {
+                    existing = Some((candidate, h));
+                    break;
+                }
+            }
+            match existing {
+                Some((_, newer)) if newer.seq > header.seq => segment.note_dead(header.padded_len()),
+                Some((old, older)) => {
+                    if let Some(old_segment) = cx.segments.get(&old.segment) {
+                        old_segment.note_dead(older.padded_len());
+                    }
+                    shard.set(hash, Some(old), loc);
+                }
+                None => shard.set(hash, None, loc),
+            }
+        }
+    }
+    Ok(merged)
+}
+
+/// A restart table's (hash, record offset) entries and the bounds over its segment's records.
+pub type RestartEntries = (Vec<(u64, u32)>, crate::table::TableBounds);
+
+/// The entries and bounds of a restart table for `segment`, which takes no more appends: each
+/// key's latest record in it, read from the segment itself (not from the RAM index, whose
+/// sweep over every key would cost far more than reading one segment). A record of it that a
+/// later segment superseded stays listed: at open the newer record wins by seq, and should
+/// that record be lost to a power cut, this one is still the right answer. `None` when the
+/// segment does not read back whole (a damaged record: it is left to the scan at open, which
+/// reports it).
+pub fn restart_entries(segment: &Segment, key_hash: &dyn Fn(&[u8]) -> u64) -> Result<Option<RestartEntries>> {
+    // Only what was written: the rest of the reserved space is zeros.
+    let end = usize::try_from(segment.written_end()).map_err(|_| Error::InvalidArgument("segment too large"))?;
+    let bytes = segment.read_raw(0, end)?;
+    let id = segment.id();
+    let mut bounds = crate::table::TableBounds::default();
+    // (hash, offset) of every record, in offset (and so seq) order.
+    let mut all: Vec<(u64, u32)> = Vec::with_capacity(end / 128);
+    let mut pos = SEGMENT_HEADER_LEN as usize;
+    while pos < bytes.len() {
+        match record::decode(id, &bytes[pos..]) {
+            Ok((header, key, _)) => {
+                if header.seq <= bounds.max_seq {
+                    return Ok(None);
+                }
+                bounds.max_seq = header.seq;
+                bounds.latest_ms = bounds.latest_ms.max(header.written_at_ms).max(header.claimed_at_ms);
+                let offset = u32::try_from(pos).map_err(|_| Error::InvalidArgument("segment too large"))?;
+                all.push((key_hash(key), offset));
+                pos += header.padded_len() as usize;
+            }
+            Err(_) if bytes[pos..].iter().all(|&b| b == 0) => break,
+            Err(_) => return Ok(None),
+        }
+    }
+    // Each key's latest record: records of one hash sit together once sorted, by offset
+    // within the run; a later one of the same key replaces an earlier one. (Keys that share
+    // a hash are told apart by their bytes.) Sorting and comparing in place, without a map
+    // of keys, keeps this cheap: it runs beside claims, once per segment.
+    all.sort_unstable();
+    let key_at = |offset: u32| {
+        let at = offset as usize;
+        let key_len = usize::from(u16::from_le_bytes([bytes[at + 10], bytes[at + 11]]));
+        &bytes[at + HEADER_LEN..at + HEADER_LEN + key_len]
+    };
+    let mut latest: Vec<(u64, u32)> = Vec::with_capacity(all.len());
+    let mut run_start = 0;
+    for i in 0..all.len() {
+        if i + 1 < all.len() && all[i + 1].0 == all[i].0 {
+            continue;
+        }
+        let run = &all[run_start..=i];
+        if run.len() == 1 {
+            latest.push(run[0]);
+        } else {
+            for (j, &(hash, offset)) in run.iter().enumerate() {
+                let key = key_at(offset);
+                if !run[j + 1..].iter().any(|&(_, later)| key_at(later) == key) {
+                    latest.push((hash, offset));
+                }
+            }
+        }
+        run_start = i + 1;
+    }
+    Ok(Some((latest, bounds)))
+}
+
 /// True when `e` says a file was not found: in a read-only view or `verify`, a file listed a
 /// moment before and missing now was deleted by the live writer (an expired bucket dropped).
 fn vanished(e: &Error) -> bool {
@@ -224,8 +424,19 @@ fn vanished(e: &Error) -> bool {
 }
 
 struct Scan {
-    records: Vec<(u64, record::Header, Vec<u8>)>,
+    /// The segment's bytes as read (the records' keys are read from here).
+    bytes: Vec<u8>,
+    /// Every valid record: its offset and header.
+    records: Vec<(u64, record::Header)>,
     torn_bytes: u64,
+}
+
+impl Scan {
+    /// The key of the record at `offset` (one the scan decoded, so within `bytes`).
+    fn key(&self, offset: u64, header: &record::Header) -> &[u8] {
+        let at = offset as usize + HEADER_LEN;
+        &self.bytes[at..at + usize::from(header.key_len)]
+    }
 }
 
 /// Reads every record of a segment. A bad record followed only by zeros (or garbage that holds
@@ -242,7 +453,7 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
     let mut rereads = 0;
     while pos < bytes.len() {
         match record::decode(id, &bytes[pos..]) {
-            Ok((header, key, _value)) => {
+            Ok((header, _key, _value)) => {
                 if header.seq <= last_seq {
                     return Err(Error::Corrupt {
                         file: segment.path.clone(),
@@ -251,7 +462,7 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
                     });
                 }
                 last_seq = header.seq;
-                records.push((pos as u64, header, key.to_vec()));
+                records.push((pos as u64, header));
                 pos += header.padded_len() as usize;
             }
             Err(err) => {
@@ -283,11 +494,11 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
                     // `recover` syncs every scanned segment right after the scan.
                     segment.write_at(pos as u64, &vec![0u8; end - pos])?;
                 }
-                return Ok(Scan { records, torn_bytes: torn });
+                return Ok(Scan { bytes, records, torn_bytes: torn });
             }
         }
     }
-    Ok(Scan { records, torn_bytes: 0 })
+    Ok(Scan { bytes, records, torn_bytes: 0 })
 }
 
 /// How often a read-only scan reads the rest of a segment again when a bad record is followed

@@ -472,6 +472,11 @@ impl Segment {
         Ok(key)
     }
 
+    /// End of what was written to this segment (its length, for one found at open).
+    pub fn written_end(&self) -> u64 {
+        self.written_end.load(std::sync::atomic::Ordering::Acquire).min(self.len())
+    }
+
     /// Reads `len` raw bytes at `offset` (recovery scans use this).
     pub fn read_raw(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];

@@ -24,7 +24,8 @@ pub(crate) struct Counters {
 pub struct RecoveryStats {
     /// Time the open took, in microseconds.
     pub duration_us: u64,
-    /// Records read from segments.
+    /// Records scanned: read from segments that had no valid table (segments with one are
+    /// mapped, not read).
     pub records: u64,
     /// Live segment files found (scanned, or mapped with their table).
     pub segments: u64,
@@ -38,8 +39,20 @@ pub struct RecoveryStats {
     pub empty_files_removed: u64,
     /// Sealed tables mapped instead of scanning their segments.
     pub tables_loaded: u64,
-    /// Damaged tables whose segment was scanned instead (the table is written anew).
+    /// Damaged tables whose segment was scanned instead (the table is written anew): the
+    /// segments scanned because their table was damaged, missing its store's hash, or unreadable.
     pub tables_rebuilt: u64,
+    /// Segments scanned because they had no table though they had stopped taking appends
+    /// (not the newest of their bucket): the process stopped before their table was written.
+    pub segments_scanned_no_table: u64,
+    /// Segments scanned because they had no table and were the newest of their bucket: most
+    /// likely still taking appends when the process stopped (an unsealed tail).
+    pub segments_scanned_unsealed_tail: u64,
+    /// Bytes of the segments scanned (their reserved length, zeros after the last record too).
+    pub bytes_scanned: u64,
+    /// Time the scan of segments without a valid table took, in microseconds (part of
+    /// `duration_us`); `records` / this is the scan rate.
+    pub scan_us: u64,
 }
 
 /// A snapshot of a store's counters. Every `*_total` field counts since the store was opened.
@@ -99,8 +112,9 @@ pub struct Stats {
     /// Bytes of records appended since the store was opened.
     pub appended_bytes_total: u64,
     /// Bytes of records that are the latest of their key, in live segments. Counted since
-    /// open and by the scan at open; records superseded before a restart inside sealed
-    /// segments (mapped, not scanned) count as live until their bucket drops.
+    /// open and by the scan at open; segments mapped with their table at open (sealed, or
+    /// given a table at close) are not scanned, so their records are counted in neither
+    /// this nor `dead_bytes`.
     pub live_bytes: u64,
     /// Bytes of records superseded by a later record of their key (space that only the
     /// bucket's expiry gives back).
@@ -304,7 +318,7 @@ impl Stats {
         family(
             "idemstore_recovery_records",
             "gauge",
-            "Records read at open.",
+            "Records scanned at open.",
             &[("", Sample::Count(self.recovery.records))],
         );
         family(
@@ -318,6 +332,28 @@ impl Stats {
             "gauge",
             "Time the open took, in seconds.",
             &[("", Sample::Seconds(self.recovery.duration_us))],
+        );
+        family(
+            "idemstore_recovery_scanned_segments",
+            "gauge",
+            "Segments scanned at open, by why they had no usable table.",
+            &[
+                ("reason=\"no_table\"", Sample::Count(self.recovery.segments_scanned_no_table)),
+                ("reason=\"unsealed_tail\"", Sample::Count(self.recovery.segments_scanned_unsealed_tail)),
+                ("reason=\"damaged_table\"", Sample::Count(self.recovery.tables_rebuilt)),
+            ],
+        );
+        family(
+            "idemstore_recovery_tables_loaded",
+            "gauge",
+            "Tables mapped at open instead of scanning their segments.",
+            &[("", Sample::Count(self.recovery.tables_loaded))],
+        );
+        family(
+            "idemstore_recovery_scan_seconds",
+            "gauge",
+            "Time the scan of segments without a table took at open, in seconds.",
+            &[("", Sample::Seconds(self.recovery.scan_us))],
         );
         family(
             "idemstore_warnings",

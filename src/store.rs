@@ -60,6 +60,10 @@ struct Inner {
     housekeeper_signal: Condvar,
     /// Serializes expiry and sealing (the housekeeper and `Store::maintain`).
     maintenance: Mutex<()>,
+    /// Segments with a restart table on disk (see `write_restart_tables`) that is not in
+    /// `sealed`: their entries are still in RAM, and only the next open reads the table.
+    /// Changed under `maintenance`.
+    restart_tables: Mutex<HashSet<u32>>,
     _lock: Option<Box<dyn DirLock>>,
 }
 
@@ -310,6 +314,7 @@ impl Store {
             disk_bytes_max: options.max_disk_bytes,
             open_segments_max: options.max_open_files.max(1),
             paged_zero_fill: options.durability == Durability::Sync,
+            active_bytes_max: options.active_bytes_max.max(1),
         };
         // Sequence numbers (and so fencing tokens) never repeat, even when every segment
         // expired and was deleted: they start above the wall clock shifted by 20 bits, which
@@ -359,6 +364,7 @@ impl Store {
             housekeeper_call: Mutex::new(HousekeeperCall::default()),
             housekeeper_signal: Condvar::new(),
             maintenance: Mutex::new(()),
+            restart_tables: Mutex::new(HashSet::new()),
             _lock: lock,
             options,
         });
@@ -512,7 +518,8 @@ impl Store {
     }
 
     /// Drops every expired bucket now and cleans its index entries, seals segments idle for
-    /// `Options::seal_idle_after`, and saves the store's time floor (the background thread does
+    /// `Options::seal_idle_after`, writes restart tables for segments that stopped taking
+    /// appends (so a reopen maps them instead of scanning), and saves the store's time floor (the background thread does
     /// this on its own about once a second). Returns the number of buckets dropped.
     ///
     /// A failure is returned, and also counted in `Stats::maintenance_errors_total` and kept
@@ -622,7 +629,9 @@ impl Store {
         &self.inner.dir
     }
 
-    /// Stops the background thread, syncs everything written, and releases the lock.
+    /// Stops the background thread, syncs everything written, writes a restart table for
+    /// every segment that has none (so the next open maps them and scans nothing), and
+    /// releases the lock.
     pub fn close(mut self) -> Result<()> {
         self.stop_background();
         self.closed = true;
@@ -630,7 +639,11 @@ impl Store {
             return Ok(());
         }
         self.inner.sync_all()?;
-        self.inner.save_time(true)
+        // A table that could not be written only means a scan at the next open: the time
+        // floor is saved either way, then the failure reported.
+        let tables = self.inner.restart_tables_at_close();
+        self.inner.save_time(true)?;
+        tables
     }
 
     /// Stops the background threads and waits for them to end.
@@ -651,6 +664,7 @@ impl Drop for Store {
         self.stop_background();
         if !self.closed && !self.inner.read_only && self.inner.commit.poisoned().is_none() {
             let _ = self.inner.sync_all();
+            let _ = self.inner.restart_tables_at_close();
             let _ = self.inner.save_time(true);
         }
     }
@@ -881,6 +895,9 @@ impl Inner {
         }
         if self.options.background && self.log.take_spare_wanted() {
             self.wake_housekeeper_for_spare();
+        }
+        if self.options.background && self.log.take_tables_wanted() {
+            self.wake_housekeeper_for_tables();
         }
     }
 
@@ -1347,10 +1364,11 @@ impl Inner {
                 segment.release_pages();
             }
             drop(dropped);
-            let forgotten = self.forget_tables(&dead);
+            let forgotten = self.forget_tables(&dead).and(self.forget_restart_tables(&dead));
             deleted.and(forgotten)?;
         }
         let sealed = self.seal_idle(now_ms)?;
+        self.write_restart_tables(1)?;
         self.sealed.refresh_union()?;
         if sealed > 0 {
             give_memory_back();
@@ -1427,12 +1445,143 @@ impl Inner {
         }
         self.options.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
         let sealed = tables.len();
+        let mut restart = self.restart_tables.lock();
         for (table, hashes) in tables {
+            // Its restart table, if any, was just replaced by this one (same file name).
+            restart.remove(&table.segment_id);
             self.sealed.insert(table, &hashes);
         }
+        drop(restart);
         // Published: now the RAM entries can go.
         self.drop_index_entries(|segment| sealing.contains(&segment));
         Ok(sealed)
+    }
+
+    /// Deletes the restart tables of dead (expired) segments (see `write_restart_tables`).
+    fn forget_restart_tables(&self, dead: &std::collections::HashSet<u32>) -> Result<()> {
+        let gone: Vec<u32> = {
+            let mut restart = self.restart_tables.lock();
+            let gone = restart.iter().copied().filter(|id| dead.contains(id)).collect();
+            restart.retain(|id| !dead.contains(id));
+            gone
+        };
+        for &id in &gone {
+            let path = self.dir.join(crate::table::table_file_name(id));
+            match self.options.io.remove(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io("delete expired table", &path, e));
+                }
+                _ => {}
+            }
+        }
+        if !gone.is_empty() {
+            self.options.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// At close (and drop): retires every segment still taking appends and writes a restart
+    /// table for every live segment without one, so the next open maps them all and scans
+    /// nothing. Nothing is appended after this (the store is going away).
+    fn restart_tables_at_close(&self) -> Result<()> {
+        if self.read_only || self.commit.poisoned().is_some() {
+            return Ok(());
+        }
+        let _serial = self.maintenance.lock();
+        self.log.retire_all();
+        self.write_restart_tables(2).map(|_| ())
+    }
+
+    /// Writes a restart table for every live segment that takes no more appends and has no
+    /// table yet (neither sealed nor a restart table), on up to `threads` threads; returns how
+    /// many were written. Runs under `maintenance` (so no bucket is dropped meanwhile).
+    ///
+    /// A restart table has the format of a sealed table, but is not published: the segment's
+    /// entries stay in RAM (claims and replays of recent keys are served from there, and
+    /// invariant 2 holds: lookups never see this table before RAM), and only the next open
+    /// maps it instead of scanning the segment. The idle seal later writes the sealed table
+    /// over it. Its entries are read from the segment (see `recovery::restart_entries`):
+    /// every key's latest record in it, so only the segment itself must be durable before the
+    /// table is, which `Table::write` callers ensure here.
+    fn write_restart_tables(&self, threads: usize) -> Result<usize> {
+        if self.read_only || self.commit.poisoned().is_some() {
+            return Ok(0);
+        }
+        let to_write: Vec<std::sync::Arc<Segment>> = {
+            let restart = self.restart_tables.lock();
+            let sealed: HashSet<u32> = self.sealed.all().iter().map(|t| t.segment_id).collect();
+            self.log
+                .retired_segments()
+                .into_iter()
+                .filter(|s| !sealed.contains(&s.id()) && !restart.contains(&s.id()))
+                .collect()
+        };
+        if to_write.is_empty() {
+            return Ok(0);
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let one = |segment: &Segment| -> Result<bool> {
+            let hash = |key: &[u8]| self.key_hash(key);
+            let Some((entries, bounds)) = recovery::restart_entries(segment, &hash)? else {
+                return Ok(false);
+            };
+            // The table points at the segment's records: they must be durable before it is.
+            if let Err(e) = segment.sync_gradually() {
+                let cause = format!("sync failed: {e}");
+                self.commit.poison(cause.clone());
+                return Err(Error::Poisoned { cause });
+            }
+            let table = Table::write(
+                self.options.io.as_ref(),
+                &self.dir,
+                segment.id(),
+                segment.header.bucket_end_ms,
+                bounds,
+                self.table_mark,
+                entries,
+            )?;
+            drop(table);
+            Ok(true)
+        };
+        let worker = || -> Result<Vec<u32>> {
+            let mut written = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(segment) = to_write.get(i) else { return Ok(written) };
+                if one(segment)? {
+                    written.push(segment.id());
+                }
+                crate::pace::breathe();
+            }
+        };
+        let results: Vec<Result<Vec<u32>>> = if threads <= 1 || to_write.len() == 1 {
+            vec![worker()]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..threads.min(to_write.len())).map(|_| scope.spawn(worker)).collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or(Err(Error::InvalidArgument("table writer panicked"))))
+                    .collect()
+            })
+        };
+        let mut written = Vec::new();
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok(ids) => written.extend(ids),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if !written.is_empty() {
+            // Makes the new names durable; a table whose name is lost to a power cut before
+            // this only means its segment is scanned at the next open.
+            self.options.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
+            self.restart_tables.lock().extend(written.iter().copied());
+        }
+        first_error.map_or(Ok(written.len()), Err)
     }
 
     /// Drops the RAM index entries of the segments `gone` picks and gives the memory back;
@@ -1460,9 +1609,10 @@ impl Inner {
         self.housekeeping_pass(true);
         let mut next_tick = Instant::now() + tick;
         loop {
-            let (spare_wanted, serving) = {
+            let (spare_wanted, tables_wanted, serving) = {
                 let mut call = self.housekeeper_call.lock();
-                while !call.stop && !call.spare && !call.passes.pending() && Instant::now() < next_tick {
+                while !call.stop && !call.spare && !call.tables && !call.passes.pending() && Instant::now() < next_tick
+                {
                     let left = next_tick.saturating_duration_since(Instant::now());
                     crate::sync::wait_for(&self.housekeeper_signal, &mut call, left);
                 }
@@ -1471,8 +1621,11 @@ impl Inner {
                 }
                 // A pass asked for is served by a pass that begins now, after the ask.
                 let serving = (call.passes.pending() || Instant::now() >= next_tick).then_some(call.passes.asked);
-                (std::mem::take(&mut call.spare), serving)
+                (std::mem::take(&mut call.spare), std::mem::take(&mut call.tables), serving)
             };
+            if tables_wanted {
+                self.restart_tables_pass();
+            }
             match serving {
                 Some(asked) => {
                     next_tick = Instant::now() + tick;
@@ -1482,6 +1635,26 @@ impl Inner {
                 None if spare_wanted => self.housekeeping_pass(false),
                 None => {}
             }
+        }
+    }
+
+    /// Writes the restart tables of segments that stopped taking appends, at once rather than
+    /// at the next tick (see `write_restart_tables`). Reported as a maintenance pass is: a
+    /// failure is counted and kept (a failed sync has poisoned the store inside), a panic is
+    /// caught, and what is left is written by the next pass.
+    fn restart_tables_pass(&self) {
+        let was_poisoned = self.commit.poisoned().is_some();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _serial = self.maintenance.lock();
+            self.write_restart_tables(1).map(drop)
+        }));
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.note_maintenance_error(&e, was_poisoned),
+            Err(payload) => self.note_background_panic(format!(
+                "housekeeping thread panicked writing restart tables: {}",
+                crate::commit::panic_message(&*payload)
+            )),
         }
     }
 
@@ -1639,6 +1812,16 @@ impl Inner {
         }
     }
 
+    /// Asks the housekeeper to write restart tables now (a segment just stopped taking appends).
+    fn wake_housekeeper_for_tables(&self) {
+        let mut call = self.housekeeper_call.lock();
+        if !call.tables {
+            call.tables = true;
+            drop(call);
+            self.housekeeper_signal.notify_all();
+        }
+    }
+
     /// Asks the housekeeper to prepare the next spare segment now (an append just used one).
     fn wake_housekeeper_for_spare(&self) {
         let mut call = self.housekeeper_call.lock();
@@ -1740,6 +1923,8 @@ struct HousekeeperCall {
     stop: bool,
     /// An append used up the spare segment: prepare the next one now.
     spare: bool,
+    /// A segment stopped taking appends: write its restart table now.
+    tables: bool,
     /// Housekeeping passes asked for now (a test seam, `Store::run_housekeeping_pass`).
     passes: PassAsks,
     /// Periodic syncs asked for now (a test seam, `Store::run_periodic_sync`).

@@ -272,14 +272,43 @@ fn stats_reports_the_window_and_prometheus_text() {
     assert_eq!(field("index_entries"), expected.index_entries.to_string());
     assert_eq!(field("segments"), expected.segments.to_string());
     assert_eq!(field("recovery_records"), expected.recovery.records.to_string());
-    assert!(expected.recovery.records >= 10, "the fixture wrote at least 10 records");
+    // The fixture was closed cleanly: its segments got tables, so the view scanned nothing.
+    assert_eq!(expected.recovery.records, 0, "a cleanly closed store was scanned: {:?}", expected.recovery);
+    assert!(expected.recovery.tables_loaded >= 1, "{:?}", expected.recovery);
+    assert_eq!(field("recovery_tables_loaded"), expected.recovery.tables_loaded.to_string());
+    for name in ["recovery_scanned_no_table", "recovery_scanned_unsealed", "recovery_scanned_damaged"] {
+        assert_eq!(field(name), "0", "{name}");
+    }
+
+    // Its tables gone, the view scans every segment, and says why.
+    for table in std::fs::read_dir(dir.path()).expect("list").map(|e| e.expect("entry").path()) {
+        if table.extension().is_some_and(|e| e == "tbl") {
+            std::fs::remove_file(table).expect("remove table");
+        }
+    }
+    let scanned_stats = Store::open_read_only(dir.path()).expect("read-only open").stats();
+    let scanned = scanned_stats.recovery;
+    assert!(scanned.records >= 10, "the fixture wrote at least 10 records: {scanned:?}");
+    let out = idemstore(&["stats", path_str(dir.path())]);
+    let text = stdout(&out);
+    let field = |name: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).filter(|rest| rest.starts_with(' ')).map(|rest| rest.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {name} line in {text}"))
+    };
+    assert_eq!(field("recovery_records"), scanned.records.to_string());
+    let why: u64 = ["recovery_scanned_no_table", "recovery_scanned_unsealed"]
+        .iter()
+        .map(|name| field(name).parse::<u64>().expect("a number"))
+        .sum();
+    assert_eq!(why, scanned.segments, "every segment scanned is counted under a reason: {text}");
 
     let out = idemstore(&["stats", path_str(dir.path()), "--prometheus"]);
     assert!(out.status.success());
     let text = stdout(&out);
     assert!(text.contains("# TYPE idemstore_claims_total counter"), "{text}");
-    assert!(text.contains(&format!("\nidemstore_index_entries {}\n", expected.index_entries)), "{text}");
-    assert!(text.contains(&format!("\nidemstore_recovery_records {}\n", expected.recovery.records)), "{text}");
+    assert!(text.contains(&format!("\nidemstore_index_entries {}\n", scanned_stats.index_entries)), "{text}");
+    assert!(text.contains(&format!("\nidemstore_recovery_records {}\n", scanned.records)), "{text}");
 }
 
 #[test]

@@ -26,6 +26,12 @@ fn store_with_records(dir: &Path, clock: &Arc<ManualClock>) -> PathBuf {
         store.complete(&token, format!("outcome number {i}")).unwrap();
     }
     store.close().unwrap();
+    // A clean close writes the segment a table, and a segment with a table is mapped, not
+    // scanned, at open (its records are checked when read: see the sealed case below). These
+    // cases are about the scan, so the table goes.
+    for table in files(dir).into_keys().filter(|p| p.extension().is_some_and(|e| e == "tbl")) {
+        std::fs::remove_file(table).unwrap();
+    }
     let segments: Vec<PathBuf> = files(dir).into_keys().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
     assert_eq!(segments.len(), 1);
     segments[0].clone()

@@ -263,16 +263,20 @@ fn every_stats_field_lands_in_its_own_sample() {
             expired_buckets_deleted: 129,
             empty_files_removed: 130,
             tables_rebuilt: 131,
-            ..RecoveryStats::default()
+            tables_loaded: 139,
+            segments_scanned_no_table: 140,
+            segments_scanned_unsealed_tail: 141,
+            bytes_scanned: 142,
+            scan_us: 143,
         },
         poisoned: Some("fsync failed".into()),
-        maintenance_errors_total: 139,
+        maintenance_errors_total: 144,
         last_maintenance_error: Some("maintenance failed: delete expired segment".into()),
         // Fields added later start at zero here rather than break this test.
         ..Stats::default()
     };
     let e = parse(&stats.to_prometheus()).expect("valid exposition");
-    let expected: [Expected; 33] = [
+    let expected: [Expected; 38] = [
         ("idemstore_claims_total", &[("outcome", "acquired")], 101.0),
         ("idemstore_claims_total", &[("outcome", "in_progress")], 102.0),
         ("idemstore_claims_total", &[("outcome", "replayed")], 103.0),
@@ -304,7 +308,12 @@ fn every_stats_field_lands_in_its_own_sample() {
         ("idemstore_recovery_duration_seconds", &[], 124e-6),
         ("idemstore_recovery_records", &[], 125.0),
         ("idemstore_recovery_torn_bytes", &[], 127.0),
-        ("idemstore_maintenance_errors_total", &[], 139.0),
+        ("idemstore_recovery_scanned_segments", &[("reason", "no_table")], 140.0),
+        ("idemstore_recovery_scanned_segments", &[("reason", "unsealed_tail")], 141.0),
+        ("idemstore_recovery_scanned_segments", &[("reason", "damaged_table")], 131.0),
+        ("idemstore_recovery_tables_loaded", &[], 139.0),
+        ("idemstore_recovery_scan_seconds", &[], 143e-6),
+        ("idemstore_maintenance_errors_total", &[], 144.0),
         ("idemstore_poisoned", &[], 1.0),
     ];
     for (name, labels, value) in expected {

@@ -32,6 +32,14 @@ fn superseded_records_are_dead_and_the_latest_are_live() {
     let after_remove = store.stats();
     assert_eq!(after_remove.dead_bytes, after_claim.live_bytes + after_complete.live_bytes);
     drop(store);
+    // Dropping the store wrote its segment a table, and a segment with a table is mapped at
+    // open, not scanned; the table goes so the scan counts it.
+    for entry in std::fs::read_dir(dir.path()).expect("list") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "tbl") {
+            std::fs::remove_file(path).expect("remove table");
+        }
+    }
 
     let store = Store::open(dir.path(), options(&clock)).expect("reopen");
     let reopened = store.stats();

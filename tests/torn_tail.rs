@@ -53,6 +53,12 @@ fn write_records(dir: &Path, clock: &Arc<ManualClock>, last: LastOp) -> (PathBuf
         LastOp::CompleteOfAnInFlightKey => store.complete(&tokens[3], [0xa5u8; 100]).unwrap(),
     }
     store.close().unwrap();
+    // A clean close writes the segment a table (only after syncing it, so a table never
+    // outlives the tail it points at). These cases stand for a crash before any table was
+    // written, when the segment is scanned: the table goes.
+    for table in files(dir).into_keys().filter(|p| p.extension().is_some_and(|e| e == "tbl")) {
+        std::fs::remove_file(table).unwrap();
+    }
 
     let segments: Vec<PathBuf> = files(dir).into_keys().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
     assert_eq!(segments.len(), 1, "all records in one segment: {segments:?}");

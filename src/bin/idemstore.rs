@@ -272,7 +272,7 @@ fn stats(dir: &Path, format: StatsFormat, access: FileAccess, out: &mut impl Wri
         StatsFormat::Table => {}
     }
     let r = &stats.recovery;
-    let rows: [(&str, String); 20] = [
+    let rows: [(&str, String); 25] = [
         ("store", dir.display().to_string()),
         ("index_entries", stats.index_entries.to_string()),
         ("sealed_tables", stats.sealed_tables.to_string()),
@@ -288,6 +288,12 @@ fn stats(dir: &Path, format: StatsFormat, access: FileAccess, out: &mut impl Wri
         ("recovery_torn_bytes", r.torn_bytes_truncated.to_string()),
         ("recovery_tables_loaded", r.tables_loaded.to_string()),
         ("recovery_tables_rebuilt", r.tables_rebuilt.to_string()),
+        // Why segments were scanned rather than mapped: each reason, then the scan's cost.
+        ("recovery_scanned_no_table", r.segments_scanned_no_table.to_string()),
+        ("recovery_scanned_unsealed", r.segments_scanned_unsealed_tail.to_string()),
+        ("recovery_scanned_damaged", r.tables_rebuilt.to_string()),
+        ("recovery_scanned_bytes", r.bytes_scanned.to_string()),
+        ("recovery_scan_us", r.scan_us.to_string()),
         ("claims_acquired_total", stats.claims_acquired_total.to_string()),
         ("duplicates_blocked_total", stats.duplicates_blocked_total().to_string()),
         ("mismatches_total", stats.mismatches_total.to_string()),
@@ -664,6 +670,10 @@ fn stats_json(dir: &Path, stats: &Stats) -> Value {
             "torn_bytes_truncated": r.torn_bytes_truncated,
             "tables_loaded": r.tables_loaded,
             "tables_rebuilt": r.tables_rebuilt,
+            "segments_scanned_no_table": r.segments_scanned_no_table,
+            "segments_scanned_unsealed_tail": r.segments_scanned_unsealed_tail,
+            "bytes_scanned": r.bytes_scanned,
+            "scan_us": r.scan_us,
         },
         "claims_acquired_total": stats.claims_acquired_total,
         "duplicates_blocked_total": stats.duplicates_blocked_total(),
