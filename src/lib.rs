@@ -27,6 +27,7 @@
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod checkup;
 mod clock;
 mod commit;
 mod error;
@@ -36,6 +37,7 @@ pub mod fuzzing;
 mod index;
 pub mod io;
 mod log;
+mod marks;
 mod meta;
 mod options;
 mod pace;
@@ -60,7 +62,7 @@ pub use clock::{Clock, ManualClock, STORE_TIME_MS_MAX, SystemClock, ms_to_system
 pub use error::{Error, Result};
 pub use options::{ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy, TTL_MAX};
 pub use permissions::FileAccess;
-pub use recovery::{FileReport, VerifyReport};
+pub use recovery::{FileKind, FileReport, VerifyReport};
 pub use stats::{RecoveryStats, Stats};
 pub use store::Store;
 pub use types::{Claim, ClaimToken, Completed, Entry, Orphan};

@@ -472,6 +472,12 @@ impl Segment {
         Ok(key)
     }
 
+    /// The end of the last record this process wrote (`u64::MAX` for a segment opened from
+    /// disk). The caller holds the appender lock when it needs a record boundary.
+    pub fn written_end(&self) -> u64 {
+        self.written_end.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Reads `len` raw bytes at `offset` (recovery scans use this).
     pub fn read_raw(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];

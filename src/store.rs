@@ -300,6 +300,9 @@ impl Store {
         let durable_seq = next_seq - 1;
         let found_records = !recovered.segments.is_empty();
         let log = Log::new(io, dir.clone(), limits, recovered.segments, next_seq, recovered.next_segment_id);
+        if mode == Mode::Writer {
+            log.load_marks();
+        }
         // Recovery synced what it scanned, and tables point only at synced records.
         log.time_floor().note_durable(recovered.latest_time_ms);
         if mode == Mode::Writer && options.durability != Durability::None && found_records {
@@ -531,7 +534,9 @@ impl Store {
             return Ok(());
         }
         self.inner.sync_all()?;
-        self.inner.save_time(true)
+        self.inner.save_time(true)?;
+        // After the final sync: every record of a closed store is protected (see `marks.rs`).
+        self.inner.log.sync_marks()
     }
 
     /// Stops the background threads and waits for them to end.
@@ -553,6 +558,7 @@ impl Drop for Store {
         if !self.closed && !self.inner.read_only && self.inner.commit.poisoned().is_none() {
             let _ = self.inner.sync_all();
             let _ = self.inner.save_time(true);
+            let _ = self.inner.log.sync_marks();
         }
     }
 }

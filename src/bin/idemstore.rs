@@ -358,9 +358,10 @@ fn verify(dir: &Path, access: FileAccess, out: &mut impl Write) -> CliResult {
     let mut records = 0u64;
     let mut torn = 0usize;
     let mut bad = 0usize;
+    let name_of =
+        |path: &Path| path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into());
     for file in &report.files {
-        let name =
-            file.path.file_name().map_or_else(|| file.path.display().to_string(), |n| n.to_string_lossy().into());
+        let name = name_of(&file.path);
         records += file.records;
         match &file.problem {
             Some((offset, reason)) => {
@@ -381,12 +382,33 @@ fn verify(dir: &Path, access: FileAccess, out: &mut impl Write) -> CliResult {
             }
             None => writeln!(out, "{name}: ok, {} records", file.records)?,
         }
+        if let Some(remedy) = &file.remedy {
+            writeln!(out, "  remedy: {remedy}")?;
+        }
+    }
+    // Tables, META, TIME, LOCK, MARKS: one line each, with what to do when damaged.
+    for file in &report.other_files {
+        let name = name_of(&file.path);
+        match &file.problem {
+            Some((offset, reason)) => {
+                bad += 1;
+                writeln!(out, "{name}: DAMAGED at offset {offset}: {reason}")?;
+            }
+            None => match &file.note {
+                Some(note) => writeln!(out, "{name}: ok ({note})")?,
+                None => writeln!(out, "{name}: ok")?,
+            },
+        }
+        if let Some(remedy) = &file.remedy {
+            writeln!(out, "  remedy: {remedy}")?;
+        }
     }
     let verdict = if report.is_clean() { "clean" } else { "NOT clean" };
     writeln!(
         out,
-        "{verdict}: {} files, {records} records, {torn} torn tails, {bad} files with problems",
-        report.files.len()
+        "{verdict}: {} files, {records} records, {torn} torn tails, {bad} files with problems ({} other files checked)",
+        report.files.len(),
+        report.other_files.len()
     )?;
     if others_can_write {
         // The data may be intact, but a writer's open refuses this directory: a problem.
