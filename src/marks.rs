@@ -142,7 +142,6 @@ fn encode(marks: &BTreeMap<u32, Mark>, out: &mut Vec<u8>) {
 }
 
 /// Writes `marks` as `dir`'s `MARKS` whole, synced, with its name made durable (salvage).
-#[allow(dead_code)]
 pub fn write_synced(io: &dyn Io, dir: &Path, marks: &BTreeMap<u32, Mark>) -> std::io::Result<()> {
     let path = dir.join(MARKS_FILE_NAME);
     let tmp = dir.join("MARKS.tmp");
