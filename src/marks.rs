@@ -206,8 +206,14 @@ impl Marks {
                 state.marks.insert(segment.id(), Mark { header_crc: crc, end });
             }
         }
-        // Marks of segments deleted since are dropped with the next write.
+        // Written now, not at the first sync: marks of segments deleted since (expired
+        // buckets, files recovery removed) must be gone before a new file takes their id.
+        // Every value is durable: recovery synced what it scanned. A failure leaves the old
+        // file, whose stale entries the header CRC still tells apart.
         state.changed = true;
+        if !old.is_empty() {
+            let _ = self.write(&mut state);
+        }
     }
 
     /// A sync covered `segments` up to the given ends: raises their marks and writes the file

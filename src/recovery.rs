@@ -462,6 +462,11 @@ pub fn verify_at(io: &dyn Io, dir: &Path, capacity: u64, now_ms: u64) -> Result<
         };
         match Segment::open(io, &path, capacity, false) {
             Err(e) if vanished(&e) => continue,
+            // A file of zeros is a spare that never got a header, unless records in it were
+            // known durable (its header is gone, so the mark's file cannot be checked).
+            Ok(None) if marks.get(&id).is_some_and(|m| m.end > SEGMENT_HEADER_LEN as u32) => {
+                file.problem = Some((0, "a segment that held durable records reads as zeros".into()));
+            }
             Ok(None) => {}
             Ok(Some(segment)) if segment.header.id != id => {
                 file.problem = Some((12, "segment id does not match file name".into()));
