@@ -258,7 +258,6 @@ impl Marks {
             let file = match self.io.open(&path, CAPACITY, true) {
                 Ok(file) => file,
                 Err(_) => {
-                    let _ = self.io.remove(&path);
                     state.created = true;
                     self.io.create(&path, CAPACITY)?
                 }
