@@ -134,6 +134,7 @@
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod checkup;
 mod clock;
 mod commit;
 mod error;
@@ -143,6 +144,7 @@ pub mod fuzzing;
 mod index;
 pub mod io;
 mod log;
+mod marks;
 mod meta;
 mod options;
 mod pace;
@@ -150,6 +152,7 @@ mod permissions;
 mod prefetch;
 mod record;
 mod recovery;
+mod salvage;
 mod segment;
 mod segment_cache;
 #[cfg(any(test, feature = "sim"))]
@@ -168,13 +171,24 @@ pub use clock::{Clock, ManualClock, STORE_TIME_MS_MAX, SystemClock, ms_to_system
 pub use error::{Error, Result};
 pub use options::{ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy, TTL_MAX};
 pub use permissions::FileAccess;
-pub use recovery::{FileReport, VerifyReport};
+pub use recovery::{FileKind, FileReport, VerifyReport};
+pub use salvage::{LostRecord, QUARANTINE_DIR_NAME, SalvageOptions, SalvageReport, SalvagedFile};
 pub use stats::{RecoveryStats, Stats};
 pub use store::Store;
 pub use types::{Claim, ClaimToken, Completed, Entry, Orphan};
 
 /// Name of the lock file in a store directory.
 pub const LOCK_FILE_NAME: &str = "LOCK";
+
+/// Makes a damaged store in `dir` open again, keeping every record that checks out and moving
+/// damaged files to `dir/quarantine/`, and reports exactly what was lost (see
+/// `docs/operations.md`). Needs the writer's lock: a live store is refused with
+/// `Error::Locked`. `Store::open` never does this by itself. With `options.dry_run`, reports
+/// and changes nothing.
+pub fn salvage(dir: impl AsRef<std::path::Path>, options: &SalvageOptions) -> Result<SalvageReport> {
+    let defaults = Options::default();
+    salvage::salvage(defaults.io.as_ref(), dir.as_ref(), defaults.segment_bytes_max, options)
+}
 
 /// Internals exposed for fuzz targets and tests (not a stable API).
 #[doc(hidden)]

@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use crate::error::{Error, Result};
 use crate::index::IdMap;
 use crate::io::Io;
+use crate::marks::Marks;
 use crate::record::Header;
 use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
 use crate::segment_cache::SegmentCache;
@@ -110,6 +111,9 @@ pub struct Log {
     tables_wanted: std::sync::atomic::AtomicBool,
     /// The durable floor of the store's time (synced records raise it; see `TimeFloor`).
     time_floor: TimeFloor,
+    /// How far each segment is known durable (`MARKS`; see `marks.rs`): raised after each
+    /// sync. Written only once a writer loads them (`Log::load_marks`).
+    marks: Marks,
     /// Test seam: run once by the next `retire_idle`, right after its retire decision and
     /// before it hands the segments to seal back (see `Log::on_next_retire`).
     #[cfg(any(test, feature = "sim"))]
@@ -122,6 +126,9 @@ pub struct SyncBatch {
     pub segments: Vec<Arc<Segment>>,
     /// The latest store time of the records it covers.
     pub written_ms: u64,
+    /// The end of the last record written in each of `segments` when the batch was taken:
+    /// how far the sync makes each durable.
+    pub written_ends: Vec<u64>,
 }
 
 impl Log {
@@ -137,6 +144,7 @@ impl Log {
         let retired = segments.keys().map(|&id| (id, ())).collect();
         Log {
             time_floor: TimeFloor::new(io.clone(), dir.clone()),
+            marks: Marks::disabled(io.clone(), dir.clone()),
             io,
             dir,
             limits,
@@ -180,6 +188,17 @@ impl Log {
                 hook();
             }
         }
+    }
+
+    /// Starts keeping `MARKS` (a writer, right after recovery synced what it scanned).
+    pub fn load_marks(&self) {
+        self.segments.read(|segments| self.marks.load(segments.values()));
+    }
+
+    /// Makes the marks durable (at close, after the final sync).
+    pub fn sync_marks(&self) -> Result<()> {
+        let path = self.dir.join(crate::marks::MARKS_FILE_NAME);
+        self.marks.sync().map_err(|e| Error::io("sync marks file", path, e))
     }
 
     /// The durable floor of the store's time.
@@ -529,11 +548,10 @@ impl Log {
     pub fn take_sync_batch(&self) -> SyncBatch {
         let mut app = self.appender.lock();
         self.unsynced_bytes.store(0, std::sync::atomic::Ordering::Relaxed);
-        SyncBatch {
-            through_seq: app.next_seq - 1,
-            segments: std::mem::take(&mut app.dirty),
-            written_ms: app.written_ms,
-        }
+        let segments = std::mem::take(&mut app.dirty);
+        // Records are written whole under this lock: each end is a record boundary.
+        let written_ends = segments.iter().map(|s| s.written_end()).collect();
+        SyncBatch { through_seq: app.next_seq - 1, segments, written_ms: app.written_ms, written_ends }
     }
 
     /// Syncs a batch: every dirty segment (fdatasync). New files' directory entries were
@@ -544,6 +562,14 @@ impl Log {
             segment.sync()?;
         }
         self.time_floor.note_durable(batch.written_ms);
+        // Only now, after the sync returned: a mark never claims more than is durable.
+        if !batch.segments.is_empty() {
+            let synced: Vec<(Arc<Segment>, u64)> =
+                batch.segments.iter().cloned().zip(batch.written_ends.iter().copied()).collect();
+            // A failed write leaves the file stale, which is safe (fewer records protected):
+            // not worth failing the sync, which would poison the store.
+            let _ = self.marks.note_synced(&synced);
+        }
         Ok(())
     }
 
@@ -597,6 +623,7 @@ impl Log {
                 first_error.get_or_insert(Error::io("delete expired segment", &segment.path, e));
             }
         }
+        self.marks.forget(taken.iter().map(|s| s.id()));
         let synced = self.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e));
         first_error.map_or(synced, Err)
     }

@@ -69,6 +69,9 @@ pub fn recover(
         })?,
     };
     let writer = mode == Mode::Writer;
+    // Read before any segment is: every byte below a mark was written before the mark was,
+    // so a view of a live store copies at least that much (see `marks.rs`).
+    let marks = crate::marks::read_or_none(io, dir);
     let remove =
         |path: &Path, what: &'static str| -> Result<()> { io.remove(path).map_err(|e| Error::io(what, path, e)) };
     // Phase 1: open every segment; map the tables of sealed ones.
@@ -176,8 +179,9 @@ pub fn recover(
     let tables_max_seq = tables.iter().map(|t| t.bounds.max_seq).max().unwrap_or(0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, SCAN_THREADS_MAX);
     for batch in to_scan.chunks(threads * SCAN_BATCH_PER_THREAD) {
-        let scans: Vec<Result<Scanned>> =
-            in_parallel(threads.min(batch.len()), batch.len(), &|i| scan_and_sync(&batch[i], mode, key_hash));
+        let scans: Vec<Result<Scanned>> = in_parallel(threads.min(batch.len()), batch.len(), &|i| {
+            scan_and_sync(&batch[i], mode, crate::marks::durable_end(&marks, &batch[i]), key_hash)
+        });
         // The first error in id order, as a scan in order would report it.
         let scans: Vec<Scanned> = scans.into_iter().collect::<Result<_>>()?;
         for scan in &scans {
@@ -255,8 +259,15 @@ struct Scanned {
 
 /// Scans one segment, hashes its keys and, for the writer, makes what a crashed process left
 /// in the page cache durable before any answer is read from it.
-fn scan_and_sync(segment: &Segment, mode: Mode, key_hash: &(dyn Fn(&[u8]) -> u64 + Sync)) -> Result<Scanned> {
-    let scan = scan_segment(segment, mode)?;
+/// `durable_end`: how far the segment is known durable (`MARKS`); damage below it is
+/// corruption, never a torn tail.
+fn scan_and_sync(
+    segment: &Segment,
+    mode: Mode,
+    durable_end: u64,
+    key_hash: &(dyn Fn(&[u8]) -> u64 + Sync),
+) -> Result<Scanned> {
+    let scan = scan_segment(segment, mode, durable_end)?;
     if mode == Mode::Writer {
         segment.sync().map_err(|e| Error::io("sync recovered segment", &segment.path, e))?;
     }
@@ -439,10 +450,20 @@ impl Scan {
     }
 }
 
+/// `scan_segment`'s `durable_end` for a segment whose whole content is known durable (it has a
+/// sealed table, written only after the whole log was synced): any bad record is damage, and
+/// zeros after the last record are simply its unused space.
+const WHOLE_SEGMENT_DURABLE: u64 = u64::MAX;
+
 /// Reads every record of a segment. A bad record followed only by zeros (or garbage that holds
 /// no valid record) is a torn tail: zeroed in writer mode. A bad record followed by a valid one
 /// is corruption: an error, and nothing is changed.
-fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
+///
+/// `durable_end` is how far the segment is known durable (its mark in `MARKS`, 0 when none):
+/// a torn tail is a write that never finished, so it cannot start below that. A bad record
+/// there, or records that end before it, is damage to committed data: `Error::Corrupt`, and
+/// nothing is truncated (dropping it would bring back a key's earlier state).
+fn scan_segment(segment: &Segment, mode: Mode, durable_end: u64) -> Result<Scan> {
     let len = segment.len();
     let mut bytes =
         segment.read_raw(0, usize::try_from(len).map_err(|_| Error::InvalidArgument("segment too large"))?)?;
@@ -466,7 +487,15 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
                 pos += header.padded_len() as usize;
             }
             Err(err) => {
+                let committed = (pos as u64) < durable_end;
                 if bytes[pos..].iter().all(|&b| b == 0) {
+                    if committed && durable_end != WHOLE_SEGMENT_DURABLE {
+                        return Err(Error::Corrupt {
+                            file: segment.path.clone(),
+                            offset: pos as u64,
+                            reason: "records the store had made durable read as zeros",
+                        });
+                    }
                     break;
                 }
                 if valid_record_after(id, &bytes, pos) {
@@ -487,6 +516,14 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
                         reason: err.reason(),
                     });
                 }
+                if committed {
+                    // Not a torn tail: this record was durable before it went bad.
+                    return Err(Error::Corrupt {
+                        file: segment.path.clone(),
+                        offset: pos as u64,
+                        reason: committed_reason(err),
+                    });
+                }
                 // A torn tail: the last write never completed. Zero it so the file ends cleanly.
                 let end = bytes.iter().rposition(|&b| b != 0).map_or(pos, |i| i + 1).max(pos);
                 let torn = (end - pos) as u64;
@@ -498,7 +535,24 @@ fn scan_segment(segment: &Segment, mode: Mode) -> Result<Scan> {
             }
         }
     }
+    if (pos as u64) < durable_end && durable_end != WHOLE_SEGMENT_DURABLE {
+        return Err(Error::Corrupt {
+            file: segment.path.clone(),
+            offset: pos as u64,
+            reason: "segment ends before the records the store had made durable",
+        });
+    }
     Ok(Scan { bytes, records, torn_bytes: 0 })
+}
+
+/// The reason for a bad record below its segment's durable mark: damage, never a torn tail.
+fn committed_reason(err: record::DecodeError) -> &'static str {
+    match err {
+        record::DecodeError::Zeros => "a durable record reads as zeros (below the durable mark)",
+        record::DecodeError::Truncated => "a durable record runs past the end of the file (below the durable mark)",
+        record::DecodeError::BadFrame => "a durable record has impossible framing (below the durable mark)",
+        record::DecodeError::BadChecksum => "a durable record fails its checksum (below the durable mark)",
+    }
 }
 
 /// How often a read-only scan reads the rest of a segment again when a bad record is followed
@@ -517,21 +571,46 @@ fn valid_record_after(id: u32, bytes: &[u8], from: usize) -> bool {
     false
 }
 
-/// What `verify` found in one segment file.
+/// Which of the store's files a [`FileReport`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FileKind {
+    /// A segment (`<id>.seg`): the records, the only copy of the keys' states.
+    Segment,
+    /// A sealed table (`<id>.tbl`): derived from its segment, rebuilt when removed.
+    Table,
+    /// `TIME`: the floor of the store's time.
+    Time,
+    /// `LOCK`: the writer's lock and its owner record.
+    Lock,
+    /// `META`: the format version and the secret of the index hash.
+    Meta,
+    /// `MARKS`: how far each segment is known durable.
+    Marks,
+}
+
+/// What `verify` found in one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileReport {
     /// The file checked.
     pub path: std::path::PathBuf,
-    /// Valid records in it.
+    /// Valid records in it (for a table: its entries; for `MARKS`: its marks).
     pub records: u64,
     /// Bytes of an incomplete tail (a write that never finished; harmless, truncated at open).
+    /// Only bytes past the segment's durable mark can be one: damage below it is a problem.
     pub torn_bytes: u64,
-    /// The first problem that is not a torn tail: (offset, reason). Opening the store fails
-    /// with `Error::Corrupt` or `Error::UnsupportedVersion` while this is set.
+    /// The first problem that is not a torn tail: (offset, reason). For a segment, opening the
+    /// store fails with `Error::Corrupt` or `Error::UnsupportedVersion` while this is set.
     pub problem: Option<(u64, String)>,
     /// Its bucket has ended: the file is deleted at the next open or by the writer's next
     /// maintenance, which may be freeing its blocks right now, so its records are not checked.
     pub expired: bool,
+    /// Which file of the store this is.
+    pub kind: FileKind,
+    /// What to do about `problem` (set whenever it is).
+    pub remedy: Option<String>,
+    /// Something worth knowing that is not a problem.
+    pub note: Option<String>,
 }
 
 /// What `Store::verify` found, file by file.
@@ -539,53 +618,110 @@ pub struct FileReport {
 pub struct VerifyReport {
     /// One entry per segment file, in id order (a file deleted while `verify` ran is left out).
     pub files: Vec<FileReport>,
+    /// Every other file the store reads: sealed tables in id order, then `META`, `TIME`,
+    /// `LOCK` and `MARKS` when present.
+    pub other_files: Vec<FileReport>,
 }
 
 impl VerifyReport {
     /// True when no file has a problem (torn tails are not problems).
     pub fn is_clean(&self) -> bool {
-        self.files.iter().all(|f| f.problem.is_none())
+        self.files.iter().chain(&self.other_files).all(|f| f.problem.is_none())
     }
 }
 
-/// Checks every checksum of every segment in `dir` without changing a byte, as of the wall
+/// Checks every checksum of every file in `dir` without changing a byte, as of the wall
 /// clock's time (see [`verify_at`]).
 pub fn verify(io: &dyn Io, dir: &Path, capacity: u64) -> Result<VerifyReport> {
     verify_at(io, dir, capacity, crate::clock::system_time_to_ms(std::time::SystemTime::now()))
 }
 
-/// Checks every checksum of every segment in `dir` without changing a byte, on a store that a
+/// Checks every checksum of every file in `dir` without changing a byte, on a store that a
 /// writer may be changing meanwhile: a segment deleted after the listing is left out, and one
 /// whose bucket ended by `now_ms` is reported as expired without a check of its records (the
 /// writer may be freeing its blocks, which then read as zeros).
+///
+/// A segment's records below its durable mark (`MARKS`), or all of them when it has a sound
+/// table (written only after the whole log was synced), cannot be a torn tail: damage there is
+/// a problem, as the next open would find it.
 pub fn verify_at(io: &dyn Io, dir: &Path, capacity: u64, now_ms: u64) -> Result<VerifyReport> {
     let names = io.list(dir).map_err(|e| Error::io("list store directory", dir, e))?;
     let mut ids: Vec<u32> = names.iter().filter_map(|n| parse_segment_file_name(n)).collect();
     ids.sort_unstable();
+    let mut table_ids: Vec<u32> = names.iter().filter_map(|n| parse_table_file_name(n)).collect();
+    table_ids.sort_unstable();
     let mut report = VerifyReport::default();
+    let (meta, table_mark) = crate::checkup::check_meta(io, dir, &names);
+    // Read before the segments, as recovery does (see `recover`).
+    let marks = crate::marks::read_or_none(io, dir);
+    let segment_lens: std::collections::HashMap<u32, u64> = ids
+        .iter()
+        .filter_map(|&id| io.open(&dir.join(segment_file_name(id)), capacity, false).ok().map(|f| (id, f.len())))
+        .collect();
+    let mut sealed = std::collections::HashSet::new();
+    for &id in &table_ids {
+        let path = dir.join(table_file_name(id));
+        let (file, sound) = crate::checkup::check_table(io, &path, id, table_mark, segment_lens.get(&id).copied());
+        if sound {
+            sealed.insert(id);
+        }
+        report.other_files.push(file);
+    }
     for id in ids {
         let path = dir.join(crate::segment::segment_file_name(id));
-        let mut file = FileReport { path: path.clone(), records: 0, torn_bytes: 0, problem: None, expired: false };
+        let mut file = FileReport {
+            path: path.clone(),
+            records: 0,
+            torn_bytes: 0,
+            problem: None,
+            expired: false,
+            kind: FileKind::Segment,
+            remedy: None,
+            note: None,
+        };
         match Segment::open(io, &path, capacity, false) {
             Err(e) if vanished(&e) => continue,
+            // A file of zeros is a spare that never got a header, unless records in it were
+            // known durable (its header is gone, so the mark's file cannot be checked).
+            Ok(None) if marks.get(&id).is_some_and(|m| m.end > SEGMENT_HEADER_LEN as u32) => {
+                file.problem = Some((0, "a segment that held durable records reads as zeros".into()));
+            }
             Ok(None) => {}
             Ok(Some(segment)) if segment.header.id != id => {
                 file.problem = Some((12, "segment id does not match file name".into()));
             }
             Ok(Some(segment)) if segment.header.bucket_end_ms <= now_ms => file.expired = true,
-            Ok(Some(segment)) => match scan_segment(&segment, Mode::ReadOnly) {
-                Ok(scan) => {
-                    file.records = scan.records.len() as u64;
-                    file.torn_bytes = scan.torn_bytes;
+            Ok(Some(segment)) => {
+                let durable_end = if sealed.contains(&id) {
+                    WHOLE_SEGMENT_DURABLE
+                } else {
+                    crate::marks::durable_end(&marks, &segment)
+                };
+                match scan_segment(&segment, Mode::ReadOnly, durable_end) {
+                    Ok(scan) => {
+                        file.records = scan.records.len() as u64;
+                        file.torn_bytes = scan.torn_bytes;
+                    }
+                    Err(Error::Corrupt { offset, reason, .. }) => file.problem = Some((offset, reason.into())),
+                    Err(e) => file.problem = Some((0, e.to_string())),
                 }
-                Err(Error::Corrupt { offset, reason, .. }) => file.problem = Some((offset, reason.into())),
-                Err(e) => file.problem = Some((0, e.to_string())),
-            },
+            }
+            Err(Error::UnsupportedVersion { found, .. }) => {
+                file.problem = Some((8, format!("segment format version {found}")));
+                file.remedy = Some(crate::checkup::VERSION_REMEDY.into());
+            }
             Err(Error::Corrupt { offset, reason, .. }) => file.problem = Some((offset, reason.into())),
             Err(e) => file.problem = Some((0, e.to_string())),
         }
+        if file.problem.is_some() && file.remedy.is_none() {
+            file.remedy = Some(crate::checkup::SEGMENT_REMEDY.into());
+        }
         report.files.push(file);
     }
+    report.other_files.extend(meta);
+    report.other_files.extend(crate::checkup::check_time(io, dir));
+    report.other_files.extend(crate::checkup::check_lock(io, dir));
+    report.other_files.extend(crate::checkup::check_marks(io, dir));
     Ok(report)
 }
 

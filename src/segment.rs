@@ -472,7 +472,9 @@ impl Segment {
         Ok(key)
     }
 
-    /// End of what was written to this segment (its length, for one found at open).
+    /// End of what this process wrote to this segment (the end of its last record); for a
+    /// segment found at open, its length. The caller holds the appender lock when it needs a
+    /// record boundary.
     pub fn written_end(&self) -> u64 {
         self.written_end.load(std::sync::atomic::Ordering::Acquire).min(self.len())
     }

@@ -335,6 +335,9 @@ impl Store {
         let durable_seq = next_seq - 1;
         let found_records = !recovered.segments.is_empty();
         let log = Log::new(io, dir.clone(), limits, recovered.segments, next_seq, recovered.next_segment_id);
+        if mode == Mode::Writer {
+            log.load_marks();
+        }
         // Recovery synced what it scanned, and tables point only at synced records.
         log.time_floor().note_durable(recovered.latest_time_ms);
         if mode == Mode::Writer && options.durability != Durability::None && found_records {
@@ -640,9 +643,11 @@ impl Store {
         }
         self.inner.sync_all()?;
         // A table that could not be written only means a scan at the next open: the time
-        // floor is saved either way, then the failure reported.
+        // floor and the durable marks are saved either way, then the failure reported.
         let tables = self.inner.restart_tables_at_close();
         self.inner.save_time(true)?;
+        // After the final sync: every record of a closed store is protected (see `marks.rs`).
+        self.inner.log.sync_marks()?;
         tables
     }
 
@@ -666,6 +671,7 @@ impl Drop for Store {
             let _ = self.inner.sync_all();
             let _ = self.inner.restart_tables_at_close();
             let _ = self.inner.save_time(true);
+            let _ = self.inner.log.sync_marks();
         }
     }
 }

@@ -358,6 +358,15 @@ fn verify_reports_a_torn_tail_as_torn_and_still_clean() {
     let last = last.expect("records in the segment");
     bytes[last + idemstore::internals::HEADER_LEN + 1] ^= 0xff;
     std::fs::write(&segment, &bytes).expect("write");
+    // A torn write is one no sync covered: without `MARKS` no record is known durable (with
+    // it, the closed store's last record is, and its damage is corruption).
+    std::fs::remove_file(dir.path().join("MARKS")).expect("remove MARKS");
+    // Nor one a clean close covered with a restart table (its segment counts as durable whole).
+    for table in std::fs::read_dir(dir.path()).expect("list").map(|e| e.expect("entry").path()) {
+        if table.extension().is_some_and(|e| e == "tbl") {
+            std::fs::remove_file(table).expect("remove table");
+        }
+    }
 
     let out = idemstore(&["verify", path_str(dir.path())]);
     assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));

@@ -1,6 +1,7 @@
 //! Promise: a torn tail is truncated, never an error (DESIGN.md §2, issue 2 points 3 and 8).
 //!
-//! A store writes some records, closes, and then its segment is cut at every byte offset inside
+//! A store writes some records, closes, forgets how far it was durable (its `MARKS` file: a
+//! torn write is one no sync covered), and then its segment is cut at every byte offset inside
 //! its last record, both as a preallocated file whose bytes after the cut read as zeros and as a
 //! file really truncated there. Each time `Store::open` succeeds, every earlier record is intact,
 //! the last operation is absent, `stats().recovery.torn_bytes_truncated` counts the cut bytes,
@@ -59,6 +60,11 @@ fn write_records(dir: &Path, clock: &Arc<ManualClock>, last: LastOp) -> (PathBuf
     for table in files(dir).into_keys().filter(|p| p.extension().is_some_and(|e| e == "tbl")) {
         std::fs::remove_file(table).unwrap();
     }
+    // A closed store marks its last record durable (`MARKS`), and damage below that mark is
+    // corruption, not a torn tail (tests/durable_marks.rs). A torn tail is a write that was
+    // never made durable, as when the process dies before the sync: the mark then stops
+    // before the last record. Without the file, no record is known durable.
+    std::fs::remove_file(dir.join("MARKS")).unwrap();
 
     let segments: Vec<PathBuf> = files(dir).into_keys().filter(|p| p.extension().is_some_and(|e| e == "seg")).collect();
     assert_eq!(segments.len(), 1, "all records in one segment: {segments:?}");

@@ -141,6 +141,17 @@ enum Command {
         #[arg(long)]
         group_readable: bool,
     },
+    /// Make a damaged store open again: keep every record that checks out, move damaged files
+    /// to DIR/quarantine/, and report exactly what was lost (keys where they can still be
+    /// read, counts and byte ranges). Needs the writer's lock: stop the service first. The
+    /// store never does this by itself (see docs/operations.md).
+    Salvage {
+        /// The store directory.
+        dir: PathBuf,
+        /// Report what would be done and lost; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// The states `list --state` selects.
@@ -213,6 +224,7 @@ fn run(command: Command, out: &mut impl Write) -> CliResult {
         Command::Dump { dir, json, hex, ms } => dump(&dir, json, Show { hex, ms }, out),
         Command::Verify { dir, group_readable } => verify(&dir, access(group_readable), out),
         Command::Remove { dir, key, group_readable } => remove(&dir, &key, access(group_readable), out),
+        Command::Salvage { dir, dry_run } => salvage(&dir, dry_run, out),
     }
 }
 
@@ -435,9 +447,10 @@ fn verify(dir: &Path, access: FileAccess, out: &mut impl Write) -> CliResult {
     let mut records = 0u64;
     let mut torn = 0usize;
     let mut bad = 0usize;
+    let name_of =
+        |path: &Path| path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into());
     for file in &report.files {
-        let name =
-            file.path.file_name().map_or_else(|| file.path.display().to_string(), |n| n.to_string_lossy().into());
+        let name = name_of(&file.path);
         records += file.records;
         match &file.problem {
             Some((offset, reason)) => {
@@ -458,18 +471,83 @@ fn verify(dir: &Path, access: FileAccess, out: &mut impl Write) -> CliResult {
             }
             None => writeln!(out, "{name}: ok, {} records", file.records)?,
         }
+        if let Some(remedy) = &file.remedy {
+            writeln!(out, "  remedy: {remedy}")?;
+        }
+    }
+    // Tables, META, TIME, LOCK, MARKS: one line each, with what to do when damaged.
+    for file in &report.other_files {
+        let name = name_of(&file.path);
+        match &file.problem {
+            Some((offset, reason)) => {
+                bad += 1;
+                writeln!(out, "{name}: DAMAGED at offset {offset}: {reason}")?;
+            }
+            None => match &file.note {
+                Some(note) => writeln!(out, "{name}: ok ({note})")?,
+                None => writeln!(out, "{name}: ok")?,
+            },
+        }
+        if let Some(remedy) = &file.remedy {
+            writeln!(out, "  remedy: {remedy}")?;
+        }
     }
     let verdict = if report.is_clean() { "clean" } else { "NOT clean" };
     writeln!(
         out,
-        "{verdict}: {} files, {records} records, {torn} torn tails, {bad} files with problems",
-        report.files.len()
+        "{verdict}: {} files, {records} records, {torn} torn tails, {bad} files with problems ({} other files checked)",
+        report.files.len(),
+        report.other_files.len()
     )?;
     if others_can_write {
         // The data may be intact, but a writer's open refuses this directory: a problem.
         writeln!(out, "UNSAFE: other users can write {}; a writer's open refuses it", dir.display())?;
     }
     Ok(if report.is_clean() && !others_can_write { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn salvage(dir: &Path, dry_run: bool, out: &mut impl Write) -> CliResult {
+    require_store_dir(dir)?;
+    let report = match idemstore::salvage(dir, &idemstore::SalvageOptions { dry_run }) {
+        Err(Error::Locked { .. }) => {
+            return Err(Failure::new(format!(
+                "cannot salvage: store {} is open in another process; stop it first",
+                dir.display()
+            )));
+        }
+        other => other?,
+    };
+    let would = if dry_run { "would be " } else { "" };
+    if report.files.is_empty() {
+        writeln!(out, "nothing to salvage: every file checks out")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for file in &report.files {
+        let name =
+            file.path.file_name().map_or_else(|| file.path.display().to_string(), |n| n.to_string_lossy().into());
+        writeln!(out, "{name}: {would}{}", file.action)?;
+        if let Some(moved) = &file.quarantined {
+            writeln!(out, "  original {would}moved to {}", moved.display())?;
+        }
+        if file.kind == idemstore::FileKind::Segment {
+            writeln!(out, "  records kept: {}, records lost: {}", file.records_kept, file.records_lost)?;
+            for (start, end) in &file.lost_ranges {
+                writeln!(out, "  lost bytes {start}..{end} ({} bytes)", end - start)?;
+            }
+            for lost in &file.lost_records {
+                writeln!(
+                    out,
+                    "  lost record at offset {}: {} of key {} (seq {}; key bytes unverified)",
+                    lost.offset,
+                    lost.kind,
+                    display_key(&lost.key),
+                    lost.seq
+                )?;
+            }
+        }
+    }
+    writeln!(out, "{}{} records lost in all", if dry_run { "dry run: " } else { "" }, report.records_lost())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn remove(dir: &Path, key_arg: &str, access: FileAccess, out: &mut impl Write) -> CliResult {
