@@ -54,9 +54,11 @@ fn table_writes_failing_three_passes_in_a_row_raise_a_warning_that_a_successful_
         store.complete(&token, "outcome").expect("complete");
     }
     clock.advance(Duration::from_secs(6));
-    // Two more writes are allowed, of the time floor (saved by the pass, then made durable by
-    // the sync before sealing; at this time only once): the table's write fails.
-    disk.fail_writes_after(2);
+    // Three more writes are allowed: the time floor's (saved by the pass, then made durable by
+    // the sync before sealing; at this time only once) and the durable marks' after that sync
+    // (later passes find them failing, which only leaves them out of date): the table's
+    // write fails.
+    disk.fail_writes_after(3);
     for pass in 1..=3u64 {
         let error = store.maintain().expect_err("the table write fails");
         assert!(error.to_string().contains("simulated write failure"), "pass {pass}: {error}");
