@@ -1428,26 +1428,9 @@ impl Inner {
         let bounds = TableBounds { max_seq: self.log.last_seq(), latest_ms: now_ms };
         let mut tables = Vec::with_capacity(to_seal.len());
         for segment in &to_seal {
-            // The table points at records: they must be durable before it is.
-            if let Err(e) = segment.sync_gradually() {
-                let cause = format!("sync failed: {e}");
-                self.commit.poison(cause.clone());
-                return Err(Error::Poisoned { cause });
-            }
             let list = entries.remove(&segment.id()).unwrap_or_default();
             let hashes: Vec<u64> = list.iter().map(|(hash, _)| *hash).collect();
-            tables.push((
-                Table::write(
-                    self.options.io.as_ref(),
-                    &self.dir,
-                    segment.id(),
-                    segment.header.bucket_end_ms,
-                    bounds,
-                    self.table_mark,
-                    list,
-                )?,
-                hashes,
-            ));
+            tables.push((self.write_table_of(segment, bounds, list)?, hashes));
         }
         self.options.io.sync_dir(&self.dir).map_err(|e| Error::io("sync directory", &self.dir, e))?;
         let sealed = tables.len();
@@ -1509,6 +1492,26 @@ impl Inner {
     /// over it. Its entries are read from the segment (see `recovery::restart_entries`):
     /// every key's latest record in it, so only the segment itself must be durable before the
     /// table is, which `Table::write` callers ensure here.
+    /// Syncs `segment`, then writes its table of `entries` (the caller syncs the directory).
+    /// The table points at the segment's records: they must be durable before it is; a failed
+    /// sync poisons the store.
+    fn write_table_of(&self, segment: &Segment, bounds: TableBounds, entries: Vec<(u64, u32)>) -> Result<Table> {
+        if let Err(e) = segment.sync_gradually() {
+            let cause = format!("sync failed: {e}");
+            self.commit.poison(cause.clone());
+            return Err(Error::Poisoned { cause });
+        }
+        Table::write(
+            self.options.io.as_ref(),
+            &self.dir,
+            segment.id(),
+            segment.header.bucket_end_ms,
+            bounds,
+            self.table_mark,
+            entries,
+        )
+    }
+
     fn write_restart_tables(&self, threads: usize) -> Result<usize> {
         if self.read_only || self.commit.poisoned().is_some() {
             return Ok(0);
@@ -1531,22 +1534,7 @@ impl Inner {
             let Some((entries, bounds)) = recovery::restart_entries(segment, &hash)? else {
                 return Ok(false);
             };
-            // The table points at the segment's records: they must be durable before it is.
-            if let Err(e) = segment.sync_gradually() {
-                let cause = format!("sync failed: {e}");
-                self.commit.poison(cause.clone());
-                return Err(Error::Poisoned { cause });
-            }
-            let table = Table::write(
-                self.options.io.as_ref(),
-                &self.dir,
-                segment.id(),
-                segment.header.bucket_end_ms,
-                bounds,
-                self.table_mark,
-                entries,
-            )?;
-            drop(table);
+            drop(self.write_table_of(segment, bounds, entries)?);
             Ok(true)
         };
         let worker = || -> Result<Vec<u32>> {

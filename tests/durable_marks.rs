@@ -115,16 +115,22 @@ fn a_flipped_byte_in_the_last_record_of_a_closed_store_is_corrupt_not_a_torn_tai
     }
 }
 
-#[test]
-fn a_flipped_byte_in_the_last_record_of_a_synced_sync_store_is_corrupt_after_a_kill() {
+/// A `Sync` store whose every call returned after its sync, copied as its writer died then
+/// (with nothing unsynced): the copy's directory.
+fn killed_synced_store(clock: &Arc<ManualClock>) -> tempfile::TempDir {
     let live = tempfile::tempdir().unwrap();
     let killed = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(START_MS);
-    let store = Store::open(live.path(), options(&clock, Durability::Sync)).unwrap();
+    let store = Store::open(live.path(), options(clock, Durability::Sync)).unwrap();
     write_payouts(&store);
-    // Every call above returned after its sync: the writer dies now, with nothing unsynced.
     copy_as_killed(live.path(), killed.path());
     drop(store);
+    killed
+}
+
+#[test]
+fn a_flipped_byte_in_the_last_record_of_a_synced_sync_store_is_corrupt_after_a_kill() {
+    let clock = ManualClock::new(START_MS);
+    let killed = killed_synced_store(&clock);
     let segment = segment_of(killed.path());
     let (at, len) = last_record(&segment);
     flip(&segment, at + len - 3);
@@ -133,13 +139,8 @@ fn a_flipped_byte_in_the_last_record_of_a_synced_sync_store_is_corrupt_after_a_k
 
 #[test]
 fn a_torn_tail_after_a_kill_is_still_truncated() {
-    let live = tempfile::tempdir().unwrap();
-    let killed = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
-    let store = Store::open(live.path(), options(&clock, Durability::Sync)).unwrap();
-    write_payouts(&store);
-    copy_as_killed(live.path(), killed.path());
-    drop(store);
+    let killed = killed_synced_store(&clock);
     // The next write was cut short by the kill: half a record past the durable mark.
     let segment = segment_of(killed.path());
     let (at, len) = last_record(&segment);
