@@ -1,4 +1,4 @@
-//! Criterion benches of each store operation, one thread (issue 6, point 1).
+//! Criterion benches of each store operation, one thread.
 //!
 //! Operations: claim of a new key; claim of a key in flight (`InProgress`); replay of a
 //! completed key (64 B and 4 KiB outcomes); complete; get of a missing key; remove. Each runs

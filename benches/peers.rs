@@ -1,4 +1,4 @@
-//! idemstore side by side with Redis, SQLite and redb on one workload (issue 6, point 2).
+//! idemstore side by side with Redis, SQLite and redb on one workload.
 //!
 //! The workload, the same on every engine, is the life of an idempotency key: insert-if-absent
 //! of random 16-byte keys with a 24 h TTL (the claim, before the effect), then the 64-byte

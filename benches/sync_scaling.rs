@@ -1,4 +1,4 @@
-//! Durable claims against the disk's own limit (issue 3, point 7).
+//! Durable claims against the disk's own limit.
 //!
 //! In one run, on one directory, this measures:
 //! - the physical limit: one thread appending 64 B to a growing file + `File::sync_data`
@@ -153,7 +153,7 @@ fn main() {
         let ratio_inplace = row.ops_per_second() / (TARGET_THREADS as f64 / inplace_p50_s);
         let verdict = |ratio: f64| if ratio >= TARGET_RATIO { "met" } else { "NOT met" };
         println!(
-            "target (issue 3): Sync with {TARGET_THREADS} threads >= {TARGET_RATIO} x ({TARGET_THREADS} / one fdatasync): \
+            "target: Sync with {TARGET_THREADS} threads >= {TARGET_RATIO} x ({TARGET_THREADS} / one fdatasync): \
              {ratio_append:.2} vs append ({}), {ratio_inplace:.2} vs in-place ({})",
             verdict(ratio_append),
             verdict(ratio_inplace)

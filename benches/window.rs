@@ -1,4 +1,4 @@
-//! The window numbers of issue 4 that exist today (point 8, in part): RAM per live key, reopen
+//! The window numbers: RAM per live key, reopen
 //! time, and claim latency while an expired bucket of 1M keys is dropped.
 //!
 //! - **RAM per live key**: resident memory (`VmRSS` and its anonymous part `RssAnon`, from
@@ -12,7 +12,7 @@
 //!   of the claims that overlapped the drop. Target: every claim under 1 ms.
 //!
 //!
-//! Sealed buckets (issue 4: a full 24 h window whose idle segments are sealed into `<id>.tbl`
+//! Sealed buckets (a full 24 h window whose idle segments are sealed into `<id>.tbl`
 //! tables with a Bloom filter in RAM). N random 16-byte keys are claimed (`Durability::None`,
 //! TTL 24 h, 1-hour buckets, `seal_idle_after` 1 s) in 25 groups with a `ManualClock` moved
 //! 24 h / 25 = 57.6 min between groups, so the expiries fall in 25 one-hour buckets that are all
@@ -72,9 +72,9 @@ use support::*;
 const CHILD_ENV: &str = "WINDOW_CHILD";
 /// Request bytes of every claim (only their hash is stored).
 const REQUEST: &[u8] = b"POST /payments amount=100";
-/// Target RAM per live key (issue 4, point 1).
+/// Target RAM per live key.
 const TARGET_RAM_BYTES_PER_KEY: f64 = 40.0;
-/// Target: no claim slower than this while a bucket is dropped (issue 4, point 4).
+/// Target: no claim slower than this while a bucket is dropped.
 const TARGET_CLAIM_MAX_NS: u64 = 1_000_000;
 /// Threads claiming while the bucket is dropped.
 const EXPIRY_CLAIM_THREADS: usize = 2;
@@ -86,11 +86,11 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(300);
 const REOPEN_SPOT_CHECKS: u64 = 1000;
 /// Environment variable that names the store dir of a sealed-window child.
 const CHILD_DIR_ENV: &str = "WINDOW_CHILD_DIR";
-/// Target RAM per key in sealed buckets (issue 4).
+/// Target RAM per key in sealed buckets.
 const TARGET_SEALED_RAM_BYTES_PER_KEY: f64 = 8.0;
-/// Target fresh claims per second with a full sealed window (issue 4).
+/// Target fresh claims per second with a full sealed window.
 const TARGET_SEALED_CLAIMS_PER_S: f64 = 1_000_000.0;
-/// Target reopen time with sealed tables at `TARGET_SEALED_REOPEN_KEYS` keys (issue 4).
+/// Target reopen time with sealed tables at `TARGET_SEALED_REOPEN_KEYS` keys.
 const TARGET_SEALED_REOPEN_MS: f64 = 1000.0;
 /// Key count the reopen target is set for.
 const TARGET_SEALED_REOPEN_KEYS: u64 = 100_000_000;

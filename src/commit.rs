@@ -8,8 +8,8 @@
 //! mutex to learn it is free. Waiters the sync did not cover race to lead the next batch; one
 //! wins and the rest sleep again. With writers that each wait for their own record, almost
 //! every sleeper was covered (the leader gathers the writers it released before cutting a
-//! batch), so one call beat waking exactly the covered ones by one call each (README,
-//! "Group commit against the disk's own limit", session 5).
+//! batch), so one call beat waking exactly the covered ones by one call each (docs/performance.md,
+//! "Group commit against the disk's own limit").
 //!
 //! A failed sync poisons the store: every later wait fails with the original cause, and
 //! nothing is ever treated as durable after it (the page cache may have dropped the dirty

@@ -1,5 +1,5 @@
 //! Promise: bad input and hostile surroundings get a clear `Error`, and nothing stored is lost
-//! (DESIGN.md §1 last bullet, issue 2 point 7).
+//! (README, Guarantees: "Bad input").
 //!
 //! Empty and over-long keys, over-long outcomes and checkpoints, zero TTLs and leases are
 //! refused before anything is written; a directory that cannot be created fails at open; a

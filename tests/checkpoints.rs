@@ -1,4 +1,4 @@
-//! Promise: recovery points (DESIGN.md §1 "Recovery points").
+//! Promise: recovery points (`Store::checkpoint`).
 //!
 //! `checkpoint(&token, phase)` records how far the holder got; `get` shows the last one, a
 //! holder that takes the claim over (after the lease, or an orphan after a reopen) reads it from

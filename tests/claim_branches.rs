@@ -1,4 +1,4 @@
-//! Promise: every branch of `Store::claim` answers as DESIGN.md §1 says.
+//! Promise: every branch of `Store::claim` answers as the README's "Use" and "Guarantees" say.
 //!
 //! `Acquired` for a free key, `InProgress` (with the holder's lease end) while it is held,
 //! `Completed` with the stored outcome and times replayed byte for byte, and `Mismatch` on every

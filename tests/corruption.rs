@@ -1,5 +1,5 @@
 //! Promise: corruption that is not a torn tail is refused with a clear error, and nothing is
-//! deleted (DESIGN.md §1 "Bad input and faults", §2, issue 2 points 2 and 3).
+//! deleted (README, Guarantees: "Corruption is an error").
 //!
 //! A flipped byte in a record followed by valid records gives `Error::Corrupt` naming the file
 //! and the damaged record's offset; a bad segment magic or header checksum gives `Corrupt`; a

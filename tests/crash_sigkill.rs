@@ -1,5 +1,5 @@
 //! Promise: after a kill -9 at any instant, `Store::open` succeeds and holds every operation
-//! that `Durability::Sync` acknowledged (DESIGN.md §1 "Durability", "Crash"; issue 2 point 8).
+//! that `Durability::Sync` acknowledged (README, Guarantees: "Durability::Sync", "Crash recovery").
 //!
 //! The test binary re-executes itself as a writer child (this same test, selected with
 //! `--exact`, told by an environment variable to be the writer). The child opens the store with

@@ -1,4 +1,4 @@
-//! Promise: the window and TTL-segmented expiry (DESIGN.md §1 "Window", §2, issue 2 point 4).
+//! Promise: the window and TTL-segmented expiry (README, Guarantees: "Window"; ARCHITECTURE.md, invariant 3).
 //!
 //! A key is absent from `claimed_at + ttl` on, exactly, on every read path and whether or not
 //! its file was dropped yet; `maintain()` (and open) delete an expired bucket's segment files

@@ -1,6 +1,6 @@
 //! Disk faults on the simulated disk: a failed fsync, a full disk, the disk budget.
 //!
-//! Promises checked (DESIGN.md §1 "Bad input and faults", issue 3 points 3-4, issue 4 point 6):
+//! Promises checked (README, Guarantees: "Failed fsync", "Full disk"):
 //! - a failed fsync poisons the store: the failing call returns an error, every later write
 //!   returns `Error::Poisoned` naming the cause, nothing is synced or treated as durable after
 //!   it (no retried fsync, "fsyncgate"), reads of durable state keep working or fail with
@@ -168,7 +168,7 @@ fn failed_directory_fsync_when_a_segment_is_created_poisons_the_store() {
 // ---------------------------------------------------------------------------------------------
 // Write failure
 
-/// Regression: issue 3 point 3 asks that a failed write poison the store like a failed fsync.
+/// A failed write poisons the store like a failed fsync.
 #[test]
 fn failed_record_write_poisons_the_store() {
     let disk = SimDisk::new();

@@ -1,4 +1,4 @@
-//! Promise: two keys with one 64-bit hash stay two keys (DESIGN.md §3, issue 2 point 8).
+//! Promise: two keys with one 64-bit hash stay two keys.
 //!
 //! `Options::key_hash` forces every key onto one index hash; claims, completions, removes,
 //! orphans, reopen and bucket expiry must still treat each key on its own, confirmed against

@@ -1,4 +1,4 @@
-//! Promise: leases and fencing (DESIGN.md §1 "Lease and fencing").
+//! Promise: leases and fencing (README, Guarantees: "Lease and fencing").
 //!
 //! An acquired claim holds a lease; once it ends the next claim takes the key over with a new,
 //! larger token that says `recovered()`, and from then on the old token's `complete`, `release`

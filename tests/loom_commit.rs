@@ -6,11 +6,11 @@
 //! (default here: 3 preemptions per interleaving); `IDEMSTORE_LOOM_EXHAUSTIVE=1` lifts the bound.
 //!
 //! Promises checked:
-//! - group commit (issue 3 point 6): no lost wake-up (loom reports a deadlock), no waiter
+//! - group commit: no lost wake-up (loom reports a deadlock), no waiter
 //!   released before the disk holds its record, a failed sync releases every waiter with
 //!   `Poisoned` and nothing succeeds after it, a closer that syncs while waiters wait releases
 //!   them all;
-//! - the claim race on a real `Store` (issue 5 point 2; `Durability::None`, no background
+//! - the claim race on a real `Store` (`Durability::None`, no background
 //!   thread, simulated disk): two and three claimers, exactly one `Acquired` and the others
 //!   `InProgress`, or with `wait` the winner's outcome; a late `complete` racing a lease
 //!   takeover records exactly one effect and the stale token loses; `release` and `complete`

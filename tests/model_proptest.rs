@@ -1,9 +1,9 @@
 //! Promise: the store behaves like a plain map with the contract's semantics, for any sequence
-//! of operations (issue 2 point 8, "a proptest of random operation sequences").
+//! of operations.
 //!
 //! Random sequences of claim / claim_with (TTL and lease) / complete / checkpoint / release /
 //! remove / get / orphans / maintain / advancing a `ManualClock` / reopening the store run
-//! against the store and against `Model`, a `HashMap` written here from DESIGN.md §1; every
+//! against the store and against `Model`, a `HashMap` written here from the contract in the README; every
 //! answer is compared, and after each step every key's `get` too. Both orphan policies are
 //! covered. `PROPTEST_CASES` sets the number of cases (default 64); the run then checks that
 //! every branch of the contract was exercised by some case.
@@ -78,7 +78,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The model: the latest state of each key, exactly as DESIGN.md §1 describes it.
+// The model: the latest state of each key, exactly as the README's contract describes it.
 
 #[derive(Debug, Clone)]
 enum State {

@@ -1,4 +1,4 @@
-//! Promise: orphans (DESIGN.md §1 "Orphans").
+//! Promise: orphans (README, Guarantees: "Orphans").
 //!
 //! An in-flight claim whose holder died with its process (the store was dropped without a
 //! complete or release) is an orphan after a reopen: `orphans()` lists it with its key, claim

@@ -1,6 +1,6 @@
 //! Power cuts at random instants on the simulated disk, checked against a model of the keys.
 //!
-//! Promise checked (DESIGN.md §1 "Crash" and "Durability", issue 3 point 5): after a power
+//! Promise checked (README, Guarantees: "Crash recovery" and the durability rows): after a power
 //! loss at any instant, `Store::open` succeeds, returns nothing half-written, and holds every
 //! operation its durability mode promised.
 //!

@@ -1,4 +1,4 @@
-//! Promise: a torn tail is truncated, never an error (DESIGN.md §2, issue 2 points 3 and 8).
+//! Promise: a torn tail is truncated, never an error (ARCHITECTURE.md, "Recovery").
 //!
 //! A store writes some records, closes, forgets how far it was durable (its `MARKS` file: a
 //! torn write is one no sync covered), and then its segment is cut at every byte offset inside

@@ -1,4 +1,4 @@
-//! Promise: `claim_with(.., ClaimOptions { wait: Some(d), .. })` (DESIGN.md §1, issue 2 point 5).
+//! Promise: `claim_with(.., ClaimOptions { wait: Some(d), .. })`.
 //!
 //! A claim of an in-flight key with a wait blocks until the holder completes (and then returns
 //! `Completed` with its outcome), releases (then `Acquired`), its lease ends (then a takeover),
