@@ -564,11 +564,9 @@ impl Log {
         self.time_floor.note_durable(batch.written_ms);
         // Only now, after the sync returned: a mark never claims more than is durable.
         if !batch.segments.is_empty() {
-            let synced: Vec<(Arc<Segment>, u64)> =
-                batch.segments.iter().cloned().zip(batch.written_ends.iter().copied()).collect();
             // A failed write leaves the file stale, which is safe (fewer records protected):
             // not worth failing the sync, which would poison the store.
-            let _ = self.marks.note_synced(&synced);
+            let _ = self.marks.note_synced(&batch.segments, &batch.written_ends);
         }
         Ok(())
     }

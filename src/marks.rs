@@ -219,12 +219,12 @@ impl Marks {
     /// A sync covered `segments` up to the given ends: raises their marks and writes the file
     /// (into the page cache: no sync, see the module's comment). Called after the sync
     /// returned, never before.
-    pub fn note_synced(&self, segments: &[(Arc<Segment>, u64)]) -> std::io::Result<()> {
+    pub fn note_synced(&self, segments: &[Arc<Segment>], ends: &[u64]) -> std::io::Result<()> {
         let mut state = self.state.lock();
         if !state.enabled {
             return Ok(());
         }
-        for (segment, end) in segments {
+        for (segment, end) in segments.iter().zip(ends) {
             let Ok(end) = u32::try_from(*end) else { continue };
             if segment.is_dropped() {
                 state.marks.remove(&segment.id());

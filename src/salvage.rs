@@ -180,11 +180,7 @@ fn close_range(w: &mut Walk, bytes: &[u8], from: usize, to: usize) {
 /// Salvages the store in `dir` (see the module's documentation). Refuses a store another
 /// process holds open (`Error::Locked`).
 pub fn salvage(io: &dyn Io, dir: &Path, capacity: u64, options: &SalvageOptions) -> Result<SalvageReport> {
-    let _lock = match io.lock_dir(dir) {
-        Ok(lock) => lock,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Error::Locked { dir: dir.to_path_buf() }),
-        Err(e) => return Err(Error::io("open lock file", dir.join(crate::LOCK_FILE_NAME), e)),
-    };
+    let _lock = crate::store::take_writer_lock(io, dir)?;
     let verified = crate::recovery::verify(io, dir, capacity)?;
     let mut report = SalvageReport { dry_run: options.dry_run, files: Vec::new() };
     let quarantine = dir.join(QUARANTINE_DIR_NAME);

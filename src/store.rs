@@ -127,6 +127,27 @@ fn validate_options(options: &Options) -> Result<()> {
     Ok(())
 }
 
+/// Takes the writer's lock of the store in `dir` (`Store::open`, `salvage`): `Error::Locked`
+/// when another open store holds it. A lock released a moment ago may still be held by a child
+/// process that another thread is spawning (the descriptor lives on in it until its exec), so
+/// a refusal is retried briefly before it is reported.
+pub(crate) fn take_writer_lock(io: &dyn crate::io::Io, dir: &Path) -> Result<Box<dyn DirLock>> {
+    let mut attempts = 0;
+    loop {
+        match io.lock_dir(dir) {
+            Ok(lock) => return Ok(lock),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 5 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Error::Locked { dir: dir.to_path_buf() });
+            }
+            Err(e) => return Err(Error::io("open lock file", dir.join(crate::LOCK_FILE_NAME), e)),
+        }
+    }
+}
+
 /// The longest `Durability::Periodic` interval accepted: a day. Longer is `InvalidArgument` (a
 /// store synced less than daily is `Durability::None` in all but name, and the flusher adds the
 /// interval to the monotonic clock, which an unbounded duration would overflow).
@@ -213,21 +234,7 @@ impl Store {
         io.create_dir_all(&dir).map_err(|e| Error::io("create store directory", &dir, e))?;
         // Before the lock file: nothing is created in a directory others can write.
         crate::permissions::refuse_unsafe(io.as_ref(), &dir)?;
-        // A lock released a moment ago may still be held by a child process that another thread
-        // is spawning (the descriptor lives on in it until its exec): retry briefly before
-        // reporting `Locked`.
-        let mut attempts = 0;
-        let lock = loop {
-            match io.lock_dir(&dir) {
-                Ok(lock) => break lock,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 5 => {
-                    attempts += 1;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Error::Locked { dir }),
-                Err(e) => return Err(Error::io("open lock file", dir.join(crate::LOCK_FILE_NAME), e)),
-            }
-        };
+        let lock = take_writer_lock(io.as_ref(), &dir)?;
         let incarnation = new_incarnation(&dir)?;
         let store = Self::open_inner(dir, options, Some(lock), Mode::Writer, incarnation)?;
         // Only an open that succeeded writes anything (a refused open changes no file).
