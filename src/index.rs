@@ -305,7 +305,13 @@ mod tests {
         disk.create_dir_all(dir).unwrap();
         let mut shard = Shard::default();
         for id in [1, 2] {
-            let header = crate::segment::SegmentHeader { id, bucket_start_ms: 0, bucket_end_ms: 1, created_at_ms: 0 };
+            let header = crate::segment::SegmentHeader {
+                id,
+                bucket_start_ms: 0,
+                bucket_end_ms: 1,
+                created_at_ms: 0,
+                rebuilt: false,
+            };
             let segment = crate::segment::Segment::create(&disk, dir, header, 4096, 4096, false).unwrap();
             shard.segments().way_mut(id).replace(Arc::new(segment));
         }

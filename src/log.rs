@@ -357,6 +357,7 @@ impl Log {
                 bucket_start_ms: start,
                 bucket_end_ms: start.saturating_add(self.limits.bucket_width_ms),
                 created_at_ms: header.written_at_ms,
+                rebuilt: false,
             };
             let initial = self.limits.segment_bytes_initial.max(SEGMENT_HEADER_LEN + len);
             if new_claim {

@@ -109,7 +109,12 @@ pub fn recover(
         let segment = Arc::new(segment);
         segments.insert(id, segment.clone());
         stats.segments += 1;
-        if table_ids.contains(&id) {
+        if table_ids.contains(&id) && segment.header.rebuilt && writer {
+            // A segment whose header salvage rebuilt is never trusted to a table (see
+            // `SegmentHeader::rebuilt`): one left from before is removed and the segment scanned.
+            remove(&table_path, "remove table of a rebuilt segment")?;
+            dir_changed = true;
+        } else if table_ids.contains(&id) && !segment.header.rebuilt {
             let opened = match Table::open(io, &table_path, id, table_mark) {
                 // Deleted after the listing (its bucket is being dropped by a live writer): the
                 // segment, still mapped here, is scanned instead.

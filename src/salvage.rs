@@ -12,7 +12,10 @@
 //!   the order of the bucket's segments (a lookup relies on it); a new id would put old
 //!   records ahead of newer ones of the same bucket. A header that is itself damaged is rebuilt
 //!   from the records: its bucket ends just after the latest expiry they hold, never later than
-//!   the original did, so no older record outlives a newer one elsewhere.
+//!   the original did, so no older record outlives a newer one elsewhere. That guessed
+//!   bucket may sort the segment behind an older one of its original bucket, so the rebuilt
+//!   header says so (`SegmentHeader::rebuilt`) and the segment never gets a table: it is
+//!   scanned into the RAM index at every open, where a key's newest record wins by seq.
 //! - the lost bytes are reported as ranges, with every record header still readable in them:
 //!   offset, kind, seq and the key bytes (unverified: the checksum that covers them failed).
 //! - a damaged or touched segment's table is removed (derived data: rebuilt at the next open);
@@ -208,7 +211,16 @@ pub fn salvage(io: &dyn Io, dir: &Path, capacity: u64, options: &SalvageOptions)
             None => {
                 let start = if w.min_written_ms == u64::MAX { 0 } else { w.min_written_ms };
                 let end = w.max_expires_ms.saturating_add(1).max(start + 1);
-                (SegmentHeader { id, bucket_start_ms: start, bucket_end_ms: end, created_at_ms: start }, true)
+                (
+                    SegmentHeader {
+                        id,
+                        bucket_start_ms: start,
+                        bucket_end_ms: end,
+                        created_at_ms: start,
+                        rebuilt: true,
+                    },
+                    true,
+                )
             }
         };
         let mut out = Vec::with_capacity(raw.len());

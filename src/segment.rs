@@ -10,7 +10,8 @@
 //! | 16 | 8 | bucket_start_ms |
 //! | 24 | 8 | bucket_end_ms: every record in the file expires before this |
 //! | 32 | 8 | created_at_ms |
-//! | 40 | 20 | reserved (0) |
+//! | 40 | 1 | flags: bit 0 set when `salvage` rebuilt this header (such a segment never gets a table) |
+//! | 41 | 19 | reserved (0) |
 //! | 60 | 4 | crc32 of bytes 0..60 |
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,12 @@ pub struct SegmentHeader {
     pub bucket_end_ms: u64,
     /// When the file was created.
     pub created_at_ms: u64,
+    /// The header was rebuilt from the records by `salvage` (byte 40, bit 0; a reserved byte
+    /// that builds before it ignore). Its bucket is a guess narrower than the original, so the
+    /// segment may sort wrongly among its bucket's sealed tables (newest first by bucket end):
+    /// it never gets a table and is scanned into the RAM index at every open, where a key's
+    /// newest record wins by sequence number.
+    pub rebuilt: bool,
 }
 
 impl SegmentHeader {
@@ -66,6 +73,7 @@ impl SegmentHeader {
         b[16..24].copy_from_slice(&self.bucket_start_ms.to_le_bytes());
         b[24..32].copy_from_slice(&self.bucket_end_ms.to_le_bytes());
         b[32..40].copy_from_slice(&self.created_at_ms.to_le_bytes());
+        b[40] = u8::from(self.rebuilt);
         let crc = crc32fast::hash(&b[0..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
@@ -98,6 +106,7 @@ impl SegmentHeader {
             bucket_start_ms: u64_at(b, 16),
             bucket_end_ms: u64_at(b, 24),
             created_at_ms: u64_at(b, 32),
+            rebuilt: b[40] & 1 == 1,
         };
         if header.bucket_end_ms <= header.bucket_start_ms {
             return Err(corrupt("segment header has an empty bucket"));
@@ -498,7 +507,8 @@ mod tests {
         let disk = SimDisk::new();
         let dir = Path::new("/store");
         disk.create_dir_all(dir).unwrap();
-        let header = SegmentHeader { id: 1, bucket_start_ms: 0, bucket_end_ms: 60_000, created_at_ms: 0 };
+        let header =
+            SegmentHeader { id: 1, bucket_start_ms: 0, bucket_end_ms: 60_000, created_at_ms: 0, rebuilt: false };
         let segment = Segment::create(&disk, dir, header, 4096, 4096, false).unwrap();
         let record = Header {
             kind: Kind::Claim,

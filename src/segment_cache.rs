@@ -53,7 +53,7 @@ mod tests {
     use crate::sim::SimDisk;
 
     fn segment(disk: &SimDisk, id: u32) -> Arc<Segment> {
-        let header = SegmentHeader { id, bucket_start_ms: 0, bucket_end_ms: 60_000, created_at_ms: 0 };
+        let header = SegmentHeader { id, bucket_start_ms: 0, bucket_end_ms: 60_000, created_at_ms: 0, rebuilt: false };
         Arc::new(Segment::create(disk, Path::new("/store"), header, 4096, 4096, false).unwrap())
     }
 

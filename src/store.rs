@@ -1413,7 +1413,12 @@ impl Inner {
     fn seal_idle(&self, now_ms: u64) -> Result<usize> {
         let idle_before = now_ms.saturating_sub(duration_to_ms(self.options.seal_idle_after));
         let to_seal: Vec<std::sync::Arc<Segment>> =
-            self.log.retire_idle(idle_before).into_iter().filter(|s| !self.sealed.has(s.id())).collect();
+            // A segment whose header salvage rebuilt never gets a table (`SegmentHeader::rebuilt`).
+            self.log
+                .retire_idle(idle_before)
+                .into_iter()
+                .filter(|s| !s.header.rebuilt && !self.sealed.has(s.id()))
+                .collect();
         if to_seal.is_empty() {
             return Ok(0);
         }
@@ -1488,17 +1493,6 @@ impl Inner {
         self.write_restart_tables(2).map(|_| ())
     }
 
-    /// Writes a restart table for every live segment that takes no more appends and has no
-    /// table yet (neither sealed nor a restart table), on up to `threads` threads; returns how
-    /// many were written. Runs under `maintenance` (so no bucket is dropped meanwhile).
-    ///
-    /// A restart table has the format of a sealed table, but is not published: the segment's
-    /// entries stay in RAM (claims and replays of recent keys are served from there, and
-    /// invariant 2 holds: lookups never see this table before RAM), and only the next open
-    /// maps it instead of scanning the segment. The idle seal later writes the sealed table
-    /// over it. Its entries are read from the segment (see `recovery::restart_entries`):
-    /// every key's latest record in it, so only the segment itself must be durable before the
-    /// table is, which `Table::write` callers ensure here.
     /// Syncs `segment`, then writes its table of `entries` (the caller syncs the directory).
     /// The table points at the segment's records: they must be durable before it is; a failed
     /// sync poisons the store.
@@ -1519,6 +1513,17 @@ impl Inner {
         )
     }
 
+    /// Writes a restart table for every live segment that takes no more appends and has no
+    /// table yet (neither sealed nor a restart table), on up to `threads` threads; returns how
+    /// many were written. Runs under `maintenance` (so no bucket is dropped meanwhile).
+    ///
+    /// A restart table has the format of a sealed table, but is not published: the segment's
+    /// entries stay in RAM (claims and replays of recent keys are served from there, and
+    /// invariant 2 holds: lookups never see this table before RAM), and only the next open
+    /// maps it instead of scanning the segment. The idle seal later writes the sealed table
+    /// over it. Its entries are read from the segment (see `recovery::restart_entries`):
+    /// every key's latest record in it, so only the segment itself must be durable before the
+    /// table is, which `Table::write` callers ensure here.
     fn write_restart_tables(&self, threads: usize) -> Result<usize> {
         if self.read_only || self.commit.poisoned().is_some() {
             return Ok(0);
@@ -1529,7 +1534,7 @@ impl Inner {
             self.log
                 .retired_segments()
                 .into_iter()
-                .filter(|s| !sealed.contains(&s.id()) && !restart.contains(&s.id()))
+                .filter(|s| !s.header.rebuilt && !sealed.contains(&s.id()) && !restart.contains(&s.id()))
                 .collect()
         };
         if to_write.is_empty() {
