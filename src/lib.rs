@@ -137,6 +137,7 @@
 mod checkup;
 mod clock;
 mod commit;
+mod dedupe_store;
 mod error;
 mod filter;
 #[cfg(feature = "fuzzing")]
@@ -168,6 +169,7 @@ mod time_floor;
 mod types;
 
 pub use clock::{Clock, ManualClock, STORE_TIME_MS_MAX, SystemClock, ms_to_system_time, system_time_to_ms};
+pub use dedupe_store::DedupeStore;
 pub use error::{Error, Result};
 pub use options::{ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy, TTL_MAX};
 pub use permissions::FileAccess;

@@ -103,6 +103,38 @@ impl ClaimToken {
         self.checkpoint.as_deref()
     }
 
+    /// A token of another [`DedupeStore`](crate::DedupeStore) backend: `backend` is that
+    /// store's identity (chosen so that it cannot equal another store's: this crate's stores
+    /// use a hash of their directory), `id` the holding's fencing number, `lease_expires_at`
+    /// when its lease ends. A `Store` refuses such a token with `Error::ForeignToken`.
+    pub fn for_backend(
+        backend: u64,
+        key: &[u8],
+        id: u64,
+        recovered: bool,
+        checkpoint: Option<Vec<u8>>,
+        lease_expires_at: SystemTime,
+    ) -> ClaimToken {
+        ClaimToken {
+            key: TokenKey::from(key),
+            id,
+            store: backend,
+            recovered,
+            checkpoint,
+            lease_until_ms: AtomicU64::new(crate::clock::system_time_to_ms(lease_expires_at)),
+        }
+    }
+
+    /// The identity of the store that handed this token out (see [`ClaimToken::for_backend`]).
+    pub fn backend(&self) -> u64 {
+        self.store
+    }
+
+    /// Moves this token's lease end on (for other backends' `checkpoint`).
+    pub fn set_lease_expires_at(&self, lease_expires_at: SystemTime) {
+        self.lease_until_ms.store(crate::clock::system_time_to_ms(lease_expires_at), Ordering::Relaxed);
+    }
+
     /// When this holding's lease ends: at the claim, and moved on by every checkpoint made
     /// through this token (a clone made before the checkpoint keeps the older time).
     pub fn lease_expires_at(&self) -> SystemTime {
