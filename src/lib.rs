@@ -166,6 +166,7 @@ mod striped_map;
 mod sync;
 mod table;
 mod time_floor;
+mod transfer;
 mod types;
 
 pub use clock::{Clock, ManualClock, STORE_TIME_MS_MAX, SystemClock, ms_to_system_time, system_time_to_ms};
@@ -177,6 +178,7 @@ pub use recovery::{FileKind, FileReport, VerifyReport};
 pub use salvage::{LostRecord, QUARANTINE_DIR_NAME, SalvageOptions, SalvageReport, SalvagedFile};
 pub use stats::{RecoveryStats, Stats};
 pub use store::Store;
+pub use transfer::{ExportedEntry, request_hash};
 pub use types::{Claim, ClaimToken, Completed, Entry, Orphan};
 
 /// Name of the lock file in a store directory.

@@ -1044,7 +1044,7 @@ impl Inner {
         }
         let lease_ms = u32::try_from(lease_ms).map_err(|_| Error::InvalidArgument("lease must be under 49 days"))?;
         self.backpressure()?;
-        let request_hash = xxhash_rust::xxh3::xxh3_128(request);
+        let request_hash = crate::transfer::request_hash(request);
         // `None`: no waiting. `Some(None)`: a wait with no deadline (longer than the monotonic
         // clock can add), which ends only when the holder does, or its lease or the window.
         let deadline: Option<Option<Instant>> = options.wait.map(|w| Instant::now().checked_add(w));
