@@ -26,6 +26,8 @@ use crate::sync::{Arc, Condvar, Mutex};
 use crate::table::{SealedTables, Table, TableBounds};
 use crate::types::{Claim, ClaimToken, Completed, Entry, Orphan};
 
+mod export;
+
 /// An open store. `Send + Sync`: share it as `Arc<Store>`.
 pub struct Store {
     inner: Arc<Inner>,
@@ -1230,32 +1232,7 @@ impl Inner {
     /// is for keys given as input, and a key read back from the store may have been written
     /// under a larger one (tools open stores with the default limit).
     fn entry(&self, key: &[u8]) -> Result<Option<Entry>> {
-        let hash = self.key_hash(key);
-        self.index.prefetch_slot(hash);
-        let mut shard = self.index.shard(hash).shard.lock();
-        let now_ms = self.time.now_ms();
-        let mut slot = None;
-        let (state, _, seq) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
-        let entry = match state {
-            Current::Absent => None,
-            Current::Completed(found) => {
-                let outcome = std::mem::take(&mut found.value);
-                Some(Entry::Completed(completed_from(&found.header, outcome)))
-            }
-            Current::InFlight(found) => {
-                let (header, checkpoint) = (found.header, std::mem::take(&mut found.value));
-                Some(Entry::InFlight {
-                    claimed_at: ms_to_system_time(header.claimed_at_ms),
-                    lease_expires_at: ms_to_system_time(header.lease_until_ms),
-                    expires_at: ms_to_system_time(header.expires_at_ms),
-                    checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
-                    orphaned: header.incarnation != self.incarnation,
-                })
-            }
-        };
-        drop(shard);
-        self.settle(seq)?;
-        Ok(entry)
+        Ok(self.entry_and_request_hash(key)?.map(|(entry, _)| entry))
     }
 
     fn remove(&self, key: &[u8]) -> Result<()> {
