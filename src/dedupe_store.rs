@@ -3,10 +3,10 @@
 //! against it (the HTTP layer in `crates/idemstore-http`) runs over either.
 
 use std::future::Future;
-use std::sync::Arc;
 
 use crate::error::Result;
 use crate::options::ClaimOptions;
+use crate::record::Kind;
 use crate::store::Store;
 use crate::types::{Claim, ClaimToken, Entry};
 
@@ -27,9 +27,11 @@ use crate::types::{Claim, ClaimToken, Entry};
 /// it was not. A token that is dropped keeps its key in flight until the lease ends (see
 /// [`ClaimToken`]).
 ///
-/// In code that also calls [`Store`]'s blocking methods, call these through the trait
-/// (`DedupeStore::claim(&store, ..)`) or on a generic `S: DedupeStore`: `Store`'s inherent
-/// methods of the same names are the blocking ones.
+/// `Store`'s inherent methods of the same names are the blocking ones, and method calls pick
+/// them first: call the async ones through the trait (`DedupeStore::claim(&*store, ..)`) or
+/// on a generic `S: DedupeStore`. Share a store between tasks as `Arc<S>` and call through
+/// `&*arc` (the trait is not implemented for `Arc<S>`, so that `arc.claim(..)` stays the
+/// blocking call whether or not the trait is in scope).
 pub trait DedupeStore: Send + Sync {
     /// Claims `key` for the request `request` with the store's default TTL and lease.
     fn claim(&self, key: &[u8], request: &[u8]) -> impl Future<Output = Result<Claim>> + Send {
@@ -69,57 +71,26 @@ impl DedupeStore for Store {
         request: &[u8],
         options: ClaimOptions,
     ) -> impl Future<Output = Result<Claim>> + Send {
-        std::future::ready(Store::claim_with(self, key, request, options))
+        self.claim_async(key, request, options)
     }
 
     fn complete(&self, token: &ClaimToken, outcome: &[u8]) -> impl Future<Output = Result<()>> + Send {
-        std::future::ready(Store::complete(self, token, outcome))
+        self.finish_async(token, Kind::Complete, outcome)
     }
 
     fn checkpoint(&self, token: &ClaimToken, phase: &[u8]) -> impl Future<Output = Result<()>> + Send {
-        std::future::ready(Store::checkpoint(self, token, phase))
+        self.finish_async(token, Kind::Checkpoint, phase)
     }
 
     fn release(&self, token: &ClaimToken) -> impl Future<Output = Result<()>> + Send {
-        std::future::ready(Store::release(self, token))
+        self.finish_async(token, Kind::Release, &[])
     }
 
     fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Entry>>> + Send {
-        std::future::ready(Store::get(self, key))
+        self.get_async(key)
     }
 
     fn remove(&self, key: &[u8]) -> impl Future<Output = Result<()>> + Send {
-        std::future::ready(Store::remove(self, key))
-    }
-}
-
-impl<S: DedupeStore + ?Sized> DedupeStore for Arc<S> {
-    fn claim_with(
-        &self,
-        key: &[u8],
-        request: &[u8],
-        options: ClaimOptions,
-    ) -> impl Future<Output = Result<Claim>> + Send {
-        (**self).claim_with(key, request, options)
-    }
-
-    fn complete(&self, token: &ClaimToken, outcome: &[u8]) -> impl Future<Output = Result<()>> + Send {
-        (**self).complete(token, outcome)
-    }
-
-    fn checkpoint(&self, token: &ClaimToken, phase: &[u8]) -> impl Future<Output = Result<()>> + Send {
-        (**self).checkpoint(token, phase)
-    }
-
-    fn release(&self, token: &ClaimToken) -> impl Future<Output = Result<()>> + Send {
-        (**self).release(token)
-    }
-
-    fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Entry>>> + Send {
-        (**self).get(key)
-    }
-
-    fn remove(&self, key: &[u8]) -> impl Future<Output = Result<()>> + Send {
-        (**self).remove(key)
+        self.remove_async(key)
     }
 }

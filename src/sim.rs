@@ -89,6 +89,8 @@ struct Faults {
     /// Bytes per slice of `sync_gradually`; 0 means the default.
     sync_slice_bytes: AtomicU64,
     between_slices: Mutex<Option<SliceHook>>,
+    /// Called at the start of every file sync (see [`SimDisk::before_each_sync`]).
+    before_sync: Mutex<Option<SliceHook>>,
     /// `fallocate` fails with `EOPNOTSUPP`, as on FUSE.
     refuse_fallocate: AtomicBool,
     /// Punching holes fails with `EOPNOTSUPP`, as on FUSE.
@@ -370,6 +372,13 @@ impl SimDisk {
     /// removes it. Not kept by `power_cut` images.
     pub fn between_sync_slices(&self, hook: Option<SliceHook>) {
         *self.faults.between_slices.lock() = hook;
+    }
+
+    /// Runs `hook` at the start of every file sync on this disk, on the syncing thread (to
+    /// hold a sync while a test looks at what waits for it); `None` removes it. Not kept by
+    /// `power_cut` images.
+    pub fn before_each_sync(&self, hook: Option<SliceHook>) {
+        *self.faults.before_sync.lock() = hook;
     }
 
     /// With `on`, `fallocate` fails with `EOPNOTSUPP`, as on FUSE and some network and
@@ -684,6 +693,10 @@ impl SimHandle {
     /// that range does (the length goes with the first range: the data needs it to be read).
     /// Ranges are synced front to back: a write wholly before `to` is then done with.
     fn sync_range(&self, from: u64, to: u64) -> io::Result<()> {
+        let hook = self.0.disk.before_sync.lock().clone();
+        if let Some(hook) = hook {
+            hook();
+        }
         self.0.disk.sync_allowed()?;
         {
             let mut guard = self.0.state.lock();

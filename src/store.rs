@@ -26,6 +26,7 @@ use crate::sync::{Arc, Condvar, Mutex};
 use crate::table::{SealedTables, Table, TableBounds};
 use crate::types::{Claim, ClaimToken, Completed, Entry, Orphan};
 
+mod async_ops;
 mod export;
 
 /// An open store. `Send + Sync`: share it as `Arc<Store>`.
@@ -66,6 +67,8 @@ struct Inner {
     /// `sealed`: their entries are still in RAM, and only the next open reads the table.
     /// Changed under `maintenance`.
     restart_tables: Mutex<HashSet<u32>>,
+    /// Async callers' waits: durable writes and keys in flight (see `async_ops`).
+    async_waits: std::sync::Arc<async_ops::AsyncWaits>,
     _lock: Option<Box<dyn DirLock>>,
 }
 
@@ -377,6 +380,7 @@ impl Store {
             housekeeper_signal: Condvar::new(),
             maintenance: Mutex::new(()),
             restart_tables: Mutex::new(HashSet::new()),
+            async_waits: Default::default(),
             _lock: lock,
             options,
         });
@@ -662,6 +666,7 @@ impl Store {
 
     /// Stops the background threads and waits for them to end.
     fn stop_background(&mut self) {
+        self.inner.async_waits.stop();
         if self.background.is_empty() {
             return;
         }
@@ -1218,7 +1223,7 @@ impl Inner {
         drop(shard);
         self.after_write();
         if kind != Kind::Checkpoint {
-            locked.changed.notify_all();
+            self.key_changed(locked, hash);
         }
         Ok((Ok(()), written.seq))
     }
@@ -1232,10 +1237,25 @@ impl Inner {
     /// is for keys given as input, and a key read back from the store may have been written
     /// under a larger one (tools open stores with the default limit).
     fn entry(&self, key: &[u8]) -> Result<Option<Entry>> {
-        Ok(self.entry_and_request_hash(key)?.map(|(entry, _)| entry))
+        let (entry, seq) = self.entry_unsettled(key)?;
+        self.settle(seq)?;
+        Ok(entry)
+    }
+
+    /// The state of a key (see `entry`) and the seq of the record it was read from.
+    fn entry_unsettled(&self, key: &[u8]) -> Result<(Option<Entry>, u64)> {
+        let (found, seq) = self.entry_and_request_hash_unsettled(key)?;
+        Ok((found.map(|(entry, _)| entry), seq))
     }
 
     fn remove(&self, key: &[u8]) -> Result<()> {
+        let seq = self.remove_unsettled(key)?;
+        self.settle(seq)
+    }
+
+    /// A remove up to its tombstone: the seq of the record its answer rests on (the
+    /// tombstone, or the record that shows the key absent).
+    fn remove_unsettled(&self, key: &[u8]) -> Result<u64> {
         self.check_key(key)?;
         self.check_writable()?;
         let hash = self.key_hash(key);
@@ -1245,10 +1265,7 @@ impl Inner {
         let mut slot = None;
         let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
         let header = match state {
-            Current::Absent => {
-                drop(shard);
-                return self.settle(seen_seq);
-            }
+            Current::Absent => return Ok(seen_seq),
             Current::InFlight(found) | Current::Completed(found) => found.header,
         };
         let tombstone = Header { kind: Kind::Remove, value_len: 0, seq: 0, written_at_ms: now_ms, ..header };
@@ -1257,8 +1274,15 @@ impl Inner {
         shard.counters.removes += 1;
         drop(shard);
         self.after_write();
+        self.key_changed(locked, hash);
+        Ok(written.seq)
+    }
+
+    /// Wakes whoever waits for the key with index hash `hash` (in shard `locked`): blocking
+    /// claims with a wait, and async listeners.
+    fn key_changed(&self, locked: &crate::index::LockedShard, hash: u64) {
         locked.changed.notify_all();
-        self.settle(written.seq)
+        self.async_waits.key_changed(hash);
     }
 
     /// Every distinct key with an index entry, in RAM or sealed (unsorted, deduplicated).

@@ -111,13 +111,20 @@ impl Inner {
         shard.set(hash, old.map(|o| o.loc), loc);
         drop(shard);
         self.after_write();
-        locked.changed.notify_all();
+        self.key_changed(locked, hash);
         self.settle(written.seq)?;
         Ok(true)
     }
 
     /// `key`'s state (as `Store::get` answers it) and the hash of the request that claimed it.
-    pub(super) fn entry_and_request_hash(&self, key: &[u8]) -> Result<Option<(Entry, u128)>> {
+    fn entry_and_request_hash(&self, key: &[u8]) -> Result<Option<(Entry, u128)>> {
+        let (found, seq) = self.entry_and_request_hash_unsettled(key)?;
+        self.settle(seq)?;
+        Ok(found)
+    }
+
+    /// `entry_and_request_hash` before the answer is settled: with the seq it rests on.
+    pub(super) fn entry_and_request_hash_unsettled(&self, key: &[u8]) -> Result<(Option<(Entry, u128)>, u64)> {
         let hash = self.key_hash(key);
         self.index.prefetch_slot(hash);
         let mut shard = self.index.shard(hash).shard.lock();
@@ -143,7 +150,6 @@ impl Inner {
             }
         };
         drop(shard);
-        self.settle(seq)?;
-        Ok(answer)
+        Ok((answer, seq))
     }
 }

@@ -1,0 +1,376 @@
+//! `Store`'s side of [`DedupeStore`](crate::DedupeStore): the same decisions as the blocking
+//! calls, with every wait handed to the store instead of a caller's thread.
+//!
+//! Two waits exist. A durable write under `Durability::Sync` waits for the group commit to
+//! cover its record: the future registers its sequence number and sleeps; the store's *async
+//! committer* thread takes every registered wait, joins the group commit for the highest one
+//! (leading a sync or riding another's, as a blocking caller would) and wakes the futures it
+//! covered. A claim with `ClaimOptions::wait` that finds its key in flight listens for that
+//! key: a `complete`, `release` or `remove` of the key wakes it, and so does the first of its
+//! wait's deadline, the holder's lease end and the key's window end (timers kept by the same
+//! thread). The thread starts at the first wait that needs it and stops with the store.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::{Inner, LogSyncer, Store};
+use crate::clock::system_time_to_ms;
+use crate::error::{Error, Result};
+use crate::options::{ClaimOptions, Durability};
+use crate::record::Kind;
+use crate::types::{Claim, ClaimToken, Entry};
+
+/// The async committer's shared state (one per store).
+#[derive(Default)]
+pub(super) struct AsyncWaits {
+    state: Mutex<WaitsState>,
+    signal: Condvar,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Listeners registered on keys: lets `key_changed` skip the lock when nobody listens.
+    listening: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct WaitsState {
+    /// Futures waiting for a record to be durable: its seq and where to put the answer.
+    durable: Vec<(u64, Arc<Signal>)>,
+    /// Futures waiting for a key (by index hash) to change.
+    keys: HashMap<u64, Vec<Weak<Signal>>>,
+    /// Deadlines of key listeners: when, which key, whom to wake.
+    timers: Vec<(Instant, u64, Weak<Signal>)>,
+    started: bool,
+    stop: bool,
+}
+
+/// A one-shot answer between the committer (or a notifier) and one future.
+#[derive(Default)]
+struct Signal {
+    slot: Mutex<SignalSlot>,
+}
+
+#[derive(Default)]
+struct SignalSlot {
+    fired: Option<Result<()>>,
+    waker: Option<Waker>,
+}
+
+impl Signal {
+    fn fire(&self, answer: Result<()>) {
+        let mut slot = self.slot.lock();
+        if slot.fired.is_none() {
+            slot.fired = Some(answer);
+        }
+        let waker = slot.waker.take();
+        drop(slot);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let mut slot = self.slot.lock();
+        match slot.fired.take() {
+            Some(answer) => Poll::Ready(answer),
+            None => {
+                slot.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Resolves when the signal fires.
+struct SignalFuture(Arc<Signal>);
+
+impl Future for SignalFuture {
+    type Output = Result<()>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.0.poll(cx)
+    }
+}
+
+/// An error for each of several waiters on one failed sync (errors are not `Clone`: the
+/// causes a sync can fail with are carried over by kind).
+fn copy_error(e: &Error) -> Error {
+    match e {
+        Error::Poisoned { cause } => Error::Poisoned { cause: cause.clone() },
+        Error::ClockOutOfRange { now_ms, max_ms } => Error::ClockOutOfRange { now_ms: *now_ms, max_ms: *max_ms },
+        other => Error::Poisoned { cause: other.to_string() },
+    }
+}
+
+impl AsyncWaits {
+    /// Wakes the listeners of the key with index hash `hash` (it was completed, released or
+    /// removed). Costs one atomic load when nobody listens.
+    pub(super) fn key_changed(&self, hash: u64) {
+        if self.listening.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
+        let listeners = self.state.lock().keys.remove(&hash).unwrap_or_default();
+        self.listening.fetch_sub(listeners.len(), std::sync::atomic::Ordering::AcqRel);
+        for listener in listeners {
+            if let Some(signal) = listener.upgrade() {
+                signal.fire(Ok(()));
+            }
+        }
+    }
+
+    /// Stops the committer thread and fails what still waits (nothing should: the futures
+    /// borrow the store, which is being dropped).
+    pub(super) fn stop(&self) {
+        self.state.lock().stop = true;
+        self.signal.notify_all();
+        if let Some(handle) = self.thread.lock().take() {
+            let _ = handle.join();
+        }
+    }
+
+    /// Starts the committer thread if it is not running; `Err` when it cannot be started.
+    fn ensure_thread(self: &Arc<Self>, state: &mut WaitsState, inner: &Arc<Inner>) -> Result<()> {
+        if state.started {
+            return Ok(());
+        }
+        let (waits, weak) = (Arc::clone(self), Arc::downgrade(inner));
+        let handle = std::thread::Builder::new()
+            .name("idemstore-async".into())
+            .spawn(move || committer(&waits, &weak))
+            .map_err(|e| Error::io("start the async committer thread", &inner.dir, e))?;
+        state.started = true;
+        *self.thread.lock() = Some(handle);
+        Ok(())
+    }
+}
+
+/// The committer thread: serves durable waits through the group commit, and fires key
+/// listeners' deadlines.
+fn committer(waits: &AsyncWaits, inner: &Weak<Inner>) {
+    loop {
+        let mut state = waits.state.lock();
+        let batch = loop {
+            if state.stop {
+                for (_, signal) in state.durable.drain(..) {
+                    signal.fire(Err(Error::Poisoned { cause: "the store was closed".into() }));
+                }
+                return;
+            }
+            let next_deadline = fire_due_timers(&mut state);
+            if !state.durable.is_empty() {
+                break std::mem::take(&mut state.durable);
+            }
+            match next_deadline {
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    waits.signal.wait_for(&mut state, left);
+                }
+                None => waits.signal.wait(&mut state),
+            }
+        };
+        drop(state);
+        // Only waits registered before this sync began are answered by it: a later answer may
+        // rest on a time that this sync's time floor does not cover.
+        let through = batch.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+        let answer = match inner.upgrade() {
+            Some(inner) => inner.commit.wait_durable(through, &LogSyncer(&inner)),
+            None => Err(Error::Poisoned { cause: "the store was closed".into() }),
+        };
+        for (_, signal) in batch {
+            signal.fire(answer.as_ref().map(|_| ()).map_err(copy_error));
+        }
+    }
+}
+
+/// Fires key listeners whose deadline has passed and forgets dropped ones; returns the next
+/// deadline. (A listener leaves the key lists when it is dropped: see `Listener`.)
+fn fire_due_timers(state: &mut WaitsState) -> Option<Instant> {
+    let now = Instant::now();
+    let mut next: Option<Instant> = None;
+    state.timers.retain(|(at, _, listener)| {
+        let Some(signal) = listener.upgrade() else { return false };
+        if *at <= now {
+            signal.fire(Ok(()));
+            return false;
+        }
+        next = Some(next.map_or(*at, |n| n.min(*at)));
+        true
+    });
+    next
+}
+
+/// A claim's wait for its key: woken by a change of the key (`AsyncWaits::key_changed`) or
+/// by a timer (`Store::wake_at`). Dropping it unregisters it.
+struct Listener {
+    waits: Arc<AsyncWaits>,
+    hash: u64,
+    signal: Arc<Signal>,
+}
+
+impl Future for Listener {
+    type Output = Result<()>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.signal.poll(cx)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let mut state = self.waits.state.lock();
+        let mine = Arc::downgrade(&self.signal);
+        if let Some(list) = state.keys.get_mut(&self.hash) {
+            let before = list.len();
+            list.retain(|l| !Weak::ptr_eq(l, &mine));
+            let removed = before - list.len();
+            if list.is_empty() {
+                state.keys.remove(&self.hash);
+            }
+            self.waits.listening.fetch_sub(removed, std::sync::atomic::Ordering::AcqRel);
+        }
+        state.timers.retain(|(_, _, l)| !Weak::ptr_eq(l, &mine));
+    }
+}
+
+/// Gives a claim back if its future is dropped before handing the token to its caller: that
+/// caller cannot have started the effect, so the key is freed at once instead of staying in
+/// flight until the lease ends.
+struct ReleaseUnlessTaken<'a> {
+    inner: &'a Inner,
+    hash: u64,
+    token: Option<ClaimToken>,
+}
+
+impl ReleaseUnlessTaken<'_> {
+    fn take(mut self) -> Option<ClaimToken> {
+        self.token.take()
+    }
+}
+
+impl Drop for ReleaseUnlessTaken<'_> {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            // Not waited for: under `Sync` a crash may lose the release, and the claim then
+            // ends as an orphan's would (taken over by the next claim).
+            let _ = self.inner.finish_unsettled(&token, self.hash, Kind::Release, &[]);
+        }
+    }
+}
+
+impl Store {
+    /// Resolves once record `seq` (the one an answer rests on) is durable, under `Sync`; at
+    /// once otherwise, or when it already is.
+    async fn settle_async(&self, seq: u64) -> Result<()> {
+        let inner = &self.inner;
+        if inner.options.durability != Durability::Sync {
+            return Ok(());
+        }
+        inner.commit.check()?;
+        let time_durable = inner.read_only || inner.log.time_floor().durable_ms() >= inner.time.latest_ms();
+        if inner.commit.durable_seq() >= seq && time_durable {
+            return Ok(());
+        }
+        let signal = Arc::new(Signal::default());
+        {
+            let waits = &inner.async_waits;
+            let mut state = waits.state.lock();
+            waits.ensure_thread(&mut state, &self.inner)?;
+            state.durable.push((seq, Arc::clone(&signal)));
+        }
+        inner.async_waits.signal.notify_one();
+        SignalFuture(signal).await
+    }
+
+    /// A listener on the key with index hash `hash`, woken by its next change.
+    fn listen(&self, hash: u64) -> Result<Listener> {
+        let waits = &self.inner.async_waits;
+        let signal = Arc::new(Signal::default());
+        let mut state = waits.state.lock();
+        waits.ensure_thread(&mut state, &self.inner)?;
+        state.keys.entry(hash).or_default().push(Arc::downgrade(&signal));
+        waits.listening.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(Listener { waits: Arc::clone(waits), hash, signal })
+    }
+
+    /// Wakes `listener` at `at` too.
+    fn wake_at(&self, listener: &Listener, at: Instant) {
+        let waits = &self.inner.async_waits;
+        waits.state.lock().timers.push((at, listener.hash, Arc::downgrade(&listener.signal)));
+        waits.signal.notify_one();
+    }
+
+    pub(crate) async fn claim_async(&self, key: &[u8], request: &[u8], options: ClaimOptions) -> Result<Claim> {
+        let inner = &*self.inner;
+        let hash = inner.key_hash(key);
+        inner.index.prefetch_slot(hash);
+        let Some(wait) = options.wait else {
+            let (answer, seq) = inner.claim_unsettled(key, hash, request, &options)?;
+            return self.deliver(hash, answer, seq).await;
+        };
+        // `None`: a wait too long for the monotonic clock, which has no deadline of its own.
+        let deadline = Instant::now().checked_add(wait);
+        let once = ClaimOptions { wait: None, ..options };
+        loop {
+            // Listening starts before the key is read: a change between the read and the
+            // registration would otherwise be missed.
+            let listener = self.listen(hash)?;
+            let (answer, seq) = inner.claim_unsettled(key, hash, request, &once)?;
+            let Claim::InProgress { lease_expires_at } = answer else {
+                return self.deliver(hash, answer, seq).await;
+            };
+            let now = Instant::now();
+            if deadline.is_some_and(|at| now >= at) {
+                return self.deliver(hash, answer, seq).await;
+            }
+            // The key changes by itself at the holder's lease end (a takeover), with no write
+            // to wake anyone: wake up then too (at least once a day, to look again).
+            let change_in_ms = system_time_to_ms(lease_expires_at).saturating_sub(inner.time.now_ms()).max(1);
+            let change_in = Duration::from_millis(change_in_ms).min(Duration::from_secs(24 * 3600));
+            let mut wake = now + change_in;
+            if let Some(at) = deadline {
+                wake = wake.min(at);
+            }
+            self.wake_at(&listener, wake);
+            listener.await?;
+        }
+    }
+
+    /// Settles an answer and hands it out; an `Acquired` claim whose future is dropped on the
+    /// way is released.
+    async fn deliver(&self, hash: u64, answer: Claim, seq: u64) -> Result<Claim> {
+        match answer {
+            Claim::Acquired(token) => {
+                let guard = ReleaseUnlessTaken { inner: &self.inner, hash, token: Some(token) };
+                self.settle_async(seq).await?;
+                Ok(Claim::Acquired(guard.take().ok_or(Error::InvalidArgument("claim token taken twice"))?))
+            }
+            other => {
+                self.settle_async(seq).await?;
+                Ok(other)
+            }
+        }
+    }
+
+    pub(crate) async fn finish_async(&self, token: &ClaimToken, kind: Kind, value: &[u8]) -> Result<()> {
+        let hash = self.inner.key_hash(token.key());
+        self.inner.index.prefetch_slot(hash);
+        let (answer, seq) = self.inner.finish_unsettled(token, hash, kind, value)?;
+        self.settle_async(seq).await?;
+        answer
+    }
+
+    pub(crate) async fn get_async(&self, key: &[u8]) -> Result<Option<Entry>> {
+        self.inner.check_key(key)?;
+        let (entry, seq) = self.inner.entry_unsettled(key)?;
+        self.settle_async(seq).await?;
+        Ok(entry)
+    }
+
+    pub(crate) async fn remove_async(&self, key: &[u8]) -> Result<()> {
+        let seq = self.inner.remove_unsettled(key)?;
+        self.settle_async(seq).await
+    }
+}
