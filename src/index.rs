@@ -259,6 +259,18 @@ impl Index {
         (longest, if entries == 0 { 0.0 } else { total as f64 / entries as f64 })
     }
 
+    /// The hashes shard `number` holds: a contiguous range (shards are by a hash's top bits).
+    pub fn shard_hash_range(number: usize) -> std::ops::RangeInclusive<u64> {
+        let bits = SHARD_COUNT.trailing_zeros();
+        let start = (number as u64) << (64 - bits);
+        start..=start | (u64::MAX >> bits)
+    }
+
+    /// Shard number `number` (0..`SHARD_COUNT`).
+    pub fn shard_at(&self, number: usize) -> &LockedShard {
+        &self.shards[number]
+    }
+
     pub fn shards(&self) -> impl Iterator<Item = &LockedShard> {
         self.shards.iter()
     }

@@ -28,6 +28,12 @@ use crate::types::{Claim, ClaimToken, Completed, Entry, Orphan};
 
 mod async_ops;
 mod export;
+mod namespaces;
+mod scan;
+mod window_ops;
+
+pub use scan::Scan;
+pub use window_ops::Advance;
 
 /// An open store. `Send + Sync`: share it as `Arc<Store>`.
 pub struct Store {
@@ -69,6 +75,8 @@ struct Inner {
     restart_tables: Mutex<HashSet<u32>>,
     /// Async callers' waits: durable writes and keys in flight (see `async_ops`).
     async_waits: std::sync::Arc<async_ops::AsyncWaits>,
+    /// Counters of each namespace a handle was made for (see `crate::namespace`).
+    namespaces: Mutex<std::collections::HashMap<String, std::sync::Arc<crate::namespace::NamespaceCounters>>>,
     _lock: Option<Box<dyn DirLock>>,
 }
 
@@ -381,6 +389,7 @@ impl Store {
             maintenance: Mutex::new(()),
             restart_tables: Mutex::new(HashSet::new()),
             async_waits: Default::default(),
+            namespaces: Mutex::default(),
             _lock: lock,
             options,
         });

@@ -398,6 +398,30 @@ impl Table {
         Ok(())
     }
 
+    /// Every (hash, location) in the table whose hash lies in `range`, in hash order: a binary
+    /// search for its start, then one read of the run (each entry CRC-checked).
+    pub fn entries_in(&self, range: std::ops::RangeInclusive<u64>) -> Result<Vec<(u64, Loc)>> {
+        let (mut a, mut b) = (0, self.count);
+        while a < b {
+            let mid = a + (b - a) / 2;
+            if self.entry(mid)?.0 < *range.start() {
+                a = mid + 1;
+            } else {
+                b = mid;
+            }
+        }
+        let mut out = Vec::new();
+        while a < self.count {
+            let (hash, offset) = self.entry(a)?;
+            if hash > *range.end() {
+                break;
+            }
+            out.push((hash, Loc { segment: self.segment_id, offset }));
+            a += 1;
+        }
+        Ok(out)
+    }
+
     /// Every (hash, location) in the table.
     pub fn entries(&self) -> Result<Vec<(u64, Loc)>> {
         (0..self.count)
