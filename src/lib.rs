@@ -174,14 +174,14 @@ pub use clock::{Clock, ManualClock, STORE_TIME_MS_MAX, SystemClock, ms_to_system
 pub use dedupe_store::DedupeStore;
 pub use error::{Error, Result};
 pub use namespace::{NAMESPACE_NAME_MAX, Namespace, NamespaceStats, namespaced_key, split_namespaced_key};
-pub use options::{ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy, TTL_MAX};
+pub use options::{ClaimHook, ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy, TTL_MAX};
 pub use permissions::FileAccess;
 pub use recovery::{FileKind, FileReport, VerifyReport};
 pub use salvage::{LostRecord, QUARANTINE_DIR_NAME, SalvageOptions, SalvageReport, SalvagedFile};
 pub use stats::{RecoveryStats, Stats};
 pub use store::{Advance, Scan, Store};
 pub use transfer::{ExportedEntry, request_hash};
-pub use types::{Claim, ClaimToken, Completed, Entry, Orphan};
+pub use types::{Answer, Claim, ClaimEvent, ClaimToken, Completed, Entry, Orphan};
 
 /// Name of the lock file in a store directory.
 pub const LOCK_FILE_NAME: &str = "LOCK";

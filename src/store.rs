@@ -443,7 +443,9 @@ impl Store {
     /// a poisoned or read-only store. Under `Durability::Sync` it returns only once the record
     /// behind its answer is durable.
     pub fn claim_with(&self, key: impl AsRef<[u8]>, request: impl AsRef<[u8]>, options: ClaimOptions) -> Result<Claim> {
-        self.inner.claim(key.as_ref(), request.as_ref(), &options)
+        let answer = self.inner.claim(key.as_ref(), request.as_ref(), &options);
+        self.inner.report_claim(key.as_ref(), &answer);
+        answer
     }
 
     /// Claims a batch of keys, each with its request, as [`Store::claim_with`] would one after
@@ -465,7 +467,11 @@ impl Store {
         items: &[(K, R)],
         options: ClaimOptions,
     ) -> Vec<Result<Claim>> {
-        self.inner.claim_many(items, &options)
+        let answers = self.inner.claim_many(items, &options);
+        for ((key, _), answer) in items.iter().zip(&answers) {
+            self.inner.report_claim(key.as_ref(), answer);
+        }
+        answers
     }
 
     /// Completes a batch of held claims, each with its outcome, as [`Store::complete`] would
@@ -1285,6 +1291,13 @@ impl Inner {
         self.after_write();
         self.key_changed(locked, hash);
         Ok(written.seq)
+    }
+
+    /// Tells `Options::on_claim`, if set, how a claim of `key` was answered.
+    fn report_claim(&self, key: &[u8], answer: &Result<Claim>) {
+        if let (Some(hook), Ok(claim)) = (&self.options.on_claim, answer) {
+            hook(&crate::types::ClaimEvent { key, answer: claim.answer() });
+        }
     }
 
     /// Wakes whoever waits for the key with index hash `hash` (in shard `locked`): blocking

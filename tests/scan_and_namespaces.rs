@@ -147,3 +147,45 @@ fn namespace_encodings_never_collide() {
         assert_eq!(split_namespaced_key(&stored), Some((name, key)));
     }
 }
+
+#[test]
+fn the_claim_hook_tells_fresh_runs_resumes_replays_and_refusals_apart() {
+    use idemstore::{Answer, Options};
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<(Vec<u8>, Answer)>>> = Arc::default();
+    let clock = ManualClock::new(START_MS);
+    let dir = tempfile::tempdir().unwrap();
+    let hook_seen = Arc::clone(&seen);
+    let options = Options {
+        on_claim: Some(Arc::new(move |event: &idemstore::ClaimEvent<'_>| {
+            hook_seen.lock().unwrap().push((event.key.to_vec(), event.answer));
+        })),
+        default_lease: Duration::from_secs(5),
+        ..common::options(&clock)
+    };
+    let store = Store::open(dir.path(), options).unwrap();
+    let t = acquired(store.claim("a", b"r").unwrap());
+    assert!(matches!(store.claim("a", b"r"), Ok(Claim::InProgress { .. })));
+    store.complete(&t, b"done").unwrap();
+    assert_eq!(store.claim("a", b"r").unwrap().answer(), Answer::Replayed);
+    assert_eq!(store.claim("a", b"other").unwrap(), Claim::Mismatch);
+    let _held = acquired(store.claim("b", b"r").unwrap());
+    clock.advance(Duration::from_secs(6));
+    let many = store.claim_many(&[("b", "r"), ("c", "r")], ClaimOptions::default());
+    assert_eq!(many.len(), 2);
+    assert!(store.claim("", b"r").is_err(), "errors are not reported");
+    let ns = store.namespace("n").unwrap();
+    let _t = acquired(ns.claim("k", b"r").unwrap());
+    let seen = seen.lock().unwrap().clone();
+    let expected: Vec<(Vec<u8>, Answer)> = vec![
+        (b"a".to_vec(), Answer::Fresh),
+        (b"a".to_vec(), Answer::InProgress),
+        (b"a".to_vec(), Answer::Replayed),
+        (b"a".to_vec(), Answer::Mismatch),
+        (b"b".to_vec(), Answer::Fresh),
+        (b"b".to_vec(), Answer::Resumed),
+        (b"c".to_vec(), Answer::Fresh),
+        (namespaced_key("n", b"k").unwrap(), Answer::Fresh),
+    ];
+    assert_eq!(seen, expected);
+}

@@ -303,6 +303,12 @@ impl Store {
     }
 
     pub(crate) async fn claim_async(&self, key: &[u8], request: &[u8], options: ClaimOptions) -> Result<Claim> {
+        let answer = self.claim_async_unreported(key, request, options).await;
+        self.inner.report_claim(key, &answer);
+        answer
+    }
+
+    async fn claim_async_unreported(&self, key: &[u8], request: &[u8], options: ClaimOptions) -> Result<Claim> {
         let inner = &*self.inner;
         let hash = inner.key_hash(key);
         inner.index.prefetch_slot(hash);
