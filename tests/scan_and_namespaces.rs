@@ -152,7 +152,8 @@ fn namespace_encodings_never_collide() {
 fn the_claim_hook_tells_fresh_runs_resumes_replays_and_refusals_apart() {
     use idemstore::{Answer, Options};
     use std::sync::{Arc, Mutex};
-    let seen: Arc<Mutex<Vec<(Vec<u8>, Answer)>>> = Arc::default();
+    type Seen = Arc<Mutex<Vec<(Vec<u8>, Answer)>>>;
+    let seen: Seen = Arc::default();
     let clock = ManualClock::new(START_MS);
     let dir = tempfile::tempdir().unwrap();
     let hook_seen = Arc::clone(&seen);
