@@ -4,42 +4,15 @@
 //! times are read from the record itself, so a hash hit is always confirmed against the stored
 //! key and two keys that share a 64-bit hash stay two keys (the second goes to `spill`).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use crate::log::Loc;
+use crate::hash::{IdMap, Loc};
 use crate::segment_cache::SegmentCache;
 use crate::slots::{Slots, TableHint};
 use crate::sync::{Condvar, Mutex};
 
 /// Number of shards; a power of two. Enough that a shard's sweep after a bucket drop is short.
 pub const SHARD_COUNT: usize = 256;
-
-/// The key is already a hash: mix it once (a bijection) so the table's bucket and control bits
-/// are spread even though the shard was chosen from the top bits.
-#[derive(Default, Clone, Copy)]
-pub struct PremixedHasher(u64);
-
-impl Hasher for PremixedHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = crate::slots::mix(n);
-    }
-}
-
-/// A map keyed by an integer id (segments, buckets) with a cheap hasher.
-pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<PremixedHasher>>;
 
 /// Counters bumped under the shard lock: plain integers, so threads on different shards
 /// never fight over a counter's cache line. `Store::stats` sums them.

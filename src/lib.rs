@@ -142,6 +142,7 @@ mod error;
 mod filter;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod hash;
 mod index;
 pub mod io;
 mod log;

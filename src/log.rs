@@ -12,7 +12,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::index::IdMap;
+use crate::hash::IdMap;
+pub use crate::hash::Loc;
 use crate::io::Io;
 use crate::marks::Marks;
 use crate::record::Header;
@@ -20,14 +21,6 @@ use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
 use crate::segment_cache::SegmentCache;
 use crate::striped_map::StripedMap;
 use crate::time_floor::TimeFloor;
-
-/// Where a record lives: segment id and byte offset. This, and nothing about the record, is
-/// what the index keeps per key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Loc {
-    pub segment: u32,
-    pub offset: u32,
-}
 
 /// Sizes and limits the log works with.
 #[derive(Debug, Clone)]

@@ -6,9 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::index::{IdMap, Index};
+use crate::hash::IdMap;
+use crate::hash::Loc;
+use crate::index::Index;
 use crate::io::Io;
-use crate::log::Loc;
 use crate::record::{self, HEADER_LEN, RECORD_ALIGN};
 use crate::segment::{Probe, SEGMENT_HEADER_LEN, Segment, parse_segment_file_name, segment_file_name};
 use crate::stats::RecoveryStats;

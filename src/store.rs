@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::clock::{StoreTime, duration_to_ms, ms_to_system_time};
 use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
+use crate::hash::key_hash;
 use crate::index::{Index, Shard};
 use crate::io::DirLock;
 use crate::log::{Loc, Log, LogLimits};
@@ -50,7 +51,7 @@ struct Inner {
     identity: u64,
     /// How keys are hashed for the index: under the store's secret, or unkeyed in a version 1
     /// store (`Options::key_hash`, a test seam, overrides it).
-    index_hash: crate::meta::IndexHash,
+    index_hash: crate::hash::IndexHash,
     /// What sealed tables record of that hash (see `IndexHash::table_mark`).
     table_mark: u32,
     recovery: RecoveryStats,
@@ -1423,7 +1424,7 @@ impl Inner {
             return Ok(0);
         }
         let sealing: std::collections::HashSet<u32> = to_seal.iter().map(|s| s.id()).collect();
-        let mut entries: crate::index::IdMap<u32, Vec<(u64, u32)>> = Default::default();
+        let mut entries: crate::hash::IdMap<u32, Vec<(u64, u32)>> = Default::default();
         for locked in self.index.shards() {
             for (hash, loc) in locked.shard.lock().entries() {
                 if sealing.contains(&loc.segment) {
@@ -1968,15 +1969,6 @@ const MAINTENANCE_FAILURES_WARNED: u64 = 3;
 /// Keys a batch (`claim_many`, `complete_many`) warms together: enough memory misses in flight
 /// to cover their latency, few enough that the first key's lines are still cached at its turn.
 const BATCH_WINDOW: usize = 16;
-
-/// A key's 64-bit index hash: `Options::key_hash` when set, else the store's own.
-#[inline]
-fn key_hash(custom: Option<crate::options::KeyHashFn>, own: &crate::meta::IndexHash, key: &[u8]) -> u64 {
-    match custom {
-        Some(f) => f(key),
-        None => own.hash(key),
-    }
-}
 
 /// Group commit's view of the store: sync the log, and see how far it has been written.
 struct LogSyncer<'a>(&'a Inner);

@@ -31,8 +31,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::filter::BlockedBloom;
+use crate::hash::Loc;
 use crate::io::{Io, IoFile};
-use crate::log::Loc;
 use crate::record::{u32_at, u64_at};
 use std::sync::Arc;
 
