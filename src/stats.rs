@@ -19,6 +19,43 @@ pub(crate) struct Counters {
     pub last_maintenance_error: parking_lot::Mutex<Option<String>>,
 }
 
+/// Counters bumped under the shard lock: plain integers, so threads on different shards
+/// never fight over a counter's cache line. `Store::stats` sums them.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ShardCounters {
+    pub claims_acquired: u64,
+    pub claims_in_progress: u64,
+    pub claims_replayed: u64,
+    pub claims_waited: u64,
+    pub mismatches: u64,
+    pub lease_takeovers: u64,
+    pub orphan_takeovers: u64,
+    pub stale_tokens: u64,
+    pub completes: u64,
+    pub checkpoints: u64,
+    pub releases: u64,
+    pub removes: u64,
+    pub keys_expired: u64,
+}
+
+impl ShardCounters {
+    pub fn add(&mut self, o: &ShardCounters) {
+        self.claims_acquired += o.claims_acquired;
+        self.claims_in_progress += o.claims_in_progress;
+        self.claims_replayed += o.claims_replayed;
+        self.claims_waited += o.claims_waited;
+        self.mismatches += o.mismatches;
+        self.lease_takeovers += o.lease_takeovers;
+        self.orphan_takeovers += o.orphan_takeovers;
+        self.stale_tokens += o.stale_tokens;
+        self.completes += o.completes;
+        self.checkpoints += o.checkpoints;
+        self.releases += o.releases;
+        self.removes += o.removes;
+        self.keys_expired += o.keys_expired;
+    }
+}
+
 /// What recovery found when the store was opened.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryStats {

@@ -28,10 +28,10 @@ use std::path::Path;
 
 use xxhash_rust::xxh3::SecretInput;
 
+use crate::bytes::u32_at;
 use crate::error::{Error, Result};
 use crate::hash::{IndexHash, SECRET_LEN};
 use crate::io::Io;
-use crate::record::u32_at;
 
 /// Name of the metadata file in a store directory.
 pub const META_FILE_NAME: &str = "META";
@@ -49,9 +49,9 @@ const LEN: usize = CRC_AT + 4;
 /// not). `LOCK` and `TIME` alone hold no key.
 fn holds_data(names: &[String]) -> bool {
     names.iter().any(|n| {
-        crate::segment::parse_segment_file_name(n).is_some()
-            || crate::table::parse_table_file_name(n).is_some()
-            || crate::table::parse_table_tmp_file_name(n).is_some()
+        crate::log::segment::parse_segment_file_name(n).is_some()
+            || crate::sealed::parse_table_file_name(n).is_some()
+            || crate::sealed::parse_table_tmp_file_name(n).is_some()
     })
 }
 
@@ -141,7 +141,7 @@ fn read(io: &dyn Io, dir: &Path) -> Result<IndexHash> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::SimDisk;
+    use crate::io::sim::SimDisk;
 
     #[test]
     fn a_written_meta_reads_back_the_same_secret() {

@@ -6,6 +6,13 @@
 //! `StripedMap`, a change takes them all in order) are leaves: nothing else is taken while one
 //! is held.
 
+pub mod marks;
+pub mod record;
+pub mod segment;
+pub mod segment_cache;
+pub mod striped_map;
+pub mod time_floor;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -15,12 +22,12 @@ use crate::error::{Error, Result};
 use crate::hash::IdMap;
 pub use crate::hash::Loc;
 use crate::io::Io;
-use crate::marks::Marks;
-use crate::record::Header;
-use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
-use crate::segment_cache::SegmentCache;
-use crate::striped_map::StripedMap;
-use crate::time_floor::TimeFloor;
+use crate::log::marks::Marks;
+use crate::log::record::Header;
+use crate::log::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
+use crate::log::segment_cache::SegmentCache;
+use crate::log::striped_map::StripedMap;
+use crate::log::time_floor::TimeFloor;
 
 /// Sizes and limits the log works with.
 #[derive(Debug, Clone)]
@@ -190,7 +197,7 @@ impl Log {
 
     /// Makes the marks durable (at close, after the final sync).
     pub fn sync_marks(&self) -> Result<()> {
-        let path = self.dir.join(crate::marks::MARKS_FILE_NAME);
+        let path = self.dir.join(crate::log::marks::MARKS_FILE_NAME);
         self.marks.sync().map_err(|e| Error::io("sync marks file", path, e))
     }
 
@@ -303,7 +310,7 @@ impl Log {
             // ids in the order they take records (sealed lookups rely on it), so this spare,
             // with its smaller id, is not used. (An empty file: reopen would remove it too.)
             drop(app);
-            let path = self.dir.join(crate::segment::segment_file_name(id));
+            let path = self.dir.join(crate::log::segment::segment_file_name(id));
             drop(spare);
             let _ = self.io.remove(&path);
             return Ok(());
@@ -661,8 +668,8 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Kind;
-    use crate::sim::SimDisk;
+    use crate::io::sim::SimDisk;
+    use crate::log::record::Kind;
 
     const WIDTH_MS: u64 = 60_000;
 

@@ -14,17 +14,17 @@ use crate::clock::{StoreTime, duration_to_ms, ms_to_system_time};
 use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
 use crate::hash::key_hash;
-use crate::index::{Index, Shard};
 use crate::io::DirLock;
+use crate::log::record::{HEADER_LEN, Header, Kind, VALUE_LEN_FORMAT_MAX, align_up};
+use crate::log::segment::{SEGMENT_HEADER_LEN, Segment};
+use crate::log::segment_cache::SegmentCache;
 use crate::log::{Loc, Log, LogLimits};
 use crate::options::{ClaimOptions, Durability, Options, OrphanPolicy};
-use crate::record::{HEADER_LEN, Header, Kind, VALUE_LEN_FORMAT_MAX, align_up};
+use crate::recovery::store_dir::take_writer_lock;
 use crate::recovery::{self, Mode, VerifyReport};
-use crate::segment::{SEGMENT_HEADER_LEN, Segment};
-use crate::segment_cache::SegmentCache;
-use crate::stats::{Counters, RecoveryStats, Stats};
+use crate::sealed::{SealedTables, Table, TableBounds};
+use crate::stats::{Counters, RecoveryStats, ShardCounters, Stats};
 use crate::sync::{Arc, Condvar, Mutex};
-use crate::table::{SealedTables, Table, TableBounds};
 use crate::types::{Claim, ClaimToken, Completed, Entry, Orphan};
 
 /// An open store. `Send + Sync`: share it as `Arc<Store>`.
@@ -68,6 +68,25 @@ struct Inner {
     _lock: Option<Box<dyn DirLock>>,
 }
 
+/// What the store keeps beside each index shard, under the shard's lock: plain counters (so
+/// threads on different shards never fight over a counter's cache line) and handles to the
+/// segments the shard's records live in (read without the log's map).
+#[derive(Default)]
+struct ShardLocal {
+    segments: SegmentCache,
+    counters: ShardCounters,
+}
+
+type Index = crate::index::Index<ShardLocal>;
+type Shard = crate::index::Shard<ShardLocal>;
+
+/// Drops every entry of `shard` whose segment `is_live` rejects, and its handles to those
+/// segments; returns how many entries went.
+fn sweep_shard(shard: &mut Shard, is_live: impl Fn(u32) -> bool) -> usize {
+    shard.local.segments.retain(&is_live);
+    shard.retain_live(is_live)
+}
+
 /// A key's latest record, which the record being written supersedes.
 #[derive(Debug, Clone, Copy)]
 struct Superseded {
@@ -96,7 +115,7 @@ enum Current<'a> {
 }
 
 fn validate_options(options: &Options) -> Result<()> {
-    if options.max_key_len == 0 || options.max_key_len > crate::record::KEY_LEN_FORMAT_MAX {
+    if options.max_key_len == 0 || options.max_key_len > crate::log::record::KEY_LEN_FORMAT_MAX {
         return Err(Error::InvalidArgument("max_key_len must be 1..=65535"));
     }
     if options.max_outcome_len > VALUE_LEN_FORMAT_MAX {
@@ -126,27 +145,6 @@ fn validate_options(options: &Options) -> Result<()> {
         return Err(Error::InvalidArgument("segment_bytes_max must hold the largest record and be at most 4 GiB"));
     }
     Ok(())
-}
-
-/// Takes the writer's lock of the store in `dir` (`Store::open`, `salvage`): `Error::Locked`
-/// when another open store holds it. A lock released a moment ago may still be held by a child
-/// process that another thread is spawning (the descriptor lives on in it until its exec), so
-/// a refusal is retried briefly before it is reported.
-pub(crate) fn take_writer_lock(io: &dyn crate::io::Io, dir: &Path) -> Result<Box<dyn DirLock>> {
-    let mut attempts = 0;
-    loop {
-        match io.lock_dir(dir) {
-            Ok(lock) => return Ok(lock),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 5 => {
-                attempts += 1;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(Error::Locked { dir: dir.to_path_buf() });
-            }
-            Err(e) => return Err(Error::io("open lock file", dir.join(crate::LOCK_FILE_NAME), e)),
-        }
-    }
 }
 
 /// The longest `Durability::Periodic` interval accepted: a day. Longer is `InvalidArgument` (a
@@ -224,24 +222,24 @@ impl Store {
         // Before anything is created: a typo'd path, a file or another program's directory is
         // an error, not a new empty store (which would dedupe nothing that came before).
         match io.list(&dir) {
-            Ok(names) => match crate::store_dir::classify(&names) {
-                crate::store_dir::Contents::Store => {}
-                crate::store_dir::Contents::Empty if options.create_if_missing => {}
-                contents => return Err(crate::store_dir::not_a_store(&dir, &contents)),
+            Ok(names) => match crate::recovery::store_dir::classify(&names) {
+                crate::recovery::store_dir::Contents::Store => {}
+                crate::recovery::store_dir::Contents::Empty if options.create_if_missing => {}
+                contents => return Err(crate::recovery::store_dir::not_a_store(&dir, &contents)),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && options.create_if_missing => {}
-            Err(e) => return Err(crate::store_dir::unlistable(&dir, e)),
+            Err(e) => return Err(crate::recovery::store_dir::unlistable(&dir, e)),
         }
         io.create_dir_all(&dir).map_err(|e| Error::io("create store directory", &dir, e))?;
         // Before the lock file: nothing is created in a directory others can write.
-        crate::permissions::refuse_unsafe(io.as_ref(), &dir)?;
+        crate::io::permissions::refuse_unsafe(io.as_ref(), &dir)?;
         let lock = take_writer_lock(io.as_ref(), &dir)?;
         let incarnation = new_incarnation(&dir)?;
         let store = Self::open_inner(dir, options, Some(lock), Mode::Writer, incarnation)?;
         // Only an open that succeeded writes anything (a refused open changes no file).
         if let Some(lock) = &store.inner._lock {
             lock.set_owner(crate::io::LockOwner { incarnation, pid: std::process::id() })
-                .map_err(|e| Error::io("write lock file", store.inner.dir.join(crate::LOCK_FILE_NAME), e))?;
+                .map_err(|e| Error::io("write lock file", store.inner.dir.join(crate::io::LOCK_FILE_NAME), e))?;
         }
         Ok(store)
     }
@@ -252,10 +250,11 @@ impl Store {
     /// rule; the `idemstore` command line checks every path with it.
     pub fn check_is_store(dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
-        let names = crate::io::Io::list(&crate::io::RealIo, dir).map_err(|e| crate::store_dir::unlistable(dir, e))?;
-        match crate::store_dir::classify(&names) {
-            crate::store_dir::Contents::Store => Ok(()),
-            contents => Err(crate::store_dir::not_a_store(dir, &contents)),
+        let names =
+            crate::io::Io::list(&crate::io::RealIo, dir).map_err(|e| crate::recovery::store_dir::unlistable(dir, e))?;
+        match crate::recovery::store_dir::classify(&names) {
+            crate::recovery::store_dir::Contents::Store => Ok(()),
+            contents => Err(crate::recovery::store_dir::not_a_store(dir, &contents)),
         }
     }
 
@@ -291,14 +290,14 @@ impl Store {
     ) -> Result<Store> {
         let started = Instant::now();
         let io = options.io.clone();
-        let saved_floor_ms = crate::time_floor::read(io.as_ref(), &dir);
+        let saved_floor_ms = crate::log::time_floor::read(io.as_ref(), &dir);
         let probe_time = StoreTime::new(options.clock.clone(), saved_floor_ms);
         // Checked before recovery, which deletes the buckets that end before this time: a clock
         // far in the future must not make the whole window expire on disk.
         check_store_time(probe_time.now_ms())?;
         let names = io.list(&dir).map_err(|e| Error::io("list store directory", &dir, e))?;
         // Read (or, for a new store, drawn and written) before any segment is created.
-        let index_hash = crate::meta::load(io.as_ref(), &dir, &names, mode == Mode::Writer)?;
+        let index_hash = crate::recovery::meta::load(io.as_ref(), &dir, &names, mode == Mode::Writer)?;
         let table_mark = index_hash.table_mark();
         let key_hash_fn = options.key_hash;
         let hasher = |k: &[u8]| key_hash(key_hash_fn, &index_hash, k);
@@ -382,7 +381,7 @@ impl Store {
         let mut background = Vec::new();
         if inner.options.background && mode == Mode::Writer {
             // The housekeeper renews the time floor ahead of need (see `LEAD_MS`).
-            inner.log.time_floor().set_lead(crate::time_floor::LEAD_MS);
+            inner.log.time_floor().set_lead(crate::log::time_floor::LEAD_MS);
             let worker = inner.clone();
             background.push(
                 std::thread::Builder::new()
@@ -514,8 +513,8 @@ impl Store {
     /// with `access`: the sentences `Stats::warnings` would carry (each ends with the `chmod`
     /// that fixes it); empty when nothing is. Reads the directory's mode only, without opening
     /// the store, so it works on a live or damaged one (`idemstore verify` prints them).
-    pub fn permission_warnings(dir: impl AsRef<Path>, access: crate::FileAccess) -> Vec<String> {
-        crate::permissions::warnings(Options::default().io.as_ref(), dir.as_ref(), access)
+    pub fn permission_warnings(dir: impl AsRef<Path>, access: crate::io::permissions::FileAccess) -> Vec<String> {
+        crate::io::permissions::warnings(Options::default().io.as_ref(), dir.as_ref(), access)
     }
 
     /// In-flight claims whose holder belonged to an earlier process.
@@ -741,9 +740,9 @@ impl Inner {
         };
 
         let mut gone: Option<Vec<Loc>> = None;
-        let (candidates, segments) = shard.candidates_and_segments(hash);
+        let (candidates, local) = shard.candidates_and_local(hash);
         for loc in candidates {
-            match probe(loc, slot, segments) {
+            match probe(loc, slot, &mut local.segments) {
                 None => gone.get_or_insert_with(Vec::new).push(loc),
                 Some(Ok(true)) => break,
                 Some(Ok(false)) => {}
@@ -752,7 +751,7 @@ impl Inner {
         }
         for loc in gone.into_iter().flatten() {
             shard.remove(hash, loc);
-            shard.counters.keys_expired += 1;
+            shard.local.counters.keys_expired += 1;
         }
         if slot.is_some() {
             // Invariant: a key's entry in RAM is newer than any of its sealed entries.
@@ -760,7 +759,7 @@ impl Inner {
         }
         // Not in RAM: its latest sealed record, if any (usually the filters say no). Tables
         // come newest first, so the first one holding the key holds its latest record.
-        let segments = shard.segments();
+        let segments = &mut shard.local.segments;
         self.sealed.visit(hash, &mut |loc| Ok(probe(loc, slot, segments).transpose()?.unwrap_or(false)))
     }
 
@@ -1061,18 +1060,18 @@ impl Inner {
                     let header = self.claim_record(key, now_ms, ttl_ms, lease_ms, request_hash);
                     let (written, loc) = self.append(header, key, &[], old)?;
                     shard.set(hash, old.map(|o| o.loc), loc);
-                    shard.counters.claims_acquired += 1;
+                    shard.local.counters.claims_acquired += 1;
                     break (Claim::Acquired(token_for(self.identity, key, &written, false, Vec::new())), written.seq);
                 }
                 Current::Completed(found) => {
                     if found.header.request_hash != request_hash {
-                        shard.counters.mismatches += 1;
+                        shard.local.counters.mismatches += 1;
                         break (Claim::Mismatch, seen_seq);
                     }
                     if waited {
-                        shard.counters.claims_waited += 1;
+                        shard.local.counters.claims_waited += 1;
                     } else {
-                        shard.counters.claims_replayed += 1;
+                        shard.local.counters.claims_replayed += 1;
                     }
                     let outcome = std::mem::take(&mut found.value);
                     break (Claim::Completed(completed_from(&found.header, outcome)), seen_seq);
@@ -1080,7 +1079,7 @@ impl Inner {
                 Current::InFlight(found) => {
                     let header = found.header;
                     if header.request_hash != request_hash {
-                        shard.counters.mismatches += 1;
+                        shard.local.counters.mismatches += 1;
                         break (Claim::Mismatch, seen_seq);
                     }
                     let orphaned = header.incarnation != self.incarnation;
@@ -1097,11 +1096,11 @@ impl Inner {
                         let (written, new_loc) = self.append(takeover, key, &checkpoint, old)?;
                         debug_assert!(written.token > header.token, "fencing tokens only grow");
                         shard.set(hash, old.map(|o| o.loc), new_loc);
-                        shard.counters.claims_acquired += 1;
+                        shard.local.counters.claims_acquired += 1;
                         if orphan_takeover && !lease_over {
-                            shard.counters.orphan_takeovers += 1;
+                            shard.local.counters.orphan_takeovers += 1;
                         } else {
-                            shard.counters.lease_takeovers += 1;
+                            shard.local.counters.lease_takeovers += 1;
                         }
                         break (
                             Claim::Acquired(token_for(self.identity, key, &written, true, checkpoint)),
@@ -1124,7 +1123,7 @@ impl Inner {
                             waited = true;
                         }
                         _ => {
-                            shard.counters.claims_in_progress += 1;
+                            shard.local.counters.claims_in_progress += 1;
                             let lease_expires_at = ms_to_system_time(header.lease_until_ms);
                             break (Claim::InProgress { lease_expires_at }, seen_seq);
                         }
@@ -1194,7 +1193,7 @@ impl Inner {
         let held = match state {
             Current::InFlight(found) if found.header.token == token.id => found.header,
             _ => {
-                shard.counters.stale_tokens += 1;
+                shard.local.counters.stale_tokens += 1;
                 return Ok((Err(Error::StaleToken), seen_seq));
             }
         };
@@ -1207,12 +1206,12 @@ impl Inner {
         let (written, new_loc) = self.append(header, key, value, old)?;
         shard.set(hash, old.map(|o| o.loc), new_loc);
         match kind {
-            Kind::Complete => shard.counters.completes += 1,
+            Kind::Complete => shard.local.counters.completes += 1,
             Kind::Checkpoint => {
-                shard.counters.checkpoints += 1;
+                shard.local.counters.checkpoints += 1;
                 token.lease_until_ms.store(written.lease_until_ms, AtomicOrdering::Relaxed);
             }
-            _ => shard.counters.releases += 1,
+            _ => shard.local.counters.releases += 1,
         }
         drop(shard);
         self.after_write();
@@ -1278,7 +1277,7 @@ impl Inner {
         let tombstone = Header { kind: Kind::Remove, value_len: 0, seq: 0, written_at_ms: now_ms, ..header };
         let (written, new_loc) = self.append(tombstone, key, &[], old)?;
         shard.set(hash, old.map(|o| o.loc), new_loc);
-        shard.counters.removes += 1;
+        shard.local.counters.removes += 1;
         drop(shard);
         self.after_write();
         locked.changed.notify_all();
@@ -1468,7 +1467,7 @@ impl Inner {
             gone
         };
         for &id in &gone {
-            let path = self.dir.join(crate::table::table_file_name(id));
+            let path = self.dir.join(crate::sealed::table_file_name(id));
             match self.options.io.remove(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(Error::io("delete expired table", &path, e));
@@ -1597,7 +1596,7 @@ impl Inner {
     fn drop_index_entries(&self, gone: impl Fn(u32) -> bool) -> u64 {
         let mut dropped = 0u64;
         for locked in self.index.shards() {
-            dropped += locked.shard.lock().retain_live(|segment| !gone(segment)) as u64;
+            dropped += sweep_shard(&mut locked.shard.lock(), |segment| !gone(segment)) as u64;
             crate::pace::breathe();
             locked.shard.lock().shrink();
             crate::pace::breathe();
@@ -1847,7 +1846,7 @@ impl Inner {
         let Ok(names) = io.list(&self.dir) else { return 0 };
         let mut bytes = 0;
         for name in names {
-            let Some(id) = crate::segment::parse_segment_file_name(&name) else { continue };
+            let Some(id) = crate::log::segment::parse_segment_file_name(&name) else { continue };
             if self.log.holds_segment(id) {
                 continue;
             }
@@ -1864,11 +1863,11 @@ impl Inner {
     fn stats(&self) -> Stats {
         let c = &self.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(AtomicOrdering::Relaxed);
-        let mut s = crate::index::ShardCounters::default();
+        let mut s = ShardCounters::default();
         let mut index_entries = 0u64;
         for locked in self.index.shards() {
             let shard = locked.shard.lock();
-            s.add(&shard.counters);
+            s.add(&shard.local.counters);
             index_entries += shard.len() as u64;
         }
         let (syncs, synced_records) = self.commit.counters();
@@ -1910,7 +1909,7 @@ impl Inner {
             // Read at each call (one `stat`): a `chmod` that fixes the directory shows at once.
             warnings: {
                 let mut warnings =
-                    crate::permissions::warnings(self.options.io.as_ref(), &self.dir, self.options.file_access);
+                    crate::io::permissions::warnings(self.options.io.as_ref(), &self.dir, self.options.file_access);
                 warnings.extend(self.maintenance_warning());
                 warnings
             },
@@ -2018,5 +2017,33 @@ fn give_memory_back() {
     // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_lets_go_of_the_handles_of_dead_segments() {
+        use crate::io::Io;
+        let disk = crate::io::sim::SimDisk::new();
+        let dir = std::path::Path::new("/store");
+        disk.create_dir_all(dir).unwrap();
+        let mut shard = Shard::default();
+        for id in [1, 2] {
+            let header = crate::log::segment::SegmentHeader {
+                id,
+                bucket_start_ms: 0,
+                bucket_end_ms: 1,
+                created_at_ms: 0,
+                rebuilt: false,
+            };
+            let segment = crate::log::segment::Segment::create(&disk, dir, header, 4096, 4096, false).unwrap();
+            shard.local.segments.way_mut(id).replace(std::sync::Arc::new(segment));
+        }
+        sweep_shard(&mut shard, |s| s == 2);
+        assert!(shard.local.segments.way_mut(1).is_none(), "the dead segment's handle stayed");
+        assert!(shard.local.segments.way_mut(2).is_some(), "the live segment's handle went");
     }
 }
