@@ -8,8 +8,6 @@ use std::sync::atomic::AtomicU64;
 pub(crate) struct Counters {
     pub keys_expired: AtomicU64,
     pub buckets_expired: AtomicU64,
-    pub sync_latency_us_total: AtomicU64,
-    pub sync_latency_us_max: AtomicU64,
     /// Failed background passes (see `Stats::maintenance_errors_total`).
     pub maintenance_errors: AtomicU64,
     /// Maintenance passes failed in a row since the last one that succeeded (a panic counts as

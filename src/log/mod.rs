@@ -11,6 +11,7 @@ pub mod record;
 pub mod segment;
 pub mod segment_cache;
 pub mod striped_map;
+pub mod syncer;
 pub mod time_floor;
 
 use std::path::PathBuf;
@@ -114,6 +115,8 @@ pub struct Log {
     /// How far each segment is known durable (`MARKS`; see `marks.rs`): raised after each
     /// sync. Written only once a writer loads them (`Log::load_marks`).
     marks: Marks,
+    /// Time spent in syncs of the log (see `syncer.rs`).
+    sync_latency: syncer::SyncLatency,
     /// Test seam: run once by the next `retire_idle`, right after its retire decision and
     /// before it hands the segments to seal back (see `Log::on_next_retire`).
     #[cfg(any(test, feature = "sim"))]
@@ -145,6 +148,7 @@ impl Log {
         Log {
             time_floor: TimeFloor::new(io.clone(), dir.clone()),
             marks: Marks::disabled(io.clone(), dir.clone()),
+            sync_latency: Default::default(),
             io,
             dir,
             limits,
@@ -546,7 +550,7 @@ impl Log {
     }
 
     /// Takes what the next sync must cover; the caller syncs it without holding any lock.
-    pub fn take_sync_batch(&self) -> SyncBatch {
+    fn take_sync_batch(&self) -> SyncBatch {
         let mut app = self.appender.lock();
         self.unsynced_bytes.store(0, std::sync::atomic::Ordering::Relaxed);
         let segments = std::mem::take(&mut app.dirty);
@@ -558,7 +562,7 @@ impl Log {
     /// Syncs a batch: every dirty segment (fdatasync). New files' directory entries were
     /// made durable when the files were created. The batch's records now hold its latest
     /// store time durably: the time floor rises to it.
-    pub fn sync_batch(&self, batch: &SyncBatch) -> std::io::Result<()> {
+    fn sync_batch(&self, batch: &SyncBatch) -> std::io::Result<()> {
         for segment in &batch.segments {
             segment.sync()?;
         }

@@ -1,9 +1,17 @@
-//! Waiting for durability: group commit through the log's syncer, the time floor, and backpressure
+//! Waiting for durability: group commit through the log's syncer (the path runs one way:
+//! store -> group commit -> log), the time floor, and backpressure
 //! on a large unsynced batch.
 
 use super::*;
+use crate::log::syncer::LogSyncer;
 
 impl Inner {
+    /// What group commit syncs through: the log, which also raises the time floor as far as
+    /// the answers given (a read-only view keeps no floor).
+    pub(super) fn syncer(&self) -> LogSyncer<'_> {
+        self.log.syncer(&self.time, !self.read_only)
+    }
+
     /// Under `Sync`, waits until record `seq` (the one an answer was read from or written) is
     /// durable, leading a group-commit sync if nobody else is.
     pub(super) fn settle(&self, seq: u64) -> Result<()> {
@@ -13,17 +21,7 @@ impl Inner {
         if self.options.durability != Durability::Sync {
             return Ok(());
         }
-        self.commit.wait_durable(seq, &LogSyncer(self))
-    }
-
-    pub(super) fn sync_batch(&self) -> std::io::Result<u64> {
-        let started = Instant::now();
-        let batch = self.log.take_sync_batch();
-        self.log.sync_batch(&batch)?;
-        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.counters.sync_latency_us_total.fetch_add(us, AtomicOrdering::Relaxed);
-        self.counters.sync_latency_us_max.fetch_max(us, AtomicOrdering::Relaxed);
-        Ok(batch.through_seq)
+        self.commit.wait_durable(seq, &self.syncer())
     }
 
     /// Saves the store's time as the floor for the next open. With `sync` (close, drop), the
@@ -59,7 +57,7 @@ impl Inner {
             return Ok(());
         }
         // Seq 0 (nothing written) is durable at once: this then only reports a poisoned store.
-        self.commit.wait_durable(self.log.last_seq(), &LogSyncer(self))
+        self.commit.wait_durable(self.log.last_seq(), &self.syncer())
     }
 
     /// Under `Sync`, keeps one group-commit batch under `batch_bytes_max`.
@@ -68,25 +66,5 @@ impl Inner {
             self.sync_all()?;
         }
         Ok(())
-    }
-}
-
-/// Group commit's view of the store: sync the log, and see how far it has been written.
-pub(super) struct LogSyncer<'a>(&'a Inner);
-
-impl crate::commit::Syncer for LogSyncer<'_> {
-    fn sync_all(&self) -> std::io::Result<u64> {
-        self.0.sync_batch()
-    }
-
-    fn written_seq(&self) -> Option<u64> {
-        Some(self.0.log.last_seq())
-    }
-
-    fn cover_time(&self) -> Result<()> {
-        if self.0.read_only {
-            return Ok(());
-        }
-        self.0.log.time_floor().cover(self.0.time.latest_ms())
     }
 }

@@ -38,6 +38,7 @@ impl Inner {
         let (syncs, synced_records) = self.commit.counters();
         let (sealed_tables, sealed_entries, sealed_filter_bytes) = self.sealed.totals();
         let (live_bytes, dead_bytes) = self.log.live_and_dead_bytes();
+        let (sync_latency_us_total, sync_latency_us_max) = self.log.sync_latency_us();
         Stats {
             claims_acquired_total: s.claims_acquired,
             duplicates_in_progress_total: s.claims_in_progress,
@@ -67,8 +68,8 @@ impl Inner {
             disk_bytes: self.log.disk_bytes() + if self.read_only { self.spare_bytes_on_disk() } else { 0 },
             syncs_total: syncs,
             synced_records_total: synced_records,
-            sync_latency_us_total: load(&c.sync_latency_us_total),
-            sync_latency_us_max: load(&c.sync_latency_us_max),
+            sync_latency_us_total,
+            sync_latency_us_max,
             last_seq: self.log.last_seq(),
             durable_seq: self.commit.durable_seq(),
             // Read at each call (one `stat`): a `chmod` that fixes the directory shows at once.
