@@ -53,18 +53,18 @@ impl Inner {
                     let header = self.claim_record(key, now_ms, ttl_ms, lease_ms, request_hash);
                     let (written, loc) = self.append(header, key, &[], old)?;
                     shard.set(hash, old.map(|o| o.loc), loc);
-                    shard.local.counters.claims_acquired += 1;
+                    shard.local.counters.claims_acquired_total += 1;
                     break (Claim::Acquired(token_for(self.identity, key, &written, false, Vec::new())), written.seq);
                 }
                 Current::Completed(found) => {
                     if found.header.request_hash != request_hash {
-                        shard.local.counters.mismatches += 1;
+                        shard.local.counters.mismatches_total += 1;
                         break (Claim::Mismatch, seen_seq);
                     }
                     if waited {
-                        shard.local.counters.claims_waited += 1;
+                        shard.local.counters.duplicates_waited_total += 1;
                     } else {
-                        shard.local.counters.claims_replayed += 1;
+                        shard.local.counters.duplicates_replayed_total += 1;
                     }
                     let outcome = std::mem::take(&mut found.value);
                     break (Claim::Completed(completed_from(&found.header, outcome)), seen_seq);
@@ -72,7 +72,7 @@ impl Inner {
                 Current::InFlight(found) => {
                     let header = found.header;
                     if header.request_hash != request_hash {
-                        shard.local.counters.mismatches += 1;
+                        shard.local.counters.mismatches_total += 1;
                         break (Claim::Mismatch, seen_seq);
                     }
                     let orphaned = header.incarnation != self.incarnation;
@@ -89,11 +89,11 @@ impl Inner {
                         let (written, new_loc) = self.append(takeover, key, &checkpoint, old)?;
                         debug_assert!(written.token > header.token, "fencing tokens only grow");
                         shard.set(hash, old.map(|o| o.loc), new_loc);
-                        shard.local.counters.claims_acquired += 1;
+                        shard.local.counters.claims_acquired_total += 1;
                         if orphan_takeover && !lease_over {
-                            shard.local.counters.orphan_takeovers += 1;
+                            shard.local.counters.orphan_takeovers_total += 1;
                         } else {
-                            shard.local.counters.lease_takeovers += 1;
+                            shard.local.counters.lease_takeovers_total += 1;
                         }
                         break (
                             Claim::Acquired(token_for(self.identity, key, &written, true, checkpoint)),
@@ -116,7 +116,7 @@ impl Inner {
                             waited = true;
                         }
                         _ => {
-                            shard.local.counters.claims_in_progress += 1;
+                            shard.local.counters.duplicates_in_progress_total += 1;
                             let lease_expires_at = ms_to_system_time(header.lease_until_ms);
                             break (Claim::InProgress { lease_expires_at }, seen_seq);
                         }

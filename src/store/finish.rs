@@ -45,7 +45,7 @@ impl Inner {
         let held = match state {
             Current::InFlight(found) if found.header.token == token.id => found.header,
             _ => {
-                shard.local.counters.stale_tokens += 1;
+                shard.local.counters.stale_tokens_total += 1;
                 return Ok((Err(Error::StaleToken), seen_seq));
             }
         };
@@ -58,12 +58,12 @@ impl Inner {
         let (written, new_loc) = self.append(header, key, value, old)?;
         shard.set(hash, old.map(|o| o.loc), new_loc);
         match kind {
-            Kind::Complete => shard.local.counters.completes += 1,
+            Kind::Complete => shard.local.counters.completes_total += 1,
             Kind::Checkpoint => {
-                shard.local.counters.checkpoints += 1;
+                shard.local.counters.checkpoints_total += 1;
                 token.lease_until_ms.store(written.lease_until_ms, AtomicOrdering::Relaxed);
             }
-            _ => shard.local.counters.releases += 1,
+            _ => shard.local.counters.releases_total += 1,
         }
         drop(shard);
         self.after_write();
@@ -92,7 +92,7 @@ impl Inner {
         let tombstone = Header { kind: Kind::Remove, value_len: 0, seq: 0, written_at_ms: now_ms, ..header };
         let (written, new_loc) = self.append(tombstone, key, &[], old)?;
         shard.set(hash, old.map(|o| o.loc), new_loc);
-        shard.local.counters.removes += 1;
+        shard.local.counters.removes_total += 1;
         drop(shard);
         self.after_write();
         locked.changed.notify_all();

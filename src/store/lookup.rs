@@ -72,7 +72,7 @@ impl Inner {
         }
         for loc in gone.into_iter().flatten() {
             shard.remove(hash, loc);
-            shard.local.counters.keys_expired += 1;
+            shard.local.counters.keys_expired_total += 1;
         }
         if slot.is_some() {
             // Invariant: a key's entry in RAM is newer than any of its sealed entries.

@@ -28,31 +28,20 @@ impl Inner {
     pub(super) fn stats(&self) -> Stats {
         let c = &self.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(AtomicOrdering::Relaxed);
-        let mut s = ShardCounters::default();
+        let mut shards = ShardCounters::default();
         let mut index_entries = 0u64;
         for locked in self.index.shards() {
             let shard = locked.shard.lock();
-            s.add(&shard.local.counters);
+            shards.add(&shard.local.counters);
             index_entries += shard.len() as u64;
         }
         let (syncs, synced_records) = self.commit.counters();
         let (sealed_tables, sealed_entries, sealed_filter_bytes) = self.sealed.totals();
         let (live_bytes, dead_bytes) = self.log.live_and_dead_bytes();
         let (sync_latency_us_total, sync_latency_us_max) = self.log.sync_latency_us();
-        Stats {
-            claims_acquired_total: s.claims_acquired,
-            duplicates_in_progress_total: s.claims_in_progress,
-            duplicates_replayed_total: s.claims_replayed,
-            duplicates_waited_total: s.claims_waited,
-            mismatches_total: s.mismatches,
-            lease_takeovers_total: s.lease_takeovers,
-            orphan_takeovers_total: s.orphan_takeovers,
-            stale_tokens_total: s.stale_tokens,
-            completes_total: s.completes,
-            checkpoints_total: s.checkpoints,
-            releases_total: s.releases,
-            removes_total: s.removes,
-            keys_expired_total: load(&c.keys_expired) + s.keys_expired,
+        let mut stats = Stats {
+            // Expired by bucket drops; `shards` adds those found expired by a claim.
+            keys_expired_total: load(&c.keys_expired),
             buckets_expired_total: load(&c.buckets_expired),
             index_entries,
             sealed_tables,
@@ -84,6 +73,10 @@ impl Inner {
             maintenance_errors_total: load(&c.maintenance_errors),
             last_maintenance_error: c.last_maintenance_error.lock().clone(),
             read_only: self.read_only,
-        }
+            // The counters kept per shard are added below.
+            ..Stats::default()
+        };
+        shards.add_to(&mut stats);
+        stats
     }
 }
