@@ -5,8 +5,8 @@
 use std::future::Future;
 
 use crate::error::Result;
+use crate::log::record::Kind;
 use crate::options::ClaimOptions;
-use crate::record::Kind;
 use crate::store::Store;
 use crate::types::{Claim, ClaimToken, Entry};
 

@@ -21,9 +21,9 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 
 use crate::clock::{ManualClock, ms_to_system_time};
-use crate::record::{self, DecodeError};
-use crate::segment::SEGMENT_HEADER_LEN;
-use crate::sim::SimDisk;
+use crate::io::sim::SimDisk;
+use crate::log::record::{self, DecodeError};
+use crate::log::segment::SEGMENT_HEADER_LEN;
 use crate::{Claim, ClaimOptions, ClaimToken, Completed, Durability, Entry, Error, Options, Orphan, Store};
 
 /// Where the simulated stores of the fuzz targets live on their `SimDisk`.
@@ -83,7 +83,7 @@ fn fix_record_checksum(segment_id: u32, bytes: &mut [u8]) {
     }
     let claimed_len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
     let end = claimed_len.clamp(4, bytes.len());
-    let mut hasher = crate::record::checksum_hasher(segment_id);
+    let mut hasher = crate::log::record::checksum_hasher(segment_id);
     hasher.update(&bytes[4..end]);
     bytes[0..4].copy_from_slice(&hasher.finalize().to_le_bytes());
 }
@@ -228,7 +228,7 @@ fn build_image(variant: u8) -> (SimDisk, Arc<ManualClock>, History) {
         // sealed segment, `tests/corruption.rs`), never a wrong answer. This target checks the
         // scan, so the image is the store as a crash before any table left it.
         for path in disk.file_paths() {
-            if path.extension().is_some_and(|e| e == crate::table::TABLE_EXT) {
+            if path.extension().is_some_and(|e| e == crate::sealed::TABLE_EXT) {
                 let _ = crate::io::Io::remove(&disk, &path);
             }
         }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
+use crate::io::permissions::FileAccess;
 use crate::io::{Io, RealIo};
-use crate::permissions::FileAccess;
 
 /// The longest TTL a key may have: 10 years. Longer (`Duration::MAX` for "forever", say) is
 /// `Error::InvalidArgument`: expiry times must stay far from the end of the 64-bit clock for

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{Inner, LogSyncer, Store};
+use super::{Inner, Store};
 use crate::clock::system_time_to_ms;
 use crate::error::{Error, Result};
+use crate::log::record::Kind;
 use crate::options::{ClaimOptions, Durability};
-use crate::record::Kind;
 use crate::types::{Claim, ClaimToken, Entry};
 
 /// The async committer's shared state (one per store).
@@ -177,7 +177,7 @@ fn committer(waits: &AsyncWaits, inner: &Weak<Inner>) {
         // rest on a time that this sync's time floor does not cover.
         let through = batch.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
         let answer = match inner.upgrade() {
-            Some(inner) => inner.commit.wait_durable(through, &LogSyncer(&inner)),
+            Some(inner) => inner.commit.wait_durable(through, &inner.syncer()),
             None => Err(Error::Poisoned { cause: "the store was closed".into() }),
         };
         for (_, signal) in batch {

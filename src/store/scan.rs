@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use super::{Inner, Store};
 use crate::error::Result;
-use crate::index::{Index, SHARD_COUNT};
+use crate::index::{SHARD_COUNT, shard_hash_range};
 use crate::log::Loc;
 use crate::types::Entry;
 
@@ -61,7 +61,7 @@ impl Scan<'_> {
         self.next_shard += 1;
         let mut locs = self.inner.index.shard_at(number).shard.lock().entries();
         for table in self.inner.sealed.all() {
-            locs.extend(table.entries_in(Index::shard_hash_range(number))?);
+            locs.extend(table.entries_in(shard_hash_range(number))?);
         }
         locs.sort_unstable_by_key(|(hash, loc)| (*hash, loc.segment, loc.offset));
         locs.dedup_by_key(|(hash, loc)| (*hash, loc.segment, loc.offset));

@@ -5,10 +5,11 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::{Current, Inner, Store};
+use super::lookup::Current;
+use super::{Inner, Store};
 use crate::clock::{duration_to_ms, ms_to_system_time};
 use crate::error::{Error, Result};
-use crate::record::{Header, Kind};
+use crate::log::record::{Header, Kind};
 use crate::types::ClaimToken;
 
 /// What [`Store::advance`] decided for a version.
@@ -113,7 +114,7 @@ impl Inner {
                 (found.header, std::mem::take(&mut found.value))
             }
             _ => {
-                shard.counters.stale_tokens += 1;
+                shard.local.counters.stale_tokens_total += 1;
                 return Ok((Err(Error::StaleToken), seen_seq));
             }
         };

@@ -6,28 +6,29 @@
 //! `StripedMap`, a change takes them all in order) are leaves: nothing else is taken while one
 //! is held.
 
+pub mod marks;
+pub mod record;
+pub mod segment;
+pub mod segment_cache;
+pub mod striped_map;
+pub mod syncer;
+pub mod time_floor;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::index::IdMap;
+use crate::hash::IdMap;
+pub use crate::hash::Loc;
 use crate::io::Io;
-use crate::marks::Marks;
-use crate::record::Header;
-use crate::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
-use crate::segment_cache::SegmentCache;
-use crate::striped_map::StripedMap;
-use crate::time_floor::TimeFloor;
-
-/// Where a record lives: segment id and byte offset. This, and nothing about the record, is
-/// what the index keeps per key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Loc {
-    pub segment: u32,
-    pub offset: u32,
-}
+use crate::log::marks::Marks;
+use crate::log::record::Header;
+use crate::log::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
+use crate::log::segment_cache::SegmentCache;
+use crate::log::striped_map::StripedMap;
+use crate::log::time_floor::TimeFloor;
 
 /// Sizes and limits the log works with.
 #[derive(Debug, Clone)]
@@ -114,6 +115,8 @@ pub struct Log {
     /// How far each segment is known durable (`MARKS`; see `marks.rs`): raised after each
     /// sync. Written only once a writer loads them (`Log::load_marks`).
     marks: Marks,
+    /// Time spent in syncs of the log (see `syncer.rs`).
+    sync_latency: syncer::SyncLatency,
     /// Test seam: run once by the next `retire_idle`, right after its retire decision and
     /// before it hands the segments to seal back (see `Log::on_next_retire`).
     #[cfg(any(test, feature = "sim"))]
@@ -145,6 +148,7 @@ impl Log {
         Log {
             time_floor: TimeFloor::new(io.clone(), dir.clone()),
             marks: Marks::disabled(io.clone(), dir.clone()),
+            sync_latency: Default::default(),
             io,
             dir,
             limits,
@@ -197,7 +201,7 @@ impl Log {
 
     /// Makes the marks durable (at close, after the final sync).
     pub fn sync_marks(&self) -> Result<()> {
-        let path = self.dir.join(crate::marks::MARKS_FILE_NAME);
+        let path = self.dir.join(crate::log::marks::MARKS_FILE_NAME);
         self.marks.sync().map_err(|e| Error::io("sync marks file", path, e))
     }
 
@@ -310,7 +314,7 @@ impl Log {
             // ids in the order they take records (sealed lookups rely on it), so this spare,
             // with its smaller id, is not used. (An empty file: reopen would remove it too.)
             drop(app);
-            let path = self.dir.join(crate::segment::segment_file_name(id));
+            let path = self.dir.join(crate::log::segment::segment_file_name(id));
             drop(spare);
             let _ = self.io.remove(&path);
             return Ok(());
@@ -546,7 +550,7 @@ impl Log {
     }
 
     /// Takes what the next sync must cover; the caller syncs it without holding any lock.
-    pub fn take_sync_batch(&self) -> SyncBatch {
+    fn take_sync_batch(&self) -> SyncBatch {
         let mut app = self.appender.lock();
         self.unsynced_bytes.store(0, std::sync::atomic::Ordering::Relaxed);
         let segments = std::mem::take(&mut app.dirty);
@@ -558,7 +562,7 @@ impl Log {
     /// Syncs a batch: every dirty segment (fdatasync). New files' directory entries were
     /// made durable when the files were created. The batch's records now hold its latest
     /// store time durably: the time floor rises to it.
-    pub fn sync_batch(&self, batch: &SyncBatch) -> std::io::Result<()> {
+    fn sync_batch(&self, batch: &SyncBatch) -> std::io::Result<()> {
         for segment in &batch.segments {
             segment.sync()?;
         }
@@ -668,8 +672,8 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Kind;
-    use crate::sim::SimDisk;
+    use crate::io::sim::SimDisk;
+    use crate::log::record::Kind;
 
     const WIDTH_MS: u64 = 60_000;
 

@@ -28,9 +28,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::io::Io;
-use crate::record::{self, HEADER_LEN, RECORD_ALIGN};
+use crate::log::record::{self, HEADER_LEN, RECORD_ALIGN};
+use crate::log::segment::{SEGMENT_HEADER_LEN, SegmentHeader};
 use crate::recovery::FileKind;
-use crate::segment::{SEGMENT_HEADER_LEN, SegmentHeader};
 
 /// Name of the directory damaged files are moved to, inside the store directory.
 pub const QUARANTINE_DIR_NAME: &str = "quarantine";
@@ -183,20 +183,21 @@ fn close_range(w: &mut Walk, bytes: &[u8], from: usize, to: usize) {
 /// Salvages the store in `dir` (see the module's documentation). Refuses a store another
 /// process holds open (`Error::Locked`).
 pub fn salvage(io: &dyn Io, dir: &Path, capacity: u64, options: &SalvageOptions) -> Result<SalvageReport> {
-    let _lock = crate::store::take_writer_lock(io, dir)?;
+    let _lock = crate::recovery::store_dir::take_writer_lock(io, dir)?;
     let verified = crate::recovery::verify(io, dir, capacity)?;
     let mut report = SalvageReport { dry_run: options.dry_run, files: Vec::new() };
     let quarantine = dir.join(QUARANTINE_DIR_NAME);
-    let mut marks = crate::marks::read_or_none(io, dir);
+    let mut marks = crate::log::marks::read_or_none(io, dir);
     let mut marks_changed = false;
     let mut touched = Vec::new();
     for file in verified.files.iter().filter(|f| f.problem.is_some()) {
-        let Some(id) = file.path.file_name().and_then(|n| n.to_str()).and_then(crate::segment::parse_segment_file_name)
+        let Some(id) =
+            file.path.file_name().and_then(|n| n.to_str()).and_then(crate::log::segment::parse_segment_file_name)
         else {
             continue;
         };
         let raw = read_whole(io, &file.path, capacity)?;
-        if raw.len() >= 12 && raw[0..8] == crate::segment::SEGMENT_MAGIC && record::u32_at(&raw, 8) != 1 {
+        if raw.len() >= 12 && raw[0..8] == crate::log::segment::SEGMENT_MAGIC && record::u32_at(&raw, 8) != 1 {
             // Another format version: nothing here is damaged for the build that wrote it.
             continue;
         }
@@ -229,7 +230,7 @@ pub fn salvage(io: &dyn Io, dir: &Path, capacity: u64, options: &SalvageOptions)
             out.extend_from_slice(&raw[at..(at + len).min(raw.len())]);
         }
         out.resize(SEGMENT_HEADER_LEN as usize + w.kept.iter().map(|k| k.1).sum::<usize>(), 0);
-        let name = crate::segment::segment_file_name(id);
+        let name = crate::log::segment::segment_file_name(id);
         let moved = quarantine.join(&name);
         let mut action = format!("rewritten with the {} records that check out", w.kept.len());
         if rebuilt {
@@ -245,7 +246,7 @@ pub fn salvage(io: &dyn Io, dir: &Path, capacity: u64, options: &SalvageOptions)
         }
         // Every record of the new file is durable (synced before the rename).
         let crc = record::u32_at(&header.encode(), 60);
-        marks.insert(id, crate::marks::Mark { header_crc: crc, end: out.len() as u32 });
+        marks.insert(id, crate::log::marks::Mark { header_crc: crc, end: out.len() as u32 });
         marks_changed = true;
         touched.push(id);
         report.files.push(SalvagedFile {
@@ -262,7 +263,7 @@ pub fn salvage(io: &dyn Io, dir: &Path, capacity: u64, options: &SalvageOptions)
     // Tables: of a rewritten segment (their offsets point into the old file) or damaged.
     for file in &verified.other_files {
         let name = file.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let table_id = crate::table::parse_table_file_name(name);
+        let table_id = crate::sealed::parse_table_file_name(name);
         let stale_table = table_id.is_some_and(|id| touched.contains(&id));
         let action = match file.kind {
             FileKind::Table if stale_table || file.problem.is_some() => {
@@ -302,9 +303,9 @@ pub fn salvage(io: &dyn Io, dir: &Path, capacity: u64, options: &SalvageOptions)
     }
     if !options.dry_run && marks_changed {
         let names = io.list(dir).map_err(|e| Error::io("list store directory", dir, e))?;
-        marks.retain(|id, _| names.iter().any(|n| crate::segment::parse_segment_file_name(n) == Some(*id)));
-        crate::marks::write_synced(io, dir, &marks)
-            .map_err(|e| Error::io("write marks file", dir.join(crate::marks::MARKS_FILE_NAME), e))?;
+        marks.retain(|id, _| names.iter().any(|n| crate::log::segment::parse_segment_file_name(n) == Some(*id)));
+        crate::log::marks::write_synced(io, dir, &marks)
+            .map_err(|e| Error::io("write marks file", dir.join(crate::log::marks::MARKS_FILE_NAME), e))?;
     }
     if !options.dry_run && !report.files.is_empty() {
         io.sync_dir(dir).map_err(|e| Error::io("sync directory", dir, e))?;

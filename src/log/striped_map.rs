@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::RwLock;
 
-use crate::index::IdMap;
+use crate::hash::IdMap;
 
 /// Copies of the map: more than the cores of most machines that run a store. Each costs a
 /// copy of a map of at most a few hundred entries.

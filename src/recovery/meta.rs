@@ -28,9 +28,10 @@ use std::path::Path;
 
 use xxhash_rust::xxh3::SecretInput;
 
+use crate::bytes::u32_at;
 use crate::error::{Error, Result};
+use crate::hash::{IndexHash, SECRET_LEN};
 use crate::io::Io;
-use crate::record::u32_at;
 
 /// Name of the metadata file in a store directory.
 pub const META_FILE_NAME: &str = "META";
@@ -39,51 +40,18 @@ const META_TMP_FILE_NAME: &str = "META.tmp";
 const MAGIC: [u8; 8] = *b"IDEMMETA";
 /// The store format version that `META` names: version 1 stores have no `META`.
 pub const STORE_FORMAT_VERSION: u32 = 2;
-/// Bytes of the index hash's secret: xxh3's default secret size (at least 136 are needed).
-pub const SECRET_LEN: usize = 192;
 const FLAG_KEYED: u32 = 1;
 const SECRET_AT: usize = 16;
 const CRC_AT: usize = SECRET_AT + SECRET_LEN;
 const LEN: usize = CRC_AT + 4;
 
-/// How a store hashes keys for its index (and so for its sealed tables).
-pub enum IndexHash {
-    /// Version 1: xxh3-64 with no secret.
-    Unkeyed,
-    /// Version 2: xxh3-64 under the store's secret.
-    Keyed(Box<SecretInput<[u8; SECRET_LEN]>>),
-}
-
-impl IndexHash {
-    /// The index hash of `key`.
-    #[inline]
-    pub fn hash(&self, key: &[u8]) -> u64 {
-        match self {
-            IndexHash::Unkeyed => xxhash_rust::xxh3::xxh3_64(key),
-            IndexHash::Keyed(secret) => xxhash_rust::xxh3::xxh3_64_with_secret_input(key, secret),
-        }
-    }
-
-    /// What a sealed table records of the hash its entries were made with: 0 for the unkeyed
-    /// hash, else a nonzero fingerprint of the secret. A table whose mark differs from its
-    /// store's holds hashes no lookup would compute: it is never trusted (see `Table::open`).
-    pub fn table_mark(&self) -> u32 {
-        match self {
-            IndexHash::Unkeyed => 0,
-            IndexHash::Keyed(secret) => {
-                xxhash_rust::xxh3::xxh3_64_with_secret_input(b"idemstore sealed table", secret) as u32 | 1
-            }
-        }
-    }
-}
-
 /// Whether `dir`'s listing shows a store that holds data: a segment or a table (finished or
 /// not). `LOCK` and `TIME` alone hold no key.
 fn holds_data(names: &[String]) -> bool {
     names.iter().any(|n| {
-        crate::segment::parse_segment_file_name(n).is_some()
-            || crate::table::parse_table_file_name(n).is_some()
-            || crate::table::parse_table_tmp_file_name(n).is_some()
+        crate::log::segment::parse_segment_file_name(n).is_some()
+            || crate::sealed::parse_table_file_name(n).is_some()
+            || crate::sealed::parse_table_tmp_file_name(n).is_some()
     })
 }
 
@@ -173,7 +141,7 @@ fn read(io: &dyn Io, dir: &Path) -> Result<IndexHash> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::SimDisk;
+    use crate::io::sim::SimDisk;
 
     #[test]
     fn a_written_meta_reads_back_the_same_secret() {

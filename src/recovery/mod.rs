@@ -2,22 +2,28 @@
 //! refuse corruption that is not a tail, and rebuild the index keeping, per key, the record
 //! with the highest sequence number.
 
+pub mod checkup;
+pub mod meta;
+pub mod salvage;
+pub mod store_dir;
+
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::index::{IdMap, Index};
+use crate::hash::IdMap;
+use crate::hash::Loc;
+use crate::index::Index;
 use crate::io::Io;
-use crate::log::Loc;
-use crate::record::{self, HEADER_LEN, RECORD_ALIGN};
-use crate::segment::{Probe, SEGMENT_HEADER_LEN, Segment, parse_segment_file_name, segment_file_name};
+use crate::log::record::{self, HEADER_LEN, RECORD_ALIGN};
+use crate::log::segment::{Probe, SEGMENT_HEADER_LEN, Segment, parse_segment_file_name, segment_file_name};
+use crate::sealed::{SealedTables, Table, parse_table_file_name, parse_table_tmp_file_name, table_file_name};
 use crate::stats::RecoveryStats;
-use crate::table::{SealedTables, Table, parse_table_file_name, parse_table_tmp_file_name, table_file_name};
 
 /// What recovery hands to the store.
-pub struct Recovered {
+pub struct Recovered<L> {
     pub segments: IdMap<u32, Arc<Segment>>,
-    pub index: Index,
+    pub index: Index<L>,
     pub sealed: SealedTables,
     pub next_seq: u64,
     pub next_segment_id: u32,
@@ -39,7 +45,7 @@ pub enum Mode {
 /// made with the hash `table_mark` names are mapped as they are, only segments without such a
 /// (valid) table are scanned.
 #[allow(clippy::too_many_arguments)]
-pub fn recover(
+pub fn recover<L: Default + Send>(
     io: &dyn Io,
     dir: &Path,
     names: &[String],
@@ -48,7 +54,7 @@ pub fn recover(
     key_hash: &(dyn Fn(&[u8]) -> u64 + Sync),
     table_mark: u32,
     mode: Mode,
-) -> Result<Recovered> {
+) -> Result<Recovered<L>> {
     let mut ids: Vec<u32> = names.iter().filter_map(|n| parse_segment_file_name(n)).collect();
     ids.sort_unstable();
     let table_ids: std::collections::HashSet<u32> = names.iter().filter_map(|n| parse_table_file_name(n)).collect();
@@ -71,7 +77,7 @@ pub fn recover(
     let writer = mode == Mode::Writer;
     // Read before any segment is: every byte below a mark was written before the mark was,
     // so a view of a live store copies at least that much (see `marks.rs`).
-    let marks = crate::marks::read_or_none(io, dir);
+    let marks = crate::log::marks::read_or_none(io, dir);
     let remove =
         |path: &Path, what: &'static str| -> Result<()> { io.remove(path).map_err(|e| Error::io(what, path, e)) };
     // Phase 1: open every segment; map the tables of sealed ones.
@@ -185,7 +191,7 @@ pub fn recover(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, SCAN_THREADS_MAX);
     for batch in to_scan.chunks(threads * SCAN_BATCH_PER_THREAD) {
         let scans: Vec<Result<Scanned>> = in_parallel(threads.min(batch.len()), batch.len(), &|i| {
-            scan_and_sync(&batch[i], mode, crate::marks::durable_end(&marks, &batch[i]), key_hash)
+            scan_and_sync(&batch[i], mode, crate::log::marks::durable_end(&marks, &batch[i]), key_hash)
         });
         // The first error in id order, as a scan in order would report it.
         let scans: Vec<Scanned> = scans.into_iter().collect::<Result<_>>()?;
@@ -283,11 +289,11 @@ fn scan_and_sync(
 }
 
 /// What one merge thread reads.
-struct MergeContext<'a> {
+struct MergeContext<'a, L> {
     batch: &'a [Arc<Segment>],
     scans: &'a [Scanned],
     segments: &'a IdMap<u32, Arc<Segment>>,
-    index: &'a Index,
+    index: &'a Index<L>,
     tables: &'a [Arc<Table>],
     tables_max_seq: u64,
 }
@@ -303,7 +309,7 @@ struct Merged {
 /// Merges the records of a batch of scanned segments whose keys fall in index shards of
 /// `part` (shard number mod `parts`) into the index, keeping per key the record with the
 /// highest seq across the index and the sealed tables.
-fn merge_part(cx: &MergeContext<'_>, part: usize, parts: usize) -> Result<Merged> {
+fn merge_part<L>(cx: &MergeContext<'_, L>, part: usize, parts: usize) -> Result<Merged> {
     let mut merged = Merged::default();
     for (segment, scanned) in cx.batch.iter().zip(cx.scans) {
         let id = segment.id();
@@ -367,7 +373,7 @@ fn merge_part(cx: &MergeContext<'_>, part: usize, parts: usize) -> Result<Merged
 }
 
 /// A restart table's (hash, record offset) entries and the bounds over its segment's records.
-pub type RestartEntries = (Vec<(u64, u32)>, crate::table::TableBounds);
+pub type RestartEntries = (Vec<(u64, u32)>, crate::sealed::TableBounds);
 
 /// The entries and bounds of a restart table for `segment`, which takes no more appends: each
 /// key's latest record in it, read from the segment itself (not from the RAM index, whose
@@ -381,7 +387,7 @@ pub fn restart_entries(segment: &Segment, key_hash: &dyn Fn(&[u8]) -> u64) -> Re
     let end = usize::try_from(segment.written_end()).map_err(|_| Error::InvalidArgument("segment too large"))?;
     let bytes = segment.read_raw(0, end)?;
     let id = segment.id();
-    let mut bounds = crate::table::TableBounds::default();
+    let mut bounds = crate::sealed::TableBounds::default();
     // (hash, offset) of every record, in offset (and so seq) order.
     let mut all: Vec<(u64, u32)> = Vec::with_capacity(end / 128);
     let mut pos = SEGMENT_HEADER_LEN as usize;
@@ -656,9 +662,9 @@ pub fn verify_at(io: &dyn Io, dir: &Path, capacity: u64, now_ms: u64) -> Result<
     let mut table_ids: Vec<u32> = names.iter().filter_map(|n| parse_table_file_name(n)).collect();
     table_ids.sort_unstable();
     let mut report = VerifyReport::default();
-    let (meta, table_mark) = crate::checkup::check_meta(io, dir, &names);
+    let (meta, table_mark) = crate::recovery::checkup::check_meta(io, dir, &names);
     // Read before the segments, as recovery does (see `recover`).
-    let marks = crate::marks::read_or_none(io, dir);
+    let marks = crate::log::marks::read_or_none(io, dir);
     let segment_lens: std::collections::HashMap<u32, u64> = ids
         .iter()
         .filter_map(|&id| io.open(&dir.join(segment_file_name(id)), capacity, false).ok().map(|f| (id, f.len())))
@@ -666,14 +672,15 @@ pub fn verify_at(io: &dyn Io, dir: &Path, capacity: u64, now_ms: u64) -> Result<
     let mut sealed = std::collections::HashSet::new();
     for &id in &table_ids {
         let path = dir.join(table_file_name(id));
-        let (file, sound) = crate::checkup::check_table(io, &path, id, table_mark, segment_lens.get(&id).copied());
+        let (file, sound) =
+            crate::recovery::checkup::check_table(io, &path, id, table_mark, segment_lens.get(&id).copied());
         if sound {
             sealed.insert(id);
         }
         report.other_files.push(file);
     }
     for id in ids {
-        let path = dir.join(crate::segment::segment_file_name(id));
+        let path = dir.join(crate::log::segment::segment_file_name(id));
         let mut file = FileReport {
             path: path.clone(),
             records: 0,
@@ -700,7 +707,7 @@ pub fn verify_at(io: &dyn Io, dir: &Path, capacity: u64, now_ms: u64) -> Result<
                 let durable_end = if sealed.contains(&id) {
                     WHOLE_SEGMENT_DURABLE
                 } else {
-                    crate::marks::durable_end(&marks, &segment)
+                    crate::log::marks::durable_end(&marks, &segment)
                 };
                 match scan_segment(&segment, Mode::ReadOnly, durable_end) {
                     Ok(scan) => {
@@ -713,28 +720,28 @@ pub fn verify_at(io: &dyn Io, dir: &Path, capacity: u64, now_ms: u64) -> Result<
             }
             Err(Error::UnsupportedVersion { found, .. }) => {
                 file.problem = Some((8, format!("segment format version {found}")));
-                file.remedy = Some(crate::checkup::VERSION_REMEDY.into());
+                file.remedy = Some(crate::recovery::checkup::VERSION_REMEDY.into());
             }
             Err(Error::Corrupt { offset, reason, .. }) => file.problem = Some((offset, reason.into())),
             Err(e) => file.problem = Some((0, e.to_string())),
         }
         if file.problem.is_some() && file.remedy.is_none() {
-            file.remedy = Some(crate::checkup::SEGMENT_REMEDY.into());
+            file.remedy = Some(crate::recovery::checkup::SEGMENT_REMEDY.into());
         }
         report.files.push(file);
     }
     report.other_files.extend(meta);
-    report.other_files.extend(crate::checkup::check_time(io, dir));
-    report.other_files.extend(crate::checkup::check_lock(io, dir));
-    report.other_files.extend(crate::checkup::check_marks(io, dir));
+    report.other_files.extend(crate::recovery::checkup::check_time(io, dir));
+    report.other_files.extend(crate::recovery::checkup::check_lock(io, dir));
+    report.other_files.extend(crate::recovery::checkup::check_marks(io, dir));
     Ok(report)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::sim::SimDisk;
     use crate::io::{DirLock, IoFile};
-    use crate::sim::SimDisk;
     use std::path::PathBuf;
 
     /// The simulated disk, except that the first open of `vanish` finds it deleted: what

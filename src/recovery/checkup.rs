@@ -57,7 +57,7 @@ pub fn check_table(
         file.note = Some("not checked: META cannot be read, so the hash its entries must carry is unknown".into());
         return (file, false);
     };
-    let opened = match crate::table::Table::open(io, path, id, mark) {
+    let opened = match crate::sealed::Table::open(io, path, id, mark) {
         Ok(opened) => opened,
         Err(e) => return (problem(file, 0, format!("cannot read: {e}"), TABLE_REMEDY), false),
     };
@@ -79,25 +79,27 @@ pub fn check_table(
             file.records = entries.len() as u64;
             for (_, loc) in entries {
                 let offset = u64::from(loc.offset);
-                if offset < crate::segment::SEGMENT_HEADER_LEN || offset >= segment_len {
+                if offset < crate::log::segment::SEGMENT_HEADER_LEN || offset >= segment_len {
                     return (problem(file, 0, "a table entry points outside its segment", TABLE_REMEDY), false);
                 }
             }
             (file, true)
         }
-        Err(crate::Error::Corrupt { offset, reason, .. }) => (problem(file, offset, reason, TABLE_REMEDY), false),
+        Err(crate::error::Error::Corrupt { offset, reason, .. }) => {
+            (problem(file, offset, reason, TABLE_REMEDY), false)
+        }
         Err(e) => (problem(file, 0, e.to_string(), TABLE_REMEDY), false),
     }
 }
 
 /// Checks `TIME`: missing is fine (a new store, or one never closed); damaged reads as 0.
 pub fn check_time(io: &dyn Io, dir: &Path) -> Option<FileReport> {
-    let path = dir.join(crate::time_floor::TIME_FILE_NAME);
+    let path = dir.join(crate::log::time_floor::TIME_FILE_NAME);
     let opened = io.open(&path, 16, false).ok()?;
     let file = report(&path, FileKind::Time);
     let mut raw = [0u8; 16];
     let readable = opened.len() >= 16 && opened.read_at(0, &mut raw).is_ok();
-    let sound = readable && raw[12..16] == *b"IDTM" && crc32fast::hash(&raw[0..8]) == crate::record::u32_at(&raw, 8);
+    let sound = readable && raw[12..16] == *b"IDTM" && crc32fast::hash(&raw[0..8]) == crate::bytes::u32_at(&raw, 8);
     if sound {
         return Some(file);
     }
@@ -112,7 +114,7 @@ pub fn check_time(io: &dyn Io, dir: &Path) -> Option<FileReport> {
 
 /// Checks `LOCK`'s owner record (12 bytes: incarnation, process id), when it holds one.
 pub fn check_lock(io: &dyn Io, dir: &Path) -> Option<FileReport> {
-    let path = dir.join(crate::LOCK_FILE_NAME);
+    let path = dir.join(crate::io::LOCK_FILE_NAME);
     let opened = io.open(&path, 0, false).ok()?;
     let mut file = report(&path, FileKind::Lock);
     match opened.len() {
@@ -138,16 +140,16 @@ pub fn check_lock(io: &dyn Io, dir: &Path) -> Option<FileReport> {
 /// Checks `META`; returns the report and the hash mark tables must carry (`None` when it
 /// cannot be read).
 pub fn check_meta(io: &dyn Io, dir: &Path, names: &[String]) -> (Option<FileReport>, Option<u32>) {
-    let path = dir.join(crate::meta::META_FILE_NAME);
-    let present = names.iter().any(|n| n == crate::meta::META_FILE_NAME);
-    let loaded = crate::meta::load(io, dir, names, false);
+    let path = dir.join(crate::recovery::meta::META_FILE_NAME);
+    let present = names.iter().any(|n| n == crate::recovery::meta::META_FILE_NAME);
+    let loaded = crate::recovery::meta::load(io, dir, names, false);
     let file = present.then(|| report(&path, FileKind::Meta));
     match loaded {
         Ok(hash) => (file, Some(hash.table_mark())),
-        Err(crate::Error::UnsupportedVersion { found, .. }) => {
+        Err(crate::error::Error::UnsupportedVersion { found, .. }) => {
             (file.map(|f| problem(f, 8, format!("store format version {found}"), VERSION_REMEDY)), None)
         }
-        Err(crate::Error::Corrupt { offset, reason, .. }) => (
+        Err(crate::error::Error::Corrupt { offset, reason, .. }) => (
             file.map(|f| {
                 problem(
                     f,
@@ -167,19 +169,19 @@ pub fn check_meta(io: &dyn Io, dir: &Path, names: &[String]) -> (Option<FileRepo
 /// Checks `MARKS`: damaged, it is ignored (records at segment ends are then not told apart
 /// from torn tails until the next writer's sync rewrites it).
 pub fn check_marks(io: &dyn Io, dir: &Path) -> Option<FileReport> {
-    let path = dir.join(crate::marks::MARKS_FILE_NAME);
+    let path = dir.join(crate::log::marks::MARKS_FILE_NAME);
     let file = report(&path, FileKind::Marks);
-    match crate::marks::read(io, dir) {
+    match crate::log::marks::read(io, dir) {
         Ok(None) => None,
         Ok(Some(marks)) => {
             let mut file = file;
             file.records = marks.len() as u64;
             Some(file)
         }
-        Err(crate::marks::MarksProblem::UnsupportedVersion(v)) => {
+        Err(crate::log::marks::MarksProblem::UnsupportedVersion(v)) => {
             Some(problem(file, 8, format!("marks version {v}"), VERSION_REMEDY))
         }
-        Err(crate::marks::MarksProblem::Damaged(reason)) => Some(problem(
+        Err(crate::log::marks::MarksProblem::Damaged(reason)) => Some(problem(
             file,
             0,
             format!(

@@ -4,88 +4,27 @@
 //! times are read from the record itself, so a hash hit is always confirmed against the stored
 //! key and two keys that share a 64-bit hash stay two keys (the second goes to `spill`).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+pub mod slots;
+
 use std::sync::Arc;
 
-use crate::log::Loc;
-use crate::segment_cache::SegmentCache;
-use crate::slots::{Slots, TableHint};
+use crate::hash::{IdMap, Loc};
+use crate::index::slots::{Slots, TableHint};
 use crate::sync::{Condvar, Mutex};
 
 /// Number of shards; a power of two. Enough that a shard's sweep after a bucket drop is short.
 pub const SHARD_COUNT: usize = 256;
 
-/// The key is already a hash: mix it once (a bijection) so the table's bucket and control bits
-/// are spread even though the shard was chosen from the top bits.
-#[derive(Default, Clone, Copy)]
-pub struct PremixedHasher(u64);
-
-impl Hasher for PremixedHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = crate::slots::mix(n);
-    }
-}
-
-/// A map keyed by an integer id (segments, buckets) with a cheap hasher.
-pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<PremixedHasher>>;
-
-/// Counters bumped under the shard lock: plain integers, so threads on different shards
-/// never fight over a counter's cache line. `Store::stats` sums them.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ShardCounters {
-    pub claims_acquired: u64,
-    pub claims_in_progress: u64,
-    pub claims_replayed: u64,
-    pub claims_waited: u64,
-    pub mismatches: u64,
-    pub lease_takeovers: u64,
-    pub orphan_takeovers: u64,
-    pub stale_tokens: u64,
-    pub completes: u64,
-    pub checkpoints: u64,
-    pub releases: u64,
-    pub removes: u64,
-    pub keys_expired: u64,
-}
-
-impl ShardCounters {
-    pub fn add(&mut self, o: &ShardCounters) {
-        self.claims_acquired += o.claims_acquired;
-        self.claims_in_progress += o.claims_in_progress;
-        self.claims_replayed += o.claims_replayed;
-        self.claims_waited += o.claims_waited;
-        self.mismatches += o.mismatches;
-        self.lease_takeovers += o.lease_takeovers;
-        self.orphan_takeovers += o.orphan_takeovers;
-        self.stale_tokens += o.stale_tokens;
-        self.completes += o.completes;
-        self.checkpoints += o.checkpoints;
-        self.releases += o.releases;
-        self.removes += o.removes;
-        self.keys_expired += o.keys_expired;
-    }
-}
-
 /// One shard: the primary table and the rare keys whose hash another key already uses.
+///
+/// `L` is what the index's user keeps beside each shard under the same lock (the store: its
+/// per-shard counters and segment handles); the index itself knows locations, never files.
 #[derive(Default)]
-pub struct Shard {
+pub struct Shard<L> {
     main: Slots,
     spill: IdMap<u64, Vec<Loc>>,
-    /// Handles to the segments this shard's records live in (read without the log's map).
-    segments: SegmentCache,
-    pub counters: ShardCounters,
+    /// The user's data of this shard, guarded by the shard lock.
+    pub local: L,
 }
 
 /// Every location in `main` and `spill` that may hold `hash`'s key, primary first.
@@ -94,20 +33,15 @@ fn locations<'a>(main: &'a Slots, spill: &'a IdMap<u64, Vec<Loc>>, hash: u64) ->
     main.get(hash).into_iter().chain(spilled.into_iter().flatten().copied())
 }
 
-impl Shard {
+impl<L> Shard<L> {
     /// Every location that may hold `hash`'s key, primary first.
     pub fn candidates(&self, hash: u64) -> impl Iterator<Item = Loc> + '_ {
         locations(&self.main, &self.spill, hash)
     }
 
-    /// [`Shard::candidates`], with the shard's segment handles to read them through.
-    pub fn candidates_and_segments(&mut self, hash: u64) -> (impl Iterator<Item = Loc> + '_, &mut SegmentCache) {
-        (locations(&self.main, &self.spill, hash), &mut self.segments)
-    }
-
-    /// The shard's segment handles.
-    pub fn segments(&mut self) -> &mut SegmentCache {
-        &mut self.segments
+    /// [`Shard::candidates`], with the shard's local data (to read them through).
+    pub fn candidates_and_local(&mut self, hash: u64) -> (impl Iterator<Item = Loc> + '_, &mut L) {
+        (locations(&self.main, &self.spill, hash), &mut self.local)
     }
 
     /// The location of `hash`'s primary entry, if any: where its record most likely lives.
@@ -150,7 +84,6 @@ impl Shard {
 
     /// Drops every entry whose segment `is_live` rejects; returns how many went.
     pub fn retain_live(&mut self, is_live: impl Fn(u32) -> bool) -> usize {
-        self.segments.retain(&is_live);
         let before = self.len();
         self.spill.retain(|_, list| {
             list.retain(|l| is_live(l.segment));
@@ -202,14 +135,14 @@ impl Shard {
 }
 
 /// A shard behind its lock, with the condition variable that claim waiters sleep on.
-pub struct LockedShard {
-    pub shard: Mutex<Shard>,
+pub struct LockedShard<L> {
+    pub shard: Mutex<Shard<L>>,
     pub changed: Condvar,
     /// Where the shard's primary table lives, to prefetch a slot without the lock.
     pub slots_hint: Arc<TableHint>,
 }
 
-impl Default for LockedShard {
+impl<L: Default> Default for LockedShard<L> {
     fn default() -> Self {
         let shard = Shard::default();
         let slots_hint = shard.main.hint();
@@ -218,23 +151,23 @@ impl Default for LockedShard {
 }
 
 /// The whole index.
-pub struct Index {
-    shards: Box<[LockedShard]>,
+pub struct Index<L> {
+    shards: Box<[LockedShard<L>]>,
 }
 
-impl Default for Index {
+impl<L: Default> Default for Index<L> {
     fn default() -> Self {
         Index { shards: (0..SHARD_COUNT).map(|_| LockedShard::default()).collect() }
     }
 }
 
-impl Index {
+impl<L> Index<L> {
     /// Starts loading `hash`'s index slot into cache, without its shard's lock (a hint).
     pub fn prefetch_slot(&self, hash: u64) {
         self.shard(hash).slots_hint.prefetch(hash);
     }
 
-    pub fn shard(&self, hash: u64) -> &LockedShard {
+    pub fn shard(&self, hash: u64) -> &LockedShard<L> {
         &self.shards[shard_of(hash)]
     }
 
@@ -259,19 +192,12 @@ impl Index {
         (longest, if entries == 0 { 0.0 } else { total as f64 / entries as f64 })
     }
 
-    /// The hashes shard `number` holds: a contiguous range (shards are by a hash's top bits).
-    pub fn shard_hash_range(number: usize) -> std::ops::RangeInclusive<u64> {
-        let bits = SHARD_COUNT.trailing_zeros();
-        let start = (number as u64) << (64 - bits);
-        start..=start | (u64::MAX >> bits)
-    }
-
     /// Shard number `number` (0..`SHARD_COUNT`).
-    pub fn shard_at(&self, number: usize) -> &LockedShard {
+    pub fn shard_at(&self, number: usize) -> &LockedShard<L> {
         &self.shards[number]
     }
 
-    pub fn shards(&self) -> impl Iterator<Item = &LockedShard> {
+    pub fn shards(&self) -> impl Iterator<Item = &LockedShard<L>> {
         self.shards.iter()
     }
 }
@@ -282,10 +208,17 @@ fn shard_of(hash: u64) -> usize {
     (hash >> (64 - SHARD_COUNT.trailing_zeros())) as usize & (SHARD_COUNT - 1)
 }
 
+/// The hashes shard `number` holds: a contiguous range (shards are by a hash's top bits).
+pub fn shard_hash_range(number: usize) -> std::ops::RangeInclusive<u64> {
+    let bits = SHARD_COUNT.trailing_zeros();
+    let start = (number as u64) << (64 - bits);
+    start..=start | (u64::MAX >> bits)
+}
+
 /// Where the index places `hash`: (shard, home slot in a shard table of `slots` slots, a power
 /// of two). Two keys whose hashes share both walk one probe run.
 pub fn place_in_index(hash: u64, slots: usize) -> (usize, usize) {
-    (shard_of(hash), crate::slots::home_slot(hash, slots))
+    (shard_of(hash), crate::index::slots::home_slot(hash, slots))
 }
 
 #[cfg(test)]
@@ -298,7 +231,7 @@ mod tests {
 
     #[test]
     fn colliding_keys_both_kept_and_promoted_on_removal() {
-        let mut shard = Shard::default();
+        let mut shard = Shard::<()>::default();
         shard.set(7, None, loc(1, 64));
         shard.set(7, None, loc(1, 200));
         assert_eq!(shard.candidates(7).collect::<Vec<_>>(), vec![loc(1, 64), loc(1, 200)]);
@@ -310,31 +243,8 @@ mod tests {
     }
 
     #[test]
-    fn retain_live_lets_go_of_the_handles_of_dead_segments() {
-        use crate::io::Io;
-        let disk = crate::sim::SimDisk::new();
-        let dir = std::path::Path::new("/store");
-        disk.create_dir_all(dir).unwrap();
-        let mut shard = Shard::default();
-        for id in [1, 2] {
-            let header = crate::segment::SegmentHeader {
-                id,
-                bucket_start_ms: 0,
-                bucket_end_ms: 1,
-                created_at_ms: 0,
-                rebuilt: false,
-            };
-            let segment = crate::segment::Segment::create(&disk, dir, header, 4096, 4096, false).unwrap();
-            shard.segments().way_mut(id).replace(Arc::new(segment));
-        }
-        shard.retain_live(|s| s == 2);
-        assert!(shard.segments().way_mut(1).is_none(), "the dead segment's handle stayed");
-        assert!(shard.segments().way_mut(2).is_some(), "the live segment's handle went");
-    }
-
-    #[test]
     fn retain_live_drops_dead_segments() {
-        let mut shard = Shard::default();
+        let mut shard = Shard::<()>::default();
         shard.set(1, None, loc(1, 64));
         shard.set(1, None, loc(2, 64));
         shard.set(2, None, loc(1, 128));

@@ -37,9 +37,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::bytes::u32_at;
 use crate::io::{Io, IoFile};
-use crate::record::u32_at;
-use crate::segment::Segment;
+use crate::log::segment::Segment;
 
 /// Name of the marks file in a store directory.
 pub const MARKS_FILE_NAME: &str = "MARKS";
@@ -198,7 +198,7 @@ impl Marks {
             // stands.)
             let (record_bytes, _) = segment.byte_counts();
             if record_bytes > 0 {
-                end = end.max(crate::segment::SEGMENT_HEADER_LEN + record_bytes);
+                end = end.max(crate::log::segment::SEGMENT_HEADER_LEN + record_bytes);
             }
             if let Ok(end) = u32::try_from(end)
                 && end > 0
@@ -302,7 +302,7 @@ impl Marks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::SimDisk;
+    use crate::io::sim::SimDisk;
 
     #[test]
     fn written_marks_read_back_and_damage_reads_as_none() {

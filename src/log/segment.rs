@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::io::{Io, IoFile};
-use crate::record::{self, DecodeError, HEADER_LEN, Header, u32_at, u64_at};
+use crate::log::record::{self, DecodeError, HEADER_LEN, Header, u32_at, u64_at};
 
 /// Bytes of the segment header; records start here.
 pub const SEGMENT_HEADER_LEN: u64 = 64;
@@ -499,8 +499,8 @@ impl Segment {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Kind;
-    use crate::sim::SimDisk;
+    use crate::io::sim::SimDisk;
+    use crate::log::record::Kind;
 
     #[test]
     fn a_record_read_stops_at_the_end_of_what_was_written() {

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::log::Loc;
+use crate::hash::{Loc, mix};
 
 /// One slot: a key's full 64-bit hash and where its latest record lives.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -33,13 +33,6 @@ const LOAD_NUM: usize = 3;
 const LOAD_DEN: usize = 4;
 /// Smallest table allocated.
 const MIN_CAPACITY: usize = 16;
-
-/// Spreads a hash's bits (a bijection): multiply by the golden-ratio constant, fold the high
-/// bits down.
-pub fn mix(hash: u64) -> u64 {
-    let x = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^ (x >> 29)
-}
 
 /// The slot where `hash` starts probing in a table of `slots` slots (a power of two). The hash
 /// was chosen by the caller (possibly by a weak user-supplied function, and its top bits already

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use crate::segment::Segment;
+use crate::log::segment::Segment;
 
 /// Handles kept per shard, placed by segment id: a store's live segments are few (a 64 MiB
 /// segment holds ~200,000 completed keys), and consecutive ids fall in different places.
@@ -49,8 +49,8 @@ mod tests {
 
     use super::*;
     use crate::io::Io;
-    use crate::segment::SegmentHeader;
-    use crate::sim::SimDisk;
+    use crate::io::sim::SimDisk;
+    use crate::log::segment::SegmentHeader;
 
     fn segment(disk: &SimDisk, id: u32) -> Arc<Segment> {
         let header = SegmentHeader { id, bucket_start_ms: 0, bucket_end_ms: 60_000, created_at_ms: 0, rebuilt: false };

@@ -12,9 +12,9 @@
 use std::io;
 use std::path::Path;
 
-use crate::error::Error;
-use crate::meta::META_FILE_NAME;
-use crate::time_floor::TIME_FILE_NAME;
+use crate::error::{Error, Result};
+use crate::log::time_floor::TIME_FILE_NAME;
+use crate::recovery::meta::META_FILE_NAME;
 
 /// What a directory's listing shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,24 +29,24 @@ pub(crate) enum Contents {
 
 /// Whether `name` is one of the files a store writes (finished or under a temporary name).
 fn is_store_file(name: &str) -> bool {
-    name == crate::LOCK_FILE_NAME
+    name == crate::io::LOCK_FILE_NAME
         || name == TIME_FILE_NAME
         || name == META_FILE_NAME
         || name == "META.tmp"
-        || crate::segment::parse_segment_file_name(name).is_some()
-        || crate::table::parse_table_file_name(name).is_some()
-        || crate::table::parse_table_tmp_file_name(name).is_some()
+        || crate::log::segment::parse_segment_file_name(name).is_some()
+        || crate::sealed::parse_table_file_name(name).is_some()
+        || crate::sealed::parse_table_tmp_file_name(name).is_some()
 }
 
 /// Classifies a directory from the names it holds.
 pub(crate) fn classify(names: &[String]) -> Contents {
     let has = |wanted: &str| names.iter().any(|n| n == wanted);
     let holds_data = names.iter().any(|n| {
-        crate::segment::parse_segment_file_name(n).is_some()
-            || crate::table::parse_table_file_name(n).is_some()
-            || crate::table::parse_table_tmp_file_name(n).is_some()
+        crate::log::segment::parse_segment_file_name(n).is_some()
+            || crate::sealed::parse_table_file_name(n).is_some()
+            || crate::sealed::parse_table_tmp_file_name(n).is_some()
     });
-    if has(META_FILE_NAME) || holds_data || (has(crate::LOCK_FILE_NAME) && has(TIME_FILE_NAME)) {
+    if has(META_FILE_NAME) || holds_data || (has(crate::io::LOCK_FILE_NAME) && has(TIME_FILE_NAME)) {
         return Contents::Store;
     }
     // Sorted, so that the file named in the error is the same from one run to the next.
@@ -80,6 +80,27 @@ pub(crate) fn unlistable(dir: &Path, e: io::Error) -> Error {
         _ => return Error::io("list store directory", dir, e),
     };
     Error::NotAStore { path: dir.to_path_buf(), reason }
+}
+
+/// Takes the writer's lock of the store in `dir` (`Store::open`, `salvage`): `Error::Locked`
+/// when another open store holds it. A lock released a moment ago may still be held by a child
+/// process that another thread is spawning (the descriptor lives on in it until its exec), so
+/// a refusal is retried briefly before it is reported.
+pub fn take_writer_lock(io: &dyn crate::io::Io, dir: &Path) -> Result<Box<dyn crate::io::DirLock>> {
+    let mut attempts = 0;
+    loop {
+        match io.lock_dir(dir) {
+            Ok(lock) => return Ok(lock),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 5 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Error::Locked { dir: dir.to_path_buf() });
+            }
+            Err(e) => return Err(Error::io("open lock file", dir.join(crate::io::LOCK_FILE_NAME), e)),
+        }
+    }
 }
 
 #[cfg(test)]

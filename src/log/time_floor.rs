@@ -32,8 +32,8 @@ pub fn read(io: &dyn Io, dir: &Path) -> u64 {
     if file.len() < LEN || file.read_at(0, &mut raw).is_err() || raw[12..16] != MAGIC {
         return 0;
     }
-    let ms = crate::record::u64_at(&raw, 0);
-    let crc = crate::record::u32_at(&raw, 8);
+    let ms = crate::bytes::u64_at(&raw, 0);
+    let crc = crate::bytes::u32_at(&raw, 8);
     if crc32fast::hash(&raw[0..8]) == crc { ms } else { 0 }
 }
 

@@ -25,6 +25,7 @@
 //!
 //! Records start at 8-byte aligned offsets; padding bytes are zero.
 
+pub(crate) use crate::bytes::{u32_at, u64_at};
 use crc32fast::Hasher;
 
 /// Size of the fixed record header.
@@ -207,20 +208,6 @@ impl DecodeError {
             DecodeError::BadChecksum => "checksum mismatch",
         }
     }
-}
-
-/// The little-endian u64 at `at` (the caller guarantees the bytes are there).
-pub(crate) fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(b)
-}
-
-/// The little-endian u32 at `at` (the caller guarantees the bytes are there).
-pub(crate) fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(b)
 }
 
 /// Parses the header fields of `bytes` (at least `HEADER_LEN` long) without checking the CRC.

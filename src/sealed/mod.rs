@@ -27,13 +27,15 @@
 //! the mark say which (`IndexHash::table_mark`), and a table whose mark is not its store's is
 //! treated as damaged (its segment is scanned), never searched with the wrong hash.
 
+pub mod filter;
+
 use std::path::{Path, PathBuf};
 
+use crate::bytes::{u32_at, u64_at};
 use crate::error::{Error, Result};
-use crate::filter::BlockedBloom;
+use crate::hash::Loc;
 use crate::io::{Io, IoFile};
-use crate::log::Loc;
-use crate::record::{u32_at, u64_at};
+use crate::sealed::filter::BlockedBloom;
 use std::sync::Arc;
 
 use parking_lot::RwLock;

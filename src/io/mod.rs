@@ -13,6 +13,10 @@
 //! decisions are made here, over the calls of [`SpaceCalls`] and [`HoleCalls`], so the real
 //! disk and the simulated one (which can refuse both calls) run the same code.
 
+pub(crate) mod permissions;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -24,7 +28,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use crate::permissions::FileAccess;
+use crate::io::permissions::FileAccess;
+
+/// Name of the lock file in a store directory.
+pub const LOCK_FILE_NAME: &str = "LOCK";
 
 /// A guard that holds a directory lock until dropped.
 pub trait DirLock: Send + Sync {
@@ -51,7 +58,7 @@ impl LockOwner {
 
     fn decode(b: &[u8]) -> Option<LockOwner> {
         let b: &[u8; 12] = b.get(..12)?.try_into().ok()?;
-        Some(LockOwner { incarnation: crate::record::u64_at(b, 0), pid: crate::record::u32_at(b, 8) })
+        Some(LockOwner { incarnation: crate::bytes::u64_at(b, 0), pid: crate::bytes::u32_at(b, 8) })
     }
 }
 
@@ -359,7 +366,7 @@ fn set_created_mode(file: &File, mode: u32) -> io::Result<()> {
 }
 
 fn lock_dir_with_mode(dir: &Path, mode: u32) -> io::Result<Box<dyn DirLock>> {
-    let path = dir.join(crate::LOCK_FILE_NAME);
+    let path = dir.join(LOCK_FILE_NAME);
     // Created with the store's mode when missing; an existing lock file keeps its own (the
     // store changes no mode it did not create).
     let file = match OpenOptions::new().read(true).write(true).create_new(true).mode(mode).open(&path) {
@@ -507,7 +514,7 @@ impl Io for RealIo {
     }
 
     fn lock_owner(&self, dir: &Path) -> Option<LockOwner> {
-        let owner = LockOwner::decode(&fs::read(dir.join(crate::LOCK_FILE_NAME)).ok()?)?;
+        let owner = LockOwner::decode(&fs::read(dir.join(LOCK_FILE_NAME)).ok()?)?;
         // Probing the lock itself would take it for a moment and could make a writer that
         // opens at that instant fail with `Locked`; a live process id is asked instead.
         let pid = libc::pid_t::try_from(owner.pid).ok()?;
@@ -743,7 +750,7 @@ mod tests {
     #[test]
     fn read_prefix_reads_what_lies_within_the_length_on_a_mapped_and_a_simulated_file() {
         let dir = tempfile::tempdir().unwrap();
-        let sim = crate::sim::SimDisk::new();
+        let sim = crate::io::sim::SimDisk::new();
         sim.create_dir_all(Path::new("/d")).unwrap();
         let files =
             [RealIo.create(&dir.path().join("f"), 1 << 20).unwrap(), sim.create(Path::new("/d/f"), 1 << 20).unwrap()];
