@@ -146,6 +146,7 @@ mod index;
 pub mod io;
 mod log;
 mod namespace;
+mod observe;
 mod options;
 mod pace;
 mod prefetch;

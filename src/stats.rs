@@ -205,6 +205,39 @@ impl Stats {
     }
 }
 
+#[cfg(feature = "metrics")]
+impl Stats {
+    /// Sets every figure of the Prometheus text (`to_prometheus`) on the `metrics` facade's
+    /// recorder, under the same names and labels: counters as absolute values, gauges as
+    /// values, durations in seconds (as gauges: the facade's counters hold integers). A store
+    /// with a housekeeping thread does this on each pass (about once a second); call it to
+    /// publish at other times.
+    pub fn record_metrics(&self) {
+        for family in FAMILIES {
+            for (labels, value) in family.samples {
+                let labels = parse_labels(labels);
+                match (family.kind, value(self)) {
+                    ("counter", Sample::Count(n)) => metrics::counter!(family.name, labels).absolute(n),
+                    (_, Sample::Count(n)) => metrics::gauge!(family.name, labels).set(n as f64),
+                    (_, Sample::Seconds(us)) => metrics::gauge!(family.name, labels).set(us as f64 / 1e6),
+                }
+            }
+        }
+    }
+}
+
+/// The labels of a sample (`k="v",k2="v2"`, as the text writes them) as facade labels.
+#[cfg(feature = "metrics")]
+fn parse_labels(labels: &str) -> Vec<metrics::Label> {
+    labels
+        .split(',')
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            Some(metrics::Label::new(key.trim().to_owned(), value.trim().trim_matches('"').to_owned()))
+        })
+        .collect()
+}
+
 /// One Prometheus family: its name, type and help, and its samples (label set, value).
 struct Family {
     name: &'static str,

@@ -6,6 +6,7 @@ use super::*;
 
 impl Inner {
     pub(super) fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
+        let _span = crate::observe::call("claim", key);
         let hash = self.key_hash(key);
         // The index slot's cache miss is the largest single cost of a claim over a large
         // index: start it now, so it overlaps the checks, the request hash and the lock.
@@ -90,6 +91,7 @@ impl Inner {
                         debug_assert!(written.token > header.token, "fencing tokens only grow");
                         shard.set(hash, old.map(|o| o.loc), new_loc);
                         shard.local.counters.claims_acquired_total += 1;
+                        crate::observe::takeover(key, orphan_takeover && !lease_over);
                         if orphan_takeover && !lease_over {
                             shard.local.counters.orphan_takeovers_total += 1;
                         } else {

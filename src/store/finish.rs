@@ -7,6 +7,7 @@ use super::*;
 impl Inner {
     /// complete / checkpoint / release: a write by the holder of `token`.
     pub(super) fn finish(&self, token: &ClaimToken, kind: Kind, value: &[u8]) -> Result<()> {
+        let _span = crate::observe::call(kind_name(kind), token.key());
         let hash = self.key_hash(token.key());
         self.index.prefetch_slot(hash);
         let (answer, seq) = self.finish_unsettled(token, hash, kind, value)?;
@@ -74,6 +75,7 @@ impl Inner {
     }
 
     pub(super) fn remove(&self, key: &[u8]) -> Result<()> {
+        let _span = crate::observe::call("remove", key);
         let seq = self.remove_unsettled(key)?;
         self.settle(seq)
     }
@@ -108,5 +110,16 @@ impl Inner {
     pub(super) fn key_changed(&self, locked: &crate::index::LockedShard<ShardLocal>, hash: u64) {
         locked.changed.notify_all();
         self.async_waits.key_changed(hash);
+    }
+}
+
+/// The call a holder's record kind comes from, for spans.
+pub(super) fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Claim => "claim",
+        Kind::Checkpoint => "checkpoint",
+        Kind::Complete => "complete",
+        Kind::Release => "release",
+        Kind::Remove => "remove",
     }
 }

@@ -86,6 +86,10 @@ impl Inner {
                 crate::commit::panic_message(&*payload)
             )),
         }
+        #[cfg(feature = "metrics")]
+        if maintenance {
+            self.stats().record_metrics();
+        }
     }
 
     /// `Store::maintain`: a maintenance pass on the caller's thread, whose failure is reported
@@ -124,6 +128,7 @@ impl Inner {
     }
 
     pub(super) fn note_background_error(&self, cause: String) {
+        crate::observe::maintenance_failed(&cause);
         self.counters.maintenance_errors.fetch_add(1, AtomicOrdering::Relaxed);
         *self.counters.last_maintenance_error.lock() = Some(cause);
     }

@@ -5,6 +5,7 @@ use super::*;
 
 impl Inner {
     pub(super) fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+        let _span = crate::observe::call("get", key);
         self.check_key(key)?;
         self.entry(key)
     }

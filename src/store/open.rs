@@ -132,6 +132,7 @@ impl Store {
                 }
             }
         }
+        crate::observe::opened(&inner.dir, &inner.recovery, inner.read_only);
         Ok(Store { inner, background, closed: false })
     }
 }
