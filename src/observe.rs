@@ -16,7 +16,13 @@ pub(crate) fn call(op: &'static str, key: &[u8]) -> tracing::span::EnteredSpan {
 /// A span around one store call (nothing without the `tracing` feature).
 #[cfg(not(feature = "tracing"))]
 #[inline(always)]
-pub(crate) fn call(_op: &'static str, _key: &[u8]) {}
+pub(crate) fn call(_op: &'static str, _key: &[u8]) -> NoSpan {
+    NoSpan
+}
+
+/// What `call` returns without the `tracing` feature: a guard with nothing to guard.
+#[cfg(not(feature = "tracing"))]
+pub(crate) struct NoSpan;
 
 /// A claim took over an earlier holder (`orphan`: its process died; otherwise its lease ran out).
 #[inline(always)]
