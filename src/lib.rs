@@ -170,7 +170,7 @@ pub use options::{ClaimHook, ClaimOptions, Durability, KeyHashFn, Options, Orpha
 pub use recovery::salvage::{LostRecord, QUARANTINE_DIR_NAME, SalvageOptions, SalvageReport, SalvagedFile};
 pub use recovery::{FileKind, FileReport, VerifyReport};
 pub use stats::{RecoveryStats, Stats};
-pub use store::{Advance, Scan, Store};
+pub use store::{Advance, KeyHistory, Scan, Store};
 pub use transfer::{ExportedEntry, request_hash};
 pub use types::{Answer, Claim, ClaimEvent, ClaimToken, Completed, Entry, Orphan};
 

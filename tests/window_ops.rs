@@ -186,3 +186,26 @@ fn acknowledged_advances_and_touches_survive_a_sigkill() {
     assert_eq!(kept.outcome, b"kept outcome");
     assert!(idemstore::system_time_to_ms(kept.expires_at) >= acked.1, "an acknowledged touch was lost");
 }
+
+#[test]
+fn history_counts_the_replays_a_completion_served() {
+    let clock = ManualClock::new(START_MS);
+    let dir = tempfile::tempdir().unwrap();
+    let store = common::open(dir.path(), &clock);
+    let token = acquired(store.claim("k", b"req").unwrap());
+    let in_flight = store.history("k").unwrap().unwrap();
+    assert_eq!((in_flight.claimed_at, in_flight.completed_at, in_flight.replays_served), (at(START_MS), None, 0));
+    clock.advance(Duration::from_secs(2));
+    store.complete(&token, b"done").unwrap();
+    for _ in 0..3 {
+        assert!(matches!(store.claim("k", b"req").unwrap(), Claim::Completed(_)));
+    }
+    assert_eq!(store.claim("k", b"other").unwrap(), Claim::Mismatch, "a mismatch is not a replay");
+    let done = store.history("k").unwrap().unwrap();
+    assert_eq!((done.completed_at, done.replays_served), (Some(at(START_MS + 2_000)), 3));
+    assert_eq!(store.history("other").unwrap(), None);
+    store.touch("k", Duration::from_secs(48 * 3600)).unwrap();
+    assert_eq!(store.history("k").unwrap().unwrap().replays_served, 3, "a touch keeps the count");
+    store.remove("k").unwrap();
+    assert_eq!(store.history("k").unwrap(), None);
+}

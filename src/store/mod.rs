@@ -10,6 +10,7 @@ mod claim;
 mod durability;
 mod export;
 mod finish;
+mod history;
 mod housekeeper;
 mod listing;
 mod lookup;
@@ -22,6 +23,7 @@ mod stats;
 mod window_ops;
 mod write;
 
+pub use history::KeyHistory;
 pub use scan::Scan;
 pub use window_ops::Advance;
 
@@ -103,6 +105,15 @@ struct Inner {
 struct ShardLocal {
     segments: SegmentCache,
     counters: ShardCounters,
+    /// Replays served of each completed record that was replayed since open (see
+    /// `Store::history`): only replayed keys take room, and a record's count goes with its
+    /// segment.
+    replays: crate::hash::IdMap<u64, u64>,
+}
+
+/// A record's location as one integer (the key of `ShardLocal::replays`).
+fn loc_id(loc: Loc) -> u64 {
+    u64::from(loc.segment) << 32 | u64::from(loc.offset)
 }
 
 type Index = crate::index::Index<ShardLocal>;
@@ -112,6 +123,7 @@ type Shard = crate::index::Shard<ShardLocal>;
 /// segments; returns how many entries went.
 fn sweep_shard(shard: &mut Shard, is_live: impl Fn(u32) -> bool) -> usize {
     shard.local.segments.retain(&is_live);
+    shard.local.replays.retain(|&loc, _| is_live((loc >> 32) as u32));
     shard.retain_live(is_live)
 }
 

@@ -164,6 +164,10 @@ impl Inner {
         let header = Header { seq: 0, expires_at_ms, ..latest };
         let (written, new_loc) = self.append(header, key, &value, old)?;
         shard.set(hash, old.map(|o| o.loc), new_loc);
+        // The same completion, moved: its replays served go with it.
+        if let Some(served) = old.and_then(|o| shard.local.replays.remove(&super::loc_id(o.loc))) {
+            shard.local.replays.insert(super::loc_id(new_loc), served);
+        }
         drop(shard);
         self.after_write();
         Ok((Some(ms_to_system_time(written.expires_at_ms)), written.seq))
