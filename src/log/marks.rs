@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::bytes::u32_at;
+use crate::bytes::{u32_at, usize_from};
 use crate::io::{Io, IoFile};
 use crate::log::segment::Segment;
 
@@ -126,12 +126,17 @@ pub fn read_or_none(io: &dyn Io, dir: &Path) -> BTreeMap<u32, Mark> {
 
 /// The file's bytes for `marks`: the newest segments' marks when they do not all fit.
 fn encode(marks: &BTreeMap<u32, Mark>, out: &mut Vec<u8>) {
-    let fit = (CAPACITY as usize - HEAD_LEN - 4) / ENTRY_LEN;
+    let fit = (usize_from(CAPACITY) - HEAD_LEN - 4) / ENTRY_LEN;
     let skip = marks.len().saturating_sub(fit);
     out.clear();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&((marks.len() - skip) as u32).to_le_bytes());
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "at most `fit` marks, a few hundred: what the file's capacity holds"
+    )]
+    let count = (marks.len() - skip) as u32;
+    out.extend_from_slice(&count.to_le_bytes());
     for (id, mark) in marks.iter().skip(skip) {
         out.extend_from_slice(&id.to_le_bytes());
         out.extend_from_slice(&mark.header_crc.to_le_bytes());
