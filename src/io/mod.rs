@@ -41,7 +41,8 @@ pub trait DirLock: Send + Sync {
     fn set_owner(&self, owner: LockOwner) -> io::Result<()>;
 }
 
-/// Who holds a store's lock: the writer's incarnation and process id.
+/// Who holds a store's lock: the writer's incarnation and process id, written into the `LOCK`
+/// file (layout: ARCHITECTURE.md, "On disk", "LOCK").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LockOwner {
     /// The writer's incarnation (the one its claims record).

@@ -9,15 +9,7 @@
 //! sync, the end of what that sync covered in each segment; at open, a bad record that starts
 //! below its segment's mark is `Error::Corrupt`, and only one at or past it is a torn tail.
 //!
-//! Layout (little endian):
-//!
-//! | off | size | field |
-//! |----:|-----:|-------|
-//! | 0 | 8 | magic `IDEMMARK` |
-//! | 8 | 4 | version (1) |
-//! | 12 | 4 | count of entries |
-//! | 16 | 12 each | entries: segment id u32, crc of the segment's header u32, durable end u32 |
-//! | 16 + 12 count | 4 | crc32 of every byte before it |
+//! The layout: ARCHITECTURE.md, "On disk", "MARKS".
 //!
 //! The header's CRC ties a mark to one file: ids start again at 1 once every segment has been
 //! deleted, and a mark left for an earlier file of the same id must not apply to a new one.

@@ -2,28 +2,8 @@
 //! checkpoint). Every record is a full snapshot of its key's state, so recovery keeps the
 //! record with the highest sequence number per key and needs nothing else.
 //!
-//! Byte layout (little endian), offsets within the record:
-//!
-//! | off | size | field |
-//! |----:|-----:|-------|
-//! | 0 | 4 | crc32 of bytes 4..len, seeded with the segment id |
-//! | 4 | 4 | len: header + key + value (not counting padding) |
-//! | 8 | 1 | kind (1..=5, never 0) |
-//! | 9 | 1 | flags (0) |
-//! | 10 | 2 | key_len (>= 1) |
-//! | 12 | 4 | value_len |
-//! | 16 | 8 | seq (global, >= 1) |
-//! | 24 | 8 | expires_at_ms |
-//! | 32 | 8 | claimed_at_ms |
-//! | 40 | 8 | lease_until_ms |
-//! | 48 | 8 | token (the seq of the claim record that started this holding) |
-//! | 56 | 8 | incarnation of the process that made the claim |
-//! | 64 | 16 | request hash (xxh3-128) |
-//! | 80 | 8 | written_at_ms (completed_at for `Complete`) |
-//! | 88 | 4 | lease_ms |
-//! | 92 | 4 | reserved (0) |
-//!
-//! Records start at 8-byte aligned offsets; padding bytes are zero.
+//! The layout: ARCHITECTURE.md, "On disk", "Record". Records start at 8-byte aligned offsets;
+//! padding bytes are zero.
 
 pub(crate) use crate::bytes::{u32_at, u64_at, usize_from};
 use crc32fast::Hasher;

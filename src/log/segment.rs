@@ -1,18 +1,6 @@
 //! One segment file: a 64-byte header naming its expiry bucket, then records.
 //!
-//! Header layout (little endian):
-//!
-//! | off | size | field |
-//! |----:|-----:|-------|
-//! | 0 | 8 | magic `IDEMSEG\0` |
-//! | 8 | 4 | format version |
-//! | 12 | 4 | segment id (also in the file name, and mixed into every record CRC) |
-//! | 16 | 8 | bucket_start_ms |
-//! | 24 | 8 | bucket_end_ms: every record in the file expires before this |
-//! | 32 | 8 | created_at_ms |
-//! | 40 | 1 | flags: bit 0 set when `salvage` rebuilt this header (such a segment never gets a table) |
-//! | 41 | 19 | reserved (0) |
-//! | 60 | 4 | crc32 of bytes 0..60 |
+//! The header's layout: ARCHITECTURE.md, "On disk", "Segment header".
 
 use std::path::{Path, PathBuf};
 

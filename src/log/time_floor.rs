@@ -2,7 +2,7 @@
 //! across a restart cannot bring an expired key back or shorten a lease: at open the store's
 //! time starts no earlier than what the last process saw.
 //!
-//! Layout: `ms u64 | crc32(ms) u32 | magic "IDTM"`. A missing, torn or damaged file reads as 0
+//! The layout: ARCHITECTURE.md, "On disk", "TIME". A missing, torn or damaged file reads as 0
 //! (the floor then comes from the records alone).
 //!
 //! While the store runs, [`TimeFloor`] keeps the durable part of that promise: what is known

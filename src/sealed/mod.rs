@@ -3,22 +3,7 @@
 //! with a blocked Bloom filter kept in RAM so a new key (the common case) is answered without
 //! touching the file. Restart maps these tables instead of rescanning their segments.
 //!
-//! Layout (little endian):
-//!
-//! | off | size | field |
-//! |----:|-----:|-------|
-//! | 0 | 8 | magic `IDEMTBL\0` |
-//! | 8 | 4 | table version: 1 holds unkeyed hashes, 2 keyed ones |
-//! | 12 | 4 | segment id |
-//! | 16 | 8 | entry count |
-//! | 24 | 8 | filter words (u64) |
-//! | 32 | 8 | bucket_end_ms of the segment |
-//! | 40 | 8 | max_seq: no record in the segment has a higher sequence number |
-//! | 48 | 8 | latest_ms: no record in the segment was written later |
-//! | 56 | 4 | crc32 of bytes 0..56 and of the filter |
-//! | 60 | 4 | hash mark: 0 (version 1), or the fingerprint of the store's secret (version 2) |
-//! | 64 | 8 x words | filter |
-//! | ... | 16 x count | entries sorted by hash: hash u64, record offset u32, check u32 |
+//! The layout: ARCHITECTURE.md, "On disk", "Sealed table".
 //!
 //! Each entry's `check` is the crc32 of (segment id, hash, offset), so a damaged entry is
 //! caught on the lookup that reads it.
