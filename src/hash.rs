@@ -73,6 +73,7 @@ impl IndexHash {
     /// What a sealed table records of the hash its entries were made with: 0 for the unkeyed
     /// hash, else a nonzero fingerprint of the secret. A table whose mark differs from its
     /// store's holds hashes no lookup would compute: it is never trusted (see `Table::open`).
+    #[expect(clippy::cast_possible_truncation, reason = "the mark is the low 32 bits of a 64-bit hash by design")]
     pub fn table_mark(&self) -> u32 {
         match self {
             IndexHash::Unkeyed => 0,

@@ -131,8 +131,23 @@
 //! See `ARCHITECTURE.md` for the code map, the byte layout and the invariants.
 
 #![deny(missing_docs)]
+// Every narrowing `as` cast either goes (`try_from`, `From`) or says why it cannot truncate.
+#![deny(clippy::cast_possible_truncation)]
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
+// Unit tests cast small test sizes; the library's own code is checked in the non-test build.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
+
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "idemstore supports Linux only: it relies on fallocate (reserving and punching holes), fdatasync, \
+     futex waits, CLOCK_REALTIME_COARSE and shared memory maps with Linux's semantics (see ARCHITECTURE.md)"
+);
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!(
+    "idemstore needs a 64-bit target: it maps every segment over its whole capacity and reads \
+     file offsets as memory indexes (see ARCHITECTURE.md)"
+);
 
 mod bytes;
 mod clock;
@@ -140,6 +155,7 @@ mod commit;
 mod dedupe_store;
 mod error;
 #[cfg(feature = "fuzzing")]
+#[allow(clippy::cast_possible_truncation, reason = "fuzz target bodies: small generated sizes")]
 pub mod fuzzing;
 mod hash;
 mod index;

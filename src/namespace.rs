@@ -44,9 +44,10 @@ fn namespace_prefix(name: &str) -> Result<Vec<u8>> {
     if name.is_empty() || name.len() > NAMESPACE_NAME_MAX {
         return Err(Error::InvalidArgument("a namespace name must be 1 to 64 bytes"));
     }
+    let len = u8::try_from(name.len()).map_err(|_| Error::InvalidArgument("a namespace name must be 1 to 64 bytes"))?;
     let mut prefix = Vec::with_capacity(2 + name.len());
     prefix.push(NAMESPACE_TAG);
-    prefix.push(name.len() as u8);
+    prefix.push(len);
     prefix.extend_from_slice(name.as_bytes());
     Ok(prefix)
 }

@@ -214,7 +214,12 @@ impl From<&[u8]> for TokenKey {
         if key.len() <= INLINE_KEY_MAX {
             let mut bytes = [0u8; INLINE_KEY_MAX];
             bytes[..key.len()].copy_from_slice(key);
-            TokenKey::Inline { len: key.len() as u8, bytes }
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "at most INLINE_KEY_MAX, which fits a u8 (asserted above)"
+            )]
+            let len = key.len() as u8;
+            TokenKey::Inline { len, bytes }
         } else {
             TokenKey::Boxed(key.into())
         }

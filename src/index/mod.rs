@@ -8,6 +8,7 @@ pub mod slots;
 
 use std::sync::Arc;
 
+use crate::bytes::usize_from;
 use crate::hash::{IdMap, Loc};
 use crate::index::slots::{Slots, TableHint};
 use crate::sync::{Condvar, Mutex};
@@ -205,7 +206,7 @@ impl<L> Index<L> {
 /// The shard of `hash`: its top bits (`PremixedHasher` and the slot tables spread the rest
 /// inside it).
 fn shard_of(hash: u64) -> usize {
-    (hash >> (64 - SHARD_COUNT.trailing_zeros())) as usize & (SHARD_COUNT - 1)
+    usize_from(hash >> (64 - SHARD_COUNT.trailing_zeros())) & (SHARD_COUNT - 1)
 }
 
 /// The hashes shard `number` holds: a contiguous range (shards are by a hash's top bits).

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::bytes::usize_from;
 use crate::hash::{Loc, mix};
 
 /// One slot: a key's full 64-bit hash and where its latest record lives.
@@ -38,7 +39,7 @@ const MIN_CAPACITY: usize = 16;
 /// was chosen by the caller (possibly by a weak user-supplied function, and its top bits already
 /// picked the shard): mix it first.
 pub fn home_slot(hash: u64, slots: usize) -> usize {
-    mix(hash) as usize & slots.wrapping_sub(1)
+    usize_from(mix(hash)) & slots.wrapping_sub(1)
 }
 
 /// Hash -> location, at most one location per hash (the index keeps colliding keys apart).
@@ -67,7 +68,7 @@ impl TableHint {
         if base == 0 {
             return;
         }
-        let index = mix(hash) as usize & self.mask.load(Ordering::Relaxed);
+        let index = usize_from(mix(hash)) & self.mask.load(Ordering::Relaxed);
         let at = base.wrapping_add(index.wrapping_mul(std::mem::size_of::<Slot>()));
         crate::prefetch::prefetch_read(std::ptr::without_provenance(at));
     }

@@ -16,18 +16,20 @@
 pub(crate) mod permissions;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub(crate) mod sys;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use crate::bytes::usize_from;
 use crate::io::permissions::FileAccess;
 
 /// Name of the lock file in a store directory.
@@ -39,7 +41,8 @@ pub trait DirLock: Send + Sync {
     fn set_owner(&self, owner: LockOwner) -> io::Result<()>;
 }
 
-/// Who holds a store's lock: the writer's incarnation and process id.
+/// Who holds a store's lock: the writer's incarnation and process id, written into the `LOCK`
+/// file (layout: ARCHITECTURE.md, "On disk", "LOCK").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LockOwner {
     /// The writer's incarnation (the one its claims record).
@@ -249,7 +252,7 @@ pub(crate) fn reserve_space(
     let mut at = from;
     while write_max > 0 && at < len {
         // Aligned, so each call covers whole pages (or whole 64 KiB runs) of its own.
-        let n = (len - at).min(write_max - at % write_max) as usize;
+        let n = usize_from((len - at).min(write_max - at % write_max));
         calls.write_zeros(at, &ZEROS[..n])?;
         at += n as u64;
     }
@@ -291,28 +294,13 @@ pub(crate) fn free_gradually(calls: &dyn HoleCalls, mut len: u64) {
 
 impl HoleCalls for File {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return Err(out_of_range());
-        };
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: fallocate on a file descriptor we own; no memory is touched.
-        if unsafe { libc::fallocate(self.as_raw_fd(), mode, offset, len) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        sys::punch_hole(self.as_fd(), offset, len)
     }
 }
 
 impl SpaceCalls for File {
     fn allocate(&self, len: u64) -> io::Result<()> {
-        let size = libc::off_t::try_from(len).map_err(|_| out_of_range())?;
-        // SAFETY: fallocate on a file descriptor we own; no memory is touched.
-        if unsafe { libc::fallocate(self.as_raw_fd(), 0, 0, size) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        sys::allocate(self.as_fd(), len)
     }
 
     fn write_zeros(&self, at: u64, zeros: &[u8]) -> io::Result<()> {
@@ -331,7 +319,7 @@ pub(crate) fn checked_range(offset: u64, len: usize, limit: u64) -> io::Result<(
     if end > limit {
         return Err(out_of_range());
     }
-    Ok((offset as usize, end as usize))
+    Ok((usize_from(offset), usize_from(end)))
 }
 
 /// The operating system's file system. Creates directories 0700 and files 0600 exactly,
@@ -518,10 +506,7 @@ impl Io for RealIo {
         // Probing the lock itself would take it for a moment and could make a writer that
         // opens at that instant fail with `Locked`; a live process id is asked instead.
         let pid = libc::pid_t::try_from(owner.pid).ok()?;
-        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
-        let alive =
-            unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        alive.then_some(owner)
+        sys::process_exists(pid).then_some(owner)
     }
 
     fn with_access(&self, access: FileAccess) -> Option<Arc<dyn Io>> {
@@ -536,11 +521,7 @@ impl Io for RealIo {
 /// Bytes of one memory page: the write size of paged zero-fill (`IoFile::reserve_paged`).
 fn page_bytes() -> usize {
     static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PAGE.get_or_init(|| {
-        // SAFETY: sysconf reads a system constant; it touches no memory of ours.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        usize::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096)
-    })
+    *PAGE.get_or_init(|| sys::page_size().unwrap_or(4096))
 }
 
 /// A file mapped shared into memory over its whole capacity. Only the first `len` bytes are
@@ -641,6 +622,7 @@ impl IoFile for MappedFile {
         self.write_with(offset, bytes.len(), &mut |out| out.copy_from_slice(bytes))
     }
 
+    #[allow(unsafe_code, reason = "writes through the shared map, with its SAFETY comment")]
     fn write_with(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> io::Result<()> {
         if !self.writable {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, "file is read-only"));
@@ -667,6 +649,7 @@ impl IoFile for MappedFile {
         }
     }
 
+    #[allow(unsafe_code, reason = "reads from the shared map, with its SAFETY comment")]
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let (start, _) = checked_range(offset, buf.len(), self.len())?;
         // SAFETY: the range lies within the file's length and the mapping (checked above).
@@ -696,6 +679,7 @@ impl IoFile for MappedFile {
         self.file.lock().take();
     }
 
+    #[allow(unsafe_code, reason = "madvise of the shared map through memmap2, with its SAFETY comment")]
     fn release_pages(&self) {
         let _ = self.in_slices(|at, n| {
             // SAFETY: MADV_DONTNEED on a shared file mapping only drops page-table entries; the

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use crate::bytes::usize_from;
 use crate::io::{DirLock, Fill, HoleCalls, Io, IoFile, LockOwner, SpaceCalls, checked_range};
 
 #[derive(Default)]
@@ -282,10 +283,10 @@ impl SimDisk {
             let old = file.state.lock();
             let mut bytes = old.durable.clone();
             if torn_seed.is_some() {
-                let keep = rng.below(old.pending.len() as u64 + 1) as usize;
+                let keep = usize_from(rng.below(old.pending.len() as u64 + 1));
                 for (i, (offset, data)) in old.pending.iter().take(keep).enumerate() {
-                    let cut = if i + 1 == keep { rng.below(data.len() as u64 + 1) as usize } else { data.len() };
-                    let start = *offset as usize;
+                    let cut = if i + 1 == keep { usize_from(rng.below(data.len() as u64 + 1)) } else { data.len() };
+                    let start = usize_from(*offset);
                     let end = start + cut;
                     if bytes.len() < end {
                         bytes.resize(end, 0);
@@ -334,8 +335,8 @@ impl SimDisk {
         let mut guard = file.state.lock();
         let file = &mut *guard;
         for bytes in [&mut file.live, &mut file.durable] {
-            let end = offset.saturating_add(len).min(bytes.len() as u64) as usize;
-            let start = (offset as usize).min(end);
+            let end = usize_from(offset.saturating_add(len).min(bytes.len() as u64));
+            let start = usize_from(offset).min(end);
             bytes[start..end].fill(0);
         }
         // A write not yet synced would bring the bytes back at a torn power cut: the block
@@ -685,7 +686,7 @@ impl SimHandle {
             return Err(io::Error::new(io::ErrorKind::StorageFull, "simulated disk full"));
         }
         faults.used_bytes.fetch_add(grow, Ordering::SeqCst);
-        state.live.resize(len as usize, 0);
+        state.live.resize(usize_from(len), 0);
         Ok(())
     }
 
@@ -703,13 +704,13 @@ impl SimHandle {
             let state = &mut *guard;
             let len = state.live.len();
             state.durable.resize(len, 0);
-            let (from, to) = (from.min(len as u64) as usize, to.min(len as u64) as usize);
+            let (from, to) = (usize_from(from.min(len as u64)), usize_from(to.min(len as u64)));
             for (offset, bytes) in &state.pending {
-                let start = (*offset as usize).clamp(from, to);
-                let end = (*offset as usize + bytes.len()).clamp(from, to);
+                let start = usize_from(*offset).clamp(from, to);
+                let end = (usize_from(*offset) + bytes.len()).clamp(from, to);
                 state.durable[start..end].copy_from_slice(&state.live[start..end]);
             }
-            state.pending.retain(|(offset, bytes)| *offset as usize + bytes.len() > to);
+            state.pending.retain(|(offset, bytes)| usize_from(*offset) + bytes.len() > to);
         }
         if self.0.disk.names_on_first_sync.load(Ordering::SeqCst) && !self.0.synced_once.swap(true, Ordering::SeqCst) {
             // Taken after the file's lock is let go: `power_cut` takes the disk, then files.
@@ -742,7 +743,7 @@ impl SpaceCalls for SimHandle {
         let mut state = self.0.state.lock();
         let end = at.checked_add(zeros.len() as u64).ok_or_else(crate::io::out_of_range)?;
         self.grow(&mut state, end)?;
-        state.live[at as usize..end as usize].fill(0);
+        state.live[usize_from(at)..usize_from(end)].fill(0);
         self.0.disk.zero_bytes_written.fetch_add(zeros.len() as u64, Ordering::SeqCst);
         Ok(())
     }
@@ -758,8 +759,8 @@ impl HoleCalls for SimHandle {
         let mut guard = self.0.state.lock();
         let state = &mut *guard;
         for bytes in [&mut state.live, &mut state.durable] {
-            let end = offset.saturating_add(len).min(bytes.len() as u64) as usize;
-            let start = (offset as usize).min(end);
+            let end = usize_from(offset.saturating_add(len).min(bytes.len() as u64));
+            let start = usize_from(offset).min(end);
             bytes[start..end].fill(0);
         }
         Ok(())

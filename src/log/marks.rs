@@ -9,15 +9,7 @@
 //! sync, the end of what that sync covered in each segment; at open, a bad record that starts
 //! below its segment's mark is `Error::Corrupt`, and only one at or past it is a torn tail.
 //!
-//! Layout (little endian):
-//!
-//! | off | size | field |
-//! |----:|-----:|-------|
-//! | 0 | 8 | magic `IDEMMARK` |
-//! | 8 | 4 | version (1) |
-//! | 12 | 4 | count of entries |
-//! | 16 | 12 each | entries: segment id u32, crc of the segment's header u32, durable end u32 |
-//! | 16 + 12 count | 4 | crc32 of every byte before it |
+//! The layout: ARCHITECTURE.md, "On disk", "MARKS".
 //!
 //! The header's CRC ties a mark to one file: ids start again at 1 once every segment has been
 //! deleted, and a mark left for an earlier file of the same id must not apply to a new one.
@@ -37,7 +29,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::bytes::u32_at;
+use crate::bytes::{u32_at, usize_from};
 use crate::io::{Io, IoFile};
 use crate::log::segment::Segment;
 
@@ -126,12 +118,17 @@ pub fn read_or_none(io: &dyn Io, dir: &Path) -> BTreeMap<u32, Mark> {
 
 /// The file's bytes for `marks`: the newest segments' marks when they do not all fit.
 fn encode(marks: &BTreeMap<u32, Mark>, out: &mut Vec<u8>) {
-    let fit = (CAPACITY as usize - HEAD_LEN - 4) / ENTRY_LEN;
+    let fit = (usize_from(CAPACITY) - HEAD_LEN - 4) / ENTRY_LEN;
     let skip = marks.len().saturating_sub(fit);
     out.clear();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&((marks.len() - skip) as u32).to_le_bytes());
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "at most `fit` marks, a few hundred: what the file's capacity holds"
+    )]
+    let count = (marks.len() - skip) as u32;
+    out.extend_from_slice(&count.to_le_bytes());
     for (id, mark) in marks.iter().skip(skip) {
         out.extend_from_slice(&id.to_le_bytes());
         out.extend_from_slice(&mark.header_crc.to_le_bytes());

@@ -438,6 +438,10 @@ impl Log {
         active.last_write_seq = header.seq;
         active.segment.note_record(len);
         active.segment.note_write(header.written_at_ms);
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "a record starts inside its segment, at most `segment_bytes_max` (4 GiB, checked at open)"
+        )]
         let loc = Loc { segment: active.segment.id(), offset: offset as u32 };
         if !app.dirty.iter().any(|s| Arc::ptr_eq(s, &active.segment)) {
             app.dirty.push(active.segment.clone());

@@ -2,30 +2,10 @@
 //! checkpoint). Every record is a full snapshot of its key's state, so recovery keeps the
 //! record with the highest sequence number per key and needs nothing else.
 //!
-//! Byte layout (little endian), offsets within the record:
-//!
-//! | off | size | field |
-//! |----:|-----:|-------|
-//! | 0 | 4 | crc32 of bytes 4..len, seeded with the segment id |
-//! | 4 | 4 | len: header + key + value (not counting padding) |
-//! | 8 | 1 | kind (1..=5, never 0) |
-//! | 9 | 1 | flags (0) |
-//! | 10 | 2 | key_len (>= 1) |
-//! | 12 | 4 | value_len |
-//! | 16 | 8 | seq (global, >= 1) |
-//! | 24 | 8 | expires_at_ms |
-//! | 32 | 8 | claimed_at_ms |
-//! | 40 | 8 | lease_until_ms |
-//! | 48 | 8 | token (the seq of the claim record that started this holding) |
-//! | 56 | 8 | incarnation of the process that made the claim |
-//! | 64 | 16 | request hash (xxh3-128) |
-//! | 80 | 8 | written_at_ms (completed_at for `Complete`) |
-//! | 88 | 4 | lease_ms |
-//! | 92 | 4 | reserved (0) |
-//!
-//! Records start at 8-byte aligned offsets; padding bytes are zero.
+//! The layout: ARCHITECTURE.md, "On disk", "Record". Records start at 8-byte aligned offsets;
+//! padding bytes are zero.
 
-pub(crate) use crate::bytes::{u32_at, u64_at};
+pub(crate) use crate::bytes::{u32_at, u64_at, usize_from};
 use crc32fast::Hasher;
 
 /// Size of the fixed record header.
@@ -37,7 +17,7 @@ pub const KEY_LEN_FORMAT_MAX: usize = u16::MAX as usize;
 /// Longest value the format accepts on decode (64 MiB); bounds what a damaged length can ask for.
 pub const VALUE_LEN_FORMAT_MAX: usize = 64 << 20;
 
-const _: () = assert!(HEADER_LEN.is_multiple_of(RECORD_ALIGN as usize));
+const _: () = assert!(HEADER_LEN.is_multiple_of(usize_from(RECORD_ALIGN)));
 
 /// What a record says about its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +127,7 @@ pub fn stored_checksum(record: &[u8]) -> u32 {
 /// Encodes a record into `out` (cleared first), padded to the record alignment.
 pub fn encode(segment_id: u32, header: &Header, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
     out.clear();
-    out.resize(header.padded_len() as usize, 0);
+    out.resize(usize_from(header.padded_len()), 0);
     encode_into(&checksum_hasher(segment_id), header, key, value, out);
     debug_assert_eq!(decode(segment_id, out).ok().map(|(h, _, _)| h), Some(*header));
 }
@@ -162,7 +142,12 @@ pub fn encode_into(seed: &Hasher, header: &Header, key: &[u8], value: &[u8], out
     debug_assert_eq!(out.len() as u64, header.padded_len());
     let len = header.record_len();
     let mut h = [0u8; HEADER_LEN];
-    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a header, a key of at most u16::MAX bytes and a value of at most VALUE_LEN_FORMAT_MAX (64 MiB)"
+    )]
+    let len_field = len as u32;
+    h[4..8].copy_from_slice(&len_field.to_le_bytes());
     h[8] = header.kind as u8;
     h[10..12].copy_from_slice(&header.key_len.to_le_bytes());
     h[12..16].copy_from_slice(&header.value_len.to_le_bytes());

@@ -1,21 +1,10 @@
 //! One segment file: a 64-byte header naming its expiry bucket, then records.
 //!
-//! Header layout (little endian):
-//!
-//! | off | size | field |
-//! |----:|-----:|-------|
-//! | 0 | 8 | magic `IDEMSEG\0` |
-//! | 8 | 4 | format version |
-//! | 12 | 4 | segment id (also in the file name, and mixed into every record CRC) |
-//! | 16 | 8 | bucket_start_ms |
-//! | 24 | 8 | bucket_end_ms: every record in the file expires before this |
-//! | 32 | 8 | created_at_ms |
-//! | 40 | 1 | flags: bit 0 set when `salvage` rebuilt this header (such a segment never gets a table) |
-//! | 41 | 19 | reserved (0) |
-//! | 60 | 4 | crc32 of bytes 0..60 |
+//! The header's layout: ARCHITECTURE.md, "On disk", "Segment header".
 
 use std::path::{Path, PathBuf};
 
+use crate::bytes::usize_from;
 use crate::error::{Error, Result};
 use crate::io::{Io, IoFile};
 use crate::log::record::{self, DecodeError, HEADER_LEN, Header, u32_at, u64_at};
@@ -65,8 +54,8 @@ pub struct SegmentHeader {
 
 impl SegmentHeader {
     /// The 64 header bytes.
-    pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN as usize] {
-        let mut b = [0u8; SEGMENT_HEADER_LEN as usize];
+    pub fn encode(&self) -> [u8; usize_from(SEGMENT_HEADER_LEN)] {
+        let mut b = [0u8; usize_from(SEGMENT_HEADER_LEN)];
         b[0..8].copy_from_slice(&SEGMENT_MAGIC);
         b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         b[12..16].copy_from_slice(&self.id.to_le_bytes());
@@ -82,7 +71,7 @@ impl SegmentHeader {
     /// Decodes a header. `Ok(None)` means the header is all zeros: the file was created but its
     /// header never reached the disk; it holds nothing only if the rest of it is zeros too (see
     /// `Segment::open`).
-    pub fn decode(path: &Path, b: &[u8; SEGMENT_HEADER_LEN as usize]) -> Result<Option<Self>> {
+    pub fn decode(path: &Path, b: &[u8; usize_from(SEGMENT_HEADER_LEN)]) -> Result<Option<Self>> {
         if b.iter().all(|&x| x == 0) {
             return Ok(None);
         }
@@ -179,10 +168,10 @@ fn reserve_zeroed(file: &dyn IoFile, len: u64, paged: bool) -> std::io::Result<(
 fn first_non_zero(file: &dyn IoFile, path: &Path, from: u64) -> Result<Option<u64>> {
     const CHUNK: u64 = 64 << 10;
     let len = file.len();
-    let mut buf = vec![0u8; CHUNK.min(len.saturating_sub(from)) as usize];
+    let mut buf = vec![0u8; usize_from(CHUNK.min(len.saturating_sub(from)))];
     let mut at = from;
     while at < len {
-        let n = CHUNK.min(len - at) as usize;
+        let n = usize_from(CHUNK.min(len - at));
         file.read_at(at, &mut buf[..n]).map_err(|e| Error::io("read segment", path, e))?;
         if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
             return Ok(Some(at + i as u64));
@@ -263,7 +252,7 @@ impl Segment {
     pub fn open(io: &dyn Io, path: &Path, capacity: u64, writable: bool) -> Result<Option<Segment>> {
         let file = io.open(path, capacity, writable).map_err(|e| Error::io("open segment", path, e))?;
         let len = file.len();
-        let mut raw = [0u8; SEGMENT_HEADER_LEN as usize];
+        let mut raw = [0u8; usize_from(SEGMENT_HEADER_LEN)];
         if len < SEGMENT_HEADER_LEN {
             // Too short to hold a header, let alone a record: nothing in it can be lost.
             return Ok(None);
@@ -336,7 +325,7 @@ impl Segment {
     /// of what was written before (callers are serialized: the appender lock), and moves the
     /// end readers may copy from past it.
     pub fn write_record(&self, offset: u64, header: &Header, key: &[u8], value: &[u8]) -> Result<()> {
-        let len = header.padded_len() as usize;
+        let len = usize_from(header.padded_len());
         self.file
             .write_with(offset, len, &mut |out| record::encode_into(&self.crc_seed, header, key, value, out))
             .map_err(|e| Error::io("write record", &self.path, e))?;

@@ -2,7 +2,7 @@
 //! across a restart cannot bring an expired key back or shorten a lease: at open the store's
 //! time starts no earlier than what the last process saw.
 //!
-//! Layout: `ms u64 | crc32(ms) u32 | magic "IDTM"`. A missing, torn or damaged file reads as 0
+//! The layout: ARCHITECTURE.md, "On disk", "TIME". A missing, torn or damaged file reads as 0
 //! (the floor then comes from the records alone).
 //!
 //! While the store runs, [`TimeFloor`] keeps the durable part of that promise: what is known
@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use crate::bytes::usize_from;
 use crate::error::{Error, Result};
 use crate::io::Io;
 
@@ -28,7 +29,7 @@ pub fn read(io: &dyn Io, dir: &Path) -> u64 {
     let Ok(file) = io.open(&dir.join(TIME_FILE_NAME), LEN, false) else {
         return 0;
     };
-    let mut raw = [0u8; LEN as usize];
+    let mut raw = [0u8; usize_from(LEN)];
     if file.len() < LEN || file.read_at(0, &mut raw).is_err() || raw[12..16] != MAGIC {
         return 0;
     }
@@ -49,7 +50,7 @@ pub fn write(io: &dyn Io, dir: &Path, ms: u64, sync: bool) -> Result<()> {
         Ok(file) => (file, false),
         Err(_) => (io.create(&path, LEN).map_err(|e| Error::io("create time file", &path, e))?, true),
     };
-    let mut raw = [0u8; LEN as usize];
+    let mut raw = [0u8; usize_from(LEN)];
     raw[0..8].copy_from_slice(&ms.to_le_bytes());
     let crc = crc32fast::hash(&raw[0..8]);
     raw[8..12].copy_from_slice(&crc.to_le_bytes());

@@ -7,15 +7,7 @@
 //! secret of its own, drawn at random when the store is created and kept here: keys crafted
 //! without it land where any other keys would.
 //!
-//! Layout (little endian, 212 bytes):
-//!
-//! | off | size | field |
-//! |----:|-----:|-------|
-//! | 0 | 8 | magic `IDEMMETA` |
-//! | 8 | 4 | store format version (2) |
-//! | 12 | 4 | flags: bit 0 = keyed index hash (always set by this build) |
-//! | 16 | 192 | the secret of the index hash (xxh3's full secret size) |
-//! | 208 | 4 | crc32 of bytes 0..208 |
+//! The layout: ARCHITECTURE.md, "On disk", "META".
 //!
 //! The file is written once, when a store is created (a directory with no segment and no
 //! table), as `META.tmp`, synced, renamed to `META` and the directory synced, before any

@@ -10,6 +10,7 @@ pub mod store_dir;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::bytes::usize_from;
 use crate::error::{Error, Result};
 use crate::hash::IdMap;
 use crate::hash::Loc;
@@ -347,6 +348,10 @@ fn merge_part<L>(cx: &MergeContext<'_, L>, part: usize, parts: usize) -> Result<
                 segment.note_dead(header.padded_len());
                 continue;
             }
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "a record starts inside its segment, whose capacity is at most 4 GiB"
+            )]
             let loc = Loc { segment: id, offset: offset as u32 };
             let mut shard = cx.index.shard(hash).shard.lock();
             let mut existing = None;
@@ -390,7 +395,7 @@ pub fn restart_entries(segment: &Segment, key_hash: &dyn Fn(&[u8]) -> u64) -> Re
     let mut bounds = crate::sealed::TableBounds::default();
     // (hash, offset) of every record, in offset (and so seq) order.
     let mut all: Vec<(u64, u32)> = Vec::with_capacity(end / 128);
-    let mut pos = SEGMENT_HEADER_LEN as usize;
+    let mut pos = usize_from(SEGMENT_HEADER_LEN);
     while pos < bytes.len() {
         match record::decode(id, &bytes[pos..]) {
             Ok((header, key, _)) => {
@@ -401,7 +406,7 @@ pub fn restart_entries(segment: &Segment, key_hash: &dyn Fn(&[u8]) -> u64) -> Re
                 bounds.latest_ms = bounds.latest_ms.max(header.written_at_ms).max(header.claimed_at_ms);
                 let offset = u32::try_from(pos).map_err(|_| Error::InvalidArgument("segment too large"))?;
                 all.push((key_hash(key), offset));
-                pos += header.padded_len() as usize;
+                pos += usize_from(header.padded_len());
             }
             Err(_) if bytes[pos..].iter().all(|&b| b == 0) => break,
             Err(_) => return Ok(None),
@@ -456,7 +461,7 @@ struct Scan {
 impl Scan {
     /// The key of the record at `offset` (one the scan decoded, so within `bytes`).
     fn key(&self, offset: u64, header: &record::Header) -> &[u8] {
-        let at = offset as usize + HEADER_LEN;
+        let at = usize_from(offset) + HEADER_LEN;
         &self.bytes[at..at + usize::from(header.key_len)]
     }
 }
@@ -479,7 +484,7 @@ fn scan_segment(segment: &Segment, mode: Mode, durable_end: u64) -> Result<Scan>
     let mut bytes =
         segment.read_raw(0, usize::try_from(len).map_err(|_| Error::InvalidArgument("segment too large"))?)?;
     let mut records = Vec::new();
-    let mut pos = SEGMENT_HEADER_LEN as usize;
+    let mut pos = usize_from(SEGMENT_HEADER_LEN);
     let id = segment.id();
     let mut last_seq = 0u64;
     let mut rereads = 0;
@@ -495,7 +500,7 @@ fn scan_segment(segment: &Segment, mode: Mode, durable_end: u64) -> Result<Scan>
                 }
                 last_seq = header.seq;
                 records.push((pos as u64, header));
-                pos += header.padded_len() as usize;
+                pos += usize_from(header.padded_len());
             }
             Err(err) => {
                 let committed = (pos as u64) < durable_end;
@@ -572,12 +577,12 @@ const TAIL_REREADS_MAX: u32 = 3;
 
 /// Whether a valid record starts at some aligned position after `from`.
 fn valid_record_after(id: u32, bytes: &[u8], from: usize) -> bool {
-    let mut pos = from + RECORD_ALIGN as usize;
+    let mut pos = from + usize_from(RECORD_ALIGN);
     while pos + HEADER_LEN <= bytes.len() {
         if bytes[pos + 8] != 0 && record::decode(id, &bytes[pos..]).is_ok() {
             return true;
         }
-        pos += RECORD_ALIGN as usize;
+        pos += usize_from(RECORD_ALIGN);
     }
     false
 }
@@ -695,7 +700,7 @@ pub fn verify_at(io: &dyn Io, dir: &Path, capacity: u64, now_ms: u64) -> Result<
             Err(e) if vanished(&e) => continue,
             // A file of zeros is a spare that never got a header, unless records in it were
             // known durable (its header is gone, so the mark's file cannot be checked).
-            Ok(None) if marks.get(&id).is_some_and(|m| m.end > SEGMENT_HEADER_LEN as u32) => {
+            Ok(None) if marks.get(&id).is_some_and(|m| u64::from(m.end) > SEGMENT_HEADER_LEN) => {
                 file.problem = Some((0, "a segment that held durable records reads as zeros".into()));
             }
             Ok(None) => {}

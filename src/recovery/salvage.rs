@@ -26,6 +26,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::bytes::usize_from;
 use crate::error::{Error, Result};
 use crate::io::Io;
 use crate::log::record::{self, HEADER_LEN, RECORD_ALIGN};
@@ -127,7 +128,7 @@ fn walk(id: u32, bytes: &[u8]) -> Walk {
         min_written_ms: u64::MAX,
     };
     let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    let mut pos = SEGMENT_HEADER_LEN as usize;
+    let mut pos = usize_from(SEGMENT_HEADER_LEN);
     let mut lost_from: Option<usize> = None;
     let mut last_seq = 0u64;
     while pos < end {
@@ -139,13 +140,13 @@ fn walk(id: u32, bytes: &[u8]) -> Walk {
                 last_seq = header.seq;
                 w.max_expires_ms = w.max_expires_ms.max(header.expires_at_ms);
                 w.min_written_ms = w.min_written_ms.min(header.written_at_ms);
-                let len = header.padded_len() as usize;
+                let len = usize_from(header.padded_len());
                 w.kept.push((pos, len));
                 pos += len;
             }
             _ => {
                 lost_from.get_or_insert(pos);
-                pos += RECORD_ALIGN as usize;
+                pos += usize_from(RECORD_ALIGN);
             }
         }
     }
@@ -172,9 +173,9 @@ fn close_range(w: &mut Walk, bytes: &[u8], from: usize, to: usize) {
                     key: bytes[key_at..key_end].to_vec(),
                 });
                 found += 1;
-                pos += (header.padded_len() as usize).max(RECORD_ALIGN as usize);
+                pos += usize_from(header.padded_len()).max(usize_from(RECORD_ALIGN));
             }
-            _ => pos += RECORD_ALIGN as usize,
+            _ => pos += usize_from(RECORD_ALIGN),
         }
     }
     w.records_lost += found.max(1);
@@ -203,8 +204,8 @@ pub fn salvage(io: &dyn Io, dir: &Path, capacity: u64, options: &SalvageOptions)
         }
         let w = walk(id, &raw);
         let header = raw
-            .get(..SEGMENT_HEADER_LEN as usize)
-            .and_then(|h| <&[u8; SEGMENT_HEADER_LEN as usize]>::try_from(h).ok())
+            .get(..usize_from(SEGMENT_HEADER_LEN))
+            .and_then(|h| <&[u8; usize_from(SEGMENT_HEADER_LEN)]>::try_from(h).ok())
             .and_then(|h| SegmentHeader::decode(&file.path, h).ok().flatten())
             .filter(|h| h.id == id);
         let (header, rebuilt) = match header {
@@ -229,7 +230,7 @@ pub fn salvage(io: &dyn Io, dir: &Path, capacity: u64, options: &SalvageOptions)
         for &(at, len) in &w.kept {
             out.extend_from_slice(&raw[at..(at + len).min(raw.len())]);
         }
-        out.resize(SEGMENT_HEADER_LEN as usize + w.kept.iter().map(|k| k.1).sum::<usize>(), 0);
+        out.resize(usize_from(SEGMENT_HEADER_LEN) + w.kept.iter().map(|k| k.1).sum::<usize>(), 0);
         let name = crate::log::segment::segment_file_name(id);
         let moved = quarantine.join(&name);
         let mut action = format!("rewritten with the {} records that check out", w.kept.len());
@@ -246,7 +247,12 @@ pub fn salvage(io: &dyn Io, dir: &Path, capacity: u64, options: &SalvageOptions)
         }
         // Every record of the new file is durable (synced before the rename).
         let crc = record::u32_at(&header.encode(), 60);
-        marks.insert(id, crate::log::marks::Mark { header_crc: crc, end: out.len() as u32 });
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "the rebuilt segment holds what fitted its capacity, at most 4 GiB"
+        )]
+        let end = out.len() as u32;
+        marks.insert(id, crate::log::marks::Mark { header_crc: crc, end });
         marks_changed = true;
         touched.push(id);
         report.files.push(SalvagedFile {

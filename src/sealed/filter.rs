@@ -9,6 +9,7 @@
 //! the union filter over all tables, which the maintenance thread adds to while claims query
 //! it. The words are atomics for the second; on x86-64 and AArch64 their loads are plain loads.
 
+use crate::bytes::usize_from;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bits per key the filter is sized for.
@@ -39,7 +40,7 @@ impl BlockedBloom {
     /// An empty filter sized for `capacity_keys` keys.
     pub fn with_capacity(capacity_keys: u64) -> Self {
         let blocks = (capacity_keys.max(1) * BITS_PER_KEY).div_ceil(512).max(1);
-        let words = (0..blocks as usize * BLOCK_WORDS).map(|_| AtomicU64::new(0)).collect();
+        let words = (0..usize_from(blocks) * BLOCK_WORDS).map(|_| AtomicU64::new(0)).collect();
         BlockedBloom { words, capacity_keys: capacity_keys.max(1), inserted_keys: AtomicU64::new(0) }
     }
 

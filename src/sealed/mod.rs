@@ -3,22 +3,7 @@
 //! with a blocked Bloom filter kept in RAM so a new key (the common case) is answered without
 //! touching the file. Restart maps these tables instead of rescanning their segments.
 //!
-//! Layout (little endian):
-//!
-//! | off | size | field |
-//! |----:|-----:|-------|
-//! | 0 | 8 | magic `IDEMTBL\0` |
-//! | 8 | 4 | table version: 1 holds unkeyed hashes, 2 keyed ones |
-//! | 12 | 4 | segment id |
-//! | 16 | 8 | entry count |
-//! | 24 | 8 | filter words (u64) |
-//! | 32 | 8 | bucket_end_ms of the segment |
-//! | 40 | 8 | max_seq: no record in the segment has a higher sequence number |
-//! | 48 | 8 | latest_ms: no record in the segment was written later |
-//! | 56 | 4 | crc32 of bytes 0..56 and of the filter |
-//! | 60 | 4 | hash mark: 0 (version 1), or the fingerprint of the store's secret (version 2) |
-//! | 64 | 8 x words | filter |
-//! | ... | 16 x count | entries sorted by hash: hash u64, record offset u32, check u32 |
+//! The layout: ARCHITECTURE.md, "On disk", "Sealed table".
 //!
 //! Each entry's `check` is the crc32 of (segment id, hash, offset), so a damaged entry is
 //! caught on the lookup that reads it.
@@ -31,7 +16,7 @@ pub mod filter;
 
 use std::path::{Path, PathBuf};
 
-use crate::bytes::{u32_at, u64_at};
+use crate::bytes::{u32_at, u64_at, usize_from};
 use crate::error::{Error, Result};
 use crate::hash::Loc;
 use crate::io::{Io, IoFile};
@@ -161,7 +146,7 @@ impl Table {
         for (hash, _) in &entries {
             filter.insert(*hash);
         }
-        let mut header = [0u8; TABLE_HEADER_LEN as usize];
+        let mut header = [0u8; usize_from(TABLE_HEADER_LEN)];
         header[0..8].copy_from_slice(&TABLE_MAGIC);
         header[8..12].copy_from_slice(&version_for(mark).to_le_bytes());
         header[12..16].copy_from_slice(&segment_id.to_le_bytes());
@@ -175,7 +160,7 @@ impl Table {
         header[60..64].copy_from_slice(&mark.to_le_bytes());
         let entries_at = TABLE_HEADER_LEN + 8 * filter.words().len() as u64;
         let total = entries_at + ENTRY_LEN * entries.len() as u64;
-        let mut bytes = Vec::with_capacity(total as usize);
+        let mut bytes = Vec::with_capacity(usize_from(total));
         bytes.extend_from_slice(&header);
         for word in filter.words() {
             bytes.extend_from_slice(&word.to_le_bytes());
@@ -228,7 +213,7 @@ impl Table {
     pub fn open(io: &dyn Io, path: &Path, segment_id: u32, mark: u32) -> Result<Option<Table>> {
         let file = io.open(path, 0, false).map_err(|e| Error::io("open table", path, e))?;
         let len = file.len();
-        let mut header = [0u8; TABLE_HEADER_LEN as usize];
+        let mut header = [0u8; usize_from(TABLE_HEADER_LEN)];
         if len < TABLE_HEADER_LEN || file.read_at(0, &mut header).is_err() {
             return Ok(None);
         }
@@ -248,7 +233,7 @@ impl Table {
         if count.checked_mul(ENTRY_LEN).and_then(|b| b.checked_add(entries_at)) != Some(len) {
             return Ok(None);
         }
-        let mut raw = vec![0u8; (words * 8) as usize];
+        let mut raw = vec![0u8; usize_from(words * 8)];
         if file.read_at(TABLE_HEADER_LEN, &mut raw).is_err() {
             return Ok(None);
         }
@@ -297,7 +282,7 @@ impl Table {
     }
 
     fn entry(&self, i: u64) -> Result<(u64, u32)> {
-        let mut raw = [0u8; ENTRY_LEN as usize];
+        let mut raw = [0u8; usize_from(ENTRY_LEN)];
         let at = self.entries_at + i * ENTRY_LEN;
         self.file.read_at(at, &mut raw).map_err(|e| Error::io("read table entry", &self.path, e))?;
         self.checked(i, &raw)
@@ -338,12 +323,12 @@ impl Table {
         let guess = ((u128::from(hash) * u128::from(self.count)) >> 64) as u64;
         let lo = guess.saturating_sub(SLACK);
         let hi = (guess + SLACK).min(self.count);
-        let mut window = [0u8; (2 * SLACK * ENTRY_LEN) as usize];
-        let window = &mut window[..((hi - lo) * ENTRY_LEN) as usize];
+        let mut window = [0u8; usize_from(2 * SLACK * ENTRY_LEN)];
+        let window = &mut window[..usize_from((hi - lo) * ENTRY_LEN)];
         self.file
             .read_at(self.entries_at + lo * ENTRY_LEN, window)
             .map_err(|e| Error::io("read table entries", &self.path, e))?;
-        let at = |i: u64| self.checked(lo + i, &window[(i * ENTRY_LEN) as usize..((i + 1) * ENTRY_LEN) as usize]);
+        let at = |i: u64| self.checked(lo + i, &window[usize_from(i * ENTRY_LEN)..usize_from((i + 1) * ENTRY_LEN)]);
         let hash_of = |i: u64| at(i).map(|(h, _)| h);
         let len = hi - lo;
         if (lo > 0 && hash_of(0)? >= hash) || (hi < self.count && hash_of(len - 1)? < hash) {
@@ -384,15 +369,15 @@ impl Table {
     /// Calls `f` with every entry's hash, in order, checking each entry.
     pub fn for_each_hash(&self, f: &mut dyn FnMut(u64)) -> Result<()> {
         const CHUNK: u64 = 4096;
-        let mut buf = vec![0u8; (CHUNK * ENTRY_LEN) as usize];
+        let mut buf = vec![0u8; usize_from(CHUNK * ENTRY_LEN)];
         let mut i = 0;
         while i < self.count {
             let n = CHUNK.min(self.count - i);
-            let bytes = &mut buf[..(n * ENTRY_LEN) as usize];
+            let bytes = &mut buf[..usize_from(n * ENTRY_LEN)];
             self.file
                 .read_at(self.entries_at + i * ENTRY_LEN, bytes)
                 .map_err(|e| Error::io("read table entries", &self.path, e))?;
-            for (j, entry) in bytes.chunks_exact(ENTRY_LEN as usize).enumerate() {
+            for (j, entry) in bytes.chunks_exact(usize_from(ENTRY_LEN)).enumerate() {
                 f(self.checked(i + j as u64, entry)?.0);
             }
             i += n;

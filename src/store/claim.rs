@@ -83,8 +83,13 @@ impl Inner {
                     let lease_over = now_ms >= header.lease_until_ms;
                     if orphan_takeover || lease_over {
                         let checkpoint = std::mem::take(&mut found.value);
+                        #[expect(
+                            clippy::cast_possible_truncation,
+                            reason = "a checkpoint read from a record, whose value length is a u32"
+                        )]
+                        let value_len = checkpoint.len() as u32;
                         let takeover = Header {
-                            value_len: checkpoint.len() as u32,
+                            value_len,
                             // A takeover never shortens the window: it shadows the old claim.
                             expires_at_ms: now_ms.saturating_add(ttl_ms).max(header.expires_at_ms),
                             ..self.claim_record(key, now_ms, ttl_ms, lease_ms, request_hash)
@@ -147,9 +152,14 @@ impl Inner {
         lease_ms: u32,
         request_hash: u128,
     ) -> Header {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "`check_key` bounds a key by `max_key_len`, at most `KEY_LEN_FORMAT_MAX` (u16::MAX)"
+        )]
+        let key_len = key.len() as u16;
         Header {
             kind: Kind::Claim,
-            key_len: key.len() as u16,
+            key_len,
             value_len: 0,
             seq: 0,
             expires_at_ms: now_ms.saturating_add(ttl_ms),

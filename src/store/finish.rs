@@ -52,7 +52,12 @@ impl Inner {
         };
         // A checkpoint renews the lease (a release comes with no value).
         debug_assert!(kind != Kind::Release || value.is_empty());
-        let mut header = Header { kind, value_len: value.len() as u32, seq: 0, written_at_ms: now_ms, ..held };
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "`check_value` bounds a value by `VALUE_LEN_FORMAT_MAX` (64 MiB)"
+        )]
+        let value_len = value.len() as u32;
+        let mut header = Header { kind, value_len, seq: 0, written_at_ms: now_ms, ..held };
         if kind == Kind::Checkpoint {
             header.lease_until_ms = now_ms.saturating_add(u64::from(held.lease_ms));
         }

@@ -135,9 +135,5 @@ impl Inner {
 /// Returns memory freed by sealing (index shards shrink) to the operating system: glibc keeps
 /// freed heap otherwise, and RAM per key would not fall.
 pub(super) fn give_memory_back() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::io::sys::trim_heap();
 }

@@ -204,7 +204,7 @@ impl Inner {
             kind: Kind::Complete,
             key_len: u16::try_from(key.len())
                 .map_err(|_| Error::KeyTooLong { len: key.len(), max: u16::MAX.into() })?,
-            value_len: value.len() as u32,
+            value_len: 8, // a version: `u64::to_le_bytes`
             seq: 0,
             expires_at_ms: now_ms.saturating_add(ttl_ms).max(expires_floor_ms),
             claimed_at_ms: now_ms,
