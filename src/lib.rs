@@ -140,8 +140,6 @@ mod commit;
 mod dedupe_store;
 mod error;
 mod filter;
-#[cfg(feature = "fuzzing")]
-pub mod fuzzing;
 mod index;
 pub mod io;
 mod log;
@@ -199,8 +197,9 @@ pub fn salvage(dir: impl AsRef<std::path::Path>, options: &SalvageOptions) -> Re
 pub mod internals {
     pub use crate::commit::{GroupCommit, Syncer};
     pub use crate::index::place_in_index;
-    pub use crate::record::{DecodeError, HEADER_LEN, Header, Kind, decode, encode};
+    pub use crate::record::{DecodeError, HEADER_LEN, Header, Kind, checksum_hasher, decode, encode};
     pub use crate::segment::{SEGMENT_HEADER_LEN, SegmentHeader, segment_file_name};
+    pub use crate::table::TABLE_EXT;
 }
 
 #[cfg(test)]
