@@ -154,9 +154,6 @@ mod clock;
 mod commit;
 mod dedupe_store;
 mod error;
-#[cfg(feature = "fuzzing")]
-#[allow(clippy::cast_possible_truncation, reason = "fuzz target bodies: small generated sizes")]
-pub mod fuzzing;
 mod hash;
 mod index;
 pub mod io;
@@ -205,8 +202,9 @@ pub fn salvage(dir: impl AsRef<std::path::Path>, options: &SalvageOptions) -> Re
 pub mod internals {
     pub use crate::commit::{GroupCommit, Syncer};
     pub use crate::index::place_in_index;
-    pub use crate::log::record::{DecodeError, HEADER_LEN, Header, Kind, decode, encode};
+    pub use crate::log::record::{DecodeError, HEADER_LEN, Header, Kind, checksum_hasher, decode, encode};
     pub use crate::log::segment::{SEGMENT_HEADER_LEN, SegmentHeader, segment_file_name};
+    pub use crate::sealed::TABLE_EXT;
 }
 
 #[cfg(test)]

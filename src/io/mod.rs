@@ -189,7 +189,9 @@ pub(crate) fn refused_by_file_system(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL))
 }
 
-/// The error a file system that does not offer a call gives (`EOPNOTSUPP`).
+/// The error a file system that does not offer a call gives (`EOPNOTSUPP`); the simulated
+/// disk's refusals.
+#[cfg(any(test, feature = "sim"))]
 pub(crate) fn not_supported() -> io::Error {
     io::Error::from_raw_os_error(libc::EOPNOTSUPP)
 }

@@ -50,7 +50,9 @@ use crate::stats::{Counters, RecoveryStats, ShardCounters, Stats};
 use crate::sync::{Arc, Condvar, Mutex};
 use crate::types::{Claim, ClaimToken, Completed, Entry, Orphan};
 
-use housekeeper::{HousekeeperCall, PassAsks};
+use housekeeper::HousekeeperCall;
+#[cfg(feature = "sim")]
+use housekeeper::PassAsks;
 use open::{new_incarnation, validate_options};
 
 /// An open store. `Send + Sync`: share it as `Arc<Store>`.

@@ -41,7 +41,7 @@
 //! allocated size of the data dir after the row, divided by the keys (it includes each
 //! engine's preallocation, which dominates at small key counts).
 //!
-//! Run: `cargo bench --features peers --bench peers` (about 2-3 minutes). Knobs: `PEERS_KEYS`
+//! Run: `cargo bench -p idemstore-bench --bench peers` (about 2-3 minutes). Knobs: `PEERS_KEYS`
 //! (keys per non-durable row, default 200,000), `PEERS_DURABLE_KEYS` (default 5,000),
 //! `PEERS_REPLAYS` (replays per row, at least one per key, default 100,000), `PEERS_PHASE_SECS`
 //! (cap on the insert and replay phases, default 20), `PEERS_ENGINES` (comma-separated subset of
@@ -58,6 +58,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hdrhistogram::Histogram;
 use idemstore::{Claim, ClaimOptions, ClaimToken, Options, Store};
 
+// The helpers the root crate's benches share (key generation, temp dirs, histograms, disk
+// accounting), compiled into this bench too so that both measure alike.
+#[path = "../../../benches/support/mod.rs"]
 mod support;
 use support::*;
 
