@@ -73,6 +73,9 @@ enum Command {
         dir: PathBuf,
         /// The key, as text or as `hex:<hex digits>`.
         key: String,
+        /// The namespace the key belongs to (`Store::namespace`).
+        #[arg(long)]
+        namespace: Option<String>,
         /// Show the outcome and checkpoint in hex even when they are UTF-8 text.
         #[arg(long)]
         hex: bool,
@@ -84,10 +87,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Every live key, one per line: key, state, expiry (tab-separated), sorted by key.
+    /// Every live key, one per line: key, state, expiry (tab-separated).
+    ///
+    /// Keys stream out in the store's scan order (its index's hash order, the same on every
+    /// run), holding little in memory however large the store; `--sorted` sorts by key, which
+    /// holds every key in memory first.
     List {
         /// The store directory.
         dir: PathBuf,
+        /// Only the keys of this namespace (`Store::namespace`), shown without its prefix.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Sort by key (holds the whole list in memory).
+        #[arg(long)]
+        sorted: bool,
         /// Only keys starting with this prefix (text or `hex:<hex digits>`).
         #[arg(long)]
         prefix: Option<String>,
@@ -101,10 +114,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Every live key with its full entry (outcome, checkpoint, times), sorted by key.
+    /// Every live key with its full entry (outcome, checkpoint, times), in scan order (see
+    /// `list`), streamed.
     Dump {
         /// The store directory.
         dir: PathBuf,
+        /// Only the keys of this namespace, shown without its prefix.
+        #[arg(long)]
+        namespace: Option<String>,
         /// Print a JSON array (times in ms; byte strings as text when UTF-8, always also as hex).
         #[arg(long)]
         json: bool,
@@ -219,9 +236,16 @@ fn run(command: Command, out: &mut impl Write) -> CliResult {
             };
             stats(&dir, format, access(group_readable), out)
         }
-        Command::Get { dir, key, hex, ms, json } => get(&dir, &key, Show { hex, ms }, json, out),
-        Command::List { dir, prefix, state, ms, json } => list(&dir, prefix.as_deref(), state, ms, json, out),
-        Command::Dump { dir, json, hex, ms } => dump(&dir, json, Show { hex, ms }, out),
+        Command::Get { dir, key, namespace, hex, ms, json } => {
+            get(&dir, &key, namespace.as_deref(), Show { hex, ms }, json, out)
+        }
+        Command::List { dir, namespace, sorted, prefix, state, ms, json } => {
+            let filter = ListFilter { namespace: namespace.as_deref(), prefix: prefix.as_deref(), state, sorted };
+            list(&dir, &filter, ms, json, out)
+        }
+        Command::Dump { dir, namespace, json, hex, ms } => {
+            dump(&dir, namespace.as_deref(), json, Show { hex, ms }, out)
+        }
         Command::Verify { dir, group_readable } => verify(&dir, access(group_readable), out),
         Command::Remove { dir, key, group_readable } => remove(&dir, &key, access(group_readable), out),
         Command::Salvage { dir, dry_run } => salvage(&dir, dry_run, out),
@@ -320,10 +344,14 @@ fn stats(dir: &Path, format: StatsFormat, access: FileAccess, out: &mut impl Wri
     Ok(ExitCode::SUCCESS)
 }
 
-fn get(dir: &Path, key_arg: &str, show: Show, json: bool, out: &mut impl Write) -> CliResult {
+fn get(dir: &Path, key_arg: &str, namespace: Option<&str>, show: Show, json: bool, out: &mut impl Write) -> CliResult {
     let key = parse_key(key_arg)?;
+    let stored_key = match namespace {
+        Some(name) => idemstore::namespaced_key(name, &key)?,
+        None => key.clone(),
+    };
     let store = open_view(dir)?;
-    let entry = store.get(&key)?;
+    let entry = store.get(&stored_key)?;
     if json {
         let mut obj = Map::new();
         bytes_fields(&mut obj, "key", &key);
@@ -361,52 +389,89 @@ fn get(dir: &Path, key_arg: &str, show: Show, json: bool, out: &mut impl Write) 
     Ok(ExitCode::SUCCESS)
 }
 
-fn list(
-    dir: &Path,
-    prefix: Option<&str>,
+/// What `list` shows: a namespace's keys, a prefix, a state, and in what order.
+struct ListFilter<'a> {
+    namespace: Option<&'a str>,
+    prefix: Option<&'a str>,
     state: Option<StateFilter>,
-    ms: bool,
-    json: bool,
-    out: &mut impl Write,
-) -> CliResult {
-    let prefix = prefix.map(parse_prefix).transpose()?;
+    sorted: bool,
+}
+
+/// The scan prefix of a namespace's keys (empty without one), and how many bytes of each key
+/// it is (stripped when shown).
+fn namespace_prefix(namespace: Option<&str>) -> Result<Vec<u8>, Failure> {
+    Ok(match namespace {
+        Some(name) => idemstore::namespaced_key(name, b"")?,
+        None => Vec::new(),
+    })
+}
+
+/// Every live key of the namespace beginning with `prefix`, streamed in scan order.
+fn scan_keys<'a>(
+    store: &'a Store,
+    namespace: Option<&str>,
+    prefix: &[u8],
+) -> Result<impl Iterator<Item = idemstore::Result<(Vec<u8>, Entry)>> + 'a, Failure> {
+    let mut full = namespace_prefix(namespace)?;
+    let strip = full.len();
+    full.extend_from_slice(prefix);
+    Ok(store.scan(full).map(move |item| item.map(|(key, entry)| (key[strip..].to_vec(), entry))))
+}
+
+fn list(dir: &Path, filter: &ListFilter<'_>, ms: bool, json: bool, out: &mut impl Write) -> CliResult {
+    let prefix = filter.prefix.map(parse_prefix).transpose()?.unwrap_or_default();
     let store = open_view(dir)?;
-    for (key, entry) in store.keys()? {
-        if prefix.as_ref().is_some_and(|p| !key.starts_with(p)) {
-            continue;
-        }
-        if state.is_some_and(|wanted| state_of(&entry) != wanted) {
-            continue;
+    let mut show = |key: &[u8], entry: &Entry| -> CliResult {
+        if filter.state.is_some_and(|wanted| state_of(entry) != wanted) {
+            return Ok(ExitCode::SUCCESS);
         }
         if json {
             let mut obj = Map::new();
-            bytes_fields(&mut obj, "key", &key);
-            obj.insert("state".into(), state_name(&entry).into());
-            time_fields(&mut obj, "expires_at", expires_at(&entry));
+            bytes_fields(&mut obj, "key", key);
+            obj.insert("state".into(), state_name(entry).into());
+            time_fields(&mut obj, "expires_at", expires_at(entry));
             writeln!(out, "{}", Value::Object(obj))?;
-            continue;
+        } else {
+            writeln!(out, "{}\t{}\t{}", display_key(key), state_name(entry), display_time(expires_at(entry), ms))?;
         }
-        writeln!(out, "{}\t{}\t{}", display_key(&key), state_name(&entry), display_time(expires_at(&entry), ms))?;
+        Ok(ExitCode::SUCCESS)
+    };
+    let keys = scan_keys(&store, filter.namespace, &prefix)?;
+    if filter.sorted {
+        let mut all = keys.collect::<idemstore::Result<Vec<_>>>()?;
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, entry) in &all {
+            show(key, entry)?;
+        }
+    } else {
+        for item in keys {
+            let (key, entry) = item?;
+            show(&key, &entry)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn dump(dir: &Path, json: bool, show: Show, out: &mut impl Write) -> CliResult {
+fn dump(dir: &Path, namespace: Option<&str>, json: bool, show: Show, out: &mut impl Write) -> CliResult {
     let store = open_view(dir)?;
-    let keys = store.keys()?;
+    let mut count = 0u64;
     if json {
         writeln!(out, "[")?;
-        let last = keys.len().saturating_sub(1);
-        for (i, (key, entry)) in keys.iter().enumerate() {
-            let comma = if i == last { "" } else { "," };
-            writeln!(out, "{}{comma}", json_entry(key, entry))?;
+        for item in scan_keys(&store, namespace, b"")? {
+            let (key, entry) = item?;
+            let comma = if count == 0 { "" } else { "," };
+            // The separator goes before each entry after the first: the stream's last entry is
+            // not known until it has been written.
+            write!(out, "{comma}\n{}", json_entry(&key, &entry))?;
+            count += 1;
         }
-        writeln!(out, "]")?;
+        writeln!(out, "{}]", if count == 0 { "" } else { "\n" })?;
         return Ok(ExitCode::SUCCESS);
     }
-    for (key, entry) in &keys {
-        let mut line = format!("{} {}", display_key(key), state_name(entry));
-        match entry {
+    for item in scan_keys(&store, namespace, b"")? {
+        let (key, entry) = item?;
+        let mut line = format!("{} {}", display_key(&key), state_name(&entry));
+        match &entry {
             Entry::Completed(done) => {
                 let _ = write!(
                     line,
@@ -431,8 +496,9 @@ fn dump(dir: &Path, json: bool, show: Show, out: &mut impl Write) -> CliResult {
             }
         }
         writeln!(out, "{line}")?;
+        count += 1;
     }
-    writeln!(out, "{} live keys", keys.len())?;
+    writeln!(out, "{count} live keys")?;
     Ok(ExitCode::SUCCESS)
 }
 
