@@ -107,15 +107,21 @@ struct Inner {
 struct ShardLocal {
     segments: SegmentCache,
     counters: ShardCounters,
-    /// Replays served of each completed record that was replayed since open (see
+    /// Replays served by each completed record and not yet written into a copy of it (see
     /// `Store::history`): only replayed keys take room, and a record's count goes with its
     /// segment.
-    replays: crate::hash::IdMap<u64, u64>,
+    replays: crate::hash::IdMap<u64, history::PendingReplays>,
 }
 
 /// A record's location as one integer (the key of `ShardLocal::replays`).
 fn loc_id(loc: Loc) -> u64 {
     u64::from(loc.segment) << 32 | u64::from(loc.offset)
+}
+
+/// The location `loc_id` made `id` of.
+fn loc_of_id(id: u64) -> Loc {
+    let [a, b, c, d, e, f, g, h] = id.to_be_bytes();
+    Loc { segment: u32::from_be_bytes([a, b, c, d]), offset: u32::from_be_bytes([e, f, g, h]) }
 }
 
 type Index = crate::index::Index<ShardLocal>;
@@ -125,7 +131,7 @@ type Shard = crate::index::Shard<ShardLocal>;
 /// segments; returns how many entries went.
 fn sweep_shard(shard: &mut Shard, is_live: impl Fn(u32) -> bool) -> usize {
     shard.local.segments.retain(&is_live);
-    shard.local.replays.retain(|&loc, _| is_live((loc >> 32) as u32));
+    shard.local.replays.retain(|&id, _| is_live(loc_of_id(id).segment));
     shard.retain_live(is_live)
 }
 
@@ -469,6 +475,7 @@ impl Store {
         if self.inner.read_only {
             return Ok(());
         }
+        self.inner.flush_history(self.inner.time.now_ms(), true);
         self.inner.sync_all()?;
         // A table that could not be written only means a scan at the next open: the time
         // floor and the durable marks are saved either way, then the failure reported.
@@ -497,6 +504,7 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.stop_background();
         if !self.closed && !self.inner.read_only && self.inner.commit.poisoned().is_none() {
+            self.inner.flush_history(self.inner.time.now_ms(), true);
             let _ = self.inner.sync_all();
             let _ = self.inner.restart_tables_at_close();
             let _ = self.inner.save_time(true);
