@@ -1,8 +1,16 @@
 //! Claims: every decision about a claim, made under the key's shard lock (`claim_unsettled`), then
 //! the wait for durability (`settle`).
 
+use std::time::{Duration, Instant};
+
+use crate::clock::{duration_to_ms, ms_to_system_time};
+use crate::error::{Error, Result};
+use crate::log::record::{Header, Kind};
+use crate::options::{ClaimOptions, OrphanPolicy};
+use crate::types::{Claim, ClaimToken};
+
+use super::Inner;
 use super::lookup::{Current, completed_from};
-use super::*;
 
 impl Inner {
     pub(super) fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {

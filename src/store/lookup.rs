@@ -1,7 +1,16 @@
 //! Reading a key: its hash, the checks on what callers pass, finding its latest record (RAM index,
 //! then sealed tables) and what state that record tells.
 
-use super::*;
+use crate::clock::ms_to_system_time;
+use crate::error::{Error, Result};
+use crate::hash::key_hash;
+use crate::log::Loc;
+use crate::log::record::Header;
+use crate::log::segment::Segment;
+use crate::log::segment_cache::SegmentCache;
+use crate::types::Completed;
+
+use super::{Inner, Shard};
 
 impl Inner {
     pub(super) fn key_hash(&self, key: &[u8]) -> u64 {

@@ -1,7 +1,14 @@
 //! Maintenance: dropping expired buckets and their index entries, sealing idle segments into
 //! tables.
 
-use super::*;
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use crate::clock::duration_to_ms;
+use crate::error::{Error, Result};
+use crate::log::segment::Segment;
+use crate::sealed::TableBounds;
+
+use super::{Inner, sweep_shard};
 
 impl Inner {
     pub(super) fn maintain(&self) -> Result<usize> {

@@ -19,26 +19,23 @@ mod write;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering as AtomicOrdering;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::clock::{StoreTime, duration_to_ms, ms_to_system_time};
+use crate::clock::StoreTime;
 use crate::commit::GroupCommit;
 use crate::error::{Error, Result};
-use crate::hash::key_hash;
 use crate::io::DirLock;
-use crate::log::record::{HEADER_LEN, Header, Kind, VALUE_LEN_FORMAT_MAX, align_up};
-use crate::log::segment::{SEGMENT_HEADER_LEN, Segment};
+use crate::log::Log;
+use crate::log::record::Kind;
 use crate::log::segment_cache::SegmentCache;
-use crate::log::{Loc, Log, LogLimits};
-use crate::options::{ClaimOptions, Durability, Options, OrphanPolicy};
+use crate::options::{ClaimOptions, Durability, Options};
 use crate::recovery::store_dir::take_writer_lock;
 use crate::recovery::{self, Mode, VerifyReport};
-use crate::sealed::{SealedTables, Table, TableBounds};
+use crate::sealed::SealedTables;
 use crate::stats::{Counters, RecoveryStats, ShardCounters, Stats};
 use crate::sync::{Arc, Condvar, Mutex};
-use crate::types::{Claim, ClaimToken, Completed, Entry, Orphan};
+use crate::types::{Claim, ClaimToken, Entry, Orphan};
 
 use housekeeper::{HousekeeperCall, PassAsks};
 use open::{new_incarnation, validate_options};

@@ -1,6 +1,11 @@
 //! Assembling `Stats` from the index shards, the log, group commit and the sealed tables.
 
-use super::*;
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use crate::log::segment::Segment;
+use crate::stats::{ShardCounters, Stats};
+
+use super::Inner;
 
 impl Inner {
     /// Bytes of the segment files in the directory whose header was never written: the spare

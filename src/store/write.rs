@@ -1,7 +1,11 @@
 //! Appending a key's new record, and the chores an append leaves for after the shard lock.
 
+use crate::error::{Error, Result};
+use crate::log::Loc;
+use crate::log::record::{Header, Kind};
+
 use super::lookup::Superseded;
-use super::*;
+use super::{Inner, check_store_time};
 
 impl Inner {
     /// Appends a record for a key whose latest record (if any) is `superseded`.
