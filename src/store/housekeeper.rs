@@ -129,7 +129,7 @@ impl Inner {
     }
 
     pub(super) fn note_background_error(&self, cause: String) {
-        self.counters.maintenance_errors.fetch_add(1, AtomicOrdering::Relaxed);
+        self.counters.maintenance_errors_total.fetch_add(1, AtomicOrdering::Relaxed);
         *self.counters.last_maintenance_error.lock() = Some(cause);
     }
 

@@ -3,6 +3,13 @@
 //! Every decision about a key is made under its index shard's lock, in one step that reads the
 //! key's latest record, compares the request hash, and (when it writes) appends the new record
 //! and repoints the index. Durability waits happen after the shard lock is released.
+//!
+//! This file holds `Store`'s public methods and the state they share (`Inner`); the work is
+//! split by job: `open` (opening), `lookup` (finding a key's latest record), `claim`,
+//! `finish` (complete, checkpoint, release, remove), `batch` (`claim_many`, `complete_many`),
+//! `listing` (`get`, keys, orphans), `write` (appending), `durability` (the waits for group
+//! commit, the time floor), `maintain` (expiry, sealing), `restart_tables`, `housekeeper` (the
+//! background threads) and `stats`.
 
 mod batch;
 mod claim;
@@ -439,7 +446,7 @@ impl Store {
         // floor and the durable marks are saved either way, then the failure reported.
         let tables = self.inner.restart_tables_at_close();
         self.inner.save_time(true)?;
-        // After the final sync: every record of a closed store is protected (see `marks.rs`).
+        // After the final sync: every record of a closed store is protected (see `log/marks.rs`).
         self.inner.log.sync_marks()?;
         tables
     }
