@@ -148,6 +148,7 @@ impl Inner {
 
     /// The record of a new holding of `key` claimed at `now_ms` (a fresh claim, or the base of
     /// a takeover); its token is its own seq, assigned at append.
+    #[inline]
     pub(super) fn claim_record(
         &self,
         key: &[u8],
@@ -179,6 +180,7 @@ impl Inner {
 }
 
 /// The token of the claim record `written` (its checkpoint carried over on a takeover).
+#[inline]
 pub(super) fn token_for(store: u64, key: &[u8], written: &Header, recovered: bool, checkpoint: Vec<u8>) -> ClaimToken {
     ClaimToken {
         key: key.into(),

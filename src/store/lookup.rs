@@ -13,10 +13,12 @@ use crate::types::Completed;
 use super::{Inner, Shard};
 
 impl Inner {
+    #[inline]
     pub(super) fn key_hash(&self, key: &[u8]) -> u64 {
         key_hash(self.options.key_hash, &self.index_hash, key)
     }
 
+    #[inline]
     pub(super) fn check_key(&self, key: &[u8]) -> Result<()> {
         if key.is_empty() {
             return Err(Error::EmptyKey);
@@ -27,6 +29,7 @@ impl Inner {
         Ok(())
     }
 
+    #[inline]
     pub(super) fn check_value(&self, value: &[u8]) -> Result<()> {
         if value.len() > self.options.max_outcome_len {
             return Err(Error::OutcomeTooLong { len: value.len(), max: self.options.max_outcome_len });
@@ -34,6 +37,7 @@ impl Inner {
         Ok(())
     }
 
+    #[inline]
     pub(super) fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -45,6 +49,7 @@ impl Inner {
     /// stored key (and its CRC); drops index entries whose bucket is gone. `slot` is `None`
     /// afterwards when the key has no record (whatever it held before is cleared first: the
     /// search below stops at the first record it puts there).
+    #[inline]
     pub(super) fn find(
         &self,
         shard: &mut Shard,
@@ -105,6 +110,7 @@ impl Inner {
 
     /// The key's state at `now_ms` (its latest record read into `slot`), the record a new
     /// write supersedes, and that record's seq.
+    #[inline]
     pub(super) fn current<'a>(
         &self,
         shard: &mut Shard,
@@ -130,6 +136,7 @@ impl Inner {
     }
 }
 
+#[inline]
 pub(super) fn completed_from(header: &Header, outcome: Vec<u8>) -> Completed {
     Completed {
         outcome,

@@ -10,6 +10,11 @@
 //! `listing` (`get`, keys, orphans), `write` (appending), `durability` (the waits for group
 //! commit, the time floor), `maintain` (expiry, sealing), `restart_tables`, `housekeeper` (the
 //! background threads) and `stats`.
+//!
+//! The helpers the claim path calls from one of these files into another (`find`, `current`,
+//! `append`, the checks, `token_for`, ...) carry `#[inline]`: each file is compiled apart, and
+//! without the hint those calls cost the claim path about 0.5 % more instructions than when
+//! all of this was one file (callgrind on `benches/hot_paths.rs`).
 
 mod batch;
 mod claim;

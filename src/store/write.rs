@@ -14,6 +14,7 @@ impl Inner {
     /// of any older record of that key. So the latest record is never dropped while an older
     /// one survives to be resurrected (by the index falling back to a sealed table, or by a
     /// scan at recovery); reads still expire it exactly at its own `expires_at_ms`.
+    #[inline]
     pub(super) fn append(
         &self,
         header: Header,
