@@ -1,8 +1,16 @@
 //! Claims: every decision about a claim, made under the key's shard lock (`claim_unsettled`), then
 //! the wait for durability (`settle`).
 
+use std::time::{Duration, Instant};
+
+use crate::clock::{duration_to_ms, ms_to_system_time};
+use crate::error::{Error, Result};
+use crate::log::record::{Header, Kind};
+use crate::options::{ClaimOptions, OrphanPolicy};
+use crate::types::{Claim, ClaimToken};
+
 use super::lookup::{Current, completed_from};
-use super::*;
+use super::{Inner, history, loc_id};
 
 impl Inner {
     pub(super) fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
@@ -148,6 +156,7 @@ impl Inner {
 
     /// The record of a new holding of `key` claimed at `now_ms` (a fresh claim, or the base of
     /// a takeover); its token is its own seq, assigned at append.
+    #[inline]
     pub(super) fn claim_record(
         &self,
         key: &[u8],
@@ -179,6 +188,7 @@ impl Inner {
 }
 
 /// The token of the claim record `written` (its checkpoint carried over on a takeover).
+#[inline]
 pub(super) fn token_for(store: u64, key: &[u8], written: &Header, recovered: bool, checkpoint: Vec<u8>) -> ClaimToken {
     ClaimToken {
         key: key.into(),
