@@ -1,0 +1,99 @@
+//! The layer's counters: atomics the service can read, and (feature `metrics`) the same
+//! counts through the `metrics` facade.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of one [`IdempotencyLayer`](crate::IdempotencyLayer), shared by every service it
+/// makes (get them with [`IdempotencyLayer::metrics`](crate::IdempotencyLayer::metrics)).
+///
+/// With the feature `metrics` each increment is also sent to the `metrics` facade under the
+/// name given on each method (stable names, counters).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    replayed: AtomicU64,
+    conflicts: AtomicU64,
+    mismatches: AtomicU64,
+    stored: AtomicU64,
+    released: AtomicU64,
+    store_errors: AtomicU64,
+    panics: AtomicU64,
+}
+
+/// The counters at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Requests answered with a stored response (`idemstore_http_replays_total`).
+    pub replayed: u64,
+    /// Requests answered 409 because their key was in flight (`idemstore_http_conflicts_total`).
+    pub conflicts: u64,
+    /// Requests answered 422: key reused with another request (`idemstore_http_mismatches_total`).
+    pub mismatches: u64,
+    /// Responses stored for replay (`idemstore_http_stored_total`).
+    pub stored: u64,
+    /// Claims released so that a retry runs the handler again: a response the policy does not
+    /// store, a panic, a failed response body (`idemstore_http_released_total`).
+    pub released: u64,
+    /// Store calls that failed (`idemstore_http_store_errors_total`).
+    pub store_errors: u64,
+    /// Handlers that panicked (`idemstore_http_panics_total`).
+    pub panics: u64,
+}
+
+macro_rules! counter {
+    ($field:ident, $name:literal, $doc:literal) => {
+        #[doc = $doc]
+        #[doc = concat!("Facade name: `", $name, "`.")]
+        pub fn $field(&self) -> u64 {
+            self.$field.load(Ordering::Relaxed)
+        }
+    };
+}
+
+impl Metrics {
+    counter!(replayed, "idemstore_http_replays_total", "Requests answered with a stored response.");
+    counter!(conflicts, "idemstore_http_conflicts_total", "Requests answered 409 (key in flight).");
+    counter!(mismatches, "idemstore_http_mismatches_total", "Requests answered 422 (key reused).");
+    counter!(stored, "idemstore_http_stored_total", "Responses stored for replay.");
+    counter!(released, "idemstore_http_released_total", "Claims released for the retry to run again.");
+    counter!(store_errors, "idemstore_http_store_errors_total", "Store calls that failed.");
+    counter!(panics, "idemstore_http_panics_total", "Handlers that panicked.");
+
+    /// All counters at once (each read on its own: not one atomic snapshot).
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            replayed: self.replayed(),
+            conflicts: self.conflicts(),
+            mismatches: self.mismatches(),
+            stored: self.stored(),
+            released: self.released(),
+            store_errors: self.store_errors(),
+            panics: self.panics(),
+        }
+    }
+
+    pub(crate) fn count(&self, event: Event) {
+        let (field, _name) = match event {
+            Event::Replayed => (&self.replayed, "idemstore_http_replays_total"),
+            Event::Conflict => (&self.conflicts, "idemstore_http_conflicts_total"),
+            Event::Mismatch => (&self.mismatches, "idemstore_http_mismatches_total"),
+            Event::Stored => (&self.stored, "idemstore_http_stored_total"),
+            Event::Released => (&self.released, "idemstore_http_released_total"),
+            Event::StoreError => (&self.store_errors, "idemstore_http_store_errors_total"),
+            Event::Panic => (&self.panics, "idemstore_http_panics_total"),
+        };
+        field.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(_name).increment(1);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Event {
+    Replayed,
+    Conflict,
+    Mismatch,
+    Stored,
+    Released,
+    StoreError,
+    Panic,
+}
