@@ -274,6 +274,8 @@ impl<S, I: std::fmt::Debug> std::fmt::Debug for IdempotencyService<S, I> {
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// What the service's future resolves to.
+type Answer<B, E> = Result<Response<LayerResponseBody<B>>, E>;
 
 impl<S, I, ReqB, ResB> Service<Request<ReqB>> for IdempotencyService<S, I>
 where
@@ -320,10 +322,7 @@ where
     }
 }
 
-fn pass_through<I, ReqB, ResB>(
-    inner: &mut I,
-    request: Request<ReqB>,
-) -> BoxFuture<Result<Response<Either<ResB, Full<Bytes>>>, I::Error>>
+fn pass_through<I, ReqB, ResB>(inner: &mut I, request: Request<ReqB>) -> BoxFuture<Answer<ResB, I::Error>>
 where
     I: Service<Request<LayerRequestBody<ReqB>>, Response = Response<ResB>>,
     I::Future: Send + 'static,
@@ -332,9 +331,7 @@ where
     Box::pin(async move { future.await.map(|response| response.map(Either::Left)) })
 }
 
-fn ready<B, E: Send + 'static>(
-    response: Response<Full<Bytes>>,
-) -> BoxFuture<Result<Response<Either<B, Full<Bytes>>>, E>>
+fn ready<B, E: Send + 'static>(response: Response<Full<Bytes>>) -> BoxFuture<Answer<B, E>>
 where
     B: Send + 'static,
 {
