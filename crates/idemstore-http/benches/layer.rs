@@ -1,1 +1,411 @@
-fn main() {}
+//! Requests per second and p50/p99 latency over loopback, through the `Idempotency-Key` layer
+//! and without it, against the same trivial handler; and the same layer over Redis (a small
+//! `DedupeStore` on `SET NX` plus a stored response, below) as the peer, in the same run.
+//!
+//! ```text
+//! cargo bench -p idemstore-http --bench layer
+//! ```
+//!
+//! Rows: the handler alone (the baseline, measured first and last), then the layer over an
+//! idemstore `Store` under `Durability::Periodic(100 ms)` and `Durability::Sync`, then the layer
+//! over Redis without persistence and with `appendfsync always`; each layer row with new keys
+//! (every request claims, runs the handler, stores the response) and with replays (every
+//! request is a retry of a completed key). The Redis rows are skipped, with a message, when
+//! `redis-server` is not installed (`apt-get install redis-server`).
+//!
+//! Client and server run in this one process on separate runtimes (2 worker threads each) and
+//! share the machine's cores: on a small machine the client's own cost is part of every row,
+//! so the ratios understate the layer's share of a server that has the cores to itself.
+//!
+//! Environment: `LAYER_BENCH_REQUESTS` (requests per row, default 20,000),
+//! `LAYER_BENCH_CONNECTIONS` (concurrent client connections, default 32),
+//! `LAYER_BENCH_REDIS_SERVER` (path of `redis-server`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::post;
+use hdrhistogram::Histogram;
+use idemstore::{Claim, ClaimOptions, ClaimToken, Completed, DedupeStore, Durability, Entry, Options, Store};
+use idemstore_http::IdempotencyLayer;
+
+const BODY: &str = r#"{"customer":"c-7","amount_cents":1250}"#;
+
+struct Settings {
+    requests: usize,
+    connections: usize,
+}
+
+struct Measured {
+    requests_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+async fn trivial() -> (StatusCode, &'static str) {
+    (StatusCode::CREATED, r#"{"id":"ch_1","status":"succeeded"}"#)
+}
+
+fn main() {
+    let settings = Settings {
+        requests: env_usize("LAYER_BENCH_REQUESTS", 20_000),
+        connections: env_usize("LAYER_BENCH_CONNECTIONS", 32),
+    };
+    println!(
+        "workload: POST with a {} B JSON body and a 36 B key, a trivial handler answering 201 with 34 B; \
+         {} requests per row over {} keep-alive connections; server and client runtimes of 2 worker threads \
+         each in one process on {} cores",
+        BODY.len(),
+        settings.requests,
+        settings.connections,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let bench = Bench { server_rt, client_rt, settings };
+    let mut rows: Vec<(String, Measured)> = Vec::new();
+
+    let baseline_first = bench.run_plain("baseline");
+    rows.push(("no layer (first)".into(), baseline_first));
+
+    for (name, durability) in
+        [("Periodic(100ms)", Durability::Periodic(Duration::from_millis(100))), ("Sync", Durability::Sync)]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options { durability, ..Options::default() }).unwrap();
+        let (new_keys, replays) = bench.run_layer(IdempotencyLayer::new(store), name);
+        rows.push((format!("layer, idemstore {name}, new keys"), new_keys));
+        rows.push((format!("layer, idemstore {name}, replays"), replays));
+    }
+
+    if redis_server_available() {
+        for (name, durable) in [("no persistence", false), ("appendfsync always", true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let server = RedisServer::start(dir.path(), durable);
+            let store = bench.client_rt.block_on(RedisStore::connect(&server.url));
+            let (new_keys, replays) = bench.run_layer(IdempotencyLayer::new(store), &format!("redis-{durable}"));
+            rows.push((format!("layer, Redis {name}, new keys"), new_keys));
+            rows.push((format!("layer, Redis {name}, replays"), replays));
+        }
+    } else {
+        println!("redis-server not found: skipping the Redis rows (install it with: apt-get install redis-server)");
+    }
+
+    let baseline_last = bench.run_plain("baseline-last");
+    rows.push(("no layer (last)".into(), baseline_last));
+
+    let baseline_rps = (rows[0].1.requests_per_sec + rows[rows.len() - 1].1.requests_per_sec) / 2.0;
+    println!();
+    println!("{:<48} {:>10} {:>9} {:>9} {:>10} {:>10}", "row", "req/s", "p50 us", "p99 us", "/no layer", "/redis");
+    for (name, measured) in &rows {
+        let peer = redis_peer(name).and_then(|peer| rows.iter().find(|(other, _)| *other == peer));
+        let vs_redis = peer.map_or(String::from("-"), |(_, redis)| {
+            format!("{:.2}", measured.requests_per_sec / redis.requests_per_sec)
+        });
+        println!(
+            "{:<48} {:>10.0} {:>9} {:>9} {:>10.2} {:>10}",
+            name,
+            measured.requests_per_sec,
+            measured.p50_us,
+            measured.p99_us,
+            measured.requests_per_sec / baseline_rps,
+            vs_redis
+        );
+    }
+    println!(
+        "(/no layer: against the mean of the two baseline rows; /redis: against the Redis row of the same durability class)"
+    );
+}
+
+/// The Redis row an idemstore row is compared with: no persistence for `Periodic`,
+/// `appendfsync always` for `Sync`.
+fn redis_peer(row: &str) -> Option<String> {
+    let phase = if row.ends_with("new keys") { "new keys" } else { "replays" };
+    if row.contains("idemstore Periodic") {
+        Some(format!("layer, Redis no persistence, {phase}"))
+    } else if row.contains("idemstore Sync") {
+        Some(format!("layer, Redis appendfsync always, {phase}"))
+    } else {
+        None
+    }
+}
+
+struct Bench {
+    server_rt: tokio::runtime::Runtime,
+    client_rt: tokio::runtime::Runtime,
+    settings: Settings,
+}
+
+impl Bench {
+    fn serve(&self, router: Router) -> SocketAddr {
+        self.server_rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+            addr
+        })
+    }
+
+    fn run_plain(&self, tag: &str) -> Measured {
+        let addr = self.serve(Router::new().route("/charges", post(trivial)));
+        self.drive(addr, tag, "warmup", self.settings.requests / 10);
+        self.drive(addr, tag, "run", self.settings.requests)
+    }
+
+    fn run_layer<S: DedupeStore + 'static>(&self, layer: IdempotencyLayer<S>, tag: &str) -> (Measured, Measured) {
+        let metrics = layer.metrics();
+        let addr = self.serve(Router::new().route("/charges", post(trivial)).layer(layer));
+        self.drive(addr, tag, "warmup", self.settings.requests / 10);
+        let new_keys = self.drive(addr, tag, "run", self.settings.requests);
+        let replays = self.drive(addr, tag, "run", self.settings.requests);
+        let counts = metrics.snapshot();
+        assert_eq!(counts.replayed as usize, self.settings.requests, "every request of the replay row was a replay");
+        assert_eq!(counts.stored as usize, self.settings.requests + self.settings.requests / 10);
+        (new_keys, replays)
+    }
+
+    /// Sends `requests` POSTs with keys `{tag}-{phase}-{i}` over the configured number of
+    /// connections; the same (tag, phase) sends the same keys, so a second call replays.
+    fn drive(&self, addr: SocketAddr, tag: &str, phase: &str, requests: usize) -> Measured {
+        let connections = self.settings.connections;
+        let url = Arc::new(format!("http://{addr}/charges"));
+        let prefix = Arc::new(format!("{tag}-{phase}"));
+        self.client_rt.block_on(async {
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..connections)
+                .map(|connection| {
+                    let (url, prefix) = (url.clone(), prefix.clone());
+                    tokio::spawn(async move {
+                        let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+                        let mut latencies = Histogram::<u64>::new(3).unwrap();
+                        for i in (connection..requests).step_by(connections) {
+                            let key = format!("{prefix}-{i:020}");
+                            let sent = Instant::now();
+                            let response = client
+                                .post(url.as_str())
+                                .header("idempotency-key", key)
+                                .body(BODY)
+                                .send()
+                                .await
+                                .unwrap();
+                            assert_eq!(response.status().as_u16(), 201);
+                            let _ = response.bytes().await.unwrap();
+                            latencies.record(sent.elapsed().as_micros() as u64).unwrap();
+                        }
+                        latencies
+                    })
+                })
+                .collect();
+            let mut latencies = Histogram::<u64>::new(3).unwrap();
+            for task in tasks {
+                latencies.add(task.await.unwrap()).unwrap();
+            }
+            let elapsed = start.elapsed();
+            Measured {
+                requests_per_sec: requests as f64 / elapsed.as_secs_f64(),
+                p50_us: latencies.value_at_quantile(0.5),
+                p99_us: latencies.value_at_quantile(0.99),
+            }
+        })
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The peer: the same layer over Redis.
+
+/// A `DedupeStore` on Redis, enough for the layer's calls: a claim is one script (`SET NX PX`
+/// of an in-flight value, or the value already there), a completion one script (the in-flight
+/// value replaced by the stored response, keeping its request hash), a release a `DEL`. Values:
+/// `I` + request hash (16 B) + lease end (ms, 8 B), or `D` + request hash + outcome. No fencing
+/// of stale holders and no checkpoints: it is a peer for throughput, not a second backend.
+struct RedisStore {
+    connection: redis::aio::MultiplexedConnection,
+    claim: redis::Script,
+    complete: redis::Script,
+}
+
+const TTL_MS: u64 = 24 * 3600 * 1000;
+const LEASE_MS: u64 = 30_000;
+const REDIS_BACKEND_ID: u64 = 0x7265_6469_735f_6265;
+
+const CLAIM_SCRIPT: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return redis.call('GET', KEYS[1])
+";
+
+const COMPLETE_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 1) ~= 'I' then return 0 end
+redis.call('SET', KEYS[1], 'D' .. string.sub(v, 2, 17) .. ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+fn redis_error(error: redis::RedisError) -> idemstore::Error {
+    idemstore::Error::Io {
+        context: "redis",
+        path: "redis".into(),
+        source: Arc::new(std::io::Error::other(error.to_string())),
+    }
+}
+
+impl RedisStore {
+    async fn connect(url: &str) -> RedisStore {
+        let client = redis::Client::open(url).unwrap();
+        let connection = client.get_multiplexed_async_connection().await.unwrap();
+        RedisStore {
+            connection,
+            claim: redis::Script::new(CLAIM_SCRIPT),
+            complete: redis::Script::new(COMPLETE_SCRIPT),
+        }
+    }
+}
+
+impl DedupeStore for RedisStore {
+    fn claim_with(
+        &self,
+        key: &[u8],
+        request: &[u8],
+        options: ClaimOptions,
+    ) -> impl Future<Output = idemstore::Result<Claim>> + Send {
+        let mut connection = self.connection.clone();
+        let mut invocation = self.claim.key(key);
+        let hash = xxhash_rust::xxh3::xxh3_128(request).to_be_bytes();
+        let lease_ms = options.lease.map_or(LEASE_MS, |lease| lease.as_millis() as u64);
+        let lease_until = idemstore::system_time_to_ms(SystemTime::now()) + lease_ms;
+        let mut in_flight = vec![b'I'];
+        in_flight.extend_from_slice(&hash);
+        in_flight.extend_from_slice(&lease_until.to_be_bytes());
+        invocation.arg(in_flight).arg(options.ttl.map_or(TTL_MS, |ttl| ttl.as_millis() as u64));
+        let key = key.to_vec();
+        async move {
+            let reply: redis::Value = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
+            let value = match reply {
+                redis::Value::Int(1) => {
+                    let lease = idemstore::ms_to_system_time(lease_until);
+                    return Ok(Claim::Acquired(ClaimToken::for_backend(REDIS_BACKEND_ID, &key, 1, false, None, lease)));
+                }
+                redis::Value::BulkString(value) => value,
+                // Expired between the SET and the GET: as good as in flight for a moment.
+                _ => return Ok(Claim::InProgress { lease_expires_at: SystemTime::now() }),
+            };
+            if value.len() < 17 || value[1..17] != hash {
+                return Ok(Claim::Mismatch);
+            }
+            let now = SystemTime::now();
+            match value[0] {
+                b'D' => Ok(Claim::Completed(Completed {
+                    outcome: value[17..].to_vec(),
+                    completed_at: now,
+                    claimed_at: now,
+                    expires_at: now,
+                })),
+                _ => {
+                    let lease_until = value.get(17..25).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+                    Ok(Claim::InProgress { lease_expires_at: idemstore::ms_to_system_time(lease_until) })
+                }
+            }
+        }
+    }
+
+    fn complete(&self, token: &ClaimToken, outcome: &[u8]) -> impl Future<Output = idemstore::Result<()>> + Send {
+        let mut connection = self.connection.clone();
+        let mut invocation = self.complete.key(token.key());
+        invocation.arg(outcome).arg(TTL_MS);
+        async move {
+            let stored: i64 = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
+            if stored == 1 { Ok(()) } else { Err(idemstore::Error::StaleToken) }
+        }
+    }
+
+    fn checkpoint(&self, _token: &ClaimToken, _phase: &[u8]) -> impl Future<Output = idemstore::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    fn release(&self, token: &ClaimToken) -> impl Future<Output = idemstore::Result<()>> + Send {
+        let mut connection = self.connection.clone();
+        let key = token.key().to_vec();
+        async move {
+            redis::cmd("DEL").arg(key).query_async::<i64>(&mut connection).await.map_err(redis_error)?;
+            Ok(())
+        }
+    }
+
+    fn get(&self, _key: &[u8]) -> impl Future<Output = idemstore::Result<Option<Entry>>> + Send {
+        // The layer never reads a key's state on its own; the bench needs no more.
+        std::future::ready(Ok(None))
+    }
+
+    fn remove(&self, key: &[u8]) -> impl Future<Output = idemstore::Result<()>> + Send {
+        let mut connection = self.connection.clone();
+        let key = key.to_vec();
+        async move {
+            redis::cmd("DEL").arg(key).query_async::<i64>(&mut connection).await.map_err(redis_error)?;
+            Ok(())
+        }
+    }
+}
+
+/// A `redis-server` of our own on a free loopback port, killed on drop.
+struct RedisServer {
+    server: Child,
+    url: String,
+}
+
+impl RedisServer {
+    fn start(dir: &Path, durable: bool) -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut args: Vec<String> =
+            ["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"].iter().map(|s| s.to_string()).collect();
+        args.extend([dir.display().to_string(), "--save".into(), String::new(), "--loglevel".into(), "warning".into()]);
+        if durable {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(String::from));
+        } else {
+            args.extend(["--appendonly", "no"].map(String::from));
+        }
+        let server =
+            Command::new(redis_server_path()).args(&args).stdout(Stdio::null()).spawn().expect("start redis-server");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut connection) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut connection).is_ok()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "redis-server on port {port} did not answer within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer { server, url }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn redis_server_path() -> String {
+    std::env::var("LAYER_BENCH_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+fn redis_server_available() -> bool {
+    Command::new(redis_server_path())
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
