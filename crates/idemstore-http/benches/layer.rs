@@ -17,8 +17,19 @@
 //! share the machine's cores: on a small machine the client's own cost is part of every row,
 //! so the ratios understate the layer's share of a server that has the cores to itself.
 //!
-//! Environment: `LAYER_BENCH_REQUESTS` (requests per row, default 20,000),
-//! `LAYER_BENCH_CONNECTIONS` (concurrent client connections, default 32),
+//! Each round measures every row once, with a baseline run just before each layer row; the
+//! table gives the median rate over the rounds and each row's median ratio to its neighbouring
+//! baseline (the machine's load changes between rows, so ratios of neighbours are steadier
+//! than ratios of far-apart runs).
+//!
+//! A last table calls the router in process (no sockets, one thread) with and without the
+//! layer: the layer's own cost per request in nanoseconds, free of the client's share.
+//!
+//! Environment: `LAYER_BENCH_IN_PROCESS_CALLS` (default 200,000), `LAYER_BENCH_IN_PROCESS_ONLY`
+//! (set: only that table), `LAYER_BENCH_REQUESTS` (requests per row, default 20,000),
+//! `LAYER_BENCH_DURABLE_REQUESTS` (new keys per durable row, default 4,000; its replay row
+//! replays them until it has sent about `LAYER_BENCH_REQUESTS`), `LAYER_BENCH_ROUNDS`
+//! (default 3), `LAYER_BENCH_CONNECTIONS` (concurrent client connections, default 32),
 //! `LAYER_BENCH_REDIS_SERVER` (path of `redis-server`).
 
 use std::future::Future;
@@ -39,88 +50,240 @@ const BODY: &str = r#"{"customer":"c-7","amount_cents":1250}"#;
 
 struct Settings {
     requests: usize,
+    durable_requests: usize,
     connections: usize,
+    rounds: usize,
+}
+
+#[derive(Default)]
+struct Row {
+    requests_per_sec: Vec<f64>,
+    /// Each round's rate over the rate of the baseline measured just before it.
+    vs_baseline: Vec<f64>,
+    latencies_us: Option<Histogram<u64>>,
+}
+
+impl Row {
+    fn add(&mut self, measured: Measured, baseline_rps: f64) {
+        self.requests_per_sec.push(measured.requests_per_sec);
+        self.vs_baseline.push(measured.requests_per_sec / baseline_rps);
+        match &mut self.latencies_us {
+            Some(all) => all.add(&measured.latencies_us).unwrap(),
+            None => self.latencies_us = Some(measured.latencies_us),
+        }
+    }
+
+    fn median_rps(&self) -> f64 {
+        median(&self.requests_per_sec)
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
 struct Measured {
     requests_per_sec: f64,
-    p50_us: u64,
-    p99_us: u64,
+    requests: usize,
+    elapsed_secs: f64,
+    latencies_us: Histogram<u64>,
 }
 
 async fn trivial() -> (StatusCode, &'static str) {
     (StatusCode::CREATED, r#"{"id":"ch_1","status":"succeeded"}"#)
 }
 
+/// One server under test, kept for every round.
+struct Target {
+    name: String,
+    addr: SocketAddr,
+    durable: bool,
+    metrics: Option<Arc<idemstore_http::Metrics>>,
+    /// What must outlive the server (its store directory, its redis-server).
+    _keep: Box<dyn std::any::Any>,
+}
+
 fn main() {
     let settings = Settings {
         requests: env_usize("LAYER_BENCH_REQUESTS", 20_000),
+        durable_requests: env_usize("LAYER_BENCH_DURABLE_REQUESTS", 4_000),
         connections: env_usize("LAYER_BENCH_CONNECTIONS", 32),
+        rounds: env_usize("LAYER_BENCH_ROUNDS", 3).max(1),
     };
     println!(
         "workload: POST with a {} B JSON body and a 36 B key, a trivial handler answering 201 with 34 B; \
-         {} requests per row over {} keep-alive connections; server and client runtimes of 2 worker threads \
-         each in one process on {} cores",
+         {} requests per row ({} for the durable rows' new keys) over {} keep-alive connections, {} rounds; \
+         server and client runtimes of 2 worker threads each, in one process on {} cores",
         BODY.len(),
         settings.requests,
+        settings.durable_requests,
         settings.connections,
+        settings.rounds,
         std::thread::available_parallelism().map_or(0, usize::from)
     );
+    if std::env::var_os("LAYER_BENCH_IN_PROCESS_ONLY").is_some() {
+        in_process(&settings);
+        return;
+    }
     let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let bench = Bench { server_rt, client_rt, settings };
-    let mut rows: Vec<(String, Measured)> = Vec::new();
 
-    let baseline_first = bench.run_plain("baseline");
-    rows.push(("no layer (first)".into(), baseline_first));
-
+    let baseline = bench.target_plain();
+    let mut targets = Vec::new();
     for (name, durability) in
         [("Periodic(100ms)", Durability::Periodic(Duration::from_millis(100))), ("Sync", Durability::Sync)]
     {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Options { durability, ..Options::default() }).unwrap();
-        let (new_keys, replays) = bench.run_layer(IdempotencyLayer::new(store), name);
-        rows.push((format!("layer, idemstore {name}, new keys"), new_keys));
-        rows.push((format!("layer, idemstore {name}, replays"), replays));
+        let durable = matches!(durability, Durability::Sync);
+        targets.push(bench.target_layer(
+            format!("idemstore {name}"),
+            IdempotencyLayer::new(store),
+            durable,
+            Box::new(dir),
+        ));
     }
-
     if redis_server_available() {
         for (name, durable) in [("no persistence", false), ("appendfsync always", true)] {
             let dir = tempfile::tempdir().unwrap();
             let server = RedisServer::start(dir.path(), durable);
             let store = bench.client_rt.block_on(RedisStore::connect(&server.url));
-            let (new_keys, replays) = bench.run_layer(IdempotencyLayer::new(store), &format!("redis-{durable}"));
-            rows.push((format!("layer, Redis {name}, new keys"), new_keys));
-            rows.push((format!("layer, Redis {name}, replays"), replays));
+            targets.push(bench.target_layer(
+                format!("Redis {name}"),
+                IdempotencyLayer::new(store),
+                durable,
+                Box::new((server, dir)),
+            ));
         }
     } else {
         println!("redis-server not found: skipping the Redis rows (install it with: apt-get install redis-server)");
     }
 
-    let baseline_last = bench.run_plain("baseline-last");
-    rows.push(("no layer (last)".into(), baseline_last));
+    // Warm every server (connections, allocator, the store's first segment) before measuring.
+    for target in std::iter::once(&baseline).chain(&targets) {
+        bench.drive(target.addr, &format!("{}-warmup", target.name), bench.settings.requests / 10);
+    }
 
-    let baseline_rps = (rows[0].1.requests_per_sec + rows[rows.len() - 1].1.requests_per_sec) / 2.0;
+    let mut rows: Vec<(String, Row)> = Vec::new();
+    let mut row = |name: String| -> usize {
+        if let Some(at) = rows.iter().position(|(other, _)| *other == name) {
+            return at;
+        }
+        rows.push((name, Row::default()));
+        rows.len() - 1
+    };
+    let baseline_row = row("no layer".into());
+    let mut plan = Vec::new();
+    for target in &targets {
+        plan.push((row(format!("layer, {}, new keys", target.name)), row(format!("layer, {}, replays", target.name))));
+    }
+    for round in 0..bench.settings.rounds {
+        for (target, (new_row, replay_row)) in targets.iter().zip(&plan) {
+            // A baseline just before each layer row, so each ratio compares neighbours in time
+            // on a machine whose load changes.
+            let base = bench.drive(baseline.addr, &format!("base-{round}-{}", target.name), bench.settings.requests);
+            let base_rps = base.requests_per_sec;
+            rows[baseline_row].1.add(base, base_rps);
+            let new_keys = if target.durable { bench.settings.durable_requests } else { bench.settings.requests };
+            let tag = format!("{}-{round}", target.name);
+            rows[*new_row].1.add(bench.drive(target.addr, &tag, new_keys), base_rps);
+            // The same keys again: every request is a replay (a full row of them).
+            let mut replays = bench.drive(target.addr, &tag, new_keys);
+            for _ in 1..(bench.settings.requests / new_keys.max(1)) {
+                let more = bench.drive(target.addr, &tag, new_keys);
+                replays.latencies_us.add(&more.latencies_us).unwrap();
+                replays.requests += more.requests;
+                replays.elapsed_secs += more.elapsed_secs;
+                replays.requests_per_sec = replays.requests as f64 / replays.elapsed_secs;
+            }
+            rows[*replay_row].1.add(replays, base_rps);
+        }
+    }
+    for target in &targets {
+        if let Some(metrics) = &target.metrics {
+            let counts = metrics.snapshot();
+            assert_eq!(
+                counts.conflicts + counts.mismatches + counts.released + counts.store_errors,
+                0,
+                "{}",
+                target.name
+            );
+            assert!(counts.replayed > 0 && counts.stored > 0, "{}: {counts:?}", target.name);
+        }
+    }
+
     println!();
-    println!("{:<48} {:>10} {:>9} {:>9} {:>10} {:>10}", "row", "req/s", "p50 us", "p99 us", "/no layer", "/redis");
+    println!(
+        "{:<46} {:>9} {:>8} {:>8} {:>10} {:>8}",
+        "row (median of rounds; latency over all)", "req/s", "p50 us", "p99 us", "/no layer", "/redis"
+    );
     for (name, measured) in &rows {
         let peer = redis_peer(name).and_then(|peer| rows.iter().find(|(other, _)| *other == peer));
-        let vs_redis = peer.map_or(String::from("-"), |(_, redis)| {
-            format!("{:.2}", measured.requests_per_sec / redis.requests_per_sec)
-        });
+        let vs_redis =
+            peer.map_or(String::from("-"), |(_, redis)| format!("{:.2}", measured.median_rps() / redis.median_rps()));
+        let latencies = measured.latencies_us.as_ref();
         println!(
-            "{:<48} {:>10.0} {:>9} {:>9} {:>10.2} {:>10}",
+            "{:<46} {:>9.0} {:>8} {:>8} {:>10.2} {:>8}",
             name,
-            measured.requests_per_sec,
-            measured.p50_us,
-            measured.p99_us,
-            measured.requests_per_sec / baseline_rps,
+            measured.median_rps(),
+            latencies.map_or(0, |h| h.value_at_quantile(0.5)),
+            latencies.map_or(0, |h| h.value_at_quantile(0.99)),
+            median(&measured.vs_baseline),
             vs_redis
         );
     }
     println!(
-        "(/no layer: against the mean of the two baseline rows; /redis: against the Redis row of the same durability class)"
+        "(/no layer: median over rounds of the row's rate over the baseline run just before it; \
+         /redis: medians, against the Redis row of the same durability class)"
     );
+    in_process(&bench.settings);
+}
+
+/// The layer's own CPU cost per request, without sockets: the router called in process
+/// (`tower::ServiceExt::oneshot`) on one thread, with and without the layer. Steadier than the
+/// loopback rows on a busy machine, and it says how many microseconds the layer adds.
+fn in_process(settings: &Settings) {
+    use tower::ServiceExt;
+    let calls = env_usize("LAYER_BENCH_IN_PROCESS_CALLS", 200_000);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let durability = Durability::Periodic(Duration::from_millis(100));
+    let store = Store::open(dir.path(), Options { durability, ..Options::default() }).unwrap();
+    // `with_state` turns the handlers into routes once, as `axum::serve` does; a bare
+    // `Router<()>` called with `oneshot` would build them (and apply the layer) on every call.
+    let plain = Router::new().route("/charges", post(trivial)).with_state(());
+    let layered = Router::new().route("/charges", post(trivial)).layer(IdempotencyLayer::new(store)).with_state(());
+    let run = |router: &Router, prefix: &str| -> f64 {
+        runtime.block_on(async {
+            let start = Instant::now();
+            for i in 0..calls {
+                let request = axum::http::Request::post("/charges")
+                    .header("idempotency-key", format!("{prefix}-{i:020}"))
+                    .body(axum::body::Body::from(BODY))
+                    .unwrap();
+                let response = router.clone().oneshot(request).await.unwrap();
+                assert_eq!(response.status(), StatusCode::CREATED);
+                let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+            }
+            start.elapsed().as_nanos() as f64 / calls as f64
+        })
+    };
+    let (mut plain_ns, mut new_ns, mut replay_ns) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..settings.rounds {
+        plain_ns.push(run(&plain, &format!("p{round}")));
+        new_ns.push(run(&layered, &format!("l{round}")));
+        replay_ns.push(run(&layered, &format!("l{round}")));
+    }
+    let (plain_ns, new_ns, replay_ns) = (median(&plain_ns), median(&new_ns), median(&replay_ns));
+    println!();
+    println!("in process, no sockets, 1 thread, {calls} calls per row, median of {} rounds:", settings.rounds);
+    println!("{:<46} {:>9} {:>12}", "row", "ns/call", "layer adds");
+    println!("{:<46} {:>9.0} {:>12}", "no layer", plain_ns, "-");
+    println!("{:<46} {:>9.0} {:>9.0} ns", "layer, idemstore Periodic(100ms), new keys", new_ns, new_ns - plain_ns);
+    println!("{:<46} {:>9.0} {:>9.0} ns", "layer, idemstore Periodic(100ms), replays", replay_ns, replay_ns - plain_ns);
 }
 
 /// The Redis row an idemstore row is compared with: no persistence for `Periodic`,
@@ -152,30 +315,30 @@ impl Bench {
         })
     }
 
-    fn run_plain(&self, tag: &str) -> Measured {
+    fn target_plain(&self) -> Target {
         let addr = self.serve(Router::new().route("/charges", post(trivial)));
-        self.drive(addr, tag, "warmup", self.settings.requests / 10);
-        self.drive(addr, tag, "run", self.settings.requests)
+        Target { name: "no layer".into(), addr, durable: false, metrics: None, _keep: Box::new(()) }
     }
 
-    fn run_layer<S: DedupeStore + 'static>(&self, layer: IdempotencyLayer<S>, tag: &str) -> (Measured, Measured) {
+    fn target_layer<S: DedupeStore + 'static>(
+        &self,
+        name: String,
+        layer: IdempotencyLayer<S>,
+        durable: bool,
+        keep: Box<dyn std::any::Any>,
+    ) -> Target {
         let metrics = layer.metrics();
         let addr = self.serve(Router::new().route("/charges", post(trivial)).layer(layer));
-        self.drive(addr, tag, "warmup", self.settings.requests / 10);
-        let new_keys = self.drive(addr, tag, "run", self.settings.requests);
-        let replays = self.drive(addr, tag, "run", self.settings.requests);
-        let counts = metrics.snapshot();
-        assert_eq!(counts.replayed as usize, self.settings.requests, "every request of the replay row was a replay");
-        assert_eq!(counts.stored as usize, self.settings.requests + self.settings.requests / 10);
-        (new_keys, replays)
+        Target { name, addr, durable, metrics: Some(metrics), _keep: keep }
     }
 
-    /// Sends `requests` POSTs with keys `{tag}-{phase}-{i}` over the configured number of
-    /// connections; the same (tag, phase) sends the same keys, so a second call replays.
-    fn drive(&self, addr: SocketAddr, tag: &str, phase: &str, requests: usize) -> Measured {
+    /// Sends `requests` POSTs with keys `{prefix}-{i}` over the configured number of
+    /// connections; the same prefix sends the same keys, so a second call replays.
+    fn drive(&self, addr: SocketAddr, prefix: &str, requests: usize) -> Measured {
         let connections = self.settings.connections;
         let url = Arc::new(format!("http://{addr}/charges"));
-        let prefix = Arc::new(format!("{tag}-{phase}"));
+        // Row names hold spaces and parentheses; a bare key holds neither.
+        let prefix = Arc::new(prefix.replace(|c: char| !c.is_ascii_alphanumeric(), "-"));
         self.client_rt.block_on(async {
             let start = Instant::now();
             let tasks: Vec<_> = (0..connections)
@@ -202,16 +365,12 @@ impl Bench {
                     })
                 })
                 .collect();
-            let mut latencies = Histogram::<u64>::new(3).unwrap();
+            let mut latencies_us = Histogram::<u64>::new(3).unwrap();
             for task in tasks {
-                latencies.add(task.await.unwrap()).unwrap();
+                latencies_us.add(task.await.unwrap()).unwrap();
             }
-            let elapsed = start.elapsed();
-            Measured {
-                requests_per_sec: requests as f64 / elapsed.as_secs_f64(),
-                p50_us: latencies.value_at_quantile(0.5),
-                p99_us: latencies.value_at_quantile(0.99),
-            }
+            let elapsed_secs = start.elapsed().as_secs_f64();
+            Measured { requests_per_sec: requests as f64 / elapsed_secs, requests, elapsed_secs, latencies_us }
         })
     }
 }

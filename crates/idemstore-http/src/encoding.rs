@@ -85,9 +85,11 @@ pub fn encode(
     Ok(out)
 }
 
-/// Decodes what [`encode`] wrote, checking every length against what is left.
-pub fn decode(stored: &[u8]) -> Result<StoredResponse, DecodeError> {
-    let mut reader = Reader { rest: stored };
+/// Decodes what [`encode`] wrote, checking every length against what is left. The body and
+/// the header values are slices of `stored` (no copy).
+pub fn decode(stored: impl Into<Bytes>) -> Result<StoredResponse, DecodeError> {
+    let stored: Bytes = stored.into();
+    let mut reader = Reader { stored: &stored, at: 0 };
     if reader.take(2)? != MAGIC {
         return Err(DecodeError("bad magic (not written by this layer)"));
     }
@@ -105,29 +107,40 @@ pub fn decode(stored: &[u8]) -> Result<StoredResponse, DecodeError> {
         let name_len = usize::from(reader.u16()?);
         let name = HeaderName::from_bytes(reader.take(name_len)?).map_err(|_| DecodeError("bad header name"))?;
         let value_len = usize::from(reader.u16()?);
-        let value = HeaderValue::from_bytes(reader.take(value_len)?).map_err(|_| DecodeError("bad header value"))?;
+        let value = HeaderValue::from_maybe_shared(reader.take_shared(value_len)?)
+            .map_err(|_| DecodeError("bad header value"))?;
         headers.append(name, value);
     }
     let body_len = usize::try_from(reader.u32()?).map_err(|_| DecodeError("body length overflows"))?;
-    let body = Bytes::copy_from_slice(reader.take(body_len)?);
-    if !reader.rest.is_empty() {
+    let body = reader.take_shared(body_len)?;
+    if reader.at != stored.len() {
         return Err(DecodeError("bytes follow the body"));
     }
     Ok(StoredResponse { status, headers, body })
 }
 
 struct Reader<'a> {
-    rest: &'a [u8],
+    stored: &'a Bytes,
+    at: usize,
 }
 
 impl<'a> Reader<'a> {
+    fn range(&mut self, len: usize) -> Result<std::ops::Range<usize>, DecodeError> {
+        let end = self.at.checked_add(len).filter(|end| *end <= self.stored.len()).ok_or(DecodeError("truncated"))?;
+        let range = self.at..end;
+        self.at = end;
+        Ok(range)
+    }
+
     fn take(&mut self, len: usize) -> Result<&'a [u8], DecodeError> {
-        if len > self.rest.len() {
-            return Err(DecodeError("truncated"));
-        }
-        let (head, tail) = self.rest.split_at(len);
-        self.rest = tail;
-        Ok(head)
+        let range = self.range(len)?;
+        let stored: &'a [u8] = self.stored;
+        stored.get(range).ok_or(DecodeError("truncated"))
+    }
+
+    fn take_shared(&mut self, len: usize) -> Result<Bytes, DecodeError> {
+        let range = self.range(len)?;
+        Ok(self.stored.slice(range))
     }
 
     fn u16(&mut self) -> Result<u16, DecodeError> {
@@ -158,7 +171,7 @@ mod tests {
     fn a_response_round_trips_with_only_the_kept_headers() {
         let (status, headers, body) = sample();
         let encoded = encode(status, &headers, |name| name != "set-cookie", &body).unwrap();
-        let decoded = decode(&encoded).unwrap();
+        let decoded = decode(encoded).unwrap();
         assert_eq!(decoded.status, StatusCode::CREATED);
         assert_eq!(decoded.body, body);
         assert_eq!(decoded.headers.get("content-type").unwrap(), "application/json");
@@ -172,29 +185,29 @@ mod tests {
         let (status, headers, body) = sample();
         let encoded = encode(status, &headers, |_| true, &body).unwrap();
         for len in 0..encoded.len() {
-            assert!(decode(&encoded[..len]).is_err(), "prefix of {len} bytes decoded");
+            assert!(decode(encoded[..len].to_vec()).is_err(), "prefix of {len} bytes decoded");
         }
         for at in 0..encoded.len() {
             for bit in 0..8 {
                 let mut damaged = encoded.clone();
                 damaged[at] ^= 1 << bit;
-                let _ = decode(&damaged);
+                let _ = decode(damaged);
             }
         }
         let mut longer = encoded.clone();
         longer.push(0);
-        assert_eq!(decode(&longer), Err(DecodeError("bytes follow the body")));
+        assert_eq!(decode(longer), Err(DecodeError("bytes follow the body")));
     }
 
     #[test]
     fn foreign_bytes_and_other_versions_are_refused() {
-        assert!(decode(b"201 Created").is_err());
+        assert!(decode(&b"201 Created"[..]).is_err());
         let (status, headers, body) = sample();
         let mut encoded = encode(status, &headers, |_| true, &body).unwrap();
         encoded[2] = FORMAT_VERSION + 1;
-        assert_eq!(decode(&encoded).unwrap_err().0, "unknown format version (written by a newer build?)");
+        assert_eq!(decode(encoded).unwrap_err().0, "unknown format version (written by a newer build?)");
         let mut bad_status = encode(status, &headers, |_| true, &body).unwrap();
         bad_status[3..5].copy_from_slice(&1000u16.to_be_bytes());
-        assert!(decode(&bad_status).is_err());
+        assert!(decode(bad_status).is_err());
     }
 }

@@ -450,7 +450,7 @@ impl<S: DedupeStore + 'static> Shared<S> {
                 .await;
         let token = match claim {
             Ok(Claim::Acquired(token)) => token,
-            Ok(Claim::Completed(completed)) => return Ok(right(self.replay(&completed.outcome))),
+            Ok(Claim::Completed(completed)) => return Ok(right(self.replay(completed.outcome))),
             Ok(Claim::InProgress { lease_expires_at }) => {
                 self.metrics.count(Event::Conflict);
                 let mut response = problem(
@@ -533,7 +533,7 @@ impl<S: DedupeStore + 'static> Shared<S> {
         Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
     }
 
-    fn replay(&self, outcome: &[u8]) -> Response<Full<Bytes>> {
+    fn replay(&self, outcome: Vec<u8>) -> Response<Full<Bytes>> {
         match encoding::decode(outcome) {
             Ok(stored) => {
                 self.metrics.count(Event::Replayed);

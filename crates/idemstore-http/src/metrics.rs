@@ -97,3 +97,86 @@ pub(crate) enum Event {
     StoreError,
     Panic,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_event_moves_its_own_counter() {
+        let metrics = Metrics::default();
+        for event in
+            [Event::Replayed, Event::Replayed, Event::Conflict, Event::Mismatch, Event::Stored, Event::Released]
+        {
+            metrics.count(event);
+        }
+        metrics.count(Event::StoreError);
+        metrics.count(Event::Panic);
+        let expected = MetricsSnapshot {
+            replayed: 2,
+            conflicts: 1,
+            mismatches: 1,
+            stored: 1,
+            released: 1,
+            store_errors: 1,
+            panics: 1,
+        };
+        assert_eq!(metrics.snapshot(), expected);
+    }
+
+    /// The facade sees the same counts under the documented names.
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn the_facade_gets_each_count_under_its_stable_name() {
+        use std::collections::BTreeMap;
+        use std::sync::{Arc, Mutex};
+
+        use ::metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+        #[derive(Default)]
+        struct Counts(Mutex<BTreeMap<String, u64>>);
+        struct One(Arc<Counts>, String);
+        impl CounterFn for One {
+            fn increment(&self, value: u64) {
+                *self.0.0.lock().unwrap().entry(self.1.clone()).or_default() += value;
+            }
+            fn absolute(&self, value: u64) {
+                self.0.0.lock().unwrap().insert(self.1.clone(), value);
+            }
+        }
+        struct Recording(Arc<Counts>);
+        impl Recorder for Recording {
+            fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+                Counter::from_arc(Arc::new(One(self.0.clone(), key.name().to_string())))
+            }
+            fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+                Gauge::noop()
+            }
+            fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+                Histogram::noop()
+            }
+        }
+
+        let counts = Arc::new(Counts::default());
+        let recorder = Recording(counts.clone());
+        let metrics = Metrics::default();
+        ::metrics::with_local_recorder(&recorder, || {
+            metrics.count(Event::Replayed);
+            metrics.count(Event::Replayed);
+            metrics.count(Event::Conflict);
+            metrics.count(Event::Released);
+        });
+        let seen = counts.0.lock().unwrap().clone();
+        let expected: BTreeMap<String, u64> = [
+            ("idemstore_http_replays_total".to_string(), 2),
+            ("idemstore_http_conflicts_total".to_string(), 1),
+            ("idemstore_http_released_total".to_string(), 1),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(seen, expected);
+    }
+}
