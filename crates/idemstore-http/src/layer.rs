@@ -481,26 +481,26 @@ impl<S: DedupeStore + 'static> Shared<S> {
         let context = IdempotencyContext::new(token, client_key, self.sink.clone());
         let mut request = Request::from_parts(parts, Either::Right(Full::new(body)));
         request.extensions_mut().insert(context.clone());
-        // A panic while the handler is called or polled is caught here: the key is released
-        // (the handler did not finish, and a panic is a bug, not an effect) and 500 answered.
-        // If this future is dropped instead (the client went away), nothing below runs: the
-        // key stays in flight until its lease ends, then a retry takes it over, recovered.
+        // A panic while the handler is called or polled is caught here and answered 500; the
+        // key is given up (`give_up`) so that the client's retry runs again. If this future is
+        // dropped instead (the client went away), nothing below runs: the key stays in flight
+        // until its lease ends, then a retry takes it over, recovered.
         let outcome = AssertUnwindSafe(async { inner.call(request).await }).catch_unwind().await;
         let response = match outcome {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => {
-                self.release(&context).await;
+                self.give_up(&context).await;
                 return Err(error);
             }
             Err(_panic) => {
                 self.metrics.count(Event::Panic);
-                self.release(&context).await;
+                self.give_up(&context).await;
                 return Ok(right(handler_failed("the handler panicked")));
             }
         };
         let (mut parts, body) = response.into_parts();
         if !(config.store_policy)(parts.status) {
-            self.release(&context).await;
+            self.give_up(&context).await;
             return Ok(Response::from_parts(parts, Either::Left(body)));
         }
         let collected =
@@ -514,7 +514,7 @@ impl<S: DedupeStore + 'static> Shared<S> {
                 if collected.is_err() {
                     self.metrics.count(Event::Panic);
                 }
-                self.release(&context).await;
+                self.give_up(&context).await;
                 return Ok(right(handler_failed("the handler's response body failed")));
             }
         };
@@ -561,6 +561,19 @@ impl<S: DedupeStore + 'static> Shared<S> {
         match traced(self.store.complete(token, outcome), "complete", token.key()).await {
             Ok(()) => self.metrics.count(Event::Stored),
             Err(_) => self.metrics.count(Event::StoreError),
+        }
+    }
+
+    /// After a failed attempt (a response the policy does not store, a panic, a failed body):
+    /// releases the key so that the retry runs at once, unless the claim carries a checkpoint.
+    /// A checkpoint says effects ran, and a release would drop it with the key, so that the
+    /// retry would run them again; such a claim is left in flight instead, and the retry after
+    /// its lease takes it over with the checkpoint (`recovered()`), skipping those effects.
+    async fn give_up(&self, context: &IdempotencyContext) {
+        if context.last_checkpoint().is_some() {
+            self.metrics.count(Event::KeptForResume);
+        } else {
+            self.release(context).await;
         }
     }
 

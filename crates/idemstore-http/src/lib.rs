@@ -107,6 +107,12 @@
 //! retry runs the handler again: a 5xx, and also a handler that **panics** (the panic is caught
 //! and answered 500 `handler-failed`) or whose response body fails.
 //!
+//! Except after a checkpoint: a claim that carries one (recorded by this attempt, or inherited
+//! by a recovered claim) says effects ran, and a release would drop the checkpoint with the
+//! key, so the retry would run them again. Such a failed attempt leaves the key in flight
+//! instead (counted in `kept_for_resume`): retries get 409 until the lease ends, then the next
+//! one takes the claim over with `recovered()` and the checkpoint, and skips those effects.
+//!
 //! A stored response keeps the status, the headers and the body in a small versioned binary
 //! format ([`encoding`]; every length is checked when read back). `Set-Cookie`,
 //! `WWW-Authenticate`, `Date`, `Content-Length` (recomputed) and the hop-by-hop headers
@@ -149,12 +155,13 @@
 //! # Counters, metrics, tracing
 //!
 //! [`IdempotencyLayer::metrics`] hands out the layer's [`Metrics`]: atomics for replays,
-//! conflicts (409), mismatches (422), stored responses, releases, store errors and panics.
+//! conflicts (409), mismatches (422), stored responses, releases, store errors, panics, and
+//! failed attempts kept in flight for a resume.
 //! With the feature `metrics`, each is also counted through the `metrics` facade under a stable
 //! name (`idemstore_http_replays_total`, `idemstore_http_conflicts_total`,
 //! `idemstore_http_mismatches_total`, `idemstore_http_stored_total`,
 //! `idemstore_http_released_total`, `idemstore_http_store_errors_total`,
-//! `idemstore_http_panics_total`). With the feature `tracing`, each store call runs in a debug
+//! `idemstore_http_panics_total`, `idemstore_http_kept_for_resume_total`). With the feature `tracing`, each store call runs in a debug
 //! span `idemstore_http` with the operation and a hash of the key (never the key itself: a
 //! key may be a secret of the client's).
 //!

@@ -17,6 +17,7 @@ pub struct Metrics {
     released: AtomicU64,
     store_errors: AtomicU64,
     panics: AtomicU64,
+    kept_for_resume: AtomicU64,
 }
 
 /// The counters at one instant.
@@ -31,12 +32,16 @@ pub struct MetricsSnapshot {
     /// Responses stored for replay (`idemstore_http_stored_total`).
     pub stored: u64,
     /// Claims released so that a retry runs the handler again: a response the policy does not
-    /// store, a panic, a failed response body (`idemstore_http_released_total`).
+    /// store, a panic, a failed response body, when no checkpoint was recorded
+    /// (`idemstore_http_released_total`).
     pub released: u64,
     /// Store calls that failed (`idemstore_http_store_errors_total`).
     pub store_errors: u64,
     /// Handlers that panicked (`idemstore_http_panics_total`).
     pub panics: u64,
+    /// Failed attempts whose claim carried a checkpoint, so was left in flight for the retry to
+    /// resume after the lease instead of released (`idemstore_http_kept_for_resume_total`).
+    pub kept_for_resume: u64,
 }
 
 macro_rules! counter {
@@ -57,6 +62,11 @@ impl Metrics {
     counter!(released, "idemstore_http_released_total", "Claims released for the retry to run again.");
     counter!(store_errors, "idemstore_http_store_errors_total", "Store calls that failed.");
     counter!(panics, "idemstore_http_panics_total", "Handlers that panicked.");
+    counter!(
+        kept_for_resume,
+        "idemstore_http_kept_for_resume_total",
+        "Failed attempts with a checkpoint, left in flight for the retry to resume."
+    );
 
     /// All counters at once (each read on its own: not one atomic snapshot).
     pub fn snapshot(&self) -> MetricsSnapshot {
@@ -68,6 +78,7 @@ impl Metrics {
             released: self.released(),
             store_errors: self.store_errors(),
             panics: self.panics(),
+            kept_for_resume: self.kept_for_resume(),
         }
     }
 
@@ -80,6 +91,7 @@ impl Metrics {
             Event::Released => (&self.released, "idemstore_http_released_total"),
             Event::StoreError => (&self.store_errors, "idemstore_http_store_errors_total"),
             Event::Panic => (&self.panics, "idemstore_http_panics_total"),
+            Event::KeptForResume => (&self.kept_for_resume, "idemstore_http_kept_for_resume_total"),
         };
         field.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
@@ -96,6 +108,7 @@ pub(crate) enum Event {
     Released,
     StoreError,
     Panic,
+    KeptForResume,
 }
 
 #[cfg(test)]
@@ -112,6 +125,7 @@ mod tests {
         }
         metrics.count(Event::StoreError);
         metrics.count(Event::Panic);
+        metrics.count(Event::KeptForResume);
         let expected = MetricsSnapshot {
             replayed: 2,
             conflicts: 1,
@@ -120,6 +134,7 @@ mod tests {
             released: 1,
             store_errors: 1,
             panics: 1,
+            kept_for_resume: 1,
         };
         assert_eq!(metrics.snapshot(), expected);
     }

@@ -91,6 +91,25 @@ async fn cookie(State(world): State<Arc<World>>) -> Response {
     (StatusCode::CREATED, headers, "made").into_response()
 }
 
+/// Checkpoints its first step, then fails (500, or a panic with `?panic`) on the first attempt.
+async fn steps(
+    State(world): State<Arc<World>>,
+    Extension(claim): Extension<IdempotencyContext>,
+    uri: axum::http::Uri,
+) -> Response {
+    let resumed = claim.last_checkpoint();
+    if resumed.is_none() {
+        world.effects.fetch_add(1, Ordering::SeqCst);
+        claim.checkpoint(b"step-1").await.unwrap();
+        if uri.query() == Some("panic") {
+            panic!("fails after step 1");
+        }
+        return (StatusCode::BAD_GATEWAY, "step 2 failed").into_response();
+    }
+    let resumed = String::from_utf8(resumed.unwrap()).unwrap();
+    (StatusCode::CREATED, format!("resumed after {resumed}, recovered {}", claim.recovered())).into_response()
+}
+
 async fn big(State(world): State<Arc<World>>) -> Response {
     world.effects.fetch_add(1, Ordering::SeqCst);
     (StatusCode::OK, "x".repeat(4096)).into_response()
@@ -146,6 +165,7 @@ async fn start(options: Options, configure: impl FnOnce(IdempotencyLayer<Store>)
         .route("/flaky", post(flaky))
         .route("/cookie", post(cookie))
         .route("/big", post(big))
+        .route("/steps", post(steps))
         .route("/whoami", post(whoami).get(whoami))
         .route("/read", get(effect))
         .with_state(world.clone())
@@ -471,4 +491,24 @@ async fn a_client_that_disconnects_mid_handler_leaves_the_key_in_flight_until_th
     let (status, _, body) = text(server.post("/hold", Some("h"), "").send().await.unwrap()).await;
     assert_eq!((status, body.as_str()), (StatusCode::CREATED, "recovered"));
     assert_eq!(server.effects(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_a_checkpoint_keeps_the_key_for_a_resume_instead_of_releasing_it() {
+    for path in ["/steps", "/steps?panic"] {
+        let clock = ManualClock::new(1_800_000_000_000);
+        let options = Options { clock: clock.clone(), background: false, ..store_options() };
+        let server = start(options, |layer| layer.lease(Duration::from_secs(20)).clock(clock.clone())).await;
+        let (status, _, _) = text(server.post(path, Some("s"), "").send().await.unwrap()).await;
+        assert!(status.is_server_error(), "{path}: {status}");
+        // Step 1 ran: releasing would drop its checkpoint and let the retry run it again.
+        let (status, headers, _) = text(server.post(path, Some("s"), "").send().await.unwrap()).await;
+        assert_eq!((status, headers["retry-after"].to_str().unwrap()), (StatusCode::CONFLICT, "20"), "{path}");
+        clock.advance(Duration::from_secs(21));
+        let (status, _, body) = text(server.post(path, Some("s"), "").send().await.unwrap()).await;
+        assert_eq!((status, body.as_str()), (StatusCode::CREATED, "resumed after step-1, recovered true"), "{path}");
+        assert_eq!(server.effects(), 1, "{path}");
+        let counts = server.metrics.snapshot();
+        assert_eq!((counts.kept_for_resume, counts.released, counts.stored), (1, 0, 1), "{path}");
+    }
 }
