@@ -613,3 +613,44 @@ fn handler_failed(detail: &str) -> Response<Full<Bytes>> {
 fn right<B>(response: Response<Full<Bytes>>) -> Response<Either<B, Full<Bytes>>> {
     response.map(Either::Right)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_policy_stores_2xx_and_4xx_but_not_retry_later_answers() {
+        for stored in [200, 201, 204, 400, 404, 410, 422] {
+            assert!(default_store_policy(StatusCode::from_u16(stored).unwrap()), "{stored}");
+        }
+        for released in [100, 301, 304, 408, 409, 429, 500, 502, 503] {
+            assert!(!default_store_policy(StatusCode::from_u16(released).unwrap()), "{released}");
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up_and_is_at_least_one_second() {
+        let clock = idemstore::ManualClock::new(10_000);
+        let at = |ms| idemstore::ms_to_system_time(ms);
+        assert_eq!(retry_after_secs(clock.as_ref(), at(10_000)), 1);
+        assert_eq!(retry_after_secs(clock.as_ref(), at(5_000)), 1);
+        assert_eq!(retry_after_secs(clock.as_ref(), at(10_001)), 1);
+        assert_eq!(retry_after_secs(clock.as_ref(), at(12_001)), 3);
+    }
+
+    #[test]
+    fn the_fingerprint_separates_method_target_and_body() {
+        let parts =
+            |method: &str, uri: &str| Request::builder().method(method).uri(uri).body(()).unwrap().into_parts().0;
+        let base = fingerprint(&parts("POST", "/a?x=1"), b"body", None);
+        assert_eq!(base, fingerprint(&parts("POST", "/a?x=1"), b"body", None));
+        assert_ne!(base, fingerprint(&parts("PATCH", "/a?x=1"), b"body", None));
+        assert_ne!(base, fingerprint(&parts("POST", "/a?x=2"), b"body", None));
+        assert_ne!(base, fingerprint(&parts("POST", "/a?x=1"), b"bodY", None));
+        let hook: FingerprintHook = Arc::new(|_, _| b"same".to_vec());
+        assert_eq!(
+            fingerprint(&parts("POST", "/a"), b"one", Some(&hook)),
+            fingerprint(&parts("POST", "/a"), b"two", Some(&hook))
+        );
+    }
+}
