@@ -184,8 +184,9 @@ impl<S> IdempotencyLayer<S> {
     }
 
     /// When a request's key is in flight, wait up to `bound` for the first request to finish
-    /// and answer with its response, instead of 409 at once (default: no wait). The wait
-    /// parks no thread.
+    /// and answer with its response, instead of 409 at once (default: no wait). This is the
+    /// store's `ClaimOptions::wait`: the `DedupeStore` contract has it park no thread, so a
+    /// waiting request holds no runtime thread with a backend that keeps the contract.
     pub fn wait_for_in_flight(mut self, bound: Duration) -> Self {
         self.config.claim.wait = Some(bound);
         self

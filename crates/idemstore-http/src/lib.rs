@@ -170,8 +170,10 @@
 //! `IdempotencyLayer::new(store)` takes any `S: DedupeStore + 'static` by value (a `Store`,
 //! an `Arc<Store>`, an `Arc<PgStore>`); [`IdempotencyLayer::from_arc`] takes an `Arc<S>`
 //! already shared elsewhere. The layer awaits the store's futures and never blocks a thread
-//! itself; a `wait` or a durable write is as cheap for the runtime as the backend's futures
-//! make it.
+//! itself; a `wait` or a durable write costs the runtime what the backend's futures cost
+//! (nothing but a parked task, by the `DedupeStore` contract). A backend whose futures do
+//! their waiting inside a poll holds a runtime thread for that long: give the runtime threads
+//! to spare until it keeps the contract.
 //!
 //! [`IdempotencyLayer::metrics`]: IdempotencyLayer::metrics
 
