@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Extension, Router};
 use std::future::Future;
 
@@ -172,7 +172,7 @@ async fn serve<S: DedupeStore + 'static>(layer: IdempotencyLayer<S>, dir: tempfi
         .route("/big", post(big))
         .route("/steps", post(steps))
         .route("/whoami", post(whoami).get(whoami))
-        .route("/read", get(effect))
+        .route("/any", axum::routing::patch(effect).put(effect))
         .with_state(world.clone())
         .layer(layer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -250,6 +250,13 @@ async fn a_retry_gets_the_stored_response_marked_replayed_and_the_effect_runs_on
     assert_eq!(server.effects(), 1);
     let counts = server.metrics.snapshot();
     assert_eq!((counts.stored, counts.replayed), (1, 2));
+    // PATCH is covered too; a PUT (not covered by default) runs every time.
+    for method in [reqwest::Method::PATCH, reqwest::Method::PATCH, reqwest::Method::PUT, reqwest::Method::PUT] {
+        let url = format!("{}/any", server.url);
+        let response = server.client.request(method, url).header("idempotency-key", "k-2").send().await.unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    assert_eq!(server.effects(), 1 + 1 + 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
