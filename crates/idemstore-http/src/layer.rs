@@ -655,3 +655,57 @@ mod tests {
         );
     }
 }
+
+#[cfg(all(test, feature = "tracing"))]
+mod tracing_tests {
+    use std::fmt::Write as _;
+    use std::sync::{Arc, Mutex};
+
+    use futures_util::FutureExt;
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata, Subscriber};
+
+    /// Writes down every span's name and fields.
+    struct Spans(Arc<Mutex<String>>);
+
+    struct Fields<'a>(&'a mut String);
+
+    impl Visit for Fields<'_> {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            let _ = write!(self.0, " {}={:?}", field.name(), value);
+        }
+    }
+
+    impl Subscriber for Spans {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, span: &Attributes<'_>) -> Id {
+            let mut seen = self.0.lock().unwrap();
+            seen.push_str(span.metadata().name());
+            span.record(&mut Fields(&mut seen));
+            seen.push('\n');
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, _: &Event<'_>) {}
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    #[test]
+    fn a_store_call_span_names_the_operation_and_a_hash_of_the_key_never_the_key() {
+        let seen = Arc::new(Mutex::new(String::new()));
+        let key = crate::key::composite_key(b"tenant-a", b"secret-client-key-1234");
+        tracing::subscriber::with_default(Spans(seen.clone()), || {
+            let answer = super::traced(async { 7 }, "claim", &key).now_or_never();
+            assert_eq!(answer, Some(7));
+        });
+        let seen = seen.lock().unwrap().clone();
+        let hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&key));
+        assert!(seen.contains("idemstore_http") && seen.contains("claim") && seen.contains(&hash), "{seen}");
+        assert!(!seen.contains("secret-client-key") && !seen.contains("tenant-a"), "{seen}");
+    }
+}
