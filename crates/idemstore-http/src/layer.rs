@@ -14,7 +14,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, header, request};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
-use idemstore::{Claim, ClaimOptions, Clock, DedupeStore, Error, SystemClock};
+use idemstore::{Claim, ClaimOptions, ClaimToken, Clock, DedupeStore, Error, SystemClock};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -406,7 +406,7 @@ fn traced<F: Future>(future: F, _operation: &'static str, _store_key: &[u8]) -> 
 impl<S: DedupeStore + 'static> Shared<S> {
     async fn handle<I, ReqB, ResB>(
         self: Arc<Self>,
-        mut inner: I,
+        inner: I,
         request: Request<ReqB>,
         client_key: Vec<u8>,
     ) -> Result<Response<LayerResponseBody<ResB>>, I::Error>
@@ -479,6 +479,27 @@ impl<S: DedupeStore + 'static> Shared<S> {
             }
         };
 
+        // Boxed apart, so that the handler's future (often kilobytes) is not part of the
+        // future of every request, replays and conflicts included.
+        Box::pin(self.run_handler(inner, token, client_key, parts, body)).await
+    }
+
+    /// Runs the handler of a request that acquired its key, then stores its response or gives
+    /// the key up.
+    async fn run_handler<I, ReqB, ResB>(
+        &self,
+        mut inner: I,
+        token: ClaimToken,
+        client_key: Vec<u8>,
+        parts: request::Parts,
+        body: Bytes,
+    ) -> Result<Response<LayerResponseBody<ResB>>, I::Error>
+    where
+        I: Service<Request<LayerRequestBody<ReqB>>, Response = Response<ResB>>,
+        ResB: Body<Data = Bytes>,
+        ResB::Error: Into<BoxError>,
+    {
+        let config = &self.config;
         let context = IdempotencyContext::new(token, client_key, self.sink.clone());
         let mut request = Request::from_parts(parts, Either::Right(Full::new(body)));
         request.extensions_mut().insert(context.clone());
