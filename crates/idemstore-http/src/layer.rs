@@ -544,12 +544,10 @@ impl<S: DedupeStore + 'static> Shared<S> {
         let keep = |name: &HeaderName| !headers::is_never_stored(name) && !hop_by_hop.contains(name);
         match encoding::encode(parts.status, &parts.headers, keep, &body) {
             Ok(outcome) => self.complete(&context, &outcome).await,
-            Err(error) => {
-                // Not storable (a header over 64 KiB): the effect ran, so the key is left in
-                // flight rather than released; a retry after the lease is a recovered claim.
-                self.metrics.count(Event::StoreError);
-                let _ = error;
-            }
+            // Not storable (a header over 64 KiB, more than `HEADERS_MAX` headers): the effect
+            // ran, so the key is left in flight rather than released; a retry after the lease
+            // is a recovered claim.
+            Err(encoding::EncodeError(_)) => self.metrics.count(Event::StoreError),
         }
         parts.headers.remove(header::CONTENT_LENGTH);
         Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
