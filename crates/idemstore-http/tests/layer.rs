@@ -467,16 +467,22 @@ async fn a_response_over_the_cap_is_answered_500_to_every_retry_and_never_runs_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scope_keeps_the_same_key_of_two_accounts_apart() {
-    let server = start(store_options(), |layer| {
-        layer.scope(|parts| parts.headers.get("x-account").map(|v| v.as_bytes().to_vec()).unwrap_or_default())
-    })
-    .await;
+    // Over an `Arc<Store>` this time: the store shared with the rest of the service.
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<Store> = Arc::new(Store::open(dir.path(), store_options()).unwrap());
+    let layer = IdempotencyLayer::new(store.clone())
+        .scope(|parts| parts.headers.get("x-account").map(|v| v.as_bytes().to_vec()).unwrap_or_default());
+    let server = serve(layer, dir).await;
     for account in ["alice", "bob", "alice"] {
         let response = server.post("/effect", Some("same"), "pay").header("x-account", account).send().await;
         assert_eq!(response.unwrap().status(), 201);
     }
     assert_eq!(server.effects(), 2, "alice's retry was a replay; bob's request ran");
     assert_eq!(server.metrics.snapshot().replayed, 1);
+    // The stored keys are the composite ones, not the client's bare key.
+    let alice = idemstore_http::key::composite_key(b"alice", b"same");
+    assert!(matches!(Store::get(&store, &alice).unwrap(), Some(idemstore::Entry::Completed(_))));
+    assert!(Store::get(&store, b"same").unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
