@@ -126,7 +126,7 @@ fn concurrent_duplicate(store: &Arc<Store>) -> DemoResult {
     let winner = acquired_rx.recv()?;
     println!("   {winner} got Acquired and is placing the order.");
     let meanwhile = store.claim("order-9", request)?;
-    let Claim::InProgress { lease_expires_at } = meanwhile else { panic!("the key is held: {meanwhile:?}") };
+    let Claim::InProgress { lease_expires_at, .. } = meanwhile else { panic!("the key is held: {meanwhile:?}") };
     let lease_left = lease_expires_at.duration_since(SystemTime::now()).unwrap_or_default();
     println!(
         "   A third request without waiting gets InProgress (the holder's lease has about {}s left): answer 409, retry later.",

@@ -99,7 +99,8 @@ impl NamespaceCounters {
 /// that no other namespace shares, with the namespace's default TTL and lease.
 ///
 /// Tokens it hands out hold the stored key (`ClaimToken::key` shows the namespace prefix);
-/// they complete through any handle of the same store.
+/// they complete through any handle of the same store. A key may be up to `max_key_len` less
+/// the prefix (`2 + name.len()` bytes) long.
 #[derive(Debug, Clone)]
 pub struct Namespace<'a> {
     store: &'a Store,
@@ -146,6 +147,12 @@ impl<'a> Namespace<'a> {
     fn key(&self, key: &[u8]) -> Result<Vec<u8>> {
         if key.is_empty() {
             return Err(Error::EmptyKey);
+        }
+        // The stored key carries the namespace's prefix: the caller's key may be that much
+        // shorter than `max_key_len`, and is told so in its own terms.
+        let max = self.store.options().max_key_len.saturating_sub(self.prefix.len());
+        if key.len() > max {
+            return Err(Error::KeyTooLong { len: key.len(), max });
         }
         let mut stored = Vec::with_capacity(self.prefix.len() + key.len());
         stored.extend_from_slice(&self.prefix);

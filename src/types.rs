@@ -12,8 +12,10 @@ pub enum Claim {
     Acquired(ClaimToken),
     /// Another holder has the key and its lease runs until `lease_expires_at`.
     InProgress {
-        /// When the holder's lease ends; a claim after it takes the key over.
+        /// When the holder's lease ends; a claim after it takes the key over (a `Retry-After`).
         lease_expires_at: SystemTime,
+        /// When the key leaves the window: a client retrying after it starts a new request.
+        expires_at: SystemTime,
     },
     /// The effect already happened: replay this outcome.
     Completed(Completed),
@@ -98,6 +100,9 @@ pub struct ClaimToken {
     /// When the lease ends, in ms since the epoch; a checkpoint through this token renews the
     /// lease and moves it on (an atomic, since `checkpoint` takes the token by reference).
     pub(crate) lease_until_ms: AtomicU64,
+    /// For a takeover, the incarnation of the holder it took the key from (0 otherwise): what
+    /// an async claim dropped before it returned gives the key back to.
+    pub(crate) taken_from: u64,
 }
 
 impl Clone for ClaimToken {
@@ -109,6 +114,7 @@ impl Clone for ClaimToken {
             recovered: self.recovered,
             checkpoint: self.checkpoint.clone(),
             lease_until_ms: AtomicU64::new(self.lease_until_ms.load(Ordering::Relaxed)),
+            taken_from: self.taken_from,
         }
     }
 }
@@ -176,6 +182,7 @@ impl ClaimToken {
             recovered,
             checkpoint,
             lease_until_ms: AtomicU64::new(crate::clock::system_time_to_ms(lease_expires_at)),
+            taken_from: 0,
         }
     }
 

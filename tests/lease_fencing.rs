@@ -27,8 +27,8 @@ fn claim_inside_the_lease_waits_and_claim_at_lease_end_takes_over() {
 
     clock.advance(LEASE - Duration::from_millis(1));
     assert_eq!(
-        store.claim_with("k", b"r", with_lease(LEASE)).unwrap(),
-        Claim::InProgress { lease_expires_at: at(START_MS + 10_000) }
+        common::in_progress_until(store.claim_with("k", b"r", with_lease(LEASE)).unwrap()),
+        Some(at(START_MS + 10_000))
     );
 
     clock.advance(Duration::from_millis(1));
@@ -39,7 +39,7 @@ fn claim_inside_the_lease_waits_and_claim_at_lease_end_takes_over() {
     assert_eq!(store.stats().lease_takeovers_total, 1);
 
     // The taker now holds the key like any holder.
-    assert_eq!(store.claim("k", b"r").unwrap(), Claim::InProgress { lease_expires_at: second.lease_expires_at() });
+    assert_eq!(common::in_progress_until(store.claim("k", b"r").unwrap()), Some(second.lease_expires_at()));
     let Some(Entry::InFlight { claimed_at, lease_expires_at, orphaned, .. }) = store.get("k").unwrap() else {
         panic!("taken-over key is in flight")
     };
@@ -121,7 +121,7 @@ fn late_release_and_checkpoint_are_allowed_while_nobody_took_over() {
     clock.advance(LEASE * 2);
     store.checkpoint(&token, b"resumed").unwrap();
     // The late checkpoint renewed the lease from now: the key is held again.
-    assert_eq!(store.claim("k", b"r").unwrap(), Claim::InProgress { lease_expires_at: at(START_MS + 30_000) });
+    assert_eq!(common::in_progress_until(store.claim("k", b"r").unwrap()), Some(at(START_MS + 30_000)));
     clock.advance(LEASE * 2);
     store.release(&token).unwrap();
     assert_eq!(store.get("k").unwrap(), None);
@@ -138,8 +138,8 @@ fn checkpoint_renews_the_lease_by_the_claims_lease_length() {
     store.checkpoint(&token, b"step 1").unwrap();
     clock.advance(Duration::from_secs(8)); // 16 s after the claim: past the first lease
     assert_eq!(
-        store.claim("k", b"r").unwrap(),
-        Claim::InProgress { lease_expires_at: at(START_MS + 18_000) },
+        common::in_progress_until(store.claim("k", b"r").unwrap()),
+        Some(at(START_MS + 18_000)),
         "the checkpoint at 8 s holds the key until 18 s"
     );
 

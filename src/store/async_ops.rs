@@ -7,8 +7,10 @@
 //! (leading a sync or riding another's, as a blocking caller would) and wakes the futures it
 //! covered. A claim with `ClaimOptions::wait` that finds its key in flight listens for that
 //! key: a `complete`, `release` or `remove` of the key wakes it, and so does the first of its
-//! wait's deadline, the holder's lease end and the key's window end (timers kept by the same
-//! thread). The thread starts at the first wait that needs it and stops with the store.
+//! wait's deadline, the holder's lease end and the key's window end, kept by a *timer* thread
+//! (apart from the committer, so that a slow sync never delays a deadline). Each thread
+//! starts at the first wait that needs it and stops with the store. Futures are woken with no
+//! lock of the store held, and a waker that panics is contained: it can stop neither thread.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,19 +22,23 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::lookup::Current;
 use super::{Inner, Store};
 use crate::clock::system_time_to_ms;
 use crate::error::{Error, Result};
-use crate::log::record::Kind;
+use crate::log::record::{Header, Kind};
 use crate::options::{ClaimOptions, Durability};
 use crate::types::{Claim, ClaimToken, Entry};
 
-/// The async committer's shared state (one per store).
+/// The async waits' shared state (one per store).
 #[derive(Default)]
 pub(super) struct AsyncWaits {
     state: Mutex<WaitsState>,
-    signal: Condvar,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Wakes the committer: a durable wait arrived, or the store stops.
+    committer_signal: Condvar,
+    /// Wakes the timer thread: a deadline arrived, or the store stops.
+    timer_signal: Condvar,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     /// Listeners registered on keys: lets `key_changed` skip the lock when nobody listens.
     listening: std::sync::atomic::AtomicUsize,
 }
@@ -46,7 +52,8 @@ struct WaitsState {
     keys: HashMap<u64, Vec<Weak<Signal>>>,
     /// Deadlines of key listeners: when, which key, whom to wake.
     timers: Vec<(Instant, u64, Weak<Signal>)>,
-    started: bool,
+    committer_started: bool,
+    timer_started: bool,
     stop: bool,
 }
 
@@ -71,7 +78,10 @@ impl Signal {
         let waker = slot.waker.take();
         drop(slot);
         if let Some(waker) = waker {
-            waker.wake();
+            // A waker is the runtime's code: one that panics must not take the store's thread
+            // (and every later wait) with it. Its task is then never woken, as that runtime
+            // chose.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waker.wake()));
         }
     }
 
@@ -127,8 +137,10 @@ impl AsyncWaits {
     /// borrow the store, which is being dropped).
     pub(super) fn stop(&self) {
         self.state.lock().stop = true;
-        self.signal.notify_all();
-        if let Some(handle) = self.thread.lock().take() {
+        self.committer_signal.notify_all();
+        self.timer_signal.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for handle in threads {
             let _ = handle.join();
         }
     }
@@ -136,14 +148,14 @@ impl AsyncWaits {
     /// Under loom (whose `Arc` has no weak handle) the async waits are not modelled: only
     /// group commit is.
     #[cfg(loom)]
-    fn ensure_thread(self: &Arc<Self>, _state: &mut WaitsState, _inner: &crate::sync::Arc<Inner>) -> Result<()> {
+    fn ensure_committer(self: &Arc<Self>, _state: &mut WaitsState, _inner: &crate::sync::Arc<Inner>) -> Result<()> {
         Err(Error::InvalidArgument("async waits are not available in loom models"))
     }
 
     /// Starts the committer thread if it is not running; `Err` when it cannot be started.
     #[cfg(not(loom))]
-    fn ensure_thread(self: &Arc<Self>, state: &mut WaitsState, inner: &Arc<Inner>) -> Result<()> {
-        if state.started {
+    fn ensure_committer(self: &Arc<Self>, state: &mut WaitsState, inner: &Arc<Inner>) -> Result<()> {
+        if state.committer_started {
             return Ok(());
         }
         let (waits, weak) = (Arc::clone(self), Arc::downgrade(inner));
@@ -151,38 +163,44 @@ impl AsyncWaits {
             .name("idemstore-async".into())
             .spawn(move || committer(&waits, &weak))
             .map_err(|e| Error::io("start the async committer thread", &inner.dir, e))?;
-        state.started = true;
-        *self.thread.lock() = Some(handle);
+        state.committer_started = true;
+        self.threads.lock().push(handle);
+        Ok(())
+    }
+
+    /// Starts the timer thread if it is not running; `Err` when it cannot be started.
+    fn ensure_timer(self: &Arc<Self>, state: &mut WaitsState, dir: &std::path::Path) -> Result<()> {
+        if state.timer_started {
+            return Ok(());
+        }
+        let waits = Arc::clone(self);
+        let handle = std::thread::Builder::new()
+            .name("idemstore-timers".into())
+            .spawn(move || timers(&waits))
+            .map_err(|e| Error::io("start the async timer thread", dir, e))?;
+        state.timer_started = true;
+        self.threads.lock().push(handle);
         Ok(())
     }
 }
 
+/// The committer thread: serves durable waits through the group commit.
 #[cfg_attr(loom, allow(dead_code))]
-/// The committer thread: serves durable waits through the group commit, and fires key
-/// listeners' deadlines.
 fn committer(waits: &AsyncWaits, inner: &Weak<Inner>) {
     loop {
         let mut state = waits.state.lock();
-        let batch = loop {
-            if state.stop {
-                for (_, signal) in state.durable.drain(..) {
-                    signal.fire(Err(Error::Poisoned { cause: "the store was closed".into() }));
-                }
-                return;
-            }
-            let next_deadline = fire_due_timers(&mut state);
-            if !state.durable.is_empty() {
-                break std::mem::take(&mut state.durable);
-            }
-            match next_deadline {
-                Some(at) => {
-                    let left = at.saturating_duration_since(Instant::now());
-                    waits.signal.wait_for(&mut state, left);
-                }
-                None => waits.signal.wait(&mut state),
-            }
-        };
+        while !state.stop && state.durable.is_empty() {
+            waits.committer_signal.wait(&mut state);
+        }
+        let stopping = state.stop;
+        let batch = std::mem::take(&mut state.durable);
         drop(state);
+        if stopping {
+            for (_, signal) in batch {
+                signal.fire(Err(Error::Poisoned { cause: "the store was closed".into() }));
+            }
+            return;
+        }
         // Only waits registered before this sync began are answered by it: a later answer may
         // rest on a time that this sync's time floor does not cover.
         let through = batch.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
@@ -196,21 +214,48 @@ fn committer(waits: &AsyncWaits, inner: &Weak<Inner>) {
     }
 }
 
-/// Fires key listeners whose deadline has passed and forgets dropped ones; returns the next
-/// deadline. (A listener leaves the key lists when it is dropped: see `Listener`.)
-fn fire_due_timers(state: &mut WaitsState) -> Option<Instant> {
+/// The timer thread: wakes key listeners at their deadlines.
+fn timers(waits: &AsyncWaits) {
+    loop {
+        let mut state = waits.state.lock();
+        if state.stop {
+            return;
+        }
+        let (due, next) = take_due_timers(&mut state);
+        if due.is_empty() {
+            match next {
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    waits.timer_signal.wait_for(&mut state, left);
+                }
+                None => waits.timer_signal.wait(&mut state),
+            }
+            continue;
+        }
+        drop(state);
+        for signal in due {
+            signal.fire(Ok(()));
+        }
+    }
+}
+
+/// Takes the key listeners whose deadline has passed (to be woken once the lock is let go) and
+/// forgets dropped ones; returns them and the next deadline. (A listener leaves the key lists
+/// when it is dropped: see `Listener`.)
+fn take_due_timers(state: &mut WaitsState) -> (Vec<Arc<Signal>>, Option<Instant>) {
     let now = Instant::now();
     let mut next: Option<Instant> = None;
+    let mut due = Vec::new();
     state.timers.retain(|(at, _, listener)| {
         let Some(signal) = listener.upgrade() else { return false };
         if *at <= now {
-            signal.fire(Ok(()));
+            due.push(signal);
             return false;
         }
         next = Some(next.map_or(*at, |n| n.min(*at)));
         true
     });
-    next
+    (due, next)
 }
 
 /// A claim's wait for its key: woken by a change of the key (`AsyncWaits::key_changed`) or
@@ -262,11 +307,66 @@ impl ReleaseUnlessTaken<'_> {
 
 impl Drop for ReleaseUnlessTaken<'_> {
     fn drop(&mut self) {
-        if let Some(token) = self.token.take() {
-            // Not waited for: under `Sync` a crash may lose the release, and the claim then
-            // ends as an orphan's would (taken over by the next claim).
+        let Some(token) = self.token.take() else { return };
+        // Not waited for: under `Sync` a crash may lose this record, and the claim then ends
+        // as an orphan's would (taken over by the next claim).
+        if token.recovered() {
+            // A takeover took the key from a holder that may have run the effect: the key
+            // goes back to that holder's state (its checkpoint, its process), with the lease
+            // ended, so the next claim takes over from it as this one did.
+            let _ = self.inner.give_back(&token, self.hash);
+        } else {
             let _ = self.inner.finish_unsettled(&token, self.hash, Kind::Release, &[]);
         }
+    }
+}
+
+impl Inner {
+    /// Undoes a takeover whose caller never saw its token (see `ReleaseUnlessTaken`).
+    fn give_back(&self, token: &ClaimToken, hash: u64) -> Result<()> {
+        self.check_writable()?;
+        let key = token.key();
+        let locked = self.index.shard(hash);
+        let mut shard = locked.shard.lock();
+        let now_ms = self.time.now_ms();
+        let mut slot = None;
+        let (state, old, _) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
+        let (held, checkpoint) = match state {
+            Current::InFlight(found) if found.header.token == token.id => {
+                (found.header, std::mem::take(&mut found.value))
+            }
+            _ => return Ok(()),
+        };
+        let header = Header {
+            kind: Kind::Checkpoint,
+            seq: 0,
+            written_at_ms: now_ms,
+            lease_until_ms: now_ms,
+            incarnation: token.taken_from,
+            ..held
+        };
+        let (_, new_loc) = self.append(header, key, &checkpoint, old)?;
+        shard.set(hash, old.map(|o| o.loc), new_loc);
+        drop(shard);
+        self.after_write();
+        self.key_changed(locked, hash);
+        Ok(())
+    }
+
+    /// An async claim answered `InProgress` goes on to wait: it is not counted as answered in
+    /// progress (its final answer is counted), as a blocking claim's wait is not.
+    fn uncount_in_progress(&self, hash: u64) {
+        let mut shard = self.index.shard(hash).shard.lock();
+        let counters = &mut shard.local.counters;
+        counters.duplicates_in_progress_total = counters.duplicates_in_progress_total.saturating_sub(1);
+    }
+
+    /// An async claim that waited and then got the outcome counts as waited, not replayed.
+    fn count_replay_as_waited(&self, hash: u64) {
+        let mut shard = self.index.shard(hash).shard.lock();
+        let counters = &mut shard.local.counters;
+        counters.duplicates_replayed_total = counters.duplicates_replayed_total.saturating_sub(1);
+        counters.duplicates_waited_total += 1;
     }
 }
 
@@ -287,10 +387,10 @@ impl Store {
         {
             let waits = &inner.async_waits;
             let mut state = waits.state.lock();
-            waits.ensure_thread(&mut state, &self.inner)?;
+            waits.ensure_committer(&mut state, &self.inner)?;
             state.durable.push((seq, Arc::clone(&signal)));
         }
-        inner.async_waits.signal.notify_one();
+        inner.async_waits.committer_signal.notify_one();
         SignalFuture(signal).await
     }
 
@@ -299,7 +399,7 @@ impl Store {
         let waits = &self.inner.async_waits;
         let signal = Arc::new(Signal::default());
         let mut state = waits.state.lock();
-        waits.ensure_thread(&mut state, &self.inner)?;
+        waits.ensure_timer(&mut state, &self.inner.dir)?;
         state.keys.entry(hash).or_default().push(Arc::downgrade(&signal));
         waits.listening.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(Listener { waits: Arc::clone(waits), hash, signal })
@@ -309,7 +409,7 @@ impl Store {
     fn wake_at(&self, listener: &Listener, at: Instant) {
         let waits = &self.inner.async_waits;
         waits.state.lock().timers.push((at, listener.hash, Arc::downgrade(&listener.signal)));
-        waits.signal.notify_one();
+        waits.timer_signal.notify_one();
     }
 
     pub(crate) async fn claim_async(&self, key: &[u8], request: &[u8], options: ClaimOptions) -> Result<Claim> {
@@ -329,21 +429,29 @@ impl Store {
         // `None`: a wait too long for the monotonic clock, which has no deadline of its own.
         let deadline = Instant::now().checked_add(wait);
         let once = ClaimOptions { wait: None, ..options };
+        let mut waited = false;
         loop {
             // Listening starts before the key is read: a change between the read and the
             // registration would otherwise be missed.
             let listener = self.listen(hash)?;
             let (answer, seq) = inner.claim_unsettled(key, hash, request, &once)?;
-            let Claim::InProgress { lease_expires_at } = answer else {
+            let Claim::InProgress { lease_expires_at, expires_at } = answer else {
+                if waited && matches!(answer, Claim::Completed(_)) {
+                    inner.count_replay_as_waited(hash);
+                }
                 return self.deliver(hash, answer, seq).await;
             };
             let now = Instant::now();
             if deadline.is_some_and(|at| now >= at) {
                 return self.deliver(hash, answer, seq).await;
             }
-            // The key changes by itself at the holder's lease end (a takeover), with no write
-            // to wake anyone: wake up then too (at least once a day, to look again).
-            let change_in_ms = system_time_to_ms(lease_expires_at).saturating_sub(inner.time.now_ms()).max(1);
+            inner.uncount_in_progress(hash);
+            waited = true;
+            // The key changes by itself at the holder's lease end (a takeover) or at its
+            // window's end (absent), with no write to wake anyone: wake up at the first of
+            // them too (at least once a day, to look again).
+            let change_at = lease_expires_at.min(expires_at);
+            let change_in_ms = system_time_to_ms(change_at).saturating_sub(inner.time.now_ms()).max(1);
             let change_in = Duration::from_millis(change_in_ms).min(Duration::from_secs(24 * 3600));
             let mut wake = now + change_in;
             if let Some(at) = deadline {

@@ -63,7 +63,7 @@ impl Inner {
                     let (written, loc) = self.append(header, key, &[], old)?;
                     shard.set(hash, old.map(|o| o.loc), loc);
                     shard.local.counters.claims_acquired_total += 1;
-                    break (Claim::Acquired(token_for(self.identity, key, &written, false, Vec::new())), written.seq);
+                    break (Claim::Acquired(token_for(self.identity, key, &written, None, Vec::new())), written.seq);
                 }
                 Current::Completed(found) => {
                     if found.header.request_hash != request_hash {
@@ -117,7 +117,13 @@ impl Inner {
                             shard.local.counters.lease_takeovers_total += 1;
                         }
                         break (
-                            Claim::Acquired(token_for(self.identity, key, &written, true, checkpoint)),
+                            Claim::Acquired(token_for(
+                                self.identity,
+                                key,
+                                &written,
+                                Some(header.incarnation),
+                                checkpoint,
+                            )),
                             written.seq,
                         );
                     }
@@ -139,7 +145,8 @@ impl Inner {
                         _ => {
                             shard.local.counters.duplicates_in_progress_total += 1;
                             let lease_expires_at = ms_to_system_time(header.lease_until_ms);
-                            break (Claim::InProgress { lease_expires_at }, seen_seq);
+                            let expires_at = ms_to_system_time(header.expires_at_ms);
+                            break (Claim::InProgress { lease_expires_at, expires_at }, seen_seq);
                         }
                     }
                 }
@@ -189,14 +196,21 @@ impl Inner {
 
 /// The token of the claim record `written` (its checkpoint carried over on a takeover).
 #[inline]
-pub(super) fn token_for(store: u64, key: &[u8], written: &Header, recovered: bool, checkpoint: Vec<u8>) -> ClaimToken {
+pub(super) fn token_for(
+    store: u64,
+    key: &[u8],
+    written: &Header,
+    taken_from: Option<u64>,
+    checkpoint: Vec<u8>,
+) -> ClaimToken {
     ClaimToken {
         key: key.into(),
         id: written.token,
         store,
-        recovered,
+        recovered: taken_from.is_some(),
         checkpoint: (!checkpoint.is_empty()).then_some(checkpoint),
         lease_until_ms: std::sync::atomic::AtomicU64::new(written.lease_until_ms),
+        taken_from: taken_from.unwrap_or(0),
     }
 }
 

@@ -76,6 +76,8 @@ impl Inner {
         let now_ms = self.time.now_ms();
         let expires_at_ms = system_time_to_ms(expires_at);
         if expires_at_ms <= now_ms {
+            // The answer rests on the store's time: durable before it is given.
+            self.settle(0)?;
             return Ok(false);
         }
         if expires_at_ms - now_ms > duration_to_ms(crate::options::TTL_MAX) {
@@ -104,8 +106,11 @@ impl Inner {
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
         let mut slot = None;
-        let (state, old, _) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
+        let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
         if !matches!(state, Current::Absent) {
+            // "Kept" rests on the live record found: durable before it is told.
+            drop(shard);
+            self.settle(seen_seq)?;
             return Ok(false);
         }
         let (written, loc) = self.append(header, key, value, old)?;

@@ -65,7 +65,8 @@ impl Inner {
         let value_len = value.len() as u32;
         let mut header = Header { kind, value_len, seq: 0, written_at_ms: now_ms, ..held };
         if kind == Kind::Checkpoint {
-            header.lease_until_ms = now_ms.saturating_add(u64::from(held.lease_ms));
+            // Renewed, never shortened: a lease `extend_lease` moved further on is kept.
+            header.lease_until_ms = now_ms.saturating_add(u64::from(held.lease_ms)).max(held.lease_until_ms);
         }
         let (written, new_loc) = self.append(header, key, value, old)?;
         shard.set(hash, old.map(|o| o.loc), new_loc);

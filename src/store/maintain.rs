@@ -46,10 +46,9 @@ impl Inner {
             let forgotten = self.forget_tables(&dead).and(self.forget_restart_tables(&dead));
             deleted.and(forgotten)?;
         }
-        // Before sealing: the copies land in segments that take appends.
-        self.flush_history(now_ms, false);
         let sealed = self.seal_idle(now_ms)?;
         self.write_restart_tables(1)?;
+        self.flush_history(now_ms, false);
         self.sealed.refresh_union()?;
         if sealed > 0 {
             give_memory_back();

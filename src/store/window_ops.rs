@@ -159,9 +159,12 @@ impl Inner {
         if expires_at_ms == latest.expires_at_ms {
             return Ok((Some(ms_to_system_time(expires_at_ms)), seen_seq));
         }
-        // The same record (kind, times, holder, outcome or checkpoint) with a later expiry:
-        // a holder's token stays valid, a replay answers as before.
-        let header = Header { seq: 0, expires_at_ms, ..latest };
+        // The same record (times, holder, outcome or checkpoint) with a later expiry: a
+        // holder's token stays valid, a replay answers as before. A claim record is written
+        // as a checkpoint (the same in-flight state): only new claims are held to the disk
+        // budget, and this is none.
+        let kind = if latest.kind == Kind::Claim { Kind::Checkpoint } else { latest.kind };
+        let header = Header { kind, seq: 0, expires_at_ms, ..latest };
         let (written, new_loc) = self.append(header, key, &value, old)?;
         shard.set(hash, old.map(|o| o.loc), new_loc);
         // The same completion, moved: its replays served go with it.

@@ -177,3 +177,11 @@ impl Rng {
         }
     }
 }
+
+/// When the holder's lease ends, if `claim` is `InProgress` (`None` for any other answer).
+pub fn in_progress_until(claim: Claim) -> Option<SystemTime> {
+    match claim {
+        Claim::InProgress { lease_expires_at, .. } => Some(lease_expires_at),
+        _ => None,
+    }
+}

@@ -284,7 +284,7 @@ impl Model {
                 self.slots.insert(key.to_vec(), Slot::InFlight(held));
                 Ok(expected)
             }
-            (Expected::InProgress { lease_until_ms }, Claim::InProgress { lease_expires_at })
+            (Expected::InProgress { lease_until_ms }, Claim::InProgress { lease_expires_at, .. })
                 if *lease_expires_at == ms_to_system_time(*lease_until_ms) =>
             {
                 Ok(expected)

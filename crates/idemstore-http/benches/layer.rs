@@ -462,7 +462,12 @@ impl DedupeStore for RedisStore {
                 }
                 redis::Value::BulkString(value) => value,
                 // Expired between the SET and the GET: as good as in flight for a moment.
-                _ => return Ok(Claim::InProgress { lease_expires_at: SystemTime::now() }),
+                _ => {
+                    return Ok(Claim::InProgress {
+                        lease_expires_at: SystemTime::now(),
+                        expires_at: SystemTime::now(),
+                    });
+                }
             };
             if value.len() < 17 || value[1..17] != hash {
                 return Ok(Claim::Mismatch);
@@ -477,7 +482,10 @@ impl DedupeStore for RedisStore {
                 })),
                 _ => {
                     let lease_until = value.get(17..25).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
-                    Ok(Claim::InProgress { lease_expires_at: idemstore::ms_to_system_time(lease_until) })
+                    Ok(Claim::InProgress {
+                        lease_expires_at: idemstore::ms_to_system_time(lease_until),
+                        expires_at: idemstore::ms_to_system_time(lease_until),
+                    })
                 }
             }
         }

@@ -452,7 +452,7 @@ impl<S: DedupeStore + 'static> Shared<S> {
         let token = match claim {
             Ok(Claim::Acquired(token)) => token,
             Ok(Claim::Completed(completed)) => return Ok(right(self.replay(completed.outcome))),
-            Ok(Claim::InProgress { lease_expires_at }) => {
+            Ok(Claim::InProgress { lease_expires_at, .. }) => {
                 self.metrics.count(Event::Conflict);
                 let mut response = problem(
                     StatusCode::CONFLICT,
