@@ -597,6 +597,12 @@ impl PgStore {
         self.inner.waiters.wake_all();
     }
 
+    /// Test seam: how far [`PgStore::advance_clock`] has moved this store's clock in all.
+    #[cfg(feature = "test-seams")]
+    pub fn clock_offset(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.inner.offset()).unwrap_or(0))
+    }
+
     /// Ends this incarnation cleanly: lets its advisory lock go at once (so its in-flight claims
     /// are orphans to the other replicas from this moment) and closes its connections.
     pub fn close(mut self) -> Result<()> {
