@@ -54,7 +54,10 @@ impl Harness for PgHarness {
         // As a crash: the server ends the lock session, and so lets the incarnation lock go.
         common::terminate_backend(&self.admin, old.lock_backend_pid()).await;
         let clock = old.clock_offset();
-        drop(old);
+        // The lock task may have taken the lock again on a new session meanwhile: closing the
+        // store lets it go for certain before the next incarnation looks.
+        let old = Arc::into_inner(old).expect("the test dropped its handles");
+        old.close().expect("close the old incarnation");
         let store = PgStore::connect(&self.url, self.options.clone()).expect("reconnect");
         store.advance_clock(clock);
         self.store = Some(Arc::new(store));
