@@ -249,9 +249,68 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A database failure as the crate's error (see the crate docs, "Errors").
+/// A database failure as the crate's error (see the crate docs, "Errors"), with the whole
+/// chain of causes in its message (tokio-postgres says only "db error" at the top).
 fn db_error(context: &'static str, error: impl std::fmt::Display) -> Error {
     Error::Io { context, path: PathBuf::from("postgres"), source: Arc::new(std::io::Error::other(error.to_string())) }
+}
+
+fn pg_error(context: &'static str, error: &tokio_postgres::Error) -> Error {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    db_error(context, message)
+}
+
+/// True when `error` means the connection is unusable (closed, ended by the server, or a
+/// fatal error): it must not go back to the pool.
+fn breaks_connection(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    if let Some(db) = error.as_db_error() {
+        let code = db.code().code();
+        return matches!(db.severity(), "FATAL" | "PANIC") || code.starts_with("57P") || code.starts_with("08");
+    }
+    std::error::Error::source(error).is_some_and(|cause| cause.is::<std::io::Error>())
+}
+
+/// A pooled connection that leaves the pool for good when a statement on it found it broken,
+/// so the next call connects anew instead of meeting the same dead socket.
+struct Conn {
+    object: Option<deadpool_postgres::Object>,
+    broken: AtomicBool,
+}
+
+impl Conn {
+    /// The crate's error for a failed statement on this connection.
+    fn err(&self, context: &'static str, error: tokio_postgres::Error) -> Error {
+        if breaks_connection(&error) {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        pg_error(context, &error)
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::ClientWrapper;
+    fn deref(&self) -> &Self::Target {
+        self.object.as_ref().expect("a Conn holds its object until dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.broken.load(Ordering::Relaxed)
+            && let Some(object) = self.object.take()
+        {
+            drop(deadpool_postgres::Object::take(object));
+        }
+    }
 }
 
 fn ms_to_time(ms: i64) -> SystemTime {
@@ -900,8 +959,9 @@ impl Inner {
         self.offset_ms.load(Ordering::Relaxed)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| db_error("getting a postgres connection", e))
+    async fn client(&self) -> Result<Conn> {
+        let object = self.pool.get().await.map_err(|e| db_error("getting a postgres connection", e))?;
+        Ok(Conn { object: Some(object), broken: AtomicBool::new(false) })
     }
 
     /// Notes the database's time seen by a statement, for the cache's estimate.
@@ -1054,11 +1114,11 @@ impl Inner {
                 // Ask the holder's complete or release to notify; when the row changed meanwhile,
                 // look again at once.
                 let client = self.client().await?;
-                let statement = client.prepare_cached(&self.sql.watch).await.map_err(|e| db_error("waiting", e))?;
+                let statement = client.prepare_cached(&self.sql.watch).await.map_err(|e| client.err("waiting", e))?;
                 let updated = client
                     .execute(&statement, &[&self.offset(), &key, &row.fence])
                     .await
-                    .map_err(|e| db_error("waiting", e))?;
+                    .map_err(|e| client.err("waiting", e))?;
                 if updated == 0 {
                     continue;
                 }
@@ -1080,7 +1140,7 @@ impl Inner {
     async fn claim_once(&self, key: &[u8], hash: u128, ttl_ms: i64, lease_ms: i64) -> Result<ClaimRow> {
         let ctx = "claiming a key";
         let client = self.client().await?;
-        let statement = client.prepare_cached(&self.sql.claim).await.map_err(|e| db_error(ctx, e))?;
+        let statement = client.prepare_cached(&self.sql.claim).await.map_err(|e| client.err(ctx, e))?;
         let hash_bytes = hash.to_be_bytes();
         let take_orphans = self.options.orphans == OrphanPolicy::TakeOver;
         for _ in 0..CLAIM_TRIES {
@@ -1090,7 +1150,7 @@ impl Inner {
                     &[&self.offset(), &key, &&hash_bytes[..], &self.incarnation, &lease_ms, &ttl_ms, &take_orphans],
                 )
                 .await
-                .map_err(|e| db_error(ctx, e))?;
+                .map_err(|e| client.err(ctx, e))?;
             let Some(row) = rows.first() else { continue };
             let row = ClaimRow::read(row)?;
             // A row outside the window read from the statement's snapshot: a concurrent claim
@@ -1108,14 +1168,14 @@ impl Inner {
         self.check_value(outcome)?;
         let ctx = "completing a claim";
         let client = self.client().await?;
-        let statement = client.prepare_cached(&self.sql.complete).await.map_err(|e| db_error(ctx, e))?;
+        let statement = client.prepare_cached(&self.sql.complete).await.map_err(|e| client.err(ctx, e))?;
         let rows = client
             .query(
                 &statement,
                 &[&self.offset(), &token.key(), &(token.id() as i64), &outcome, &key_payload(token.key())],
             )
             .await
-            .map_err(|e| db_error(ctx, e))?;
+            .map_err(|e| client.err(ctx, e))?;
         let Some(row) = rows.first() else {
             bump(&self.counters.stale);
             return Err(Error::StaleToken);
@@ -1149,16 +1209,16 @@ impl Inner {
         self.check_value(phase)?;
         let ctx = "checkpointing a claim";
         let client = self.client().await?;
-        let statement = client.prepare_cached(&self.sql.checkpoint).await.map_err(|e| db_error(ctx, e))?;
+        let statement = client.prepare_cached(&self.sql.checkpoint).await.map_err(|e| client.err(ctx, e))?;
         let rows = client
             .query(&statement, &[&self.offset(), &token.key(), &(token.id() as i64), &phase])
             .await
-            .map_err(|e| db_error(ctx, e))?;
+            .map_err(|e| client.err(ctx, e))?;
         let Some(row) = rows.first() else {
             bump(&self.counters.stale);
             return Err(Error::StaleToken);
         };
-        let lease_until: i64 = row.try_get(0).map_err(|e| db_error(ctx, e))?;
+        let lease_until: i64 = row.try_get(0).map_err(|e| client.err(ctx, e))?;
         Ok(ms_to_time(lease_until))
     }
 
@@ -1166,11 +1226,11 @@ impl Inner {
         self.check_token(token)?;
         let ctx = "releasing a claim";
         let client = self.client().await?;
-        let statement = client.prepare_cached(&self.sql.release).await.map_err(|e| db_error(ctx, e))?;
+        let statement = client.prepare_cached(&self.sql.release).await.map_err(|e| client.err(ctx, e))?;
         let rows = client
             .query(&statement, &[&self.offset(), &token.key(), &(token.id() as i64), &key_payload(token.key())])
             .await
-            .map_err(|e| db_error(ctx, e))?;
+            .map_err(|e| client.err(ctx, e))?;
         if rows.is_empty() {
             bump(&self.counters.stale);
             return Err(Error::StaleToken);
@@ -1186,8 +1246,8 @@ impl Inner {
         }
         let ctx = "removing a key";
         let client = self.client().await?;
-        let statement = client.prepare_cached(&self.sql.remove).await.map_err(|e| db_error(ctx, e))?;
-        client.query(&statement, &[&key, &key_payload(key)]).await.map_err(|e| db_error(ctx, e))?;
+        let statement = client.prepare_cached(&self.sql.remove).await.map_err(|e| client.err(ctx, e))?;
+        client.query(&statement, &[&key, &key_payload(key)]).await.map_err(|e| client.err(ctx, e))?;
         if let Some(cache) = &self.cache {
             // A replay that raced with the delete may have put it back.
             cache.invalidate(key);
@@ -1200,11 +1260,13 @@ impl Inner {
         self.check_key(key)?;
         let ctx = "reading a key";
         let client = self.client().await?;
-        let statement = client.prepare_cached(&self.sql.get).await.map_err(|e| db_error(ctx, e))?;
-        let rows =
-            client.query(&statement, &[&self.offset(), &key, &self.incarnation]).await.map_err(|e| db_error(ctx, e))?;
+        let statement = client.prepare_cached(&self.sql.get).await.map_err(|e| client.err(ctx, e))?;
+        let rows = client
+            .query(&statement, &[&self.offset(), &key, &self.incarnation])
+            .await
+            .map_err(|e| client.err(ctx, e))?;
         let Some(row) = rows.first() else { return Ok(None) };
-        entry_from_row(row, 0).map(|(entry, _)| Some(entry)).map_err(|e| db_error(ctx, e))
+        entry_from_row(row, 0).map(|(entry, _)| Some(entry)).map_err(|e| client.err(ctx, e))
     }
 
     async fn orphans(&self) -> Result<Vec<Orphan>> {
@@ -1213,7 +1275,7 @@ impl Inner {
         let rows = client
             .query(&self.sql.orphans, &[&self.offset(), &self.incarnation])
             .await
-            .map_err(|e| db_error(ctx, e))?;
+            .map_err(|e| client.err(ctx, e))?;
         rows.iter()
             .map(|row| {
                 let checkpoint: Option<Vec<u8>> = row.try_get(3)?;
@@ -1225,17 +1287,18 @@ impl Inner {
                 })
             })
             .collect::<std::result::Result<_, tokio_postgres::Error>>()
-            .map_err(|e| db_error(ctx, e))
+            .map_err(|e| client.err(ctx, e))
     }
 
     async fn reap(&self) -> Result<u64> {
         let ctx = "deleting expired rows";
         let client = self.client().await?;
-        let statement = client.prepare_cached(&self.sql.reap).await.map_err(|e| db_error(ctx, e))?;
+        let statement = client.prepare_cached(&self.sql.reap).await.map_err(|e| client.err(ctx, e))?;
         let batch = self.options.reap_batch;
         let mut total = 0;
         loop {
-            let deleted = client.execute(&statement, &[&self.offset(), &batch]).await.map_err(|e| db_error(ctx, e))?;
+            let deleted =
+                client.execute(&statement, &[&self.offset(), &batch]).await.map_err(|e| client.err(ctx, e))?;
             total += deleted;
             self.counters.reaped.fetch_add(deleted, Ordering::Relaxed);
             if deleted < batch as u64 {
@@ -1247,13 +1310,15 @@ impl Inner {
     async fn export_entries(&self) -> Result<Vec<ExportedEntry>> {
         let ctx = "exporting entries";
         let client = self.client().await?;
-        let rows =
-            client.query(&self.sql.export, &[&self.offset(), &self.incarnation]).await.map_err(|e| db_error(ctx, e))?;
+        let rows = client
+            .query(&self.sql.export, &[&self.offset(), &self.incarnation])
+            .await
+            .map_err(|e| client.err(ctx, e))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let key: Vec<u8> = row.try_get(0).map_err(|e| db_error(ctx, e))?;
-            let hash: Vec<u8> = row.try_get(1).map_err(|e| db_error(ctx, e))?;
-            let (entry, _) = entry_from_row(row, 2).map_err(|e| db_error(ctx, e))?;
+            let key: Vec<u8> = row.try_get(0).map_err(|e| client.err(ctx, e))?;
+            let hash: Vec<u8> = row.try_get(1).map_err(|e| client.err(ctx, e))?;
+            let (entry, _) = entry_from_row(row, 2).map_err(|e| client.err(ctx, e))?;
             out.push(ExportedEntry { key, request_hash: hash_from_bytes(&hash)?, entry });
         }
         Ok(out)
@@ -1304,7 +1369,7 @@ impl Inner {
                 ],
             )
             .await
-            .map_err(|e| db_error(ctx, e))?;
+            .map_err(|e| client.err(ctx, e))?;
         Ok(!rows.is_empty())
     }
 }
