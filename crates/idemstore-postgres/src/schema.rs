@@ -114,13 +114,27 @@ impl Sql {
             |inc: &str, me: &str| format!("({inc} = 0 OR ({inc} <> {me} AND pg_try_advisory_xact_lock({inc})))");
         // $1 offset, $2 key, $3 request hash, $4 incarnation, $5 lease ms, $6 ttl ms,
         // $7 whether orphans are taken over at once.
+        // The INSERT runs only when the key is absent, expired or open to a takeover as the
+        // statement's snapshot shows it (`cur`): a replay, an `InProgress` or a `Mismatch`
+        // answer is then a plain read, with no row lock, no transaction id and no WAL flush at
+        // commit. When it runs, `ON CONFLICT .. WHERE` decides again on the latest version of
+        // the row, so a claim racing with another is still decided by the row lock.
+        let takeover = |row: &str| {
+            format!(
+                "(NOT {row}.completed AND {row}.request_hash = $3::bytea AND ({row}.lease_until_ms <= now.ms \
+                 OR ($7::bool AND {orphan})))",
+                orphan = orphan(&format!("{row}.incarnation"), "$4::int8"),
+            )
+        };
         let claim = format!(
             "WITH now AS (SELECT {NOW} AS ms),
+cur AS (SELECT e.* FROM {t} e WHERE e.key = $2::bytea),
 up AS (
     INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
                           claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms, completed_at_ms, value)
     SELECT $2::bytea, $3::bytea, false, nextval('{t}_fence'), $4::int8, false, false,
            now.ms, $5::int8, now.ms + $5::int8, now.ms + $6::int8, NULL, NULL FROM now
+    WHERE NOT EXISTS (SELECT 1 FROM cur WHERE cur.expires_at_ms > now.ms AND NOT {takeover_cur})
     ON CONFLICT (key) DO UPDATE SET
         request_hash = excluded.request_hash,
         completed = false,
@@ -145,10 +159,12 @@ up AS (
 )
 SELECT true AS acquired, up.*, now.ms AS now_ms FROM up, now
 UNION ALL
-SELECT false, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
-       e.expires_at_ms, e.completed_at_ms, CASE WHEN e.completed THEN e.value END, e.incarnation, false, now.ms
-FROM {t} e, now WHERE e.key = $2 AND NOT EXISTS (SELECT 1 FROM up)",
-            orphan_e = orphan("e.incarnation", "$4"),
+SELECT false, cur.fence, cur.recovered, cur.completed, cur.request_hash, cur.claimed_at_ms, cur.lease_until_ms,
+       cur.expires_at_ms, cur.completed_at_ms, CASE WHEN cur.completed THEN cur.value END, cur.incarnation, false,
+       now.ms
+FROM cur, now WHERE NOT EXISTS (SELECT 1 FROM up)",
+            orphan_e = orphan("e.incarnation", "$4::int8"),
+            takeover_cur = takeover("cur"),
         );
         // $1 offset, $2 key, $3 fence: a waiter asks the holder's complete or release to notify.
         let watch = format!(

@@ -208,11 +208,12 @@ fn a_connection_ended_mid_statement_is_a_clear_error_and_the_next_call_reconnect
         PgStore::connect(&store_url, idemstore_postgres::PgOptions { pool_size: 1, ..common::options(&table) })
             .unwrap(),
     );
-    let token = acquired(store.claim("k", b"req").unwrap());
-    store.complete(&token, b"ok").unwrap();
+    // A holder whose lease has ended: the next claim is a takeover, which writes the row.
+    let _old = acquired(store.claim("k", b"req").unwrap());
+    store.advance_clock(Duration::from_secs(31));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut admin_client = runtime.block_on(admin(&url));
-    // Hold the key's row, so the store's next claim waits inside its statement.
+    // Hold the key's row, so the store's takeover waits inside its statement.
     let tx = runtime.block_on(admin_client.transaction()).unwrap();
     runtime.block_on(tx.execute(&format!("SELECT 1 FROM {table} WHERE key = 'k'::bytea FOR UPDATE"), &[])).unwrap();
     let claimer = {
@@ -247,7 +248,7 @@ fn a_connection_ended_mid_statement_is_a_clear_error_and_the_next_call_reconnect
     }
     runtime.block_on(tx.rollback()).unwrap();
     // The next call gets a new connection.
-    assert!(matches!(store.claim("k", b"req").unwrap(), Claim::Completed(_)));
+    assert!(acquired(store.claim("k", b"req").unwrap()).recovered());
     let token = acquired(store.claim("k2", b"req").unwrap());
     store.complete(&token, b"ok").unwrap();
     drop(store);
