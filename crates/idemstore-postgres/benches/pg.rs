@@ -35,6 +35,8 @@ struct Run {
     ops: usize,
     wall: Duration,
     latencies: Vec<Duration>,
+    /// WAL the server wrote during the run, per op (filled in by `measured`).
+    wal_per_op: f64,
 }
 
 impl Run {
@@ -118,7 +120,7 @@ impl Baseline {
             for handle in handles {
                 latencies.extend(handle.await.unwrap());
             }
-            Run { ops: latencies.len(), wall: started.elapsed(), latencies }
+            Run { ops: latencies.len(), wall: started.elapsed(), latencies, wal_per_op: 0.0 }
         })
     }
 }
@@ -136,7 +138,7 @@ fn pg_claims_1(store: &PgStore, claims: usize, round: usize) -> Run {
         latencies.push(at.elapsed());
         assert!(matches!(claim, Claim::Acquired(_)));
     }
-    Run { ops: claims, wall: started.elapsed(), latencies }
+    Run { ops: claims, wall: started.elapsed(), latencies, wal_per_op: 0.0 }
 }
 
 fn pg_claims_n(runtime: &tokio::runtime::Runtime, store: &Arc<PgStore>, claims: usize, round: usize) -> Run {
@@ -163,7 +165,7 @@ fn pg_claims_n(runtime: &tokio::runtime::Runtime, store: &Arc<PgStore>, claims: 
         for handle in handles {
             latencies.extend(handle.await.unwrap());
         }
-        Run { ops: latencies.len(), wall: started.elapsed(), latencies }
+        Run { ops: latencies.len(), wall: started.elapsed(), latencies, wal_per_op: 0.0 }
     })
 }
 
@@ -178,7 +180,7 @@ fn replays(store: &PgStore, keys: &[String], passes: usize) -> Run {
             assert!(matches!(claim, Claim::Completed(_)));
         }
     }
-    Run { ops: latencies.len(), wall: started.elapsed(), latencies }
+    Run { ops: latencies.len(), wall: started.elapsed(), latencies, wal_per_op: 0.0 }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -250,19 +252,36 @@ fn redis_setnx(port: u16, threads: usize, claims: usize, round: usize) -> Run {
     for handle in handles {
         latencies.extend(handle.join().unwrap());
     }
-    Run { ops: latencies.len(), wall: started.elapsed(), latencies }
+    Run { ops: latencies.len(), wall: started.elapsed(), latencies, wal_per_op: 0.0 }
 }
 
 // ---------------------------------------------------------------------------------------------
 
 fn report(name: &str, run: &Run) {
     println!(
-        "{name:<46} {:>9.0} ops/s  {:>8.1} us/op  p50 {:>7.1} us  p99 {:>8.1} us",
+        "{name:<46} {:>9.0} ops/s  {:>8.1} us/op  p50 {:>7.1} us  p99 {:>8.1} us  WAL {:>5.0} B/op",
         run.ops_per_s(),
         run.per_op_us(),
         run.percentile(0.50).as_secs_f64() * 1e6,
-        run.percentile(0.99).as_secs_f64() * 1e6
+        run.percentile(0.99).as_secs_f64() * 1e6,
+        run.wal_per_op
     );
+}
+
+/// The server's WAL insert position, in bytes.
+fn wal_position(runtime: &tokio::runtime::Runtime, admin: &tokio_postgres::Client) -> i64 {
+    runtime
+        .block_on(admin.query_one("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8", &[]))
+        .map(|row| row.get(0))
+        .unwrap_or(0)
+}
+
+/// Runs `run` and notes the WAL the server wrote meanwhile.
+fn measured(runtime: &tokio::runtime::Runtime, admin: &tokio_postgres::Client, run: impl FnOnce() -> Run) -> Run {
+    let before = wal_position(runtime, admin);
+    let mut result = run();
+    result.wal_per_op = (wal_position(runtime, admin) - before) as f64 / result.ops as f64;
+    result
 }
 
 fn main() {
@@ -315,12 +334,15 @@ fn main() {
         for (tasks, name) in [(1, "1 thread"), (TASKS, "16 tasks")] {
             let (mut base_runs, mut pg_runs, mut redis_runs) = (Vec::new(), Vec::new(), Vec::new());
             for round in 0..ROUNDS {
-                base_runs.push(baseline.run(&runtime, tasks, claims, round + 10 * tasks));
-                pg_runs.push(if tasks == 1 {
-                    pg_claims_1(&store, claims, round)
-                } else {
-                    pg_claims_n(&runtime, &store, claims, round + 100)
-                });
+                base_runs
+                    .push(measured(&runtime, &admin, || baseline.run(&runtime, tasks, claims, round + 10 * tasks)));
+                pg_runs.push(measured(&runtime, &admin, || {
+                    if tasks == 1 {
+                        pg_claims_1(&store, claims, round)
+                    } else {
+                        pg_claims_n(&runtime, &store, claims, round + 100)
+                    }
+                }));
                 if let Some(redis) = &redis
                     && durability == Durability::Sync
                 {
@@ -362,8 +384,8 @@ fn main() {
     let passes = 10;
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        without.push(replays(&uncached, &keys, passes));
-        with.push(replays(&cached, &keys, passes));
+        without.push(measured(&runtime, &admin, || replays(&uncached, &keys, passes)));
+        with.push(measured(&runtime, &admin, || replays(&cached, &keys, passes)));
     }
     let (without, with) = (median(without), median(with));
     println!("== Replays of completed keys ({} keys x {passes} passes) ==", keys.len());

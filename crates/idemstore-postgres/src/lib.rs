@@ -444,7 +444,11 @@ impl PgStore {
             url.parse().map_err(|_| Error::InvalidArgument("not a PostgreSQL connection URL or string"))?;
         let synchronous_commit = if options.durability == Durability::Sync { "on" } else { "off" };
         let mut session_options = pg_config.get_options().unwrap_or("").to_owned();
-        session_options.push_str(&format!(" -c synchronous_commit={synchronous_commit}"));
+        // A generic plan for the store's few prepared statements: without it the server plans
+        // the claim's statement anew at every execution (its custom plans look cheaper than
+        // the generic one), which costs more than executing it.
+        session_options
+            .push_str(&format!(" -c synchronous_commit={synchronous_commit} -c plan_cache_mode=force_generic_plan"));
         pg_config.options(session_options.trim());
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("idemstore");

@@ -85,8 +85,9 @@ pub fn schema_sql(table: &str, durability: Durability) -> Result<String> {
     Ok(sql)
 }
 
-/// The database's time in ms since the epoch plus the test offset `$1`.
-const NOW: &str = "(floor(extract(epoch FROM statement_timestamp()) * 1000)::int8 + $1::int8)";
+/// The database's time in ms since the epoch plus the test offset `$1`. `date_part` gives a
+/// double (microsecond resolution for centuries to come), cheaper than `extract`'s numeric.
+const NOW: &str = "(floor(date_part('epoch', statement_timestamp()) * 1000)::int8 + $1::int8)";
 
 /// The statements of a store on `table`, formatted once at open.
 pub(crate) struct Sql {
@@ -128,7 +129,11 @@ impl Sql {
         };
         let claim = format!(
             "WITH now AS (SELECT {NOW} AS ms),
-cur AS (SELECT e.* FROM {t} e WHERE e.key = $2::bytea),
+cur AS (
+    SELECT e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms, e.expires_at_ms,
+           e.completed_at_ms, CASE WHEN e.completed THEN e.value END AS value, e.incarnation
+    FROM {t} e WHERE e.key = $2::bytea
+),
 up AS (
     INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
                           claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms, completed_at_ms, value)
@@ -160,7 +165,7 @@ up AS (
 SELECT true AS acquired, up.*, now.ms AS now_ms FROM up, now
 UNION ALL
 SELECT false, cur.fence, cur.recovered, cur.completed, cur.request_hash, cur.claimed_at_ms, cur.lease_until_ms,
-       cur.expires_at_ms, cur.completed_at_ms, CASE WHEN cur.completed THEN cur.value END, cur.incarnation, false,
+       cur.expires_at_ms, cur.completed_at_ms, cur.value, cur.incarnation, false,
        now.ms
 FROM cur, now WHERE NOT EXISTS (SELECT 1 FROM up)",
             orphan_e = orphan("e.incarnation", "$4::int8"),
