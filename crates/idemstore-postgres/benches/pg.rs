@@ -55,7 +55,7 @@ impl Run {
 
 /// The median run of several by wall time.
 fn median(mut runs: Vec<Run>) -> Run {
-    runs.sort_by(|a, b| a.wall.cmp(&b.wall));
+    runs.sort_by_key(|run| run.wall);
     runs.swap_remove(runs.len() / 2)
 }
 

@@ -82,7 +82,7 @@ fn duplicate_load_child(url: &str, table: &str, index: usize) {
     let effects = runtime.block_on(admin(url));
     let started = Instant::now();
     // Half the children go through the keys forwards, half backwards: every key is raced.
-    let order: Vec<usize> = if index % 2 == 0 { (0..KEYS).collect() } else { (0..KEYS).rev().collect() };
+    let order: Vec<usize> = if index.is_multiple_of(2) { (0..KEYS).collect() } else { (0..KEYS).rev().collect() };
     let waiting = ClaimOptions { wait: Some(Duration::from_secs(10)), ..Default::default() };
     let mut mine = 0;
     for i in order {
