@@ -60,7 +60,7 @@ trap stop_cluster EXIT
 run_as_pg "$pg_bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >/dev/null
 run_as_pg "$pg_bin/pg_ctl" -D "$data" -l "$work/server.log" -w \
     -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
-echo "PostgreSQL $("$pg_bin/postgres" --version | awk '{print $NF}') on 127.0.0.1:$port (data in $data)"
+echo "PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (data in $data)"
 
 export IDEMSTORE_PG_URL="postgres://postgres@127.0.0.1:$port/postgres"
 # For tests/faults.rs: restarting the server with `pg_ctl restart -m immediate`.
