@@ -128,11 +128,11 @@ impl Baseline {
 // ---------------------------------------------------------------------------------------------
 // PgStore
 
-fn pg_claims_1(store: &PgStore, claims: usize, round: usize) -> Run {
+fn pg_claims_1(store: &PgStore, claims: usize, round: usize, prefix: &str) -> Run {
     let mut latencies = Vec::with_capacity(claims);
     let started = Instant::now();
     for i in 0..claims {
-        let key = format!("r{round}-{i}");
+        let key = format!("{prefix}{round}-{i}");
         let at = Instant::now();
         let claim = store.claim(&key, b"POST /orders").expect("claim");
         latencies.push(at.elapsed());
@@ -141,7 +141,13 @@ fn pg_claims_1(store: &PgStore, claims: usize, round: usize) -> Run {
     Run { ops: claims, wall: started.elapsed(), latencies, wal_per_op: 0.0 }
 }
 
-fn pg_claims_n(runtime: &tokio::runtime::Runtime, store: &Arc<PgStore>, claims: usize, round: usize) -> Run {
+fn pg_claims_n(
+    runtime: &tokio::runtime::Runtime,
+    store: &Arc<PgStore>,
+    claims: usize,
+    round: usize,
+    prefix: &'static str,
+) -> Run {
     runtime.block_on(async {
         let per_task = claims / TASKS;
         let started = Instant::now();
@@ -151,7 +157,7 @@ fn pg_claims_n(runtime: &tokio::runtime::Runtime, store: &Arc<PgStore>, claims: 
                 tokio::spawn(async move {
                     let mut latencies = Vec::with_capacity(per_task);
                     for i in 0..per_task {
-                        let key = format!("r{round}-t{t}-{i}");
+                        let key = format!("{prefix}{round}-t{t}-{i}");
                         let at = Instant::now();
                         let claim = DedupeStore::claim(&*store, key.as_bytes(), b"POST /orders").await.expect("claim");
                         latencies.push(at.elapsed());
@@ -259,7 +265,7 @@ fn redis_setnx(port: u16, threads: usize, claims: usize, round: usize) -> Run {
 
 fn report(name: &str, run: &Run) {
     println!(
-        "{name:<46} {:>9.0} ops/s  {:>8.1} us/op  p50 {:>7.1} us  p99 {:>8.1} us  WAL {:>5.0} B/op",
+        "{name:<56} {:>9.0} ops/s  {:>8.1} us/op  p50 {:>7.1} us  p99 {:>8.1} us  WAL {:>5.0} B/op",
         run.ops_per_s(),
         run.per_op_us(),
         run.percentile(0.50).as_secs_f64() * 1e6,
@@ -323,6 +329,10 @@ fn main() {
             pool_size: TASKS,
             ..PgOptions::default()
         };
+        let fast = Arc::new(
+            PgStore::connect(&url, PgOptions { fresh_key_fast_path: true, ..options.clone() })
+                .expect("connect PgStore"),
+        );
         let store = Arc::new(PgStore::connect(&url, options).expect("connect PgStore"));
         // The baseline's table: the same columns and indexes, made by the same schema script.
         runtime
@@ -332,15 +342,23 @@ fn main() {
 
         println!("== Durability::{label} ==");
         for (tasks, name) in [(1, "1 thread"), (TASKS, "16 tasks")] {
-            let (mut base_runs, mut pg_runs, mut redis_runs) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut base_runs, mut pg_runs, mut fast_runs, mut redis_runs) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for round in 0..ROUNDS {
                 base_runs
                     .push(measured(&runtime, &admin, || baseline.run(&runtime, tasks, claims, round + 10 * tasks)));
                 pg_runs.push(measured(&runtime, &admin, || {
                     if tasks == 1 {
-                        pg_claims_1(&store, claims, round)
+                        pg_claims_1(&store, claims, round, "r")
                     } else {
-                        pg_claims_n(&runtime, &store, claims, round + 100)
+                        pg_claims_n(&runtime, &store, claims, round + 100, "r")
+                    }
+                }));
+                fast_runs.push(measured(&runtime, &admin, || {
+                    if tasks == 1 {
+                        pg_claims_1(&fast, claims, round, "f")
+                    } else {
+                        pg_claims_n(&runtime, &fast, claims, round + 100, "f")
                     }
                 }));
                 if let Some(redis) = &redis
@@ -349,9 +367,10 @@ fn main() {
                     redis_runs.push(redis_setnx(redis.port, tasks, claims, round + 10 * tasks));
                 }
             }
-            let (base, pg) = (median(base_runs), median(pg_runs));
+            let (base, pg, fast) = (median(base_runs), median(pg_runs), median(fast_runs));
             report(&format!("plain SQL INSERT ON CONFLICT DO NOTHING, {name}"), &base);
             report(&format!("PgStore claim, {name}"), &pg);
+            report(&format!("PgStore claim, fresh-key fast path, {name}"), &fast);
             if !redis_runs.is_empty() {
                 let redis = median(redis_runs);
                 report(&format!("Redis SET NX PX, {name}"), &redis);
@@ -361,6 +380,11 @@ fn main() {
                 "  ratio PgStore / plain SQL per claim: {:.2}x (target <= 1.20x); p99 {:.2}x",
                 pg.per_op_us() / base.per_op_us(),
                 pg.percentile(0.99).as_secs_f64() / base.percentile(0.99).as_secs_f64()
+            );
+            println!(
+                "  ratio PgStore (fresh-key fast path) / plain SQL per claim: {:.2}x; p99 {:.2}x",
+                fast.per_op_us() / base.per_op_us(),
+                fast.percentile(0.99).as_secs_f64() / base.percentile(0.99).as_secs_f64()
             );
         }
         println!();

@@ -92,6 +92,7 @@ const NOW: &str = "(floor(date_part('epoch', statement_timestamp()) * 1000)::int
 /// The statements of a store on `table`, formatted once at open.
 pub(crate) struct Sql {
     pub claim: String,
+    pub claim_fresh: String,
     pub watch: String,
     pub complete: String,
     pub checkpoint: String,
@@ -170,6 +171,17 @@ SELECT false, cur.fence, cur.recovered, cur.completed, cur.request_hash, cur.cla
 FROM cur, now WHERE NOT EXISTS (SELECT 1 FROM up)",
             orphan_e = orphan("e.incarnation", "$4::int8"),
             takeover_cur = takeover("cur"),
+        );
+        // The fast path of `PgOptions::fresh_key_fast_path`: the cheapest claim PostgreSQL has,
+        // for a key that has no row; a conflict inserts nothing and falls back to `claim`.
+        // $1 offset, $2 key, $3 request hash, $4 incarnation, $5 lease ms, $6 ttl ms.
+        let claim_fresh = format!(
+            "INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
+                      claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms)
+VALUES ($2::bytea, $3::bytea, false, nextval('{t}_fence'), $4::int8, false, false,
+        {NOW}, $5::int8, {NOW} + $5::int8, {NOW} + $6::int8)
+ON CONFLICT (key) DO NOTHING
+RETURNING e.fence, e.claimed_at_ms, e.lease_until_ms, e.expires_at_ms"
         );
         // $1 offset, $2 key, $3 fence: a waiter asks the holder's complete or release to notify.
         let watch = format!(
@@ -255,6 +267,7 @@ RETURNING 1"
         );
         Sql {
             claim,
+            claim_fresh,
             watch,
             complete,
             checkpoint,

@@ -1,7 +1,8 @@
-//! The contract suite (crates/idemstore-contract) against `PgStore` on a real server, twice:
-//! plain, and with the local replay cache on (one replica: the cache must not change a single
-//! answer). Lease and TTL time moves by `PgStore::advance_clock`; an incarnation "crashes" by
-//! having its lock session ended by the server (`pg_terminate_backend`), as a dead process's is.
+//! The contract suite (crates/idemstore-contract) against `PgStore` on a real server, three
+//! times: plain, with the local replay cache on (one replica: the cache must not change a single
+//! answer), and with the fresh-key fast path. Lease and TTL time moves by
+//! `PgStore::advance_clock`; an incarnation "crashes" by having its lock session ended by the
+//! server (`pg_terminate_backend`), as a dead process's is, and the store closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,13 +22,11 @@ struct PgHarness {
 }
 
 impl PgHarness {
-    async fn new(test: &str, cache: bool) -> Option<PgHarness> {
+    async fn new(test: &str, configure: fn(&mut PgOptions)) -> Option<PgHarness> {
         let url = common::pg_url(test)?;
         let table = common::unique_table("contract");
         let mut options = common::options(&table);
-        if cache {
-            options.replay_cache = Some(ReplayCacheLimits::default());
-        }
+        configure(&mut options);
         let store = PgStore::connect(&url, options.clone()).expect("connect to postgres");
         let admin = common::admin(&url).await;
         Some(PgHarness { url, table, options, admin, store: Some(Arc::new(store)) })
@@ -75,10 +74,19 @@ impl Harness for PgHarness {
 
 mod plain {
     use super::*;
-    idemstore_contract::contract_suite!(PgHarness::new("contract (plain)", false).await);
+    idemstore_contract::contract_suite!(PgHarness::new("contract (plain)", |_| {}).await);
 }
 
 mod with_replay_cache {
     use super::*;
-    idemstore_contract::contract_suite!(PgHarness::new("contract (replay cache)", true).await);
+    idemstore_contract::contract_suite!(
+        PgHarness::new("contract (replay cache)", |o| o.replay_cache = Some(ReplayCacheLimits::default())).await
+    );
+}
+
+mod with_fresh_key_fast_path {
+    use super::*;
+    idemstore_contract::contract_suite!(
+        PgHarness::new("contract (fresh-key fast path)", |o| o.fresh_key_fast_path = true).await
+    );
 }
