@@ -44,6 +44,13 @@
 //! next value; `complete`, `checkpoint` and `release` write only `WHERE fence = <token's>`,
 //! so a holder whose key was taken over, removed or expired gets `StaleToken`.
 //!
+//! The statement's read of the key's row gates its insert: when the snapshot shows a completed
+//! row, a live holder or another request, nothing is written (no row lock, no transaction id,
+//! no WAL flush), so replays and `InProgress` answers are reads. That read and the returned row
+//! cost about as much server time again as a bare insert; where nearly every claim is of a new
+//! key, [`PgOptions::fresh_key_fast_path`] sends a plain `INSERT .. ON CONFLICT DO NOTHING`
+//! first and the full claim only on a conflict (two round trips for a repeat).
+//!
 //! # Durability
 //!
 //! | `Durability` | PostgreSQL |
