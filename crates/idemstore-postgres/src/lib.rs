@@ -64,7 +64,7 @@
 //! Every time is the database server's (`statement_timestamp()`), never a replica's: replicas
 //! whose clocks disagree still agree on who holds a lease and what has expired. Times handed
 //! back (`lease_expires_at`, `expires_at`, ...) are the server's. With the `test-seams` feature,
-//! [`PgStore::advance_clock`] adds an offset to the server's time in the store's SQL, so lease
+//! `PgStore::advance_clock` adds an offset to the server's time in the store's SQL, so lease
 //! and TTL tests need no sleeping.
 //!
 //! # Orphans
@@ -673,7 +673,7 @@ impl PgStore {
         self.inner.waiters.wake_all();
     }
 
-    /// Test seam: how far [`PgStore::advance_clock`] has moved this store's clock in all.
+    /// Test seam: how far `PgStore::advance_clock` has moved this store's clock in all.
     #[cfg(feature = "test-seams")]
     pub fn clock_offset(&self) -> Duration {
         Duration::from_millis(u64::try_from(self.inner.offset()).unwrap_or(0))
