@@ -52,7 +52,7 @@ fn an_immediate_server_restart_mid_load_loses_no_acknowledged_claim_or_complete(
     let test = "an_immediate_server_restart_mid_load_loses_no_acknowledged_claim_or_complete";
     let Some(url) = pg_url(test) else { return };
     let (Ok(data), Ok(pg_ctl)) = (std::env::var("IDEMSTORE_PG_DATA"), std::env::var("IDEMSTORE_PG_CTL")) else {
-        eprintln!("SKIPPED {test}: IDEMSTORE_PG_DATA and IDEMSTORE_PG_CTL are not set (.ci/postgres.sh sets them)");
+        common::skipped(test, "IDEMSTORE_PG_DATA and IDEMSTORE_PG_CTL are not set (.ci/postgres.sh sets them)");
         return;
     };
     let table = unique_table("restart");
