@@ -294,6 +294,11 @@ pub async fn bad_input_is_refused<H: Harness>(h: &mut H) {
         Err(Error::InvalidArgument(_))
     ));
     assert_eq!(get(&*store, "k").await, None, "a refused claim writes nothing");
+    // Refused for a completed key too, where a replay would otherwise answer.
+    let done = acquired(claim(&*store, "done", b"r").await);
+    store.complete(&done, b"out").await.unwrap();
+    assert!(completed(claim(&*store, "done", b"r").await).outcome == b"out");
+    assert!(matches!(store.claim_with(b"done", b"r", with_ttl(Duration::ZERO)).await, Err(Error::InvalidArgument(_))));
 }
 
 /// Of many concurrent claims of one key, exactly one is `Acquired`; the rest see it in flight.

@@ -551,6 +551,7 @@ impl PgStore {
     pub fn claim_with(&self, key: impl AsRef<[u8]>, request: impl AsRef<[u8]>, options: ClaimOptions) -> Result<Claim> {
         let inner = self.inner.clone();
         let (key, request) = (key.as_ref().to_vec(), request.as_ref().to_vec());
+        inner.check_claim(&key, &options)?;
         if let Some(answer) = inner.cached_claim(&key, &request)? {
             return Ok(answer);
         }
@@ -1034,7 +1035,8 @@ impl Inner {
         }))
     }
 
-    async fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
+    /// Checks a claim's key and options; returns its TTL and lease in ms.
+    fn check_claim(&self, key: &[u8], options: &ClaimOptions) -> Result<(i64, i64)> {
         self.check_key(key)?;
         let ttl = options.ttl.unwrap_or(self.options.default_ttl);
         let lease = options.lease.unwrap_or(self.options.default_lease);
@@ -1044,6 +1046,11 @@ impl Inner {
         if ttl > TTL_MAX {
             return Err(Error::InvalidArgument("ttl must be at most TTL_MAX (10 years)"));
         }
+        Ok((duration_ms(ttl), duration_ms(lease)))
+    }
+
+    async fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
+        let (ttl_ms, lease_ms) = self.check_claim(key, options)?;
         let hash = request_hash(request);
         if let Some(answer) = self.cached_claim(key, request)? {
             return Ok(answer);
@@ -1051,8 +1058,7 @@ impl Inner {
         let deadline = options.wait.map(|w| tokio::time::Instant::now().checked_add(w));
         let key_hash = xxhash_rust::xxh3::xxh3_64(key);
         let waiting = deadline.map(|_| self.waiters.notify_for(key_hash));
-        let result =
-            self.claim_loop(key, hash, duration_ms(ttl), duration_ms(lease), deadline, waiting.as_deref()).await;
+        let result = self.claim_loop(key, hash, ttl_ms, lease_ms, deadline, waiting.as_deref()).await;
         if waiting.is_some() {
             drop(waiting);
             self.waiters.forget(key_hash);
@@ -1475,6 +1481,7 @@ impl DedupeStore for PgStore {
         let (key, request) = (key.to_vec(), request.to_vec());
         let handle = self.runtime.as_ref().map(|r| r.handle().clone());
         async move {
+            inner.check_claim(&key, &options)?;
             if let Some(answer) = inner.cached_claim(&key, &request)? {
                 return Ok(answer);
             }
