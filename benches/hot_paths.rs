@@ -8,7 +8,11 @@
 //! ```
 //!
 //! Workload: N random 16-byte keys (default 1,000,000), a 3-byte request; claims of new keys,
-//! repeat claims of keys in flight, then replays of completed keys with a 64-byte outcome.
+//! repeat claims of keys in flight, then replays of completed keys with a 64-byte outcome, in
+//! the order they were written and in random order (as retries come).
+//!
+//! Then the threads table: new-key claims and random-order replays from 1, 2, 4 and 16
+//! threads, with the ratio to one thread (`--no-threads` leaves it out).
 //!
 //! Then a second table: claims of the 3000 keys of `tests/fixtures/crafted_keys.txt` (crafted to
 //! share one shard and home slot under the unkeyed hash) against 3000 random keys of the same
@@ -90,6 +94,15 @@ fn main() {
         debug_assert_eq!(c.outcome.len(), 64);
     }
     rate("replay of a completed key (64 B)", n, started);
+    // Retries come back in no particular order: the same replays, keys shuffled.
+    let mut shuffled = done.clone();
+    shuffle(&mut shuffled, 0x5eed);
+    let started = Instant::now();
+    for key in &shuffled {
+        let Ok(Claim::Completed(c)) = store.claim(key, b"req") else { panic!("completed") };
+        debug_assert_eq!(c.outcome.len(), 64);
+    }
+    rate("replay in random order (64 B)", n, started);
     drop(store);
 
     // The same three paths through `claim_many`, a batch at a time, on fresh keys.
@@ -125,10 +138,74 @@ fn main() {
     rate(&format!("claim_many replays of completed keys (64 B, {BATCH} a batch)"), n, started);
     drop(store);
 
+    if !args.iter().any(|a| a == "--no-threads") {
+        threads_table(n);
+    }
+
     // Left out under a profiler: its crafted rounds walk millions of slots, which would swamp
     // the counts of the rows above.
     if !args.iter().any(|a| a == "--no-crafted") {
         crafted_against_random();
+    }
+}
+
+/// A Fisher-Yates shuffle driven by xxh3 of a counter (no rand dependency for one shuffle).
+fn shuffle<T>(items: &mut [T], seed: u64) {
+    for i in (1..items.len()).rev() {
+        let r = xxhash_rust::xxh3::xxh3_64(&(seed ^ i as u64).to_le_bytes());
+        items.swap(i, (r % (i as u64 + 1)) as usize);
+    }
+}
+
+/// Runs `work` on each of `threads` chunks of `keys` at once; returns ops/s over all of them.
+fn parallel_rate(keys: &[[u8; 16]], threads: usize, work: impl Fn(&[[u8; 16]]) + Sync) -> f64 {
+    let chunk = keys.len().div_ceil(threads);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for part in keys.chunks(chunk) {
+            let work = &work;
+            s.spawn(move || work(part));
+        }
+    });
+    keys.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// New-key claims and random-order replays from 1, 2, 4 and 16 threads, with each rate's
+/// ratio to one thread's (the machine's core count bounds what the ratios can show).
+fn threads_table(n: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    println!();
+    println!("threads: {n} keys split between the threads; {cores} cores here");
+    println!();
+    println!("| threads | new-key claims/s | × 1 thread | random-order replays/s | × 1 thread |");
+    println!("| ---: | ---: | ---: | ---: | ---: |");
+    let mut done = keys(n, 20);
+    let (_dir, replay_store) = completed_store(&done);
+    shuffle(&mut done, 0xfeed);
+    let (mut claims_one, mut replays_one) = (0.0, 0.0);
+    for threads in [1usize, 2, 4, 16] {
+        let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
+        let store = Store::open(dir.path(), options()).expect("open");
+        let fresh = keys(n, 100 + threads as u64);
+        let claims = parallel_rate(&fresh, threads, |part| {
+            for key in part {
+                let Ok(Claim::Acquired(_)) = store.claim(key, b"req") else { panic!("fresh key") };
+            }
+        });
+        drop(store);
+        let replays = parallel_rate(&done, threads, |part| {
+            for key in part {
+                let Ok(Claim::Completed(_)) = replay_store.claim(key, b"req") else { panic!("completed") };
+            }
+        });
+        if threads == 1 {
+            (claims_one, replays_one) = (claims, replays);
+        }
+        println!(
+            "| {threads} | {claims:.0} | {:.2} | {replays:.0} | {:.2} |",
+            claims / claims_one,
+            replays / replays_one
+        );
     }
 }
 

@@ -366,6 +366,7 @@ fn restart_fill(keys: u64, end: &str, dir: &Path) -> (f64, u64) {
             if end == "kill" {
                 std::thread::sleep(RESTART_KILL_AFTER);
                 // SAFETY: a plain signal to our own child's pid.
+                #[allow(unsafe_code, reason = "kill of the child, with its SAFETY comment")]
                 unsafe {
                     libc::kill(child.id() as i32, libc::SIGKILL);
                 }
@@ -1172,6 +1173,7 @@ fn time_fresh_claims(store: &Store, count: u64, seed: u64) -> (Histogram<u64>, f
 }
 
 /// Bytes free for an unprivileged user on the file system of `dir`.
+#[allow(unsafe_code, reason = "statvfs, with its SAFETY comments")]
 fn free_bytes(dir: &Path) -> u64 {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("bench dir path has no NUL");
@@ -1219,6 +1221,7 @@ fn drop_caches_requested() -> bool {
 }
 
 /// Drops the machine's page cache (root only): a cold reopen.
+#[allow(unsafe_code, reason = "sync(2), with its SAFETY comment")]
 fn drop_page_cache() {
     // SAFETY: sync(2) takes no arguments and touches no memory of ours.
     unsafe { libc::sync() };

@@ -1,6 +1,6 @@
 //! Writes the small seed corpora under `fuzz/corpus/<target>/` (run once from `fuzz/` with
 //! `cargo run --bin seed_corpus`; the files are checked in). Each seed is named after what it
-//! exercises; the input layouts are documented on the target bodies in `idemstore::fuzzing`.
+//! exercises; the input layouts are documented on the target bodies in `fuzz/bodies/`.
 
 use std::fs;
 use std::path::Path;

@@ -22,13 +22,7 @@ impl Clock for SystemClock {
     /// most): the store keeps milliseconds, and the coarse clock costs a fraction of a precise
     /// read on every claim.
     fn now_ms(&self) -> u64 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
-        match (rc, u64::try_from(ts.tv_sec), u64::try_from(ts.tv_nsec)) {
-            (0, Ok(secs), Ok(nanos)) => secs.saturating_mul(1000).saturating_add(nanos / 1_000_000),
-            _ => system_time_to_ms(SystemTime::now()),
-        }
+        crate::io::sys::realtime_coarse_ms().unwrap_or_else(|| system_time_to_ms(SystemTime::now()))
     }
 }
 

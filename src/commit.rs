@@ -128,6 +128,9 @@ impl GroupCommit {
     /// what the user must see, not the failures it led to. The caller wakes the waiters once
     /// the lock is let go.
     fn set_poisoned(&self, detail: &mut Detail, cause: String) {
+        if detail.poisoned.is_none() {
+            crate::observe::poisoned(&cause);
+        }
         detail.poisoned.get_or_insert(cause);
         self.poisoned.store(true, Ordering::Release);
     }

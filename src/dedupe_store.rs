@@ -5,8 +5,8 @@
 use std::future::Future;
 
 use crate::error::Result;
+use crate::log::record::Kind;
 use crate::options::ClaimOptions;
-use crate::record::Kind;
 use crate::store::Store;
 use crate::types::{Claim, ClaimToken, Entry};
 
@@ -71,26 +71,26 @@ impl DedupeStore for Store {
         request: &[u8],
         options: ClaimOptions,
     ) -> impl Future<Output = Result<Claim>> + Send {
-        self.claim_async(key, request, options)
+        crate::observe::instrument("claim", key, self.claim_async(key, request, options))
     }
 
     fn complete(&self, token: &ClaimToken, outcome: &[u8]) -> impl Future<Output = Result<()>> + Send {
-        self.finish_async(token, Kind::Complete, outcome)
+        crate::observe::instrument("complete", token.key(), self.finish_async(token, Kind::Complete, outcome))
     }
 
     fn checkpoint(&self, token: &ClaimToken, phase: &[u8]) -> impl Future<Output = Result<()>> + Send {
-        self.finish_async(token, Kind::Checkpoint, phase)
+        crate::observe::instrument("checkpoint", token.key(), self.finish_async(token, Kind::Checkpoint, phase))
     }
 
     fn release(&self, token: &ClaimToken) -> impl Future<Output = Result<()>> + Send {
-        self.finish_async(token, Kind::Release, &[])
+        crate::observe::instrument("release", token.key(), self.finish_async(token, Kind::Release, &[]))
     }
 
     fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Entry>>> + Send {
-        self.get_async(key)
+        crate::observe::instrument("get", key, self.get_async(key))
     }
 
     fn remove(&self, key: &[u8]) -> impl Future<Output = Result<()>> + Send {
-        self.remove_async(key)
+        crate::observe::instrument("remove", key, self.remove_async(key))
     }
 }

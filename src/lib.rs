@@ -131,58 +131,61 @@
 //! See `ARCHITECTURE.md` for the code map, the byte layout and the invariants.
 
 #![deny(missing_docs)]
+// Every narrowing `as` cast either goes (`try_from`, `From`) or says why it cannot truncate.
+#![deny(clippy::cast_possible_truncation)]
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
+// Unit tests cast small test sizes; the library's own code is checked in the non-test build.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
-mod checkup;
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "idemstore supports Linux only: it relies on fallocate (reserving and punching holes), fdatasync, \
+     futex waits, CLOCK_REALTIME_COARSE and shared memory maps with Linux's semantics (see ARCHITECTURE.md)"
+);
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!(
+    "idemstore needs a 64-bit target: it maps every segment over its whole capacity and reads \
+     file offsets as memory indexes (see ARCHITECTURE.md)"
+);
+
+mod bytes;
 mod clock;
 mod commit;
 mod dedupe_store;
 mod error;
-mod filter;
-#[cfg(feature = "fuzzing")]
-pub mod fuzzing;
+mod hash;
 mod index;
 pub mod io;
 mod log;
-mod marks;
-mod meta;
+mod namespace;
+mod observe;
 mod options;
 mod pace;
-mod permissions;
 mod prefetch;
-mod record;
 mod recovery;
-mod salvage;
-mod segment;
-mod segment_cache;
-#[cfg(any(test, feature = "sim"))]
-pub mod sim;
-mod slots;
+mod sealed;
 mod stats;
 mod store;
-mod store_dir;
-mod striped_map;
 mod sync;
-mod table;
-mod time_floor;
 mod transfer;
 mod types;
 
 pub use clock::{Clock, ManualClock, STORE_TIME_MS_MAX, SystemClock, ms_to_system_time, system_time_to_ms};
 pub use dedupe_store::DedupeStore;
 pub use error::{Error, Result};
-pub use options::{ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy, TTL_MAX};
-pub use permissions::FileAccess;
+pub use io::LOCK_FILE_NAME;
+pub use io::permissions::FileAccess;
+#[cfg(any(test, feature = "sim"))]
+pub use io::sim;
+pub use namespace::{NAMESPACE_NAME_MAX, Namespace, NamespaceStats, namespaced_key, split_namespaced_key};
+pub use options::{ClaimHook, ClaimOptions, Durability, KeyHashFn, Options, OrphanPolicy, TTL_MAX};
+pub use recovery::salvage::{LostRecord, QUARANTINE_DIR_NAME, SalvageOptions, SalvageReport, SalvagedFile};
 pub use recovery::{FileKind, FileReport, VerifyReport};
-pub use salvage::{LostRecord, QUARANTINE_DIR_NAME, SalvageOptions, SalvageReport, SalvagedFile};
 pub use stats::{RecoveryStats, Stats};
-pub use store::Store;
+pub use store::{Advance, KeyHistory, Scan, Store};
 pub use transfer::{ExportedEntry, request_hash};
-pub use types::{Claim, ClaimToken, Completed, Entry, Orphan};
-
-/// Name of the lock file in a store directory.
-pub const LOCK_FILE_NAME: &str = "LOCK";
+pub use types::{Answer, Claim, ClaimEvent, ClaimToken, Completed, Entry, Orphan};
 
 /// Makes a damaged store in `dir` open again, keeping every record that checks out and moving
 /// damaged files to `dir/quarantine/`, and reports exactly what was lost (see
@@ -191,7 +194,7 @@ pub const LOCK_FILE_NAME: &str = "LOCK";
 /// and changes nothing.
 pub fn salvage(dir: impl AsRef<std::path::Path>, options: &SalvageOptions) -> Result<SalvageReport> {
     let defaults = Options::default();
-    salvage::salvage(defaults.io.as_ref(), dir.as_ref(), defaults.segment_bytes_max, options)
+    recovery::salvage::salvage(defaults.io.as_ref(), dir.as_ref(), defaults.segment_bytes_max, options)
 }
 
 /// Internals exposed for fuzz targets and tests (not a stable API).
@@ -199,8 +202,9 @@ pub fn salvage(dir: impl AsRef<std::path::Path>, options: &SalvageOptions) -> Re
 pub mod internals {
     pub use crate::commit::{GroupCommit, Syncer};
     pub use crate::index::place_in_index;
-    pub use crate::record::{DecodeError, HEADER_LEN, Header, Kind, decode, encode};
-    pub use crate::segment::{SEGMENT_HEADER_LEN, SegmentHeader, segment_file_name};
+    pub use crate::log::record::{DecodeError, HEADER_LEN, Header, Kind, checksum_hasher, decode, encode};
+    pub use crate::log::segment::{SEGMENT_HEADER_LEN, SegmentHeader, segment_file_name};
+    pub use crate::sealed::TABLE_EXT;
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
+use crate::io::permissions::FileAccess;
 use crate::io::{Io, RealIo};
-use crate::permissions::FileAccess;
 
 /// The longest TTL a key may have: 10 years. Longer (`Duration::MAX` for "forever", say) is
 /// `Error::InvalidArgument`: expiry times must stay far from the end of the 64-bit clock for
@@ -121,7 +121,15 @@ pub struct Options {
     /// prepared ahead of need). Default true; tests that drive expiry by hand with
     /// `Store::maintain` may turn it off.
     pub background: bool,
+    /// Called after every claim is answered (by `claim`, `claim_with`, `claim_many`, the async
+    /// calls and namespaces), to count or log fresh runs and replays in one place. Runs on the
+    /// caller's thread with no store lock held; it must be quick and must not panic. Default
+    /// none.
+    pub on_claim: Option<ClaimHook>,
 }
+
+/// A function called with each claim's answer (see [`Options::on_claim`]).
+pub type ClaimHook = Arc<dyn Fn(&crate::types::ClaimEvent<'_>) + Send + Sync>;
 
 impl Default for Options {
     fn default() -> Self {
@@ -146,6 +154,7 @@ impl Default for Options {
             key_hash: None,
             create_if_missing: true,
             background: true,
+            on_claim: None,
         }
     }
 }
@@ -169,6 +178,7 @@ impl fmt::Debug for Options {
             .field("create_if_missing", &self.create_if_missing)
             .field("clock", &self.clock)
             .field("io", &self.io)
+            .field("on_claim", &self.on_claim.as_ref().map(|_| "set"))
             .finish_non_exhaustive()
     }
 }

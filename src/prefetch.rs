@@ -4,6 +4,7 @@
 /// Asks the CPU to bring the cache line holding `ptr` into cache. Never faults and never
 /// changes what the program computes: any address, even a dangling one, is allowed.
 #[inline(always)]
+#[allow(unsafe_code, reason = "a CPU hint through an intrinsic, with its SAFETY comment")]
 pub fn prefetch_read(ptr: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: PREFETCHT0 is a hint: it reads nothing into registers, raises no fault for any

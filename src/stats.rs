@@ -8,8 +8,6 @@ use std::sync::atomic::AtomicU64;
 pub(crate) struct Counters {
     pub keys_expired: AtomicU64,
     pub buckets_expired: AtomicU64,
-    pub sync_latency_us_total: AtomicU64,
-    pub sync_latency_us_max: AtomicU64,
     /// Failed background passes (see `Stats::maintenance_errors_total`).
     pub maintenance_errors: AtomicU64,
     /// Maintenance passes failed in a row since the last one that succeeded (a panic counts as
@@ -191,188 +189,10 @@ impl Stats {
                 }
             }
         };
-        family(
-            "idemstore_claims_total",
-            "counter",
-            "Claims by outcome.",
-            &[
-                ("outcome=\"acquired\"", Sample::Count(self.claims_acquired_total)),
-                ("outcome=\"in_progress\"", Sample::Count(self.duplicates_in_progress_total)),
-                ("outcome=\"replayed\"", Sample::Count(self.duplicates_replayed_total)),
-                ("outcome=\"waited\"", Sample::Count(self.duplicates_waited_total)),
-                ("outcome=\"mismatch\"", Sample::Count(self.mismatches_total)),
-            ],
-        );
-        family(
-            "idemstore_takeovers_total",
-            "counter",
-            "Claims taken over from an earlier holder.",
-            &[
-                ("reason=\"lease\"", Sample::Count(self.lease_takeovers_total)),
-                ("reason=\"orphan\"", Sample::Count(self.orphan_takeovers_total)),
-            ],
-        );
-        family(
-            "idemstore_stale_tokens_total",
-            "counter",
-            "Calls refused because their token was stale.",
-            &[("", Sample::Count(self.stale_tokens_total))],
-        );
-        family(
-            "idemstore_operations_total",
-            "counter",
-            "Token and key operations that wrote a record.",
-            &[
-                ("op=\"complete\"", Sample::Count(self.completes_total)),
-                ("op=\"checkpoint\"", Sample::Count(self.checkpoints_total)),
-                ("op=\"release\"", Sample::Count(self.releases_total)),
-                ("op=\"remove\"", Sample::Count(self.removes_total)),
-            ],
-        );
-        family(
-            "idemstore_keys_expired_total",
-            "counter",
-            "Index entries dropped by expiry.",
-            &[("", Sample::Count(self.keys_expired_total))],
-        );
-        family(
-            "idemstore_buckets_expired_total",
-            "counter",
-            "Expiry buckets dropped whole.",
-            &[("", Sample::Count(self.buckets_expired_total))],
-        );
-        family(
-            "idemstore_index_entries",
-            "gauge",
-            "Keys in the in-memory index.",
-            &[("", Sample::Count(self.index_entries))],
-        );
-        family(
-            "idemstore_sealed_tables",
-            "gauge",
-            "Sealed per-segment tables.",
-            &[("", Sample::Count(self.sealed_tables))],
-        );
-        family(
-            "idemstore_sealed_entries",
-            "gauge",
-            "Keys in sealed tables.",
-            &[("", Sample::Count(self.sealed_entries))],
-        );
-        family(
-            "idemstore_sealed_filter_bytes",
-            "gauge",
-            "RAM taken by sealed tables' filters.",
-            &[("", Sample::Count(self.sealed_filter_bytes))],
-        );
-        family("idemstore_segments", "gauge", "Live segment files.", &[("", Sample::Count(self.segments))]);
-        family(
-            "idemstore_open_files",
-            "gauge",
-            "Files held open (descriptors).",
-            &[("", Sample::Count(self.open_files))],
-        );
-        family(
-            "idemstore_appended_bytes_total",
-            "counter",
-            "Bytes of records appended since open.",
-            &[("", Sample::Count(self.appended_bytes_total))],
-        );
-        family(
-            "idemstore_live_bytes",
-            "gauge",
-            "Bytes of latest records in live segments.",
-            &[("", Sample::Count(self.live_bytes))],
-        );
-        family(
-            "idemstore_dead_bytes",
-            "gauge",
-            "Bytes of superseded records in live segments.",
-            &[("", Sample::Count(self.dead_bytes))],
-        );
-        family(
-            "idemstore_disk_bytes",
-            "gauge",
-            "Bytes reserved on disk by segment files.",
-            &[("", Sample::Count(self.disk_bytes))],
-        );
-        family("idemstore_syncs_total", "counter", "fdatasync rounds.", &[("", Sample::Count(self.syncs_total))]);
-        family(
-            "idemstore_synced_records_total",
-            "counter",
-            "Records made durable by syncs.",
-            &[("", Sample::Count(self.synced_records_total))],
-        );
-        family(
-            "idemstore_sync_latency_seconds_total",
-            "counter",
-            "Time spent in syncs, in seconds.",
-            &[("", Sample::Seconds(self.sync_latency_us_total))],
-        );
-        family(
-            "idemstore_sync_latency_seconds_max",
-            "gauge",
-            "Slowest sync since open, in seconds.",
-            &[("", Sample::Seconds(self.sync_latency_us_max))],
-        );
-        family(
-            "idemstore_recovery_records",
-            "gauge",
-            "Records scanned at open.",
-            &[("", Sample::Count(self.recovery.records))],
-        );
-        family(
-            "idemstore_recovery_torn_bytes",
-            "gauge",
-            "Torn tail bytes truncated at open.",
-            &[("", Sample::Count(self.recovery.torn_bytes_truncated))],
-        );
-        family(
-            "idemstore_recovery_duration_seconds",
-            "gauge",
-            "Time the open took, in seconds.",
-            &[("", Sample::Seconds(self.recovery.duration_us))],
-        );
-        family(
-            "idemstore_recovery_scanned_segments",
-            "gauge",
-            "Segments scanned at open, by why they had no usable table.",
-            &[
-                ("reason=\"no_table\"", Sample::Count(self.recovery.segments_scanned_no_table)),
-                ("reason=\"unsealed_tail\"", Sample::Count(self.recovery.segments_scanned_unsealed_tail)),
-                ("reason=\"damaged_table\"", Sample::Count(self.recovery.tables_rebuilt)),
-            ],
-        );
-        family(
-            "idemstore_recovery_tables_loaded",
-            "gauge",
-            "Tables mapped at open instead of scanning their segments.",
-            &[("", Sample::Count(self.recovery.tables_loaded))],
-        );
-        family(
-            "idemstore_recovery_scan_seconds",
-            "gauge",
-            "Time the scan of segments without a table took at open, in seconds.",
-            &[("", Sample::Seconds(self.recovery.scan_us))],
-        );
-        family(
-            "idemstore_warnings",
-            "gauge",
-            "Setup problems that do not stop the store, such as a directory others can read (see idemstore stats).",
-            &[("", Sample::Count(self.warnings.len() as u64))],
-        );
-        family(
-            "idemstore_maintenance_errors_total",
-            "counter",
-            "Failed background maintenance passes (expiry, sealing, time floor, spare segment) and background thread panics.",
-            &[("", Sample::Count(self.maintenance_errors_total))],
-        );
-        family(
-            "idemstore_poisoned",
-            "gauge",
-            "1 when a failed write or sync stopped writes.",
-            &[("", Sample::Count(u64::from(self.poisoned.is_some())))],
-        );
+        for f in FAMILIES {
+            let samples: Vec<(&str, Sample)> = f.samples.iter().map(|(labels, value)| (*labels, value(self))).collect();
+            family(f.name, f.kind, f.help, &samples);
+        }
         if self.read_only {
             family(
                 "idemstore_view_info",
@@ -382,6 +202,196 @@ impl Stats {
             );
         }
         out
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl Stats {
+    /// Sets every figure of the Prometheus text (`to_prometheus`) on the `metrics` facade's
+    /// recorder, under the same names and labels: counters as absolute values, gauges as
+    /// values, durations in seconds (as gauges: the facade's counters hold integers). A store
+    /// with a housekeeping thread does this on each pass (about once a second); call it to
+    /// publish at other times.
+    pub fn record_metrics(&self) {
+        for family in FAMILIES {
+            for (labels, value) in family.samples {
+                let labels = parse_labels(labels);
+                match (family.kind, value(self)) {
+                    ("counter", Sample::Count(n)) => metrics::counter!(family.name, labels).absolute(n),
+                    (_, Sample::Count(n)) => metrics::gauge!(family.name, labels).set(n as f64),
+                    (_, Sample::Seconds(us)) => metrics::gauge!(family.name, labels).set(us as f64 / 1e6),
+                }
+            }
+        }
+    }
+}
+
+/// The labels of a sample (`k="v",k2="v2"`, as the text writes them) as facade labels.
+#[cfg(feature = "metrics")]
+fn parse_labels(labels: &str) -> Vec<metrics::Label> {
+    labels
+        .split(',')
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            Some(metrics::Label::new(key.trim().to_owned(), value.trim().trim_matches('"').to_owned()))
+        })
+        .collect()
+}
+
+/// One Prometheus family: its name, type and help, and its samples (label set, value).
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: &'static [LabeledSample],
+}
+
+/// A sample's label set (empty for none) and how its value is read from `Stats`.
+type LabeledSample = (&'static str, fn(&Stats) -> Sample);
+
+/// Declares every figure of the Prometheus text once: family name, type and help, and for
+/// each sample its labels and the `Stats` field it shows. A sample marked `shard` is also a
+/// counter the store bumps under an index shard's lock: `ShardCounters` gets a field of the
+/// same name as the `Stats` field (so a counter has one name in the code, in `Stats` and, with
+/// its family and label, in the text). The others: `count` shows a field as it is, `seconds`
+/// a duration kept in microseconds, `len` a list's length, `set` 1 when an option holds a value.
+macro_rules! metrics {
+    ($($name:literal $kind:ident $help:literal { $($labels:literal => $how:ident $($field:ident).+,)* })*) => {
+        const FAMILIES: &[Family] = &[$(Family {
+            name: $name,
+            kind: stringify!($kind),
+            help: $help,
+            samples: &[$(($labels, |s: &Stats| metrics!(@sample $how s $($field).+)),)*],
+        },)*];
+        metrics!(@shard [] $($($how $($field).+;)*)*);
+    };
+    (@sample shard $s:ident $($field:ident).+) => { Sample::Count($s.$($field).+) };
+    (@sample count $s:ident $($field:ident).+) => { Sample::Count($s.$($field).+) };
+    (@sample seconds $s:ident $($field:ident).+) => { Sample::Seconds($s.$($field).+) };
+    (@sample len $s:ident $($field:ident).+) => { Sample::Count($s.$($field).+.len() as u64) };
+    (@sample set $s:ident $($field:ident).+) => { Sample::Count(u64::from($s.$($field).+.is_some())) };
+    (@shard [$($acc:ident)*] shard $field:ident; $($rest:tt)*) => { metrics!(@shard [$($acc)* $field] $($rest)*); };
+    (@shard [$($acc:ident)*] $how:ident $($field:ident).+; $($rest:tt)*) => { metrics!(@shard [$($acc)*] $($rest)*); };
+    (@shard [$($field:ident)*]) => {
+        /// Counters bumped under an index shard's lock: plain integers, so threads on
+        /// different shards never fight over a counter's cache line. `Store::stats` sums them
+        /// into the `Stats` fields of the same names.
+        #[derive(Debug, Default, Clone, Copy)]
+        pub(crate) struct ShardCounters {
+            $(pub $field: u64,)*
+        }
+
+        impl ShardCounters {
+            /// Adds `o`'s counts to these.
+            pub fn add(&mut self, o: &ShardCounters) {
+                $(self.$field += o.$field;)*
+            }
+
+            /// Adds these counts to `stats`' fields of the same names.
+            pub fn add_to(&self, stats: &mut Stats) {
+                $(stats.$field += self.$field;)*
+            }
+        }
+    };
+}
+
+metrics! {
+    "idemstore_claims_total" counter "Claims by outcome." {
+        "outcome=\"acquired\"" => shard claims_acquired_total,
+        "outcome=\"in_progress\"" => shard duplicates_in_progress_total,
+        "outcome=\"replayed\"" => shard duplicates_replayed_total,
+        "outcome=\"waited\"" => shard duplicates_waited_total,
+        "outcome=\"mismatch\"" => shard mismatches_total,
+    }
+    "idemstore_takeovers_total" counter "Claims taken over from an earlier holder." {
+        "reason=\"lease\"" => shard lease_takeovers_total,
+        "reason=\"orphan\"" => shard orphan_takeovers_total,
+    }
+    "idemstore_stale_tokens_total" counter "Calls refused because their token was stale." {
+        "" => shard stale_tokens_total,
+    }
+    "idemstore_operations_total" counter "Token and key operations that wrote a record." {
+        "op=\"complete\"" => shard completes_total,
+        "op=\"checkpoint\"" => shard checkpoints_total,
+        "op=\"release\"" => shard releases_total,
+        "op=\"remove\"" => shard removes_total,
+    }
+    "idemstore_keys_expired_total" counter "Index entries dropped by expiry." {
+        "" => shard keys_expired_total,
+    }
+    "idemstore_buckets_expired_total" counter "Expiry buckets dropped whole." {
+        "" => count buckets_expired_total,
+    }
+    "idemstore_index_entries" gauge "Keys in the in-memory index." {
+        "" => count index_entries,
+    }
+    "idemstore_sealed_tables" gauge "Sealed per-segment tables." {
+        "" => count sealed_tables,
+    }
+    "idemstore_sealed_entries" gauge "Keys in sealed tables." {
+        "" => count sealed_entries,
+    }
+    "idemstore_sealed_filter_bytes" gauge "RAM taken by sealed tables' filters." {
+        "" => count sealed_filter_bytes,
+    }
+    "idemstore_segments" gauge "Live segment files." {
+        "" => count segments,
+    }
+    "idemstore_open_files" gauge "Files held open (descriptors)." {
+        "" => count open_files,
+    }
+    "idemstore_appended_bytes_total" counter "Bytes of records appended since open." {
+        "" => count appended_bytes_total,
+    }
+    "idemstore_live_bytes" gauge "Bytes of latest records in live segments." {
+        "" => count live_bytes,
+    }
+    "idemstore_dead_bytes" gauge "Bytes of superseded records in live segments." {
+        "" => count dead_bytes,
+    }
+    "idemstore_disk_bytes" gauge "Bytes reserved on disk by segment files." {
+        "" => count disk_bytes,
+    }
+    "idemstore_syncs_total" counter "fdatasync rounds." {
+        "" => count syncs_total,
+    }
+    "idemstore_synced_records_total" counter "Records made durable by syncs." {
+        "" => count synced_records_total,
+    }
+    "idemstore_sync_latency_seconds_total" counter "Time spent in syncs, in seconds." {
+        "" => seconds sync_latency_us_total,
+    }
+    "idemstore_sync_latency_seconds_max" gauge "Slowest sync since open, in seconds." {
+        "" => seconds sync_latency_us_max,
+    }
+    "idemstore_recovery_records" gauge "Records scanned at open." {
+        "" => count recovery.records,
+    }
+    "idemstore_recovery_torn_bytes" gauge "Torn tail bytes truncated at open." {
+        "" => count recovery.torn_bytes_truncated,
+    }
+    "idemstore_recovery_duration_seconds" gauge "Time the open took, in seconds." {
+        "" => seconds recovery.duration_us,
+    }
+    "idemstore_recovery_scanned_segments" gauge "Segments scanned at open, by why they had no usable table." {
+        "reason=\"no_table\"" => count recovery.segments_scanned_no_table,
+        "reason=\"unsealed_tail\"" => count recovery.segments_scanned_unsealed_tail,
+        "reason=\"damaged_table\"" => count recovery.tables_rebuilt,
+    }
+    "idemstore_recovery_tables_loaded" gauge "Tables mapped at open instead of scanning their segments." {
+        "" => count recovery.tables_loaded,
+    }
+    "idemstore_recovery_scan_seconds" gauge "Time the scan of segments without a table took at open, in seconds." {
+        "" => seconds recovery.scan_us,
+    }
+    "idemstore_warnings" gauge "Setup problems that do not stop the store, such as a directory others can read (see idemstore stats)." {
+        "" => len warnings,
+    }
+    "idemstore_maintenance_errors_total" counter "Failed background maintenance passes (expiry, sealing, time floor, spare segment) and background thread panics." {
+        "" => count maintenance_errors_total,
+    }
+    "idemstore_poisoned" gauge "1 when a failed write or sync stopped writes." {
+        "" => set poisoned,
     }
 }
 

@@ -9,8 +9,9 @@ mod imp {
     pub use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     /// Where threads sleep until woken, on one futex word that every wake bumps: a wake is
-    /// a single `FUTEX_WAKE` system call for all sleepers. Waking each sleeper by its own call
-    /// (parking_lot's per-thread parkers) cost the group-commit leader one call and one
+    /// a single `FUTEX_WAKE` system call for all sleepers, a sleep a `FUTEX_WAIT` that checks
+    /// the word first (both through the `atomic-wait` crate). Waking each sleeper by its own
+    /// call (parking_lot's per-thread parkers) cost the group-commit leader one call and one
     /// cross-CPU interrupt per waiter, between a sync's end and the next batch forming.
     #[derive(Debug)]
     pub struct WaitQueue {
@@ -32,33 +33,15 @@ mod imp {
             if !still_wait() {
                 return;
             }
-            // SAFETY: FUTEX_WAIT reads the u32 at a valid address we own (an atomic that
-            // outlives the call) and returns at once if it no longer holds `seen`; no memory
-            // is written. Errors (EAGAIN, EINTR) are spurious returns, which callers handle.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    self.generation.as_ptr(),
-                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                    seen,
-                    std::ptr::null::<libc::timespec>(),
-                );
-            }
+            // Returns at once if the generation moved on since `seen` (a wake came after the
+            // check); spurious returns are handled by the callers' loops.
+            atomic_wait::wait(&self.generation, seen);
         }
 
         /// Wakes every sleeper (each re-checks what it waits for and may sleep again).
         pub fn wake_all(&self) {
             self.generation.fetch_add(1, Ordering::SeqCst);
-            // SAFETY: FUTEX_WAKE only uses the address as a key to find sleepers; it reads
-            // and writes no memory.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    self.generation.as_ptr(),
-                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                    i32::MAX,
-                );
-            }
+            atomic_wait::wake_all(&self.generation);
         }
     }
 

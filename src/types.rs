@@ -22,6 +22,60 @@ pub enum Claim {
     Mismatch,
 }
 
+impl Claim {
+    /// How the claim was answered, in one word: tells a fresh run from a replay without
+    /// matching every variant (for metrics and logs; see also `Options::on_claim`).
+    pub fn answer(&self) -> Answer {
+        match self {
+            Claim::Acquired(token) if token.recovered() => Answer::Resumed,
+            Claim::Acquired(_) => Answer::Fresh,
+            Claim::Completed(_) => Answer::Replayed,
+            Claim::InProgress { .. } => Answer::InProgress,
+            Claim::Mismatch => Answer::Mismatch,
+        }
+    }
+}
+
+/// How a claim was answered (see [`Claim::answer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Answer {
+    /// Acquired a key nobody held: a fresh run of the effect.
+    Fresh,
+    /// Acquired by taking over a holder that died or whose lease ended: resume from the
+    /// checkpoint.
+    Resumed,
+    /// The stored outcome of an earlier run: a replay.
+    Replayed,
+    /// Another holder runs the effect now.
+    InProgress,
+    /// The key was used with a different request.
+    Mismatch,
+}
+
+impl Answer {
+    /// A stable lowercase name (`fresh`, `resumed`, `replayed`, `in_progress`, `mismatch`),
+    /// for metric labels and log fields.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Answer::Fresh => "fresh",
+            Answer::Resumed => "resumed",
+            Answer::Replayed => "replayed",
+            Answer::InProgress => "in_progress",
+            Answer::Mismatch => "mismatch",
+        }
+    }
+}
+
+/// What `Options::on_claim` is called with: one claim's key and answer, after the answer is
+/// settled (durable under `Sync`), on the caller's thread, with no lock of the store held.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimEvent<'a> {
+    /// The key as stored (a namespaced key with its namespace's prefix).
+    pub key: &'a [u8],
+    /// How it was answered.
+    pub answer: Answer,
+}
+
 /// Proof of holding a claim. Stale once another claim took the key over.
 ///
 /// A token belongs to the store that handed it out: another store refuses it (its ids are
@@ -160,7 +214,12 @@ impl From<&[u8]> for TokenKey {
         if key.len() <= INLINE_KEY_MAX {
             let mut bytes = [0u8; INLINE_KEY_MAX];
             bytes[..key.len()].copy_from_slice(key);
-            TokenKey::Inline { len: key.len() as u8, bytes }
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "at most INLINE_KEY_MAX, which fits a u8 (asserted above)"
+            )]
+            let len = key.len() as u8;
+            TokenKey::Inline { len, bytes }
         } else {
             TokenKey::Boxed(key.into())
         }

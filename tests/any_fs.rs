@@ -193,6 +193,7 @@ impl Drop for FuseMount {
 }
 
 /// Whether `fallocate` with `mode` works on a file in `dir` (errno when refused).
+#[allow(unsafe_code, reason = "a raw fallocate probe, with its SAFETY comment")]
 fn fallocate_works(dir: &Path, mode: i32) -> Result<(), std::io::Error> {
     use std::os::unix::io::AsRawFd;
     let path = dir.join("probe");

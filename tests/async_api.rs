@@ -256,3 +256,26 @@ async fn a_claim_future_dropped_before_it_returns_leaves_the_key_free() {
     assert!(matches!(DedupeStore::claim(&*store, b"k", b"req").await.unwrap(), Claim::InProgress { .. }));
     assert!(!gate.timed_out.load(Ordering::SeqCst));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_claims_are_reported_to_the_claim_hook() {
+    let reported = Arc::new(AtomicUsize::new(0));
+    let clock = ManualClock::new(START_MS);
+    let dir = tempfile::tempdir().unwrap();
+    let counter = Arc::clone(&reported);
+    let options = idemstore::Options {
+        on_claim: Some(Arc::new(move |event: &idemstore::ClaimEvent<'_>| {
+            if event.answer == idemstore::Answer::Replayed {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        })),
+        ..common::options(&clock)
+    };
+    let store = Arc::new(Store::open(dir.path(), options).unwrap());
+    let token = acquired(DedupeStore::claim(&*store, b"k", b"r").await.unwrap());
+    DedupeStore::complete(&*store, &token, b"done").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(DedupeStore::claim(&*store, b"k", b"r").await.unwrap().answer(), idemstore::Answer::Replayed);
+    }
+    assert_eq!(reported.load(Ordering::SeqCst), 3);
+}

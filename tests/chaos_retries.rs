@@ -92,6 +92,7 @@ impl Fault {
 // The service (child process)
 // ---------------------------------------------------------------------------------------------
 
+#[allow(unsafe_code, reason = "SIGKILL to this process, with its SAFETY comment")]
 fn crash_now() -> ! {
     // SAFETY: sending SIGKILL to our own process id has no memory-safety preconditions.
     unsafe {

@@ -162,11 +162,19 @@ fn a_bad_hex_key_is_a_one_line_error() {
 fn list_shows_live_keys_sorted_and_filters_by_prefix_and_state() {
     let dir = fixture();
     let d = path_str(dir.path());
-    let out = idemstore(&["list", d]);
+    let out = idemstore(&["list", d, "--sorted"]);
     assert!(out.status.success(), "stderr: {}", stderr(&out));
     let keys: Vec<String> =
         stdout(&out).lines().map(|l| l.split('\t').next().expect("a key column").to_string()).collect();
     assert_eq!(keys, ["hex:00ff10", "order-1", "order-2", "user-1"]);
+    // Streamed in scan order: the same lines, in an order that is the same on every run.
+    let streamed = idemstore(&["list", d]);
+    let streamed_text = stdout(&streamed);
+    let mut lines: Vec<&str> = streamed_text.lines().collect();
+    let again = idemstore(&["list", d]);
+    assert_eq!(stdout(&again), streamed_text, "the scan order is stable");
+    lines.sort_unstable();
+    assert_eq!(lines, stdout(&out).lines().collect::<Vec<_>>());
     assert!(stdout(&out).contains(&format!("order-1\tcompleted\t{}", "2100-01-02T00:00:00.000Z")), "{}", stdout(&out));
 
     let out = idemstore(&["list", d, "--prefix", "order-"]);
@@ -189,6 +197,34 @@ fn list_shows_live_keys_sorted_and_filters_by_prefix_and_state() {
 
     let out = idemstore(&["list", d, "--state", "bogus"]);
     assert!(!out.status.success());
+}
+
+#[test]
+fn list_dump_and_get_take_a_namespace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(START_MS);
+    let store = Store::open(dir.path(), options(&clock)).expect("open");
+    let payments = store.namespace("payments").expect("namespace");
+    let Claim::Acquired(token) = payments.claim("evt-1", "r").expect("claim") else { panic!("acquired") };
+    payments.complete(&token, "charged").expect("complete");
+    claim_and_complete(&store, b"evt-1", b"r", b"plain");
+    store.close().expect("close");
+    let d = path_str(dir.path());
+
+    let out = idemstore(&["list", d, "--namespace", "payments"]);
+    assert_eq!(stdout(&out).lines().map(|l| l.split('\t').next().unwrap_or("")).collect::<Vec<_>>(), ["evt-1"]);
+    let out = idemstore(&["get", d, "evt-1", "--namespace", "payments"]);
+    assert!(
+        stdout(&out).contains("key         evt-1\n") && stdout(&out).contains("outcome     \"charged\""),
+        "{}",
+        stdout(&out)
+    );
+    let out = idemstore(&["get", d, "evt-1"]);
+    assert!(stdout(&out).contains("outcome     \"plain\""), "{}", stdout(&out));
+    let out = idemstore(&["dump", d, "--namespace", "payments"]);
+    assert!(stdout(&out).contains("evt-1 completed") && stdout(&out).contains("1 live keys"), "{}", stdout(&out));
+    let out = idemstore(&["list", d]);
+    assert_eq!(stdout(&out).lines().count(), 2, "both keys without a namespace filter");
 }
 
 #[test]

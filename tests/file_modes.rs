@@ -81,12 +81,14 @@ fn assert_every_kind_present(files: &BTreeMap<String, u32>) {
 /// Sets the process umask for as long as it lives, and puts the old one back even when an
 /// assertion fails.
 struct Umask(libc::mode_t);
+#[allow(unsafe_code, reason = "umask, with its SAFETY comment")]
 impl Umask {
     fn set(mask: libc::mode_t) -> Umask {
         // SAFETY: umask only swaps the process's file creation mask; no memory is involved.
         Umask(unsafe { libc::umask(mask) })
     }
 }
+#[allow(unsafe_code, reason = "umask, with its SAFETY comment")]
 impl Drop for Umask {
     fn drop(&mut self) {
         // SAFETY: as above.

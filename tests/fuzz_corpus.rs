@@ -1,15 +1,22 @@
-//! Replays the checked-in fuzz inputs through the fuzz target bodies (`idemstore::fuzzing`), so
-//! every crash the fuzzers once found stays fixed and the seeds keep passing without
-//! cargo-fuzz: each file of `fuzz/corpus/<target>/` and, when present,
-//! `fuzz/regressions/<target>/` goes to the matching function. A missing or empty corpus
-//! directory fails the test, so the replay cannot silently check nothing.
+//! Replays the checked-in fuzz inputs through the fuzz target bodies (`fuzz/bodies/`, compiled
+//! in here as they are into the cargo-fuzz targets), so every crash the fuzzers once found
+//! stays fixed and the seeds keep passing without cargo-fuzz: each file of
+//! `fuzz/corpus/<target>/` and, when present, `fuzz/regressions/<target>/` goes to the matching
+//! function. A missing or empty corpus directory fails the test, so the replay cannot silently
+//! check nothing.
 //!
-//! Run with `cargo test --features fuzzing --test fuzz_corpus`.
-#![cfg(feature = "fuzzing")]
+//! Run with `cargo test --test fuzz_corpus`.
 
 use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+
+#[path = "../fuzz/bodies/ops_model.rs"]
+mod ops_model;
+#[path = "../fuzz/bodies/record_decode.rs"]
+mod record_decode;
+#[path = "../fuzz/bodies/recover.rs"]
+mod recover;
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
@@ -61,15 +68,15 @@ fn replay(target: &str, body: fn(&[u8])) {
 
 #[test]
 fn record_decode_corpus_and_regressions_pass() {
-    replay("record_decode", idemstore::fuzzing::record_decode);
+    replay("record_decode", record_decode::record_decode);
 }
 
 #[test]
 fn recover_corpus_and_regressions_pass() {
-    replay("recover", idemstore::fuzzing::recover);
+    replay("recover", recover::recover);
 }
 
 #[test]
 fn ops_model_corpus_and_regressions_pass() {
-    replay("ops_model", idemstore::fuzzing::ops_model);
+    replay("ops_model", ops_model::ops_model);
 }

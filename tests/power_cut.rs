@@ -31,12 +31,10 @@ use std::time::Duration;
 
 use idemstore::io::{DirLock, Io, IoFile};
 use idemstore::sim::SimDisk;
-use idemstore::{
-    Claim, ClaimOptions, ClaimToken, Completed, Durability, Entry, Error, ManualClock, Options, Store,
-    ms_to_system_time,
-};
+use idemstore::{Claim, ClaimOptions, ClaimToken, Durability, Entry, ManualClock, Options, OrphanPolicy, Store};
 
 mod common;
+use common::model::{Finish, Model as Contract, Slot};
 use common::{Rng, START_MS};
 
 const DIR: &str = "/store";
@@ -217,94 +215,25 @@ impl IoFile for CuttingFile {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The model.
+// The model: the contract (`common::model`), and per key the states a power cut may leave.
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Held {
-    token: u64,
-    request: Vec<u8>,
-    checkpoint: Option<Vec<u8>>,
-    claimed_at_ms: u64,
-    lease_until_ms: u64,
-    expires_at_ms: u64,
-    /// Which opening of the store made the claim: an earlier one makes it an orphan.
-    incarnation: u32,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Done {
-    request: Vec<u8>,
-    outcome: Vec<u8>,
-    claimed_at_ms: u64,
-    completed_at_ms: u64,
-    expires_at_ms: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum KeyState {
-    Absent,
-    InFlight(Held),
-    Completed(Done),
-}
-
-impl KeyState {
-    /// The state as a read at `now_ms` sees it: an expired record is absent.
-    fn live(&self, now_ms: u64) -> KeyState {
-        match self {
-            KeyState::InFlight(h) if h.expires_at_ms <= now_ms => KeyState::Absent,
-            KeyState::Completed(d) if d.expires_at_ms <= now_ms => KeyState::Absent,
-            other => other.clone(),
-        }
-    }
-
-    /// What `get` must return for this state.
-    fn entry(&self, now_ms: u64, incarnation: u32) -> Option<Entry> {
-        match self.live(now_ms) {
-            KeyState::Absent => None,
-            KeyState::InFlight(h) => Some(Entry::InFlight {
-                claimed_at: ms_to_system_time(h.claimed_at_ms),
-                lease_expires_at: ms_to_system_time(h.lease_until_ms),
-                expires_at: ms_to_system_time(h.expires_at_ms),
-                checkpoint: h.checkpoint.clone(),
-                orphaned: h.incarnation != incarnation,
-            }),
-            KeyState::Completed(d) => Some(Entry::Completed(d.completed())),
-        }
-    }
-}
-
-impl Done {
-    fn completed(&self) -> Completed {
-        Completed {
-            outcome: self.outcome.clone(),
-            completed_at: ms_to_system_time(self.completed_at_ms),
-            claimed_at: ms_to_system_time(self.claimed_at_ms),
-            expires_at: ms_to_system_time(self.expires_at_ms),
-        }
-    }
-}
-
-/// Per key, the states a power cut may leave: the first is the last acknowledged state, the
-/// others the states after each unacknowledged operation since; the last is the current one.
+/// The contract's current state of every key, and per key the states a power cut may leave:
+/// the first is the last acknowledged state, the others the states after each unacknowledged
+/// operation since; the last is the current one. `None` is absent.
 struct Model {
-    now_ms: u64,
-    incarnation: u32,
-    keys: BTreeMap<Vec<u8>, Vec<KeyState>>,
-    /// Highest token id handed out in this incarnation: new claims get larger ones.
-    last_token: u64,
+    contract: Contract,
+    keys: BTreeMap<Vec<u8>, Vec<Option<Slot>>>,
 }
 
 impl Model {
     fn new() -> Model {
-        let keys = (0..KEYS).map(|k| (key_name(k), vec![KeyState::Absent])).collect();
-        Model { now_ms: START_MS, incarnation: 0, keys, last_token: 0 }
+        let keys = (0..KEYS).map(|k| (key_name(k), vec![None])).collect();
+        Model { contract: Contract::new(START_MS, OrphanPolicy::TakeOver), keys }
     }
 
-    fn current(&self, key: &[u8]) -> KeyState {
-        self.keys[key].last().expect("a key always has a state").live(self.now_ms)
-    }
-
-    fn push(&mut self, key: &[u8], state: KeyState) {
+    /// The last operation changed `key`: its new state is one a power cut may leave.
+    fn changed(&mut self, key: &[u8]) {
+        let state = self.contract.slot(key).cloned();
         self.keys.get_mut(key).expect("known key").push(state);
     }
 
@@ -316,6 +245,16 @@ impl Model {
             states.push(last);
         }
     }
+}
+
+/// What `get` returns for a possible state at `now_ms`, the store being at open `incarnation`.
+fn entry_of(state: &Option<Slot>, now_ms: u64, incarnation: u64) -> Option<Entry> {
+    state.as_ref()?.entry(now_ms, incarnation)
+}
+
+/// A possible state as a read at `now_ms` sees it: an expired record is absent.
+fn live(state: &Option<Slot>, now_ms: u64) -> Option<&Slot> {
+    state.as_ref()?.live(now_ms)
 }
 
 fn key_name(k: u64) -> Vec<u8> {
@@ -384,161 +323,63 @@ fn fail(seed: u64, what: impl std::fmt::Display) -> ! {
     panic!("case seed {seed:#x} (replay with IDEMSTORE_POWER_CUT_SEED={seed}): {what}");
 }
 
-/// Runs `op`; checks its result against the model. Returns the key it changed and the new
-/// state of that key, if it changed one.
-fn run_op(
-    store: &Store,
-    clock: &ManualClock,
-    model: &mut Model,
-    tokens: &mut Vec<ClaimToken>,
-    op: &Op,
-    seed: u64,
-) -> Option<(Vec<u8>, KeyState)> {
-    let now = model.now_ms;
-    let check = |ok: bool, what: &dyn Fn() -> String| {
-        if !ok {
-            fail(seed, what());
-        }
-    };
+/// Runs `op` against the store and the contract, which checks the store's answer; records the
+/// key's new state when the operation changed one.
+fn run_op(store: &Store, clock: &ManualClock, model: &mut Model, tokens: &mut Vec<ClaimToken>, op: &Op, seed: u64) {
+    let contract = &mut model.contract;
     match op {
         Op::Claim { key, request, ttl_ms } => {
             let options = ClaimOptions { ttl: ttl_ms.map(Duration::from_millis), ..Default::default() };
             let got = store.claim_with(key, request, options).unwrap_or_else(|e| fail(seed, format!("{op:?}: {e}")));
             let ttl = ttl_ms.unwrap_or(DAY_MS);
-            let state = model.current(key);
-            let fresh_or_takeover = |checkpoint: Option<Vec<u8>>, expires_floor: u64, previous: u64| match &got {
-                Claim::Acquired(token) => {
-                    check(token.key() == key.as_slice(), &|| format!("{op:?}: token for another key"));
-                    check(token.id() > previous, &|| {
-                        format!("{op:?}: token id {} not above {previous} (fencing)", token.id())
-                    });
-                    check(token.recovered() == (previous != 0 && expires_floor != 0), &|| {
-                        format!("{op:?}: recovered() is {}", token.recovered())
-                    });
-                    check(token.checkpoint() == checkpoint.as_deref(), &|| {
-                        format!("{op:?}: token checkpoint {:?}, model {checkpoint:?}", token.checkpoint())
-                    });
-                    check(token.lease_expires_at() == ms_to_system_time(now + LEASE_MS), &|| {
-                        format!("{op:?}: lease ends {:?}", token.lease_expires_at())
-                    });
-                    Held {
-                        token: token.id(),
-                        request: request.clone(),
-                        checkpoint,
-                        claimed_at_ms: now,
-                        lease_until_ms: now + LEASE_MS,
-                        expires_at_ms: (now + ttl).max(expires_floor),
-                        incarnation: model.incarnation,
-                    }
-                }
-                other => fail(seed, format!("{op:?}: model says Acquired, store says {other:?}")),
-            };
-            let answer = match state {
-                KeyState::Absent => {
-                    let held = fresh_or_takeover(None, 0, model.last_token);
-                    model.last_token = held.token;
-                    tokens.push(match got {
-                        Claim::Acquired(t) => t,
-                        _ => unreachable!(),
-                    });
-                    Some((key.clone(), KeyState::InFlight(held)))
-                }
-                KeyState::InFlight(h) if h.request != *request => {
-                    check(got == Claim::Mismatch, &|| format!("{op:?}: model says Mismatch, store says {got:?}"));
-                    None
-                }
-                KeyState::InFlight(h) if h.incarnation != model.incarnation || now >= h.lease_until_ms => {
-                    let held = fresh_or_takeover(h.checkpoint.clone(), h.expires_at_ms, h.token.max(model.last_token));
-                    model.last_token = held.token;
-                    tokens.push(match got {
-                        Claim::Acquired(t) => t,
-                        _ => unreachable!(),
-                    });
-                    Some((key.clone(), KeyState::InFlight(held)))
-                }
-                KeyState::InFlight(h) => {
-                    let want = Claim::InProgress { lease_expires_at: ms_to_system_time(h.lease_until_ms) };
-                    check(got == want, &|| format!("{op:?}: model says {want:?}, store says {got:?}"));
-                    None
-                }
-                KeyState::Completed(d) if d.request != *request => {
-                    check(got == Claim::Mismatch, &|| format!("{op:?}: model says Mismatch, store says {got:?}"));
-                    None
-                }
-                KeyState::Completed(d) => {
-                    let want = Claim::Completed(d.completed());
-                    check(got == want, &|| format!("{op:?}: model says {want:?}, store says {got:?}"));
-                    None
-                }
-            };
-            if answer.is_some() {
+            contract
+                .claim(key, request, ttl, LEASE_MS, &got)
+                .unwrap_or_else(|why| fail(seed, format!("{op:?}: {why}")));
+            if let Claim::Acquired(token) = got {
+                tokens.push(token);
+                model.changed(key);
                 // An acquire takes a millisecond, so that no two holdings of a key read the same.
                 clock.advance(Duration::from_millis(1));
-                model.now_ms += 1;
+                model.contract.advance(1);
             }
-            answer
         }
         Op::Complete { token, .. } | Op::Checkpoint { token, .. } | Op::Release { token } => {
             let token = &tokens[*token];
-            let key = token.key().to_vec();
-            let held = match model.current(&key) {
-                KeyState::InFlight(h) if h.token == token.id() => Some(h),
-                _ => None,
+            let (what, result) = match op {
+                Op::Complete { outcome, .. } => (Finish::Complete(outcome.clone()), store.complete(token, outcome)),
+                Op::Checkpoint { phase, .. } => (Finish::Checkpoint(phase.clone()), store.checkpoint(token, phase)),
+                _ => (Finish::Release, store.release(token)),
             };
-            let result = match op {
-                Op::Complete { outcome, .. } => store.complete(token, outcome),
-                Op::Checkpoint { phase, .. } => store.checkpoint(token, phase),
-                _ => store.release(token),
-            };
-            match (held, result) {
-                (None, Err(Error::StaleToken)) => None,
-                (Some(h), Ok(())) => {
-                    let next = match op {
-                        Op::Complete { outcome, .. } => KeyState::Completed(Done {
-                            request: h.request,
-                            outcome: outcome.clone(),
-                            claimed_at_ms: h.claimed_at_ms,
-                            completed_at_ms: now,
-                            expires_at_ms: h.expires_at_ms,
-                        }),
-                        Op::Checkpoint { phase, .. } => KeyState::InFlight(Held {
-                            checkpoint: Some(phase.clone()),
-                            lease_until_ms: now + LEASE_MS,
-                            ..h
-                        }),
-                        _ => KeyState::Absent,
-                    };
-                    Some((key, next))
-                }
-                (held, result) => {
-                    fail(seed, format!("{op:?} on token {}: model holder {held:?}, store says {result:?}", token.id()))
-                }
+            let changed = contract
+                .finish(token, what, &result)
+                .unwrap_or_else(|why| fail(seed, format!("{op:?} on token {}: {why}", token.id())));
+            if changed {
+                model.changed(token.key());
             }
         }
         Op::Remove { key } => {
             store.remove(key).unwrap_or_else(|e| fail(seed, format!("{op:?}: {e}")));
-            (model.current(key) != KeyState::Absent).then(|| (key.clone(), KeyState::Absent))
+            if contract.remove(key) {
+                model.changed(key);
+            }
         }
         Op::Advance { ms } => {
             clock.advance(Duration::from_millis(*ms));
-            model.now_ms += ms;
-            None
+            contract.advance(*ms);
         }
         Op::Maintain => {
             store.maintain().unwrap_or_else(|e| fail(seed, format!("{op:?}: {e}")));
-            None
         }
         Op::Sync => {
             store.sync().unwrap_or_else(|e| fail(seed, format!("{op:?}: {e}")));
-            None
         }
     }
 }
 
-/// The live store agrees with the model's current state for every key.
+/// The live store agrees with the contract's current state for every key.
 fn check_live(store: &Store, model: &Model, seed: u64, after: &Op) {
-    for (key, states) in &model.keys {
-        let want = states.last().expect("state").entry(model.now_ms, model.incarnation);
+    for key in model.keys.keys() {
+        let want = model.contract.entry(key);
         let got = store.get(key).unwrap_or_else(|e| fail(seed, format!("get after {after:?}: {e}")));
         if got != want {
             fail(seed, format!("after {after:?}, key {:?}: live store {got:?}, model {want:?}", lossy(key)));
@@ -553,11 +394,11 @@ fn lossy(key: &[u8]) -> String {
 /// After a reopen: every key is in one of the states the model allows; the model keeps the one
 /// found. Also, `orphans()` lists exactly the in-flight keys, with their checkpoints.
 fn check_recovered(store: &Store, model: &mut Model, seed: u64, tally: &mut Tally) {
-    let now = model.now_ms;
-    let incarnation = model.incarnation;
+    let now = model.contract.now_ms;
+    let incarnation = model.contract.incarnation;
     for (key, states) in model.keys.iter_mut() {
         let got = store.get(key).unwrap_or_else(|e| fail(seed, format!("get after reopen: {e}")));
-        let matching: Vec<&KeyState> = states.iter().filter(|s| s.entry(now, incarnation) == got).collect();
+        let matching: Vec<&Option<Slot>> = states.iter().filter(|s| entry_of(s, now, incarnation) == got).collect();
         let Some(found) = matching.last().map(|s| (*s).clone()) else {
             fail(
                 seed,
@@ -569,10 +410,10 @@ fn check_recovered(store: &Store, model: &mut Model, seed: u64, tally: &mut Tall
         };
         // Every acquire moves the clock, so two holdings never read the same: the states that
         // match are one and the same (or all absent).
-        if matching.iter().any(|s| s.live(now) != found.live(now)) {
+        if matching.iter().any(|s| live(s, now) != live(&found, now)) {
             fail(seed, format!("test design: key {:?} matches different states {matching:#?}", lossy(key)));
         }
-        let latest = states.last().expect("state").entry(now, incarnation);
+        let latest = entry_of(states.last().expect("state"), now, incarnation);
         if std::env::var_os("IDEMSTORE_POWER_CUT_SEED").is_some() {
             println!(
                 "recovered {}: {got:?} (matches {} of {} allowed states)",
@@ -588,23 +429,11 @@ fn check_recovered(store: &Store, model: &mut Model, seed: u64, tally: &mut Tall
                 tally.unacknowledged_lost += 1;
             }
         }
+        model.contract.restore(key, found.clone());
         *states = vec![found];
     }
-    let mut orphans: Vec<(Vec<u8>, Option<Vec<u8>>)> = store
-        .orphans()
-        .unwrap_or_else(|e| fail(seed, format!("orphans after reopen: {e}")))
-        .into_iter()
-        .map(|o| (o.key, o.checkpoint))
-        .collect();
-    orphans.sort();
-    let want: Vec<(Vec<u8>, Option<Vec<u8>>)> = model
-        .keys
-        .iter()
-        .filter_map(|(k, s)| match s[0].live(now) {
-            KeyState::InFlight(h) => Some((k.clone(), h.checkpoint)),
-            _ => None,
-        })
-        .collect();
+    let orphans = store.orphans().unwrap_or_else(|e| fail(seed, format!("orphans after reopen: {e}")));
+    let want = model.contract.orphans();
     if orphans != want {
         fail(seed, format!("orphans after reopen: store {orphans:?}, model {want:?}"));
     }
@@ -711,8 +540,7 @@ fn run_case(mode: Mode, seed: u64, rounds: u32, tally: &mut Tally) {
             let store = Store::open(DIR, options(mode, &clock, &plan))
                 .unwrap_or_else(|e| fail(seed, format!("open after a power cut (round {round}): {e}")));
             if !plan.fired() && round > 0 {
-                model.incarnation += 1;
-                model.last_token = 0;
+                model.contract.reopen();
                 // Reads write too: under `Sync` an answer makes the store's time durable first
                 // (the TIME file), so the cut may fall in this check; then it is a cut like one
                 // during recovery, and the image it left is opened again.
@@ -731,18 +559,15 @@ fn run_case(mode: Mode, seed: u64, rounds: u32, tally: &mut Tally) {
         if round > 0 {
             // A step of the clock, so that a takeover is told apart from the claim it replaces.
             clock.advance(Duration::from_millis(1));
-            model.now_ms += 1;
+            model.contract.advance(1);
         }
         for _ in 0..ops {
             let op = random_op(&mut rng, tokens.len(), mode == Mode::Periodic);
             let cut_before = plan.fired();
             if trace {
-                println!("round {round} t={} {op:?}", model.now_ms - START_MS);
+                println!("round {round} t={} {op:?}", model.contract.now_ms - START_MS);
             }
-            let change = run_op(&store, &clock, &mut model, &mut tokens, &op, seed);
-            if let Some((key, state)) = change {
-                model.push(&key, state);
-            }
+            run_op(&store, &clock, &mut model, &mut tokens, &op, seed);
             check_live(&store, &model, seed, &op);
             if mode == Mode::Sync {
                 let stats = store.stats();
@@ -790,7 +615,7 @@ fn run_case(mode: Mode, seed: u64, rounds: u32, tally: &mut Tally) {
     let plan = CutPlan::new(disk, Cut::SyncedOnly, 0);
     let store = Store::open(DIR, options(mode, &clock, &plan))
         .unwrap_or_else(|e| fail(seed, format!("final open after a power cut: {e}")));
-    model.incarnation += 1;
+    model.contract.reopen();
     check_recovered(&store, &mut model, seed, tally);
 }
 

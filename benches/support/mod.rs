@@ -74,6 +74,7 @@ pub fn allocated_bytes(dir: &Path) -> u64 {
 
 /// Gives the allocator's cached free memory back to the OS (glibc only; elsewhere a no-op), so
 /// RSS shows what is still allocated.
+#[allow(unsafe_code, reason = "malloc_trim, with its SAFETY comment")]
 pub fn trim_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes a plain integer and only releases free heap memory.

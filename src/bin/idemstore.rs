@@ -73,6 +73,9 @@ enum Command {
         dir: PathBuf,
         /// The key, as text or as `hex:<hex digits>`.
         key: String,
+        /// The namespace the key belongs to (`Store::namespace`).
+        #[arg(long)]
+        namespace: Option<String>,
         /// Show the outcome and checkpoint in hex even when they are UTF-8 text.
         #[arg(long)]
         hex: bool,
@@ -84,10 +87,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Every live key, one per line: key, state, expiry (tab-separated), sorted by key.
+    /// Every live key, one per line: key, state, expiry (tab-separated).
+    ///
+    /// Keys stream out in the store's scan order (its index's hash order, the same on every
+    /// run), holding little in memory however large the store; `--sorted` sorts by key, which
+    /// holds every key in memory first.
     List {
         /// The store directory.
         dir: PathBuf,
+        /// Only the keys of this namespace (`Store::namespace`), shown without its prefix.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Sort by key (holds the whole list in memory).
+        #[arg(long)]
+        sorted: bool,
         /// Only keys starting with this prefix (text or `hex:<hex digits>`).
         #[arg(long)]
         prefix: Option<String>,
@@ -101,10 +114,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Every live key with its full entry (outcome, checkpoint, times), sorted by key.
+    /// Every live key with its full entry (outcome, checkpoint, times), in scan order (see
+    /// `list`), streamed.
     Dump {
         /// The store directory.
         dir: PathBuf,
+        /// Only the keys of this namespace, shown without its prefix.
+        #[arg(long)]
+        namespace: Option<String>,
         /// Print a JSON array (times in ms; byte strings as text when UTF-8, always also as hex).
         #[arg(long)]
         json: bool,
@@ -219,9 +236,16 @@ fn run(command: Command, out: &mut impl Write) -> CliResult {
             };
             stats(&dir, format, access(group_readable), out)
         }
-        Command::Get { dir, key, hex, ms, json } => get(&dir, &key, Show { hex, ms }, json, out),
-        Command::List { dir, prefix, state, ms, json } => list(&dir, prefix.as_deref(), state, ms, json, out),
-        Command::Dump { dir, json, hex, ms } => dump(&dir, json, Show { hex, ms }, out),
+        Command::Get { dir, key, namespace, hex, ms, json } => {
+            get(&dir, &key, namespace.as_deref(), Show { hex, ms }, json, out)
+        }
+        Command::List { dir, namespace, sorted, prefix, state, ms, json } => {
+            let filter = ListFilter { namespace: namespace.as_deref(), prefix: prefix.as_deref(), state, sorted };
+            list(&dir, &filter, ms, json, out)
+        }
+        Command::Dump { dir, namespace, json, hex, ms } => {
+            dump(&dir, namespace.as_deref(), json, Show { hex, ms }, out)
+        }
         Command::Verify { dir, group_readable } => verify(&dir, access(group_readable), out),
         Command::Remove { dir, key, group_readable } => remove(&dir, &key, access(group_readable), out),
         Command::Salvage { dir, dry_run } => salvage(&dir, dry_run, out),
@@ -320,10 +344,14 @@ fn stats(dir: &Path, format: StatsFormat, access: FileAccess, out: &mut impl Wri
     Ok(ExitCode::SUCCESS)
 }
 
-fn get(dir: &Path, key_arg: &str, show: Show, json: bool, out: &mut impl Write) -> CliResult {
+fn get(dir: &Path, key_arg: &str, namespace: Option<&str>, show: Show, json: bool, out: &mut impl Write) -> CliResult {
     let key = parse_key(key_arg)?;
+    let stored_key = match namespace {
+        Some(name) => idemstore::namespaced_key(name, &key)?,
+        None => key.clone(),
+    };
     let store = open_view(dir)?;
-    let entry = store.get(&key)?;
+    let entry = store.get(&stored_key)?;
     if json {
         let mut obj = Map::new();
         bytes_fields(&mut obj, "key", &key);
@@ -361,52 +389,89 @@ fn get(dir: &Path, key_arg: &str, show: Show, json: bool, out: &mut impl Write) 
     Ok(ExitCode::SUCCESS)
 }
 
-fn list(
-    dir: &Path,
-    prefix: Option<&str>,
+/// What `list` shows: a namespace's keys, a prefix, a state, and in what order.
+struct ListFilter<'a> {
+    namespace: Option<&'a str>,
+    prefix: Option<&'a str>,
     state: Option<StateFilter>,
-    ms: bool,
-    json: bool,
-    out: &mut impl Write,
-) -> CliResult {
-    let prefix = prefix.map(parse_prefix).transpose()?;
+    sorted: bool,
+}
+
+/// The scan prefix of a namespace's keys (empty without one), and how many bytes of each key
+/// it is (stripped when shown).
+fn namespace_prefix(namespace: Option<&str>) -> Result<Vec<u8>, Failure> {
+    Ok(match namespace {
+        Some(name) => idemstore::namespaced_key(name, b"")?,
+        None => Vec::new(),
+    })
+}
+
+/// Every live key of the namespace beginning with `prefix`, streamed in scan order.
+fn scan_keys<'a>(
+    store: &'a Store,
+    namespace: Option<&str>,
+    prefix: &[u8],
+) -> Result<impl Iterator<Item = idemstore::Result<(Vec<u8>, Entry)>> + 'a, Failure> {
+    let mut full = namespace_prefix(namespace)?;
+    let strip = full.len();
+    full.extend_from_slice(prefix);
+    Ok(store.scan(full).map(move |item| item.map(|(key, entry)| (key[strip..].to_vec(), entry))))
+}
+
+fn list(dir: &Path, filter: &ListFilter<'_>, ms: bool, json: bool, out: &mut impl Write) -> CliResult {
+    let prefix = filter.prefix.map(parse_prefix).transpose()?.unwrap_or_default();
     let store = open_view(dir)?;
-    for (key, entry) in store.keys()? {
-        if prefix.as_ref().is_some_and(|p| !key.starts_with(p)) {
-            continue;
-        }
-        if state.is_some_and(|wanted| state_of(&entry) != wanted) {
-            continue;
+    let mut show = |key: &[u8], entry: &Entry| -> CliResult {
+        if filter.state.is_some_and(|wanted| state_of(entry) != wanted) {
+            return Ok(ExitCode::SUCCESS);
         }
         if json {
             let mut obj = Map::new();
-            bytes_fields(&mut obj, "key", &key);
-            obj.insert("state".into(), state_name(&entry).into());
-            time_fields(&mut obj, "expires_at", expires_at(&entry));
+            bytes_fields(&mut obj, "key", key);
+            obj.insert("state".into(), state_name(entry).into());
+            time_fields(&mut obj, "expires_at", expires_at(entry));
             writeln!(out, "{}", Value::Object(obj))?;
-            continue;
+        } else {
+            writeln!(out, "{}\t{}\t{}", display_key(key), state_name(entry), display_time(expires_at(entry), ms))?;
         }
-        writeln!(out, "{}\t{}\t{}", display_key(&key), state_name(&entry), display_time(expires_at(&entry), ms))?;
+        Ok(ExitCode::SUCCESS)
+    };
+    let keys = scan_keys(&store, filter.namespace, &prefix)?;
+    if filter.sorted {
+        let mut all = keys.collect::<idemstore::Result<Vec<_>>>()?;
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, entry) in &all {
+            show(key, entry)?;
+        }
+    } else {
+        for item in keys {
+            let (key, entry) = item?;
+            show(&key, &entry)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn dump(dir: &Path, json: bool, show: Show, out: &mut impl Write) -> CliResult {
+fn dump(dir: &Path, namespace: Option<&str>, json: bool, show: Show, out: &mut impl Write) -> CliResult {
     let store = open_view(dir)?;
-    let keys = store.keys()?;
+    let mut count = 0u64;
     if json {
         writeln!(out, "[")?;
-        let last = keys.len().saturating_sub(1);
-        for (i, (key, entry)) in keys.iter().enumerate() {
-            let comma = if i == last { "" } else { "," };
-            writeln!(out, "{}{comma}", json_entry(key, entry))?;
+        for item in scan_keys(&store, namespace, b"")? {
+            let (key, entry) = item?;
+            let comma = if count == 0 { "" } else { "," };
+            // The separator goes before each entry after the first: the stream's last entry is
+            // not known until it has been written.
+            write!(out, "{comma}\n{}", json_entry(&key, &entry))?;
+            count += 1;
         }
-        writeln!(out, "]")?;
+        writeln!(out, "{}]", if count == 0 { "" } else { "\n" })?;
         return Ok(ExitCode::SUCCESS);
     }
-    for (key, entry) in &keys {
-        let mut line = format!("{} {}", display_key(key), state_name(entry));
-        match entry {
+    for item in scan_keys(&store, namespace, b"")? {
+        let (key, entry) = item?;
+        let mut line = format!("{} {}", display_key(&key), state_name(&entry));
+        match &entry {
             Entry::Completed(done) => {
                 let _ = write!(
                     line,
@@ -431,8 +496,9 @@ fn dump(dir: &Path, json: bool, show: Show, out: &mut impl Write) -> CliResult {
             }
         }
         writeln!(out, "{line}")?;
+        count += 1;
     }
-    writeln!(out, "{} live keys", keys.len())?;
+    writeln!(out, "{count} live keys")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -610,35 +676,18 @@ fn parse_key(arg: &str) -> Result<Vec<u8>, Failure> {
 
 fn parse_prefix(arg: &str) -> Result<Vec<u8>, Failure> {
     match arg.strip_prefix("hex:") {
-        Some(digits) => decode_hex(digits).ok_or_else(|| {
+        Some(digits) => hex::decode(digits).map_err(|_| {
             Failure::new(format!("{arg:?} is not valid hex: give an even number of digits 0-9, a-f after `hex:`"))
         }),
         None => Ok(arg.as_bytes().to_vec()),
     }
 }
 
-fn decode_hex(digits: &str) -> Option<Vec<u8>> {
-    let digits = digits.as_bytes();
-    if !digits.len().is_multiple_of(2) {
-        return None;
-    }
-    let nibble = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
-    digits.chunks_exact(2).map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?)).collect()
-}
-
-fn encode_hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
 /// A key as the command line takes it back: text when printable and unambiguous, else `hex:`.
 fn display_key(key: &[u8]) -> String {
     match std::str::from_utf8(key) {
         Ok(text) if !text.starts_with("hex:") && !text.chars().any(char::is_control) => text.to_string(),
-        _ => format!("hex:{}", encode_hex(key)),
+        _ => format!("hex:{}", hex::encode(key)),
     }
 }
 
@@ -646,41 +695,24 @@ fn display_key(key: &[u8]) -> String {
 fn display_bytes(bytes: &[u8], force_hex: bool) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text) if !force_hex => format!("{text:?}"),
-        _ => format!("hex:{}", encode_hex(bytes)),
+        _ => format!("hex:{}", hex::encode(bytes)),
     }
 }
 
 /// A time as UTC `YYYY-MM-DDTHH:MM:SS.mmmZ`, or as milliseconds since the epoch.
 fn display_time(t: SystemTime, ms: bool) -> String {
-    let millis = system_time_to_ms(t);
-    if ms { millis.to_string() } else { rfc3339_utc(millis) }
+    if ms { system_time_to_ms(t).to_string() } else { rfc3339_utc(t) }
 }
 
-fn rfc3339_utc(millis: u64) -> String {
-    let secs = millis / 1000;
-    let (days, day_secs) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        day_secs / 3600,
-        day_secs / 60 % 60,
-        day_secs % 60,
-        millis % 1000
-    )
-}
-
-/// (year, month, day) of the `days`-th day after 1970-01-01 (H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+/// RFC 3339, UTC, with milliseconds (`2023-11-14T22:13:20.000Z`). A time RFC 3339 cannot write
+/// (past the year 9999: only a damaged record can hold one) is shown as its milliseconds since
+/// the epoch instead of failing the command.
+fn rfc3339_utc(t: SystemTime) -> String {
+    let mut text = String::new();
+    match write!(text, "{}", humantime::format_rfc3339_millis(t)) {
+        Ok(()) => text,
+        Err(_) => system_time_to_ms(t).to_string(),
+    }
 }
 
 /// Sets `"<name>_hex"`, and `"<name>"` when the bytes are UTF-8 text (JSON strings hold text
@@ -689,14 +721,13 @@ fn bytes_fields(obj: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
     if let Ok(text) = std::str::from_utf8(bytes) {
         obj.insert(name.into(), text.into());
     }
-    obj.insert(format!("{name}_hex"), encode_hex(bytes).into());
+    obj.insert(format!("{name}_hex"), hex::encode(bytes).into());
 }
 
 /// Sets `"<name>_ms"` (ms since the Unix epoch) and `"<name>"` (RFC 3339, UTC).
 fn time_fields(obj: &mut Map<String, Value>, name: &str, t: SystemTime) {
-    let millis = system_time_to_ms(t);
-    obj.insert(format!("{name}_ms"), millis.into());
-    obj.insert(name.into(), rfc3339_utc(millis).into());
+    obj.insert(format!("{name}_ms"), system_time_to_ms(t).into());
+    obj.insert(name.into(), rfc3339_utc(t).into());
 }
 
 /// A present key's state, outcome or checkpoint, and times.
@@ -762,72 +793,33 @@ fn stats_json(dir: &Path, stats: &Stats) -> Value {
     })
 }
 
-/// One key's entry as a JSON object. Byte strings appear as `"<name>_hex"` always and as
-/// `"<name>"` text when they are UTF-8.
+/// One key's entry as a JSON object for `dump --json`: byte strings as `"<name>_hex"` always
+/// and as `"<name>"` text when they are UTF-8, times in ms only.
 fn json_entry(key: &[u8], entry: &Entry) -> String {
-    let mut obj = String::from("{");
-    json_bytes_field(&mut obj, "key", key);
-    let _ = write!(obj, ",\"state\":\"{}\"", state_name(entry));
+    let mut obj = Map::new();
+    bytes_fields(&mut obj, "key", key);
+    obj.insert("state".into(), state_name(entry).into());
     match entry {
         Entry::Completed(done) => {
-            let _ = write!(
-                obj,
-                ",\"claimed_at_ms\":{},\"completed_at_ms\":{},\"expires_at_ms\":{},",
-                system_time_to_ms(done.claimed_at),
-                system_time_to_ms(done.completed_at),
-                system_time_to_ms(done.expires_at)
-            );
-            json_bytes_field(&mut obj, "outcome", &done.outcome);
+            obj.insert("claimed_at_ms".into(), system_time_to_ms(done.claimed_at).into());
+            obj.insert("completed_at_ms".into(), system_time_to_ms(done.completed_at).into());
+            obj.insert("expires_at_ms".into(), system_time_to_ms(done.expires_at).into());
+            bytes_fields(&mut obj, "outcome", &done.outcome);
         }
         Entry::InFlight { claimed_at, lease_expires_at, expires_at, checkpoint, orphaned } => {
-            let _ = write!(
-                obj,
-                ",\"claimed_at_ms\":{},\"lease_until_ms\":{},\"expires_at_ms\":{},\"orphaned\":{orphaned}",
-                system_time_to_ms(*claimed_at),
-                system_time_to_ms(*lease_expires_at),
-                system_time_to_ms(*expires_at)
-            );
+            obj.insert("claimed_at_ms".into(), system_time_to_ms(*claimed_at).into());
+            obj.insert("lease_until_ms".into(), system_time_to_ms(*lease_expires_at).into());
+            obj.insert("expires_at_ms".into(), system_time_to_ms(*expires_at).into());
+            obj.insert("orphaned".into(), (*orphaned).into());
             match checkpoint {
-                Some(checkpoint) => {
-                    obj.push(',');
-                    json_bytes_field(&mut obj, "checkpoint", checkpoint);
+                Some(checkpoint) => bytes_fields(&mut obj, "checkpoint", checkpoint),
+                None => {
+                    obj.insert("checkpoint".into(), Value::Null);
                 }
-                None => obj.push_str(",\"checkpoint\":null"),
             }
         }
     }
-    obj.push('}');
-    obj
-}
-
-fn json_bytes_field(obj: &mut String, name: &str, bytes: &[u8]) {
-    if let Ok(text) = std::str::from_utf8(bytes) {
-        let _ = write!(obj, "\"{name}\":");
-        json_string(obj, text);
-        obj.push(',');
-    }
-    let _ = write!(obj, "\"{name}_hex\":\"{}\"", encode_hex(bytes));
-}
-
-/// Appends `text` as a JSON string literal (RFC 8259 escaping).
-fn json_string(obj: &mut String, text: &str) {
-    obj.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => obj.push_str("\\\""),
-            '\\' => obj.push_str("\\\\"),
-            '\n' => obj.push_str("\\n"),
-            '\r' => obj.push_str("\\r"),
-            '\t' => obj.push_str("\\t"),
-            '\u{08}' => obj.push_str("\\b"),
-            '\u{0c}' => obj.push_str("\\f"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(obj, "\\u{:04x}", u32::from(c));
-            }
-            c => obj.push(c),
-        }
-    }
-    obj.push('"');
+    Value::Object(obj).to_string()
 }
 
 #[cfg(test)]
@@ -836,10 +828,13 @@ mod tests {
 
     #[test]
     fn dates_are_utc_civil_dates() {
-        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00.000Z");
+        let at = idemstore::ms_to_system_time;
+        assert_eq!(rfc3339_utc(at(0)), "1970-01-01T00:00:00.000Z");
         // 2000-02-29 (a leap day) 12:34:56.789 UTC.
-        assert_eq!(rfc3339_utc(951_827_696_789), "2000-02-29T12:34:56.789Z");
-        assert_eq!(rfc3339_utc(1_700_000_000_000), "2023-11-14T22:13:20.000Z");
+        assert_eq!(rfc3339_utc(at(951_827_696_789)), "2000-02-29T12:34:56.789Z");
+        assert_eq!(rfc3339_utc(at(1_700_000_000_000)), "2023-11-14T22:13:20.000Z");
+        // Past the year 9999 (a damaged record): milliseconds, not a failed command.
+        assert_eq!(rfc3339_utc(at(253_402_300_800_000)), "253402300800000");
     }
 
     #[test]
@@ -857,8 +852,16 @@ mod tests {
 
     #[test]
     fn json_strings_escape_quotes_backslashes_and_controls() {
-        let mut s = String::new();
-        json_string(&mut s, "a\"b\\c\nd\u{1}é");
-        assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
+        let entry = Entry::InFlight {
+            claimed_at: SystemTime::UNIX_EPOCH,
+            lease_expires_at: SystemTime::UNIX_EPOCH,
+            expires_at: SystemTime::UNIX_EPOCH,
+            checkpoint: None,
+            orphaned: false,
+        };
+        let line = json_entry("a\"b\\c\nd\u{1}é".as_bytes(), &entry);
+        assert!(line.contains(r#""key":"a\"b\\c\nd\u0001é""#), "{line}");
+        let parsed: Value = serde_json::from_str(&line).expect("valid JSON");
+        assert_eq!(parsed["key"], "a\"b\\c\nd\u{1}é");
     }
 }

@@ -1,10 +1,11 @@
 //! Export and import of a window (`Store::export_entries`, `Store::import_entry`): each live
 //! key's latest state with its request hash, written into another store or backend.
 
-use super::{Current, Inner, Store, completed_from};
+use super::lookup::{Current, completed_from};
+use super::{Inner, Store};
 use crate::clock::{duration_to_ms, ms_to_system_time, system_time_to_ms};
 use crate::error::{Error, Result};
-use crate::record::{Header, Kind};
+use crate::log::record::{Header, Kind};
 use crate::transfer::ExportedEntry;
 use crate::types::Entry;
 

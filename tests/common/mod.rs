@@ -1,9 +1,11 @@
 //! Helpers shared by the integration tests: the usual test `Options` (a `ManualClock`, no fsync,
 //! no housekeeping thread), opening a store, unwrapping an acquired claim, reading a store
-//! directory, and a small deterministic generator. Each test file pulls it in with `mod common;`
-//! and uses only what it needs.
+//! directory, a small deterministic generator, and the model of the contract (`model`). Each
+//! test file pulls it in with `mod common;` and uses only what it needs.
 
 #![allow(dead_code)]
+
+pub mod model;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
