@@ -145,3 +145,96 @@ impl ReplayCache {
         self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).map.len()).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    fn done(outcome: &[u8]) -> Completed {
+        Completed {
+            outcome: outcome.to_vec(),
+            completed_at: UNIX_EPOCH + Duration::from_secs(2),
+            claimed_at: UNIX_EPOCH + Duration::from_secs(1),
+            expires_at: UNIX_EPOCH + Duration::from_secs(100),
+        }
+    }
+
+    #[test]
+    fn a_cached_key_replays_for_its_request_and_mismatches_for_another() {
+        let cache = ReplayCache::new(ReplayCacheLimits::default());
+        cache.insert(b"k", 7, done(b"out"), 100_000, 0);
+        assert!(matches!(cache.lookup(b"k", 7, 0, 1_000), Some(Cached::Replay(d)) if d.outcome == b"out"));
+        assert!(matches!(cache.lookup(b"k", 8, 0, 1_000), Some(Cached::Mismatch)));
+        assert!(cache.lookup(b"other", 7, 0, 1_000).is_none());
+        assert_eq!((cache.hits.load(Ordering::Relaxed), cache.misses.load(Ordering::Relaxed)), (2, 1));
+    }
+
+    #[test]
+    fn an_entry_is_not_answered_within_the_margin_of_its_expiry() {
+        let cache = ReplayCache::new(ReplayCacheLimits::default());
+        cache.insert(b"k", 7, done(b"out"), 10_000, 0);
+        assert!(cache.lookup(b"k", 7, 8_999, 1_000).is_some());
+        assert!(cache.lookup(b"k", 7, 9_000, 1_000).is_none(), "expiring within the margin: ask the database");
+        assert!(cache.lookup(b"k", 7, 10_000, 0).is_none(), "expired");
+    }
+
+    #[test]
+    fn invalidate_forgets_a_key() {
+        let cache = ReplayCache::new(ReplayCacheLimits::default());
+        cache.insert(b"k", 7, done(b"out"), 100_000, 0);
+        cache.invalidate(b"k");
+        assert!(cache.lookup(b"k", 7, 0, 0).is_none());
+        assert_eq!(cache.len(), 0);
+    }
+
+    #[test]
+    fn the_entry_and_byte_bounds_hold_and_the_oldest_go_first() {
+        // One shard's share is max / 16: give every shard room for 4 entries.
+        let cache = ReplayCache::new(ReplayCacheLimits { max_entries: 4 * SHARDS, max_bytes: 1 << 30 });
+        for i in 0..10_000u32 {
+            cache.insert(format!("k{i}").as_bytes(), 1, done(b"x"), 1_000_000, 0);
+        }
+        assert!(cache.len() <= 4 * SHARDS, "{} entries", cache.len());
+        assert!(cache.lookup(b"k9999", 1, 0, 0).is_some(), "the newest stays");
+        assert!(cache.lookup(b"k0", 1, 0, 0).is_none(), "the oldest went");
+
+        let small = ReplayCache::new(ReplayCacheLimits { max_entries: usize::MAX, max_bytes: 64 << 10 });
+        for i in 0..10_000u32 {
+            small.insert(format!("k{i}").as_bytes(), 1, done(&[0u8; 200]), 1_000_000, 0);
+        }
+        let bytes: usize = small.shards.iter().map(|s| s.lock().unwrap().bytes).sum();
+        assert!(bytes <= 64 << 10, "{bytes} bytes");
+        // An outcome larger than a shard's share is never kept.
+        small.insert(b"huge", 1, done(&vec![0u8; 64 << 10]), 1_000_000, 0);
+        assert!(small.lookup(b"huge", 1, 0, 0).is_none());
+    }
+
+    #[test]
+    fn expired_entries_are_evicted_before_live_ones() {
+        let cache = ReplayCache::new(ReplayCacheLimits { max_entries: SHARDS * 1000, max_bytes: 1 << 30 });
+        for i in 0..500u32 {
+            cache.insert(format!("old{i}").as_bytes(), 1, done(b"x"), 1_000, 0);
+        }
+        // Later inserts at a time past the old entries' expiry push them out, though no bound
+        // was reached.
+        for i in 0..500u32 {
+            cache.insert(format!("new{i}").as_bytes(), 1, done(b"x"), 1_000_000, 5_000);
+        }
+        assert_eq!(cache.len(), 500);
+        assert!(cache.lookup(b"new0", 1, 5_000, 0).is_some());
+    }
+
+    #[test]
+    fn replacing_a_key_keeps_one_entry_and_its_bytes_right() {
+        let cache = ReplayCache::new(ReplayCacheLimits::default());
+        for round in 0..100u8 {
+            cache.insert(b"k", 1, done(&[round; 10]), 1_000_000, 0);
+        }
+        assert_eq!(cache.len(), 1);
+        let bytes: usize = cache.shards.iter().map(|s| s.lock().unwrap().bytes).sum();
+        assert_eq!(bytes, slot_bytes(b"k", &done(&[0; 10])));
+        assert!(matches!(cache.lookup(b"k", 1, 0, 0), Some(Cached::Replay(d)) if d.outcome == [99; 10]));
+    }
+}
