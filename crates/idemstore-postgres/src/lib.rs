@@ -1077,14 +1077,12 @@ impl Inner {
     ) -> Result<Claim> {
         let mut watched_fence = None;
         loop {
-            // Listen before looking, so that a change between the look and the sleep wakes us.
-            let key_changed = waiting.map(|n| n.notified());
-            let clock_changed = self.waiters.everyone.notified();
-            tokio::pin!(clock_changed);
-            clock_changed.as_mut().enable();
-            let mut key_changed = key_changed.map(Box::pin);
-            if let Some(k) = key_changed.as_mut() {
-                k.as_mut().enable();
+            // A waiter listens before it looks, so that a change between the look and the sleep
+            // wakes it (a claim that does not wait listens to nothing).
+            let mut key_changed = waiting.map(|n| Box::pin(n.notified()));
+            let mut clock_changed = waiting.map(|_| Box::pin(self.waiters.everyone.notified()));
+            for notified in key_changed.iter_mut().chain(clock_changed.iter_mut()) {
+                notified.as_mut().enable();
             }
             let row = self.claim_once(key, hash, ttl_ms, lease_ms).await?;
             self.saw_db_time(row.now_ms);
@@ -1154,7 +1152,7 @@ impl Inner {
             let sleep = left.min(until_change);
             tokio::select! {
                 _ = async { match key_changed { Some(k) => k.await, None => std::future::pending().await } } => {}
-                _ = clock_changed => {}
+                _ = async { match clock_changed { Some(c) => c.await, None => std::future::pending().await } } => {}
                 _ = tokio::time::sleep(sleep) => {}
             }
         }
