@@ -329,8 +329,8 @@ fn main() {
             pool_size: TASKS,
             ..PgOptions::default()
         };
-        let single = Arc::new(
-            PgStore::connect(&url, PgOptions { one_statement_claims: true, ..options.clone() })
+        let fast = Arc::new(
+            PgStore::connect(&url, PgOptions { fresh_key_fast_path: true, ..options.clone() })
                 .expect("connect PgStore"),
         );
         let store = Arc::new(PgStore::connect(&url, options).expect("connect PgStore"));
@@ -342,7 +342,7 @@ fn main() {
 
         println!("== Durability::{label} ==");
         for (tasks, name) in [(1, "1 thread"), (TASKS, "16 tasks")] {
-            let (mut base_runs, mut pg_runs, mut single_runs, mut redis_runs) =
+            let (mut base_runs, mut pg_runs, mut fast_runs, mut redis_runs) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for round in 0..ROUNDS {
                 base_runs
@@ -354,11 +354,11 @@ fn main() {
                         pg_claims_n(&runtime, &store, claims, round + 100, "r")
                     }
                 }));
-                single_runs.push(measured(&runtime, &admin, || {
+                fast_runs.push(measured(&runtime, &admin, || {
                     if tasks == 1 {
-                        pg_claims_1(&single, claims, round, "s")
+                        pg_claims_1(&fast, claims, round, "f")
                     } else {
-                        pg_claims_n(&runtime, &single, claims, round + 100, "s")
+                        pg_claims_n(&runtime, &fast, claims, round + 100, "f")
                     }
                 }));
                 if let Some(redis) = &redis
@@ -367,10 +367,10 @@ fn main() {
                     redis_runs.push(redis_setnx(redis.port, tasks, claims, round + 10 * tasks));
                 }
             }
-            let (base, pg, single) = (median(base_runs), median(pg_runs), median(single_runs));
+            let (base, pg, fast) = (median(base_runs), median(pg_runs), median(fast_runs));
             report(&format!("plain SQL INSERT ON CONFLICT DO NOTHING, {name}"), &base);
             report(&format!("PgStore claim, {name}"), &pg);
-            report(&format!("PgStore claim, one_statement_claims, {name}"), &single);
+            report(&format!("PgStore claim, fresh-key fast path, {name}"), &fast);
             if !redis_runs.is_empty() {
                 let redis = median(redis_runs);
                 report(&format!("Redis SET NX PX, {name}"), &redis);
@@ -382,9 +382,9 @@ fn main() {
                 pg.percentile(0.99).as_secs_f64() / base.percentile(0.99).as_secs_f64()
             );
             println!(
-                "  ratio PgStore (one_statement_claims) / plain SQL per claim: {:.2}x; p99 {:.2}x",
-                single.per_op_us() / base.per_op_us(),
-                single.percentile(0.99).as_secs_f64() / base.percentile(0.99).as_secs_f64()
+                "  ratio PgStore (fresh-key fast path) / plain SQL per claim: {:.2}x; p99 {:.2}x",
+                fast.per_op_us() / base.per_op_us(),
+                fast.percentile(0.99).as_secs_f64() / base.percentile(0.99).as_secs_f64()
             );
         }
         println!();

@@ -92,7 +92,7 @@ const NOW: &str = "(floor(date_part('epoch', statement_timestamp()) * 1000)::int
 /// The statements of a store on `table`, formatted once at open.
 pub(crate) struct Sql {
     pub claim: String,
-    pub claim_first: String,
+    pub claim_fresh: String,
     pub watch: String,
     pub complete: String,
     pub checkpoint: String,
@@ -172,34 +172,16 @@ FROM cur, now WHERE NOT EXISTS (SELECT 1 FROM up)",
             orphan_e = orphan("e.incarnation", "$4::int8"),
             takeover_cur = takeover("cur"),
         );
-        // The first try of a claim (see `PgStore`'s docs): inserts the key when the snapshot
-        // shows no row for it (so a repeat draws no fencing number and writes nothing), and
-        // otherwise reads the row, saying whether a takeover is due (expired, lease ended, or
-        // holder dead), which the full `claim` statement then makes.
-        // $1 offset, $2 key, $3 request hash, $4 incarnation, $5 lease ms, $6 ttl ms,
-        // $7 whether orphans are taken over at once.
-        let claim_first = format!(
-            "WITH ins AS (
-    INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
-                          claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms)
-    SELECT $2::bytea, $3::bytea, false, nextval('{t}_fence'), $4::int8, false, false,
-           {NOW}, $5::int8, {NOW} + $5::int8, {NOW} + $6::int8
-    WHERE NOT EXISTS (SELECT 1 FROM {t} c WHERE c.key = $2::bytea)
-    ON CONFLICT (key) DO NOTHING
-    RETURNING e.fence, e.claimed_at_ms, e.lease_until_ms, e.expires_at_ms
-)
-SELECT true AS acquired, ins.fence, false AS recovered, false AS completed, $3::bytea AS request_hash,
-       ins.claimed_at_ms, ins.lease_until_ms, ins.expires_at_ms, NULL::int8 AS completed_at_ms, NULL::bytea AS value,
-       $4::int8 AS incarnation, false AS orphan_takeover, {NOW} AS now_ms, false AS takeover_due
-FROM ins
-UNION ALL
-SELECT false, c.fence, c.recovered, c.completed, c.request_hash, c.claimed_at_ms, c.lease_until_ms,
-       c.expires_at_ms, c.completed_at_ms, CASE WHEN c.completed THEN c.value END, c.incarnation, false, {NOW},
-       c.expires_at_ms <= {NOW}
-       OR (NOT c.completed AND c.request_hash = $3::bytea
-           AND (c.lease_until_ms <= {NOW} OR ($7::bool AND {orphan_c})))
-FROM {t} c WHERE c.key = $2::bytea AND NOT EXISTS (SELECT 1 FROM ins)",
-            orphan_c = orphan("c.incarnation", "$4::int8"),
+        // The fast path of `PgOptions::fresh_key_fast_path`: the cheapest claim PostgreSQL has,
+        // for a key that has no row; a conflict inserts nothing and falls back to `claim`.
+        // $1 offset, $2 key, $3 request hash, $4 incarnation, $5 lease ms, $6 ttl ms.
+        let claim_fresh = format!(
+            "INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
+                      claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms)
+VALUES ($2::bytea, $3::bytea, false, nextval('{t}_fence'), $4::int8, false, false,
+        {NOW}, $5::int8, {NOW} + $5::int8, {NOW} + $6::int8)
+ON CONFLICT (key) DO NOTHING
+RETURNING e.fence, e.claimed_at_ms, e.lease_until_ms, e.expires_at_ms"
         );
         // $1 offset, $2 key, $3 fence: a waiter asks the holder's complete or release to notify.
         let watch = format!(
@@ -285,7 +267,7 @@ RETURNING 1"
         );
         Sql {
             claim,
-            claim_first,
+            claim_fresh,
             watch,
             complete,
             checkpoint,

@@ -1,6 +1,6 @@
 //! The contract suite (crates/idemstore-contract) against `PgStore` on a real server, three
 //! times: plain, with the local replay cache on (one replica: the cache must not change a single
-//! answer), and with every claim made by the one full statement. Lease and TTL time moves by
+//! answer), and with the fresh-key fast path. Lease and TTL time moves by
 //! `PgStore::advance_clock`; an incarnation "crashes" by having its lock session ended by the
 //! server (`pg_terminate_backend`), as a dead process's is, and the store closed.
 
@@ -84,9 +84,9 @@ mod with_replay_cache {
     );
 }
 
-mod with_one_statement_claims {
+mod with_fresh_key_fast_path {
     use super::*;
     idemstore_contract::contract_suite!(
-        PgHarness::new("contract (one-statement claims)", |o| o.one_statement_claims = true).await
+        PgHarness::new("contract (fresh-key fast path)", |o| o.fresh_key_fast_path = true).await
     );
 }
