@@ -1049,12 +1049,10 @@ impl Inner {
         Ok((duration_ms(ttl), duration_ms(lease)))
     }
 
+    /// A claim through the database (the callers looked in the replay cache first).
     async fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
         let (ttl_ms, lease_ms) = self.check_claim(key, options)?;
         let hash = request_hash(request);
-        if let Some(answer) = self.cached_claim(key, request)? {
-            return Ok(answer);
-        }
         let deadline = options.wait.map(|w| tokio::time::Instant::now().checked_add(w));
         let key_hash = xxhash_rust::xxh3::xxh3_64(key);
         let waiting = deadline.map(|_| self.waiters.notify_for(key_hash));

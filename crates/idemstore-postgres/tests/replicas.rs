@@ -172,6 +172,7 @@ async fn the_replay_cache_answers_replays_and_mismatches_and_misses_a_remote_rem
     assert_eq!(cached.claim("k", b"another request").unwrap(), Claim::Mismatch, "the cache keeps the request hash");
     let stats = cached.stats();
     assert_eq!(stats.cache_hits_total, 6, "{stats:?}");
+    assert_eq!(stats.cache_misses_total, 1, "only the first claim looked and missed: {stats:?}");
     assert_eq!(stats.cache_entries, 1);
     // The documented trade-off: a remove on another replica is not seen by this cache...
     plain.remove("k").unwrap();
