@@ -3,15 +3,18 @@
 use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
 
-/// Store-wide counters of background work (per-key counters live in the index shards).
+/// Store-wide counters of background work, named as their `Stats` fields (the counters kept
+/// per index shard are `ShardCounters`, below).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub keys_expired: AtomicU64,
-    pub buckets_expired: AtomicU64,
+    /// Index entries dropped with their bucket, in RAM and in sealed tables (claims that find
+    /// a key expired count in `ShardCounters::keys_expired_total`; `Stats` shows the sum).
+    pub keys_expired_total: AtomicU64,
+    pub buckets_expired_total: AtomicU64,
     /// Failed background passes (see `Stats::maintenance_errors_total`).
-    pub maintenance_errors: AtomicU64,
+    pub maintenance_errors_total: AtomicU64,
     /// Maintenance passes failed in a row since the last one that succeeded (a panic counts as
-    /// enough at once; see `store::MAINTENANCE_FAILURES_WARNED`).
+    /// enough at once; see `store::housekeeper::MAINTENANCE_FAILURES_WARNED`).
     pub maintenance_failures_in_a_row: AtomicU64,
     /// The cause of the latest failed background pass.
     pub last_maintenance_error: parking_lot::Mutex<Option<String>>,

@@ -175,7 +175,7 @@ fn get_list_and_stats_print_one_json_object_per_line() {
             .clone()]
     );
 
-    let out = idemstore(&["list", d, "--json"]);
+    let out = idemstore(&["list", d, "--json", "--sorted"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let listed = json_lines(&out);
     let keys: Vec<&Value> = listed.iter().map(|obj| &obj["key_hex"]).collect();

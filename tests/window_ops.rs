@@ -206,6 +206,24 @@ fn history_counts_the_replays_a_completion_served() {
     assert_eq!(store.history("other").unwrap(), None);
     store.touch("k", Duration::from_secs(48 * 3600)).unwrap();
     assert_eq!(store.history("k").unwrap().unwrap().replays_served, 3, "a touch keeps the count");
+
+    // Written at close: a reopen (and a read-only view) sees it, and counts on from there.
+    drop(store);
+    let store = common::open(dir.path(), &clock);
+    assert_eq!(store.history("k").unwrap().unwrap().replays_served, 3, "kept across a reopen");
+    let _ = store.claim("k", b"req").unwrap();
+    assert_eq!(store.history("k").unwrap().unwrap().replays_served, 4);
+    let view = Store::open_read_only_with(dir.path(), common::options(&clock)).unwrap();
+    assert_eq!(view.history("k").unwrap().unwrap().replays_served, 3, "not written yet");
+    // Maintenance writes a count that has waited a minute.
+    clock.advance(Duration::from_secs(61));
+    store.maintain().unwrap();
+    let view = Store::open_read_only_with(dir.path(), common::options(&clock)).unwrap();
+    assert_eq!(view.history("k").unwrap().unwrap().replays_served, 4, "written by maintenance");
+    let Some(Entry::Completed(done)) = view.get("k").unwrap() else { panic!() };
+    assert_eq!(done.outcome, b"done", "the copy answers as the completion did");
+    assert_eq!(store.claim("k", b"other").unwrap(), Claim::Mismatch);
+
     store.remove("k").unwrap();
     assert_eq!(store.history("k").unwrap(), None);
 }

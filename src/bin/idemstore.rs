@@ -377,6 +377,9 @@ fn get(dir: &Path, key_arg: &str, namespace: Option<&str>, show: Show, json: boo
             writeln!(out, "claimed_at  {}", display_time(done.claimed_at, show.ms))?;
             writeln!(out, "completed_at {}", display_time(done.completed_at, show.ms))?;
             writeln!(out, "expires_at  {}", display_time(done.expires_at, show.ms))?;
+            if let Some(history) = store.history(&stored_key)? {
+                writeln!(out, "replays     {} (as the writer last saved them)", history.replays_served)?;
+            }
         }
         Entry::InFlight { claimed_at, lease_expires_at, expires_at, checkpoint, .. } => {
             let checkpoint = checkpoint.as_deref().map_or_else(|| "(none)".to_string(), |c| display_bytes(c, show.hex));

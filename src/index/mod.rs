@@ -3,6 +3,9 @@
 //! Only the location is kept (16 bytes a key plus table overhead); the key, its state and its
 //! times are read from the record itself, so a hash hit is always confirmed against the stored
 //! key and two keys that share a 64-bit hash stay two keys (the second goes to `spill`).
+//!
+//! The index knows locations, never files: what its user keeps beside each shard under the
+//! same lock (the store's counters and segment handles) is the type parameter `L`.
 
 pub mod slots;
 

@@ -2,6 +2,11 @@
 //! sequence numbers, remembers which segments are dirty for the next sync, and drops whole
 //! buckets when their window has passed.
 //!
+//! Its parts: records (`record`) in segment files (`segment`), the live segments by id
+//! (`striped_map`) and a shard's own handles to them (`segment_cache`), how far each segment
+//! is known durable (`marks`), the floor of the store's time (`time_floor`), and what group
+//! commit syncs (`syncer`). The log knows nothing of the index, sealed tables or the store.
+//!
 //! Lock order: index shard -> appender -> segments. The segments locks (one per stripe of
 //! `StripedMap`, a change takes them all in order) are leaves: nothing else is taken while one
 //! is held.

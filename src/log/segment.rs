@@ -14,7 +14,7 @@ pub const SEGMENT_HEADER_LEN: u64 = 64;
 /// Magic bytes opening every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"IDEMSEG\0";
 /// The segment (and record) format version this build reads and writes: 1 in stores of both
-/// format versions (the store's own version is in `META`, see `meta.rs`).
+/// format versions (the store's own version is in `META`, see `recovery/meta.rs`).
 pub const FORMAT_VERSION: u32 = 1;
 /// File name extension of segment files.
 pub const SEGMENT_EXT: &str = "seg";

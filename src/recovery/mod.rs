@@ -1,6 +1,8 @@
 //! Opening a store: read every segment, delete expired buckets whole, truncate torn tails,
 //! refuse corruption that is not a tail, and rebuild the index keeping, per key, the record
-//! with the highest sequence number.
+//! with the highest sequence number. Beside the scan: what makes a directory a store and the
+//! writer's lock (`store_dir`), the `META` file (`meta`), `verify` of the other files
+//! (`checkup`) and `salvage`.
 
 pub mod checkup;
 pub mod meta;
@@ -77,7 +79,7 @@ pub fn recover<L: Default + Send>(
     };
     let writer = mode == Mode::Writer;
     // Read before any segment is: every byte below a mark was written before the mark was,
-    // so a view of a live store copies at least that much (see `marks.rs`).
+    // so a view of a live store copies at least that much (see `log/marks.rs`).
     let marks = crate::log::marks::read_or_none(io, dir);
     let remove =
         |path: &Path, what: &'static str| -> Result<()> { io.remove(path).map_err(|e| Error::io(what, path, e)) };

@@ -1,7 +1,14 @@
 //! Batches (`claim_many`, `complete_many`): windows of keys warmed together, each answered as a
 //! single call would be, and one wait for durability.
 
-use super::*;
+use std::collections::HashSet;
+
+use crate::error::Result;
+use crate::log::record::Kind;
+use crate::options::ClaimOptions;
+use crate::types::{Claim, ClaimToken};
+
+use super::Inner;
 
 impl Inner {
     /// Claims a batch (see `in_windows`); under `Sync` it waits once for the last record any

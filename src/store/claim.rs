@@ -1,8 +1,16 @@
 //! Claims: every decision about a claim, made under the key's shard lock (`claim_unsettled`), then
 //! the wait for durability (`settle`).
 
+use std::time::{Duration, Instant};
+
+use crate::clock::{duration_to_ms, ms_to_system_time};
+use crate::error::{Error, Result};
+use crate::log::record::{Header, Kind};
+use crate::options::{ClaimOptions, OrphanPolicy};
+use crate::types::{Claim, ClaimToken};
+
 use super::lookup::{Current, completed_from};
-use super::*;
+use super::{Inner, history, loc_id};
 
 impl Inner {
     pub(super) fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
@@ -67,8 +75,12 @@ impl Inner {
                     } else {
                         shard.local.counters.duplicates_replayed_total += 1;
                     }
-                    let served = shard.local.replays.entry(loc_id(found.old.loc)).or_default();
-                    *served = served.saturating_add(1);
+                    let pending = shard
+                        .local
+                        .replays
+                        .entry(loc_id(found.old.loc))
+                        .or_insert(history::PendingReplays { count: 0, since_ms: now_ms });
+                    pending.count = pending.count.saturating_add(1);
                     let outcome = std::mem::take(&mut found.value);
                     break (Claim::Completed(completed_from(&found.header, outcome)), seen_seq);
                 }
@@ -144,6 +156,7 @@ impl Inner {
 
     /// The record of a new holding of `key` claimed at `now_ms` (a fresh claim, or the base of
     /// a takeover); its token is its own seq, assigned at append.
+    #[inline]
     pub(super) fn claim_record(
         &self,
         key: &[u8],
@@ -175,6 +188,7 @@ impl Inner {
 }
 
 /// The token of the claim record `written` (its checkpoint carried over on a takeover).
+#[inline]
 pub(super) fn token_for(store: u64, key: &[u8], written: &Header, recovered: bool, checkpoint: Vec<u8>) -> ClaimToken {
     ClaimToken {
         key: key.into(),

@@ -2,8 +2,11 @@
 //! store -> group commit -> log), the time floor, and backpressure
 //! on a large unsynced batch.
 
-use super::*;
+use crate::error::{Error, Result};
 use crate::log::syncer::LogSyncer;
+use crate::options::Durability;
+
+use super::Inner;
 
 impl Inner {
     /// What group commit syncs through: the log, which also raises the time floor as far as

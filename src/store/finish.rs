@@ -1,8 +1,14 @@
 //! Complete, checkpoint, release (`finish_unsettled`: the decision under the shard lock) and
 //! remove.
 
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use crate::error::{Error, Result};
+use crate::log::record::{Header, Kind};
+use crate::types::ClaimToken;
+
 use super::lookup::Current;
-use super::*;
+use super::{Inner, ShardLocal};
 
 impl Inner {
     /// complete / checkpoint / release: a write by the holder of `token`.

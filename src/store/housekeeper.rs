@@ -1,7 +1,12 @@
 //! The background threads: the housekeeper (maintenance, restart tables, the spare segment) and the
 //! `Periodic` flusher, their failures and warnings.
 
-use super::*;
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+use super::Inner;
 
 impl Inner {
     /// The housekeeper: expiry, sealing and the time floor about once a second, spare segments
@@ -129,7 +134,7 @@ impl Inner {
 
     pub(super) fn note_background_error(&self, cause: String) {
         crate::observe::maintenance_failed(&cause);
-        self.counters.maintenance_errors.fetch_add(1, AtomicOrdering::Relaxed);
+        self.counters.maintenance_errors_total.fetch_add(1, AtomicOrdering::Relaxed);
         *self.counters.last_maintenance_error.lock() = Some(cause);
     }
 

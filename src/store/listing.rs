@@ -1,7 +1,12 @@
 //! Reading without writing: `get`, the list of keys, the orphans of earlier processes.
 
+use crate::clock::ms_to_system_time;
+use crate::error::Result;
+use crate::log::Loc;
+use crate::types::{Entry, Orphan};
+
+use super::Inner;
 use super::lookup::Current;
-use super::*;
 
 impl Inner {
     pub(super) fn get(&self, key: &[u8]) -> Result<Option<Entry>> {

@@ -1,13 +1,24 @@
 //! Reading a key: its hash, the checks on what callers pass, finding its latest record (RAM index,
 //! then sealed tables) and what state that record tells.
 
-use super::*;
+use crate::clock::ms_to_system_time;
+use crate::error::{Error, Result};
+use crate::hash::key_hash;
+use crate::log::Loc;
+use crate::log::record::Header;
+use crate::log::segment::Segment;
+use crate::log::segment_cache::SegmentCache;
+use crate::types::Completed;
+
+use super::{Inner, Shard};
 
 impl Inner {
+    #[inline]
     pub(super) fn key_hash(&self, key: &[u8]) -> u64 {
         key_hash(self.options.key_hash, &self.index_hash, key)
     }
 
+    #[inline]
     pub(super) fn check_key(&self, key: &[u8]) -> Result<()> {
         if key.is_empty() {
             return Err(Error::EmptyKey);
@@ -18,6 +29,7 @@ impl Inner {
         Ok(())
     }
 
+    #[inline]
     pub(super) fn check_value(&self, value: &[u8]) -> Result<()> {
         if value.len() > self.options.max_outcome_len {
             return Err(Error::OutcomeTooLong { len: value.len(), max: self.options.max_outcome_len });
@@ -25,6 +37,7 @@ impl Inner {
         Ok(())
     }
 
+    #[inline]
     pub(super) fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -36,6 +49,7 @@ impl Inner {
     /// stored key (and its CRC); drops index entries whose bucket is gone. `slot` is `None`
     /// afterwards when the key has no record (whatever it held before is cleared first: the
     /// search below stops at the first record it puts there).
+    #[inline]
     pub(super) fn find(
         &self,
         shard: &mut Shard,
@@ -96,6 +110,7 @@ impl Inner {
 
     /// The key's state at `now_ms` (its latest record read into `slot`), the record a new
     /// write supersedes, and that record's seq.
+    #[inline]
     pub(super) fn current<'a>(
         &self,
         shard: &mut Shard,
@@ -121,6 +136,7 @@ impl Inner {
     }
 }
 
+#[inline]
 pub(super) fn completed_from(header: &Header, outcome: Vec<u8>) -> Completed {
     Completed {
         outcome,

@@ -1,7 +1,14 @@
 //! Maintenance: dropping expired buckets and their index entries, sealing idle segments into
 //! tables.
 
-use super::*;
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use crate::clock::duration_to_ms;
+use crate::error::{Error, Result};
+use crate::log::segment::Segment;
+use crate::sealed::TableBounds;
+
+use super::{Inner, sweep_shard};
 
 impl Inner {
     pub(super) fn maintain(&self) -> Result<usize> {
@@ -29,8 +36,8 @@ impl Inner {
             // dropped; so once the sweep is through, no read of them is in flight or to come,
             // and their files may be cut (a read of a mapped page past a cut would fault).
             let swept = self.drop_index_entries(|segment| dead.contains(&segment));
-            self.counters.keys_expired.fetch_add(swept, AtomicOrdering::Relaxed);
-            self.counters.buckets_expired.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
+            self.counters.keys_expired_total.fetch_add(swept, AtomicOrdering::Relaxed);
+            self.counters.buckets_expired_total.fetch_add(buckets as u64, AtomicOrdering::Relaxed);
             let deleted = self.log.delete_segments(&dropped);
             for segment in &dropped {
                 segment.release_pages();
@@ -39,6 +46,8 @@ impl Inner {
             let forgotten = self.forget_tables(&dead).and(self.forget_restart_tables(&dead));
             deleted.and(forgotten)?;
         }
+        // Before sealing: the copies land in segments that take appends.
+        self.flush_history(now_ms, false);
         let sealed = self.seal_idle(now_ms)?;
         self.write_restart_tables(1)?;
         self.sealed.refresh_union()?;
@@ -52,7 +61,7 @@ impl Inner {
     pub(super) fn forget_tables(&self, dead: &std::collections::HashSet<u32>) -> Result<()> {
         let tables = self.sealed.remove_segments(&|id| dead.contains(&id));
         let sealed_keys: u64 = tables.iter().map(|t| t.len()).sum();
-        self.counters.keys_expired.fetch_add(sealed_keys, AtomicOrdering::Relaxed);
+        self.counters.keys_expired_total.fetch_add(sealed_keys, AtomicOrdering::Relaxed);
         for table in &tables {
             self.options.io.remove(&table.path).map_err(|e| Error::io("delete expired table", &table.path, e))?;
         }

@@ -1,8 +1,25 @@
 //! Opening a store: checking the options, taking the lock, recovering the directory, starting the
 //! background threads.
 
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::clock::{StoreTime, duration_to_ms};
+use crate::commit::GroupCommit;
+use crate::error::{Error, Result};
+use crate::hash::key_hash;
+use crate::io::DirLock;
+use crate::log::record::{HEADER_LEN, VALUE_LEN_FORMAT_MAX, align_up};
+use crate::log::segment::SEGMENT_HEADER_LEN;
+use crate::log::{Log, LogLimits};
+use crate::options::{Durability, Options};
+use crate::recovery::{self, Mode};
+use crate::stats::Counters;
+use crate::sync::{Arc, Condvar, Mutex};
+
 use super::housekeeper::HousekeeperCall;
-use super::*;
+use super::{Inner, Store, check_store_time};
 
 impl Store {
     pub(super) fn open_inner(

@@ -1,7 +1,14 @@
 //! Restart tables: a table for every segment that stops taking appends, so a reopen maps instead of
 //! scanning (see ARCHITECTURE.md, "Restart tables").
 
-use super::*;
+use std::collections::HashSet;
+
+use crate::error::{Error, Result};
+use crate::log::segment::Segment;
+use crate::recovery::{self};
+use crate::sealed::{Table, TableBounds};
+
+use super::Inner;
 
 impl Inner {
     /// Deletes the restart tables of dead (expired) segments (see `write_restart_tables`).

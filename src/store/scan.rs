@@ -130,7 +130,7 @@ impl Inner {
     /// The key of the record at `loc`; `None` when its segment's bucket has ended (it holds no
     /// live key, and a writer in another process may be freeing its bytes under a read-only
     /// view) or is gone.
-    fn key_at(&self, loc: Loc) -> Result<Option<Vec<u8>>> {
+    pub(super) fn key_at(&self, loc: Loc) -> Result<Option<Vec<u8>>> {
         let now_ms = self.time.now_ms();
         let key = self.log.with_segment(loc.segment, |s| {
             (s.header.bucket_end_ms > now_ms).then(|| s.key_at(u64::from(loc.offset))).transpose()

@@ -1,6 +1,11 @@
 //! Assembling `Stats` from the index shards, the log, group commit and the sealed tables.
 
-use super::*;
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use crate::log::segment::Segment;
+use crate::stats::{ShardCounters, Stats};
+
+use super::Inner;
 
 impl Inner {
     /// Bytes of the segment files in the directory whose header was never written: the spare
@@ -41,8 +46,8 @@ impl Inner {
         let (sync_latency_us_total, sync_latency_us_max) = self.log.sync_latency_us();
         let mut stats = Stats {
             // Expired by bucket drops; `shards` adds those found expired by a claim.
-            keys_expired_total: load(&c.keys_expired),
-            buckets_expired_total: load(&c.buckets_expired),
+            keys_expired_total: load(&c.keys_expired_total),
+            buckets_expired_total: load(&c.buckets_expired_total),
             index_entries,
             sealed_tables,
             sealed_entries,
@@ -70,7 +75,7 @@ impl Inner {
             },
             recovery: self.recovery.clone(),
             poisoned: self.commit.poisoned(),
-            maintenance_errors_total: load(&c.maintenance_errors),
+            maintenance_errors_total: load(&c.maintenance_errors_total),
             last_maintenance_error: c.last_maintenance_error.lock().clone(),
             read_only: self.read_only,
             // The counters kept per shard are added below.

@@ -1,7 +1,11 @@
 //! Appending a key's new record, and the chores an append leaves for after the shard lock.
 
+use crate::error::{Error, Result};
+use crate::log::Loc;
+use crate::log::record::{Header, Kind};
+
 use super::lookup::Superseded;
-use super::*;
+use super::{Inner, check_store_time};
 
 impl Inner {
     /// Appends a record for a key whose latest record (if any) is `superseded`.
@@ -10,6 +14,7 @@ impl Inner {
     /// of any older record of that key. So the latest record is never dropped while an older
     /// one survives to be resurrected (by the index falling back to a sealed table, or by a
     /// scan at recovery); reads still expire it exactly at its own `expires_at_ms`.
+    #[inline]
     pub(super) fn append(
         &self,
         header: Header,
