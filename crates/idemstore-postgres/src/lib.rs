@@ -1,0 +1,1534 @@
+//! idemstore's dedupe contract on PostgreSQL, for a fleet of replicas sharing one window.
+//!
+//! [`PgStore`] has the blocking methods of [`idemstore::Store`] and implements
+//! [`idemstore::DedupeStore`], with the same types ([`Claim`], [`ClaimToken`], [`Entry`],
+//! [`Error`]), so a service switches backend by construction:
+//!
+//! ```no_run
+//! use idemstore::Claim;
+//! use idemstore_postgres::{PgOptions, PgStore};
+//!
+//! let store = PgStore::connect("host=/run/postgresql dbname=app", PgOptions::default())?;
+//! match store.claim("order-1", b"POST /orders 1")? {
+//!     Claim::Acquired(token) => store.complete(&token, b"201 Created")?,
+//!     Claim::Completed(done) => println!("replay {:?}", done.outcome),
+//!     Claim::InProgress { .. } => println!("409: in progress"),
+//!     Claim::Mismatch => println!("422: key reused with another request"),
+//!     _ => {}
+//! }
+//! # Ok::<(), idemstore::Error>(())
+//! ```
+//!
+//! # Schema
+//!
+//! One table (`PgOptions::table`, default `idemstore`) keyed by the key (`bytea`), holding
+//! the request's xxh3-128 hash ([`idemstore::request_hash`], the same in every backend), the
+//! state (in flight or completed), the fencing number, the holder's incarnation, the times
+//! (claimed, lease end, expiry, completion, in ms since the epoch of the database's clock) and
+//! the value (the last checkpoint while in flight, the outcome once completed); an index on
+//! the expiry time; a sequence `<table>_fence` for fencing numbers; `<table>_identity` (a
+//! random id that every token of the table carries) and `<table>_migrations` (one row per
+//! applied schema version). [`schema_sql`] returns the script; by default
+//! ([`PgOptions::manage_schema`]) the store applies missing migrations itself at connect,
+//! serialized between replicas by an advisory lock. With `manage_schema = false` it only checks
+//! the version and refuses to run on a schema it does not know.
+//!
+//! # One round trip per claim
+//!
+//! A claim is one statement: `INSERT .. ON CONFLICT (key) DO UPDATE .. WHERE <takeover rules>
+//! RETURNING ..`, with a `UNION ALL` that reads the existing row when the update did not
+//! apply. The takeover rules: the row expired; or it is in flight for the same request hash
+//! and its lease ended (database time) or its holder is an orphan. A completed row, an
+//! in-flight row of a live holder, and any row of another request hash are left alone and
+//! answered as `Completed`, `InProgress` and `Mismatch`. The fencing number is the sequence's
+//! next value; `complete`, `checkpoint` and `release` write only `WHERE fence = <token's>`,
+//! so a holder whose key was taken over, removed or expired gets `StaleToken`.
+//!
+//! The statement's read of the key's row gates its insert: when the snapshot shows a completed
+//! row, a live holder or another request, nothing is written (no row lock, no transaction id,
+//! no WAL flush), so replays and `InProgress` answers are reads. That read and the returned row
+//! cost about as much server time again as a bare insert; where nearly every claim is of a new
+//! key, [`PgOptions::fresh_key_fast_path`] sends a plain `INSERT .. ON CONFLICT DO NOTHING`
+//! first and the full claim only on a conflict (two round trips for a repeat).
+//!
+//! # Durability
+//!
+//! | `Durability` | PostgreSQL |
+//! | --- | --- |
+//! | `Sync` | `synchronous_commit = on` for the store's sessions: an answer is given once its commit's WAL is flushed (and replicated, if the server is set up for synchronous replication) |
+//! | `Periodic(_)` | `synchronous_commit = off` for the store's sessions: the server flushes the WAL in the background (`wal_writer_delay`, 200 ms by default; the interval given is not the server's); a server crash may lose the last moments of acknowledged writes, never corrupt the table |
+//! | `None` | an `UNLOGGED` table: no WAL at all; a server crash empties the table |
+//!
+//! # Clocks
+//!
+//! Every time is the database server's (`statement_timestamp()`), never a replica's: replicas
+//! whose clocks disagree still agree on who holds a lease and what has expired. Times handed
+//! back (`lease_expires_at`, `expires_at`, ...) are the server's. With the `test-seams` feature,
+//! `PgStore::advance_clock` adds an offset to the server's time in the store's SQL, so lease
+//! and TTL tests need no sleeping.
+//!
+//! # Orphans
+//!
+//! Each `PgStore` is an incarnation: a random 64-bit number that its claims record, and a
+//! session-level advisory lock on that number held on a connection of its own for as long as
+//! the store lives. When the process dies, its connection closes and the server lets the lock
+//! go. A claim that finds an in-flight row tries the row's incarnation lock
+//! (`pg_try_advisory_xact_lock`, a transaction lock let go when the claim commits): when it
+//! succeeds nobody holds the incarnation, so the holder is dead for certain and the claim takes
+//! the key over at once, with the last checkpoint (unless [`PgOptions::orphans`] is
+//! `WaitForLease`). An imported claim (incarnation 0) belongs to no process.
+//!
+//! A replica whose lock connection breaks (a network cut, `pg_terminate_backend`) counts as
+//! dead to the others until it reconnects and takes its lock again (it does so at once, in the
+//! background): its claims may be taken over meanwhile, and its holders then get `StaleToken`
+//! on `complete`. Use `OrphanPolicy::WaitForLease` where an effect must never start twice even
+//! then. The advisory lock keys are the incarnations, random 64-bit numbers in the database's
+//! advisory-lock space shared with other applications.
+//!
+//! # Waiting across replicas
+//!
+//! A claim with `ClaimOptions::wait` marks the holder's row as watched and listens on the
+//! channel `<table>_changed`; the holder's `complete`, `release` (and any `remove`) sends a
+//! `NOTIFY` only when its row is watched, so the common path pays nothing for it. The wait is
+//! bounded by itself and by the holder's lease and the key's expiry: the waiter looks again at
+//! the first of them.
+//!
+//! # Expiry
+//!
+//! Expired rows are invisible at once (every statement compares with the database's time) and
+//! are deleted by a batched reaper (`DELETE .. WHERE ctid = ANY (ARRAY(SELECT ctid .. WHERE
+//! expires_at_ms <= now LIMIT n FOR UPDATE SKIP LOCKED))`, repeated until a batch comes back
+//! short), run in the background every [`PgOptions::reap_interval`] and by
+//! [`PgStore::reap_expired`]. Partitions by expiry time dropped whole would be cheaper still,
+//! but PostgreSQL enforces a unique key on a partitioned table only when the partition key is
+//! part of it: the window's one-row-per-key guarantee, which the claim's `ON CONFLICT` rests
+//! on, would be lost.
+//!
+//! # Local replay cache
+//!
+//! With [`PgOptions::replay_cache`], each replica keeps completed outcomes it has seen (with
+//! the request hash, so a different request is still answered `Mismatch`) and answers replays
+//! from memory until shortly before they expire. Outcomes never change before they expire, so
+//! the only thing a replica can miss is a `remove` made on another replica: the removed
+//! key keeps replaying from the other replicas' caches until its expiry. That is why the cache
+//! is off by default: turn it on where `remove` is an operator's tool rather than part of the
+//! protocol. A `remove` through the same replica drops the entry at once.
+//!
+//! # Runtimes
+//!
+//! The store runs on a private tokio runtime (2 worker threads) with a `deadpool-postgres`
+//! pool of `tokio-postgres` connections. The async methods (through [`DedupeStore`]) run the
+//! operation on that runtime and await it, so they work under any executor; dropping a `claim`
+//! future releases a claim it had made. The blocking methods may be called from anywhere,
+//! also from inside a tokio runtime (they never panic there): there they hand the operation
+//! to the private runtime and block the calling thread until it answers, which stalls that
+//! worker thread meanwhile, so inside async code prefer the trait's methods.
+//!
+//! # Errors
+//!
+//! A database failure (connection refused or lost, a statement that failed) is
+//! `Error::Io` with a context naming the operation, the path `postgres`, and the server's
+//! message as source. A lost connection is dropped from the pool, so the next call connects
+//! anew.
+
+#![deny(missing_docs)]
+
+mod cache;
+mod schema;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::StreamExt;
+use idemstore::{
+    Claim, ClaimOptions, ClaimToken, Completed, DedupeStore, Durability, Entry, Error, ExportedEntry, Orphan,
+    OrphanPolicy, Result, TTL_MAX, ms_to_system_time, request_hash, system_time_to_ms,
+};
+use tokio::sync::Notify;
+use tokio_postgres::NoTls;
+
+pub use cache::ReplayCacheLimits;
+pub use schema::{SCHEMA_VERSION, schema_sql};
+
+/// Options of a [`PgStore`].
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// The table (default `idemstore`); its sequence and bookkeeping tables are named after it.
+    /// 1-40 characters of `a-z`, `0-9` and `_`. Replicas sharing a window use the same table.
+    pub table: String,
+    /// TTL of a claim without `ClaimOptions::ttl` (default 24 h).
+    pub default_ttl: Duration,
+    /// Lease of a claim without `ClaimOptions::lease` (default 30 s).
+    pub default_lease: Duration,
+    /// How acknowledged writes survive a server crash (see the crate docs; default `Sync`).
+    /// `None` needs an `UNLOGGED` table: the store creates it so, and with `manage_schema`
+    /// switches an existing table over (`ALTER TABLE .. SET UNLOGGED/LOGGED` rewrites it).
+    pub durability: Durability,
+    /// What a claim does with an in-flight key whose holder is dead for certain (default
+    /// `TakeOver`: at once; `WaitForLease`: only after its lease).
+    pub orphans: OrphanPolicy,
+    /// Longest key accepted (default 1024 bytes).
+    pub max_key_len: usize,
+    /// Longest outcome or checkpoint accepted (default 1 MiB).
+    pub max_outcome_len: usize,
+    /// Most connections in the pool (default 16), besides the store's own lock connection.
+    pub pool_size: usize,
+    /// Create and upgrade the schema at connect (default true). False leaves it to the
+    /// operator ([`schema_sql`]): connect then only checks the schema version.
+    pub manage_schema: bool,
+    /// How often the background reaper deletes expired rows (default 10 s); `None` runs no
+    /// reaper (call [`PgStore::reap_expired`], or let another replica reap).
+    pub reap_interval: Option<Duration>,
+    /// Rows deleted per reaper statement (default 1000): short transactions, short locks.
+    pub reap_batch: i64,
+    /// The local replay cache (default off; see the crate docs for its trade-off).
+    pub replay_cache: Option<ReplayCacheLimits>,
+    /// Try a claim first as a plain `INSERT .. ON CONFLICT DO NOTHING` (default off). A key
+    /// with no row then costs what the cheapest insert costs; a key that has one (a repeat, a
+    /// takeover, an expired row not yet reaped) costs a second round trip, the full claim.
+    /// Worth it where nearly every claim is of a new key; see the README's measurements.
+    pub fresh_key_fast_path: bool,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            table: "idemstore".to_owned(),
+            default_ttl: Duration::from_secs(24 * 3600),
+            default_lease: Duration::from_secs(30),
+            durability: Durability::Sync,
+            orphans: OrphanPolicy::TakeOver,
+            max_key_len: 1024,
+            max_outcome_len: 1 << 20,
+            pool_size: 16,
+            manage_schema: true,
+            reap_interval: Some(Duration::from_secs(10)),
+            reap_batch: 1000,
+            replay_cache: None,
+            fresh_key_fast_path: false,
+        }
+    }
+}
+
+/// Counters of one [`PgStore`] since it connected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PgStats {
+    /// Claims that acquired the key (including takeovers).
+    pub claims_acquired_total: u64,
+    /// Of those, takeovers of a holder whose lease ended.
+    pub lease_takeovers_total: u64,
+    /// Of those, takeovers of a holder that was dead for certain (its incarnation lock free)
+    /// while its lease still ran.
+    pub orphan_takeovers_total: u64,
+    /// Duplicate claims answered `InProgress`.
+    pub duplicates_in_progress_total: u64,
+    /// Duplicate claims answered with the stored outcome (from the database or the cache).
+    pub duplicates_replayed_total: u64,
+    /// Claims answered `Mismatch`.
+    pub mismatches_total: u64,
+    /// Completes, checkpoints and releases refused with `StaleToken`.
+    pub stale_tokens_total: u64,
+    /// Claims answered by the local replay cache.
+    pub cache_hits_total: u64,
+    /// Claims that looked in the local replay cache and went to the database.
+    pub cache_misses_total: u64,
+    /// Entries in the local replay cache now.
+    pub cache_entries: u64,
+    /// Expired rows this store's reaper deleted.
+    pub reaped_rows_total: u64,
+    /// Times the lock connection was (re)established (1 after connect).
+    pub lock_sessions_total: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    acquired: AtomicU64,
+    lease_takeovers: AtomicU64,
+    orphan_takeovers: AtomicU64,
+    in_progress: AtomicU64,
+    replayed: AtomicU64,
+    mismatches: AtomicU64,
+    stale: AtomicU64,
+    reaped: AtomicU64,
+    lock_sessions: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A database failure as the crate's error (see the crate docs, "Errors"), with the whole
+/// chain of causes in its message (tokio-postgres says only "db error" at the top).
+fn db_error(context: &'static str, error: impl std::fmt::Display) -> Error {
+    Error::Io { context, path: PathBuf::from("postgres"), source: Arc::new(std::io::Error::other(error.to_string())) }
+}
+
+fn pg_error(context: &'static str, error: &tokio_postgres::Error) -> Error {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    db_error(context, message)
+}
+
+/// True when `error` means the connection is unusable (closed, ended by the server, or a
+/// fatal error): it must not go back to the pool.
+fn breaks_connection(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    if let Some(db) = error.as_db_error() {
+        let code = db.code().code();
+        return matches!(db.severity(), "FATAL" | "PANIC") || code.starts_with("57P") || code.starts_with("08");
+    }
+    std::error::Error::source(error).is_some_and(|cause| cause.is::<std::io::Error>())
+}
+
+/// A pooled connection that leaves the pool for good when a statement on it found it broken,
+/// so the next call connects anew instead of meeting the same dead socket.
+struct Conn {
+    object: Option<deadpool_postgres::Object>,
+    broken: AtomicBool,
+}
+
+impl Conn {
+    /// The crate's error for a failed statement on this connection.
+    fn err(&self, context: &'static str, error: tokio_postgres::Error) -> Error {
+        if breaks_connection(&error) {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        pg_error(context, &error)
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::ClientWrapper;
+    fn deref(&self) -> &Self::Target {
+        self.object.as_ref().expect("a Conn holds its object until dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.broken.load(Ordering::Relaxed)
+            && let Some(object) = self.object.take()
+        {
+            drop(deadpool_postgres::Object::take(object));
+        }
+    }
+}
+
+fn ms_to_time(ms: i64) -> SystemTime {
+    ms_to_system_time(u64::try_from(ms).unwrap_or(0))
+}
+
+fn time_to_ms(time: SystemTime) -> i64 {
+    i64::try_from(system_time_to_ms(time)).unwrap_or(i64::MAX)
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn hash_from_bytes(bytes: &[u8]) -> Result<u128> {
+    let array: [u8; 16] =
+        bytes.try_into().map_err(|_| db_error("reading a request hash", "stored request hash is not 16 bytes"))?;
+    Ok(u128::from_be_bytes(array))
+}
+
+/// The NOTIFY payload of a key: its xxh3-64 in hex (payloads are text; keys are bytes).
+fn key_payload(key: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(key))
+}
+
+/// How far a cached replay must live beyond this replica's estimate of the database's time to
+/// be answered from the cache: covers the error of the estimate (about a round trip).
+const CACHE_MARGIN_MS: i64 = 1_000;
+
+/// Tries of the claim statement when the row it conflicted with is not in its snapshot (it was
+/// committed by a concurrent claim after the statement began); each try sees a newer snapshot.
+const CLAIM_TRIES: usize = 20;
+
+/// Local waiters of keys, woken by notifications (by key hash) and by clock changes.
+#[derive(Default)]
+struct Waiters {
+    by_key: Mutex<HashMap<u64, Arc<Notify>>>,
+    everyone: Notify,
+}
+
+impl Waiters {
+    fn notify_for(&self, key_hash: u64) -> Arc<Notify> {
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key_hash).or_default().clone()
+    }
+
+    fn wake(&self, key_hash: u64) {
+        let map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(notify) = map.get(&key_hash) {
+            notify.notify_waiters();
+        }
+    }
+
+    fn wake_all(&self) {
+        self.everyone.notify_waiters();
+    }
+
+    /// Drops the entry of `key_hash` when no waiter holds it any more.
+    fn forget(&self, key_hash: u64) {
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&key_hash).is_some_and(|n| Arc::strong_count(n) == 1) {
+            map.remove(&key_hash);
+        }
+    }
+}
+
+struct Inner {
+    pool: Pool,
+    pg_config: tokio_postgres::Config,
+    sql: schema::Sql,
+    options: PgOptions,
+    identity: u64,
+    incarnation: i64,
+    /// The test clock offset (ms) added to the database's time.
+    offset_ms: AtomicI64,
+    /// The database's time (with the offset) minus this machine's, as last seen: the replay
+    /// cache's estimate of the database's time.
+    skew_ms: AtomicI64,
+    cache: Option<cache::ReplayCache>,
+    waiters: Waiters,
+    counters: Counters,
+    /// The backend pid of the lock connection (0 while it is down).
+    lock_pid: AtomicI32,
+    shutdown: Notify,
+    closing: AtomicBool,
+}
+
+/// A dedupe window in a PostgreSQL table, shared by every replica that connects to it.
+///
+/// `Send + Sync`: share it as `Arc<PgStore>`. Dropping it ends its incarnation: its lock
+/// connection closes, and claims it still holds become orphans for the other replicas.
+pub struct PgStore {
+    inner: Arc<Inner>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("table", &self.inner.options.table)
+            .field("incarnation", &self.inner.incarnation)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_i64() -> Result<i64> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| db_error("drawing a random incarnation", e))?;
+    // Positive and never 0 (0 marks imported claims).
+    Ok((i64::from_le_bytes(bytes) & i64::MAX).max(1))
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a `postgres://` URL or a `key=value` string),
+    /// creates or upgrades the schema (unless `manage_schema` is off), takes this
+    /// incarnation's advisory lock, and starts listening for completions.
+    ///
+    /// Fails with `InvalidArgument` for a bad URL, table name or option, `UnsupportedVersion`
+    /// for a schema of another version, and `Io` when the database cannot be reached.
+    pub fn connect(url: &str, options: PgOptions) -> Result<PgStore> {
+        schema::check_table_name(&options.table)?;
+        if options.default_ttl.is_zero() || options.default_lease.is_zero() || options.default_ttl > TTL_MAX {
+            return Err(Error::InvalidArgument(
+                "default_ttl and default_lease must be at least 1 ms, ttl at most TTL_MAX",
+            ));
+        }
+        if options.pool_size == 0 || options.reap_batch <= 0 {
+            return Err(Error::InvalidArgument("pool_size and reap_batch must be at least 1"));
+        }
+        let mut pg_config: tokio_postgres::Config =
+            url.parse().map_err(|_| Error::InvalidArgument("not a PostgreSQL connection URL or string"))?;
+        let synchronous_commit = if options.durability == Durability::Sync { "on" } else { "off" };
+        let mut session_options = pg_config.get_options().unwrap_or("").to_owned();
+        // A generic plan for the store's few prepared statements: without it the server plans
+        // the claim's statement anew at every execution (its custom plans look cheaper than
+        // the generic one), which costs more than executing it.
+        session_options
+            .push_str(&format!(" -c synchronous_commit={synchronous_commit} -c plan_cache_mode=force_generic_plan"));
+        pg_config.options(session_options.trim());
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("idemstore");
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("idemstore-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| db_error("starting the store's runtime", e))?;
+        let inner = run_on(&runtime, Self::open_inner(pg_config, options))??;
+        let store = PgStore { inner, runtime: Some(runtime) };
+        Ok(store)
+    }
+
+    async fn open_inner(pg_config: tokio_postgres::Config, options: PgOptions) -> Result<Arc<Inner>> {
+        let manager =
+            Manager::from_config(pg_config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| db_error("building the connection pool", e))?;
+        let table = options.table.clone();
+        {
+            let mut client = pool.get().await.map_err(|e| db_error("connecting to postgres", e))?;
+            prepare_schema(&mut client, &table, &options).await?;
+        }
+        let identity = {
+            let client = pool.get().await.map_err(|e| db_error("connecting to postgres", e))?;
+            let row = client
+                .query_one(&format!("SELECT store_id FROM {table}_identity"), &[])
+                .await
+                .map_err(|e| db_error("reading the store's identity", e))?;
+            row.try_get::<_, i64>(0).map_err(|e| db_error("reading the store's identity", e))? as u64
+        };
+        let inner = Arc::new(Inner {
+            pool,
+            pg_config,
+            sql: schema::Sql::new(&table),
+            cache: options.replay_cache.map(cache::ReplayCache::new),
+            options,
+            identity,
+            incarnation: random_i64()?,
+            offset_ms: AtomicI64::new(0),
+            skew_ms: AtomicI64::new(0),
+            waiters: Waiters::default(),
+            counters: Counters::default(),
+            lock_pid: AtomicI32::new(0),
+            shutdown: Notify::new(),
+            closing: AtomicBool::new(false),
+        });
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(lock_session(Arc::downgrade(&inner), ready_tx));
+        match ready_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(db_error("taking the incarnation lock", "the lock task ended")),
+        }
+        if let Some(interval) = inner.options.reap_interval {
+            tokio::spawn(reaper(Arc::downgrade(&inner), interval));
+        }
+        Ok(inner)
+    }
+
+    /// Runs `op` on the private runtime and blocks until it answers. Outside any runtime it is
+    /// driven by this thread; inside one (where `block_on` would panic) it runs on the private
+    /// runtime's threads while this thread waits.
+    fn block<T: Send + 'static>(&self, op: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        let Some(runtime) = self.runtime.as_ref() else {
+            return Err(db_error("running a store operation", "the store is closed"));
+        };
+        run_on(runtime, op)?
+    }
+
+    /// Claims `key` for the request `request` with the default TTL and lease. See
+    /// [`PgStore::claim_with`].
+    pub fn claim(&self, key: impl AsRef<[u8]>, request: impl AsRef<[u8]>) -> Result<Claim> {
+        self.claim_with(key, request, ClaimOptions::default())
+    }
+
+    /// Claims `key`, with the contract of [`idemstore::Store::claim_with`]: exactly one
+    /// concurrent claim (across every replica) is `Acquired`; a repeat is `InProgress` while
+    /// the holder's lease runs, `Completed` with the stored outcome after completion, and
+    /// `Mismatch` on every branch when the request differs. An in-flight claim whose lease ended
+    /// or whose holder is dead for certain is taken over (`recovered()`, last checkpoint).
+    pub fn claim_with(&self, key: impl AsRef<[u8]>, request: impl AsRef<[u8]>, options: ClaimOptions) -> Result<Claim> {
+        let inner = self.inner.clone();
+        let (key, request) = (key.as_ref().to_vec(), request.as_ref().to_vec());
+        inner.check_claim(&key, &options)?;
+        if let Some(answer) = inner.cached_claim(&key, &request)? {
+            return Ok(answer);
+        }
+        self.block(async move { inner.claim(&key, &request, &options).await })
+    }
+
+    /// Completes the claim held by `token`, storing `outcome` for every later repeat. Fails with
+    /// `StaleToken` when the token no longer holds the key, `ForeignToken` for a token of
+    /// another store, `OutcomeTooLong` over `max_outcome_len`.
+    pub fn complete(&self, token: &ClaimToken, outcome: impl AsRef<[u8]>) -> Result<()> {
+        let (inner, token, outcome) = (self.inner.clone(), token.clone(), outcome.as_ref().to_vec());
+        self.block(async move { inner.complete(&token, &outcome).await })
+    }
+
+    /// Records how far the holder got and renews the lease by the claim's lease length (the
+    /// token's lease end moves on).
+    pub fn checkpoint(&self, token: &ClaimToken, phase: impl AsRef<[u8]>) -> Result<()> {
+        let (inner, owned, phase) = (self.inner.clone(), token.clone(), phase.as_ref().to_vec());
+        let lease_until = self.block(async move { inner.checkpoint(&owned, &phase).await })?;
+        token.set_lease_expires_at(lease_until);
+        Ok(())
+    }
+
+    /// Gives the claim up: the key is free again.
+    pub fn release(&self, token: &ClaimToken) -> Result<()> {
+        let (inner, token) = (self.inner.clone(), token.clone());
+        self.block(async move { inner.release(&token).await })
+    }
+
+    /// The state of `key`: `None` when absent, released, removed or expired.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Entry>> {
+        let (inner, key) = (self.inner.clone(), key.as_ref().to_vec());
+        self.block(async move { inner.get(&key).await })
+    }
+
+    /// Removes `key` (absent is fine); an in-flight holder's token becomes stale. Other
+    /// replicas' replay caches may answer the key until its expiry (see the crate docs).
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<()> {
+        let (inner, key) = (self.inner.clone(), key.as_ref().to_vec());
+        self.block(async move { inner.remove(&key).await })
+    }
+
+    /// In-flight claims whose holder is dead for certain (its incarnation lock is free), sorted
+    /// by key; expired ones are left out.
+    pub fn orphans(&self) -> Result<Vec<Orphan>> {
+        let inner = self.inner.clone();
+        self.block(async move { inner.orphans().await })
+    }
+
+    /// This store's counters.
+    pub fn stats(&self) -> PgStats {
+        let c = &self.inner.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (hits, misses, entries) = match &self.inner.cache {
+            Some(cache) => (load(&cache.hits), load(&cache.misses), cache.len() as u64),
+            None => (0, 0, 0),
+        };
+        PgStats {
+            claims_acquired_total: load(&c.acquired),
+            lease_takeovers_total: load(&c.lease_takeovers),
+            orphan_takeovers_total: load(&c.orphan_takeovers),
+            duplicates_in_progress_total: load(&c.in_progress),
+            duplicates_replayed_total: load(&c.replayed),
+            mismatches_total: load(&c.mismatches),
+            stale_tokens_total: load(&c.stale),
+            cache_hits_total: hits,
+            cache_misses_total: misses,
+            cache_entries: entries,
+            reaped_rows_total: load(&c.reaped),
+            lock_sessions_total: load(&c.lock_sessions),
+        }
+    }
+
+    /// Deletes expired rows now, in batches of `reap_batch`; returns how many.
+    pub fn reap_expired(&self) -> Result<u64> {
+        let inner = self.inner.clone();
+        self.block(async move { inner.reap().await })
+    }
+
+    /// Every live key with its state and request hash, sorted by key: what another store's
+    /// import (`Store::import_entry`, [`PgStore::import_entry`]) takes to carry the window over.
+    pub fn export_entries(&self) -> Result<Vec<ExportedEntry>> {
+        let inner = self.inner.clone();
+        self.block(async move { inner.export_entries().await })
+    }
+
+    /// Writes one exported entry into the table. `Ok(false)`, writing nothing, when the key
+    /// already has a live entry here or the entry has expired. An imported in-flight claim
+    /// keeps its request hash, times and checkpoint and belongs to no process: the next claim
+    /// of its key takes it over at once with the checkpoint (as `orphans` says).
+    pub fn import_entry(&self, exported: &ExportedEntry) -> Result<bool> {
+        let (inner, exported) = (self.inner.clone(), exported.clone());
+        self.block(async move { inner.import_entry(&exported).await })
+    }
+
+    /// The identity that this table's tokens carry (a random number drawn when the schema was
+    /// created): replicas of one table accept each other's tokens, other stores refuse them.
+    pub fn identity(&self) -> u64 {
+        self.inner.identity
+    }
+
+    /// This store's incarnation: the number its claims record and its advisory lock key.
+    pub fn incarnation(&self) -> i64 {
+        self.inner.incarnation
+    }
+
+    /// The server process id of the lock connection (0 while it is being re-established): a
+    /// test can end it with `pg_terminate_backend` to make this store look dead to the others.
+    pub fn lock_backend_pid(&self) -> i32 {
+        self.inner.lock_pid.load(Ordering::Relaxed)
+    }
+
+    /// Test seam: moves the store's clock on by `by` (an offset added to the database's time in
+    /// every statement of this store). Waiters look again at once.
+    #[cfg(feature = "test-seams")]
+    pub fn advance_clock(&self, by: Duration) {
+        let by = duration_ms(by);
+        self.inner.offset_ms.fetch_add(by, Ordering::Relaxed);
+        self.inner.skew_ms.fetch_add(by, Ordering::Relaxed);
+        self.inner.waiters.wake_all();
+    }
+
+    /// Test seam: how far `PgStore::advance_clock` has moved this store's clock in all.
+    #[cfg(feature = "test-seams")]
+    pub fn clock_offset(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.inner.offset()).unwrap_or(0))
+    }
+
+    /// Ends this incarnation cleanly: lets its advisory lock go at once (so its in-flight claims
+    /// are orphans to the other replicas from this moment) and closes its connections.
+    pub fn close(mut self) -> Result<()> {
+        self.shut_down(true)
+    }
+
+    fn shut_down(&mut self, wait: bool) -> Result<()> {
+        let Some(runtime) = self.runtime.take() else { return Ok(()) };
+        self.inner.closing.store(true, Ordering::Relaxed);
+        self.inner.shutdown.notify_waiters();
+        let result = if wait {
+            let inner = self.inner.clone();
+            run_on(&runtime, async move {
+                // The lock task lets the lock go and clears the pid when it has.
+                for _ in 0..200 {
+                    if inner.lock_pid.load(Ordering::Relaxed) == 0 {
+                        return Ok(());
+                    }
+                    inner.shutdown.notify_waiters();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(db_error("letting the incarnation lock go", "the lock connection did not close in time"))
+            })
+            .and_then(|r| r)
+        } else {
+            Ok(())
+        };
+        self.inner.pool.close();
+        // Dropping a runtime blocks for its tasks, which is refused inside another runtime.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            runtime.shutdown_background();
+        } else {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+        result
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        let _ = self.shut_down(false);
+    }
+}
+
+/// Runs `op` to its end on `runtime`, from a thread inside or outside another runtime.
+fn run_on<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    op: impl Future<Output = T> + Send + 'static,
+) -> Result<T> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Ok(runtime.block_on(op));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    runtime.spawn(async move {
+        let _ = tx.send(op.await);
+    });
+    rx.recv().map_err(|_| db_error("running a store operation", "the store's runtime stopped"))
+}
+
+async fn prepare_schema(client: &mut deadpool_postgres::Object, table: &str, options: &PgOptions) -> Result<()> {
+    let ctx = "preparing the schema";
+    if options.manage_schema {
+        let tx = client.transaction().await.map_err(|e| db_error(ctx, e))?;
+        // Replicas starting together migrate one at a time.
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&format!("idemstore migrate {table}")])
+            .await
+            .map_err(|e| db_error(ctx, e))?;
+        tx.batch_execute(&schema::migrations_table(table)).await.map_err(|e| db_error(ctx, e))?;
+        let version = current_version(&tx, table).await?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::UnsupportedVersion {
+                file: PathBuf::from(format!("postgres table {table}_migrations")),
+                found: version as u32,
+                supported: SCHEMA_VERSION as u32,
+            });
+        }
+        for (i, migration) in schema::migrations(table, options.durability).iter().enumerate() {
+            let to = i as i32 + 1;
+            if to > version {
+                tx.batch_execute(migration).await.map_err(|e| db_error("migrating the schema", e))?;
+                tx.execute(&format!("INSERT INTO {table}_migrations (version) VALUES ($1)"), &[&to])
+                    .await
+                    .map_err(|e| db_error("migrating the schema", e))?;
+            }
+        }
+        let unlogged = is_unlogged(&tx, table).await?;
+        let want_unlogged = options.durability == Durability::None;
+        if unlogged != want_unlogged {
+            let mode = if want_unlogged { "UNLOGGED" } else { "LOGGED" };
+            tx.batch_execute(&format!("ALTER TABLE {table} SET {mode}"))
+                .await
+                .map_err(|e| db_error("changing the table's durability", e))?;
+        }
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+    } else {
+        let tx = client.transaction().await.map_err(|e| db_error(ctx, e))?;
+        let version = current_version(&tx, table).await?;
+        if version != SCHEMA_VERSION {
+            return Err(Error::UnsupportedVersion {
+                file: PathBuf::from(format!("postgres table {table}_migrations")),
+                found: version as u32,
+                supported: SCHEMA_VERSION as u32,
+            });
+        }
+        if is_unlogged(&tx, table).await? != (options.durability == Durability::None) {
+            return Err(Error::InvalidArgument(
+                "the table's logging does not match the durability: Durability::None needs an UNLOGGED table, \
+                 Sync and Periodic a logged one (ALTER TABLE .. SET UNLOGGED / SET LOGGED)",
+            ));
+        }
+        tx.commit().await.map_err(|e| db_error(ctx, e))?;
+    }
+    Ok(())
+}
+
+async fn current_version(tx: &deadpool_postgres::Transaction<'_>, table: &str) -> Result<i32> {
+    let exists: bool = tx
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{table}_migrations")])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| db_error("reading the schema version", e))?;
+    if !exists {
+        return Ok(0);
+    }
+    tx.query_one(&format!("SELECT coalesce(max(version), 0) FROM {table}_migrations"), &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| db_error("reading the schema version", e))
+}
+
+async fn is_unlogged(tx: &deadpool_postgres::Transaction<'_>, table: &str) -> Result<bool> {
+    let persistence: Option<i8> = tx
+        .query_one("SELECT (SELECT relpersistence FROM pg_class WHERE oid = to_regclass($1))", &[&table])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| db_error("reading the table's durability", e))?;
+    Ok(persistence == Some(b'u' as i8))
+}
+
+/// Holds the incarnation's advisory lock on a connection of its own, listens for the table's
+/// notifications on it, and re-establishes both when the connection is lost.
+async fn lock_session(inner: Weak<Inner>, ready: tokio::sync::oneshot::Sender<Result<()>>) {
+    let mut ready = Some(ready);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        if strong.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        let config = strong.pg_config.clone();
+        let incarnation = strong.incarnation;
+        let channel = strong.sql.channel.clone();
+        drop(strong);
+        let connected = async {
+            let (client, mut connection) =
+                config.connect(NoTls).await.map_err(|e| db_error("opening the lock connection", e))?;
+            // Drive the connection, handing notifications to the waiters.
+            let notify_target = inner.clone();
+            let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                while let Some(message) = messages.next().await {
+                    match message {
+                        Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                            if let (Some(inner), Ok(hash)) =
+                                (notify_target.upgrade(), u64::from_str_radix(n.payload(), 16))
+                            {
+                                inner.waiters.wake(hash);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                let _ = lost_tx.send(());
+            });
+            client
+                .execute("SELECT pg_advisory_lock($1)", &[&incarnation])
+                .await
+                .map_err(|e| db_error("taking the incarnation lock", e))?;
+            client.batch_execute(&format!("LISTEN {channel}")).await.map_err(|e| db_error("listening", e))?;
+            let pid: i32 = client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(|e| db_error("reading the lock connection's pid", e))?;
+            Ok::<_, Error>((client, lost_rx, pid))
+        }
+        .await;
+        let (client, lost_rx, pid) = match connected {
+            Ok(parts) => parts,
+            Err(e) => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let Some(strong) = inner.upgrade() else { return };
+        strong.lock_pid.store(pid, Ordering::Relaxed);
+        bump(&strong.counters.lock_sessions);
+        // Notifications may have been missed while the connection was down.
+        strong.waiters.wake_all();
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(Ok(()));
+        }
+        // `strong` lives on while the session does: the store's shutdown (at `close` or drop)
+        // ends the session, and with it this reference.
+        let ended_by_shutdown = {
+            let shutdown = strong.shutdown.notified();
+            tokio::pin!(shutdown);
+            shutdown.as_mut().enable();
+            strong.closing.load(Ordering::Relaxed)
+                || tokio::select! {
+                    _ = shutdown => true,
+                    _ = lost_rx => false,
+                }
+        };
+        drop(strong);
+        if ended_by_shutdown {
+            let _ = client.execute("SELECT pg_advisory_unlock_all()", &[]).await;
+            drop(client);
+            if let Some(strong) = inner.upgrade() {
+                strong.lock_pid.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        if let Some(strong) = inner.upgrade() {
+            strong.lock_pid.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn reaper(inner: Weak<Inner>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(strong) = inner.upgrade() else { return };
+        if strong.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        // A failed pass is retried at the next interval; expired rows are invisible meanwhile.
+        let _ = strong.reap().await;
+    }
+}
+
+/// A claim's row as the claim statement returns it.
+struct ClaimRow {
+    acquired: bool,
+    fence: i64,
+    recovered: bool,
+    completed: bool,
+    request_hash: u128,
+    claimed_at_ms: i64,
+    lease_until_ms: i64,
+    expires_at_ms: i64,
+    completed_at_ms: Option<i64>,
+    value: Option<Vec<u8>>,
+    /// The key was taken over from a dead holder before its lease ended.
+    orphan_takeover: bool,
+    now_ms: i64,
+}
+
+impl ClaimRow {
+    fn read(row: &tokio_postgres::Row) -> Result<ClaimRow> {
+        let ctx = "reading a claim's row";
+        let hash: Vec<u8> = row.try_get(4).map_err(|e| db_error(ctx, e))?;
+        let read = || -> std::result::Result<ClaimRow, tokio_postgres::Error> {
+            Ok(ClaimRow {
+                acquired: row.try_get(0)?,
+                fence: row.try_get(1)?,
+                recovered: row.try_get(2)?,
+                completed: row.try_get(3)?,
+                request_hash: 0,
+                claimed_at_ms: row.try_get(5)?,
+                lease_until_ms: row.try_get(6)?,
+                expires_at_ms: row.try_get(7)?,
+                completed_at_ms: row.try_get(8)?,
+                value: row.try_get(9)?,
+                orphan_takeover: row.try_get(11)?,
+                now_ms: row.try_get(12)?,
+            })
+        };
+        let mut claim_row = read().map_err(|e| db_error(ctx, e))?;
+        claim_row.request_hash = hash_from_bytes(&hash)?;
+        Ok(claim_row)
+    }
+}
+
+impl Inner {
+    fn offset(&self) -> i64 {
+        self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    async fn client(&self) -> Result<Conn> {
+        let object = self.pool.get().await.map_err(|e| db_error("getting a postgres connection", e))?;
+        Ok(Conn { object: Some(object), broken: AtomicBool::new(false) })
+    }
+
+    /// Notes the database's time seen by a statement, for the cache's estimate.
+    fn saw_db_time(&self, now_ms: i64) {
+        if self.cache.is_some() {
+            let local = time_to_ms(SystemTime::now());
+            self.skew_ms.store(now_ms - local, Ordering::Relaxed);
+        }
+    }
+
+    fn estimated_db_now(&self) -> i64 {
+        time_to_ms(SystemTime::now()) + self.skew_ms.load(Ordering::Relaxed)
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        if key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        if key.len() > self.options.max_key_len {
+            return Err(Error::KeyTooLong { len: key.len(), max: self.options.max_key_len });
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<()> {
+        if value.len() > self.options.max_outcome_len {
+            return Err(Error::OutcomeTooLong { len: value.len(), max: self.options.max_outcome_len });
+        }
+        Ok(())
+    }
+
+    fn check_token(&self, token: &ClaimToken) -> Result<()> {
+        if token.backend() != self.identity {
+            return Err(Error::ForeignToken);
+        }
+        Ok(())
+    }
+
+    /// The replay cache's answer for a claim, when it has one (no round trip).
+    fn cached_claim(&self, key: &[u8], request: &[u8]) -> Result<Option<Claim>> {
+        let Some(cache) = &self.cache else { return Ok(None) };
+        self.check_key(key)?;
+        let answer = cache.lookup(key, request_hash(request), self.estimated_db_now(), CACHE_MARGIN_MS);
+        Ok(answer.map(|cached| match cached {
+            cache::Cached::Replay(done) => {
+                bump(&self.counters.replayed);
+                Claim::Completed(done)
+            }
+            cache::Cached::Mismatch => {
+                bump(&self.counters.mismatches);
+                Claim::Mismatch
+            }
+        }))
+    }
+
+    /// Checks a claim's key and options; returns its TTL and lease in ms.
+    fn check_claim(&self, key: &[u8], options: &ClaimOptions) -> Result<(i64, i64)> {
+        self.check_key(key)?;
+        let ttl = options.ttl.unwrap_or(self.options.default_ttl);
+        let lease = options.lease.unwrap_or(self.options.default_lease);
+        if duration_ms(ttl) == 0 || duration_ms(lease) == 0 {
+            return Err(Error::InvalidArgument("ttl and lease must be at least 1 ms"));
+        }
+        if ttl > TTL_MAX {
+            return Err(Error::InvalidArgument("ttl must be at most TTL_MAX (10 years)"));
+        }
+        Ok((duration_ms(ttl), duration_ms(lease)))
+    }
+
+    /// A claim through the database (the callers looked in the replay cache first).
+    async fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
+        let (ttl_ms, lease_ms) = self.check_claim(key, options)?;
+        let hash = request_hash(request);
+        let deadline = options.wait.map(|w| tokio::time::Instant::now().checked_add(w));
+        let key_hash = xxhash_rust::xxh3::xxh3_64(key);
+        let waiting = deadline.map(|_| self.waiters.notify_for(key_hash));
+        let result = self.claim_loop(key, hash, ttl_ms, lease_ms, deadline, waiting.as_deref()).await;
+        if waiting.is_some() {
+            drop(waiting);
+            self.waiters.forget(key_hash);
+        }
+        result
+    }
+
+    async fn claim_loop(
+        &self,
+        key: &[u8],
+        hash: u128,
+        ttl_ms: i64,
+        lease_ms: i64,
+        deadline: Option<Option<tokio::time::Instant>>,
+        waiting: Option<&Notify>,
+    ) -> Result<Claim> {
+        let mut watched_fence = None;
+        loop {
+            // A waiter listens before it looks, so that a change between the look and the sleep
+            // wakes it (a claim that does not wait listens to nothing).
+            let mut key_changed = waiting.map(|n| Box::pin(n.notified()));
+            let mut clock_changed = waiting.map(|_| Box::pin(self.waiters.everyone.notified()));
+            for notified in key_changed.iter_mut().chain(clock_changed.iter_mut()) {
+                notified.as_mut().enable();
+            }
+            let row = self.claim_once(key, hash, ttl_ms, lease_ms).await?;
+            self.saw_db_time(row.now_ms);
+            if row.acquired {
+                bump(&self.counters.acquired);
+                if row.orphan_takeover {
+                    bump(&self.counters.orphan_takeovers);
+                } else if row.recovered {
+                    bump(&self.counters.lease_takeovers);
+                }
+                let token = ClaimToken::for_backend(
+                    self.identity,
+                    key,
+                    row.fence as u64,
+                    row.recovered,
+                    row.value,
+                    ms_to_time(row.lease_until_ms),
+                );
+                return Ok(Claim::Acquired(token));
+            }
+            if row.request_hash != hash {
+                bump(&self.counters.mismatches);
+                return Ok(Claim::Mismatch);
+            }
+            if row.completed {
+                bump(&self.counters.replayed);
+                let done = Completed {
+                    outcome: row.value.unwrap_or_default(),
+                    completed_at: ms_to_time(row.completed_at_ms.unwrap_or(row.claimed_at_ms)),
+                    claimed_at: ms_to_time(row.claimed_at_ms),
+                    expires_at: ms_to_time(row.expires_at_ms),
+                };
+                if let Some(cache) = &self.cache {
+                    cache.insert(key, hash, done.clone(), row.expires_at_ms, row.now_ms);
+                }
+                return Ok(Claim::Completed(done));
+            }
+            // In flight for a live holder.
+            let now = tokio::time::Instant::now();
+            let remaining = match deadline {
+                None => None,
+                Some(None) => Some(Duration::MAX),
+                Some(Some(at)) => at.checked_duration_since(now).filter(|d| !d.is_zero()),
+            };
+            let Some(left) = remaining else {
+                bump(&self.counters.in_progress);
+                return Ok(Claim::InProgress {
+                    lease_expires_at: ms_to_time(row.lease_until_ms),
+                    expires_at: ms_to_time(row.expires_at_ms),
+                });
+            };
+            if watched_fence != Some(row.fence) {
+                // Ask the holder's complete or release to notify; when the row changed meanwhile,
+                // look again at once.
+                let client = self.client().await?;
+                let statement = client.prepare_cached(&self.sql.watch).await.map_err(|e| client.err("waiting", e))?;
+                let updated = client
+                    .execute(&statement, &[&self.offset(), &key, &row.fence])
+                    .await
+                    .map_err(|e| client.err("waiting", e))?;
+                if updated == 0 {
+                    continue;
+                }
+                watched_fence = Some(row.fence);
+            }
+            // The key also changes, with nothing written, at the lease's end (a takeover) and
+            // the window's end: look again then at the latest.
+            let change_at = row.lease_until_ms.min(row.expires_at_ms);
+            let until_change = Duration::from_millis(u64::try_from(change_at - row.now_ms).unwrap_or(0).max(1));
+            let sleep = left.min(until_change);
+            tokio::select! {
+                _ = async { match key_changed { Some(k) => k.await, None => std::future::pending().await } } => {}
+                _ = async { match clock_changed { Some(c) => c.await, None => std::future::pending().await } } => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    async fn claim_once(&self, key: &[u8], hash: u128, ttl_ms: i64, lease_ms: i64) -> Result<ClaimRow> {
+        let ctx = "claiming a key";
+        let client = self.client().await?;
+        let hash_bytes = hash.to_be_bytes();
+        if self.options.fresh_key_fast_path {
+            let statement = client.prepare_cached(&self.sql.claim_fresh).await.map_err(|e| client.err(ctx, e))?;
+            let rows = client
+                .query(&statement, &[&self.offset(), &key, &&hash_bytes[..], &self.incarnation, &lease_ms, &ttl_ms])
+                .await
+                .map_err(|e| client.err(ctx, e))?;
+            if let Some(row) = rows.first() {
+                let read = || -> std::result::Result<ClaimRow, tokio_postgres::Error> {
+                    let claimed_at_ms: i64 = row.try_get(1)?;
+                    Ok(ClaimRow {
+                        acquired: true,
+                        fence: row.try_get(0)?,
+                        recovered: false,
+                        completed: false,
+                        request_hash: hash,
+                        claimed_at_ms,
+                        lease_until_ms: row.try_get(2)?,
+                        expires_at_ms: row.try_get(3)?,
+                        completed_at_ms: None,
+                        value: None,
+                        orphan_takeover: false,
+                        now_ms: claimed_at_ms,
+                    })
+                };
+                return read().map_err(|e| client.err(ctx, e));
+            }
+        }
+        let statement = client.prepare_cached(&self.sql.claim).await.map_err(|e| client.err(ctx, e))?;
+        let take_orphans = self.options.orphans == OrphanPolicy::TakeOver;
+        for _ in 0..CLAIM_TRIES {
+            let rows = client
+                .query(
+                    &statement,
+                    &[&self.offset(), &key, &&hash_bytes[..], &self.incarnation, &lease_ms, &ttl_ms, &take_orphans],
+                )
+                .await
+                .map_err(|e| client.err(ctx, e))?;
+            let Some(row) = rows.first() else { continue };
+            let row = ClaimRow::read(row)?;
+            // A row outside the window read from the statement's snapshot: a concurrent claim
+            // changed it after the snapshot was taken; look again.
+            if !row.acquired && row.expires_at_ms <= row.now_ms {
+                continue;
+            }
+            return Ok(row);
+        }
+        Err(db_error(ctx, "the key kept changing under concurrent claims; try again"))
+    }
+
+    async fn complete(&self, token: &ClaimToken, outcome: &[u8]) -> Result<()> {
+        self.check_token(token)?;
+        self.check_value(outcome)?;
+        let ctx = "completing a claim";
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&self.sql.complete).await.map_err(|e| client.err(ctx, e))?;
+        let rows = client
+            .query(
+                &statement,
+                &[&self.offset(), &token.key(), &(token.id() as i64), &outcome, &key_payload(token.key())],
+            )
+            .await
+            .map_err(|e| client.err(ctx, e))?;
+        let Some(row) = rows.first() else {
+            bump(&self.counters.stale);
+            return Err(Error::StaleToken);
+        };
+        if let Some(cache) = &self.cache {
+            let read = || -> std::result::Result<(i64, i64, i64, Vec<u8>, i64), tokio_postgres::Error> {
+                Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?))
+            };
+            if let Ok((claimed_at, expires_at, completed_at, hash, now_ms)) = read()
+                && let Ok(hash) = hash_from_bytes(&hash)
+            {
+                self.saw_db_time(now_ms);
+                let done = Completed {
+                    outcome: outcome.to_vec(),
+                    completed_at: ms_to_time(completed_at),
+                    claimed_at: ms_to_time(claimed_at),
+                    expires_at: ms_to_time(expires_at),
+                };
+                cache.insert(token.key(), hash, done, expires_at, now_ms);
+            }
+        }
+        self.waiters.wake(xxhash_rust::xxh3::xxh3_64(token.key()));
+        Ok(())
+    }
+
+    async fn checkpoint(&self, token: &ClaimToken, phase: &[u8]) -> Result<SystemTime> {
+        self.check_token(token)?;
+        if phase.is_empty() {
+            return Err(Error::InvalidArgument("a checkpoint phase must not be empty"));
+        }
+        self.check_value(phase)?;
+        let ctx = "checkpointing a claim";
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&self.sql.checkpoint).await.map_err(|e| client.err(ctx, e))?;
+        let rows = client
+            .query(&statement, &[&self.offset(), &token.key(), &(token.id() as i64), &phase])
+            .await
+            .map_err(|e| client.err(ctx, e))?;
+        let Some(row) = rows.first() else {
+            bump(&self.counters.stale);
+            return Err(Error::StaleToken);
+        };
+        let lease_until: i64 = row.try_get(0).map_err(|e| client.err(ctx, e))?;
+        Ok(ms_to_time(lease_until))
+    }
+
+    async fn release(&self, token: &ClaimToken) -> Result<()> {
+        self.check_token(token)?;
+        let ctx = "releasing a claim";
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&self.sql.release).await.map_err(|e| client.err(ctx, e))?;
+        let rows = client
+            .query(&statement, &[&self.offset(), &token.key(), &(token.id() as i64), &key_payload(token.key())])
+            .await
+            .map_err(|e| client.err(ctx, e))?;
+        if rows.is_empty() {
+            bump(&self.counters.stale);
+            return Err(Error::StaleToken);
+        }
+        self.waiters.wake(xxhash_rust::xxh3::xxh3_64(token.key()));
+        Ok(())
+    }
+
+    async fn remove(&self, key: &[u8]) -> Result<()> {
+        self.check_key(key)?;
+        if let Some(cache) = &self.cache {
+            cache.invalidate(key);
+        }
+        let ctx = "removing a key";
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&self.sql.remove).await.map_err(|e| client.err(ctx, e))?;
+        client.query(&statement, &[&key, &key_payload(key)]).await.map_err(|e| client.err(ctx, e))?;
+        if let Some(cache) = &self.cache {
+            // A replay that raced with the delete may have put it back.
+            cache.invalidate(key);
+        }
+        self.waiters.wake(xxhash_rust::xxh3::xxh3_64(key));
+        Ok(())
+    }
+
+    async fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+        self.check_key(key)?;
+        let ctx = "reading a key";
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&self.sql.get).await.map_err(|e| client.err(ctx, e))?;
+        let rows = client
+            .query(&statement, &[&self.offset(), &key, &self.incarnation])
+            .await
+            .map_err(|e| client.err(ctx, e))?;
+        let Some(row) = rows.first() else { return Ok(None) };
+        entry_from_row(row, 0).map(|(entry, _)| Some(entry)).map_err(|e| client.err(ctx, e))
+    }
+
+    async fn orphans(&self) -> Result<Vec<Orphan>> {
+        let ctx = "listing orphans";
+        let client = self.client().await?;
+        let rows = client
+            .query(&self.sql.orphans, &[&self.offset(), &self.incarnation])
+            .await
+            .map_err(|e| client.err(ctx, e))?;
+        rows.iter()
+            .map(|row| {
+                let checkpoint: Option<Vec<u8>> = row.try_get(3)?;
+                Ok(Orphan {
+                    key: row.try_get(0)?,
+                    claimed_at: ms_to_time(row.try_get(1)?),
+                    lease_expires_at: ms_to_time(row.try_get(2)?),
+                    checkpoint: checkpoint.filter(|c| !c.is_empty()),
+                })
+            })
+            .collect::<std::result::Result<_, tokio_postgres::Error>>()
+            .map_err(|e| client.err(ctx, e))
+    }
+
+    async fn reap(&self) -> Result<u64> {
+        let ctx = "deleting expired rows";
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&self.sql.reap).await.map_err(|e| client.err(ctx, e))?;
+        let batch = self.options.reap_batch;
+        let mut total = 0;
+        loop {
+            let deleted =
+                client.execute(&statement, &[&self.offset(), &batch]).await.map_err(|e| client.err(ctx, e))?;
+            total += deleted;
+            self.counters.reaped.fetch_add(deleted, Ordering::Relaxed);
+            if deleted < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn export_entries(&self) -> Result<Vec<ExportedEntry>> {
+        let ctx = "exporting entries";
+        let client = self.client().await?;
+        let rows = client
+            .query(&self.sql.export, &[&self.offset(), &self.incarnation])
+            .await
+            .map_err(|e| client.err(ctx, e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let key: Vec<u8> = row.try_get(0).map_err(|e| client.err(ctx, e))?;
+            let hash: Vec<u8> = row.try_get(1).map_err(|e| client.err(ctx, e))?;
+            let (entry, _) = entry_from_row(row, 2).map_err(|e| client.err(ctx, e))?;
+            out.push(ExportedEntry { key, request_hash: hash_from_bytes(&hash)?, entry });
+        }
+        Ok(out)
+    }
+
+    async fn import_entry(&self, exported: &ExportedEntry) -> Result<bool> {
+        let key = exported.key.as_slice();
+        self.check_key(key)?;
+        let (completed, value, claimed_at, lease_until, expires_at, completed_at) = match &exported.entry {
+            Entry::InFlight { claimed_at, lease_expires_at, expires_at, checkpoint, .. } => (
+                false,
+                checkpoint.clone(),
+                time_to_ms(*claimed_at),
+                time_to_ms(*lease_expires_at),
+                time_to_ms(*expires_at),
+                None,
+            ),
+            Entry::Completed(done) => (
+                true,
+                Some(done.outcome.clone()),
+                time_to_ms(done.claimed_at),
+                time_to_ms(done.completed_at),
+                time_to_ms(done.expires_at),
+                Some(time_to_ms(done.completed_at)),
+            ),
+        };
+        if let Some(value) = &value {
+            self.check_value(value)?;
+        }
+        let lease_ms = (lease_until - claimed_at).max(1);
+        let ctx = "importing an entry";
+        let client = self.client().await?;
+        let hash = exported.request_hash.to_be_bytes();
+        let rows = client
+            .query(
+                &self.sql.import,
+                &[
+                    &self.offset(),
+                    &key,
+                    &&hash[..],
+                    &completed,
+                    &claimed_at,
+                    &lease_ms,
+                    &lease_until,
+                    &expires_at,
+                    &completed_at,
+                    &value,
+                ],
+            )
+            .await
+            .map_err(|e| client.err(ctx, e))?;
+        Ok(!rows.is_empty())
+    }
+}
+
+/// An `Entry` from a row whose columns from `at` on are: completed, claimed_at, lease_until,
+/// expires_at, completed_at, value, orphaned.
+fn entry_from_row(row: &tokio_postgres::Row, at: usize) -> std::result::Result<(Entry, bool), tokio_postgres::Error> {
+    let completed: bool = row.try_get(at)?;
+    let claimed_at: i64 = row.try_get(at + 1)?;
+    let lease_until: i64 = row.try_get(at + 2)?;
+    let expires_at: i64 = row.try_get(at + 3)?;
+    let completed_at: Option<i64> = row.try_get(at + 4)?;
+    let value: Option<Vec<u8>> = row.try_get(at + 5)?;
+    let orphaned: Option<bool> = row.try_get(at + 6)?;
+    let orphaned = orphaned.unwrap_or(false);
+    let entry = if completed {
+        Entry::Completed(Completed {
+            outcome: value.unwrap_or_default(),
+            completed_at: ms_to_time(completed_at.unwrap_or(claimed_at)),
+            claimed_at: ms_to_time(claimed_at),
+            expires_at: ms_to_time(expires_at),
+        })
+    } else {
+        Entry::InFlight {
+            claimed_at: ms_to_time(claimed_at),
+            lease_expires_at: ms_to_time(lease_until),
+            expires_at: ms_to_time(expires_at),
+            checkpoint: value.filter(|v| !v.is_empty()),
+            orphaned,
+        }
+    };
+    Ok((entry, orphaned))
+}
+
+impl PgStore {
+    /// Runs `op` on the private runtime and awaits it from any executor.
+    fn spawn<T: Send + 'static>(
+        &self,
+        op: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> impl Future<Output = Result<T>> + Send + 'static {
+        let handle = self.runtime.as_ref().map(|r| r.handle().clone());
+        async move {
+            let Some(handle) = handle else {
+                return Err(db_error("running a store operation", "the store is closed"));
+            };
+            handle.spawn(op).await.map_err(|e| db_error("running a store operation", e))?
+        }
+    }
+}
+
+impl DedupeStore for PgStore {
+    fn claim_with(
+        &self,
+        key: &[u8],
+        request: &[u8],
+        options: ClaimOptions,
+    ) -> impl Future<Output = Result<Claim>> + Send {
+        let inner = self.inner.clone();
+        let (key, request) = (key.to_vec(), request.to_vec());
+        let handle = self.runtime.as_ref().map(|r| r.handle().clone());
+        async move {
+            inner.check_claim(&key, &options)?;
+            if let Some(answer) = inner.cached_claim(&key, &request)? {
+                return Ok(answer);
+            }
+            let Some(handle) = handle else {
+                return Err(db_error("running a store operation", "the store is closed"));
+            };
+            // The claim runs to its end on the store's runtime; if this future was dropped
+            // meanwhile, nobody will ever see the token, so the claim is released there.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let worker = inner.clone();
+            handle.spawn(async move {
+                let answer = worker.claim(&key, &request, &options).await;
+                if let Err(Ok(Claim::Acquired(token))) = tx.send(answer) {
+                    let _ = worker.release(&token).await;
+                }
+            });
+            rx.await.map_err(|_| db_error("claiming a key", "the store's runtime stopped"))?
+        }
+    }
+
+    fn complete(&self, token: &ClaimToken, outcome: &[u8]) -> impl Future<Output = Result<()>> + Send {
+        let (inner, token, outcome) = (self.inner.clone(), token.clone(), outcome.to_vec());
+        self.spawn(async move { inner.complete(&token, &outcome).await })
+    }
+
+    fn checkpoint(&self, token: &ClaimToken, phase: &[u8]) -> impl Future<Output = Result<()>> + Send {
+        let (inner, owned, phase) = (self.inner.clone(), token.clone(), phase.to_vec());
+        let run = self.spawn(async move { inner.checkpoint(&owned, &phase).await });
+        async move {
+            let lease_until = run.await?;
+            // The caller's token learns its new lease end, as `Store`'s does.
+            token.set_lease_expires_at(lease_until);
+            Ok(())
+        }
+    }
+
+    fn release(&self, token: &ClaimToken) -> impl Future<Output = Result<()>> + Send {
+        let (inner, token) = (self.inner.clone(), token.clone());
+        self.spawn(async move { inner.release(&token).await })
+    }
+
+    fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Entry>>> + Send {
+        let (inner, key) = (self.inner.clone(), key.to_vec());
+        self.spawn(async move { inner.get(&key).await })
+    }
+
+    fn remove(&self, key: &[u8]) -> impl Future<Output = Result<()>> + Send {
+        let (inner, key) = (self.inner.clone(), key.to_vec());
+        self.spawn(async move { inner.remove(&key).await })
+    }
+}
