@@ -90,6 +90,16 @@ fn ttl_ms(ttl: Duration) -> Result<u64> {
 }
 
 impl Inner {
+    /// The checks before a write that sets a key's window (`touch`, `advance`): the key, the
+    /// TTL (returned in ms, with the key's index hash), a writable store, back-pressure.
+    fn checked_window_write(&self, key: &[u8], ttl: Duration) -> Result<(u64, u64)> {
+        self.check_key(key)?;
+        let ttl_ms = ttl_ms(ttl)?;
+        self.check_writable()?;
+        self.backpressure()?;
+        Ok((ttl_ms, self.key_hash(key)))
+    }
+
     fn extend_lease_unsettled(&self, token: &ClaimToken, hash: u64, lease: Duration) -> Result<(Result<()>, u64)> {
         if token.store != self.identity {
             return Err(Error::ForeignToken);
@@ -141,11 +151,7 @@ impl Inner {
     }
 
     fn touch_unsettled(&self, key: &[u8], ttl: Duration) -> Result<(Option<SystemTime>, u64)> {
-        self.check_key(key)?;
-        let ttl_ms = ttl_ms(ttl)?;
-        self.check_writable()?;
-        self.backpressure()?;
-        let hash = self.key_hash(key);
+        let (ttl_ms, hash) = self.checked_window_write(key, ttl)?;
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
         let now_ms = self.time.now_ms();
@@ -177,11 +183,7 @@ impl Inner {
     }
 
     fn advance_unsettled(&self, key: &[u8], version: u64, ttl: Duration) -> Result<(Advance, u64)> {
-        self.check_key(key)?;
-        let ttl_ms = ttl_ms(ttl)?;
-        self.check_writable()?;
-        self.backpressure()?;
-        let hash = self.key_hash(key);
+        let (ttl_ms, hash) = self.checked_window_write(key, ttl)?;
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
         let now_ms = self.time.now_ms();
