@@ -191,7 +191,14 @@ fn acknowledged_advances_and_touches_survive_a_sigkill() {
 fn history_counts_the_replays_a_completion_served() {
     let clock = ManualClock::new(START_MS);
     let dir = tempfile::tempdir().unwrap();
-    let store = common::open(dir.path(), &clock);
+    let counting = || Options { count_replays: true, ..common::options(&clock) };
+    let other = tempfile::tempdir().unwrap();
+    let uncounted = common::open(other.path(), &clock);
+    let t = acquired(uncounted.claim("k", b"req").unwrap());
+    uncounted.complete(&t, b"done").unwrap();
+    let _ = uncounted.claim("k", b"req").unwrap();
+    assert_eq!(uncounted.history("k").unwrap().unwrap().replays_served, 0, "not counted unless asked for");
+    let store = Store::open(dir.path(), counting()).unwrap();
     let token = acquired(store.claim("k", b"req").unwrap());
     let in_flight = store.history("k").unwrap().unwrap();
     assert_eq!((in_flight.claimed_at, in_flight.completed_at, in_flight.replays_served), (at(START_MS), None, 0));
@@ -209,7 +216,7 @@ fn history_counts_the_replays_a_completion_served() {
 
     // Written at close: a reopen (and a read-only view) sees it, and counts on from there.
     drop(store);
-    let store = common::open(dir.path(), &clock);
+    let store = Store::open(dir.path(), counting()).unwrap();
     assert_eq!(store.history("k").unwrap().unwrap().replays_served, 3, "kept across a reopen");
     let _ = store.claim("k", b"req").unwrap();
     assert_eq!(store.history("k").unwrap().unwrap().replays_served, 4);

@@ -75,12 +75,14 @@ impl Inner {
                     } else {
                         shard.local.counters.duplicates_replayed_total += 1;
                     }
-                    let pending = shard
-                        .local
-                        .replays
-                        .entry(loc_id(found.old.loc))
-                        .or_insert(history::PendingReplays { count: 0, since_ms: now_ms });
-                    pending.count = pending.count.saturating_add(1);
+                    if self.options.count_replays {
+                        let pending = shard
+                            .local
+                            .replays
+                            .entry(loc_id(found.old.loc))
+                            .or_insert(history::PendingReplays { count: 0, since_ms: now_ms });
+                        pending.count = pending.count.saturating_add(1);
+                    }
                     let outcome = std::mem::take(&mut found.value);
                     break (Claim::Completed(completed_from(&found.header, outcome)), seen_seq);
                 }

@@ -38,9 +38,10 @@ pub struct KeyHistory {
     pub claimed_at: SystemTime,
     /// When it completed; `None` while in flight.
     pub completed_at: Option<SystemTime>,
-    /// Repeats answered with the stored outcome (replays, and waits that ended in it). Counted
-    /// in memory and written into the files within a minute, and at close: a crash loses the
-    /// last minute's count, and a read-only view (the CLI) sees what was written.
+    /// Repeats answered with the stored outcome (replays, and waits that ended in it), counted
+    /// while `Options::count_replays` is set (0 otherwise). Counted in memory and written into
+    /// the files within a minute, and at close: a crash loses the last minute's count, and a
+    /// read-only view (the CLI) sees what was written.
     pub replays_served: u64,
     /// When the key leaves the window.
     pub expires_at: SystemTime,
