@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::claim::Tally;
 use super::lookup::Current;
 use super::{Inner, Store};
 use crate::clock::system_time_to_ms;
@@ -352,22 +353,6 @@ impl Inner {
         self.key_changed(locked, hash);
         Ok(())
     }
-
-    /// An async claim answered `InProgress` goes on to wait: it is not counted as answered in
-    /// progress (its final answer is counted), as a blocking claim's wait is not.
-    fn uncount_in_progress(&self, hash: u64) {
-        let mut shard = self.index.shard(hash).shard.lock();
-        let counters = &mut shard.local.counters;
-        counters.duplicates_in_progress_total = counters.duplicates_in_progress_total.saturating_sub(1);
-    }
-
-    /// An async claim that waited and then got the outcome counts as waited, not replayed.
-    fn count_replay_as_waited(&self, hash: u64) {
-        let mut shard = self.index.shard(hash).shard.lock();
-        let counters = &mut shard.local.counters;
-        counters.duplicates_replayed_total = counters.duplicates_replayed_total.saturating_sub(1);
-        counters.duplicates_waited_total += 1;
-    }
 }
 
 impl Store {
@@ -423,7 +408,7 @@ impl Store {
         let hash = inner.key_hash(key);
         inner.index.prefetch_slot(hash);
         let Some(wait) = options.wait else {
-            let (answer, seq) = inner.claim_unsettled(key, hash, request, &options)?;
+            let (answer, seq) = inner.claim_unsettled(key, hash, request, &options, Tally::default())?;
             return self.deliver(hash, answer, seq).await;
         };
         // `None`: a wait too long for the monotonic clock, which has no deadline of its own.
@@ -434,18 +419,16 @@ impl Store {
             // Listening starts before the key is read: a change between the read and the
             // registration would otherwise be missed.
             let listener = self.listen(hash)?;
-            let (answer, seq) = inner.claim_unsettled(key, hash, request, &once)?;
+            let now = Instant::now();
+            let out_of_time = deadline.is_some_and(|at| now >= at);
+            let tally = Tally { waited, will_wait: !out_of_time };
+            let (answer, seq) = inner.claim_unsettled(key, hash, request, &once, tally)?;
             let Claim::InProgress { lease_expires_at, expires_at } = answer else {
-                if waited && matches!(answer, Claim::Completed(_)) {
-                    inner.count_replay_as_waited(hash);
-                }
                 return self.deliver(hash, answer, seq).await;
             };
-            let now = Instant::now();
-            if deadline.is_some_and(|at| now >= at) {
+            if out_of_time {
                 return self.deliver(hash, answer, seq).await;
             }
-            inner.uncount_in_progress(hash);
             waited = true;
             // The key changes by itself at the holder's lease end (a takeover) or at its
             // window's end (absent), with no write to wake anyone: wake up at the first of

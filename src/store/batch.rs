@@ -9,6 +9,7 @@ use crate::options::ClaimOptions;
 use crate::types::{Claim, ClaimToken};
 
 use super::Inner;
+use super::claim::Tally;
 
 impl Inner {
     /// Claims a batch (see `in_windows`); under `Sync` it waits once for the last record any
@@ -29,7 +30,7 @@ impl Inner {
             |(key, request), hash| {
                 let (key, request) = (key.as_ref(), request.as_ref());
                 let options = if waits && !acquired_here.contains(key) { options } else { &no_wait };
-                let (answer, seq) = self.claim_unsettled(key, hash, request, options)?;
+                let (answer, seq) = self.claim_unsettled(key, hash, request, options, Tally::default())?;
                 if waits && matches!(answer, Claim::Acquired(_)) {
                     acquired_here.insert(key);
                 }

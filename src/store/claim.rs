@@ -12,6 +12,17 @@ use crate::types::{Claim, ClaimToken};
 use super::lookup::{Current, completed_from};
 use super::{Inner, history, loc_id};
 
+/// How a claim's answer is counted when its caller waits on its own between calls (the async
+/// calls, which listen for the key instead of sleeping in `claim_unsettled`): as a blocking
+/// claim's wait would be, so the counters do not depend on the API.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Tally {
+    /// The caller already waited for this key: an outcome found now counts as waited.
+    pub waited: bool,
+    /// The caller waits again on `InProgress`: that answer is not its last, and not counted.
+    pub will_wait: bool,
+}
+
 impl Inner {
     pub(super) fn claim(&self, key: &[u8], request: &[u8], options: &ClaimOptions) -> Result<Claim> {
         let _span = crate::observe::call("claim", key);
@@ -20,7 +31,7 @@ impl Inner {
         // index: start it now, so it overlaps the checks, the request hash and the lock.
         // (A batch warms its keys' slots itself, in `warm`.)
         self.index.prefetch_slot(hash);
-        let (answer, seq) = self.claim_unsettled(key, hash, request, options)?;
+        let (answer, seq) = self.claim_unsettled(key, hash, request, options, Tally::default())?;
         self.settle(seq)?;
         Ok(answer)
     }
@@ -33,6 +44,7 @@ impl Inner {
         hash: u64,
         request: &[u8],
         options: &ClaimOptions,
+        tally: Tally,
     ) -> Result<(Claim, u64)> {
         self.check_key(key)?;
         let ttl = options.ttl.unwrap_or(self.options.default_ttl);
@@ -52,7 +64,7 @@ impl Inner {
         let deadline: Option<Option<Instant>> = options.wait.map(|w| Instant::now().checked_add(w));
         let locked = self.index.shard(hash);
         let mut shard = locked.shard.lock();
-        let mut waited = false;
+        let mut waited = tally.waited;
         let (answer, seq) = loop {
             let now_ms = self.time.now_ms();
             let mut slot = None;
@@ -145,7 +157,9 @@ impl Inner {
                             waited = true;
                         }
                         _ => {
-                            shard.local.counters.duplicates_in_progress_total += 1;
+                            if !tally.will_wait {
+                                shard.local.counters.duplicates_in_progress_total += 1;
+                            }
                             let lease_expires_at = ms_to_system_time(header.lease_until_ms);
                             let expires_at = ms_to_system_time(header.expires_at_ms);
                             break (Claim::InProgress { lease_expires_at, expires_at }, seen_seq);
