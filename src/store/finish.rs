@@ -7,8 +7,18 @@ use crate::error::{Error, Result};
 use crate::log::record::{Header, Kind};
 use crate::types::ClaimToken;
 
-use super::lookup::Current;
-use super::{Inner, ShardLocal};
+use super::lookup::{Current, Superseded};
+use super::{Inner, Shard, ShardLocal};
+
+/// The in-flight record a token holds, as `Inner::write_as_holder` hands it to a write.
+pub(super) struct Holding {
+    pub header: Header,
+    /// The last checkpoint (empty: none).
+    pub value: Vec<u8>,
+    /// The record a new write supersedes.
+    pub old: Option<Superseded>,
+    pub now_ms: u64,
+}
 
 impl Inner {
     /// complete / checkpoint / release: a write by the holder of `token`.
@@ -41,49 +51,71 @@ impl Inner {
             return Err(Error::InvalidArgument("a checkpoint phase must not be empty"));
         }
         self.check_value(value)?;
+        let answer = self.write_as_holder(token, hash, |shard, holding| {
+            let held = holding.header;
+            // A checkpoint renews the lease (a release comes with no value).
+            debug_assert!(kind != Kind::Release || value.is_empty());
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "`check_value` bounds a value by `VALUE_LEN_FORMAT_MAX` (64 MiB)"
+            )]
+            let value_len = value.len() as u32;
+            let mut header = Header { kind, value_len, seq: 0, written_at_ms: holding.now_ms, ..held };
+            if kind == Kind::Checkpoint {
+                // Renewed, never shortened: a lease `extend_lease` moved further on is kept.
+                header.lease_until_ms =
+                    holding.now_ms.saturating_add(u64::from(held.lease_ms)).max(held.lease_until_ms);
+            }
+            let (written, new_loc) = self.append(header, token.key(), value, holding.old)?;
+            shard.set(hash, holding.old.map(|o| o.loc), new_loc);
+            match kind {
+                Kind::Complete => shard.local.counters.completes_total += 1,
+                Kind::Checkpoint => {
+                    shard.local.counters.checkpoints_total += 1;
+                    token.lease_until_ms.store(written.lease_until_ms, AtomicOrdering::Relaxed);
+                }
+                _ => shard.local.counters.releases_total += 1,
+            }
+            Ok(((), Some(written.seq)))
+        })?;
+        if kind != Kind::Checkpoint && answer.0.is_ok() {
+            self.key_changed(self.index.shard(hash), hash);
+        }
+        Ok(answer)
+    }
+
+    /// A write by the holder of `token`, decided under its key's shard lock: `write` gets the
+    /// shard and the key's in-flight record while `token` holds it, and returns its answer
+    /// and the seq of the record it wrote (`None`: it wrote nothing, and the answer rests on
+    /// the record it read). Otherwise the answer is `StaleToken`, resting on the record that
+    /// superseded the token. Returns the answer and that seq, for `settle`.
+    pub(super) fn write_as_holder<R>(
+        &self,
+        token: &ClaimToken,
+        hash: u64,
+        write: impl FnOnce(&mut Shard, Holding) -> Result<(R, Option<u64>)>,
+    ) -> Result<(Result<R>, u64)> {
         self.check_writable()?;
         self.backpressure()?;
-        let key = token.key();
-        let locked = self.index.shard(hash);
-        let mut shard = locked.shard.lock();
+        let mut shard = self.index.shard(hash).shard.lock();
         let now_ms = self.time.now_ms();
         let mut slot = None;
-        let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
-        let held = match state {
-            Current::InFlight(found) if found.header.token == token.id => found.header,
+        let (state, old, seen_seq) = self.current(&mut shard, hash, token.key(), now_ms, &mut slot)?;
+        let holding = match state {
+            Current::InFlight(found) if found.header.token == token.id => {
+                Holding { header: found.header, value: std::mem::take(&mut found.value), old, now_ms }
+            }
             _ => {
                 shard.local.counters.stale_tokens_total += 1;
                 return Ok((Err(Error::StaleToken), seen_seq));
             }
         };
-        // A checkpoint renews the lease (a release comes with no value).
-        debug_assert!(kind != Kind::Release || value.is_empty());
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "`check_value` bounds a value by `VALUE_LEN_FORMAT_MAX` (64 MiB)"
-        )]
-        let value_len = value.len() as u32;
-        let mut header = Header { kind, value_len, seq: 0, written_at_ms: now_ms, ..held };
-        if kind == Kind::Checkpoint {
-            // Renewed, never shortened: a lease `extend_lease` moved further on is kept.
-            header.lease_until_ms = now_ms.saturating_add(u64::from(held.lease_ms)).max(held.lease_until_ms);
-        }
-        let (written, new_loc) = self.append(header, key, value, old)?;
-        shard.set(hash, old.map(|o| o.loc), new_loc);
-        match kind {
-            Kind::Complete => shard.local.counters.completes_total += 1,
-            Kind::Checkpoint => {
-                shard.local.counters.checkpoints_total += 1;
-                token.lease_until_ms.store(written.lease_until_ms, AtomicOrdering::Relaxed);
-            }
-            _ => shard.local.counters.releases_total += 1,
-        }
+        let (answer, written) = write(&mut shard, holding)?;
         drop(shard);
-        self.after_write();
-        if kind != Kind::Checkpoint {
-            self.key_changed(locked, hash);
+        if written.is_some() {
+            self.after_write();
         }
-        Ok((Ok(()), written.seq))
+        Ok((Ok(answer), written.unwrap_or(seen_seq)))
     }
 
     pub(super) fn remove(&self, key: &[u8]) -> Result<()> {

@@ -111,43 +111,21 @@ impl Inner {
         if u32::try_from(lease_ms).is_err() {
             return Err(Error::InvalidArgument("a lease must be under 49 days"));
         }
-        self.check_writable()?;
-        self.backpressure()?;
-        let key = token.key();
-        let locked = self.index.shard(hash);
-        let mut shard = locked.shard.lock();
-        let now_ms = self.time.now_ms();
-        let mut slot = None;
-        let (state, old, seen_seq) = self.current(&mut shard, hash, key, now_ms, &mut slot)?;
-        let (held, checkpoint) = match state {
-            Current::InFlight(found) if found.header.token == token.id => {
-                (found.header, std::mem::take(&mut found.value))
+        self.write_as_holder(token, hash, |shard, holding| {
+            let held = holding.header;
+            let lease_until_ms = holding.now_ms.saturating_add(lease_ms).max(held.lease_until_ms);
+            if lease_until_ms == held.lease_until_ms {
+                return Ok(((), None));
             }
-            _ => {
-                shard.local.counters.stale_tokens_total += 1;
-                return Ok((Err(Error::StaleToken), seen_seq));
-            }
-        };
-        let lease_until_ms = now_ms.saturating_add(lease_ms).max(held.lease_until_ms);
-        if lease_until_ms == held.lease_until_ms {
-            return Ok((Ok(()), seen_seq));
-        }
-        // A checkpoint record with the last checkpoint as its value: the lease moves, the
-        // phase a later holder resumes from does not.
-        let header = Header {
-            kind: Kind::Checkpoint,
-            value_len: held.value_len,
-            seq: 0,
-            written_at_ms: now_ms,
-            lease_until_ms,
-            ..held
-        };
-        let (written, new_loc) = self.append(header, key, &checkpoint, old)?;
-        shard.set(hash, old.map(|o| o.loc), new_loc);
-        token.lease_until_ms.store(written.lease_until_ms, std::sync::atomic::Ordering::Relaxed);
-        drop(shard);
-        self.after_write();
-        Ok((Ok(()), written.seq))
+            // A checkpoint record with the last checkpoint as its value: the lease moves, the
+            // phase a later holder resumes from does not.
+            let header =
+                Header { kind: Kind::Checkpoint, seq: 0, written_at_ms: holding.now_ms, lease_until_ms, ..held };
+            let (written, new_loc) = self.append(header, token.key(), &holding.value, holding.old)?;
+            shard.set(hash, holding.old.map(|o| o.loc), new_loc);
+            token.lease_until_ms.store(written.lease_until_ms, std::sync::atomic::Ordering::Relaxed);
+            Ok(((), Some(written.seq)))
+        })
     }
 
     fn touch_unsettled(&self, key: &[u8], ttl: Duration) -> Result<(Option<SystemTime>, u64)> {
