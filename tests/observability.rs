@@ -100,3 +100,26 @@ fn record_metrics_sets_the_prometheus_figures_under_their_names() {
         assert!(snapshot.iter().any(|(key, ..)| key.key().name() == name), "{name} not published");
     }
 }
+
+/// Each housekeeping pass publishes the figures itself: a service that installs a `metrics`
+/// recorder gets them without calling `record_metrics`.
+#[test]
+fn each_housekeeping_pass_publishes_the_figures() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // The housekeeper is another thread: only a global recorder reaches it.
+    metrics::set_global_recorder(recorder).expect("no other test of this binary sets one");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Options { durability: Durability::None, ..Options::default() }).unwrap();
+    let token = acquired(store.claim("k", b"r").unwrap());
+    store.complete(&token, b"v").unwrap();
+    let _ = store.claim("k", b"r").unwrap();
+    assert!(store.run_housekeeping_pass(), "the housekeeper ran a pass");
+    let snapshot = snapshotter.snapshot().into_vec();
+    let replayed = snapshot.iter().find_map(|(key, _, _, value)| {
+        let key = key.key();
+        (key.name() == "idemstore_claims_total" && key.labels().any(|l| l.value() == "replayed"))
+            .then(|| format!("{value:?}"))
+    });
+    assert_eq!(replayed.as_deref(), Some("Counter(1)"));
+}
