@@ -96,7 +96,8 @@ impl Inner {
     /// `HISTORY_FLUSH_AFTER_MS`, or with `all`, every one. Best effort: a record that cannot be
     /// written now (a full disk, say) keeps its count for the next pass; nothing fails.
     pub(super) fn flush_history(&self, now_ms: u64, all: bool) {
-        if self.read_only || self.commit.poisoned().is_some() {
+        // Nothing is counted without `count_replays`: no pass over the shards either.
+        if !self.options.count_replays || self.read_only || self.commit.poisoned().is_some() {
             return;
         }
         let mut wrote = false;
