@@ -179,7 +179,9 @@ impl GroupCommit {
             let detail = self.detail.lock();
             (detail.last_batch_records, detail.last_sync.min(GATHER_BUDGET_MAX))
         };
-        if returning > 1 {
+        // (Not under loom: gathering waits on the wall clock, which a model cannot replay, and
+        // it only shapes batches; what a sync covers is decided by the syncer either way.)
+        if returning > 1 && !cfg!(loom) {
             gather(syncer, before, returning, budget);
         }
         let started = Instant::now();

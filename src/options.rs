@@ -90,6 +90,13 @@ pub struct Options {
     /// the store holds at most this many plus the lock file and one spare segment however
     /// many buckets are live.
     pub max_open_files: usize,
+    /// Lanes the log is written through (default: the machine's CPUs, at most 16). Each lane
+    /// is an appender with its own lock and its own segment taking appends per bucket, and
+    /// every key always writes through the same lane, so writers of different keys seldom
+    /// wait for each other. More lanes means more, smaller segments: `max_open_files` and
+    /// `active_bytes_max` are shared between them, and there are never more lanes than
+    /// `max_open_files`. A store may be reopened with another number of lanes.
+    pub log_lanes: usize,
     /// Disk space the store may take (default: unlimited). New claims fail with
     /// `DiskBudgetExceeded` once the segment files would pass it less one growth step
     /// (`segment_bytes_initial`, kept for completes), while replays and reads go on. Completes,
@@ -152,6 +159,7 @@ impl Default for Options {
             seal_idle_after: Duration::from_secs(600),
             active_bytes_max: 16 << 20,
             max_open_files: 64,
+            log_lanes: std::thread::available_parallelism().map_or(1, |n| n.get()).min(16),
             max_disk_bytes: u64::MAX,
             file_access: FileAccess::Owner,
             clock: Arc::new(SystemClock),
@@ -179,6 +187,7 @@ impl fmt::Debug for Options {
             .field("seal_idle_after", &self.seal_idle_after)
             .field("active_bytes_max", &self.active_bytes_max)
             .field("max_open_files", &self.max_open_files)
+            .field("log_lanes", &self.log_lanes)
             .field("max_disk_bytes", &self.max_disk_bytes)
             .field("file_access", &self.file_access)
             .field("create_if_missing", &self.create_if_missing)

@@ -3,9 +3,10 @@
 //!
 //! The test binary re-executes itself as a writer child (this same test, selected with
 //! `--exact`, told by an environment variable to be the writer). The child opens the store with
-//! `Durability::Sync` and claims, completes, checkpoints and removes keys in a loop, printing
-//! one line per operation only after the call returned `Ok`. The parent SIGKILLs it at a random
-//! instant, then reopens the same directory and checks every acknowledged operation, and that
+//! `Durability::Sync` and claims, completes, checkpoints and removes keys in a loop on two
+//! threads (each key claimed on one and finished on the other, each thread with its own lane of
+//! the log), printing one line per operation only after the call returned `Ok`. The parent
+//! SIGKILLs it at a random instant, then reopens the same directory and checks every acknowledged operation, and that
 //! nothing half-written shows. The directory is reused across kills, so state accumulates.
 //!
 //! `IDEMSTORE_CRASH_ROUNDS` (default 60, at least 50) sets the number of kills and
@@ -19,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use idemstore::{Claim, Durability, Entry, Options, Store};
+use idemstore::{Claim, ClaimToken, Durability, Entry, Options, Store};
 
 const TEST_NAME: &str = "sigkill_at_random_instants_loses_no_acknowledged_operation";
 const WRITER_DIR_ENV: &str = "IDEMSTORE_TEST_CRASH_WRITER_DIR";
@@ -100,38 +101,62 @@ impl Acked {
 // ---------------------------------------------------------------------------------------------
 // The writer child.
 
+/// Threads in the writer child. Each claims keys of its own and hands each token to the next
+/// thread, which finishes the key: a key's records are written from two threads (each with
+/// its own lane of the log).
+const WRITERS: u64 = 2;
+
 fn run_writer(dir: &Path, round: u64) {
     let store = Store::open(dir, options()).expect("writer: open after a crash must succeed");
     let started = Instant::now();
-    let mut out = std::io::stdout().lock();
-    let mut ack = |what: &str, key: &str| {
+    let out = std::sync::Mutex::new(std::io::stdout());
+    let ack = |what: &str, key: &str| {
+        let mut out = out.lock().unwrap();
         writeln!(out, "{ACK}{what} {key}").unwrap();
         out.flush().unwrap();
     };
-    let mut i = 0u64;
-    while started.elapsed() < WRITER_LIFETIME_MAX {
-        let key = key(round, i);
-        let Claim::Acquired(token) = store.claim(&key, request(&key)).unwrap() else {
-            panic!("writer: {key} is new and must be acquired")
-        };
-        ack("claimed", &key);
-        match plan(i) {
-            Plan::Checkpoint => {
-                store.checkpoint(&token, phase(&key)).unwrap();
-                ack("checkpointed", &key);
-            }
-            Plan::Complete => {
-                store.complete(&token, outcome(&key, i)).unwrap();
-                ack("completed", &key);
-            }
-            Plan::Remove => {
-                store.complete(&token, outcome(&key, i)).unwrap();
-                ack("completed", &key);
-                store.remove(&key).unwrap();
-                ack("removed", &key);
-            }
+    let (senders, inboxes): (Vec<_>, Vec<_>) = (0..WRITERS).map(|_| mpsc::channel::<(u64, ClaimToken)>()).unzip();
+    std::thread::scope(|scope| {
+        for (t, inbox) in inboxes.into_iter().enumerate() {
+            let next = senders[(t + 1) % senders.len()].clone();
+            let (store, ack) = (&store, &ack);
+            scope.spawn(move || {
+                let mut i = t as u64;
+                while started.elapsed() < WRITER_LIFETIME_MAX {
+                    let key = key(round, i);
+                    let Claim::Acquired(token) = store.claim(&key, request(&key)).unwrap() else {
+                        panic!("writer: {key} is new and must be acquired")
+                    };
+                    ack("claimed", &key);
+                    next.send((i, token)).unwrap();
+                    for (j, token) in inbox.try_iter() {
+                        finish(store, ack, round, j, &token);
+                    }
+                    i += WRITERS;
+                }
+            });
         }
-        i += 1;
+    });
+}
+
+/// The rest of key `i`'s plan, once claimed.
+fn finish(store: &Store, ack: &dyn Fn(&str, &str), round: u64, i: u64, token: &ClaimToken) {
+    let key = key(round, i);
+    match plan(i) {
+        Plan::Checkpoint => {
+            store.checkpoint(token, phase(&key)).unwrap();
+            ack("checkpointed", &key);
+        }
+        Plan::Complete => {
+            store.complete(token, outcome(&key, i)).unwrap();
+            ack("completed", &key);
+        }
+        Plan::Remove => {
+            store.complete(token, outcome(&key, i)).unwrap();
+            ack("completed", &key);
+            store.remove(&key).unwrap();
+            ack("removed", &key);
+        }
     }
 }
 
@@ -273,9 +298,12 @@ fn sigkill_at_random_instants_loses_no_acknowledged_operation() {
         for (&(r, i), &how) in &acked {
             check_key(&store, &key(r, i), i, how, &context);
         }
-        // The key the writer was on when it died: absent, or whatever it got to, never torn.
+        // The keys the writer's threads were on when it died: absent, or whatever they got
+        // to, never torn.
         for (&r, &last) in &last_key_of_round {
-            check_key(&store, &key(r, last + 1), last + 1, Acked::Nothing, &context);
+            for next in last + 1..=last + WRITERS {
+                check_key(&store, &key(r, next), next, Acked::Nothing, &context);
+            }
         }
         if !last_key_of_round.contains_key(&round) {
             check_key(&store, &key(round, 0), 0, Acked::Nothing, &context);

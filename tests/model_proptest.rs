@@ -78,17 +78,51 @@ fn op() -> impl Strategy<Value = Op> {
 // ---------------------------------------------------------------------------------------------
 // Running a sequence against both.
 
-fn options(clock: &Arc<ManualClock>, policy: OrphanPolicy) -> Options {
-    Options {
+fn options(clock: &Arc<ManualClock>, policy: OrphanPolicy, writer: Writer) -> Options {
+    let options = Options {
         orphans: policy,
         bucket_width: Duration::from_secs(10),
         segment_bytes_initial: 4096,
         ..common::options(clock)
+    };
+    match writer {
+        Writer::Caller => options,
+        // Many lanes, small segments retired often and sealed soon: a key's records spread
+        // over segments of several lanes, some sealed, some not.
+        Writer::FreshThread => Options {
+            log_lanes: 3,
+            max_key_len: 16,
+            max_outcome_len: 16,
+            segment_bytes_initial: 256,
+            segment_bytes_max: 512,
+            active_bytes_max: 700,
+            seal_idle_after: Duration::from_secs(1),
+            ..options
+        },
     }
 }
 
-fn open(dir: &Path, clock: &Arc<ManualClock>, policy: OrphanPolicy) -> Store {
-    Store::open(dir, options(clock, policy)).expect("open store")
+fn open(dir: &Path, clock: &Arc<ManualClock>, policy: OrphanPolicy, writer: Writer) -> Store {
+    Store::open(dir, options(clock, policy, writer)).expect("open store")
+}
+
+/// Which thread runs each write.
+#[derive(Debug, Clone, Copy)]
+enum Writer {
+    /// The test's own thread (so always one lane).
+    Caller,
+    /// A new thread for each write: threads take the log's lanes in turn, so a key's records
+    /// are written through different lanes.
+    FreshThread,
+}
+
+impl Writer {
+    fn run<R: Send>(self, write: impl FnOnce() -> R + Send) -> R {
+        match self {
+            Writer::Caller => write(),
+            Writer::FreshThread => std::thread::scope(|s| s.spawn(write).join().expect("writer thread")),
+        }
+    }
 }
 
 /// How often each interesting branch was taken, over all cases.
@@ -114,10 +148,10 @@ const BRANCHES: [&str; 12] = [
     "reopen",
 ];
 
-fn run(policy: OrphanPolicy, ops: &[Op], coverage: &Coverage) -> Result<(), TestCaseError> {
+fn run(policy: OrphanPolicy, writer: Writer, ops: &[Op], coverage: &Coverage) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
-    let mut store = open(dir.path(), &clock, policy);
+    let mut store = open(dir.path(), &clock, policy, writer);
     let mut model = Model::new(START_MS, policy);
     let mut tokens: Vec<ClaimToken> = Vec::new();
 
@@ -134,9 +168,15 @@ fn run(policy: OrphanPolicy, ops: &[Op], coverage: &Coverage) -> Result<(), Test
                             lease: Some(Duration::from_millis(LEASES_MS[*lease])),
                             wait: None,
                         };
-                        (store.claim_with(key(*k), request(*req), opts).unwrap(), TTLS_MS[*ttl], LEASES_MS[*lease])
+                        (
+                            writer.run(|| store.claim_with(key(*k), request(*req), opts)).unwrap(),
+                            TTLS_MS[*ttl],
+                            LEASES_MS[*lease],
+                        )
                     }
-                    _ => (store.claim(key(*k), request(*req)).unwrap(), DEFAULT_TTL_MS, DEFAULT_LEASE_MS),
+                    _ => {
+                        (writer.run(|| store.claim(key(*k), request(*req))).unwrap(), DEFAULT_TTL_MS, DEFAULT_LEASE_MS)
+                    }
                 };
                 let expected = match model.claim(&key(*k), &request(*req), ttl_ms, lease_ms, &got) {
                     Ok(expected) => expected,
@@ -164,9 +204,9 @@ fn run(policy: OrphanPolicy, ops: &[Op], coverage: &Coverage) -> Result<(), Test
                 }
                 let token = &tokens[token.index(tokens.len())];
                 let (got, what) = if matches!(op, Op::Complete { .. }) {
-                    (store.complete(token, outcome), Finish::Complete(outcome.clone()))
+                    (writer.run(|| store.complete(token, outcome)), Finish::Complete(outcome.clone()))
                 } else {
-                    (store.checkpoint(token, outcome), Finish::Checkpoint(outcome.clone()))
+                    (writer.run(|| store.checkpoint(token, outcome)), Finish::Checkpoint(outcome.clone()))
                 };
                 let empty_checkpoint = matches!(op, Op::Checkpoint { .. }) && outcome.is_empty();
                 check_finish(model.finish(token, what, &got), empty_checkpoint, &step, coverage)?;
@@ -176,11 +216,11 @@ fn run(policy: OrphanPolicy, ops: &[Op], coverage: &Coverage) -> Result<(), Test
                     continue;
                 }
                 let token = &tokens[token.index(tokens.len())];
-                let got = store.release(token);
+                let got = writer.run(|| store.release(token));
                 check_finish(model.finish(token, Finish::Release, &got), false, &step, coverage)?;
             }
             Op::Remove { key: k } => {
-                store.remove(key(*k)).unwrap();
+                writer.run(|| store.remove(key(*k))).unwrap();
                 model.remove(&key(*k));
             }
             Op::Get { key: k } => prop_assert_eq!(store.get(key(*k)).unwrap(), model.entry(&key(*k)), "{}", step),
@@ -196,13 +236,13 @@ fn run(policy: OrphanPolicy, ops: &[Op], coverage: &Coverage) -> Result<(), Test
                 model.advance(*ms);
             }
             Op::Maintain => {
-                if store.maintain().unwrap() > 0 {
+                if writer.run(|| store.maintain()).unwrap() > 0 {
                     hit(coverage, "maintain: dropped a bucket");
                 }
             }
             Op::Reopen => {
                 drop(store);
-                store = open(dir.path(), &clock, policy);
+                store = open(dir.path(), &clock, policy, writer);
                 model.reopen();
                 hit(coverage, "reopen");
             }
@@ -213,7 +253,7 @@ fn run(policy: OrphanPolicy, ops: &[Op], coverage: &Coverage) -> Result<(), Test
     }
     drop(store);
     // A last reopen: everything the model holds is still there.
-    let store = open(dir.path(), &clock, policy);
+    let store = open(dir.path(), &clock, policy, writer);
     model.reopen();
     for k in 0..KEYS {
         prop_assert_eq!(store.get(key(k)).unwrap(), model.entry(&key(k)), "after the final reopen: key-{}", k);
@@ -247,6 +287,17 @@ fn config() -> ProptestConfig {
 
 #[test]
 fn store_answers_like_the_hashmap_model() {
+    check_against_the_model(Writer::Caller);
+}
+
+/// The same, with each write on a thread of its own: the log's lanes, their segments' ids and
+/// sealed tables must keep every key's latest record the one that answers.
+#[test]
+fn store_answers_like_the_hashmap_model_when_writes_come_from_many_threads() {
+    check_against_the_model(Writer::FreshThread);
+}
+
+fn check_against_the_model(writer: Writer) {
     let config = config();
     let cases = config.cases;
     let mut runner = TestRunner::new(config);
@@ -254,7 +305,7 @@ fn store_answers_like_the_hashmap_model() {
     let strategy = (any::<bool>(), proptest::collection::vec(op(), 1..80));
     let result = runner.run(&strategy, |(take_over, ops)| {
         let policy = if take_over { OrphanPolicy::TakeOver } else { OrphanPolicy::WaitForLease };
-        run(policy, &ops, &coverage)
+        run(policy, writer, &ops, &coverage)
     });
     match result {
         Ok(()) => {}
@@ -264,7 +315,7 @@ fn store_answers_like_the_hashmap_model() {
         Err(e) => panic!("{e}"),
     }
     let coverage = coverage.into_inner();
-    println!("model_proptest: {cases} cases, branches taken: {coverage:?}");
+    println!("model_proptest ({writer:?}): {cases} cases, branches taken: {coverage:?}");
     if cases >= 32 {
         for branch in BRANCHES {
             assert!(coverage.contains_key(branch), "no case exercised \"{branch}\": {coverage:?}");

@@ -19,6 +19,8 @@
 //!   state it did not have (a torn record is never half-visible).
 //!
 //! After the check, the sequence goes on on the recovered store (recover, mutate, cut again).
+//! Each operation writes through one of three lanes of the log, drawn from the seed, as writes
+//! from several threads would.
 //! Each case prints its seed on failure; `IDEMSTORE_POWER_CUT_SEED=<seed>` replays one case and
 //! `IDEMSTORE_POWER_CUTS=<n>` raises the number of cuts per test (default 1,000).
 
@@ -475,9 +477,15 @@ fn options(mode: Mode, clock: &Arc<ManualClock>, plan: &Arc<CutPlan>) -> Options
         // A small budget for the segments taking appends: they retire every few operations,
         // and `Maintain` writes their restart tables, so cuts fall in those writes too.
         active_bytes_max: 4096,
+        // Each operation writes through a lane its seed picks (`pin_thread_lane`), so a key's
+        // records spread over the lanes' segments, retired and sealed at different times.
+        log_lanes: LANES,
         ..Options::default()
     }
 }
+
+/// The log's lanes in these runs.
+const LANES: usize = 3;
 
 /// What a run did, so a test can show its cuts hit what they were meant to.
 #[derive(Debug, Default)]
@@ -567,6 +575,7 @@ fn run_case(mode: Mode, seed: u64, rounds: u32, tally: &mut Tally) {
             if trace {
                 println!("round {round} t={} {op:?}", model.contract.now_ms - START_MS);
             }
+            idemstore::sim::pin_thread_lane(rng.below(LANES as u64) as usize);
             run_op(&store, &clock, &mut model, &mut tokens, &op, seed);
             check_live(&store, &model, seed, &op);
             if mode == Mode::Sync {

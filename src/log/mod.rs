@@ -7,9 +7,13 @@
 //! is known durable (`marks`), the floor of the store's time (`time_floor`), and what group
 //! commit syncs (`syncer`). The log knows nothing of the index, sealed tables or the store.
 //!
-//! Lock order: index shard -> appender -> segments. The segments locks (one per stripe of
-//! `StripedMap`, a change takes them all in order) are leaves: nothing else is taken while one
-//! is held.
+//! Writes go through lanes (see `Lane`): independent appenders, each with its own lock and
+//! its own segment taking appends per bucket, one per writing thread, so writers do not queue
+//! on one lock. A sync batch, an expiry or a retire decision takes every lane's lock, in order.
+//!
+//! Lock order: index shard -> lane appenders (in lane order) -> `Shared` -> spare -> segments.
+//! The segments locks (one per stripe of `StripedMap`, a change takes them all in order) are
+//! leaves: nothing else is taken while one is held.
 
 pub mod marks;
 pub mod record;
@@ -23,6 +27,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+
+use crate::sync::{AtomicU64 as LaneAtomicU64, Mutex as LaneMutex, MutexGuard as LaneGuard};
 
 use crate::error::{Error, Result};
 use crate::hash::IdMap;
@@ -50,6 +56,8 @@ pub struct LogLimits {
     /// Most record bytes the active segments may hold together before the fullest is retired
     /// (`Options::active_bytes_max`): what a reopen after a crash may have to scan.
     pub active_bytes_max: u64,
+    /// Independent appenders (`Options::log_lanes`); see `Lane`.
+    pub lanes: usize,
 }
 
 struct Active {
@@ -58,32 +66,58 @@ struct Active {
     last_write_seq: u64,
 }
 
+/// One lane's appender: its own segment taking appends per bucket, written under its own lock.
+///
+/// Each thread writes through its own lane (given out as threads first write, like the
+/// segments map's stripes), so threads that write at once touch neither the same lock nor
+/// the same segment's tail: lanes share only the sequence counter (`Log::next_seq`) and, when
+/// a segment is opened or retired, `Shared`. What keeps a key's records in order across lanes
+/// is in `Log::append`.
 struct Appender {
-    next_seq: u64,
-    next_segment_id: u32,
     active: IdMap<u64, Active>,
-    /// Live segments that take no more appends: they left `active` (full, evicted for the
-    /// descriptor bound, or idle) or were found at open. Only these are handed out to seal,
-    /// and an append never writes to one (an `Active` is only ever made for a new segment).
-    retired: IdMap<u32, ()>,
     dirty: Vec<Arc<Segment>>,
     /// Record bytes in the segments of `active` (their `write_pos` past the header), kept
-    /// under `LogLimits::active_bytes_max`.
+    /// under this lane's share of `LogLimits::active_bytes_max`.
     active_bytes: u64,
-    /// A segment was retired since the housekeeper last looked (see `take_tables_wanted`).
-    retired_since: bool,
     appended_bytes: u64,
-    /// The latest store time any record appended so far was written at.
+    /// The latest store time any record appended in this lane was written at.
     written_ms: u64,
 }
 
-impl Appender {
-    /// Takes `bucket`'s segment out of `active`, under the appender lock: from here on it takes
-    /// no appends (a later write to the bucket opens a new segment), so its descriptor goes.
-    fn retire(&mut self, bucket: u64) {
-        if let Some(done) = self.active.remove(&bucket) {
+/// A lane: its appender and its unsynced byte count, on cache lines of their own so that
+/// writers in different lanes never touch a line another lane writes.
+/// (The lanes' locks and counters, `next_seq` and `Shared` come from `crate::sync`, so the loom
+/// models see writers meet in them.)
+#[repr(align(128))]
+struct Lane {
+    appender: LaneMutex<Appender>,
+    /// Bytes appended in this lane since the last sync batch was taken (written under the
+    /// lane's lock, read without it for the group-commit batch cap).
+    unsynced_bytes: LaneAtomicU64,
+}
+
+/// What the lanes share, changed only when a segment is opened or retired. Lock order: a
+/// lane's appender, then this, then `Log::spare`, then the segments map's stripes.
+struct Shared {
+    next_segment_id: u32,
+    /// Live segments that take no more appends: they left a lane's `active` (full, evicted
+    /// for the descriptor bound, or idle) or were found at open. Only these are handed out to
+    /// seal, and an append never writes to one (an `Active` is only ever made for a new
+    /// segment).
+    retired: IdMap<u32, ()>,
+    /// A segment was retired since the housekeeper last looked (see `take_tables_wanted`).
+    retired_since: bool,
+}
+
+impl Shared {
+    /// Takes `bucket`'s segment out of `app.active`, under its lane's lock: from here on it
+    /// takes no appends (a later write to the bucket opens a new segment), so its descriptor
+    /// goes.
+    fn retire(&mut self, app: &mut Appender, bucket: u64) {
+        if let Some(done) = app.active.remove(&bucket) {
+            done.segment.set_appending_lane(None);
             done.segment.release_descriptor();
-            self.active_bytes -= done.write_pos - SEGMENT_HEADER_LEN;
+            app.active_bytes -= done.write_pos - SEGMENT_HEADER_LEN;
             self.retired.insert(done.segment.id(), ());
             self.retired_since = true;
         }
@@ -94,19 +128,23 @@ pub struct Log {
     io: Arc<dyn Io>,
     dir: PathBuf,
     limits: LogLimits,
-    appender: Mutex<Appender>,
+    /// The appenders, at least one (see `Lane`).
+    lanes: Box<[Lane]>,
+    /// Most segments each lane keeps taking appends (its share of `open_segments_max`).
+    lane_open_max: usize,
+    /// Each lane's share of `active_bytes_max`.
+    lane_active_bytes_max: u64,
+    /// The next record's seq, taken under a lane's lock with the record written before that
+    /// lock is let go: once every lane's lock is held, every seq below it is written.
+    next_seq: LaneAtomicU64,
+    shared: LaneMutex<Shared>,
     /// The live segments by id (read on every claim; see `StripedMap`).
     segments: StripedMap<Arc<Segment>>,
     /// A segment file created, zero-filled and made durable in the directory ahead of need, so
-    /// an append that opens a bucket never waits for a directory fsync under the appender lock.
+    /// an append that opens a bucket never waits for a directory fsync under its lane's lock.
     spare: Mutex<Option<SpareFile>>,
-    /// The last written seq, published after each append (read by group-commit leaders and
-    /// by `last_seq` without the appender lock).
-    written_seq: std::sync::atomic::AtomicU64,
-    /// Bytes appended since the last sync batch was taken (the group-commit batch cap).
-    unsynced_bytes: std::sync::atomic::AtomicU64,
     /// Active segments within half a growth step of their reserved end: `grow_ahead` extends
-    /// them outside the appender lock, so appends rarely wait for a growth step.
+    /// them outside the lane locks, so appends rarely wait for a growth step.
     to_grow: Mutex<Vec<Arc<Segment>>>,
     /// `to_grow` is not empty (read on every append without taking its lock).
     growth_pending: std::sync::atomic::AtomicBool,
@@ -150,28 +188,34 @@ impl Log {
     ) -> Self {
         // Segments found at open never take appends again.
         let retired = segments.keys().map(|&id| (id, ())).collect();
+        // Each lane keeps at least one segment taking appends: no more lanes than that bound.
+        let lane_count = limits.lanes.clamp(1, limits.open_segments_max.max(1));
+        let lanes = (0..lane_count)
+            .map(|_| Lane {
+                appender: LaneMutex::new(Appender {
+                    active: IdMap::default(),
+                    dirty: Vec::new(),
+                    active_bytes: 0,
+                    appended_bytes: 0,
+                    written_ms: 0,
+                }),
+                unsynced_bytes: LaneAtomicU64::new(0),
+            })
+            .collect();
         Log {
+            lane_open_max: (limits.open_segments_max / lane_count).max(1),
+            lane_active_bytes_max: (limits.active_bytes_max / lane_count as u64).max(1),
+            lanes,
+            next_seq: LaneAtomicU64::new(next_seq),
+            shared: LaneMutex::new(Shared { next_segment_id, retired, retired_since: false }),
             time_floor: TimeFloor::new(io.clone(), dir.clone()),
             marks: Marks::disabled(io.clone(), dir.clone()),
             sync_latency: Default::default(),
             io,
             dir,
             limits,
-            appender: Mutex::new(Appender {
-                next_seq,
-                next_segment_id,
-                active: IdMap::default(),
-                retired,
-                dirty: Vec::new(),
-                active_bytes: 0,
-                retired_since: false,
-                appended_bytes: 0,
-                written_ms: 0,
-            }),
             segments: StripedMap::new(segments),
             spare: Mutex::new(None),
-            written_seq: std::sync::atomic::AtomicU64::new(next_seq - 1),
-            unsynced_bytes: std::sync::atomic::AtomicU64::new(0),
             to_grow: Mutex::new(Vec::new()),
             growth_pending: std::sync::atomic::AtomicBool::new(false),
             spare_wanted: std::sync::atomic::AtomicBool::new(false),
@@ -215,13 +259,22 @@ impl Log {
         &self.time_floor
     }
 
-    /// The sequence number of the last record written (read without the appender lock).
+    /// The sequence number of the last record given out (read without any lock): no record
+    /// written so far has a higher one. (A record with this seq may still be being written in
+    /// its lane; a sync batch is taken with every lane's lock, so it covers it whole.)
     pub fn last_seq(&self) -> u64 {
-        self.written_seq.load(std::sync::atomic::Ordering::Acquire)
+        self.next_seq.load(crate::sync::Ordering::Acquire) - 1
     }
 
+    /// Bytes appended since the last sync batch was taken, over all lanes.
     pub fn unsynced_bytes(&self) -> u64 {
-        self.unsynced_bytes.load(std::sync::atomic::Ordering::Relaxed)
+        self.lanes.iter().map(|lane| lane.unsynced_bytes.load(crate::sync::Ordering::Relaxed)).sum()
+    }
+
+    /// Every lane's appender locked, in lane order (the only order in which more than one is
+    /// ever held): no append is under way until they are let go.
+    fn lock_all_lanes(&self) -> Vec<LaneGuard<'_, Appender>> {
+        self.lanes.iter().map(|lane| lane.appender.lock()).collect()
     }
 
     /// Runs `f` on the segment `id` without cloning its handle; `None` when it was dropped.
@@ -278,12 +331,13 @@ impl Log {
 
     /// Segment files holding a descriptor: the ones taking appends, and the spare.
     pub fn open_files(&self) -> usize {
-        self.appender.lock().active.len() + usize::from(self.spare.lock().is_some())
+        let active: usize = self.lanes.iter().map(|lane| lane.appender.lock().active.len()).sum();
+        active + usize::from(self.spare.lock().is_some())
     }
 
     /// Bytes of records appended since open (unsynced included).
     pub fn appended_bytes(&self) -> u64 {
-        self.appender.lock().appended_bytes
+        self.lanes.iter().map(|lane| lane.appender.lock().appended_bytes).sum()
     }
 
     /// Bytes reserved on disk by all live segments (and the spare file).
@@ -299,9 +353,9 @@ impl Log {
             return Ok(());
         }
         let id = {
-            let mut app = self.appender.lock();
-            let id = app.next_segment_id;
-            app.next_segment_id += 1;
+            let mut shared = self.shared.lock();
+            let id = shared.next_segment_id;
+            shared.next_segment_id += 1;
             id
         };
         let spare = Segment::create_spare(
@@ -313,25 +367,34 @@ impl Log {
             self.limits.paged_zero_fill,
         )?;
         self.io.sync_dir(&self.dir).map_err(|e| Error::Poisoned { cause: format!("directory sync failed: {e}") })?;
-        let app = self.appender.lock();
-        if app.next_segment_id != id + 1 {
-            // A segment was created meanwhile with a larger id. A bucket's segments must take
-            // ids in the order they take records (sealed lookups rely on it), so this spare,
-            // with its smaller id, is not used. (An empty file: reopen would remove it too.)
-            drop(app);
+        let shared = self.shared.lock();
+        if shared.next_segment_id != id + 1 {
+            // A segment was created meanwhile with a larger id. A lane's segments of a bucket
+            // must take ids in the order they take records (sealed lookups rely on it), so this
+            // spare, with its smaller id, is not used. (An empty file: reopen would remove it
+            // too.)
+            drop(shared);
             let path = self.dir.join(crate::log::segment::segment_file_name(id));
             drop(spare);
             let _ = self.io.remove(&path);
             return Ok(());
         }
         *self.spare.lock() = Some(spare);
+        drop(shared);
         Ok(())
     }
 
-    /// Appends a record into the bucket holding `retain_until_ms` (at least its
+    /// Appends a record into a segment of the bucket holding `retain_until_ms` (at least its
     /// `expires_at_ms`; later when the record shadows a record retained longer). `header.seq`
     /// is assigned here; a `token` of 0 becomes the new seq (a fresh claim is fenced by its
     /// own sequence number). Returns the final header and where the record lives.
+    ///
+    /// The record goes through the calling thread's lane, unless it supersedes a record (at
+    /// `supersedes`, the key's latest) whose segment of the same bucket still takes appends:
+    /// then through that segment's lane, right after it. Either way it lands in a segment
+    /// with an id no lower than the superseded record's when both share a bucket (a lane whose
+    /// segment of the bucket is older opens a new one first), so that sealed lookups, newest
+    /// table first, meet a key's latest record first (ARCHITECTURE.md, invariant 5).
     ///
     /// `new_claim`: only new claims are held to the disk budget; a holder can always record
     /// its outcome (or give up) for an effect it already performed.
@@ -345,87 +408,48 @@ impl Log {
         value: &[u8],
         retain_until_ms: u64,
         new_claim: bool,
+        supersedes: Option<Loc>,
     ) -> Result<(Header, Loc)> {
         debug_assert!(retain_until_ms >= header.expires_at_ms);
-        let mut guard = self.appender.lock();
-        let app = &mut *guard;
-        header.seq = app.next_seq;
-        if header.token == 0 {
-            header.token = header.seq;
-        }
-        let len = header.padded_len();
         let bucket = retain_until_ms.max(header.expires_at_ms) / self.limits.bucket_width_ms;
+        // The superseded record's segment, when it lies in this bucket: (its id, the lane
+        // still appending to it, if any).
+        let after = supersedes.and_then(|old| {
+            self.segments.read(|segments| {
+                let segment = segments.get(&old.segment)?;
+                let same_bucket = segment.header.bucket_start_ms / self.limits.bucket_width_ms == bucket;
+                same_bucket.then(|| (old.segment, segment.appending_lane()))
+            })
+        });
+        let lane_number = match after {
+            Some((_, Some(lane))) => lane,
+            _ => striped_map::stripe() % self.lanes.len(),
+        };
+        let lane = &self.lanes[lane_number];
+        let mut guard = lane.appender.lock();
+        let app = &mut *guard;
+        let len = header.padded_len();
         let needs_new = match app.active.get(&bucket) {
-            Some(a) => a.write_pos + len > self.limits.segment_bytes_max,
+            // A lane's segment older than the superseded record's takes no record of that key:
+            // the bucket opens a newer one in this lane (rare: the key's segment was retired
+            // while this lane's segment of the bucket, opened before it, still takes appends).
+            Some(a) => {
+                a.write_pos + len > self.limits.segment_bytes_max || after.is_some_and(|(id, _)| a.segment.id() < id)
+            }
             None => true,
         };
         if needs_new {
-            let start = bucket.saturating_mul(self.limits.bucket_width_ms);
-            let mut segment_header = SegmentHeader {
-                id: app.next_segment_id,
-                bucket_start_ms: start,
-                bucket_end_ms: start.saturating_add(self.limits.bucket_width_ms),
-                created_at_ms: header.written_at_ms,
-                rebuilt: false,
-            };
-            let initial = self.limits.segment_bytes_initial.max(SEGMENT_HEADER_LEN + len);
-            if new_claim {
-                self.check_budget(initial)?;
-            }
-            let spare = self.spare.lock().take();
-            self.spare_wanted.store(true, std::sync::atomic::Ordering::Release);
-            let segment = match spare {
-                Some(spare) => {
-                    segment_header.id = spare.id;
-                    Arc::new(Segment::from_spare(self.io.as_ref(), spare, segment_header)?)
-                }
-                None => {
-                    let segment = Arc::new(Segment::create(
-                        self.io.as_ref(),
-                        &self.dir,
-                        segment_header,
-                        self.limits.segment_bytes_max.max(SEGMENT_HEADER_LEN + len),
-                        initial,
-                        self.limits.paged_zero_fill,
-                    )?);
-                    app.next_segment_id += 1;
-                    // A new file must be durable as a directory entry before anything in it counts.
-                    if let Err(e) = self.io.sync_dir(&self.dir) {
-                        // The file exists but may vanish at a power cut: nothing written to it
-                        // could be promised, so the store stops here. (The empty file is removed
-                        // at reopen.)
-                        return Err(Error::Poisoned { cause: format!("directory sync failed: {e}") });
-                    }
-                    segment
-                }
-            };
-            // The bucket's full segment takes no more appends: its descriptor goes now (it is
-            // synced through its map from here on, like an evicted one).
-            app.retire(bucket);
-            if app.active.len() >= self.limits.open_segments_max {
-                // Bound the descriptors: the least recently written bucket gives its file up;
-                // a later write to that bucket opens a new segment.
-                if let Some(&coldest) = app.active.iter().min_by_key(|(_, a)| a.last_write_seq).map(|(b, _)| b) {
-                    app.retire(coldest);
-                }
-            }
-            debug_assert!(!app.retired.contains_key(&segment.id()), "a new segment is never a retired one");
-            self.segments.change(|segments| segments.insert(segment.id(), segment.clone()));
-            app.dirty.push(segment.clone());
-            app.active.insert(bucket, Active { segment, write_pos: SEGMENT_HEADER_LEN, last_write_seq: 0 });
+            self.open_segment(app, lane_number, bucket, &header, len, new_claim)?;
         }
         let Some(active) = app.active.get_mut(&bucket) else {
             return Err(Error::InvalidArgument("internal: active segment vanished"));
         };
-        // A retired segment may be sealed at any moment: a record written to it after its
-        // entries were collected would be lost to the index and, past a reopen, to the table.
-        debug_assert!(!app.retired.contains_key(&active.segment.id()), "an append into a retired segment");
         let end = active.write_pos + len;
         let reserved = active.segment.len();
         if end > reserved {
             // Grow in fixed steps. Normally `grow_ahead` got here first, outside the lock;
             // this is the fallback when appends outran it (each step is zero-filled while the
-            // appender lock is held, so a step bounds that pause and the first sync after it).
+            // lane's lock is held, so a step bounds that pause and the first sync after it).
             let grown = reserved
                 .saturating_add(self.limits.segment_bytes_initial)
                 .max(end)
@@ -434,6 +458,12 @@ impl Log {
                 self.check_budget(grown - reserved)?;
             }
             active.segment.reserve(grown, self.limits.paged_zero_fill)?;
+        }
+        // The seq is taken only now, when nothing can fail before the record is written: a
+        // seq given out is always written before this lane's lock is let go (see `next_seq`).
+        header.seq = self.next_seq.fetch_add(1, crate::sync::Ordering::AcqRel);
+        if header.token == 0 {
+            header.token = header.seq;
         }
         let offset = active.write_pos;
         if let Err(e) = active.segment.write_record(offset, &header, key, value) {
@@ -460,32 +490,104 @@ impl Log {
             self.growth_pending.store(true, std::sync::atomic::Ordering::Release);
         }
         app.active_bytes += len;
-        if app.active_bytes > self.limits.active_bytes_max {
+        if app.active_bytes > self.lane_active_bytes_max {
             // Records in segments that take appends have no table yet: a crash leaves them to
-            // be scanned at reopen. The fullest one stops taking appends now (the record just
-            // written is in it already) and gets its table from the housekeeper, so that scan
-            // stays bounded however many buckets are being written.
+            // be scanned at reopen. The lane's fullest one stops taking appends now (the record
+            // just written is in it already) and gets its table from the housekeeper, so that
+            // scan stays bounded however many buckets are being written.
             if let Some(&fullest) = app.active.iter().max_by_key(|(_, a)| a.write_pos).map(|(b, _)| b) {
-                app.retire(fullest);
+                let mut shared = self.shared.lock();
+                shared.retire(app, fullest);
+                shared.retired_since = false;
+                self.tables_wanted.store(true, std::sync::atomic::Ordering::Release);
             }
         }
-        if std::mem::take(&mut app.retired_since) {
-            self.tables_wanted.store(true, std::sync::atomic::Ordering::Release);
-        }
-        // Written only under the appender lock (here and when a batch is taken).
-        let unsynced = self.unsynced_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        self.unsynced_bytes.store(unsynced + len, std::sync::atomic::Ordering::Relaxed);
+        // Written only under this lane's lock (here and when a batch is taken).
+        let unsynced = lane.unsynced_bytes.load(crate::sync::Ordering::Relaxed);
+        lane.unsynced_bytes.store(unsynced + len, crate::sync::Ordering::Relaxed);
         app.appended_bytes += len;
         app.written_ms = app.written_ms.max(header.written_at_ms);
-        app.next_seq += 1;
-        self.written_seq.store(header.seq, std::sync::atomic::Ordering::Release);
         Ok((header, loc))
+    }
+
+    /// Opens a new segment for `bucket` in a lane (`app`, under its lock), retiring the
+    /// bucket's full segment in that lane, and the lane's coldest for the descriptor bound.
+    #[cold]
+    fn open_segment(
+        &self,
+        app: &mut Appender,
+        lane: usize,
+        bucket: u64,
+        header: &Header,
+        len: u64,
+        new_claim: bool,
+    ) -> Result<()> {
+        let start = bucket.saturating_mul(self.limits.bucket_width_ms);
+        let initial = self.limits.segment_bytes_initial.max(SEGMENT_HEADER_LEN + len);
+        if new_claim {
+            self.check_budget(initial)?;
+        }
+        let mut shared = self.shared.lock();
+        let mut segment_header = SegmentHeader {
+            id: shared.next_segment_id,
+            bucket_start_ms: start,
+            bucket_end_ms: start.saturating_add(self.limits.bucket_width_ms),
+            created_at_ms: header.written_at_ms,
+            rebuilt: false,
+        };
+        let spare = self.spare.lock().take();
+        self.spare_wanted.store(true, std::sync::atomic::Ordering::Release);
+        let segment = match spare {
+            Some(spare) => {
+                segment_header.id = spare.id;
+                Arc::new(Segment::from_spare(self.io.as_ref(), spare, segment_header)?)
+            }
+            None => {
+                let segment = Arc::new(Segment::create(
+                    self.io.as_ref(),
+                    &self.dir,
+                    segment_header,
+                    self.limits.segment_bytes_max.max(SEGMENT_HEADER_LEN + len),
+                    initial,
+                    self.limits.paged_zero_fill,
+                )?);
+                shared.next_segment_id += 1;
+                // A new file must be durable as a directory entry before anything in it counts.
+                if let Err(e) = self.io.sync_dir(&self.dir) {
+                    // The file exists but may vanish at a power cut: nothing written to it
+                    // could be promised, so the store stops here. (The empty file is removed
+                    // at reopen.)
+                    return Err(Error::Poisoned { cause: format!("directory sync failed: {e}") });
+                }
+                segment
+            }
+        };
+        // The lane's full segment of this bucket takes no more appends: its descriptor goes
+        // now (it is synced through its map from here on, like an evicted one).
+        shared.retire(app, bucket);
+        if app.active.len() >= self.lane_open_max {
+            // Bound the descriptors: the lane's least recently written bucket gives its file
+            // up; a later write to that bucket opens a new segment.
+            if let Some(&coldest) = app.active.iter().min_by_key(|(_, a)| a.last_write_seq).map(|(b, _)| b) {
+                shared.retire(app, coldest);
+            }
+        }
+        debug_assert!(!shared.retired.contains_key(&segment.id()), "a new segment is never a retired one");
+        if std::mem::take(&mut shared.retired_since) {
+            self.tables_wanted.store(true, std::sync::atomic::Ordering::Release);
+        }
+        drop(shared);
+        segment.set_appending_lane(Some(lane));
+        self.segments.change(|segments| segments.insert(segment.id(), segment.clone()));
+        app.dirty.push(segment.clone());
+        app.active.insert(bucket, Active { segment, write_pos: SEGMENT_HEADER_LEN, last_write_seq: 0 });
+        Ok(())
     }
 
     /// Whether a segment was opened since the last call, using up the spare (or finding none):
     /// the housekeeper should prepare the next spare now, not at its next tick, so the next
     /// bucket or full segment does not create a file and sync the directory under the
-    /// appender lock.
+    /// lane lock.
     pub fn take_spare_wanted(&self) -> bool {
         self.spare_wanted.load(std::sync::atomic::Ordering::Acquire)
             && self.spare_wanted.swap(false, std::sync::atomic::Ordering::AcqRel)
@@ -500,24 +602,27 @@ impl Log {
 
     /// Every live segment that takes no more appends (retired, or found at open), by id.
     pub fn retired_segments(&self) -> Vec<Arc<Segment>> {
-        let app = self.appender.lock();
+        let shared = self.shared.lock();
         let mut retired: Vec<Arc<Segment>> =
-            self.segments.read(|segments| app.retired.keys().filter_map(|id| segments.get(id)).cloned().collect());
-        drop(app);
+            self.segments.read(|segments| shared.retired.keys().filter_map(|id| segments.get(id)).cloned().collect());
+        drop(shared);
         retired.sort_by_key(|s| s.id());
         retired
     }
 
     /// Retires every segment taking appends (the store is closing: nothing is appended after
     /// this), so each can get its table. Their records are all written: appends write under
-    /// the appender lock this takes.
+    /// the lane locks this takes.
     pub fn retire_all(&self) {
-        let mut app = self.appender.lock();
-        let buckets: Vec<u64> = app.active.keys().copied().collect();
-        for bucket in buckets {
-            app.retire(bucket);
+        let mut lanes = self.lock_all_lanes();
+        let mut shared = self.shared.lock();
+        for app in lanes.iter_mut() {
+            let buckets: Vec<u64> = app.active.keys().copied().collect();
+            for bucket in buckets {
+                shared.retire(app, bucket);
+            }
         }
-        app.retired_since = false;
+        shared.retired_since = false;
     }
 
     /// Whether some active segment is close to its reserved end (see `grow_ahead`).
@@ -526,7 +631,7 @@ impl Log {
     }
 
     /// Extends every segment close to its reserved end by one growth step, without the
-    /// appender lock: appends go on below the old end meanwhile. Best effort: a failure (full
+    /// lane lock: appends go on below the old end meanwhile. Best effort: a failure (full
     /// disk, budget, a released descriptor) is left for the append that needs the space, which
     /// retries under the lock and reports it.
     pub fn grow_ahead(&self) {
@@ -559,13 +664,23 @@ impl Log {
     }
 
     /// Takes what the next sync must cover; the caller syncs it without holding any lock.
+    ///
+    /// Every lane's lock is held while it is taken, so no record is half written: every seq
+    /// given out so far is written, and `through_seq` covers them all.
     fn take_sync_batch(&self) -> SyncBatch {
-        let mut app = self.appender.lock();
-        self.unsynced_bytes.store(0, std::sync::atomic::Ordering::Relaxed);
-        let segments = std::mem::take(&mut app.dirty);
-        // Records are written whole under this lock: each end is a record boundary.
+        let mut lanes = self.lock_all_lanes();
+        let mut segments = Vec::new();
+        let mut written_ms = 0;
+        for (app, lane) in lanes.iter_mut().zip(self.lanes.iter()) {
+            lane.unsynced_bytes.store(0, crate::sync::Ordering::Relaxed);
+            segments.append(&mut app.dirty);
+            written_ms = written_ms.max(app.written_ms);
+        }
+        // Records are written whole under the lane locks: each end is a record boundary.
         let written_ends = segments.iter().map(|s| s.written_end()).collect();
-        SyncBatch { through_seq: app.next_seq - 1, segments, written_ms: app.written_ms, written_ends }
+        let through_seq = self.last_seq();
+        drop(lanes);
+        SyncBatch { through_seq, segments, written_ms, written_ends }
     }
 
     /// Syncs a batch: every dirty segment (fdatasync). New files' directory entries were
@@ -591,27 +706,32 @@ impl Log {
     /// kept (see `SegmentCache`), so the caller first waits that out, by taking every shard's
     /// lock, and only then deletes (cutting a mapped file under a reader would fault it).
     pub fn take_expired(&self, now_ms: u64) -> (usize, Vec<Arc<Segment>>) {
-        let mut app = self.appender.lock();
-        let mut gone_bytes = 0;
-        app.active.retain(|_, a| {
-            let live = a.segment.header.bucket_end_ms > now_ms;
-            if !live {
-                a.segment.release_descriptor();
-                gone_bytes += a.write_pos - SEGMENT_HEADER_LEN;
-            }
-            live
-        });
-        app.active_bytes -= gone_bytes;
-        app.dirty.retain(|s| s.header.bucket_end_ms > now_ms);
+        let mut lanes = self.lock_all_lanes();
+        for app in lanes.iter_mut() {
+            let mut gone_bytes = 0;
+            app.active.retain(|_, a| {
+                let live = a.segment.header.bucket_end_ms > now_ms;
+                if !live {
+                    a.segment.set_appending_lane(None);
+                    a.segment.release_descriptor();
+                    gone_bytes += a.write_pos - SEGMENT_HEADER_LEN;
+                }
+                live
+            });
+            app.active_bytes -= gone_bytes;
+            app.dirty.retain(|s| s.header.bucket_end_ms > now_ms);
+        }
+        let mut shared = self.shared.lock();
         let taken: Vec<Arc<Segment>> = self.segments.change(|segments| {
             let expired: Vec<u32> =
                 segments.values().filter(|s| s.header.bucket_end_ms <= now_ms).map(|s| s.id()).collect();
             expired.iter().filter_map(|id| segments.remove(id)).collect()
         });
         for segment in &taken {
-            app.retired.remove(&segment.id());
+            shared.retired.remove(&segment.id());
         }
-        drop(app);
+        drop(shared);
+        drop(lanes);
         for segment in &taken {
             segment.mark_dropped();
         }
@@ -644,34 +764,39 @@ impl Log {
     /// (a later write to its bucket opens a new segment) and returns every live retired
     /// segment last written before `idle_before_ms`: the ones to seal.
     ///
-    /// Both steps happen under the appender lock, the lock every append holds: a segment is
-    /// handed out only if it was retired when the lock was taken or by this call, so no append
-    /// reaches it afterwards. (Choosing from the segments map after letting the lock go would
+    /// Both steps happen under every lane's lock, one of which every append holds: a segment
+    /// is handed out only if it was retired when the locks were taken or by this call, so no
+    /// append reaches it afterwards. (Choosing from the segments map after letting the lock go would
     /// hand out a segment an append created meanwhile, still taking appends, whenever that
     /// append's time reading was older than `idle_before_ms`: a writer that stalled, or a
     /// forward step of the clock. Sealing it would lose the records written after its entries
     /// were collected.)
     pub fn retire_idle(&self, idle_before_ms: u64) -> Vec<Arc<Segment>> {
-        let mut app = self.appender.lock();
-        let idle: Vec<u64> = app
-            .active
-            .iter()
-            .filter(|(_, a)| a.segment.last_write_ms() < idle_before_ms)
-            .map(|(&bucket, _)| bucket)
-            .collect();
-        for bucket in idle {
-            app.retire(bucket);
+        let mut lanes = self.lock_all_lanes();
+        let mut shared = self.shared.lock();
+        for app in lanes.iter_mut() {
+            let idle: Vec<u64> = app
+                .active
+                .iter()
+                .filter(|(_, a)| a.segment.last_write_ms() < idle_before_ms)
+                .map(|(&bucket, _)| bucket)
+                .collect();
+            for bucket in idle {
+                shared.retire(app, bucket);
+            }
         }
         // A retired segment's last write no longer changes.
         let mut to_seal: Vec<Arc<Segment>> = self.segments.read(|segments| {
-            app.retired
+            shared
+                .retired
                 .keys()
                 .filter_map(|id| segments.get(id))
                 .filter(|s| s.last_write_ms() < idle_before_ms)
                 .cloned()
                 .collect()
         });
-        drop(app);
+        drop(shared);
+        drop(lanes);
         self.run_retire_hook();
         to_seal.sort_by_key(|s| s.id());
         to_seal
@@ -687,6 +812,10 @@ mod tests {
     const WIDTH_MS: u64 = 60_000;
 
     fn log(disk: &SimDisk) -> Log {
+        log_with_lanes(disk, 1)
+    }
+
+    fn log_with_lanes(disk: &SimDisk, lanes: usize) -> Log {
         let dir = PathBuf::from("/store");
         disk.create_dir_all(&dir).unwrap();
         let limits = LogLimits {
@@ -697,6 +826,7 @@ mod tests {
             open_segments_max: 8,
             paged_zero_fill: false,
             active_bytes_max: u64::MAX,
+            lanes,
         };
         Log::new(Arc::new(disk.clone()), dir, limits, IdMap::default(), 1, 1)
     }
@@ -722,15 +852,15 @@ mod tests {
     fn a_prepared_spare_opens_a_bucket_without_a_directory_sync() {
         let disk = SimDisk::new();
         let log = log(&disk);
-        // No spare: opening a bucket syncs the directory under the appender lock.
+        // No spare: opening a bucket syncs the directory under the lane lock.
         let before = disk.syncs();
-        let (_, first) = log.append(claim_expiring_at(WIDTH_MS), b"one", &[], WIDTH_MS, true).unwrap();
+        let (_, first) = log.append(claim_expiring_at(WIDTH_MS), b"one", &[], WIDTH_MS, true, None).unwrap();
         assert_eq!(disk.syncs(), before + 1);
         assert_eq!(first.segment, 1);
 
         log.prepare_spare().unwrap();
         let prepared = disk.syncs();
-        let (_, second) = log.append(claim_expiring_at(3 * WIDTH_MS), b"two", &[], 3 * WIDTH_MS, true).unwrap();
+        let (_, second) = log.append(claim_expiring_at(3 * WIDTH_MS), b"two", &[], 3 * WIDTH_MS, true, None).unwrap();
         assert_eq!(disk.syncs(), prepared, "the spare's directory entry was made durable beforehand");
         assert_eq!(second.segment, 2, "the new bucket took the spare");
         assert_eq!(log.segment_count(), 2);
@@ -750,16 +880,17 @@ mod tests {
             open_segments_max: 8,
             paged_zero_fill: false,
             active_bytes_max: u64::MAX,
+            lanes: 1,
         };
         let log = Log::new(Arc::new(disk.clone()), dir, limits, IdMap::default(), 1, 1);
-        let (header, first) = log.append(claim_expiring_at(WIDTH_MS), b"one", &[], WIDTH_MS, true).unwrap();
+        let (header, first) = log.append(claim_expiring_at(WIDTH_MS), b"one", &[], WIDTH_MS, true, None).unwrap();
         let record = header.padded_len();
         let reserved = |log: &Log| log.with_segment(first.segment, |s| s.len()).unwrap();
         assert_eq!(reserved(&log), step);
         let mut end = SEGMENT_HEADER_LEN + record;
         while step - end >= step / 2 {
             assert!(!log.growth_wanted(), "growth asked for with {} bytes left", step - end);
-            log.append(claim_expiring_at(WIDTH_MS), b"two", &[], WIDTH_MS, true).unwrap();
+            log.append(claim_expiring_at(WIDTH_MS), b"two", &[], WIDTH_MS, true, None).unwrap();
             end += record;
         }
         assert!(log.growth_wanted(), "no growth asked for with {} of {step} bytes left", step - end);
@@ -767,7 +898,7 @@ mod tests {
         log.grow_ahead();
         assert!(!log.growth_wanted());
         assert_eq!(reserved(&log), 2 * step, "grow_ahead did not add one step");
-        log.append(claim_expiring_at(WIDTH_MS), b"six", &[], WIDTH_MS, true).unwrap();
+        log.append(claim_expiring_at(WIDTH_MS), b"six", &[], WIDTH_MS, true, None).unwrap();
         assert!(!log.growth_wanted(), "growth asked for again right after a step was added");
     }
 
@@ -775,8 +906,8 @@ mod tests {
     fn a_cached_segment_handle_reads_as_gone_once_its_bucket_is_dropped() {
         let disk = SimDisk::new();
         let log = log(&disk);
-        let (_, expiring) = log.append(claim_expiring_at(WIDTH_MS), b"old", &[], WIDTH_MS, true).unwrap();
-        let (_, staying) = log.append(claim_expiring_at(5 * WIDTH_MS), b"new", &[], 5 * WIDTH_MS, true).unwrap();
+        let (_, expiring) = log.append(claim_expiring_at(WIDTH_MS), b"old", &[], WIDTH_MS, true, None).unwrap();
+        let (_, staying) = log.append(claim_expiring_at(5 * WIDTH_MS), b"new", &[], 5 * WIDTH_MS, true, None).unwrap();
         let mut cache = SegmentCache::default();
         let id_through = |log: &Log, cache: &mut SegmentCache, id| log.with_segment_cached(cache, id, |s| s.id());
         assert_eq!(id_through(&log, &mut cache, expiring.segment), Some(expiring.segment));
@@ -798,14 +929,14 @@ mod tests {
     fn a_segment_retire_idle_hands_out_never_takes_another_append() {
         let disk = SimDisk::new();
         let log = Arc::new(log(&disk));
-        let (_, old) = log.append(claim_expiring_at(WIDTH_MS), b"old", &[], WIDTH_MS, true).unwrap();
+        let (_, old) = log.append(claim_expiring_at(WIDTH_MS), b"old", &[], WIDTH_MS, true, None).unwrap();
         // A writer whose time reading is as old as the idle segment's appends to a new bucket
         // just after the retire decision: its new segment looks idle too.
         let late_bucket = 5 * WIDTH_MS;
         log.on_next_retire(Box::new({
             let log = log.clone();
             move || {
-                log.append(claim_expiring_at(late_bucket), b"new", &[], late_bucket, true).unwrap();
+                log.append(claim_expiring_at(late_bucket), b"new", &[], late_bucket, true, None).unwrap();
             }
         }));
         let retired = log.retire_idle(1_000);
@@ -813,7 +944,8 @@ mod tests {
         for segment in &retired {
             let bucket_end = segment.header.bucket_end_ms;
             let records_before = segment.byte_counts().0;
-            let (_, loc) = log.append(claim_expiring_at(bucket_end - 1), b"key", &[], bucket_end - 1, true).unwrap();
+            let (_, loc) =
+                log.append(claim_expiring_at(bucket_end - 1), b"key", &[], bucket_end - 1, true, None).unwrap();
             assert_ne!(loc.segment, segment.id(), "segment {} was handed out to seal and took an append", segment.id());
             assert_eq!(segment.byte_counts().0, records_before, "a segment handed out to seal grew");
         }
@@ -831,12 +963,63 @@ mod tests {
             // Alternate two buckets; small segments make each roll over several times.
             let expires = if i % 2 == 0 { WIDTH_MS } else { 5 * WIDTH_MS };
             let header = Header { value_len: 300, ..claim_expiring_at(expires) };
-            let (header, loc) = log.append(header, b"key", &[0u8; 300], expires, true).unwrap();
+            let (header, loc) = log.append(header, b"key", &[0u8; 300], expires, true, None).unwrap();
             if expires == WIDTH_MS {
                 assert!((loc.segment, header.seq) > last, "segment {} after {:?}", loc.segment, last);
                 last = (loc.segment, header.seq);
             }
         }
         assert!(last.0 > 2, "the bucket rolled over into several segments");
+    }
+
+    /// A thread of its own, running what it is sent: it keeps its lane across appends.
+    struct Writer {
+        jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+    }
+
+    impl Writer {
+        fn new() -> Writer {
+            let (jobs, inbox) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+            std::thread::spawn(move || inbox.into_iter().for_each(|job| job()));
+            Writer { jobs }
+        }
+
+        fn append(&self, log: &Arc<Log>, key: &'static [u8], value_len: u32, supersedes: Option<Loc>) -> Loc {
+            let (log, (done, answer)) = (log.clone(), std::sync::mpsc::channel());
+            let job = move || {
+                let header = Header { value_len, key_len: key.len() as u16, ..claim_expiring_at(WIDTH_MS) };
+                let value = vec![0u8; value_len as usize];
+                done.send(log.append(header, key, &value, WIDTH_MS, true, supersedes).unwrap().1).unwrap();
+            };
+            self.jobs.send(Box::new(job)).unwrap();
+            answer.recv().unwrap()
+        }
+    }
+
+    #[test]
+    fn a_key_s_later_record_never_lands_in_an_older_segment_of_its_bucket() {
+        let disk = SimDisk::new();
+        let log = Arc::new(log_with_lanes(&disk, 2));
+        let lane_of = |loc: Loc| log.with_segment(loc.segment, |s| s.appending_lane()).flatten();
+        // Two writers in different lanes (a thread's lane is given out at its first append).
+        let b = Writer::new();
+        let first_b = b.append(&log, b"filler-b", 8, None);
+        let a = std::iter::repeat_with(Writer::new)
+            .find(|a| lane_of(a.append(&log, b"probe", 8, None)) != lane_of(first_b))
+            .unwrap();
+        // A writes the key into its segment, then fills it until it rolls over: the key's
+        // segment is retired, while B's segment of the bucket, opened first, takes appends.
+        let key_at = a.append(&log, b"key", 8, None);
+        assert!(key_at.segment > first_b.segment);
+        while lane_of(key_at).is_some() {
+            a.append(&log, b"filler-a", 300, None);
+        }
+        assert!(lane_of(first_b).is_some(), "B's segment was retired too");
+        // B writes the key's next record: not into its older segment.
+        let next = b.append(&log, b"key", 8, Some(key_at));
+        assert!(next.segment > key_at.segment, "the key's record at {next:?} went before its older one at {key_at:?}");
+        // While the key's segment takes appends, a superseding write from any lane follows it.
+        let again = a.append(&log, b"key", 8, Some(next));
+        assert_eq!(again.segment, next.segment, "the record did not follow the key's segment's lane");
     }
 }

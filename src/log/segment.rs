@@ -140,7 +140,14 @@ pub struct Segment {
     /// disk: this process never appends to it). A read stops here: past it the appender may
     /// be writing the next record, and copying bytes another thread writes is a data race.
     written_end: std::sync::atomic::AtomicU64,
+    /// The lane this segment takes appends in, `NO_LANE` once it takes none (retired, or
+    /// found at open). Set and cleared under that lane's lock; read without it to pick the
+    /// lane of a record that supersedes one in this segment (see `Log::append`).
+    appending_lane: std::sync::atomic::AtomicUsize,
 }
+
+/// `Segment::appending_lane` of a segment that takes no appends.
+const NO_LANE: usize = usize::MAX;
 
 impl std::fmt::Debug for Segment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -241,6 +248,7 @@ impl Segment {
             crc_seed: record::checksum_hasher(header.id),
             dropped: false.into(),
             written_end: written_end.into(),
+            appending_lane: NO_LANE.into(),
         }
     }
 
@@ -273,7 +281,7 @@ impl Segment {
 
     /// Notes that a record written at `ms` (store time) went into this segment.
     ///
-    /// Callers are serialized (the appender lock, or recovery's one thread), so a load and a
+    /// Callers are serialized (its lane's lock, or recovery's one thread), so a load and a
     /// store do, without a locked read-modify-write on every append.
     pub fn note_write(&self, ms: u64) {
         if ms > self.last_write_ms.load(std::sync::atomic::Ordering::Relaxed) {
@@ -322,7 +330,7 @@ impl Segment {
     }
 
     /// Encodes a record straight into the file at `offset` (space already reserved), the end
-    /// of what was written before (callers are serialized: the appender lock), and moves the
+    /// of what was written before (callers are serialized: its lane's lock), and moves the
     /// end readers may copy from past it.
     pub fn write_record(&self, offset: u64, header: &Header, key: &[u8], value: &[u8]) -> Result<()> {
         let len = usize_from(header.padded_len());
@@ -347,6 +355,18 @@ impl Segment {
     /// Gives that right back once the growth step is done (or given up).
     pub fn end_growth(&self) {
         self.growing.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The lane taking appends into this segment, if any (see `appending_lane`).
+    pub fn appending_lane(&self) -> Option<usize> {
+        let lane = self.appending_lane.load(std::sync::atomic::Ordering::Acquire);
+        (lane != NO_LANE).then_some(lane)
+    }
+
+    /// Records that lane `lane` takes appends into this segment from now on, or, with `None`,
+    /// that it takes no more (called under that lane's lock).
+    pub fn set_appending_lane(&self, lane: Option<usize>) {
+        self.appending_lane.store(lane.unwrap_or(NO_LANE), std::sync::atomic::Ordering::Release);
     }
 
     /// Marks the segment as taken out of the log (see `dropped`).
@@ -471,7 +491,7 @@ impl Segment {
     }
 
     /// End of what this process wrote to this segment (the end of its last record); for a
-    /// segment found at open, its length. The caller holds the appender lock when it needs a
+    /// segment found at open, its length. The caller holds its lane's lock when it needs a
     /// record boundary.
     pub fn written_end(&self) -> u64 {
         self.written_end.load(std::sync::atomic::Ordering::Acquire).min(self.len())

@@ -8,7 +8,9 @@
 //! copy, under all their write locks at once, taken in order.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+#[cfg(not(loom))]
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
 
 use parking_lot::RwLock;
 
@@ -27,17 +29,21 @@ pub struct StripedMap<V> {
 }
 
 /// The stripe to give the next thread that reads for the first time.
+#[cfg(not(loom))]
 static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
 
+#[cfg(not(loom))]
 thread_local! {
     /// This thread's stripe; `STRIPES` until the thread first reads. A constant initializer
     /// makes the per-read access a plain thread-local load, without lazy-init bookkeeping.
     static STRIPE: Cell<usize> = const { Cell::new(STRIPES) };
 }
 
-/// This thread's stripe, given out on first use.
+/// This thread's stripe, given out on first use: threads that start one after another get
+/// different ones (the log's lanes use it too, so that each thread writes through its own).
+#[cfg(not(loom))]
 #[inline]
-fn stripe() -> usize {
+pub(crate) fn stripe() -> usize {
     STRIPE.with(|stripe| {
         let mine = stripe.get();
         if mine < STRIPES {
@@ -46,6 +52,32 @@ fn stripe() -> usize {
         let given = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
         stripe.set(given);
         given
+    })
+}
+
+/// Pins the calling thread's stripe (and so its lane in the log) to `stripe`, modulo the
+/// stripes (a test seam: see `sim::pin_thread_lane`).
+#[cfg(all(not(loom), any(test, feature = "sim")))]
+pub(crate) fn pin_stripe(stripe: usize) {
+    STRIPE.with(|mine| mine.set(stripe % STRIPES));
+}
+
+/// Under loom, every modelled thread runs on one OS thread: each gets its stripe from loom's
+/// thread locals instead, given out in the order the model's threads first ask (the same in
+/// every execution loom replays).
+#[cfg(loom)]
+pub(crate) fn stripe() -> usize {
+    loom::lazy_static! {
+        static ref NEXT: loom::sync::atomic::AtomicUsize = loom::sync::atomic::AtomicUsize::new(0);
+    }
+    loom::thread_local! {
+        static STRIPE: Cell<usize> = Cell::new(STRIPES);
+    }
+    STRIPE.with(|stripe| {
+        if stripe.get() == STRIPES {
+            stripe.set(NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES);
+        }
+        stripe.get()
     })
 }
 

@@ -435,8 +435,8 @@ impl SealedTables {
     ///
     /// Newest first means the first location holding a key has its latest sealed record: a
     /// key's newer record always lies in a bucket ending no earlier than its older ones
-    /// (ARCHITECTURE.md, invariant 3), and within one bucket a later segment holds later
-    /// records (a bucket appends to one segment at a time, in id order).
+    /// (ARCHITECTURE.md, invariant 3), and within one bucket in a segment with a larger id
+    /// (invariant 5: the log's append sees to it, whichever lane writes the record).
     pub fn visit(&self, hash: u64, visit: &mut dyn FnMut(Loc) -> Result<bool>) -> Result<()> {
         if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
             return Ok(());

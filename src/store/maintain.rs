@@ -74,7 +74,7 @@ impl Inner {
     /// `seal_idle_after`: writes its table, then moves its entries out of RAM.
     ///
     /// The entries are collected only after `retire_idle` retired the segments under the
-    /// appender lock, so every record they will ever hold is written by then; a writer still
+    /// lane locks, so every record they will ever hold is written by then; a writer still
     /// between its append and its index update holds its shard's lock, which the collection
     /// waits for. So the table holds every entry, and none is dropped unsealed.
     pub(super) fn seal_idle(&self, now_ms: u64) -> Result<usize> {

@@ -118,6 +118,8 @@ impl Inner {
                 crate::pace::breathe();
             }
         };
+        // (The loom models run every thread of theirs on one: no thread of the store's own.)
+        let threads = if cfg!(loom) { 1 } else { threads };
         let results: Vec<Result<Vec<u32>>> = if threads <= 1 || to_write.len() == 1 {
             vec![worker()]
         } else {
