@@ -172,8 +172,10 @@ pub trait IoFile: Send + Sync {
     /// the reserved length and syncs keep working through the memory map. Bounds the number
     /// of open descriptors however many files are live.
     fn release_descriptor(&self) {}
-    /// Drops the memory-mapped pages of a file about to be deleted, in small steps, so the
-    /// final unmap is quick and never holds up page faults of other threads for long.
+    /// Drops the memory-mapped pages of a file, in small steps: before it is deleted, so the
+    /// final unmap is quick and never holds up page faults of other threads for long; and
+    /// before a file that takes no more writes is synced, so writeback finds no page mapped
+    /// writable (a later read maps its page again).
     fn release_pages(&self) {}
 }
 

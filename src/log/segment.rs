@@ -379,7 +379,8 @@ impl Segment {
         self.dropped.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Drops the mapped pages of a segment about to be deleted (see `IoFile`).
+    /// Drops this process's mappings of the segment's pages (see `IoFile`): for a segment
+    /// about to be deleted, or one that takes no more appends, before it is synced.
     pub fn release_pages(&self) {
         self.file.release_pages();
     }

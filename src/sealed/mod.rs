@@ -182,9 +182,12 @@ impl Table {
         let tmp = dir.join(table_tmp_file_name(segment_id));
         let _ = io.remove(&tmp);
         let file = io.create(&tmp, total).map_err(|e| Error::io("create table", &tmp, e))?;
+        // The pages are unmapped before the sync (see `IoFile::release_pages`): writeback then
+        // write-protects no mapped page, each with a TLB flush on every CPU of the process.
         let written = file
             .reserve_unfilled(total)
             .and_then(|()| file.write_at(0, &bytes))
+            .map(|()| file.release_pages())
             .and_then(|()| file.sync_gradually())
             .map_err(|e| ("write table", e))
             .and_then(|()| io.rename(&tmp, &path).map_err(|e| ("rename table into place", e)));
