@@ -9,7 +9,8 @@
 //!
 //! Workload: N random 16-byte keys (default 1,000,000), a 3-byte request; claims of new keys,
 //! repeat claims of keys in flight, then replays of completed keys with a 64-byte outcome, in
-//! the order they were written and in random order (as retries come).
+//! the order they were written and in random order (as retries come), and the memory floor
+//! under a random-order replay on this machine (two dependent cache misses, no other work).
 //!
 //! Then the threads table: new-key claims and random-order replays from 1, 2, 4 and 16
 //! threads, with the ratio to one thread (`--no-threads` leaves it out).
@@ -104,6 +105,7 @@ fn main() {
     }
     rate("replay in random order (64 B)", n, started);
     drop(store);
+    replay_floor(_dir.path(), n);
 
     // The same three paths through `claim_many`, a batch at a time, on fresh keys.
     let dir = tempfile::tempdir_in(bench_parent_dir()).expect("tempdir");
@@ -147,6 +149,57 @@ fn main() {
     if !args.iter().any(|a| a == "--no-crafted") {
         crafted_against_random();
     }
+}
+
+/// The memory floor under a random-order replay, in the same run: a replay needs at least two
+/// loads that miss the caches, the second waiting on the first (the key's index slot, then
+/// the record the slot points at). Here they are with none of a replay's work: a random
+/// 16-byte slot in a table as large as the store's index (256 shards, each a power of two of
+/// slots at most 3/4 full), whose value is a position in the store's own segment files, mapped
+/// read-only, then 8 bytes read there. Each load waits for the one before it, as one call
+/// after another does.
+#[allow(unsafe_code, reason = "maps the bench's own segment files read-only, with its SAFETY comment")]
+fn replay_floor(dir: &std::path::Path, n: usize) {
+    let mut maps = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read the store directory") {
+        let path = entry.expect("directory entry").path();
+        if path.extension().is_some_and(|e| e == "seg") {
+            let file = std::fs::File::open(&path).expect("open a segment");
+            // SAFETY: the files belong to this bench's closed store: nothing writes or truncates
+            // them while they are mapped.
+            let map = unsafe { memmap2::Mmap::map(&file) }.expect("map a segment");
+            if map.len() >= 4096 {
+                maps.push(map);
+            }
+        }
+    }
+    let shard_slots = ((n / 256).max(1) * 4).div_ceil(3).next_power_of_two();
+    let slots = shard_slots * 256;
+    let positions: Vec<[u64; 2]> = (0..slots as u64)
+        .map(|i| {
+            let r = xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes());
+            let map = &maps[(r % maps.len() as u64) as usize];
+            [r % maps.len() as u64, ((r >> 20) % (map.len() as u64 / 8)) * 8]
+        })
+        .collect();
+    let mask = slots - 1;
+    let mut seen = 0u64;
+    let started = Instant::now();
+    for i in 0..n as u64 {
+        let slot = positions[(xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()).wrapping_add(seen >> 63) as usize) & mask];
+        let map = &maps[slot[0] as usize];
+        let at = slot[1] as usize;
+        seen = u64::from_le_bytes(map[at..at + 8].try_into().expect("8 bytes"));
+    }
+    std::hint::black_box(seen);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "| floor: a random {} MiB slot table, then a random read in {} MiB of mapped segments, each load after the last (no replay work) | {n} | {:.0} | {:.0} |",
+        (slots * 16) >> 20,
+        maps.iter().map(|m| m.len()).sum::<usize>() >> 20,
+        n as f64 / secs,
+        secs * 1e9 / n as f64
+    );
 }
 
 /// A Fisher-Yates shuffle driven by xxh3 of a counter (no rand dependency for one shuffle).

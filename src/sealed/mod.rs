@@ -142,9 +142,9 @@ impl Table {
     ) -> Result<Table> {
         entries.sort_unstable();
         let path = dir.join(table_file_name(segment_id));
-        let filter = BlockedBloom::with_capacity(entries.len() as u64);
+        let mut filter = BlockedBloom::with_capacity(entries.len() as u64);
         for (hash, _) in &entries {
-            filter.insert(*hash);
+            filter.insert_unshared(*hash);
         }
         let mut header = [0u8; usize_from(TABLE_HEADER_LEN)];
         header[0..8].copy_from_slice(&TABLE_MAGIC);

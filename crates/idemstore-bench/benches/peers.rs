@@ -2,7 +2,8 @@
 //!
 //! The workload, the same on every engine, is the life of an idempotency key: insert-if-absent
 //! of random 16-byte keys with a 24 h TTL (the claim, before the effect), then the 64-byte
-//! outcome stored for each (the complete, after it), then replays of the stored outcomes;
+//! outcome stored for each (the complete, after it), then replays of the stored outcomes (in
+//! the order the keys were written, then in random order, as retries come);
 //! durable (every acknowledged write survives power loss) and non-durable; 1 and 16 threads
 //! (Redis: 16 clients, each with its own connection). It prints one markdown table with ops/s,
 //! p50/p99 latency (hdrhistogram; non-durable rows time one op in [`LATENCY_SAMPLE`], so the
@@ -217,6 +218,7 @@ enum Phase {
     Complete,
     Both,
     Replay,
+    RandomReplay,
     BatchInsert,
     BatchComplete,
     BatchBoth,
@@ -229,6 +231,7 @@ impl Phase {
             Phase::Complete => "complete (store the outcome)".into(),
             Phase::Both => "claim + complete (derived)".into(),
             Phase::Replay => format!("replay {} B", OUTCOME.len()),
+            Phase::RandomReplay => format!("replay {} B, keys in random order", OUTCOME.len()),
             Phase::BatchInsert => format!("insert-if-absent, {BATCH} a batch (latency per batch)"),
             Phase::BatchComplete => format!("complete, {BATCH} a batch (latency per batch)"),
             Phase::BatchBoth => format!("claim + complete, {BATCH} a batch (derived)"),
@@ -291,6 +294,7 @@ impl TableRow {
             row(Phase::Complete, "complete", None, "—".into()),
             both(Phase::Both, "insert", "complete"),
             row(Phase::Replay, "replay", None, "—".into()),
+            row(Phase::RandomReplay, "random_replay", None, "—".into()),
             row(Phase::BatchInsert, "batch", None, "—".into()),
             row(Phase::BatchComplete, "batch_complete", None, "—".into()),
             both(Phase::BatchBoth, "batch", "batch_complete"),
@@ -346,13 +350,23 @@ struct WorkerReport {
     inserted: u64,
     completed: u64,
     replayed: u64,
+    random_replayed: u64,
     batch_inserted: u64,
     batch_completed: u64,
-    latency: [Histogram<u64>; 5],
-    spans: [(Instant, Instant); 5],
+    latency: [Histogram<u64>; 6],
+    spans: [(Instant, Instant); 6],
 }
 
-/// Insert phase, (idemstore) complete phase, replay phase; every thread in step via barriers.
+/// A Fisher-Yates shuffle from the key generator's stream (the same order for every engine).
+fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut rng = KeyGen::new(seed);
+    for i in (1..items.len()).rev() {
+        items.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+}
+
+/// Insert phase, (idemstore) complete phase, replay phases (in written order, then in random
+/// order); every thread in step via barriers.
 /// A phase lasts from the first thread's start to the last thread's end, as the threads saw it.
 fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
     let threads = spec.threads;
@@ -371,11 +385,17 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                     let keys = KeyGen::new(1000 + t as u64).keys(keys_per_thread);
                     let mut handle = engine.handle();
                     let fresh = KeyGen::new(5000 + t as u64).keys(keys_per_thread);
-                    let mut latency =
-                        [new_histogram(), new_histogram(), new_histogram(), new_histogram(), new_histogram()];
+                    let mut latency = [
+                        new_histogram(),
+                        new_histogram(),
+                        new_histogram(),
+                        new_histogram(),
+                        new_histogram(),
+                        new_histogram(),
+                    ];
                     barrier.wait(); // prepared: the "before" RAM figure is taken now
                     barrier.wait(); // start of the insert phase
-                    let [l_insert, l_complete, l_replay, l_batch, l_batch_complete] = &mut latency;
+                    let [l_insert, l_complete, l_replay, l_batch, l_batch_complete, l_random] = &mut latency;
                     let (insert_span, inserted) = timed_phase(&keys, cap, sample_every, l_insert, |key| {
                         assert!(engine.insert(&mut handle, key), "a new random key was not inserted");
                         1
@@ -399,6 +419,19 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                             assert_eq!(outcome.as_deref(), Some(&OUTCOME[..]), "a replay did not return the outcome");
                             1
                         });
+                    // Retries come in no particular order: the same keys again, shuffled, so each
+                    // replay's index entry and record are a cache miss of their own.
+                    let mut order: Vec<u32> = (0..inserted as u32).collect();
+                    shuffle(&mut order, 0xfeed + t as u64);
+                    barrier.wait(); // start of the random-order replay phase
+                    let (random_span, random_replayed) =
+                        timed_phase(0..replays_per_thread, cap, sample_every, l_random, |i| {
+                            let key = &keys[order[(i % inserted as u64) as usize] as usize];
+                            let outcome = engine.replay(&mut handle, key);
+                            assert_eq!(outcome.as_deref(), Some(&OUTCOME[..]), "a replay did not return the outcome");
+                            1
+                        });
+                    drop(order);
                     barrier.wait(); // start of the batched insert phase
                     let (batch_span, batch_inserted) = timed_phase(fresh.chunks(BATCH), cap, 1, l_batch, |batch| {
                         let n = engine.insert_batch(&mut handle, batch);
@@ -416,10 +449,11 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
                         inserted: inserted as u64,
                         completed,
                         replayed,
+                        random_replayed,
                         batch_inserted,
                         batch_completed,
                         latency,
-                        spans: [insert_span, complete_span, replay_span, batch_span, batch_complete_span],
+                        spans: [insert_span, complete_span, replay_span, batch_span, batch_complete_span, random_span],
                     }
                 })
             })
@@ -431,6 +465,7 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
         barrier.wait();
         barrier.wait();
         let ram_after = engine.memory_bytes().unwrap_or_else(rss_anon_bytes);
+        barrier.wait();
         barrier.wait();
         barrier.wait();
         barrier.wait();
@@ -457,6 +492,8 @@ fn run_phases<E: Engine>(engine: &E, spec: &RowSpec) -> Vec<(String, f64)> {
         out.extend(phase_figures("insert", inserted, span_seconds(0), &merged(0)));
         out.extend(phase_figures("complete", completed, span_seconds(1), &merged(1)));
         out.extend(phase_figures("replay", replayed, span_seconds(2), &merged(2)));
+        let random_replayed: u64 = reports.iter().map(|r| r.random_replayed).sum();
+        out.extend(phase_figures("random_replay", random_replayed, span_seconds(5), &merged(5)));
         let batch_inserted: u64 = reports.iter().map(|r| r.batch_inserted).sum();
         out.extend(phase_figures("batch", batch_inserted, span_seconds(3), &merged(3)));
         let batch_completed: u64 = reports.iter().map(|r| r.batch_completed).sum();
