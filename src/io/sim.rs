@@ -152,12 +152,12 @@ struct DiskState {
 
 /// Pins the calling thread to the log's lane `lane` (modulo the store's `Options::log_lanes`)
 /// from its next write on, in every store it writes to. A thread is otherwise given its lane
-/// at its first write, in turn with other threads; a test that switches lanes between
+/// at its first write, in turn with other writing threads; a test that switches lanes between
 /// operations on one thread writes a key's records through several lanes, in an order its
 /// seed decides.
 #[cfg(not(loom))]
 pub fn pin_thread_lane(lane: usize) {
-    crate::log::striped_map::pin_stripe(lane);
+    crate::log::pin_writer_number(lane);
 }
 
 /// An in-memory disk with separate written and synced images; clone it to share it.

@@ -39,6 +39,56 @@ use crate::log::record::Header;
 use crate::log::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
 use crate::log::segment_cache::SegmentCache;
 use crate::log::striped_map::StripedMap;
+
+/// This thread's number among the threads that have appended to any log, given out at its
+/// first append: threads that write one after another get consecutive numbers, so as many
+/// writing threads as a log has lanes write through different lanes. (Only writers count:
+/// threads that only read take no number and leave no gap.)
+#[cfg(not(loom))]
+fn writer_number() -> usize {
+    WRITER_NUMBER.with(|mine| {
+        if mine.get() == usize::MAX {
+            mine.set(NEXT_WRITER_NUMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        }
+        mine.get()
+    })
+}
+
+/// The number the next thread to append for the first time gets (see `writer_number`).
+#[cfg(not(loom))]
+static NEXT_WRITER_NUMBER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[cfg(not(loom))]
+thread_local! {
+    /// This thread's writer number; `usize::MAX` until its first append.
+    static WRITER_NUMBER: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Sets the calling thread's writer number (a test seam: see `sim::pin_thread_lane`).
+#[cfg(all(not(loom), any(test, feature = "sim")))]
+pub(crate) fn pin_writer_number(number: usize) {
+    WRITER_NUMBER.with(|mine| mine.set(number));
+}
+
+/// Under loom, every modelled thread runs on one OS thread: the number comes from loom's
+/// thread locals instead, in the order the model's threads first append (the same in every
+/// execution loom replays).
+#[cfg(loom)]
+fn writer_number() -> usize {
+    use std::cell::Cell;
+    loom::lazy_static! {
+        static ref NEXT: loom::sync::atomic::AtomicUsize = loom::sync::atomic::AtomicUsize::new(0);
+    }
+    loom::thread_local! {
+        static MINE: Cell<usize> = Cell::new(usize::MAX);
+    }
+    MINE.with(|mine| {
+        if mine.get() == usize::MAX {
+            mine.set(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        }
+        mine.get()
+    })
+}
 use crate::log::time_floor::TimeFloor;
 
 /// Sizes and limits the log works with.
@@ -68,8 +118,8 @@ struct Active {
 
 /// One lane's appender: its own segment taking appends per bucket, written under its own lock.
 ///
-/// Each thread writes through its own lane (given out as threads first write, like the
-/// segments map's stripes), so threads that write at once touch neither the same lock nor
+/// Each thread writes through its own lane (`writer_number`, given out as threads first
+/// write), so threads that write at once touch neither the same lock nor
 /// the same segment's tail: lanes share only the sequence counter (`Log::next_seq`) and, when
 /// a segment is opened or retired, `Shared`. What keeps a key's records in order across lanes
 /// is in `Log::append`.
@@ -423,7 +473,7 @@ impl Log {
         });
         let lane_number = match after {
             Some((_, Some(lane))) => lane,
-            _ => striped_map::stripe() % self.lanes.len(),
+            _ => writer_number() % self.lanes.len(),
         };
         let lane = &self.lanes[lane_number];
         let mut guard = lane.appender.lock();

@@ -39,11 +39,10 @@ thread_local! {
     static STRIPE: Cell<usize> = const { Cell::new(STRIPES) };
 }
 
-/// This thread's stripe, given out on first use: threads that start one after another get
-/// different ones (the log's lanes use it too, so that each thread writes through its own).
+/// This thread's stripe, given out on first use.
 #[cfg(not(loom))]
 #[inline]
-pub(crate) fn stripe() -> usize {
+fn stripe() -> usize {
     STRIPE.with(|stripe| {
         let mine = stripe.get();
         if mine < STRIPES {
@@ -55,18 +54,11 @@ pub(crate) fn stripe() -> usize {
     })
 }
 
-/// Pins the calling thread's stripe (and so its lane in the log) to `stripe`, modulo the
-/// stripes (a test seam: see `sim::pin_thread_lane`).
-#[cfg(all(not(loom), any(test, feature = "sim")))]
-pub(crate) fn pin_stripe(stripe: usize) {
-    STRIPE.with(|mine| mine.set(stripe % STRIPES));
-}
-
 /// Under loom, every modelled thread runs on one OS thread: each gets its stripe from loom's
 /// thread locals instead, given out in the order the model's threads first ask (the same in
 /// every execution loom replays).
 #[cfg(loom)]
-pub(crate) fn stripe() -> usize {
+fn stripe() -> usize {
     loom::lazy_static! {
         static ref NEXT: loom::sync::atomic::AtomicUsize = loom::sync::atomic::AtomicUsize::new(0);
     }
