@@ -138,6 +138,19 @@ fn main() {
         }
     }
     rate(&format!("claim_many replays of completed keys (64 B, {BATCH} a batch)"), n, started);
+    // The same batches with their keys in random order: the batch overlaps the keys' misses.
+    let mut shuffled = batched.clone();
+    shuffle(&mut shuffled, 0x5eed);
+    let random_batches: Vec<Vec<([u8; 16], &[u8; 3])>> =
+        shuffled.chunks(BATCH).map(|keys| keys.iter().map(|k| (*k, b"req")).collect()).collect();
+    let started = Instant::now();
+    for batch in &random_batches {
+        for answer in store.claim_many(batch, ClaimOptions::default()) {
+            let Ok(Claim::Completed(c)) = answer else { panic!("completed") };
+            debug_assert_eq!(c.outcome.len(), 64);
+        }
+    }
+    rate(&format!("claim_many replays in random order (64 B, {BATCH} a batch)"), n, started);
     drop(store);
 
     if !args.iter().any(|a| a == "--no-threads") {
