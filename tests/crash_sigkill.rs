@@ -35,6 +35,9 @@ fn options() -> Options {
         background: false,
         segment_bytes_initial: 64 << 10,
         segment_bytes_max: 8 << 20,
+        // Two lanes (a `Sync` store has one unless told): the two writer threads each write
+        // through their own.
+        log_lanes: 2,
         ..Default::default()
     }
 }

@@ -63,7 +63,11 @@ impl Store {
             open_segments_max: options.max_open_files.max(1),
             paged_zero_fill: options.durability == Durability::Sync,
             active_bytes_max: options.active_bytes_max.max(1),
-            lanes: options.log_lanes.max(1),
+            lanes: match (options.log_lanes, options.durability) {
+                (0, Durability::Sync) => 1,
+                (0, _) => std::thread::available_parallelism().map_or(1, |n| n.get()).min(16),
+                (lanes, _) => lanes,
+            },
         };
         // Sequence numbers (and so fencing tokens) never repeat, even when every segment
         // expired and was deleted: they start above the wall clock shifted by 20 bits, which
