@@ -95,8 +95,8 @@ pub struct Options {
     /// its own lock and its own segment taking appends per bucket, and each writing thread
     /// writes through its own lane, so threads that write at once seldom wait for each other.
     /// Under `Sync` every lane written since the last group commit is one more `fdatasync` in
-    /// the next (16 threads on two lanes measured 1.6 x Redis `appendfsync always`, on one 2.3
-    /// x): the disk, not the CPU, bounds those writes. More lanes means more, smaller segments:
+    /// the next (16 threads on two lanes measured 1.62 x Redis `appendfsync always`, on one
+    /// lane 1.75 x in the next run): the disk, not the CPU, bounds those writes. More lanes means more, smaller segments:
     /// `max_open_files` and `active_bytes_max` are shared between them, and there are never
     /// more lanes than `max_open_files`. A store may be reopened with another number of lanes.
     pub log_lanes: usize,
