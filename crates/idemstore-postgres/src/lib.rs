@@ -407,6 +407,10 @@ struct Inner {
     counters: Counters,
     /// The backend pid of the lock connection (0 while it is down).
     lock_pid: AtomicI32,
+    /// The lock session's task: `close` waits for it to end, so the incarnation's lock is let
+    /// go (or its session gone) before `close` returns, even when the lock connection was
+    /// being re-established at that moment.
+    lock_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     shutdown: Notify,
     closing: AtomicBool,
 }
@@ -511,11 +515,15 @@ impl PgStore {
             waiters: Waiters::default(),
             counters: Counters::default(),
             lock_pid: AtomicI32::new(0),
+            lock_task: std::sync::Mutex::new(None),
             shutdown: Notify::new(),
             closing: AtomicBool::new(false),
         });
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(lock_session(Arc::downgrade(&inner), ready_tx));
+        let lock_task = tokio::spawn(lock_session(Arc::downgrade(&inner), ready_tx));
+        if let Ok(mut slot) = inner.lock_task.lock() {
+            *slot = Some(lock_task);
+        }
         match ready_rx.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
@@ -692,14 +700,16 @@ impl PgStore {
         self.inner.shutdown.notify_waiters();
         let result = if wait {
             let inner = self.inner.clone();
+            let lock_task = inner.lock_task.lock().ok().and_then(|mut slot| slot.take());
             run_on(&runtime, async move {
-                // The lock task lets the lock go and clears the pid when it has.
-                for _ in 0..200 {
-                    if inner.lock_pid.load(Ordering::Relaxed) == 0 {
+                // The lock task lets the lock go and ends; it ends too if it was between two
+                // sessions (a lost connection), before taking the lock again.
+                let Some(mut lock_task) = lock_task else { return Ok(()) };
+                for _ in 0..400 {
+                    inner.shutdown.notify_waiters();
+                    if tokio::time::timeout(Duration::from_millis(5), &mut lock_task).await.is_ok() {
                         return Ok(());
                     }
-                    inner.shutdown.notify_waiters();
-                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err(db_error("letting the incarnation lock go", "the lock connection did not close in time"))
             })
@@ -876,7 +886,18 @@ async fn lock_session(inner: Weak<Inner>, ready: tokio::sync::oneshot::Sender<Re
                     let _ = ready.send(Err(e));
                     return;
                 }
-                tokio::time::sleep(backoff).await;
+                // A shutdown meanwhile ends the wait (the loop then sees `closing`).
+                let Some(strong) = inner.upgrade() else { return };
+                {
+                    let shutdown = strong.shutdown.notified();
+                    if !strong.closing.load(Ordering::Relaxed) {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown => {}
+                        }
+                    }
+                }
+                drop(strong);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
