@@ -190,9 +190,11 @@ pub struct Log {
     shared: LaneMutex<Shared>,
     /// The live segments by id (read on every claim; see `StripedMap`).
     segments: StripedMap<Arc<Segment>>,
-    /// A segment file created, zero-filled and made durable in the directory ahead of need, so
-    /// an append that opens a bucket never waits for a directory fsync under its lane's lock.
-    spare: Mutex<Option<SpareFile>>,
+    /// Segment files created, zero-filled and made durable in the directory ahead of need, one
+    /// per lane at most, oldest id first: an append that opens a bucket (or rolls over) never
+    /// waits for a directory fsync under its lane's lock, even when several lanes roll over
+    /// at about the same moment.
+    spare: Mutex<std::collections::VecDeque<SpareFile>>,
     /// Active segments within half a growth step of their reserved end: `grow_ahead` extends
     /// them outside the lane locks, so appends rarely wait for a growth step.
     to_grow: Mutex<Vec<Arc<Segment>>>,
@@ -238,8 +240,9 @@ impl Log {
     ) -> Self {
         // Segments found at open never take appends again.
         let retired = segments.keys().map(|&id| (id, ())).collect();
-        // Each lane keeps at least one segment taking appends: no more lanes than that bound.
-        let lane_count = limits.lanes.clamp(1, limits.open_segments_max.max(1));
+        // Each lane keeps at least one segment taking appends and one spare: no more lanes than
+        // half the descriptor bound (plus the one spare always allowed beside it).
+        let lane_count = limits.lanes.clamp(1, (limits.open_segments_max.div_ceil(2)).max(1));
         let lanes = (0..lane_count)
             .map(|_| Lane {
                 appender: LaneMutex::new(Appender {
@@ -253,7 +256,9 @@ impl Log {
             })
             .collect();
         Log {
-            lane_open_max: (limits.open_segments_max / lane_count).max(1),
+            // The spares (one per lane) count against the bound too, all but one of them (one
+            // spare was always kept beside `open_segments_max`).
+            lane_open_max: (limits.open_segments_max.saturating_sub(lane_count - 1) / lane_count).max(1),
             lane_active_bytes_max: (limits.active_bytes_max / lane_count as u64).max(1),
             lanes,
             next_seq: LaneAtomicU64::new(next_seq),
@@ -265,7 +270,7 @@ impl Log {
             dir,
             limits,
             segments: StripedMap::new(segments),
-            spare: Mutex::new(None),
+            spare: Mutex::new(std::collections::VecDeque::new()),
             to_grow: Mutex::new(Vec::new()),
             growth_pending: std::sync::atomic::AtomicBool::new(false),
             spare_wanted: std::sync::atomic::AtomicBool::new(false),
@@ -382,7 +387,7 @@ impl Log {
     /// Segment files holding a descriptor: the ones taking appends, and the spare.
     pub fn open_files(&self) -> usize {
         let active: usize = self.lanes.iter().map(|lane| lane.appender.lock().active.len()).sum();
-        active + usize::from(self.spare.lock().is_some())
+        active + self.spare.lock().len()
     }
 
     /// Bytes of records appended since open (unsynced included).
@@ -392,16 +397,28 @@ impl Log {
 
     /// Bytes reserved on disk by all live segments (and the spare file).
     pub fn disk_bytes(&self) -> u64 {
-        let spare = self.spare.lock().as_ref().map_or(0, SpareFile::len);
+        let spare: u64 = self.spare.lock().iter().map(SpareFile::len).sum();
         self.segments.read(|segments| segments.values().map(|s| s.len()).sum::<u64>()) + spare
     }
 
-    /// Makes sure a spare segment file is ready (created, zero-filled, durable in the
-    /// directory), doing the slow part with no lock held.
+    /// Whether fewer spare segment files are ready than there are lanes.
+    pub fn spares_missing(&self) -> bool {
+        self.spare.lock().len() < self.lanes.len()
+    }
+
+    /// Makes sure a spare segment file is ready for every lane (created, zero-filled, durable
+    /// in the directory), doing the slow part with no lock held.
     pub fn prepare_spare(&self) -> Result<()> {
-        if self.spare.lock().is_some() {
-            return Ok(());
+        while self.spare.lock().len() < self.lanes.len() {
+            if !self.prepare_one_spare()? {
+                return Ok(());
+            }
         }
+        Ok(())
+    }
+
+    /// Adds one spare; false when it could not be kept (a segment got a larger id meanwhile).
+    fn prepare_one_spare(&self) -> Result<bool> {
         let id = {
             let mut shared = self.shared.lock();
             let id = shared.next_segment_id;
@@ -427,11 +444,11 @@ impl Log {
             let path = self.dir.join(crate::log::segment::segment_file_name(id));
             drop(spare);
             let _ = self.io.remove(&path);
-            return Ok(());
+            return Ok(false);
         }
-        *self.spare.lock() = Some(spare);
+        self.spare.lock().push_back(spare);
         drop(shared);
-        Ok(())
+        Ok(true)
     }
 
     /// Appends a record into a segment of the bucket holding `retain_until_ms` (at least its
@@ -585,7 +602,7 @@ impl Log {
             created_at_ms: header.written_at_ms,
             rebuilt: false,
         };
-        let spare = self.spare.lock().take();
+        let spare = self.spare.lock().pop_front();
         self.spare_wanted.store(true, std::sync::atomic::Ordering::Release);
         let segment = match spare {
             Some(spare) => {

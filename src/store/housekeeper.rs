@@ -57,7 +57,7 @@ impl Inner {
         let was_poisoned = self.commit.poisoned().is_some();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _serial = self.maintenance.lock();
-            self.write_restart_tables(1).map(drop)
+            self.write_restart_tables(1, true).map(drop)
         }));
         match outcome {
             Ok(Ok(())) => {}

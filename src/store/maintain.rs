@@ -47,7 +47,7 @@ impl Inner {
             deleted.and(forgotten)?;
         }
         let sealed = self.seal_idle(now_ms)?;
-        self.write_restart_tables(1)?;
+        self.write_restart_tables(1, self.options.background)?;
         self.flush_history(now_ms, false);
         self.sealed.refresh_union()?;
         if sealed > 0 {

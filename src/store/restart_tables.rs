@@ -43,7 +43,7 @@ impl Inner {
         }
         let _serial = self.maintenance.lock();
         self.log.retire_all();
-        self.write_restart_tables(2).map(|_| ())
+        self.write_restart_tables(2, false).map(|_| ())
     }
 
     /// Syncs `segment`, then writes its table of `entries` (the caller syncs the directory).
@@ -88,7 +88,11 @@ impl Inner {
     /// over it. Its entries are read from the segment (see `recovery::restart_entries`):
     /// every key's latest record in it, so only the segment itself must be durable before the
     /// table is, which `Table::write` callers ensure here.
-    pub(super) fn write_restart_tables(&self, threads: usize) -> Result<usize> {
+    ///
+    /// `keep_spares`: between two tables, top up the spare segment files the lanes use up (the
+    /// housekeeper's pass: a table takes long enough that lanes rolling over meanwhile would
+    /// otherwise create their files, and sync the directory, under their locks).
+    pub(super) fn write_restart_tables(&self, threads: usize, keep_spares: bool) -> Result<usize> {
         if self.read_only || self.commit.poisoned().is_some() {
             return Ok(0);
         }
@@ -120,6 +124,11 @@ impl Inner {
                 let Some(segment) = to_write.get(i) else { return Ok(written) };
                 if one(segment)? {
                     written.push(segment.id());
+                }
+                if keep_spares && self.log.spares_missing() {
+                    // A failure here is the spare's own business: the housekeeper reports it
+                    // when it prepares spares itself; the tables go on.
+                    let _ = self.prepare_spare();
                 }
                 crate::pace::breathe();
             }
