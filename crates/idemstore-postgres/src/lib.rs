@@ -472,7 +472,13 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| db_error("starting the store's runtime", e))?;
-        let inner = run_on(&runtime, Self::open_inner(pg_config, options))??;
+        let inner = match run_on(&runtime, Self::open_inner(pg_config, options)) {
+            Ok(Ok(inner)) => inner,
+            Ok(Err(e)) | Err(e) => {
+                drop_runtime(runtime);
+                return Err(e);
+            }
+        };
         let store = PgStore { inner, runtime: Some(runtime) };
         Ok(store)
     }
@@ -708,13 +714,18 @@ impl PgStore {
             Ok(())
         };
         self.inner.pool.close();
-        // Dropping a runtime blocks for its tasks, which is refused inside another runtime.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            runtime.shutdown_background();
-        } else {
-            runtime.shutdown_timeout(Duration::from_secs(1));
-        }
+        drop_runtime(runtime);
         result
+    }
+}
+
+/// Stops the store's runtime. Dropping a runtime blocks for its tasks, which tokio refuses (with
+/// a panic) inside another runtime: there it is let go in the background.
+fn drop_runtime(runtime: tokio::runtime::Runtime) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        runtime.shutdown_background();
+    } else {
+        runtime.shutdown_timeout(Duration::from_secs(1));
     }
 }
 
