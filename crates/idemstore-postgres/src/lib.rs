@@ -940,7 +940,7 @@ async fn reaper(inner: Weak<Inner>, interval: Duration) {
     }
 }
 
-/// A claim's answer as the claim function returns it: one `<table>_claim_result` value.
+/// A claim's answer: the key's row as the claim left it, and the database's time.
 struct ClaimRow {
     acquired: bool,
     fence: i64,
@@ -1005,32 +1005,86 @@ impl<'a> RecordFields<'a> {
     }
 }
 
-impl<'a> FromSql<'a> for ClaimRow {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<ClaimRow, DecodeError> {
+/// The `<table>_claim_result` value as the claim function returns it. A key acquired by the
+/// function's first insert carries only `acquired`, `fence` and `now_ms`: its row holds what the
+/// claim sent.
+struct ClaimResult {
+    acquired: bool,
+    fence: i64,
+    recovered: Option<bool>,
+    completed: Option<bool>,
+    request_hash: Option<u128>,
+    claimed_at_ms: Option<i64>,
+    lease_until_ms: Option<i64>,
+    expires_at_ms: Option<i64>,
+    completed_at_ms: Option<i64>,
+    value: Option<Vec<u8>>,
+    orphan_takeover: Option<bool>,
+    now_ms: i64,
+}
+
+impl<'a> FromSql<'a> for ClaimResult {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<ClaimResult, DecodeError> {
         let mut f = RecordFields::new(raw, 12)?;
-        let acquired = f.required(&Type::BOOL, "acquired")?;
-        let fence = f.required(&Type::INT8, "fence")?;
-        let recovered = f.required(&Type::BOOL, "recovered")?;
-        let completed = f.required(&Type::BOOL, "completed")?;
-        let hash: &[u8] = f.required(&Type::BYTEA, "request_hash")?;
-        Ok(ClaimRow {
-            acquired,
-            fence,
-            recovered,
-            completed,
-            request_hash: hash_from_bytes(hash)?,
-            claimed_at_ms: f.required(&Type::INT8, "claimed_at_ms")?,
-            lease_until_ms: f.required(&Type::INT8, "lease_until_ms")?,
-            expires_at_ms: f.required(&Type::INT8, "expires_at_ms")?,
+        Ok(ClaimResult {
+            acquired: f.required(&Type::BOOL, "acquired")?,
+            fence: f.required(&Type::INT8, "fence")?,
+            recovered: f.next(&Type::BOOL)?,
+            completed: f.next(&Type::BOOL)?,
+            request_hash: f.next::<&[u8]>(&Type::BYTEA)?.map(hash_from_bytes).transpose()?,
+            claimed_at_ms: f.next(&Type::INT8)?,
+            lease_until_ms: f.next(&Type::INT8)?,
+            expires_at_ms: f.next(&Type::INT8)?,
             completed_at_ms: f.next(&Type::INT8)?,
             value: f.next(&Type::BYTEA)?,
-            orphan_takeover: f.required(&Type::BOOL, "orphan_takeover")?,
+            orphan_takeover: f.next(&Type::BOOL)?,
             now_ms: f.required(&Type::INT8, "now_ms")?,
         })
     }
 
     fn accepts(ty: &Type) -> bool {
         matches!(ty.kind(), Kind::Composite(_))
+    }
+}
+
+impl ClaimResult {
+    /// The answer as a row. A key acquired fresh (the row's fields left NULL) holds `hash` and
+    /// the time plus `lease_ms` and `ttl_ms`, as the function wrote them.
+    fn into_row(self, hash: u128, lease_ms: i64, ttl_ms: i64) -> std::result::Result<ClaimRow, DecodeError> {
+        let now_ms = self.now_ms;
+        if self.acquired && self.recovered.is_none() {
+            return Ok(ClaimRow {
+                acquired: true,
+                fence: self.fence,
+                recovered: false,
+                completed: false,
+                request_hash: hash,
+                claimed_at_ms: now_ms,
+                lease_until_ms: now_ms.saturating_add(lease_ms),
+                expires_at_ms: now_ms.saturating_add(ttl_ms),
+                completed_at_ms: None,
+                value: None,
+                orphan_takeover: false,
+                now_ms,
+            });
+        }
+        fn field<T>(value: Option<T>, name: &str) -> std::result::Result<T, DecodeError> {
+            value.ok_or_else(|| format!("a claim result without {name}").into())
+        }
+        Ok(ClaimRow {
+            acquired: self.acquired,
+            fence: self.fence,
+            recovered: field(self.recovered, "recovered")?,
+            completed: field(self.completed, "completed")?,
+            request_hash: field(self.request_hash, "request_hash")?,
+            claimed_at_ms: field(self.claimed_at_ms, "claimed_at_ms")?,
+            lease_until_ms: field(self.lease_until_ms, "lease_until_ms")?,
+            expires_at_ms: field(self.expires_at_ms, "expires_at_ms")?,
+            completed_at_ms: self.completed_at_ms,
+            value: self.value,
+            orphan_takeover: field(self.orphan_takeover, "orphan_takeover")?,
+            now_ms,
+        })
     }
 }
 
@@ -1235,12 +1289,13 @@ impl Inner {
             )
             .await
             .map_err(|e| client.err(ctx, e))?;
-        let answer: Option<ClaimRow> = match rows.first() {
+        let answer: Option<ClaimResult> = match rows.first() {
             Some(row) => row.try_get(0).map_err(|e| pg_error("reading a claim's answer", &e))?,
             None => None,
         };
         // NULL: the function found the key changed under each of its tries.
-        answer.ok_or_else(|| db_error(ctx, "the key kept changing under concurrent claims; try again"))
+        let answer = answer.ok_or_else(|| db_error(ctx, "the key kept changing under concurrent claims; try again"))?;
+        answer.into_row(hash, lease_ms, ttl_ms).map_err(|e| db_error("reading a claim's answer", e))
     }
 
     async fn complete(&self, token: &ClaimToken, outcome: &[u8]) -> Result<()> {
@@ -1603,9 +1658,13 @@ mod tests {
         ]
     }
 
+    fn decode(raw: &[u8]) -> std::result::Result<ClaimRow, DecodeError> {
+        ClaimResult::from_sql(&Type::RECORD, raw)?.into_row(9, 30_000, 86_400_000)
+    }
+
     #[test]
     fn a_claim_result_is_decoded_field_by_field() {
-        let row = ClaimRow::from_sql(&Type::RECORD, &record(&replay_fields())).unwrap();
+        let row = decode(&record(&replay_fields())).unwrap();
         assert!(!row.acquired && row.recovered && row.completed && !row.orphan_takeover);
         assert_eq!((row.fence, row.request_hash), (41, 7));
         assert_eq!((row.claimed_at_ms, row.lease_until_ms, row.expires_at_ms), (1_000, 31_000, 86_401_000));
@@ -1615,8 +1674,24 @@ mod tests {
         let mut fields = replay_fields();
         fields[8].1 = None;
         fields[9].1 = None;
-        let row = ClaimRow::from_sql(&Type::RECORD, &record(&fields)).unwrap();
+        let row = decode(&record(&fields)).unwrap();
         assert_eq!((row.completed_at_ms, row.value), (None, None));
+    }
+
+    #[test]
+    fn a_fresh_acquisition_is_completed_from_what_the_claim_sent() {
+        let mut fields: Vec<_> = replay_fields().into_iter().map(|(ty, _)| (ty, None)).collect();
+        fields[0].1 = Some(vec![1]);
+        fields[1].1 = Some(42i64.to_be_bytes().to_vec());
+        fields[11].1 = Some(5_000i64.to_be_bytes().to_vec());
+        let row = decode(&record(&fields)).unwrap();
+        assert!(row.acquired && !row.recovered && !row.completed && !row.orphan_takeover);
+        assert_eq!((row.fence, row.request_hash, row.now_ms), (42, 9, 5_000));
+        assert_eq!((row.claimed_at_ms, row.lease_until_ms, row.expires_at_ms), (5_000, 35_000, 86_405_000));
+        assert_eq!((row.completed_at_ms, row.value), (None, None));
+        // Only an acquisition may leave the row's fields out.
+        fields[0].1 = Some(vec![0]);
+        assert!(decode(&record(&fields)).is_err());
     }
 
     #[test]
@@ -1624,26 +1699,28 @@ mod tests {
         let good = record(&replay_fields());
         // Cut short anywhere.
         for len in 0..good.len() {
-            assert!(ClaimRow::from_sql(&Type::RECORD, &good[..len]).is_err(), "cut at {len}");
+            assert!(decode(&good[..len]).is_err(), "cut at {len}");
         }
         // A field too few or too many.
-        assert!(ClaimRow::from_sql(&Type::RECORD, &record(&replay_fields()[..11])).is_err());
+        assert!(decode(&record(&replay_fields()[..11])).is_err());
         let mut more = replay_fields();
         more.push((Type::INT8, Some(0i64.to_be_bytes().to_vec())));
-        assert!(ClaimRow::from_sql(&Type::RECORD, &record(&more)).is_err());
+        assert!(decode(&record(&more)).is_err());
         // A field of another type, a required field NULL, a hash of another length, a boolean
         // of no bytes.
         let mut other_type = replay_fields();
         other_type[1] = (Type::INT4, Some(41i32.to_be_bytes().to_vec()));
-        assert!(ClaimRow::from_sql(&Type::RECORD, &record(&other_type)).is_err());
-        let mut null_fence = replay_fields();
-        null_fence[1].1 = None;
-        assert!(ClaimRow::from_sql(&Type::RECORD, &record(&null_fence)).is_err());
+        assert!(decode(&record(&other_type)).is_err());
+        for required in [0, 1, 2, 3, 4, 5, 6, 7, 10, 11] {
+            let mut null = replay_fields();
+            null[required].1 = None;
+            assert!(decode(&record(&null)).is_err(), "field {required} NULL");
+        }
         let mut short_hash = replay_fields();
         short_hash[4].1 = Some(vec![1, 2, 3]);
-        assert!(ClaimRow::from_sql(&Type::RECORD, &record(&short_hash)).is_err());
+        assert!(decode(&record(&short_hash)).is_err());
         let mut bad_bool = replay_fields();
         bad_bool[0].1 = Some(vec![]);
-        assert!(ClaimRow::from_sql(&Type::RECORD, &record(&bad_bool)).is_err());
+        assert!(decode(&record(&bad_bool)).is_err());
     }
 }

@@ -82,9 +82,12 @@ INSERT INTO {table}_identity (store_id)
 ///
 /// It returns one `<table>_claim_result`: whether it acquired the key, the row's columns that
 /// the client answers with, and the database's time; NULL after 20 tries, the key changing
-/// under every one of them. The client calls it as a scalar (`SELECT <table>_claim(..)`) and
-/// decodes the composite value: a named composite type and no `SETOF`/`OUT` parameters spare
-/// the server a tuple descriptor built and a tuple store filled at every call.
+/// under every one of them. A key acquired at step 1 returns only `acquired`, `fence` and
+/// `now_ms`, the rest NULL: the row holds what the client sent (its request hash, the time
+/// plus its lease and TTL), and the server sends no field it leaves NULL. The client calls the
+/// function as a scalar (`SELECT <table>_claim(..)`) and decodes the composite value: a named
+/// composite type and no `SETOF`/`OUT` parameters spare the server a tuple descriptor built and
+/// a tuple store filled at every call.
 ///
 /// $1 offset, $2 key, $3 request hash, $4 incarnation, $5 lease ms, $6 ttl ms, $7 whether
 /// orphans are taken over at once. An in-flight row of another request hash is never taken
@@ -121,8 +124,7 @@ BEGIN
     ON CONFLICT (key) DO NOTHING
     RETURNING e.fence INTO v_fence;
     IF FOUND THEN
-        RETURN ROW(true, v_fence, false, false, p_hash, v_now, v_now + p_lease_ms, v_now + p_ttl_ms,
-                   NULL::int8, NULL::bytea, false, v_now)::{t}_claim_result;
+        RETURN ROW(true, v_fence, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v_now)::{t}_claim_result;
     END IF;
     FOR attempt IN 1..20 LOOP
         SELECT false, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
