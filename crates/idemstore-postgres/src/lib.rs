@@ -50,8 +50,9 @@
 //! `release` write only `WHERE fence = <token's>`, so a holder whose key was taken over,
 //! removed or expired gets `StaleToken`.
 //!
-//! Each statement of the function sees a snapshot of its own: a conflict in the first insert
-//! means a committed row (an uncommitted one is waited for), which the read then shows; claims
+//! Each statement of the function sees a snapshot of its own (the store's sessions run READ
+//! COMMITTED, whatever the server's default): a conflict in the first insert means a committed
+//! row (an uncommitted one is waited for), which the read then shows; claims
 //! racing for a takeover are decided by the row lock, and the one that loses reads the
 //! winner's row. Replays, `InProgress` and `Mismatch` answers write no tuple and take no row
 //! lock; they do draw a fencing number in the first insert (the sequence writes its WAL once
@@ -459,9 +460,13 @@ impl PgStore {
         let mut session_options = pg_config.get_options().unwrap_or("").to_owned();
         // A generic plan for the store's few prepared statements: without it the server plans
         // the claim's statement anew at every execution (its custom plans look cheaper than
-        // the generic one), which costs more than executing it.
-        session_options
-            .push_str(&format!(" -c synchronous_commit={synchronous_commit} -c plan_cache_mode=force_generic_plan"));
+        // the generic one), which costs more than executing it. READ COMMITTED whatever the
+        // server's default: each statement of the claim function must see what committed
+        // before it (the row its first insert conflicted with).
+        session_options.push_str(&format!(
+            " -c synchronous_commit={synchronous_commit} -c plan_cache_mode=force_generic_plan \
+             -c default_transaction_isolation=read\\ committed"
+        ));
         pg_config.options(session_options.trim());
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("idemstore");

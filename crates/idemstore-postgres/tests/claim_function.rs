@@ -2,7 +2,8 @@
 //! made by a version-1 build is upgraded through the migration table when a store that manages
 //! the schema opens it (or by the operator's script), keeping its rows; and claims racing on a
 //! key that has a row, but no live holder (its lease ended, it expired, its holder is dead),
-//! have exactly one winner: the others see the winner in flight.
+//! have exactly one winner: the others see the winner in flight, also where the server's
+//! default isolation is SERIALIZABLE.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -187,6 +188,38 @@ async fn claims_racing_on_a_key_without_a_live_holder_have_exactly_one_winner() 
         acquired_total += stats.claims_acquired_total;
     }
     assert_eq!((acquired_total, lease_takeovers, orphan_takeovers), (3 * KEYS as u64, KEYS as u64, KEYS as u64));
+    drop((holder, replicas));
+    drop_table(&admin(&url).await, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_claim_reads_committed_whatever_the_servers_default_isolation() {
+    let Some(url) = pg_url("racing_under_serializable") else { return };
+    let table = unique_table("race");
+    // The function relies on each of its statements seeing what committed before it: under a
+    // default of SERIALIZABLE (set here through the URL, as a server's configuration could),
+    // the one snapshot of the call would hide the row that its first insert conflicted with.
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let strict = format!("{url}{separator}options=-c%20default_transaction_isolation%3Dserializable");
+    let holder = connect(&strict, &table);
+    let short_lease = ClaimOptions { lease: Some(Duration::from_secs(1)), ..Default::default() };
+    for i in 0..4 {
+        let held = acquired(holder.claim_with(format!("lease-{i}"), b"req", short_lease.clone()).unwrap());
+        holder.checkpoint(&held, b"s").unwrap();
+    }
+    let replicas: Vec<Arc<PgStore>> = (0..4)
+        .map(|_| {
+            let store = PgStore::connect(&strict, common::options(&table)).expect("connect to postgres");
+            store.advance_clock(Duration::from_secs(2));
+            Arc::new(store)
+        })
+        .collect();
+    for i in 0..4 {
+        assert!(race(&replicas, &format!("lease-{i}"), true).await.recovered());
+        // Fresh keys raced by all at once.
+        let winner = race(&replicas, &format!("fresh-{i}"), true).await;
+        assert!(!winner.recovered());
+    }
     drop((holder, replicas));
     drop_table(&admin(&url).await, &table).await;
 }
