@@ -56,8 +56,10 @@
 //! racing for a takeover are decided by the row lock, and the one that loses reads the
 //! winner's row. Replays, `InProgress` and `Mismatch` answers write no tuple and take no row
 //! lock; they do draw a fencing number in the first insert (the sequence writes its WAL once
-//! every 32 numbers). A fresh key costs the bare insert plus the function call: the README
-//! gives the measured figures against a plain `INSERT .. ON CONFLICT DO NOTHING`.
+//! every 32 numbers), and commit without waiting for a WAL flush, having nothing to keep (a
+//! fencing number that a claim holds is made durable by that claim's own commit). A fresh key
+//! costs the bare insert plus the function call: the README gives the measured figures against
+//! a plain `INSERT .. ON CONFLICT DO NOTHING`.
 //!
 //! # Durability
 //!

@@ -73,7 +73,10 @@ INSERT INTO {table}_identity (store_id)
 /// 2. On a conflict, a read of the key's row. A live row that is not open to a takeover
 ///    (completed, a live holder, another request) is the answer, and nothing more is written
 ///    (no row lock, no tuple): replays, `InProgress` and `Mismatch` are reads, apart from the
-///    fencing number that step 1 drew (the sequence writes its WAL once every 32 numbers).
+///    fencing number that step 1 drew. The sequence writes its WAL once every 32 numbers, and
+///    such an answer commits with `synchronous_commit = off`: it has nothing to keep, and a
+///    fencing number that a claim holds is made durable by that claim's own commit (WAL is
+///    flushed in order), so no answer waits for a flush.
 /// 3. Otherwise (expired, a lease that ended, an orphan, or no row any more) the full insert,
 ///    whose `ON CONFLICT .. DO UPDATE .. WHERE` decides again on the row's latest version under
 ///    its row lock: claims racing for a takeover are decided there. The one that loses (its
@@ -138,6 +141,7 @@ BEGIN
              r.expires_at_ms, r.completed_at_ms, r.value, r.orphan_takeover, r.now_ms, v_open
         FROM {t} e WHERE e.key = p_key;
         IF FOUND AND NOT v_open THEN
+            SET LOCAL synchronous_commit = off;
             RETURN r;
         END IF;
         INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,

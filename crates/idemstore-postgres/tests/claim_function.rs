@@ -3,7 +3,8 @@
 //! the schema opens it (or by the operator's script), keeping its rows; and claims racing on a
 //! key that has a row, but no live holder (its lease ended, it expired, its holder is dead),
 //! have exactly one winner: the others see the winner in flight, also where the server's
-//! default isolation is SERIALIZABLE.
+//! default isolation is SERIALIZABLE. An answer that keeps nothing (a replay, `InProgress`,
+//! `Mismatch`) commits without waiting for a WAL flush; an acquisition waits.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -222,4 +223,51 @@ async fn the_claim_reads_committed_whatever_the_servers_default_isolation() {
     }
     drop((holder, replicas));
     drop_table(&admin(&url).await, &table).await;
+}
+
+/// `synchronous_commit` in the transaction of one call of the claim function, made on an admin
+/// connection (whose default is on), and whether it acquired the key.
+async fn commit_mode_after_claim(
+    admin: &tokio_postgres::Client,
+    table: &str,
+    key: &str,
+    request: &[u8],
+) -> (bool, String) {
+    let hash = request_hash(request).to_be_bytes();
+    admin.batch_execute("BEGIN").await.unwrap();
+    let acquired: bool = admin
+        .query_one(
+            &format!("SELECT ({table}_claim(0, $1, $2, 12345, 30000, 86400000, true)).acquired"),
+            &[&key.as_bytes(), &&hash[..]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mode: String = admin.query_one("SHOW synchronous_commit", &[]).await.unwrap().get(0);
+    admin.batch_execute("ROLLBACK").await.unwrap();
+    (acquired, mode)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_that_keeps_nothing_does_not_wait_for_a_wal_flush() {
+    let Some(url) = pg_url("answers_commit_asynchronously") else { return };
+    let table = unique_table("commit");
+    let store = connect(&url, &table);
+    let done = acquired(store.claim("done", b"req").unwrap());
+    store.complete(&done, b"out").unwrap();
+    let _held = acquired(store.claim("held", b"req").unwrap());
+    let admin = admin(&url).await;
+    // A replay, a mismatch and an in-progress answer keep nothing (the fencing number drawn by
+    // the call is kept durable by the claims that hold one): no flush to wait for.
+    assert_eq!(commit_mode_after_claim(&admin, &table, "done", b"req").await, (false, "off".to_owned()));
+    assert_eq!(commit_mode_after_claim(&admin, &table, "done", b"other").await, (false, "off".to_owned()));
+    assert_eq!(commit_mode_after_claim(&admin, &table, "held", b"req").await, (false, "off".to_owned()));
+    // An acquisition, fresh or a takeover, waits for its flush as the session says.
+    assert_eq!(commit_mode_after_claim(&admin, &table, "fresh", b"req").await, (true, "on".to_owned()));
+    let expired = ClaimOptions { ttl: Some(Duration::from_millis(1)), ..Default::default() };
+    let _old = acquired(store.claim_with("expired", b"req", expired).unwrap());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(commit_mode_after_claim(&admin, &table, "expired", b"req").await, (true, "on".to_owned()));
+    drop(store);
+    drop_table(&admin, &table).await;
 }
