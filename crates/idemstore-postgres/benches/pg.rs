@@ -346,10 +346,6 @@ fn main() {
             pool_size: TASKS,
             ..PgOptions::default()
         };
-        let fast = Arc::new(
-            PgStore::connect(&url, PgOptions { fresh_key_fast_path: true, ..options.clone() })
-                .expect("connect PgStore"),
-        );
         let store = Arc::new(PgStore::connect(&url, options).expect("connect PgStore"));
         // The baseline's table: the same columns and indexes, made by the same schema script.
         runtime
@@ -359,8 +355,7 @@ fn main() {
 
         println!("== Durability::{label} ==");
         for (tasks, name) in [(1, "1 thread"), (TASKS, "16 tasks")] {
-            let (mut base_runs, mut pg_runs, mut fast_runs, mut redis_runs) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut base_runs, mut pg_runs, mut redis_runs) = (Vec::new(), Vec::new(), Vec::new());
             for round in 0..ROUNDS {
                 base_runs
                     .push(measured(&runtime, &admin, || baseline.run(&runtime, tasks, claims, round + 10 * tasks)));
@@ -371,23 +366,15 @@ fn main() {
                         pg_claims_n(&runtime, &store, claims, round + 100, "r")
                     }
                 }));
-                fast_runs.push(measured(&runtime, &admin, || {
-                    if tasks == 1 {
-                        pg_claims_1(&fast, claims, round, "f")
-                    } else {
-                        pg_claims_n(&runtime, &fast, claims, round + 100, "f")
-                    }
-                }));
                 if let Some(redis) = &redis
                     && durability == Durability::Sync
                 {
                     redis_runs.push(redis_setnx(redis.port, tasks, claims, round + 10 * tasks));
                 }
             }
-            let (base, pg, fast) = (median(base_runs), median(pg_runs), median(fast_runs));
+            let (base, pg) = (median(base_runs), median(pg_runs));
             report(&format!("plain SQL INSERT ON CONFLICT DO NOTHING, {name}"), &base);
             report(&format!("PgStore claim, {name}"), &pg);
-            report(&format!("PgStore claim, fresh-key fast path, {name}"), &fast);
             if !redis_runs.is_empty() {
                 let redis = median(redis_runs);
                 report(&format!("Redis SET NX PX, {name}"), &redis);
@@ -397,11 +384,6 @@ fn main() {
                 "  ratio PgStore / plain SQL per claim: {:.2}x (target <= 1.20x); p99 {:.2}x",
                 pg.per_op_us() / base.per_op_us(),
                 pg.percentile(0.99).as_secs_f64() / base.percentile(0.99).as_secs_f64()
-            );
-            println!(
-                "  ratio PgStore (fresh-key fast path) / plain SQL per claim: {:.2}x; p99 {:.2}x",
-                fast.per_op_us() / base.per_op_us(),
-                fast.percentile(0.99).as_secs_f64() / base.percentile(0.99).as_secs_f64()
             );
         }
         println!();
@@ -481,7 +463,8 @@ fn main() {
         for table in &tables {
             let _ = admin
                 .batch_execute(&format!(
-                    "DROP TABLE IF EXISTS {table}, {table}_identity, {table}_migrations; DROP SEQUENCE IF EXISTS {table}_fence;"
+                    "DROP TABLE IF EXISTS {table}, {table}_identity, {table}_migrations; DROP SEQUENCE IF EXISTS {table}_fence;
+                     DROP FUNCTION IF EXISTS {table}_claim; DROP TYPE IF EXISTS {table}_claim_result;"
                 ))
                 .await;
         }

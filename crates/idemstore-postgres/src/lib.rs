@@ -26,30 +26,40 @@
 //! state (in flight or completed), the fencing number, the holder's incarnation, the times
 //! (claimed, lease end, expiry, completion, in ms since the epoch of the database's clock) and
 //! the value (the last checkpoint while in flight, the outcome once completed); an index on
-//! the expiry time; a sequence `<table>_fence` for fencing numbers; `<table>_identity` (a
-//! random id that every token of the table carries) and `<table>_migrations` (one row per
-//! applied schema version). [`schema_sql`] returns the script; by default
-//! ([`PgOptions::manage_schema`]) the store applies missing migrations itself at connect,
-//! serialized between replicas by an advisory lock. With `manage_schema = false` it only checks
-//! the version and refuses to run on a schema it does not know.
+//! the expiry time; a sequence `<table>_fence` for fencing numbers; the claim function
+//! `<table>_claim` and its result type `<table>_claim_result`; `<table>_identity` (a random id
+//! that every token of the table carries) and `<table>_migrations` (one row per applied schema
+//! version). [`schema_sql`] returns the script; by default ([`PgOptions::manage_schema`]) the
+//! store applies missing migrations itself at connect, serialized between replicas by an
+//! advisory lock, so a table made by an older version is upgraded in place. With
+//! `manage_schema = false` it only checks the version and refuses to run on a schema it does
+//! not know; the operator upgrades by running the script again (it is idempotent).
 //!
 //! # One round trip per claim
 //!
-//! A claim is one statement: `INSERT .. ON CONFLICT (key) DO UPDATE .. WHERE <takeover rules>
-//! RETURNING ..`, with a `UNION ALL` that reads the existing row when the update did not
-//! apply. The takeover rules: the row expired; or it is in flight for the same request hash
-//! and its lease ended (database time) or its holder is an orphan. A completed row, an
-//! in-flight row of a live holder, and any row of another request hash are left alone and
-//! answered as `Completed`, `InProgress` and `Mismatch`. The fencing number is the sequence's
-//! next value; `complete`, `checkpoint` and `release` write only `WHERE fence = <token's>`,
-//! so a holder whose key was taken over, removed or expired gets `StaleToken`.
+//! A claim is one call of a PL/pgSQL function, `SELECT <table>_claim(..)`, created by the
+//! schema (version 2). It first tries the cheapest claim PostgreSQL has, `INSERT .. ON CONFLICT
+//! (key) DO NOTHING RETURNING ..`: a key with no row is acquired there. When that inserts
+//! nothing, the same call reads the key's row and, only when a takeover is due, runs `INSERT ..
+//! ON CONFLICT (key) DO UPDATE .. WHERE <takeover rules> RETURNING ..`, whose `WHERE` decides
+//! again on the row's latest version under its row lock. The takeover rules: the row expired;
+//! or it is in flight for the same request hash and its lease ended (database time) or its
+//! holder is an orphan. A completed row, an in-flight row of a live holder, and any row of
+//! another request hash are left alone and answered as `Completed`, `InProgress` and
+//! `Mismatch`. The fencing number is the sequence's next value; `complete`, `checkpoint` and
+//! `release` write only `WHERE fence = <token's>`, so a holder whose key was taken over,
+//! removed or expired gets `StaleToken`.
 //!
-//! The statement's read of the key's row gates its insert: when the snapshot shows a completed
-//! row, a live holder or another request, nothing is written (no row lock, no transaction id,
-//! no WAL flush), so replays and `InProgress` answers are reads. That read and the returned row
-//! cost about as much server time again as a bare insert; where nearly every claim is of a new
-//! key, [`PgOptions::fresh_key_fast_path`] sends a plain `INSERT .. ON CONFLICT DO NOTHING`
-//! first and the full claim only on a conflict (two round trips for a repeat).
+//! Each statement of the function sees a snapshot of its own (the store's sessions run READ
+//! COMMITTED, whatever the server's default): a conflict in the first insert means a committed
+//! row (an uncommitted one is waited for), which the read then shows; claims
+//! racing for a takeover are decided by the row lock, and the one that loses reads the
+//! winner's row. Replays, `InProgress` and `Mismatch` answers write no tuple and take no row
+//! lock; they do draw a fencing number in the first insert (the sequence writes its WAL once
+//! every 32 numbers), and commit without waiting for a WAL flush, having nothing to keep (a
+//! fencing number that a claim holds is made durable by that claim's own commit). A fresh key
+//! costs the bare insert plus the function call: the README gives the measured figures against
+//! a plain `INSERT .. ON CONFLICT DO NOTHING`.
 //!
 //! # Durability
 //!
@@ -151,8 +161,11 @@ use idemstore::{
 };
 use tokio::sync::Notify;
 use tokio_postgres::NoTls;
+use tokio_postgres::types::{FromSql, Kind, Type};
 
 pub use cache::ReplayCacheLimits;
+#[cfg(feature = "test-seams")]
+pub use schema::schema_sql_at;
 pub use schema::{SCHEMA_VERSION, schema_sql};
 
 /// Options of a [`PgStore`].
@@ -188,11 +201,6 @@ pub struct PgOptions {
     pub reap_batch: i64,
     /// The local replay cache (default off; see the crate docs for its trade-off).
     pub replay_cache: Option<ReplayCacheLimits>,
-    /// Try a claim first as a plain `INSERT .. ON CONFLICT DO NOTHING` (default off). A key
-    /// with no row then costs what the cheapest insert costs; a key that has one (a repeat, a
-    /// takeover, an expired row not yet reaped) costs a second round trip, the full claim.
-    /// Worth it where nearly every claim is of a new key; see the README's measurements.
-    pub fresh_key_fast_path: bool,
 }
 
 impl Default for PgOptions {
@@ -210,7 +218,6 @@ impl Default for PgOptions {
             reap_interval: Some(Duration::from_secs(10)),
             reap_batch: 1000,
             replay_cache: None,
-            fresh_key_fast_path: false,
         }
     }
 }
@@ -353,10 +360,6 @@ fn key_payload(key: &[u8]) -> String {
 /// be answered from the cache: covers the error of the estimate (about a round trip).
 const CACHE_MARGIN_MS: i64 = 1_000;
 
-/// Tries of the claim statement when the row it conflicted with is not in its snapshot (it was
-/// committed by a concurrent claim after the statement began); each try sees a newer snapshot.
-const CLAIM_TRIES: usize = 20;
-
 /// Local waiters of keys, woken by notifications (by key hash) and by clock changes.
 #[derive(Default)]
 struct Waiters {
@@ -463,9 +466,13 @@ impl PgStore {
         let mut session_options = pg_config.get_options().unwrap_or("").to_owned();
         // A generic plan for the store's few prepared statements: without it the server plans
         // the claim's statement anew at every execution (its custom plans look cheaper than
-        // the generic one), which costs more than executing it.
-        session_options
-            .push_str(&format!(" -c synchronous_commit={synchronous_commit} -c plan_cache_mode=force_generic_plan"));
+        // the generic one), which costs more than executing it. READ COMMITTED whatever the
+        // server's default: each statement of the claim function must see what committed
+        // before it (the row its first insert conflicted with).
+        session_options.push_str(&format!(
+            " -c synchronous_commit={synchronous_commit} -c plan_cache_mode=force_generic_plan \
+             -c default_transaction_isolation=read\\ committed"
+        ));
         pg_config.options(session_options.trim());
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("idemstore");
@@ -476,7 +483,13 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| db_error("starting the store's runtime", e))?;
-        let inner = run_on(&runtime, Self::open_inner(pg_config, options))??;
+        let inner = match run_on(&runtime, Self::open_inner(pg_config, options)) {
+            Ok(Ok(inner)) => inner,
+            Ok(Err(e)) | Err(e) => {
+                drop_runtime(runtime);
+                return Err(e);
+            }
+        };
         let store = PgStore { inner, runtime: Some(runtime) };
         Ok(store)
     }
@@ -718,13 +731,18 @@ impl PgStore {
             Ok(())
         };
         self.inner.pool.close();
-        // Dropping a runtime blocks for its tasks, which is refused inside another runtime.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            runtime.shutdown_background();
-        } else {
-            runtime.shutdown_timeout(Duration::from_secs(1));
-        }
+        drop_runtime(runtime);
         result
+    }
+}
+
+/// Stops the store's runtime. Dropping a runtime blocks for its tasks, which tokio refuses (with
+/// a panic) inside another runtime: there it is let go in the background.
+fn drop_runtime(runtime: tokio::runtime::Runtime) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        runtime.shutdown_background();
+    } else {
+        runtime.shutdown_timeout(Duration::from_secs(1));
     }
 }
 
@@ -950,7 +968,7 @@ async fn reaper(inner: Weak<Inner>, interval: Duration) {
     }
 }
 
-/// A claim's row as the claim statement returns it.
+/// A claim's answer: the key's row as the claim left it, and the database's time.
 struct ClaimRow {
     acquired: bool,
     fence: i64,
@@ -967,29 +985,134 @@ struct ClaimRow {
     now_ms: i64,
 }
 
-impl ClaimRow {
-    fn read(row: &tokio_postgres::Row) -> Result<ClaimRow> {
-        let ctx = "reading a claim's row";
-        let hash: Vec<u8> = row.try_get(4).map_err(|e| db_error(ctx, e))?;
-        let read = || -> std::result::Result<ClaimRow, tokio_postgres::Error> {
-            Ok(ClaimRow {
-                acquired: row.try_get(0)?,
-                fence: row.try_get(1)?,
-                recovered: row.try_get(2)?,
-                completed: row.try_get(3)?,
-                request_hash: 0,
-                claimed_at_ms: row.try_get(5)?,
-                lease_until_ms: row.try_get(6)?,
-                expires_at_ms: row.try_get(7)?,
-                completed_at_ms: row.try_get(8)?,
-                value: row.try_get(9)?,
-                orphan_takeover: row.try_get(11)?,
-                now_ms: row.try_get(12)?,
-            })
-        };
-        let mut claim_row = read().map_err(|e| db_error(ctx, e))?;
-        claim_row.request_hash = hash_from_bytes(&hash)?;
-        Ok(claim_row)
+type DecodeError = Box<dyn std::error::Error + Sync + Send>;
+
+/// The fields of a composite value in the binary format (`record_send`): their count, then for
+/// each its type's oid, its length (-1 for NULL) and its bytes.
+struct RecordFields<'a> {
+    raw: &'a [u8],
+    left: usize,
+}
+
+impl<'a> RecordFields<'a> {
+    fn new(raw: &'a [u8], expected: usize) -> std::result::Result<RecordFields<'a>, DecodeError> {
+        let mut fields = RecordFields { raw, left: 0 };
+        let count = fields.int4()?;
+        if usize::try_from(count).ok() != Some(expected) {
+            return Err(format!("a claim result of {count} fields, not {expected}").into());
+        }
+        fields.left = expected;
+        Ok(fields)
+    }
+
+    fn int4(&mut self) -> std::result::Result<i32, DecodeError> {
+        let (head, rest) = self.raw.split_first_chunk::<4>().ok_or("a claim result cut short")?;
+        self.raw = rest;
+        Ok(i32::from_be_bytes(*head))
+    }
+
+    /// The next field, `None` when NULL, checked to be of type `ty`.
+    fn next<T: FromSql<'a>>(&mut self, ty: &Type) -> std::result::Result<Option<T>, DecodeError> {
+        self.left = self.left.checked_sub(1).ok_or("a claim result with too few fields")?;
+        let oid = self.int4()? as u32;
+        if oid != ty.oid() {
+            return Err(format!("a claim result's field of type oid {oid}, not {}", ty.name()).into());
+        }
+        let Ok(len) = usize::try_from(self.int4()?) else { return Ok(None) };
+        if len > self.raw.len() {
+            return Err("a claim result cut short".into());
+        }
+        let (bytes, rest) = self.raw.split_at(len);
+        self.raw = rest;
+        T::from_sql(ty, bytes).map(Some)
+    }
+
+    /// The next field, which must not be NULL.
+    fn required<T: FromSql<'a>>(&mut self, ty: &Type, name: &str) -> std::result::Result<T, DecodeError> {
+        self.next(ty)?.ok_or_else(|| format!("a claim result without {name}").into())
+    }
+}
+
+/// The `<table>_claim_result` value as the claim function returns it. A key acquired by the
+/// function's first insert carries only `acquired`, `fence` and `now_ms`: its row holds what the
+/// claim sent.
+struct ClaimResult {
+    acquired: bool,
+    fence: i64,
+    recovered: Option<bool>,
+    completed: Option<bool>,
+    request_hash: Option<u128>,
+    claimed_at_ms: Option<i64>,
+    lease_until_ms: Option<i64>,
+    expires_at_ms: Option<i64>,
+    completed_at_ms: Option<i64>,
+    value: Option<Vec<u8>>,
+    orphan_takeover: Option<bool>,
+    now_ms: i64,
+}
+
+impl<'a> FromSql<'a> for ClaimResult {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<ClaimResult, DecodeError> {
+        let mut f = RecordFields::new(raw, 12)?;
+        Ok(ClaimResult {
+            acquired: f.required(&Type::BOOL, "acquired")?,
+            fence: f.required(&Type::INT8, "fence")?,
+            recovered: f.next(&Type::BOOL)?,
+            completed: f.next(&Type::BOOL)?,
+            request_hash: f.next::<&[u8]>(&Type::BYTEA)?.map(hash_from_bytes).transpose()?,
+            claimed_at_ms: f.next(&Type::INT8)?,
+            lease_until_ms: f.next(&Type::INT8)?,
+            expires_at_ms: f.next(&Type::INT8)?,
+            completed_at_ms: f.next(&Type::INT8)?,
+            value: f.next(&Type::BYTEA)?,
+            orphan_takeover: f.next(&Type::BOOL)?,
+            now_ms: f.required(&Type::INT8, "now_ms")?,
+        })
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(ty.kind(), Kind::Composite(_))
+    }
+}
+
+impl ClaimResult {
+    /// The answer as a row. A key acquired fresh (the row's fields left NULL) holds `hash` and
+    /// the time plus `lease_ms` and `ttl_ms`, as the function wrote them.
+    fn into_row(self, hash: u128, lease_ms: i64, ttl_ms: i64) -> std::result::Result<ClaimRow, DecodeError> {
+        let now_ms = self.now_ms;
+        if self.acquired && self.recovered.is_none() {
+            return Ok(ClaimRow {
+                acquired: true,
+                fence: self.fence,
+                recovered: false,
+                completed: false,
+                request_hash: hash,
+                claimed_at_ms: now_ms,
+                lease_until_ms: now_ms.saturating_add(lease_ms),
+                expires_at_ms: now_ms.saturating_add(ttl_ms),
+                completed_at_ms: None,
+                value: None,
+                orphan_takeover: false,
+                now_ms,
+            });
+        }
+        fn field<T>(value: Option<T>, name: &str) -> std::result::Result<T, DecodeError> {
+            value.ok_or_else(|| format!("a claim result without {name}").into())
+        }
+        Ok(ClaimRow {
+            acquired: self.acquired,
+            fence: self.fence,
+            recovered: field(self.recovered, "recovered")?,
+            completed: field(self.completed, "completed")?,
+            request_hash: field(self.request_hash, "request_hash")?,
+            claimed_at_ms: field(self.claimed_at_ms, "claimed_at_ms")?,
+            lease_until_ms: field(self.lease_until_ms, "lease_until_ms")?,
+            expires_at_ms: field(self.expires_at_ms, "expires_at_ms")?,
+            completed_at_ms: self.completed_at_ms,
+            value: self.value,
+            orphan_takeover: field(self.orphan_takeover, "orphan_takeover")?,
+            now_ms,
+        })
     }
 }
 
@@ -1180,57 +1303,27 @@ impl Inner {
         }
     }
 
+    /// One round trip: the claim function decides (see `schema::claim_function`).
     async fn claim_once(&self, key: &[u8], hash: u128, ttl_ms: i64, lease_ms: i64) -> Result<ClaimRow> {
         let ctx = "claiming a key";
         let client = self.client().await?;
         let hash_bytes = hash.to_be_bytes();
-        if self.options.fresh_key_fast_path {
-            let statement = client.prepare_cached(&self.sql.claim_fresh).await.map_err(|e| client.err(ctx, e))?;
-            let rows = client
-                .query(&statement, &[&self.offset(), &key, &&hash_bytes[..], &self.incarnation, &lease_ms, &ttl_ms])
-                .await
-                .map_err(|e| client.err(ctx, e))?;
-            if let Some(row) = rows.first() {
-                let read = || -> std::result::Result<ClaimRow, tokio_postgres::Error> {
-                    let claimed_at_ms: i64 = row.try_get(1)?;
-                    Ok(ClaimRow {
-                        acquired: true,
-                        fence: row.try_get(0)?,
-                        recovered: false,
-                        completed: false,
-                        request_hash: hash,
-                        claimed_at_ms,
-                        lease_until_ms: row.try_get(2)?,
-                        expires_at_ms: row.try_get(3)?,
-                        completed_at_ms: None,
-                        value: None,
-                        orphan_takeover: false,
-                        now_ms: claimed_at_ms,
-                    })
-                };
-                return read().map_err(|e| client.err(ctx, e));
-            }
-        }
         let statement = client.prepare_cached(&self.sql.claim).await.map_err(|e| client.err(ctx, e))?;
         let take_orphans = self.options.orphans == OrphanPolicy::TakeOver;
-        for _ in 0..CLAIM_TRIES {
-            let rows = client
-                .query(
-                    &statement,
-                    &[&self.offset(), &key, &&hash_bytes[..], &self.incarnation, &lease_ms, &ttl_ms, &take_orphans],
-                )
-                .await
-                .map_err(|e| client.err(ctx, e))?;
-            let Some(row) = rows.first() else { continue };
-            let row = ClaimRow::read(row)?;
-            // A row outside the window read from the statement's snapshot: a concurrent claim
-            // changed it after the snapshot was taken; look again.
-            if !row.acquired && row.expires_at_ms <= row.now_ms {
-                continue;
-            }
-            return Ok(row);
-        }
-        Err(db_error(ctx, "the key kept changing under concurrent claims; try again"))
+        let rows = client
+            .query(
+                &statement,
+                &[&self.offset(), &key, &&hash_bytes[..], &self.incarnation, &lease_ms, &ttl_ms, &take_orphans],
+            )
+            .await
+            .map_err(|e| client.err(ctx, e))?;
+        let answer: Option<ClaimResult> = match rows.first() {
+            Some(row) => row.try_get(0).map_err(|e| pg_error("reading a claim's answer", &e))?,
+            None => None,
+        };
+        // NULL: the function found the key changed under each of its tries.
+        let answer = answer.ok_or_else(|| db_error(ctx, "the key kept changing under concurrent claims; try again"))?;
+        answer.into_row(hash, lease_ms, ttl_ms).map_err(|e| db_error("reading a claim's answer", e))
     }
 
     async fn complete(&self, token: &ClaimToken, outcome: &[u8]) -> Result<()> {
@@ -1551,5 +1644,111 @@ impl DedupeStore for PgStore {
     fn remove(&self, key: &[u8]) -> impl Future<Output = Result<()>> + Send {
         let (inner, key) = (self.inner.clone(), key.to_vec());
         self.spawn(async move { inner.remove(&key).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `<table>_claim_result` in the binary format, from its fields (oid, bytes or NULL).
+    fn record(fields: &[(Type, Option<Vec<u8>>)]) -> Vec<u8> {
+        let mut raw = (fields.len() as i32).to_be_bytes().to_vec();
+        for (ty, bytes) in fields {
+            raw.extend(ty.oid().to_be_bytes());
+            match bytes {
+                Some(bytes) => {
+                    raw.extend((bytes.len() as i32).to_be_bytes());
+                    raw.extend(bytes);
+                }
+                None => raw.extend((-1i32).to_be_bytes()),
+            }
+        }
+        raw
+    }
+
+    fn replay_fields() -> Vec<(Type, Option<Vec<u8>>)> {
+        let int8 = |v: i64| (Type::INT8, Some(v.to_be_bytes().to_vec()));
+        let boolean = |v: bool| (Type::BOOL, Some(vec![v as u8]));
+        vec![
+            boolean(false),
+            int8(41),
+            boolean(true),
+            boolean(true),
+            (Type::BYTEA, Some(7u128.to_be_bytes().to_vec())),
+            int8(1_000),
+            int8(31_000),
+            int8(86_401_000),
+            int8(2_000),
+            (Type::BYTEA, Some(b"201 Created".to_vec())),
+            boolean(false),
+            int8(2_500),
+        ]
+    }
+
+    fn decode(raw: &[u8]) -> std::result::Result<ClaimRow, DecodeError> {
+        ClaimResult::from_sql(&Type::RECORD, raw)?.into_row(9, 30_000, 86_400_000)
+    }
+
+    #[test]
+    fn a_claim_result_is_decoded_field_by_field() {
+        let row = decode(&record(&replay_fields())).unwrap();
+        assert!(!row.acquired && row.recovered && row.completed && !row.orphan_takeover);
+        assert_eq!((row.fence, row.request_hash), (41, 7));
+        assert_eq!((row.claimed_at_ms, row.lease_until_ms, row.expires_at_ms), (1_000, 31_000, 86_401_000));
+        assert_eq!((row.completed_at_ms, row.now_ms), (Some(2_000), 2_500));
+        assert_eq!(row.value.as_deref(), Some(&b"201 Created"[..]));
+        // The nullable fields may be NULL.
+        let mut fields = replay_fields();
+        fields[8].1 = None;
+        fields[9].1 = None;
+        let row = decode(&record(&fields)).unwrap();
+        assert_eq!((row.completed_at_ms, row.value), (None, None));
+    }
+
+    #[test]
+    fn a_fresh_acquisition_is_completed_from_what_the_claim_sent() {
+        let mut fields: Vec<_> = replay_fields().into_iter().map(|(ty, _)| (ty, None)).collect();
+        fields[0].1 = Some(vec![1]);
+        fields[1].1 = Some(42i64.to_be_bytes().to_vec());
+        fields[11].1 = Some(5_000i64.to_be_bytes().to_vec());
+        let row = decode(&record(&fields)).unwrap();
+        assert!(row.acquired && !row.recovered && !row.completed && !row.orphan_takeover);
+        assert_eq!((row.fence, row.request_hash, row.now_ms), (42, 9, 5_000));
+        assert_eq!((row.claimed_at_ms, row.lease_until_ms, row.expires_at_ms), (5_000, 35_000, 86_405_000));
+        assert_eq!((row.completed_at_ms, row.value), (None, None));
+        // Only an acquisition may leave the row's fields out.
+        fields[0].1 = Some(vec![0]);
+        assert!(decode(&record(&fields)).is_err());
+    }
+
+    #[test]
+    fn a_malformed_claim_result_is_an_error() {
+        let good = record(&replay_fields());
+        // Cut short anywhere.
+        for len in 0..good.len() {
+            assert!(decode(&good[..len]).is_err(), "cut at {len}");
+        }
+        // A field too few or too many.
+        assert!(decode(&record(&replay_fields()[..11])).is_err());
+        let mut more = replay_fields();
+        more.push((Type::INT8, Some(0i64.to_be_bytes().to_vec())));
+        assert!(decode(&record(&more)).is_err());
+        // A field of another type, a required field NULL, a hash of another length, a boolean
+        // of no bytes.
+        let mut other_type = replay_fields();
+        other_type[1] = (Type::INT4, Some(41i32.to_be_bytes().to_vec()));
+        assert!(decode(&record(&other_type)).is_err());
+        for required in [0, 1, 2, 3, 4, 5, 6, 7, 10, 11] {
+            let mut null = replay_fields();
+            null[required].1 = None;
+            assert!(decode(&record(&null)).is_err(), "field {required} NULL");
+        }
+        let mut short_hash = replay_fields();
+        short_hash[4].1 = Some(vec![1, 2, 3]);
+        assert!(decode(&record(&short_hash)).is_err());
+        let mut bad_bool = replay_fields();
+        bad_bool[0].1 = Some(vec![]);
+        assert!(decode(&record(&bad_bool)).is_err());
     }
 }

@@ -8,11 +8,11 @@
 use idemstore::{Durability, Error, Result};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Checks that `table` is a plain lower-case SQL identifier (it is spliced into SQL text, so
 /// nothing else is accepted), at most 40 bytes so that the derived names (`<table>_fence`,
-/// `<table>_migrations`, ...) stay under PostgreSQL's 63-byte limit.
+/// `<table>_migrations`, the function `<table>_claim`, ...) stay under PostgreSQL's 63-byte limit.
 pub(crate) fn check_table_name(table: &str) -> Result<()> {
     let mut chars = table.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
@@ -26,10 +26,13 @@ pub(crate) fn check_table_name(table: &str) -> Result<()> {
 }
 
 /// The SQL of each migration, in order: migration `i` brings the schema to version `i + 1`.
+/// A migration's text never changes once released (a database that applied it keeps what it
+/// made): a later change is a new migration.
 pub(crate) fn migrations(table: &str, durability: Durability) -> Vec<String> {
     let unlogged = if durability == Durability::None { "UNLOGGED " } else { "" };
-    vec![format!(
-        "CREATE SEQUENCE IF NOT EXISTS {table}_fence;
+    vec![
+        format!(
+            "CREATE SEQUENCE IF NOT EXISTS {table}_fence;
 CREATE {unlogged}TABLE IF NOT EXISTS {table} (
     key bytea PRIMARY KEY,
     request_hash bytea NOT NULL,
@@ -53,7 +56,130 @@ CREATE TABLE IF NOT EXISTS {table}_identity (
 );
 INSERT INTO {table}_identity (store_id)
     VALUES ((random() * 9.2e18)::bigint) ON CONFLICT DO NOTHING;"
-    )]
+        ),
+        claim_function(table),
+    ]
+}
+
+/// Migration 2: the claim as a server-side function, `<table>_claim`, so that a claim is one
+/// round trip whatever it finds, and a fresh key costs little more than a bare insert.
+///
+/// Its statements run one after another, each on a snapshot of its own (a volatile function in
+/// READ COMMITTED), all with the time of the client's statement (`statement_timestamp()`):
+///
+/// 1. `INSERT .. ON CONFLICT (key) DO NOTHING RETURNING ..`: a key without a row is acquired
+///    here. A row whose inserter has not committed yet is waited for; a conflict means that a
+///    committed row exists, which every later statement's snapshot shows.
+/// 2. On a conflict, a read of the key's row. A live row that is not open to a takeover
+///    (completed, a live holder, another request) is the answer, and nothing more is written
+///    (no row lock, no tuple): replays, `InProgress` and `Mismatch` are reads, apart from the
+///    fencing number that step 1 drew. The sequence writes its WAL once every 32 numbers, and
+///    such an answer commits with `synchronous_commit = off`: it has nothing to keep, and a
+///    fencing number that a claim holds is made durable by that claim's own commit (WAL is
+///    flushed in order), so no answer waits for a flush.
+/// 3. Otherwise (expired, a lease that ended, an orphan, or no row any more) the full insert,
+///    whose `ON CONFLICT .. DO UPDATE .. WHERE` decides again on the row's latest version under
+///    its row lock: claims racing for a takeover are decided there. The one that loses (its
+///    `WHERE` false, nothing returned) reads again at 2 with a new snapshot, which shows the
+///    winner's row (the update waited for its commit).
+///
+/// It returns one `<table>_claim_result`: whether it acquired the key, the row's columns that
+/// the client answers with, and the database's time; NULL after 20 tries, the key changing
+/// under every one of them. A key acquired at step 1 returns only `acquired`, `fence` and
+/// `now_ms`, the rest NULL: the row holds what the client sent (its request hash, the time
+/// plus its lease and TTL), and the server sends no field it leaves NULL. The client calls the
+/// function as a scalar (`SELECT <table>_claim(..)`) and decodes the composite value: a named
+/// composite type and no `SETOF`/`OUT` parameters spare the server a tuple descriptor built and
+/// a tuple store filled at every call.
+///
+/// $1 offset, $2 key, $3 request hash, $4 incarnation, $5 lease ms, $6 ttl ms, $7 whether
+/// orphans are taken over at once. An in-flight row of another request hash is never taken
+/// over; one of the same request is when its lease ended, or when its holder is an orphan: its
+/// incarnation's session lock is free, so the try-lock (a transaction lock, let go at the
+/// claim's commit) succeeds. Incarnation 0 (an imported claim) belongs to no process.
+///
+/// The table's name is written into the function's text (each table has its own function, so
+/// the plans the server caches for it are of that table), the time is computed once (each
+/// `date_part` costs a numeric conversion), and `FOUND` is read right after the statement it
+/// reports on.
+fn claim_function(t: &str) -> String {
+    format!(
+        "DO $type$ BEGIN
+    CREATE TYPE {t}_claim_result AS (acquired bool, fence int8, recovered bool, completed bool,
+        request_hash bytea, claimed_at_ms int8, lease_until_ms int8, expires_at_ms int8,
+        completed_at_ms int8, value bytea, orphan_takeover bool, now_ms int8);
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $type$;
+CREATE OR REPLACE FUNCTION {t}_claim(p_offset int8, p_key bytea, p_hash bytea, p_incarnation int8,
+    p_lease_ms int8, p_ttl_ms int8, p_take_orphans bool)
+RETURNS {t}_claim_result
+LANGUAGE plpgsql VOLATILE AS $claim$
+DECLARE
+    v_now int8 := floor(date_part('epoch', statement_timestamp()) * 1000)::int8 + p_offset;
+    v_fence int8;
+    v_open bool;
+    r {t}_claim_result;
+BEGIN
+    INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
+                          claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms)
+    VALUES (p_key, p_hash, false, nextval('{t}_fence'), p_incarnation, false, false,
+            v_now, p_lease_ms, v_now + p_lease_ms, v_now + p_ttl_ms)
+    ON CONFLICT (key) DO NOTHING
+    RETURNING e.fence INTO v_fence;
+    IF FOUND THEN
+        RETURN ROW(true, v_fence, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v_now)::{t}_claim_result;
+    END IF;
+    FOR attempt IN 1..20 LOOP
+        SELECT false, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
+               e.expires_at_ms, e.completed_at_ms, CASE WHEN e.completed THEN e.value END, false, v_now,
+               e.expires_at_ms <= v_now
+               OR (NOT e.completed AND e.request_hash = p_hash
+                   AND (e.lease_until_ms <= v_now
+                        OR (p_take_orphans AND (e.incarnation = 0
+                            OR (e.incarnation <> p_incarnation AND pg_try_advisory_xact_lock(e.incarnation))))))
+        INTO r.acquired, r.fence, r.recovered, r.completed, r.request_hash, r.claimed_at_ms, r.lease_until_ms,
+             r.expires_at_ms, r.completed_at_ms, r.value, r.orphan_takeover, r.now_ms, v_open
+        FROM {t} e WHERE e.key = p_key;
+        IF FOUND AND NOT v_open THEN
+            SET LOCAL synchronous_commit = off;
+            RETURN r;
+        END IF;
+        INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
+                              claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms, completed_at_ms, value)
+        VALUES (p_key, p_hash, false, nextval('{t}_fence'), p_incarnation, false, false,
+                v_now, p_lease_ms, v_now + p_lease_ms, v_now + p_ttl_ms, NULL, NULL)
+        ON CONFLICT (key) DO UPDATE SET
+            request_hash = excluded.request_hash,
+            completed = false,
+            fence = excluded.fence,
+            incarnation = excluded.incarnation,
+            recovered = e.expires_at_ms > excluded.claimed_at_ms,
+            orphan_takeover = e.expires_at_ms > excluded.claimed_at_ms AND e.lease_until_ms > excluded.claimed_at_ms,
+            watched = false,
+            claimed_at_ms = excluded.claimed_at_ms,
+            lease_ms = excluded.lease_ms,
+            lease_until_ms = excluded.lease_until_ms,
+            expires_at_ms = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms
+                                 THEN GREATEST(e.expires_at_ms, excluded.expires_at_ms)
+                                 ELSE excluded.expires_at_ms END,
+            completed_at_ms = NULL,
+            value = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms THEN e.value END
+        WHERE e.expires_at_ms <= excluded.claimed_at_ms
+           OR (NOT e.completed AND e.request_hash = excluded.request_hash
+               AND (e.lease_until_ms <= excluded.claimed_at_ms
+                    OR (p_take_orphans AND (e.incarnation = 0
+                        OR (e.incarnation <> p_incarnation AND pg_try_advisory_xact_lock(e.incarnation))))))
+        RETURNING true, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
+                  e.expires_at_ms, e.completed_at_ms, e.value, e.orphan_takeover, v_now
+        INTO r;
+        IF FOUND THEN
+            RETURN r;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$claim$;"
+    )
 }
 
 /// The migration bookkeeping table: one row per applied version.
@@ -68,13 +194,25 @@ pub(crate) fn migrations_table(table: &str) -> String {
 
 /// The whole schema as one script, for an operator who applies it by hand
 /// (`PgOptions::manage_schema = false`): the same statements the store runs, with the
-/// migration rows recorded.
+/// migration rows recorded. It is idempotent: run again on a schema of an older version, it
+/// upgrades it.
 pub fn schema_sql(table: &str, durability: Durability) -> Result<String> {
+    schema_sql_up_to(table, durability, SCHEMA_VERSION)
+}
+
+/// Test seam: the script of the schema as it was at `version` (the migrations up to it), to
+/// check that a database made by an older build is upgraded.
+#[cfg(feature = "test-seams")]
+pub fn schema_sql_at(table: &str, durability: Durability, version: i32) -> Result<String> {
+    schema_sql_up_to(table, durability, version)
+}
+
+fn schema_sql_up_to(table: &str, durability: Durability, version: i32) -> Result<String> {
     check_table_name(table)?;
     let mut sql = String::from("BEGIN;\n");
     sql.push_str(&migrations_table(table));
     sql.push('\n');
-    for (i, migration) in migrations(table, durability).iter().enumerate() {
+    for (i, migration) in migrations(table, durability).iter().enumerate().take(usize::try_from(version).unwrap_or(0)) {
         sql.push_str(migration);
         sql.push_str(&format!(
             "\nINSERT INTO {table}_migrations (version) VALUES ({}) ON CONFLICT DO NOTHING;\n",
@@ -92,7 +230,6 @@ const NOW: &str = "(floor(date_part('epoch', statement_timestamp()) * 1000)::int
 /// The statements of a store on `table`, formatted once at open.
 pub(crate) struct Sql {
     pub claim: String,
-    pub claim_fresh: String,
     pub watch: String,
     pub complete: String,
     pub checkpoint: String,
@@ -115,74 +252,8 @@ impl Sql {
         let orphan =
             |inc: &str, me: &str| format!("({inc} = 0 OR ({inc} <> {me} AND pg_try_advisory_xact_lock({inc})))");
         // $1 offset, $2 key, $3 request hash, $4 incarnation, $5 lease ms, $6 ttl ms,
-        // $7 whether orphans are taken over at once.
-        // The INSERT runs only when the key is absent, expired or open to a takeover as the
-        // statement's snapshot shows it (`cur`): a replay, an `InProgress` or a `Mismatch`
-        // answer is then a plain read, with no row lock, no transaction id and no WAL flush at
-        // commit. When it runs, `ON CONFLICT .. WHERE` decides again on the latest version of
-        // the row, so a claim racing with another is still decided by the row lock.
-        let takeover = |row: &str| {
-            format!(
-                "(NOT {row}.completed AND {row}.request_hash = $3::bytea AND ({row}.lease_until_ms <= now.ms \
-                 OR ($7::bool AND {orphan})))",
-                orphan = orphan(&format!("{row}.incarnation"), "$4::int8"),
-            )
-        };
-        let claim = format!(
-            "WITH now AS (SELECT {NOW} AS ms),
-cur AS (
-    SELECT e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms, e.expires_at_ms,
-           e.completed_at_ms, CASE WHEN e.completed THEN e.value END AS value, e.incarnation
-    FROM {t} e WHERE e.key = $2::bytea
-),
-up AS (
-    INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
-                          claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms, completed_at_ms, value)
-    SELECT $2::bytea, $3::bytea, false, nextval('{t}_fence'), $4::int8, false, false,
-           now.ms, $5::int8, now.ms + $5::int8, now.ms + $6::int8, NULL, NULL FROM now
-    WHERE NOT EXISTS (SELECT 1 FROM cur WHERE cur.expires_at_ms > now.ms AND NOT {takeover_cur})
-    ON CONFLICT (key) DO UPDATE SET
-        request_hash = excluded.request_hash,
-        completed = false,
-        fence = excluded.fence,
-        incarnation = excluded.incarnation,
-        recovered = e.expires_at_ms > excluded.claimed_at_ms,
-        orphan_takeover = e.expires_at_ms > excluded.claimed_at_ms AND e.lease_until_ms > excluded.claimed_at_ms,
-        watched = false,
-        claimed_at_ms = excluded.claimed_at_ms,
-        lease_ms = excluded.lease_ms,
-        lease_until_ms = excluded.lease_until_ms,
-        expires_at_ms = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms
-                             THEN GREATEST(e.expires_at_ms, excluded.expires_at_ms)
-                             ELSE excluded.expires_at_ms END,
-        completed_at_ms = NULL,
-        value = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms THEN e.value END
-    WHERE e.expires_at_ms <= excluded.claimed_at_ms
-       OR (NOT e.completed AND e.request_hash = excluded.request_hash
-           AND (e.lease_until_ms <= excluded.claimed_at_ms OR ($7::bool AND {orphan_e})))
-    RETURNING e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
-              e.expires_at_ms, e.completed_at_ms, e.value, e.incarnation, e.orphan_takeover
-)
-SELECT true AS acquired, up.*, now.ms AS now_ms FROM up, now
-UNION ALL
-SELECT false, cur.fence, cur.recovered, cur.completed, cur.request_hash, cur.claimed_at_ms, cur.lease_until_ms,
-       cur.expires_at_ms, cur.completed_at_ms, cur.value, cur.incarnation, false,
-       now.ms
-FROM cur, now WHERE NOT EXISTS (SELECT 1 FROM up)",
-            orphan_e = orphan("e.incarnation", "$4::int8"),
-            takeover_cur = takeover("cur"),
-        );
-        // The fast path of `PgOptions::fresh_key_fast_path`: the cheapest claim PostgreSQL has,
-        // for a key that has no row; a conflict inserts nothing and falls back to `claim`.
-        // $1 offset, $2 key, $3 request hash, $4 incarnation, $5 lease ms, $6 ttl ms.
-        let claim_fresh = format!(
-            "INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
-                      claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms)
-VALUES ($2::bytea, $3::bytea, false, nextval('{t}_fence'), $4::int8, false, false,
-        {NOW}, $5::int8, {NOW} + $5::int8, {NOW} + $6::int8)
-ON CONFLICT (key) DO NOTHING
-RETURNING e.fence, e.claimed_at_ms, e.lease_until_ms, e.expires_at_ms"
-        );
+        // $7 whether orphans are taken over at once: the claim function of migration 2.
+        let claim = format!("SELECT {t}_claim($1::int8, $2::bytea, $3::bytea, $4::int8, $5::int8, $6::int8, $7::bool)");
         // $1 offset, $2 key, $3 fence: a waiter asks the holder's complete or release to notify.
         let watch = format!(
             "UPDATE {t} e SET watched = true
@@ -267,7 +338,6 @@ RETURNING 1"
         );
         Sql {
             claim,
-            claim_fresh,
             watch,
             complete,
             checkpoint,

@@ -1,7 +1,8 @@
 //! Promise: `idemstore-pg import` copies a live embedded store's window into PostgreSQL, and
 //! `idemstore-pg export` copies it back into a new store, keeping outcomes, request hashes and
 //! in-flight claims (as orphans taken over with their checkpoints); `idemstore-pg schema`
-//! prints the schema; bad arguments are refused with the usage. Runs the real binary.
+//! prints the schema, claim function included; bad arguments are refused with the usage. Runs
+//! the real binary.
 
 use std::process::Command;
 
@@ -21,6 +22,7 @@ fn schema_prints_the_sql_and_bad_arguments_are_refused() {
     let sql = String::from_utf8(out.stdout).unwrap();
     assert!(sql.contains("CREATE UNLOGGED TABLE IF NOT EXISTS orders_dedupe ("), "{sql}");
     assert!(sql.contains("orders_dedupe_migrations"));
+    assert!(sql.contains("CREATE OR REPLACE FUNCTION orders_dedupe_claim("), "{sql}");
     let bad = idemstore_pg(&["import", "--bogus"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("usage:"));

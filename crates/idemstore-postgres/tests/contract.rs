@@ -1,8 +1,8 @@
-//! The contract suite (crates/idemstore-contract) against `PgStore` on a real server, three
-//! times: plain, with the local replay cache on (one replica: the cache must not change a single
-//! answer), and with the fresh-key fast path. Lease and TTL time moves by
-//! `PgStore::advance_clock`; an incarnation "crashes" by having its lock session ended by the
-//! server (`pg_terminate_backend`), as a dead process's is, and the store closed.
+//! The contract suite (crates/idemstore-contract) against `PgStore` on a real server, twice:
+//! plain, and with the local replay cache on (one replica: the cache must not change a single
+//! answer). Lease and TTL time moves by `PgStore::advance_clock`; an incarnation "crashes" by
+//! having its lock session ended by the server (`pg_terminate_backend`), as a dead process's
+//! is, and the store closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,12 +81,5 @@ mod with_replay_cache {
     use super::*;
     idemstore_contract::contract_suite!(
         PgHarness::new("contract (replay cache)", |o| o.replay_cache = Some(ReplayCacheLimits::default())).await
-    );
-}
-
-mod with_fresh_key_fast_path {
-    use super::*;
-    idemstore_contract::contract_suite!(
-        PgHarness::new("contract (fresh-key fast path)", |o| o.fresh_key_fast_path = true).await
     );
 }

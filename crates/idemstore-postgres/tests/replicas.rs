@@ -6,7 +6,8 @@
 //! once; the replay cache answers replays and mismatches without a round trip and misses a
 //! `remove` made elsewhere only until the entry's expiry; the schema can be left to the
 //! operator; `Durability::None` is an UNLOGGED table; the reaper deletes expired rows in
-//! batches; the blocking calls work inside a runtime; export and import carry a window over.
+//! batches; the blocking calls work inside a runtime, and a connect that fails there is an
+//! error; export and import carry a window over.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -298,6 +299,14 @@ async fn the_blocking_calls_work_inside_a_runtime() {
     assert!(matches!(store.get("k").unwrap(), Some(Entry::Completed(_))));
     drop(store);
     drop_table(&admin(&url).await, &table).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_connect_that_fails_inside_a_runtime_is_an_error() {
+    // No server listens on port 1; the store's runtime, already started, is let go without
+    // blocking this one (which tokio would refuse with a panic).
+    let refused = PgStore::connect("postgres://postgres@127.0.0.1:1/postgres", common::options("nowhere"));
+    assert!(matches!(refused, Err(Error::Io { .. })), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -60,7 +60,8 @@ pub async fn admin(url: &str) -> tokio_postgres::Client {
 pub async fn drop_table(client: &tokio_postgres::Client, table: &str) {
     client
         .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {table}, {table}_identity, {table}_migrations; DROP SEQUENCE IF EXISTS {table}_fence;"
+            "DROP TABLE IF EXISTS {table}, {table}_identity, {table}_migrations; DROP SEQUENCE IF EXISTS {table}_fence;
+             DROP FUNCTION IF EXISTS {table}_claim; DROP TYPE IF EXISTS {table}_claim_result;"
         ))
         .await
         .expect("drop the test's table");
