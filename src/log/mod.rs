@@ -146,6 +146,12 @@ struct Lane {
     unsynced_bytes: LaneAtomicU64,
 }
 
+/// The sequence counter on cache lines of its own: every append from every lane adds to it,
+/// and sharing its line with what appends only read (the lanes' address, the limits) made each
+/// of those reads a miss too whenever another core had just added.
+#[repr(align(128))]
+struct SeqCounter(LaneAtomicU64);
+
 /// What the lanes share, changed only when a segment is opened or retired. Lock order: a
 /// lane's appender, then this, then `Log::spare`, then the segments map's stripes.
 struct Shared {
@@ -186,7 +192,7 @@ pub struct Log {
     lane_active_bytes_max: u64,
     /// The next record's seq, taken under a lane's lock with the record written before that
     /// lock is let go: once every lane's lock is held, every seq below it is written.
-    next_seq: LaneAtomicU64,
+    next_seq: SeqCounter,
     shared: LaneMutex<Shared>,
     /// The live segments by id (read on every claim; see `StripedMap`).
     segments: StripedMap<Arc<Segment>>,
@@ -261,7 +267,7 @@ impl Log {
             lane_open_max: (limits.open_segments_max.saturating_sub(lane_count - 1) / lane_count).max(1),
             lane_active_bytes_max: (limits.active_bytes_max / lane_count as u64).max(1),
             lanes,
-            next_seq: LaneAtomicU64::new(next_seq),
+            next_seq: SeqCounter(LaneAtomicU64::new(next_seq)),
             shared: LaneMutex::new(Shared { next_segment_id, retired, retired_since: false }),
             time_floor: TimeFloor::new(io.clone(), dir.clone()),
             marks: Marks::disabled(io.clone(), dir.clone()),
@@ -318,7 +324,7 @@ impl Log {
     /// written so far has a higher one. (A record with this seq may still be being written in
     /// its lane; a sync batch is taken with every lane's lock, so it covers it whole.)
     pub fn last_seq(&self) -> u64 {
-        self.next_seq.load(crate::sync::Ordering::Acquire) - 1
+        self.next_seq.0.load(crate::sync::Ordering::Acquire) - 1
     }
 
     /// Bytes appended since the last sync batch was taken, over all lanes.
@@ -528,7 +534,7 @@ impl Log {
         }
         // The seq is taken only now, when nothing can fail before the record is written: a
         // seq given out is always written before this lane's lock is let go (see `next_seq`).
-        header.seq = self.next_seq.fetch_add(1, crate::sync::Ordering::AcqRel);
+        header.seq = self.next_seq.0.fetch_add(1, crate::sync::Ordering::AcqRel);
         if header.token == 0 {
             header.token = header.seq;
         }
