@@ -106,3 +106,45 @@ fn a_created_file_whose_map_fails_is_not_left_behind() {
     let file = RealIo.create(&path, 1 << 20).expect("the same name can be created again");
     file.reserve(4096).expect("reserve");
 }
+
+/// With several lanes, each writing thread keeps its own segments taking appends and the
+/// housekeeper a spare file per lane: together they still hold at most `max_open_files`
+/// descriptors (+ the lock file and one spare), whatever the threads write.
+#[test]
+fn lanes_and_their_spares_stay_within_max_open_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(START_MS);
+    let max_open_files = 8;
+    let options = Options {
+        durability: Durability::None,
+        background: true,
+        clock: clock.clone(),
+        bucket_width: Duration::from_secs(60),
+        max_open_files,
+        log_lanes: 4,
+        segment_bytes_initial: 64 << 10,
+        ..Default::default()
+    };
+    let store = Store::open(dir.path(), options).expect("open");
+    for round in 0..40u64 {
+        // Four threads, four lanes, each key in a bucket of its own.
+        std::thread::scope(|scope| {
+            for thread in 0..4u64 {
+                let store = &store;
+                scope.spawn(move || {
+                    let ttl = Duration::from_secs(60 * (1 + round * 4 + thread));
+                    let key = format!("key-{round}-{thread}");
+                    let claim = store
+                        .claim_with(&key, b"req", ClaimOptions { ttl: Some(ttl), ..Default::default() })
+                        .expect("claim");
+                    let Claim::Acquired(token) = claim else { panic!("fresh key {key}") };
+                    store.complete(&token, "outcome").expect("complete");
+                });
+            }
+        });
+        // The spares the lanes used up are made again.
+        assert!(store.run_housekeeping_pass(), "the store runs a housekeeper");
+        let open = descriptors_into(dir.path());
+        assert!(open <= max_open_files + 2, "round {round}: {open} descriptors open");
+    }
+}
