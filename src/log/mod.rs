@@ -161,22 +161,19 @@ struct Shared {
     /// seal, and an append never writes to one (an `Active` is only ever made for a new
     /// segment).
     retired: IdMap<u32, ()>,
-    /// A segment was retired since the housekeeper last looked (see `take_tables_wanted`).
-    retired_since: bool,
 }
 
 impl Shared {
     /// Takes `bucket`'s segment out of `app.active`, under its lane's lock: from here on it
     /// takes no appends (a later write to the bucket opens a new segment), so its descriptor
-    /// goes.
-    fn retire(&mut self, app: &mut Appender, bucket: u64) {
-        if let Some(done) = app.active.remove(&bucket) {
-            done.segment.set_appending_lane(None);
-            done.segment.release_descriptor();
-            app.active_bytes -= done.write_pos - SEGMENT_HEADER_LEN;
-            self.retired.insert(done.segment.id(), ());
-            self.retired_since = true;
-        }
+    /// goes. True when the bucket had one.
+    fn retire(&mut self, app: &mut Appender, bucket: u64) -> bool {
+        let Some(done) = app.active.remove(&bucket) else { return false };
+        done.segment.set_appending_lane(None);
+        done.segment.release_descriptor();
+        app.active_bytes -= done.write_pos - SEGMENT_HEADER_LEN;
+        self.retired.insert(done.segment.id(), ());
+        true
     }
 }
 
@@ -268,7 +265,7 @@ impl Log {
             lane_active_bytes_max: (limits.active_bytes_max / lane_count as u64).max(1),
             lanes,
             next_seq: SeqCounter(LaneAtomicU64::new(next_seq)),
-            shared: LaneMutex::new(Shared { next_segment_id, retired, retired_since: false }),
+            shared: LaneMutex::new(Shared { next_segment_id, retired }),
             time_floor: TimeFloor::new(io.clone(), dir.clone()),
             marks: Marks::disabled(io.clone(), dir.clone()),
             sync_latency: Default::default(),
@@ -568,10 +565,9 @@ impl Log {
             // be scanned at reopen. The lane's fullest one stops taking appends now (the record
             // just written is in it already) and gets its table from the housekeeper, so that
             // scan stays bounded however many buckets are being written.
-            if let Some(&fullest) = app.active.iter().max_by_key(|(_, a)| a.write_pos).map(|(b, _)| b) {
-                let mut shared = self.shared.lock();
-                shared.retire(app, fullest);
-                shared.retired_since = false;
+            if let Some(&fullest) = app.active.iter().max_by_key(|(_, a)| a.write_pos).map(|(b, _)| b)
+                && self.shared.lock().retire(app, fullest)
+            {
                 self.tables_wanted.store(true, std::sync::atomic::Ordering::Release);
             }
         }
@@ -637,16 +633,16 @@ impl Log {
         };
         // The lane's full segment of this bucket takes no more appends: its descriptor goes
         // now (it is synced through its map from here on, like an evicted one).
-        shared.retire(app, bucket);
+        let mut retired = shared.retire(app, bucket);
         if app.active.len() >= self.lane_open_max {
             // Bound the descriptors: the lane's least recently written bucket gives its file
             // up; a later write to that bucket opens a new segment.
             if let Some(&coldest) = app.active.iter().min_by_key(|(_, a)| a.last_write_seq).map(|(b, _)| b) {
-                shared.retire(app, coldest);
+                retired |= shared.retire(app, coldest);
             }
         }
         debug_assert!(!shared.retired.contains_key(&segment.id()), "a new segment is never a retired one");
-        if std::mem::take(&mut shared.retired_since) {
+        if retired {
             self.tables_wanted.store(true, std::sync::atomic::Ordering::Release);
         }
         drop(shared);
@@ -695,7 +691,6 @@ impl Log {
                 shared.retire(app, bucket);
             }
         }
-        shared.retired_since = false;
     }
 
     /// Whether some active segment is close to its reserved end (see `grow_ahead`).
