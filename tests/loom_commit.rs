@@ -469,20 +469,27 @@ fn record_is_durable(disk: &SimDisk, key: &[u8]) -> bool {
     })
 }
 
+/// A `Sync` store (no background thread) on a simulated disk that counts completed file
+/// syncs; `options` gives everything else. Returns the store, its disk and the sync count.
+fn sync_store_counting_file_syncs(options: Options) -> (Arc<Store>, SimDisk, Arc<AtomicUsize>) {
+    let disk = SimDisk::new();
+    let file_syncs = Arc::new(AtomicUsize::new(0));
+    let io = SyncCountingDisk { disk: disk.clone(), file_syncs: file_syncs.clone() };
+    let options = Options {
+        durability: Durability::Sync,
+        background: false,
+        clock: ManualClock::new(START_MS),
+        io: std::sync::Arc::new(io),
+        ..options
+    };
+    let store = Arc::new(Store::open("/store", options).expect("open on the simulated disk"));
+    (store, disk, file_syncs)
+}
+
 #[test]
 fn sync_claim_race_never_answers_from_a_record_that_is_not_durable() {
     explore("claim race under Sync, 2 threads", || {
-        let disk = SimDisk::new();
-        let file_syncs = Arc::new(AtomicUsize::new(0));
-        let io = SyncCountingDisk { disk: disk.clone(), file_syncs: file_syncs.clone() };
-        let options = Options {
-            durability: Durability::Sync,
-            background: false,
-            clock: ManualClock::new(START_MS),
-            io: std::sync::Arc::new(io),
-            ..Options::default()
-        };
-        let store = Arc::new(Store::open("/store", options).expect("open on the simulated disk"));
+        let (store, disk, file_syncs) = sync_store_counting_file_syncs(Options::default());
         let handles: Vec<_> = (0..2)
             .map(|_| {
                 let (store, disk, file_syncs) = (store.clone(), disk.clone(), file_syncs.clone());
@@ -510,21 +517,13 @@ fn sync_claim_race_never_answers_from_a_record_that_is_not_durable() {
 #[test]
 fn sync_writers_in_two_lanes_each_return_only_once_their_own_record_is_durable() {
     explore("Sync writers in two lanes", || {
-        let disk = SimDisk::new();
-        let file_syncs = Arc::new(AtomicUsize::new(0));
-        let io = SyncCountingDisk { disk: disk.clone(), file_syncs: file_syncs.clone() };
-        let options = Options {
-            durability: Durability::Sync,
-            background: false,
+        let (store, disk, file_syncs) = sync_store_counting_file_syncs(Options {
             log_lanes: 2,
             // The store's keyed hash draws a new secret at every open: the two keys would share
             // an index shard in some executions and not in others, which loom cannot replay.
             key_hash: Some(xxhash_rust::xxh3::xxh3_64),
-            clock: ManualClock::new(START_MS),
-            io: std::sync::Arc::new(io),
             ..Options::default()
-        };
-        let store = Arc::new(Store::open("/store", options).expect("open on the simulated disk"));
+        });
         let handles: Vec<_> = ["a", "b"]
             .into_iter()
             .map(|key| {
