@@ -466,6 +466,9 @@ impl Log {
     /// segment of the bucket is older opens a new one first), so that sealed lookups, newest
     /// table first, meet a key's latest record first (ARCHITECTURE.md, invariant 5).
     ///
+    /// `supersedes` is the superseded record's location and padded length: once this record
+    /// is written, that many bytes of its segment are counted dead.
+    ///
     /// `new_claim`: only new claims are held to the disk budget; a holder can always record
     /// its outcome (or give up) for an effect it already performed.
     ///
@@ -478,13 +481,13 @@ impl Log {
         value: &[u8],
         retain_until_ms: u64,
         new_claim: bool,
-        supersedes: Option<Loc>,
+        supersedes: Option<(Loc, u64)>,
     ) -> Result<(Header, Loc)> {
         debug_assert!(retain_until_ms >= header.expires_at_ms);
         let bucket = retain_until_ms.max(header.expires_at_ms) / self.limits.bucket_width_ms;
         // The superseded record's segment, when it lies in this bucket: (its id, the lane
         // still appending to it, if any).
-        let after = supersedes.and_then(|old| {
+        let after = supersedes.and_then(|(old, _)| {
             self.segments.read(|segments| {
                 let segment = segments.get(&old.segment)?;
                 let same_bucket = segment.header.bucket_start_ms / self.limits.bucket_width_ms == bucket;
@@ -543,6 +546,15 @@ impl Log {
         active.last_write_seq = header.seq;
         active.segment.note_record(len);
         active.segment.note_write(header.written_at_ms);
+        // The superseded record is dead now; most often it sits in this very segment (the
+        // record follows its lane), which spares a lookup in the segments map.
+        let dead_elsewhere = match supersedes {
+            Some((old, dead_len)) if old.segment == active.segment.id() => {
+                active.segment.note_dead(dead_len);
+                None
+            }
+            other => other,
+        };
         #[expect(
             clippy::cast_possible_truncation,
             reason = "a record starts inside its segment, at most `segment_bytes_max` (4 GiB, checked at open)"
@@ -576,6 +588,10 @@ impl Log {
         lane.unsynced_bytes.store(unsynced + len, crate::sync::Ordering::Relaxed);
         app.appended_bytes += len;
         app.written_ms = app.written_ms.max(header.written_at_ms);
+        drop(guard);
+        if let Some((old, dead_len)) = dead_elsewhere {
+            self.with_segment(old.segment, |s| s.note_dead(dead_len));
+        }
         Ok((header, loc))
     }
 
@@ -1053,6 +1069,7 @@ mod tests {
         }
 
         fn append(&self, log: &Arc<Log>, key: &'static [u8], value_len: u32, supersedes: Option<Loc>) -> Loc {
+            let supersedes = supersedes.map(|loc| (loc, 0));
             let (log, (done, answer)) = (log.clone(), std::sync::mpsc::channel());
             let job = move || {
                 let header = Header { value_len, key_len: key.len() as u16, ..claim_expiring_at(WIDTH_MS) };

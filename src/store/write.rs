@@ -29,13 +29,8 @@ impl Inner {
         check_store_time(header.written_at_ms)?;
         let retain_floor_ms = superseded.map_or(0, |old| old.bucket_end_ms.saturating_sub(1));
         let retain_until_ms = header.expires_at_ms.max(retain_floor_ms);
-        let appended = self.log.append(header, key, value, retain_until_ms, new_claim, superseded.map(|old| old.loc));
-        if appended.is_ok()
-            && let Some(old) = superseded
-        {
-            self.log.with_segment(old.loc.segment, |s| s.note_dead(old.padded_len));
-        }
-        match appended {
+        let superseded = superseded.map(|old| (old.loc, old.padded_len));
+        match self.log.append(header, key, value, retain_until_ms, new_claim, superseded) {
             Err(Error::Poisoned { cause }) => {
                 self.commit.poison(cause.clone());
                 Err(Error::Poisoned { cause })
