@@ -646,10 +646,12 @@ impl IoFile for MappedFile {
         if let Ok(start) = usize::try_from(offset)
             && offset < self.len()
         {
-            // A record's header and first bytes: the header's line and the next.
+            // Every line a small record's read copies (`Segment::probe_read` reads 256 bytes
+            // from the record's start, which need not be line-aligned: up to five lines).
             let at = self.map.as_ptr().wrapping_add(start);
-            crate::prefetch::prefetch_read(at);
-            crate::prefetch::prefetch_read(at.wrapping_add(64));
+            for line in 0..5 {
+                crate::prefetch::prefetch_read(at.wrapping_add(line * 64));
+            }
         }
     }
 

@@ -340,6 +340,18 @@ impl Log {
         self.segments.read(|segments| segments.get(&id).map(|s| f(s)))
     }
 
+    /// Starts loading the records at `locs` into cache (hints), under one read of the
+    /// segments map: no lock is taken between two prefetches (see `Inner::prefetch_records`).
+    pub fn prefetch_records<'a>(&self, locs: impl Iterator<Item = &'a Loc>) {
+        self.segments.read(|segments| {
+            for loc in locs {
+                if let Some(segment) = segments.get(&loc.segment) {
+                    segment.prefetch(u64::from(loc.offset));
+                }
+            }
+        });
+    }
+
     /// Like [`Log::with_segment`], through a shard's own handles (see `SegmentCache`): no
     /// lock when `cache` holds the segment; a miss looks it up and keeps the handle.
     #[inline]

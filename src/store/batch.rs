@@ -53,10 +53,15 @@ impl Inner {
         .collect()
     }
 
-    /// Runs a batch a window of keys at a time: warms the window (`warm`), then calls `each`
-    /// on its items in order with their key hashes; `each` answers without waiting for
-    /// durability and says which seq its answer rests on. The batch then settles once
+    /// Runs a batch a window of keys at a time, its memory misses pipelined: while `each`
+    /// answers one window's items (in order, with their key hashes, without waiting for
+    /// durability, saying which seq its answer rests on), the next window's records and the
+    /// window after that's index slots are already loading. The batch then settles once
     /// (`settle_batch`).
+    ///
+    /// Why two windows ahead: a slot must have arrived before the record it points at can be
+    /// asked for, and each miss costs more than a window's worth of work when it waits alone
+    /// (random keys over GiBs of records: two dependent misses per key).
     pub(super) fn in_windows<'a, T, A>(
         &self,
         items: &'a [T],
@@ -64,31 +69,45 @@ impl Inner {
         mut each: impl FnMut(&'a T, u64) -> Result<(A, u64)>,
     ) -> Vec<Result<A>> {
         let mut answers = Vec::with_capacity(items.len());
-        let mut hashes = [0u64; BATCH_WINDOW];
-        for window in items.chunks(BATCH_WINDOW) {
-            for (hash, item) in hashes.iter_mut().zip(window) {
-                *hash = self.key_hash(key_of(item));
+        let hashes: Vec<u64> = items.iter().map(|item| self.key_hash(key_of(item))).collect();
+        let windows: Vec<&[u64]> = hashes.chunks(BATCH_WINDOW).collect();
+        for window in windows.iter().take(2) {
+            self.prefetch_slots(window);
+        }
+        if let Some(first) = windows.first() {
+            self.prefetch_records(first);
+        }
+        for (at, (window, window_items)) in windows.iter().zip(items.chunks(BATCH_WINDOW)).enumerate() {
+            if let Some(after_next) = windows.get(at + 2) {
+                self.prefetch_slots(after_next);
             }
-            self.warm(&hashes[..window.len()]);
-            for (&hash, item) in hashes.iter().zip(window) {
+            if let Some(next) = windows.get(at + 1) {
+                self.prefetch_records(next);
+            }
+            for (&hash, item) in window.iter().zip(window_items) {
                 answers.push(each(item, hash));
             }
         }
         self.settle_batch(answers)
     }
 
-    /// Starts loading a window of keys' index slots, then (one shard lock each) the records
-    /// they point at, so the misses of the whole window overlap.
-    pub(super) fn warm(&self, hashes: &[u64]) {
+    /// Starts loading the index slots of `hashes` (a hint: takes no lock).
+    fn prefetch_slots(&self, hashes: &[u64]) {
         for &hash in hashes {
             self.index.prefetch_slot(hash);
         }
-        for &hash in hashes {
-            let primary = self.index.shard(hash).shard.lock().primary(hash);
-            if let Some(loc) = primary {
-                self.log.with_segment(loc.segment, |s| s.prefetch(u64::from(loc.offset)));
-            }
+    }
+
+    /// Starts loading the records the index points at for `hashes`: one shard lock each to
+    /// read the slot (best started after [`Inner::prefetch_slots`] of the same keys), then
+    /// every prefetch at once. A lock is an atomic read-modify-write, which waits for the
+    /// loads before it: taken between two prefetches, it would make them wait on each other.
+    fn prefetch_records(&self, hashes: &[u64]) {
+        let mut locs = [None; BATCH_WINDOW];
+        for (loc, &hash) in locs.iter_mut().zip(hashes) {
+            *loc = self.index.shard(hash).shard.lock().primary(hash);
         }
+        self.log.prefetch_records(locs.iter().flatten());
     }
 
     /// Under `Sync`, waits once for everything a batch wrote or read (each answer with the
