@@ -96,10 +96,11 @@ pub struct Options {
     /// writes through its own lane, so threads that write at once seldom wait for each other.
     /// Under `Sync` every lane written since the last group commit is one more `fdatasync` in
     /// the next (16 threads on two lanes measured 1.62 x Redis `appendfsync always`, on one
-    /// lane 1.75 x in the next run): the disk, not the CPU, bounds those writes. More lanes means more, smaller segments:
-    /// `max_open_files` and `active_bytes_max` are shared between them (each lane keeps a spare
-    /// segment file ready, counted in `max_open_files` too), and there are never more lanes
-    /// than half of `max_open_files`, rounded up. A store may be reopened with another number of lanes.
+    /// lane 1.75 x in the next run): the disk, not the CPU, bounds those writes. More lanes
+    /// means more, smaller segments: `max_open_files` and `active_bytes_max` are shared between
+    /// them (each lane keeps a spare segment file ready, counted in `max_open_files` too), and
+    /// there are never more lanes than half of `max_open_files`, rounded up. A store may be
+    /// reopened with another number of lanes.
     pub log_lanes: usize,
     /// Disk space the store may take (default: unlimited). New claims fail with
     /// `DiskBudgetExceeded` once the segment files would pass it less one growth step

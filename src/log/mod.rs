@@ -39,6 +39,7 @@ use crate::log::record::Header;
 use crate::log::segment::{SEGMENT_HEADER_LEN, Segment, SegmentHeader, SpareFile};
 use crate::log::segment_cache::SegmentCache;
 use crate::log::striped_map::StripedMap;
+use crate::log::time_floor::TimeFloor;
 
 /// This thread's number among the threads that have appended to any log, given out at its
 /// first append: threads that write one after another get consecutive numbers, so as many
@@ -89,7 +90,6 @@ fn writer_number() -> usize {
         mine.get()
     })
 }
-use crate::log::time_floor::TimeFloor;
 
 /// Sizes and limits the log works with.
 #[derive(Debug, Clone)]
