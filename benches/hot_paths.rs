@@ -145,44 +145,46 @@ fn batch_rows(n: usize) {
     // Built before any timer starts: the rows time the calls, not the bench's own buffers.
     let batches: Vec<Vec<([u8; 16], &[u8; 3])>> =
         batched.chunks(BATCH).map(|keys| keys.iter().map(|k| (*k, b"req")).collect()).collect();
-    let started = Instant::now();
-    for batch in &batches {
-        for answer in store.claim_many(batch, ClaimOptions::default()) {
-            let Ok(Claim::Acquired(_)) = answer else { panic!("fresh key") };
-        }
-    }
-    rate(&format!("claim_many of new keys ({BATCH} a batch)"), n, started);
-    let started = Instant::now();
-    for batch in &batches {
-        for answer in store.claim_many(batch, ClaimOptions::default()) {
-            let Ok(Claim::InProgress { .. }) = answer else { panic!("in flight") };
-        }
-    }
-    rate(&format!("claim_many of keys in flight ({BATCH} a batch)"), n, started);
+    batch_row(&store, &batches, &format!("claim_many of new keys ({BATCH} a batch)"), "fresh key", |answer| {
+        matches!(answer, Claim::Acquired(_))
+    });
+    batch_row(&store, &batches, &format!("claim_many of keys in flight ({BATCH} a batch)"), "in flight", |answer| {
+        matches!(answer, Claim::InProgress { .. })
+    });
     drop(store);
     let (_dir, store) = completed_store(&batched);
-    let started = Instant::now();
-    for batch in &batches {
-        for answer in store.claim_many(batch, ClaimOptions::default()) {
-            let Ok(Claim::Completed(c)) = answer else { panic!("completed") };
-            debug_assert_eq!(c.outcome.len(), 64);
-        }
-    }
-    rate(&format!("claim_many replays of completed keys (64 B, {BATCH} a batch)"), n, started);
+    let replayed = |answer: &Claim| {
+        let Claim::Completed(c) = answer else { return false };
+        debug_assert_eq!(c.outcome.len(), 64);
+        true
+    };
+    let label = format!("claim_many replays of completed keys (64 B, {BATCH} a batch)");
+    batch_row(&store, &batches, &label, "completed", replayed);
     // The same batches with their keys in random order: the batch overlaps the keys' misses.
     let mut shuffled = batched.clone();
     shuffle(&mut shuffled, 0x5eed);
     let random_batches: Vec<Vec<([u8; 16], &[u8; 3])>> =
         shuffled.chunks(BATCH).map(|keys| keys.iter().map(|k| (*k, b"req")).collect()).collect();
+    let label = format!("claim_many replays in random order (64 B, {BATCH} a batch)");
+    batch_row(&store, &random_batches, &label, "completed", replayed);
+    drop(store);
+}
+
+/// One timed row: every batch through `claim_many`, each answer checked by `expected`.
+fn batch_row(
+    store: &Store,
+    batches: &[Vec<([u8; 16], &[u8; 3])>],
+    label: &str,
+    what: &str,
+    expected: impl Fn(&Claim) -> bool,
+) {
     let started = Instant::now();
-    for batch in &random_batches {
+    for batch in batches {
         for answer in store.claim_many(batch, ClaimOptions::default()) {
-            let Ok(Claim::Completed(c)) = answer else { panic!("completed") };
-            debug_assert_eq!(c.outcome.len(), 64);
+            assert!(answer.as_ref().is_ok_and(&expected), "expected {what}, got {answer:?}");
         }
     }
-    rate(&format!("claim_many replays in random order (64 B, {BATCH} a batch)"), n, started);
-    drop(store);
+    rate(label, batches.iter().map(Vec::len).sum(), started);
 }
 
 /// Runs this bench again with `--keys n` and `flag` in a fresh process, its output inline.
