@@ -3,6 +3,7 @@
 //! file and one spare), and every key stays readable through the maps.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use idemstore::{Claim, ClaimOptions, Durability, Entry, ManualClock, Options, Store};
@@ -20,20 +21,25 @@ fn descriptors_into(dir: &Path) -> usize {
         .count()
 }
 
-#[test]
-fn a_72_hour_window_of_one_minute_buckets_stays_within_max_open_files() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = ManualClock::new(START_MS);
-    let max_open_files = 8;
-    let options = Options {
+/// A store of one-minute buckets and small segments on `clock`, not durable, bounded to
+/// `max_open_files` descriptors: the tests below open one bucket per key.
+fn minute_buckets(clock: &Arc<ManualClock>, max_open_files: usize) -> Options {
+    Options {
         durability: Durability::None,
-        background: false,
         clock: clock.clone(),
         bucket_width: Duration::from_secs(60),
         max_open_files,
         segment_bytes_initial: 64 << 10,
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn a_72_hour_window_of_one_minute_buckets_stays_within_max_open_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(START_MS);
+    let max_open_files = 8;
+    let options = Options { background: false, ..minute_buckets(&clock, max_open_files) };
     let store = Store::open(dir.path(), options.clone()).expect("open");
     // Mixed TTLs from 1 minute to 72 hours: one bucket each, all live at once.
     let ttls: Vec<Duration> = (1..=72 * 60).step_by(7).map(|m| Duration::from_secs(60 * m)).collect();
@@ -115,16 +121,7 @@ fn lanes_and_their_spares_stay_within_max_open_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::new(START_MS);
     let max_open_files = 8;
-    let options = Options {
-        durability: Durability::None,
-        background: true,
-        clock: clock.clone(),
-        bucket_width: Duration::from_secs(60),
-        max_open_files,
-        log_lanes: 4,
-        segment_bytes_initial: 64 << 10,
-        ..Default::default()
-    };
+    let options = Options { background: true, log_lanes: 4, ..minute_buckets(&clock, max_open_files) };
     let store = Store::open(dir.path(), options).expect("open");
     for round in 0..40u64 {
         // Four threads, four lanes, each key in a bucket of its own.
