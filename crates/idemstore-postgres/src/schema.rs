@@ -8,7 +8,7 @@
 use idemstore::{Durability, Error, Result};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Checks that `table` is a plain lower-case SQL identifier (it is spliced into SQL text, so
 /// nothing else is accepted), at most 40 bytes so that the derived names (`<table>_fence`,
@@ -58,6 +58,7 @@ INSERT INTO {table}_identity (store_id)
     VALUES ((random() * 9.2e18)::bigint) ON CONFLICT DO NOTHING;"
         ),
         claim_function(table),
+        claim_batch_function(table),
     ]
 }
 
@@ -182,6 +183,124 @@ $claim$;"
     )
 }
 
+/// Migration 3: `<table>_claim_batch`, the claims of several callers in one call (one
+/// statement, one transaction, one commit), each decided as `<table>_claim` decides it. A store
+/// with more claims in flight than `PgOptions::claim_batches` sends the rest together: a
+/// statement's fixed cost on the server (the protocol, the executor, the commit and its WAL
+/// flush) is then paid once for several claims. `<table>_claim` stays for replicas of an older
+/// build during a rolling upgrade.
+///
+/// The client sorts the keys: two batches that share keys lock them in the same order, so they
+/// wait for each other and never deadlock. A key twice in one batch is decided twice in turn:
+/// the second sees the first's row (the same transaction) and answers from it. When nothing in
+/// the batch was written (replays, `InProgress`, `Mismatch`), it commits with
+/// `synchronous_commit = off`, as `<table>_claim` does for such an answer; one write and the
+/// whole batch's commit waits for the flush.
+///
+/// $1 offset, $2 keys, $3 request hashes, $4 incarnation, $5 leases ms, $6 ttls ms, $7 whether
+/// orphans are taken over at once. It returns one `<table>_claim_result` per key in order, as
+/// `<table>_claim` returns it (NULL for a key that changed under each of 20 tries).
+fn claim_batch_function(t: &str) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {t}_claim_batch(p_offset int8, p_keys bytea[], p_hashes bytea[],
+    p_incarnation int8, p_leases_ms int8[], p_ttls_ms int8[], p_take_orphans bool)
+RETURNS {t}_claim_result[]
+LANGUAGE plpgsql VOLATILE AS $claim$
+DECLARE
+    v_now int8 := floor(date_part('epoch', statement_timestamp()) * 1000)::int8 + p_offset;
+    v_fence int8;
+    v_open bool;
+    v_decided bool;
+    v_wrote bool := false;
+    v_key bytea;
+    v_hash bytea;
+    v_lease int8;
+    v_ttl int8;
+    r {t}_claim_result;
+    v_answers {t}_claim_result[] := '{{}}';
+BEGIN
+    <<keys>>
+    FOR i IN 1..coalesce(array_length(p_keys, 1), 0) LOOP
+        v_key := p_keys[i];
+        v_hash := p_hashes[i];
+        v_lease := p_leases_ms[i];
+        v_ttl := p_ttls_ms[i];
+        INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
+                              claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms)
+        VALUES (v_key, v_hash, false, nextval('{t}_fence'), p_incarnation, false, false,
+                v_now, v_lease, v_now + v_lease, v_now + v_ttl)
+        ON CONFLICT (key) DO NOTHING
+        RETURNING e.fence INTO v_fence;
+        IF FOUND THEN
+            v_wrote := true;
+            v_answers := v_answers || ROW(true, v_fence, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v_now)::{t}_claim_result;
+            CONTINUE keys;
+        END IF;
+        v_decided := false;
+        FOR attempt IN 1..20 LOOP
+            SELECT false, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
+                   e.expires_at_ms, e.completed_at_ms, CASE WHEN e.completed THEN e.value END, false, v_now,
+                   e.expires_at_ms <= v_now
+                   OR (NOT e.completed AND e.request_hash = v_hash
+                       AND (e.lease_until_ms <= v_now
+                            OR (p_take_orphans AND (e.incarnation = 0
+                                OR (e.incarnation <> p_incarnation AND pg_try_advisory_xact_lock(e.incarnation))))))
+            INTO r.acquired, r.fence, r.recovered, r.completed, r.request_hash, r.claimed_at_ms, r.lease_until_ms,
+                 r.expires_at_ms, r.completed_at_ms, r.value, r.orphan_takeover, r.now_ms, v_open
+            FROM {t} e WHERE e.key = v_key;
+            IF FOUND AND NOT v_open THEN
+                v_decided := true;
+                EXIT;
+            END IF;
+            INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
+                                  claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms, completed_at_ms, value)
+            VALUES (v_key, v_hash, false, nextval('{t}_fence'), p_incarnation, false, false,
+                    v_now, v_lease, v_now + v_lease, v_now + v_ttl, NULL, NULL)
+            ON CONFLICT (key) DO UPDATE SET
+                request_hash = excluded.request_hash,
+                completed = false,
+                fence = excluded.fence,
+                incarnation = excluded.incarnation,
+                recovered = e.expires_at_ms > excluded.claimed_at_ms,
+                orphan_takeover = e.expires_at_ms > excluded.claimed_at_ms AND e.lease_until_ms > excluded.claimed_at_ms,
+                watched = false,
+                claimed_at_ms = excluded.claimed_at_ms,
+                lease_ms = excluded.lease_ms,
+                lease_until_ms = excluded.lease_until_ms,
+                expires_at_ms = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms
+                                     THEN GREATEST(e.expires_at_ms, excluded.expires_at_ms)
+                                     ELSE excluded.expires_at_ms END,
+                completed_at_ms = NULL,
+                value = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms THEN e.value END
+            WHERE e.expires_at_ms <= excluded.claimed_at_ms
+               OR (NOT e.completed AND e.request_hash = excluded.request_hash
+                   AND (e.lease_until_ms <= excluded.claimed_at_ms
+                        OR (p_take_orphans AND (e.incarnation = 0
+                            OR (e.incarnation <> p_incarnation AND pg_try_advisory_xact_lock(e.incarnation))))))
+            RETURNING true, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
+                      e.expires_at_ms, e.completed_at_ms, e.value, e.orphan_takeover, v_now
+            INTO r;
+            IF FOUND THEN
+                v_wrote := true;
+                v_decided := true;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF v_decided THEN
+            v_answers := v_answers || r;
+        ELSE
+            v_answers := v_answers || NULL::{t}_claim_result;
+        END IF;
+    END LOOP;
+    IF NOT v_wrote THEN
+        SET LOCAL synchronous_commit = off;
+    END IF;
+    RETURN v_answers;
+END
+$claim$;"
+    )
+}
+
 /// The migration bookkeeping table: one row per applied version.
 pub(crate) fn migrations_table(table: &str) -> String {
     format!(
@@ -229,7 +348,7 @@ const NOW: &str = "(floor(date_part('epoch', statement_timestamp()) * 1000)::int
 
 /// The statements of a store on `table`, formatted once at open.
 pub(crate) struct Sql {
-    pub claim: String,
+    pub claim_batch: String,
     pub watch: String,
     pub complete: String,
     pub checkpoint: String,
@@ -251,9 +370,11 @@ impl Sql {
         // succeeds. Incarnation 0 (an imported claim) belongs to no process.
         let orphan =
             |inc: &str, me: &str| format!("({inc} = 0 OR ({inc} <> {me} AND pg_try_advisory_xact_lock({inc})))");
-        // $1 offset, $2 key, $3 request hash, $4 incarnation, $5 lease ms, $6 ttl ms,
-        // $7 whether orphans are taken over at once: the claim function of migration 2.
-        let claim = format!("SELECT {t}_claim($1::int8, $2::bytea, $3::bytea, $4::int8, $5::int8, $6::int8, $7::bool)");
+        // $1 offset, $2 keys, $3 request hashes, $4 incarnation, $5 leases ms, $6 ttls ms,
+        // $7 whether orphans are taken over at once: the batch function of migration 3.
+        let claim_batch = format!(
+            "SELECT {t}_claim_batch($1::int8, $2::bytea[], $3::bytea[], $4::int8, $5::int8[], $6::int8[], $7::bool)"
+        );
         // $1 offset, $2 key, $3 fence: a waiter asks the holder's complete or release to notify.
         let watch = format!(
             "UPDATE {t} e SET watched = true
@@ -337,7 +458,7 @@ RETURNING 1"
     SELECT ctid FROM {t} WHERE expires_at_ms <= {NOW} LIMIT $2 FOR UPDATE SKIP LOCKED))"
         );
         Sql {
-            claim,
+            claim_batch,
             watch,
             complete,
             checkpoint,

@@ -1,10 +1,12 @@
-//! Promise: the claim is one server-side function, `<table>_claim` (schema version 2). A table
-//! made by a version-1 build is upgraded through the migration table when a store that manages
+//! Promise: the claim is one server-side function, `<table>_claim_batch` (schema version 3), which
+//! decides the claims of one statement in turn, each as alone. A table made by a version-1 build
+//! is upgraded through the migration table when a store that manages
 //! the schema opens it (or by the operator's script), keeping its rows; and claims racing on a
 //! key that has a row, but no live holder (its lease ended, it expired, its holder is dead),
 //! have exactly one winner: the others see the winner in flight, also where the server's
 //! default isolation is SERIALIZABLE. An answer that keeps nothing (a replay, `InProgress`,
-//! `Mismatch`) commits without waiting for a WAL flush; an acquisition waits.
+//! `Mismatch`) commits without waiting for a WAL flush; an acquisition waits, and so does every
+//! answer of a statement that acquired one of its keys.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +21,14 @@ async fn version(admin: &tokio_postgres::Client, table: &str) -> i32 {
     admin.query_one(&format!("SELECT max(version) FROM {table}_migrations"), &[]).await.unwrap().get(0)
 }
 
+/// Whether the claim functions of this build (and, for replicas of the build before during a
+/// rolling upgrade, of that one) are there.
 async fn has_claim_function(admin: &tokio_postgres::Client, table: &str) -> bool {
     admin
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = $1)", &[&format!("{table}_claim")])
+        .query_one(
+            "SELECT count(*) = 2 FROM pg_proc WHERE proname IN ($1, $2)",
+            &[&format!("{table}_claim"), &format!("{table}_claim_batch")],
+        )
         .await
         .unwrap()
         .get(0)
@@ -66,7 +73,6 @@ fn claims_work(store: &PgStore) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_version_1_table_is_upgraded_at_connect_and_claims_work() {
     let Some(url) = pg_url("schema_upgrade") else { return };
-    assert_eq!(SCHEMA_VERSION, 2);
     let table = unique_table("upgrade");
     let admin = admin(&url).await;
     admin.batch_execute(&schema_sql_at(&table, Durability::Sync, 1).unwrap()).await.unwrap();
@@ -77,12 +83,12 @@ async fn a_version_1_table_is_upgraded_at_connect_and_claims_work() {
     // inside a runtime too, not a panic).
     let manual = PgOptions { manage_schema: false, ..common::options(&table) };
     match PgStore::connect(&url, manual.clone()) {
-        Err(Error::UnsupportedVersion { found: 1, supported: 2, .. }) => {}
-        other => panic!("expected UnsupportedVersion 1 of 2, got {other:?}"),
+        Err(Error::UnsupportedVersion { found: 1, supported, .. }) if supported as i32 == SCHEMA_VERSION => {}
+        other => panic!("expected UnsupportedVersion 1 of {SCHEMA_VERSION}, got {other:?}"),
     }
     // One that manages it upgrades it, keeping the rows.
     let store = connect(&url, &table);
-    assert_eq!(version(&admin, &table).await, 2);
+    assert_eq!(version(&admin, &table).await, SCHEMA_VERSION);
     assert!(has_claim_function(&admin, &table).await);
     claims_work(&store);
     drop(store);
@@ -104,7 +110,7 @@ async fn the_operators_script_upgrades_a_version_1_table() {
     admin.batch_execute(&schema_sql_at(&table, Durability::Sync, 1).unwrap()).await.unwrap();
     version_1_rows(&admin, &table).await;
     admin.batch_execute(&schema_sql(&table, Durability::Sync).unwrap()).await.unwrap();
-    assert_eq!(version(&admin, &table).await, 2);
+    assert_eq!(version(&admin, &table).await, SCHEMA_VERSION);
     let store = PgStore::connect(&url, PgOptions { manage_schema: false, ..common::options(&table) }).unwrap();
     claims_work(&store);
     drop(store);
@@ -225,20 +231,26 @@ async fn the_claim_reads_committed_whatever_the_servers_default_isolation() {
     drop_table(&admin(&url).await, &table).await;
 }
 
-/// `synchronous_commit` in the transaction of one call of the claim function, made on an admin
-/// connection (whose default is on), and whether it acquired the key.
-async fn commit_mode_after_claim(
+/// `synchronous_commit` in the transaction of one call of the claim function for `claims`
+/// (key, request) in that order, made on an admin connection (whose default is on), and which
+/// of them acquired their key.
+async fn commit_mode_after_claims(
     admin: &tokio_postgres::Client,
     table: &str,
-    key: &str,
-    request: &[u8],
-) -> (bool, String) {
-    let hash = request_hash(request).to_be_bytes();
+    claims: &[(&str, &[u8])],
+) -> (Vec<bool>, String) {
+    let keys: Vec<&[u8]> = claims.iter().map(|(key, _)| key.as_bytes()).collect();
+    let hashes: Vec<Vec<u8>> = claims.iter().map(|(_, request)| request_hash(request).to_be_bytes().to_vec()).collect();
+    let leases = vec![30_000i64; claims.len()];
+    let ttls = vec![86_400_000i64; claims.len()];
     admin.batch_execute("BEGIN").await.unwrap();
-    let acquired: bool = admin
+    let acquired: Vec<bool> = admin
         .query_one(
-            &format!("SELECT ({table}_claim(0, $1, $2, 12345, 30000, 86400000, true)).acquired"),
-            &[&key.as_bytes(), &&hash[..]],
+            &format!(
+                "SELECT array_agg(a.acquired ORDER BY n)
+                 FROM unnest({table}_claim_batch(0, $1, $2, 12345, $3, $4, true)) WITH ORDINALITY AS a(acquired, fence, recovered, completed, request_hash, claimed_at_ms, lease_until_ms, expires_at_ms, completed_at_ms, value, orphan_takeover, now_ms, n)"
+            ),
+            &[&keys, &hashes, &leases, &ttls],
         )
         .await
         .unwrap()
@@ -259,15 +271,32 @@ async fn an_answer_that_keeps_nothing_does_not_wait_for_a_wal_flush() {
     let admin = admin(&url).await;
     // A replay, a mismatch and an in-progress answer keep nothing (the fencing number drawn by
     // the call is kept durable by the claims that hold one): no flush to wait for.
-    assert_eq!(commit_mode_after_claim(&admin, &table, "done", b"req").await, (false, "off".to_owned()));
-    assert_eq!(commit_mode_after_claim(&admin, &table, "done", b"other").await, (false, "off".to_owned()));
-    assert_eq!(commit_mode_after_claim(&admin, &table, "held", b"req").await, (false, "off".to_owned()));
-    // An acquisition, fresh or a takeover, waits for its flush as the session says.
-    assert_eq!(commit_mode_after_claim(&admin, &table, "fresh", b"req").await, (true, "on".to_owned()));
+    let off = |acquired: Vec<bool>| (acquired, "off".to_owned());
+    let on = |acquired: Vec<bool>| (acquired, "on".to_owned());
+    let req: &[u8] = b"req";
+    assert_eq!(commit_mode_after_claims(&admin, &table, &[("done", req)]).await, off(vec![false]));
+    assert_eq!(commit_mode_after_claims(&admin, &table, &[("done", b"other")]).await, off(vec![false]));
+    assert_eq!(commit_mode_after_claims(&admin, &table, &[("held", req)]).await, off(vec![false]));
+    assert_eq!(
+        commit_mode_after_claims(&admin, &table, &[("done", req), ("held", req)]).await,
+        off(vec![false, false])
+    );
+    // An acquisition, fresh or a takeover, waits for its flush as the session says, and so
+    // does every answer of its statement.
+    assert_eq!(commit_mode_after_claims(&admin, &table, &[("fresh", req)]).await, on(vec![true]));
+    assert_eq!(
+        commit_mode_after_claims(&admin, &table, &[("done", req), ("fresh", req), ("held", req)]).await,
+        on(vec![false, true, false])
+    );
+    // A key twice in one statement: the second claim sees the first in flight.
+    assert_eq!(
+        commit_mode_after_claims(&admin, &table, &[("twice", req), ("twice", req)]).await,
+        on(vec![true, false])
+    );
     let expired = ClaimOptions { ttl: Some(Duration::from_millis(1)), ..Default::default() };
     let _old = acquired(store.claim_with("expired", b"req", expired).unwrap());
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert_eq!(commit_mode_after_claim(&admin, &table, "expired", b"req").await, (true, "on".to_owned()));
+    assert_eq!(commit_mode_after_claims(&admin, &table, &[("expired", req)]).await, on(vec![true]));
     drop(store);
     drop_table(&admin, &table).await;
 }

@@ -61,7 +61,7 @@ pub async fn drop_table(client: &tokio_postgres::Client, table: &str) {
     client
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS {table}, {table}_identity, {table}_migrations; DROP SEQUENCE IF EXISTS {table}_fence;
-             DROP FUNCTION IF EXISTS {table}_claim; DROP TYPE IF EXISTS {table}_claim_result;"
+             DROP FUNCTION IF EXISTS {table}_claim; DROP FUNCTION IF EXISTS {table}_claim_batch; DROP TYPE IF EXISTS {table}_claim_result;"
         ))
         .await
         .expect("drop the test's table");
