@@ -12,7 +12,9 @@
 //! (the async trait; the baseline with 16 connections; Redis with 16 threads), under
 //! `Durability::Sync` (commit waits for the WAL flush; the baseline's sessions likewise) and
 //! `Periodic` (`synchronous_commit = off` for both). From 1 thread every engine is called
-//! blocking from the bench's thread; from 16 tasks, async. Rounds alternate between the engines
+//! blocking from the bench's thread; from 16 tasks, async, through two stores: one made by
+//! `PgStore::connect` (its own runtime) and one by `PgStore::connect_async` on the bench's
+//! runtime (where the baseline's connections run too). Rounds alternate between the engines
 //! and the median round is reported, since the machine is shared.
 //!
 //! Needs `IDEMSTORE_PG_URL` (`.ci/postgres.sh` shows how to start a throwaway server); prints
@@ -346,7 +348,9 @@ fn main() {
             pool_size: TASKS,
             ..PgOptions::default()
         };
-        let store = Arc::new(PgStore::connect(&url, options).expect("connect PgStore"));
+        let store = Arc::new(PgStore::connect(&url, options.clone()).expect("connect PgStore"));
+        let store_async =
+            Arc::new(runtime.block_on(PgStore::connect_async(&url, options)).expect("connect_async PgStore"));
         // The baseline's table: the same columns and indexes, made by the same schema script.
         runtime
             .block_on(admin.batch_execute(&idemstore_postgres::schema_sql(&base_table, durability).unwrap()))
@@ -356,6 +360,7 @@ fn main() {
         println!("== Durability::{label} ==");
         for (tasks, name) in [(1, "1 thread"), (TASKS, "16 tasks")] {
             let (mut base_runs, mut pg_runs, mut redis_runs) = (Vec::new(), Vec::new(), Vec::new());
+            let mut pg_async_runs = Vec::new();
             for round in 0..ROUNDS {
                 base_runs
                     .push(measured(&runtime, &admin, || baseline.run(&runtime, tasks, claims, round + 10 * tasks)));
@@ -366,6 +371,11 @@ fn main() {
                         pg_claims_n(&runtime, &store, claims, round + 100, "r")
                     }
                 }));
+                if tasks > 1 {
+                    pg_async_runs.push(measured(&runtime, &admin, || {
+                        pg_claims_n(&runtime, &store_async, claims, round + 200, "r")
+                    }));
+                }
                 if let Some(redis) = &redis
                     && durability == Durability::Sync
                 {
@@ -385,6 +395,15 @@ fn main() {
                 pg.per_op_us() / base.per_op_us(),
                 pg.percentile(0.99).as_secs_f64() / base.percentile(0.99).as_secs_f64()
             );
+            if !pg_async_runs.is_empty() {
+                let pg_async = median(pg_async_runs);
+                report(&format!("PgStore claim, connect_async, {name}"), &pg_async);
+                println!(
+                    "  ratio PgStore (connect_async) / plain SQL per claim: {:.2}x (target <= 1.20x); p99 {:.2}x",
+                    pg_async.per_op_us() / base.per_op_us(),
+                    pg_async.percentile(0.99).as_secs_f64() / base.percentile(0.99).as_secs_f64()
+                );
+            }
         }
         println!();
     }

@@ -256,6 +256,9 @@ pub struct PgStats {
     pub reaped_rows_total: u64,
     /// Times the lock connection was (re)established (1 after connect).
     pub lock_sessions_total: u64,
+    /// Statements that carried claims to the database: fewer than the claims that went there
+    /// when claims rode together (`PgOptions::claim_batches`).
+    pub claim_statements_total: u64,
 }
 
 #[derive(Default)]
@@ -269,6 +272,7 @@ struct Counters {
     stale: AtomicU64,
     reaped: AtomicU64,
     lock_sessions: AtomicU64,
+    claim_statements: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -423,6 +427,8 @@ struct Inner {
     shutdown: Notify,
     closing: AtomicBool,
     batcher: std::sync::Mutex<Batcher>,
+    /// Test seam: see `PgStore::send_lone_claims_as_batches`.
+    lone_claims_as_batches: AtomicBool,
 }
 
 /// Claims waiting for a statement, and the claim statements out.
@@ -505,7 +511,7 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| db_error("starting the store's runtime", e))?;
-        let inner = match run_on(runtime.handle(), Self::open_inner(pg_config, options)) {
+        let inner = match run_on(runtime.handle(), true, Self::open_inner(pg_config, options)) {
             Ok(Ok(inner)) => inner,
             Ok(Err(e)) | Err(e) => {
                 drop_runtime(runtime);
@@ -608,6 +614,7 @@ impl PgStore {
             shutdown: Notify::new(),
             closing: AtomicBool::new(false),
             batcher: std::sync::Mutex::new(Batcher::default()),
+            lone_claims_as_batches: AtomicBool::new(false),
         });
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let lock_task = tokio::spawn(lock_session(Arc::downgrade(&inner), ready_tx));
@@ -718,6 +725,7 @@ impl PgStore {
             cache_entries: entries,
             reaped_rows_total: load(&c.reaped),
             lock_sessions_total: load(&c.lock_sessions),
+            claim_statements_total: load(&c.claim_statements),
         }
     }
 
@@ -758,6 +766,15 @@ impl PgStore {
     /// test can end it with `pg_terminate_backend` to make this store look dead to the others.
     pub fn lock_backend_pid(&self) -> i32 {
         self.inner.lock_pid.load(Ordering::Relaxed)
+    }
+
+    /// Test seam: moves the store's clock on by `by` (an offset added to the database's time in
+    /// every statement of this store). Waiters look again at once.
+    /// Test seam: a claim alone in its statement goes through the batch function too (a batch
+    /// of one), so that single-threaded tests check that function's every branch.
+    #[cfg(feature = "test-seams")]
+    pub fn send_lone_claims_as_batches(&self) {
+        self.inner.lone_claims_as_batches.store(true, Ordering::Relaxed);
     }
 
     /// Test seam: moves the store's clock on by `by` (an offset added to the database's time in
@@ -836,17 +853,17 @@ fn block_on_driver<T: Send + 'static>(
     driver: &Driver,
     op: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    let Driver::Caller(handle) = driver else { return run_on(driver.handle(), op)? };
-    let Ok(current) = tokio::runtime::Handle::try_current() else { return run_on(handle, op)? };
+    let Driver::Caller(handle) = driver else { return run_on(driver.handle(), true, op)? };
+    let Ok(current) = tokio::runtime::Handle::try_current() else { return run_on(handle, false, op)? };
     if current.id() != handle.id() {
         // Another runtime's thread waits while the store's runtime works, as with `Own`.
-        return run_on(handle, op)?;
+        return run_on(handle, false, op)?;
     }
     match current.runtime_flavor() {
         // A worker of the store's multi-thread runtime hands its other tasks to a new worker
         // while it waits, so none of them (a connection, the operation itself) is stuck
         // behind it.
-        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| run_on(handle, op))?,
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| run_on(handle, false, op))?,
         _ => Err(Error::InvalidArgument(
             "a blocking PgStore method was called on the thread that drives the store's \
              current-thread runtime, which would wait for itself: use the DedupeStore methods",
@@ -855,13 +872,17 @@ fn block_on_driver<T: Send + 'static>(
 }
 
 /// Runs `op` to its end on `runtime`, from a thread inside or outside another runtime.
+/// `owned`: the store owns `runtime`, which therefore runs; outside any runtime, this thread
+/// then drives `op` itself (`block_on`), with no hand-over. A runtime the store does not own
+/// may have shut down, and `block_on` on one that has (whose timers and I/O are gone) could
+/// panic or wait forever: `op` is spawned there instead, and a runtime that is gone drops it,
+/// which is an error here.
 fn run_on<T: Send + 'static>(
     runtime: &tokio::runtime::Handle,
+    owned: bool,
     op: impl Future<Output = T> + Send + 'static,
 ) -> Result<T> {
-    if tokio::runtime::Handle::try_current().is_err()
-        && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-    {
+    if owned && tokio::runtime::Handle::try_current().is_err() {
         return Ok(runtime.block_on(op));
     }
     let (tx, rx) = std::sync::mpsc::channel();
@@ -1492,8 +1513,35 @@ impl Inner {
     async fn claim_statement(&self, batch: &[WaitingClaim]) -> Result<Vec<Result<ClaimRow>>> {
         let ctx = "claiming a key";
         let client = self.client().await?;
-        let statement = client.prepare_cached(&self.sql.claim_batch).await.map_err(|e| client.err(ctx, e))?;
         let take_orphans = self.options.orphans == OrphanPolicy::TakeOver;
+        bump(&self.counters.claim_statements);
+        if let [claim] = batch
+            && !self.lone_claims_as_batches.load(Ordering::Relaxed)
+        {
+            let statement = client.prepare_cached(&self.sql.claim).await.map_err(|e| client.err(ctx, e))?;
+            let hash = claim.hash.to_be_bytes();
+            let rows = client
+                .query(
+                    &statement,
+                    &[
+                        &self.offset(),
+                        &claim.key,
+                        &&hash[..],
+                        &self.incarnation,
+                        &claim.lease_ms,
+                        &claim.ttl_ms,
+                        &take_orphans,
+                    ],
+                )
+                .await
+                .map_err(|e| client.err(ctx, e))?;
+            let answer: Option<ClaimResult> = match rows.first() {
+                Some(row) => row.try_get(0).map_err(|e| pg_error("reading a claim's answer", &e))?,
+                None => None,
+            };
+            return Ok(vec![Self::claim_row(claim, answer)]);
+        }
+        let statement = client.prepare_cached(&self.sql.claim_batch).await.map_err(|e| client.err(ctx, e))?;
         let hashes: Vec<[u8; 16]> = batch.iter().map(|c| c.hash.to_be_bytes()).collect();
         let keys: Vec<&[u8]> = batch.iter().map(|c| c.key.as_slice()).collect();
         let hash_refs: Vec<&[u8]> = hashes.iter().map(|h| h.as_slice()).collect();
@@ -1513,18 +1561,15 @@ impl Inner {
                 format!("{} answers to {} claims", answers.len(), batch.len()),
             ));
         }
-        Ok(batch
-            .iter()
-            .zip(answers)
-            .map(|(claim, answer)| {
-                // NULL: the function found the key changed under each of its tries.
-                let answer =
-                    answer.ok_or_else(|| db_error(ctx, "the key kept changing under concurrent claims; try again"))?;
-                answer
-                    .into_row(claim.hash, claim.lease_ms, claim.ttl_ms)
-                    .map_err(|e| db_error("reading a claim's answer", e))
-            })
-            .collect())
+        Ok(batch.iter().zip(answers).map(|(claim, answer)| Self::claim_row(claim, answer)).collect())
+    }
+
+    /// A claim's answer as a row; NULL (`None`) when the function found the key changed under
+    /// each of its tries.
+    fn claim_row(claim: &WaitingClaim, answer: Option<ClaimResult>) -> Result<ClaimRow> {
+        let answer = answer
+            .ok_or_else(|| db_error("claiming a key", "the key kept changing under concurrent claims; try again"))?;
+        answer.into_row(claim.hash, claim.lease_ms, claim.ttl_ms).map_err(|e| db_error("reading a claim's answer", e))
     }
 
     async fn complete(&self, token: &ClaimToken, outcome: &[u8]) -> Result<()> {

@@ -348,6 +348,7 @@ const NOW: &str = "(floor(date_part('epoch', statement_timestamp()) * 1000)::int
 
 /// The statements of a store on `table`, formatted once at open.
 pub(crate) struct Sql {
+    pub claim: String,
     pub claim_batch: String,
     pub watch: String,
     pub complete: String,
@@ -370,8 +371,12 @@ impl Sql {
         // succeeds. Incarnation 0 (an imported claim) belongs to no process.
         let orphan =
             |inc: &str, me: &str| format!("({inc} = 0 OR ({inc} <> {me} AND pg_try_advisory_xact_lock({inc})))");
-        // $1 offset, $2 keys, $3 request hashes, $4 incarnation, $5 leases ms, $6 ttls ms,
-        // $7 whether orphans are taken over at once: the batch function of migration 3.
+        // $1 offset, $2 key, $3 request hash, $4 incarnation, $5 lease ms, $6 ttl ms,
+        // $7 whether orphans are taken over at once: the claim function of migration 2, for a
+        // claim alone in its statement (it costs the server less than a batch of one).
+        let claim = format!("SELECT {t}_claim($1::int8, $2::bytea, $3::bytea, $4::int8, $5::int8, $6::int8, $7::bool)");
+        // The same with arrays of keys, request hashes, leases and ttls: the batch function of
+        // migration 3.
         let claim_batch = format!(
             "SELECT {t}_claim_batch($1::int8, $2::bytea[], $3::bytea[], $4::int8, $5::int8[], $6::int8[], $7::bool)"
         );
@@ -458,6 +463,7 @@ RETURNING 1"
     SELECT ctid FROM {t} WHERE expires_at_ms <= {NOW} LIMIT $2 FOR UPDATE SKIP LOCKED))"
         );
         Sql {
+            claim,
             claim_batch,
             watch,
             complete,

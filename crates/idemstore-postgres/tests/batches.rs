@@ -1,0 +1,75 @@
+//! Promise: claims made while `PgOptions::claim_batches` statements are out ride the next
+//! statement together, and each gets the answer it would get alone: the stored outcome, a
+//! mismatch, the holder in flight, a takeover of an expired key or of a dead holder's, and of
+//! one key claimed many times at once exactly one `Acquired`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idemstore::{Claim, DedupeStore};
+use idemstore_postgres::{PgOptions, PgStore};
+
+mod common;
+use common::{acquired, admin, drop_table, pg_url, unique_table};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_that_ride_one_statement_are_each_answered_as_alone() {
+    let Some(url) = pg_url("claims_ride_one_statement") else { return };
+    let table = unique_table("batches");
+    let options = PgOptions { claim_batches: 1, ..common::options(&table) };
+    let store = Arc::new(PgStore::connect(&url, options.clone()).unwrap());
+    let other = PgStore::connect(&url, options).unwrap();
+
+    let done = acquired(store.claim("done", b"req").unwrap());
+    store.complete(&done, b"the outcome").unwrap();
+    let _mine = acquired(store.claim("mine", b"req").unwrap());
+    let orphaned = acquired(other.claim("orphaned", b"req").unwrap());
+    other.checkpoint(&orphaned, b"step 1").unwrap();
+    // `other` ends: its in-flight claims are orphans, taken over at once.
+    other.close().unwrap();
+
+    let short = idemstore::ClaimOptions { ttl: Some(Duration::from_secs(1)), ..Default::default() };
+    let _expiring = acquired(store.claim_with("expiring", b"req", short).unwrap());
+    store.advance_clock(Duration::from_secs(2));
+
+    let before = store.stats().claim_statements_total;
+    let mut claims: Vec<(&str, &[u8])> = vec![
+        ("done", b"req"),
+        ("done", b"other"),
+        ("mine", b"req"),
+        ("orphaned", b"req"),
+        ("expiring", b"req"),
+        ("fresh-a", b"req"),
+        ("fresh-b", b"req"),
+    ];
+    claims.extend(std::iter::repeat_n(("contended", &b"req"[..]), 10));
+    let answers = futures_util::future::join_all(
+        claims.iter().map(|(key, request)| DedupeStore::claim(&*store, key.as_bytes(), request)),
+    )
+    .await;
+    let statements = store.stats().claim_statements_total - before;
+    assert!(
+        statements < claims.len() as u64,
+        "{} claims took {statements} statements: none rode together",
+        claims.len()
+    );
+
+    let answers: Vec<Claim> = answers.into_iter().map(|a| a.unwrap()).collect();
+    let Claim::Completed(replay) = &answers[0] else { panic!("a replay, got {:?}", answers[0]) };
+    assert_eq!(replay.outcome, b"the outcome");
+    assert_eq!(answers[1], Claim::Mismatch);
+    assert!(matches!(answers[2], Claim::InProgress { .. }), "the holder in flight, got {:?}", answers[2]);
+    let Claim::Acquired(taken) = &answers[3] else { panic!("an orphan taken over, got {:?}", answers[3]) };
+    assert!(taken.recovered());
+    assert_eq!(taken.checkpoint(), Some(&b"step 1"[..]));
+    let Claim::Acquired(renewed) = &answers[4] else { panic!("an expired key claimed afresh, got {:?}", answers[4]) };
+    assert!(!renewed.recovered());
+    assert!(matches!(answers[5], Claim::Acquired(_)) && matches!(answers[6], Claim::Acquired(_)));
+    let contended = &answers[7..];
+    let winners = contended.iter().filter(|a| matches!(a, Claim::Acquired(_))).count();
+    let in_progress = contended.iter().filter(|a| matches!(a, Claim::InProgress { .. })).count();
+    assert_eq!((winners, in_progress), (1, contended.len() - 1), "{contended:?}");
+
+    drop(store);
+    drop_table(&admin(&url).await, &table).await;
+}
