@@ -73,3 +73,82 @@ async fn claims_that_ride_one_statement_are_each_answered_as_alone() {
     drop(store);
     drop_table(&admin(&url).await, &table).await;
 }
+
+/// An admin transaction that has inserted `key`'s row and not committed: a claim of `key`
+/// waits for it (its insert's conflict check waits for the inserter).
+async fn hold_uncommitted_row(url: &str, table: &str, key: &str) -> tokio_postgres::Client {
+    let holder = admin(url).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .execute(
+            &format!(
+                "INSERT INTO {table} (key, request_hash, completed, fence, incarnation, recovered, claimed_at_ms,
+                     lease_ms, lease_until_ms, expires_at_ms)
+                 VALUES ($1, '\\x00'::bytea, false, nextval('{table}_fence'), 0, false, 0, 1, 1, 1)"
+            ),
+            &[&key.as_bytes()],
+        )
+        .await
+        .unwrap();
+    holder
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_does_not_wait_behind_statements_stuck_on_other_keys() {
+    let Some(url) = pg_url("claims_pass_stuck_statements") else { return };
+    let table = unique_table("batches");
+    let store = Arc::new(PgStore::connect(&url, PgOptions { claim_batches: 1, ..common::options(&table) }).unwrap());
+    let holder = hold_uncommitted_row(&url, &table, "locked").await;
+    // Every claim slot (one) is out, stuck on the row lock.
+    let stuck_store = store.clone();
+    let stuck = tokio::spawn(async move { DedupeStore::claim(&*stuck_store, b"locked", b"req").await });
+    while store.stats().claim_statements_total == 0 {
+        tokio::task::yield_now().await;
+    }
+    let free = tokio::time::timeout(Duration::from_secs(20), DedupeStore::claim(&*store, b"free", b"req")).await;
+    let free = free.expect("a claim of another key waited for the stuck statement").unwrap();
+    assert!(matches!(free, Claim::Acquired(_)), "{free:?}");
+    assert!(!stuck.is_finished());
+    // The lock goes (the row was never committed): the stuck claim acquires.
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert!(matches!(stuck.await.unwrap().unwrap(), Claim::Acquired(_)));
+    drop(store);
+    drop_table(&admin(&url).await, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replays_too_large_to_share_a_statement_are_answered_one_by_one() {
+    let Some(url) = pg_url("large_replays_ride_apart") else { return };
+    let table = unique_table("batches");
+    // Thirteen replays of an 80 MiB outcome in one statement would build a 1 GiB answer, past
+    // what PostgreSQL holds in one value: the server refuses the statement.
+    const SIZE: usize = 80 << 20;
+    let options = PgOptions { claim_batches: 1, max_outcome_len: SIZE, ..common::options(&table) };
+    let store = Arc::new(PgStore::connect(&url, options).unwrap());
+    let big = vec![7u8; SIZE];
+    let token = acquired(store.claim("big", b"req").unwrap());
+    store.complete(&token, &big).unwrap();
+    // The first claim holds the one slot while the rest queue behind it.
+    let holder = hold_uncommitted_row(&url, &table, "gate").await;
+    let gate_store = store.clone();
+    let gate = tokio::spawn(async move { DedupeStore::claim(&*gate_store, b"gate", b"req").await });
+    while store.stats().claim_statements_total < 2 {
+        tokio::task::yield_now().await;
+    }
+    let replays: Vec<_> = (0..14)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { DedupeStore::claim(&*store, b"big", b"req").await })
+        })
+        .collect();
+    // Time for the replays to queue behind the gate (any that come later ride together too).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert!(matches!(gate.await.unwrap().unwrap(), Claim::Acquired(_)));
+    for replay in replays {
+        let Claim::Completed(done) = replay.await.unwrap().unwrap() else { panic!("a replay") };
+        assert!(done.outcome == big, "the outcome, byte for byte");
+    }
+    drop(store);
+    drop_table(&admin(&url).await, &table).await;
+}
