@@ -8,62 +8,21 @@
 //! - A connection ended by the server (`pg_terminate_backend`) mid-statement is a clear error,
 //!   and the next call reconnects.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use idemstore::{Claim, ClaimOptions, Error};
 use idemstore_postgres::PgStore;
 
 mod common;
-use common::{acquired, admin, connect, drop_table, pg_url, unique_table};
+use common::{
+    CHILD_INDEX_ENV, CHILD_ROLE_ENV, CHILD_TABLE_ENV, ChildProcess, acquired, admin, connect, drop_table, pg_url,
+    spawn_child, unique_table, wait_for_line,
+};
 
-const CHILD_ROLE_ENV: &str = "IDEMSTORE_PG_TEST_CHILD_ROLE";
-const CHILD_TABLE_ENV: &str = "IDEMSTORE_PG_TEST_CHILD_TABLE";
-const CHILD_INDEX_ENV: &str = "IDEMSTORE_PG_TEST_CHILD_INDEX";
 const KEYS: usize = 150;
 const PROCESSES: usize = 4;
 /// A child stops on its own after this long, so it never outlives a crashed parent.
 const CHILD_LIFETIME_MAX: Duration = Duration::from_secs(60);
-
-/// A child process, SIGKILLed when dropped if still running.
-struct ChildProcess(Child);
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_child(test: &str, role: &str, table: &str, index: usize) -> ChildProcess {
-    let child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ROLE_ENV, role)
-        .env(CHILD_TABLE_ENV, table)
-        .env(CHILD_INDEX_ENV, index.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn child");
-    ChildProcess(child)
-}
-
-/// Waits for `line` on the child's stdout (the harness may print on the same line first).
-fn wait_for_line(child: &mut ChildProcess, line: &str) -> String {
-    let stdout = child.0.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    while let Some(got) = lines.next() {
-        let got = got.expect("read child output");
-        if let Some(at) = got.find(line) {
-            // Keep reading what the child prints next, so its writes never meet a closed pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return got[at..].to_owned();
-        }
-    }
-    panic!("the child ended without printing {line:?}");
-}
 
 /// The effect each key stands for: a row in `<table>_effects`, written by whoever holds it.
 async fn record_effect(client: &tokio_postgres::Client, table: &str, key: &str) {

@@ -9,7 +9,6 @@
 //! test binaries (run one after the other by `cargo test`) share.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant};
 use idemstore::{Claim, Entry};
 
 mod common;
-use common::{admin, connect, drop_table, pg_url, unique_table};
+use common::{admin, connect, drop_table, pg_url, restart_server, unique_table};
 
 const WRITERS: usize = 4;
 
@@ -30,31 +29,11 @@ struct Acks {
     errors: usize,
 }
 
-fn restart_server(pg_ctl: &str, data: &str) {
-    let mut command = match std::env::var("IDEMSTORE_PG_RUN_AS") {
-        Ok(user) if !user.is_empty() => {
-            let mut c = Command::new("runuser");
-            c.args(["-u", &user, "--", pg_ctl]);
-            c
-        }
-        _ => Command::new(pg_ctl),
-    };
-    let status = command
-        .args(["-D", data, "restart", "-m", "immediate", "-w", "-t", "60"])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run pg_ctl");
-    assert!(status.success(), "pg_ctl restart failed: {status}");
-}
-
 #[test]
 fn an_immediate_server_restart_mid_load_loses_no_acknowledged_claim_or_complete() {
     let test = "an_immediate_server_restart_mid_load_loses_no_acknowledged_claim_or_complete";
     let Some(url) = pg_url(test) else { return };
-    let (Ok(data), Ok(pg_ctl)) = (std::env::var("IDEMSTORE_PG_DATA"), std::env::var("IDEMSTORE_PG_CTL")) else {
-        common::skipped(test, "IDEMSTORE_PG_DATA and IDEMSTORE_PG_CTL are not set (.ci/postgres.sh sets them)");
-        return;
-    };
+    let Some((pg_ctl, data)) = common::pg_ctl_and_data(test) else { return };
     let table = unique_table("restart");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let started_at = |url: &str| {

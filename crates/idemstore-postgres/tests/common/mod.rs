@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use idemstore::Claim;
@@ -91,4 +93,80 @@ pub fn acquired(claim: Claim) -> idemstore::ClaimToken {
         Claim::Acquired(token) => token,
         other => panic!("expected Acquired, got {other:?}"),
     }
+}
+
+/// The environment that tells a re-executed test binary which child it is.
+pub const CHILD_ROLE_ENV: &str = "IDEMSTORE_PG_TEST_CHILD_ROLE";
+pub const CHILD_TABLE_ENV: &str = "IDEMSTORE_PG_TEST_CHILD_TABLE";
+pub const CHILD_INDEX_ENV: &str = "IDEMSTORE_PG_TEST_CHILD_INDEX";
+
+/// A child process, SIGKILLed when dropped if still running.
+pub struct ChildProcess(pub Child);
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// This test binary again, running only `test`, as the child `role` number `index` on `table`.
+pub fn spawn_child(test: &str, role: &str, table: &str, index: usize) -> ChildProcess {
+    let child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE_ENV, role)
+        .env(CHILD_TABLE_ENV, table)
+        .env(CHILD_INDEX_ENV, index.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child");
+    ChildProcess(child)
+}
+
+/// Waits for `line` on the child's stdout (the harness may print on the same line first).
+pub fn wait_for_line(child: &mut ChildProcess, line: &str) -> String {
+    let stdout = child.0.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    while let Some(got) = lines.next() {
+        let got = got.expect("read child output");
+        if let Some(at) = got.find(line) {
+            // Keep reading what the child prints next, so its writes never meet a closed pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return got[at..].to_owned();
+        }
+    }
+    panic!("the child ended without printing {line:?}");
+}
+
+/// `pg_ctl` and the data directory of the test server (`.ci/postgres.sh` sets them), for the
+/// tests that restart it; `None` (after saying the test is skipped) otherwise.
+pub fn pg_ctl_and_data(test: &str) -> Option<(String, String)> {
+    match (std::env::var("IDEMSTORE_PG_CTL"), std::env::var("IDEMSTORE_PG_DATA")) {
+        (Ok(pg_ctl), Ok(data)) => Some((pg_ctl, data)),
+        _ => {
+            skipped(test, "IDEMSTORE_PG_DATA and IDEMSTORE_PG_CTL are not set (.ci/postgres.sh sets them)");
+            None
+        }
+    }
+}
+
+/// Crashes the server and starts it again: `pg_ctl restart -m immediate` (no shutdown
+/// checkpoint: crash recovery from the WAL at start), as `IDEMSTORE_PG_RUN_AS` when set.
+pub fn restart_server(pg_ctl: &str, data: &str) {
+    let mut command = match std::env::var("IDEMSTORE_PG_RUN_AS") {
+        Ok(user) if !user.is_empty() => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", &user, "--", pg_ctl]);
+            c
+        }
+        _ => Command::new(pg_ctl),
+    };
+    let status = command
+        .args(["-D", data, "restart", "-m", "immediate", "-w", "-t", "60"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run pg_ctl");
+    assert!(status.success(), "pg_ctl restart failed: {status}");
 }
