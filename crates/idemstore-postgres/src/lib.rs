@@ -70,7 +70,10 @@
 //! transaction, one commit. The function decides each key in turn exactly as `<table>_claim`
 //! decides it alone; a key twice in one call is answered the second time from the first's row
 //! (`InProgress`). The keys are sorted first, so two calls that share keys lock them in the
-//! same order and never deadlock. The call commits without waiting for a flush only when none
+//! same order and never deadlock. A call waits at most 100 ms for a row lock (`lock_timeout`):
+//! past that, or when the server refuses it otherwise, it is rolled back and its claims go
+//! again one by one, each in a task of its own, so a busy key holds up no other claim for long;
+//! and a claim that has waited 100 ms for a slot sends one beyond `claim_batches`. The call commits without waiting for a flush only when none
 //! of its claims wrote anything; one acquisition in it, and every answer of the call waits for
 //! that commit's flush. Each claim is still one round trip, in which it waits behind at most
 //! the statement before it; a lone claim goes at once, through `<table>_claim`, which costs
@@ -1581,7 +1584,7 @@ impl Inner {
 
     /// Sends `batch` in the statement slot `take_batch` counted for it, and gives the slot back
     /// when done (or dropped).
-    async fn send_in_slot(&self, batch: Vec<WaitingClaim>) {
+    async fn send_in_slot(self: &Arc<Self>, batch: Vec<WaitingClaim>) {
         struct Slot<'a>(&'a Inner);
         impl Drop for Slot<'_> {
             fn drop(&mut self) {
@@ -1612,7 +1615,7 @@ impl Inner {
 
     /// One statement for `batch`, its keys in order (two statements that share keys lock them
     /// in the same order, so they never deadlock); each claim gets its answer.
-    async fn send_batch(&self, mut batch: Vec<WaitingClaim>) {
+    async fn send_batch(self: &Arc<Self>, mut batch: Vec<WaitingClaim>) {
         batch.sort_by(|a, b| a.key.cmp(&b.key));
         match self.claim_statement(&batch).await {
             Ok(answers) => {
@@ -1621,17 +1624,23 @@ impl Inner {
                 }
             }
             // The server refused the call of several claims and rolled it back: nothing was
-            // written, so each claim goes again alone and gets its own answer (the answers of
-            // many replays of large outcomes together can pass what one value may hold).
+            // written, so each claim goes again alone, all at once, and gets its own answer
+            // (one key's row held elsewhere past the call's lock timeout, or the answers of many
+            // replays of large outcomes together past what one value may hold).
             Err(StatementFailure::Refused(_)) if batch.len() > 1 => {
+                // Each in a task of its own: the claim that sent this call answers its caller at
+                // once, whatever another key of the call still waits for.
                 for claim in batch {
-                    let answer = match self.claim_statement(std::slice::from_ref(&claim)).await {
-                        Ok(mut answers) => {
-                            answers.pop().unwrap_or_else(|| Err(db_error("claiming a key", "no answer")))
-                        }
-                        Err(StatementFailure::Refused(e) | StatementFailure::Failed(e)) => Err(e),
-                    };
-                    let _ = claim.answer.send(answer);
+                    let inner = self.clone();
+                    tokio::spawn(async move {
+                        let answer = match inner.claim_statement(std::slice::from_ref(&claim)).await {
+                            Ok(mut answers) => {
+                                answers.pop().unwrap_or_else(|| Err(db_error("claiming a key", "no answer")))
+                            }
+                            Err(StatementFailure::Refused(e) | StatementFailure::Failed(e)) => Err(e),
+                        };
+                        let _ = claim.answer.send(answer);
+                    });
                 }
             }
             Err(StatementFailure::Refused(error) | StatementFailure::Failed(error)) => {

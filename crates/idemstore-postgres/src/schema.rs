@@ -191,7 +191,9 @@ $claim$;"
 /// build during a rolling upgrade.
 ///
 /// The client sorts the keys: two batches that share keys lock them in the same order, so they
-/// wait for each other and never deadlock. A key twice in one batch is decided twice in turn:
+/// wait for each other and never deadlock. A call of several keys waits at most 100 ms for a
+/// row lock (`lock_timeout`): past that it fails, rolled back, and the client sends each of its
+/// claims alone, so that a key held elsewhere holds up no other claim for long. A key twice in one batch is decided twice in turn:
 /// the second sees the first's row (the same transaction) and answers from it. When nothing in
 /// the batch was written (replays, `InProgress`, `Mismatch`), it commits with
 /// `synchronous_commit = off`, as `<table>_claim` does for such an answer; one write and the
@@ -219,6 +221,11 @@ DECLARE
     r {t}_claim_result;
     v_answers {t}_claim_result[] := '{{}}';
 BEGIN
+    -- A key whose row another transaction holds must not hold the call's other claims for
+    -- long: past this, the call fails and the client sends its claims one by one.
+    IF coalesce(array_length(p_keys, 1), 0) > 1 THEN
+        SET LOCAL lock_timeout = '100ms';
+    END IF;
     <<keys>>
     FOR i IN 1..coalesce(array_length(p_keys, 1), 0) LOOP
         v_key := p_keys[i];

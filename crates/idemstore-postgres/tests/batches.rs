@@ -117,6 +117,54 @@ async fn a_claim_does_not_wait_behind_statements_stuck_on_other_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_held_elsewhere_does_not_hold_up_the_claims_that_ride_with_it() {
+    let Some(url) = pg_url("riders_pass_a_held_key") else { return };
+    let table = unique_table("batches");
+    let store = Arc::new(PgStore::connect(&url, PgOptions { claim_batches: 1, ..common::options(&table) }).unwrap());
+    let holder = hold_uncommitted_row(&url, &table, "held-a").await;
+    holder
+        .execute(
+            &format!(
+                "INSERT INTO {table} (key, request_hash, completed, fence, incarnation, recovered, claimed_at_ms,
+                     lease_ms, lease_until_ms, expires_at_ms)
+                 VALUES ('held-b', '\\x00'::bytea, false, nextval('{table}_fence'), 0, false, 0, 1, 1, 1)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    // The one slot waits on held-a; the rest queue and, after the slot's wait, ride one call
+    // with held-b among them.
+    let spawn_claim = |key: &'static str| {
+        let store = store.clone();
+        tokio::spawn(async move { DedupeStore::claim(&*store, key.as_bytes(), b"req").await })
+    };
+    let first = spawn_claim("held-a");
+    while store.stats().claim_statements_total == 0 {
+        tokio::task::yield_now().await;
+    }
+    let riders: Vec<_> =
+        ["free-1", "held-b", "free-2", "free-3"].into_iter().map(|key| (key, spawn_claim(key))).collect();
+    let mut held_b = None;
+    for (key, rider) in riders {
+        if key == "held-b" {
+            held_b = Some(rider);
+            continue;
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(20), rider).await;
+        let answer = answer.unwrap_or_else(|_| panic!("{key} waited for a key held elsewhere")).unwrap().unwrap();
+        assert!(matches!(answer, Claim::Acquired(_)), "{key}: {answer:?}");
+    }
+    let held_b = held_b.unwrap();
+    assert!(!first.is_finished() && !held_b.is_finished());
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert!(matches!(first.await.unwrap().unwrap(), Claim::Acquired(_)));
+    assert!(matches!(held_b.await.unwrap().unwrap(), Claim::Acquired(_)));
+    drop(store);
+    drop_table(&admin(&url).await, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replays_too_large_to_share_a_statement_are_answered_one_by_one() {
     let Some(url) = pg_url("large_replays_ride_apart") else { return };
     let table = unique_table("batches");
