@@ -104,6 +104,8 @@ INSERT INTO {table}_identity (store_id)
 /// `date_part` costs a numeric conversion), and `FOUND` is read right after the statement it
 /// reports on.
 fn claim_function(t: &str) -> String {
+    let one = OneKey { t, key: "p_key", hash: "p_hash", lease: "p_lease_ms", ttl: "p_ttl_ms" };
+    let (insert, read, takeover) = (one.fresh_insert(4), one.read(8), one.takeover(8));
     format!(
         "DO $type$ BEGIN
     CREATE TYPE {t}_claim_result AS (acquired bool, fence int8, recovered bool, completed bool,
@@ -121,58 +123,17 @@ DECLARE
     v_open bool;
     r {t}_claim_result;
 BEGIN
-    INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
-                          claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms)
-    VALUES (p_key, p_hash, false, nextval('{t}_fence'), p_incarnation, false, false,
-            v_now, p_lease_ms, v_now + p_lease_ms, v_now + p_ttl_ms)
-    ON CONFLICT (key) DO NOTHING
-    RETURNING e.fence INTO v_fence;
+{insert}
     IF FOUND THEN
         RETURN ROW(true, v_fence, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v_now)::{t}_claim_result;
     END IF;
     FOR attempt IN 1..20 LOOP
-        SELECT false, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
-               e.expires_at_ms, e.completed_at_ms, CASE WHEN e.completed THEN e.value END, false, v_now,
-               e.expires_at_ms <= v_now
-               OR (NOT e.completed AND e.request_hash = p_hash
-                   AND (e.lease_until_ms <= v_now
-                        OR (p_take_orphans AND (e.incarnation = 0
-                            OR (e.incarnation <> p_incarnation AND pg_try_advisory_xact_lock(e.incarnation))))))
-        INTO r.acquired, r.fence, r.recovered, r.completed, r.request_hash, r.claimed_at_ms, r.lease_until_ms,
-             r.expires_at_ms, r.completed_at_ms, r.value, r.orphan_takeover, r.now_ms, v_open
-        FROM {t} e WHERE e.key = p_key;
+{read}
         IF FOUND AND NOT v_open THEN
             SET LOCAL synchronous_commit = off;
             RETURN r;
         END IF;
-        INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
-                              claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms, completed_at_ms, value)
-        VALUES (p_key, p_hash, false, nextval('{t}_fence'), p_incarnation, false, false,
-                v_now, p_lease_ms, v_now + p_lease_ms, v_now + p_ttl_ms, NULL, NULL)
-        ON CONFLICT (key) DO UPDATE SET
-            request_hash = excluded.request_hash,
-            completed = false,
-            fence = excluded.fence,
-            incarnation = excluded.incarnation,
-            recovered = e.expires_at_ms > excluded.claimed_at_ms,
-            orphan_takeover = e.expires_at_ms > excluded.claimed_at_ms AND e.lease_until_ms > excluded.claimed_at_ms,
-            watched = false,
-            claimed_at_ms = excluded.claimed_at_ms,
-            lease_ms = excluded.lease_ms,
-            lease_until_ms = excluded.lease_until_ms,
-            expires_at_ms = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms
-                                 THEN GREATEST(e.expires_at_ms, excluded.expires_at_ms)
-                                 ELSE excluded.expires_at_ms END,
-            completed_at_ms = NULL,
-            value = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms THEN e.value END
-        WHERE e.expires_at_ms <= excluded.claimed_at_ms
-           OR (NOT e.completed AND e.request_hash = excluded.request_hash
-               AND (e.lease_until_ms <= excluded.claimed_at_ms
-                    OR (p_take_orphans AND (e.incarnation = 0
-                        OR (e.incarnation <> p_incarnation AND pg_try_advisory_xact_lock(e.incarnation))))))
-        RETURNING true, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
-                  e.expires_at_ms, e.completed_at_ms, e.value, e.orphan_takeover, v_now
-        INTO r;
+{takeover}
         IF FOUND THEN
             RETURN r;
         END IF;
@@ -181,6 +142,101 @@ BEGIN
 END
 $claim$;"
     )
+}
+
+/// The statements that decide one key, which `<table>_claim` and `<table>_claim_batch` share
+/// (written once, so the takeover rules cannot drift apart): `key`, `hash`, `lease` and `ttl`
+/// name the PL/pgSQL values of the key, its request hash, its lease and its TTL in ms. Each
+/// statement comes indented by `indent` spaces, as the function's text places it.
+struct OneKey<'a> {
+    t: &'a str,
+    key: &'a str,
+    hash: &'a str,
+    lease: &'a str,
+    ttl: &'a str,
+}
+
+impl OneKey<'_> {
+    /// Acquires a key that has no row (`FOUND`, the fencing number in `v_fence`).
+    fn fresh_insert(&self, indent: usize) -> String {
+        let OneKey { t, key, hash, lease, ttl } = self;
+        indented(
+            indent,
+            &format!(
+                "INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
+                      claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms)
+VALUES ({key}, {hash}, false, nextval('{t}_fence'), p_incarnation, false, false,
+        v_now, {lease}, v_now + {lease}, v_now + {ttl})
+ON CONFLICT (key) DO NOTHING
+RETURNING e.fence INTO v_fence;"
+            ),
+        )
+    }
+
+    /// Reads the key's row into `r`, and in `v_open` whether a takeover is due.
+    fn read(&self, indent: usize) -> String {
+        let OneKey { t, key, hash, .. } = self;
+        indented(
+            indent,
+            &format!(
+                "SELECT false, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
+       e.expires_at_ms, e.completed_at_ms, CASE WHEN e.completed THEN e.value END, false, v_now,
+       e.expires_at_ms <= v_now
+       OR (NOT e.completed AND e.request_hash = {hash}
+           AND (e.lease_until_ms <= v_now
+                OR (p_take_orphans AND (e.incarnation = 0
+                    OR (e.incarnation <> p_incarnation AND pg_try_advisory_xact_lock(e.incarnation))))))
+INTO r.acquired, r.fence, r.recovered, r.completed, r.request_hash, r.claimed_at_ms, r.lease_until_ms,
+     r.expires_at_ms, r.completed_at_ms, r.value, r.orphan_takeover, r.now_ms, v_open
+FROM {t} e WHERE e.key = {key};"
+            ),
+        )
+    }
+
+    /// Takes the key over (or inserts it, its row gone) when the takeover rules hold on the
+    /// row's latest version, under its row lock (`FOUND`, the answer in `r`).
+    fn takeover(&self, indent: usize) -> String {
+        let OneKey { t, key, hash, lease, ttl } = self;
+        indented(
+            indent,
+            &format!(
+                "INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
+                      claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms, completed_at_ms, value)
+VALUES ({key}, {hash}, false, nextval('{t}_fence'), p_incarnation, false, false,
+        v_now, {lease}, v_now + {lease}, v_now + {ttl}, NULL, NULL)
+ON CONFLICT (key) DO UPDATE SET
+    request_hash = excluded.request_hash,
+    completed = false,
+    fence = excluded.fence,
+    incarnation = excluded.incarnation,
+    recovered = e.expires_at_ms > excluded.claimed_at_ms,
+    orphan_takeover = e.expires_at_ms > excluded.claimed_at_ms AND e.lease_until_ms > excluded.claimed_at_ms,
+    watched = false,
+    claimed_at_ms = excluded.claimed_at_ms,
+    lease_ms = excluded.lease_ms,
+    lease_until_ms = excluded.lease_until_ms,
+    expires_at_ms = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms
+                         THEN GREATEST(e.expires_at_ms, excluded.expires_at_ms)
+                         ELSE excluded.expires_at_ms END,
+    completed_at_ms = NULL,
+    value = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms THEN e.value END
+WHERE e.expires_at_ms <= excluded.claimed_at_ms
+   OR (NOT e.completed AND e.request_hash = excluded.request_hash
+       AND (e.lease_until_ms <= excluded.claimed_at_ms
+            OR (p_take_orphans AND (e.incarnation = 0
+                OR (e.incarnation <> p_incarnation AND pg_try_advisory_xact_lock(e.incarnation))))))
+RETURNING true, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
+          e.expires_at_ms, e.completed_at_ms, e.value, e.orphan_takeover, v_now
+INTO r;"
+            ),
+        )
+    }
+}
+
+/// `text` with every line indented by `indent` spaces.
+fn indented(indent: usize, text: &str) -> String {
+    let pad = " ".repeat(indent);
+    text.lines().map(|line| format!("{pad}{line}")).collect::<Vec<_>>().join("\n")
 }
 
 /// Migration 3: `<table>_claim_batch`, the claims of several callers in one call (one
@@ -203,6 +259,8 @@ $claim$;"
 /// orphans are taken over at once. It returns one `<table>_claim_result` per key in order, as
 /// `<table>_claim` returns it (NULL for a key that changed under each of 20 tries).
 fn claim_batch_function(t: &str) -> String {
+    let one = OneKey { t, key: "v_key", hash: "v_hash", lease: "v_lease", ttl: "v_ttl" };
+    let (insert, read, takeover) = (one.fresh_insert(8), one.read(12), one.takeover(12));
     format!(
         "CREATE OR REPLACE FUNCTION {t}_claim_batch(p_offset int8, p_keys bytea[], p_hashes bytea[],
     p_incarnation int8, p_leases_ms int8[], p_ttls_ms int8[], p_take_orphans bool)
@@ -232,12 +290,7 @@ BEGIN
         v_hash := p_hashes[i];
         v_lease := p_leases_ms[i];
         v_ttl := p_ttls_ms[i];
-        INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
-                              claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms)
-        VALUES (v_key, v_hash, false, nextval('{t}_fence'), p_incarnation, false, false,
-                v_now, v_lease, v_now + v_lease, v_now + v_ttl)
-        ON CONFLICT (key) DO NOTHING
-        RETURNING e.fence INTO v_fence;
+{insert}
         IF FOUND THEN
             v_wrote := true;
             v_answers := v_answers || ROW(true, v_fence, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, v_now)::{t}_claim_result;
@@ -245,48 +298,12 @@ BEGIN
         END IF;
         v_decided := false;
         FOR attempt IN 1..20 LOOP
-            SELECT false, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
-                   e.expires_at_ms, e.completed_at_ms, CASE WHEN e.completed THEN e.value END, false, v_now,
-                   e.expires_at_ms <= v_now
-                   OR (NOT e.completed AND e.request_hash = v_hash
-                       AND (e.lease_until_ms <= v_now
-                            OR (p_take_orphans AND (e.incarnation = 0
-                                OR (e.incarnation <> p_incarnation AND pg_try_advisory_xact_lock(e.incarnation))))))
-            INTO r.acquired, r.fence, r.recovered, r.completed, r.request_hash, r.claimed_at_ms, r.lease_until_ms,
-                 r.expires_at_ms, r.completed_at_ms, r.value, r.orphan_takeover, r.now_ms, v_open
-            FROM {t} e WHERE e.key = v_key;
+{read}
             IF FOUND AND NOT v_open THEN
                 v_decided := true;
                 EXIT;
             END IF;
-            INSERT INTO {t} AS e (key, request_hash, completed, fence, incarnation, recovered, watched,
-                                  claimed_at_ms, lease_ms, lease_until_ms, expires_at_ms, completed_at_ms, value)
-            VALUES (v_key, v_hash, false, nextval('{t}_fence'), p_incarnation, false, false,
-                    v_now, v_lease, v_now + v_lease, v_now + v_ttl, NULL, NULL)
-            ON CONFLICT (key) DO UPDATE SET
-                request_hash = excluded.request_hash,
-                completed = false,
-                fence = excluded.fence,
-                incarnation = excluded.incarnation,
-                recovered = e.expires_at_ms > excluded.claimed_at_ms,
-                orphan_takeover = e.expires_at_ms > excluded.claimed_at_ms AND e.lease_until_ms > excluded.claimed_at_ms,
-                watched = false,
-                claimed_at_ms = excluded.claimed_at_ms,
-                lease_ms = excluded.lease_ms,
-                lease_until_ms = excluded.lease_until_ms,
-                expires_at_ms = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms
-                                     THEN GREATEST(e.expires_at_ms, excluded.expires_at_ms)
-                                     ELSE excluded.expires_at_ms END,
-                completed_at_ms = NULL,
-                value = CASE WHEN e.expires_at_ms > excluded.claimed_at_ms THEN e.value END
-            WHERE e.expires_at_ms <= excluded.claimed_at_ms
-               OR (NOT e.completed AND e.request_hash = excluded.request_hash
-                   AND (e.lease_until_ms <= excluded.claimed_at_ms
-                        OR (p_take_orphans AND (e.incarnation = 0
-                            OR (e.incarnation <> p_incarnation AND pg_try_advisory_xact_lock(e.incarnation))))))
-            RETURNING true, e.fence, e.recovered, e.completed, e.request_hash, e.claimed_at_ms, e.lease_until_ms,
-                      e.expires_at_ms, e.completed_at_ms, e.value, e.orphan_takeover, v_now
-            INTO r;
+{takeover}
             IF FOUND THEN
                 v_wrote := true;
                 v_decided := true;
