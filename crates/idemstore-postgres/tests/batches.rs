@@ -74,22 +74,24 @@ async fn claims_that_ride_one_statement_are_each_answered_as_alone() {
     drop_table(&admin(&url).await, &table).await;
 }
 
-/// An admin transaction that has inserted `key`'s row and not committed: a claim of `key`
-/// waits for it (its insert's conflict check waits for the inserter).
-async fn hold_uncommitted_row(url: &str, table: &str, key: &str) -> tokio_postgres::Client {
+/// An admin transaction that has inserted the rows of `keys` and not committed: a claim of
+/// one of them waits for it (its insert's conflict check waits for the inserter).
+async fn hold_uncommitted_rows(url: &str, table: &str, keys: &[&str]) -> tokio_postgres::Client {
     let holder = admin(url).await;
     holder.batch_execute("BEGIN").await.unwrap();
-    holder
-        .execute(
-            &format!(
-                "INSERT INTO {table} (key, request_hash, completed, fence, incarnation, recovered, claimed_at_ms,
-                     lease_ms, lease_until_ms, expires_at_ms)
-                 VALUES ($1, '\\x00'::bytea, false, nextval('{table}_fence'), 0, false, 0, 1, 1, 1)"
-            ),
-            &[&key.as_bytes()],
-        )
-        .await
-        .unwrap();
+    for key in keys {
+        holder
+            .execute(
+                &format!(
+                    "INSERT INTO {table} (key, request_hash, completed, fence, incarnation, recovered, claimed_at_ms,
+                         lease_ms, lease_until_ms, expires_at_ms)
+                     VALUES ($1, '\\x00'::bytea, false, nextval('{table}_fence'), 0, false, 0, 1, 1, 1)"
+                ),
+                &[&key.as_bytes()],
+            )
+            .await
+            .unwrap();
+    }
     holder
 }
 
@@ -98,7 +100,7 @@ async fn a_claim_does_not_wait_behind_statements_stuck_on_other_keys() {
     let Some(url) = pg_url("claims_pass_stuck_statements") else { return };
     let table = unique_table("batches");
     let store = Arc::new(PgStore::connect(&url, PgOptions { claim_batches: 1, ..common::options(&table) }).unwrap());
-    let holder = hold_uncommitted_row(&url, &table, "locked").await;
+    let holder = hold_uncommitted_rows(&url, &table, &["locked"]).await;
     // Every claim slot (one) is out, stuck on the row lock.
     let stuck_store = store.clone();
     let stuck = tokio::spawn(async move { DedupeStore::claim(&*stuck_store, b"locked", b"req").await });
@@ -121,18 +123,7 @@ async fn a_key_held_elsewhere_does_not_hold_up_the_claims_that_ride_with_it() {
     let Some(url) = pg_url("riders_pass_a_held_key") else { return };
     let table = unique_table("batches");
     let store = Arc::new(PgStore::connect(&url, PgOptions { claim_batches: 1, ..common::options(&table) }).unwrap());
-    let holder = hold_uncommitted_row(&url, &table, "held-a").await;
-    holder
-        .execute(
-            &format!(
-                "INSERT INTO {table} (key, request_hash, completed, fence, incarnation, recovered, claimed_at_ms,
-                     lease_ms, lease_until_ms, expires_at_ms)
-                 VALUES ('held-b', '\\x00'::bytea, false, nextval('{table}_fence'), 0, false, 0, 1, 1, 1)"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
+    let holder = hold_uncommitted_rows(&url, &table, &["held-a", "held-b"]).await;
     // The one slot waits on held-a; the rest queue and, after the slot's wait, ride one call
     // with held-b among them.
     let spawn_claim = |key: &'static str| {
@@ -177,7 +168,7 @@ async fn replays_too_large_to_share_a_statement_are_answered_one_by_one() {
     let token = acquired(store.claim("big", b"req").unwrap());
     store.complete(&token, &big).unwrap();
     // The first claim holds the one slot while the rest queue behind it.
-    let holder = hold_uncommitted_row(&url, &table, "gate").await;
+    let holder = hold_uncommitted_rows(&url, &table, &["gate"]).await;
     let gate_store = store.clone();
     let gate = tokio::spawn(async move { DedupeStore::claim(&*gate_store, b"gate", b"req").await });
     while store.stats().claim_statements_total < 2 {
