@@ -28,11 +28,11 @@
 //! the value (the last checkpoint while in flight, the outcome once completed); an index on
 //! the expiry time; a sequence `<table>_fence` for fencing numbers; the claim functions
 //! `<table>_claim` and `<table>_claim_batch` and their result type `<table>_claim_result`;
-//! `<table>_identity` (a random id
-//! that every token of the table carries) and `<table>_migrations` (one row per applied schema
-//! version). [`schema_sql`] returns the script; by default ([`PgOptions::manage_schema`]) the
-//! store applies missing migrations itself at connect, serialized between replicas by an
-//! advisory lock, so a table made by an older version is upgraded in place. With
+//! `<table>_identity` (a random id that every token of the table carries) and
+//! `<table>_migrations` (one row per applied schema version). [`schema_sql`] returns the
+//! script; by default ([`PgOptions::manage_schema`]) the store applies missing migrations
+//! itself at connect, serialized between replicas by an advisory lock, so a table made by an
+//! older version is upgraded in place. With
 //! `manage_schema = false` it only checks the version and refuses to run on a schema it does
 //! not know; the operator upgrades by running the script again (it is idempotent).
 //!
@@ -73,9 +73,9 @@
 //! same order and never deadlock. A call waits at most 100 ms for a row lock (`lock_timeout`):
 //! past that, or when the server refuses it otherwise, it is rolled back and its claims go
 //! again one by one, each in a task of its own, so a busy key holds up no other claim for long;
-//! and a claim that has waited 100 ms for a slot sends one beyond `claim_batches`. The call commits without waiting for a flush only when none
-//! of its claims wrote anything; one acquisition in it, and every answer of the call waits for
-//! that commit's flush. Each claim is still one round trip, in which it waits behind at most
+//! and a claim that has waited 100 ms for a slot sends one beyond `claim_batches`. The call
+//! commits without waiting for a flush only when none of its claims wrote anything; one
+//! acquisition in it, and every answer of the call waits for that commit's flush. Each claim is still one round trip, in which it waits behind at most
 //! the statement before it; a lone claim goes at once, through `<table>_claim`, which costs
 //! the server less than a call of one. Under load the server's fixed cost of a statement (the
 //! protocol, the executor, the commit and its WAL flush) is paid once for several claims:
@@ -160,11 +160,10 @@
 //!   tasks and the connections they use then share its threads, with no hand-over between two
 //!   runtimes at each statement: about a third less client CPU per claim and most of its
 //!   context switches gone, measured with 16 tasks on 2 cores (README). The runtime needs I/O
-//!   and timers
-//!   enabled, and must outlive the store's use; once it is gone every call is an error. On a
-//!   multi-thread runtime the blocking methods work from every thread (from its workers
-//!   through `block_in_place`). A current-thread runtime runs only while its thread drives it,
-//!   which no other thread can know: there the blocking methods are refused with
+//!   and timers enabled, and must outlive the store's use; once it is gone every call is an
+//!   error. On a multi-thread runtime the blocking methods work from every thread (from its
+//!   workers through `block_in_place`). A current-thread runtime runs only while its thread
+//!   drives it, which no other thread can know: there the blocking methods are refused with
 //!   `InvalidArgument`; use the trait's methods and [`PgStore::close_async`].
 //!
 //! Either way, dropping a `claim` future releases a claim it had made: the claim runs to its
@@ -843,8 +842,6 @@ impl PgStore {
         self.inner.lock_pid.load(Ordering::Relaxed)
     }
 
-    /// Test seam: moves the store's clock on by `by` (an offset added to the database's time in
-    /// every statement of this store). Waiters look again at once.
     /// Test seam: a claim alone in its statement goes through the batch function too (a batch
     /// of one), so that single-threaded tests check that function's every branch.
     #[cfg(feature = "test-seams")]
