@@ -286,7 +286,8 @@ pub async fn get_reports_each_state<H: Harness>(h: &mut H) {
     assert!(matches!(get(&*store, "k").await, Some(Entry::Completed(done)) if done.outcome == b"out"));
 }
 
-/// Empty keys, zero TTLs and leases, and TTLs past `TTL_MAX` are refused.
+/// Empty keys, zero TTLs and leases, TTLs past `TTL_MAX` and leases of 49 days or more are
+/// refused.
 pub async fn bad_input_is_refused<H: Harness>(h: &mut H) {
     let store = h.store();
     assert!(matches!(store.claim(b"", b"r").await, Err(Error::EmptyKey)));
@@ -297,6 +298,9 @@ pub async fn bad_input_is_refused<H: Harness>(h: &mut H) {
         store.claim_with(b"k", b"r", with_ttl(idemstore::TTL_MAX + Duration::from_secs(1))).await,
         Err(Error::InvalidArgument(_))
     ));
+    for lease in [Duration::from_millis(u64::from(u32::MAX) + 1), Duration::MAX] {
+        assert!(matches!(store.claim_with(b"k", b"r", with_lease(lease)).await, Err(Error::InvalidArgument(_))));
+    }
     assert_eq!(get(&*store, "k").await, None, "a refused claim writes nothing");
     // Refused for a completed key too, where a replay would otherwise answer.
     let done = acquired(claim(&*store, "done", b"r").await);

@@ -386,6 +386,11 @@ fn time_to_ms(time: SystemTime) -> i64 {
     i64::try_from(system_time_to_ms(time)).unwrap_or(i64::MAX)
 }
 
+/// The longest lease in ms: the embedded store's bound (its records hold a lease in 32 bits of
+/// ms), so both backends accept the same leases. A longer one would also pass what the
+/// database's `bigint` holds when added to the time (`Duration::MAX`), an error there.
+const LEASE_MS_MAX: i64 = u32::MAX as i64;
+
 fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -625,6 +630,9 @@ fn session_config(url: &str, options: &PgOptions) -> Result<tokio_postgres::Conf
     schema::check_table_name(&options.table)?;
     if options.default_ttl.is_zero() || options.default_lease.is_zero() || options.default_ttl > TTL_MAX {
         return Err(Error::InvalidArgument("default_ttl and default_lease must be at least 1 ms, ttl at most TTL_MAX"));
+    }
+    if duration_ms(options.default_lease) > LEASE_MS_MAX {
+        return Err(Error::InvalidArgument("default_lease must be under 49 days"));
     }
     if options.pool_size == 0 || options.claim_batches == 0 || options.reap_batch <= 0 {
         return Err(Error::InvalidArgument("pool_size, claim_batches and reap_batch must be at least 1"));
@@ -1405,6 +1413,9 @@ impl Inner {
         }
         if ttl > TTL_MAX {
             return Err(Error::InvalidArgument("ttl must be at most TTL_MAX (10 years)"));
+        }
+        if duration_ms(lease) > LEASE_MS_MAX {
+            return Err(Error::InvalidArgument("lease must be under 49 days"));
         }
         Ok((duration_ms(ttl), duration_ms(lease)))
     }
